@@ -1,0 +1,1 @@
+//! (futex: in progress)

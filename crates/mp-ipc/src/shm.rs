@@ -1,0 +1,1 @@
+//! (shm: in progress)

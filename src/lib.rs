@@ -1,0 +1,4 @@
+//! placeholder
+pub use mp_core;
+pub use mp_ipc;
+pub use mp_pool;
