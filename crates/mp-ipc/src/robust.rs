@@ -1,1 +1,313 @@
-//! (robust: in progress)
+//! A robust, process-shared pthread mutex placed in shared memory.
+//!
+//! glibc's robust mutexes keep a per-thread list of the robust mutexes each
+//! thread holds; when a thread (or its whole process) dies, the kernel walks
+//! that list, marks each held mutex `OWNER_DIED` and wakes one waiter, whose
+//! lock call then returns `EOWNERDEAD`. [`RobustMutex::lock`] makes the mutex
+//! consistent again and reports [`Acquired::OwnerDied`], so a lock held by a
+//! killed process never wedges the others.
+//!
+//! The mutex is created as `PTHREAD_MUTEX_ERRORCHECK` (a thread re-locking a
+//! mutex it holds gets [`LockFailed::Deadlock`] instead of hanging forever) or
+//! `PTHREAD_MUTEX_RECURSIVE`.
+
+// Base layer: its users (the primitives, the ring) land in later commits.
+#![allow(dead_code)]
+
+use std::cell::UnsafeCell;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+// glibc >= 2.30 has `pthread_mutex_clocklock`, which takes a CLOCK_MONOTONIC
+// deadline (immune to wall-clock jumps); the libc crate does not declare it.
+unsafe extern "C" {
+    fn pthread_mutex_clocklock(
+        mutex: *mut libc::pthread_mutex_t,
+        clockid: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+}
+
+/// A glibc robust, process-shared mutex. Lives in shared memory: create it in
+/// place with [`RobustMutex::init_at`], never by value.
+#[repr(transparent)]
+pub(crate) struct RobustMutex {
+    raw: UnsafeCell<libc::pthread_mutex_t>,
+}
+
+// SAFETY: a process-shared pthread mutex is designed to be operated on by many
+// threads (and processes) at once through a shared pointer; every access goes
+// through the pthread functions, which synchronise internally.
+unsafe impl Sync for RobustMutex {}
+// SAFETY: the mutex holds no thread-affine state of its own (ownership is
+// recorded in the mutex word by TID, not by where the struct is referenced).
+unsafe impl Send for RobustMutex {}
+
+/// How a lock was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Acquired {
+    /// The mutex was free or released normally.
+    Clean,
+    /// The previous owner died holding it; the mutex has been made consistent
+    /// and is now held by the caller, but the data it protects may be half
+    /// updated.
+    OwnerDied,
+}
+
+/// Why a lock was not obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockFailed {
+    /// The deadline passed first.
+    TimedOut,
+    /// `try_lock`: somebody else holds it.
+    WouldBlock,
+    /// The calling thread already holds this (non-recursive) mutex.
+    Deadlock,
+    /// Any other error from glibc (e.g. `ENOTRECOVERABLE`, `EAGAIN` when the
+    /// recursion count would overflow); carries the errno.
+    Os(i32),
+}
+
+/// Names from the crate-internal API contract.
+#[allow(dead_code)]
+pub(crate) type LockTimeout = LockFailed;
+/// Names from the crate-internal API contract.
+#[allow(dead_code)]
+pub(crate) type WouldBlock = LockFailed;
+
+/// `unlock` by a thread that does not hold the mutex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NotOwner;
+
+/// Mask of the owner TID in a robust mutex word (kernel robust-futex ABI).
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+
+impl RobustMutex {
+    /// Initialises a robust, process-shared mutex at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for writes of `size_of::<RobustMutex>()` bytes,
+    /// aligned, and not in use by anybody (no thread may be using a mutex
+    /// there while it is initialised).
+    pub(crate) unsafe fn init_at(ptr: *mut RobustMutex, recursive: bool) -> io::Result<()> {
+        let kind = if recursive {
+            libc::PTHREAD_MUTEX_RECURSIVE
+        } else {
+            libc::PTHREAD_MUTEX_ERRORCHECK
+        };
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        // SAFETY: `attr` is a valid place for a mutexattr; it is initialised by
+        // pthread_mutexattr_init before any other use and destroyed at the end.
+        // `ptr` is valid for writes per this function's contract, and
+        // `RobustMutex` is a transparent wrapper around `pthread_mutex_t`.
+        unsafe {
+            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+            let attr = attr.as_mut_ptr();
+            let result = check(libc::pthread_mutexattr_setpshared(
+                attr,
+                libc::PTHREAD_PROCESS_SHARED,
+            ))
+            .and_then(|()| {
+                check(libc::pthread_mutexattr_setrobust(
+                    attr,
+                    libc::PTHREAD_MUTEX_ROBUST,
+                ))
+            })
+            .and_then(|()| check(libc::pthread_mutexattr_settype(attr, kind)))
+            .and_then(|()| check(libc::pthread_mutex_init(ptr.cast(), attr)));
+            libc::pthread_mutexattr_destroy(attr);
+            result
+        }
+    }
+
+    fn raw(&self) -> *mut libc::pthread_mutex_t {
+        self.raw.get()
+    }
+
+    /// Locks, blocking until `deadline` (`None`: forever).
+    pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockFailed> {
+        let code = match deadline {
+            // SAFETY: `self.raw()` points to a mutex initialised by `init_at`
+            // (the only way to obtain a `&RobustMutex` in this crate).
+            None => unsafe { libc::pthread_mutex_lock(self.raw()) },
+            Some(deadline) => {
+                let abstime = monotonic_deadline(deadline);
+                // SAFETY: as above; `abstime` is a valid timespec.
+                unsafe { pthread_mutex_clocklock(self.raw(), libc::CLOCK_MONOTONIC, &abstime) }
+            }
+        };
+        self.interpret(code)
+    }
+
+    /// Locks if nobody holds the mutex, without waiting.
+    pub(crate) fn try_lock(&self) -> Result<Acquired, LockFailed> {
+        // SAFETY: `self.raw()` points to an initialised mutex (see `lock`).
+        let code = unsafe { libc::pthread_mutex_trylock(self.raw()) };
+        self.interpret(code)
+    }
+
+    fn interpret(&self, code: libc::c_int) -> Result<Acquired, LockFailed> {
+        match code {
+            0 => Ok(Acquired::Clean),
+            libc::EOWNERDEAD => {
+                // SAFETY: we hold the mutex (EOWNERDEAD hands it over), which is
+                // the precondition of pthread_mutex_consistent.
+                let code = unsafe { libc::pthread_mutex_consistent(self.raw()) };
+                if code == 0 {
+                    tracing::warn!("robust mutex: previous owner died holding it; recovered");
+                    Ok(Acquired::OwnerDied)
+                } else {
+                    Err(LockFailed::Os(code))
+                }
+            }
+            libc::ETIMEDOUT => Err(LockFailed::TimedOut),
+            libc::EBUSY => Err(LockFailed::WouldBlock),
+            libc::EDEADLK => Err(LockFailed::Deadlock),
+            other => Err(LockFailed::Os(other)),
+        }
+    }
+
+    /// Unlocks; fails if the calling thread does not hold the mutex.
+    pub(crate) fn unlock(&self) -> Result<(), NotOwner> {
+        // SAFETY: `self.raw()` points to an initialised mutex; errorcheck and
+        // recursive robust mutexes report EPERM for a non-owner instead of
+        // misbehaving.
+        match unsafe { libc::pthread_mutex_unlock(self.raw()) } {
+            0 => Ok(()),
+            _ => Err(NotOwner),
+        }
+    }
+
+    /// The TID of the thread holding the mutex, if any (read from the futex
+    /// word, whose layout the kernel's robust-futex ABI fixes).
+    pub(crate) fn owner_tid(&self) -> Option<u32> {
+        // SAFETY: the first member of glibc's pthread_mutex_t is the 32-bit,
+        // 4-aligned futex word, which glibc and the kernel only access
+        // atomically; reading it atomically here is race-free.
+        let word = unsafe { &*self.raw().cast::<AtomicU32>() };
+        match word.load(Ordering::Relaxed) & FUTEX_TID_MASK {
+            0 => None,
+            tid => Some(tid),
+        }
+    }
+
+    /// Whether a thread of the calling process holds the mutex.
+    ///
+    /// Used before unmapping a segment: glibc links held robust mutexes into a
+    /// per-thread list *through the mutexes themselves*, so unmapping a held
+    /// one (possible after `mem::forget` of a guard) would leave a dangling
+    /// list entry in this process.
+    pub(crate) fn held_in_this_process(&self) -> bool {
+        self.owner_tid()
+            .is_some_and(|tid| std::path::Path::new(&format!("/proc/self/task/{tid}")).exists())
+    }
+}
+
+/// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
+/// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
+/// left).
+fn monotonic_deadline(deadline: Instant) -> libc::timespec {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let mut sec = now
+        .tv_sec
+        .saturating_add(left.as_secs().try_into().unwrap_or(i64::MAX));
+    let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
+    if nsec >= 1_000_000_000 {
+        nsec -= 1_000_000_000;
+        sec = sec.saturating_add(1);
+    }
+    libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    }
+}
+
+fn check(code: libc::c_int) -> io::Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(code))
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::mem::MaybeUninit;
+    use std::time::Duration;
+
+    fn boxed(recursive: bool) -> Box<RobustMutex> {
+        let mut slot = Box::new(MaybeUninit::<RobustMutex>::uninit());
+        // SAFETY: the box is a fresh, aligned, exclusively owned allocation.
+        unsafe { RobustMutex::init_at(slot.as_mut_ptr(), recursive).unwrap() };
+        // SAFETY: init_at initialised the mutex.
+        unsafe { slot.assume_init() }
+    }
+
+    #[test]
+    fn lock_unlock_and_owner() {
+        let m = boxed(false);
+        assert_eq!(m.owner_tid(), None);
+        assert_eq!(m.lock(None), Ok(Acquired::Clean));
+        assert_eq!(
+            m.owner_tid(),
+            Some(rustix::thread::gettid().as_raw_nonzero().get() as u32)
+        );
+        assert!(m.held_in_this_process());
+        assert_eq!(m.unlock(), Ok(()));
+        assert_eq!(m.unlock(), Err(NotOwner));
+        assert!(!m.held_in_this_process());
+    }
+
+    #[test]
+    fn relock_is_deadlock_not_hang() {
+        let m = boxed(false);
+        m.lock(None).unwrap();
+        assert_eq!(m.lock(None), Err(LockFailed::Deadlock));
+        assert_eq!(m.try_lock(), Err(LockFailed::Deadlock));
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(m.try_lock(), Err(LockFailed::WouldBlock)));
+        });
+        m.unlock().unwrap();
+    }
+
+    #[test]
+    fn recursive_counts_and_rejects_foreign_unlock() {
+        let m = boxed(true);
+        m.lock(None).unwrap();
+        m.lock(None).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert_eq!(m.unlock(), Err(NotOwner));
+                assert_eq!(m.try_lock(), Err(LockFailed::WouldBlock));
+            });
+        });
+        m.unlock().unwrap();
+        m.unlock().unwrap();
+        assert_eq!(m.unlock(), Err(NotOwner));
+    }
+
+    #[test]
+    fn timed_lock_times_out_and_owner_death_is_reported() {
+        let m = boxed(false);
+        std::thread::scope(|s| {
+            // A thread that exits while holding the mutex: the kernel marks it
+            // OWNER_DIED, like a killed process.
+            s.spawn(|| assert_eq!(m.lock(None), Ok(Acquired::Clean)));
+        });
+        assert_eq!(m.lock(None), Ok(Acquired::OwnerDied));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let start = Instant::now();
+                let timeout = Duration::from_millis(50);
+                assert_eq!(m.lock(Some(start + timeout)), Err(LockFailed::TimedOut));
+                assert!(start.elapsed() >= timeout);
+            });
+        });
+        m.unlock().unwrap();
+        assert_eq!(m.try_lock(), Ok(Acquired::Clean));
+        m.unlock().unwrap();
+    }
+}

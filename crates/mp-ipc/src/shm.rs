@@ -1,1 +1,585 @@
-//! (shm: in progress)
+//! Shared memory segments: anonymous (the default, nothing left behind) or
+//! named like Python's `shared_memory.SharedMemory`.
+//!
+//! ```
+//! use mp_ipc::shm::SharedMemory;
+//!
+//! let shm = SharedMemory::new(4096)?;
+//! shm.write_at(10, b"hello")?;
+//! let mut buf = [0u8; 5];
+//! shm.clone().read_at(10, &mut buf)?; // a clone is the same memory
+//! assert_eq!(&buf, b"hello");
+//! # Ok::<(), mp_ipc::shm::ShmError>(())
+//! ```
+//!
+//! An anonymous segment is a memfd: passing a [`SharedMemory`] as an argument
+//! to a child process (arguments travel over ipc-channel, which passes the
+//! file descriptor) maps the very same memory there. The segment is freed when
+//! the last handle in the last process is gone.
+//!
+//! A named segment ([`SharedMemory::create`] / [`SharedMemory::open`]) lives
+//! in `/dev/shm` until [`SharedMemory::unlink`] is called, as in Python:
+//! dropping handles never unlinks it. It travels to a child by name.
+
+use std::fmt;
+use std::io;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use ipc_channel::ipc::IpcSharedMemory;
+use rustix::fd::OwnedFd;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::robust::RobustMutex;
+
+/// Errors of [`SharedMemory`].
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    /// Size 0, or larger than the address space allows.
+    #[error("invalid shared memory size {0}: must be between 1 and isize::MAX bytes")]
+    InvalidSize(usize),
+    /// The name is empty, too long, or contains `/` or NUL.
+    #[error(
+        "invalid shared memory name {0:?}: want 1..=250 bytes, no '/' (except one leading) and no NUL"
+    )]
+    InvalidName(String),
+    /// `create` with a name that already exists.
+    #[error("shared memory segment {0:?} already exists")]
+    AlreadyExists(String),
+    /// `open` or `unlink` with a name that does not exist.
+    #[error("no shared memory segment named {0:?}")]
+    NotFound(String),
+    /// An access outside the segment.
+    #[error("access of {len} bytes at offset {offset} is outside the {size}-byte segment")]
+    OutOfBounds {
+        /// First byte of the access.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+        /// Size of the segment.
+        size: usize,
+    },
+    /// A region at this offset would be misaligned for its type.
+    #[error("offset {offset} is not aligned to {align} bytes")]
+    Misaligned {
+        /// Requested offset.
+        offset: usize,
+        /// Alignment required.
+        align: usize,
+    },
+    /// `unlink` on an anonymous segment.
+    #[error("anonymous shared memory has no name to unlink")]
+    Anonymous,
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> ShmError {
+    move |errno| ShmError::Io {
+        op,
+        source: errno.into(),
+    }
+}
+
+/// A shared memory segment. Clones are handles to the same memory.
+///
+/// The contents are raw bytes shared with other processes: [`read_at`] and
+/// [`write_at`] are always memory-safe (they copy with atomic accesses, so a
+/// concurrent writer can tear the data but never cause undefined behaviour);
+/// anything built on [`as_mut_ptr`] must do its own synchronisation, e.g.
+/// with a lock from [`crate::lock`].
+///
+/// [`read_at`]: SharedMemory::read_at
+/// [`write_at`]: SharedMemory::write_at
+/// [`as_mut_ptr`]: SharedMemory::as_mut_ptr
+#[derive(Clone)]
+pub struct SharedMemory {
+    segment: Arc<Segment>,
+}
+
+/// One mapping of a segment in this process.
+struct Segment {
+    /// Start of the mapping, valid for `len` bytes while the segment lives.
+    /// Derived once from the owning mapping, never from a `&[u8]`.
+    ptr: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+    /// Offsets of robust mutexes placed in the segment (see `Drop`).
+    robust_mutexes: parking_lot::Mutex<Vec<usize>>,
+}
+
+enum Backing {
+    /// memfd owned by ipc-channel's wrapper (which unmaps and closes on drop).
+    Anonymous(IpcSharedMemory),
+    /// A POSIX shm object we mapped ourselves; `name` is without the slash.
+    Named { name: String, _fd: OwnedFd },
+}
+
+// SAFETY: `Segment` owns its mapping; the raw pointer is only dereferenced by
+// atomic copies (read_at/write_at) or by callers of the raw-pointer API, who
+// take on synchronisation. Nothing in it is tied to the creating thread.
+unsafe impl Send for Segment {}
+// SAFETY: shared access only reads the immutable fields or goes through the
+// atomic copies and the internal mutex.
+unsafe impl Sync for Segment {}
+
+impl SharedMemory {
+    /// Creates an anonymous segment of `size` zeroed, pre-faulted bytes.
+    /// It has no name and leaves nothing behind once every handle is dropped.
+    pub fn new(size: usize) -> Result<Self, ShmError> {
+        check_size(size)?;
+        let memory = IpcSharedMemory::from_byte(0, size);
+        Self::from_anonymous(memory)
+    }
+
+    fn from_anonymous(mut memory: IpcSharedMemory) -> Result<Self, ShmError> {
+        // SAFETY: `memory` is exclusively ours here; the mutable slice is only
+        // used to take its pointer once (it is not kept), and all later access
+        // goes through that pointer, never through `Deref`.
+        let bytes = unsafe { memory.deref_mut() };
+        let len = bytes.len();
+        let ptr = NonNull::new(bytes.as_mut_ptr())
+            .filter(|_| len > 0)
+            .ok_or(ShmError::InvalidSize(len))?;
+        Ok(Self::from_segment(Segment {
+            ptr,
+            len,
+            backing: Backing::Anonymous(memory),
+            robust_mutexes: parking_lot::Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn from_segment(segment: Segment) -> Self {
+        Self {
+            segment: Arc::new(segment),
+        }
+    }
+
+    /// Creates a named segment of `size` zeroed bytes (Python's
+    /// `SharedMemory(name, create=True, size=size)`). It stays in `/dev/shm`
+    /// until [`unlink`](Self::unlink) is called, even after every handle is gone.
+    pub fn create(name: &str, size: usize) -> Result<Self, ShmError> {
+        check_size(size)?;
+        let name = check_name(name)?;
+        let path = format!("/{name}");
+        let fd = rustix::shm::open(
+            path.as_str(),
+            rustix::shm::OFlags::CREATE | rustix::shm::OFlags::EXCL | rustix::shm::OFlags::RDWR,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        )
+        .map_err(|errno| match errno {
+            rustix::io::Errno::EXIST => ShmError::AlreadyExists(name.to_owned()),
+            errno => io_err("shm_open")(errno),
+        })?;
+        let mapped = rustix::fs::ftruncate(&fd, size as u64)
+            .map_err(io_err("ftruncate"))
+            .and_then(|()| map(&fd, size));
+        match mapped {
+            Ok(ptr) => Ok(Self::named(name, fd, ptr, size)),
+            Err(error) => {
+                // Leave nothing behind when creation fails half-way.
+                let _ = rustix::shm::unlink(path.as_str());
+                Err(error)
+            }
+        }
+    }
+
+    /// Opens an existing named segment (Python's `SharedMemory(name)`).
+    pub fn open(name: &str) -> Result<Self, ShmError> {
+        let name = check_name(name)?;
+        let fd = rustix::shm::open(
+            format!("/{name}").as_str(),
+            rustix::shm::OFlags::RDWR,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|errno| match errno {
+            rustix::io::Errno::NOENT => ShmError::NotFound(name.to_owned()),
+            errno => io_err("shm_open")(errno),
+        })?;
+        let size = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
+        let size = usize::try_from(size).map_err(|_| ShmError::InvalidSize(0))?;
+        check_size(size)?;
+        let ptr = map(&fd, size)?;
+        Ok(Self::named(name, fd, ptr, size))
+    }
+
+    fn named(name: &str, fd: OwnedFd, ptr: NonNull<u8>, len: usize) -> Self {
+        Self::from_segment(Segment {
+            ptr,
+            len,
+            backing: Backing::Named {
+                name: name.to_owned(),
+                _fd: fd,
+            },
+            robust_mutexes: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Removes the name of a named segment (Python's `unlink()`): later
+    /// `open`s fail; existing mappings stay valid until dropped.
+    pub fn unlink(&self) -> Result<(), ShmError> {
+        let name = self.name().ok_or(ShmError::Anonymous)?;
+        rustix::shm::unlink(format!("/{name}").as_str()).map_err(|errno| match errno {
+            rustix::io::Errno::NOENT => ShmError::NotFound(name.to_owned()),
+            errno => io_err("shm_unlink")(errno),
+        })
+    }
+
+    /// The name of a named segment (without a leading `/`), `None` if anonymous.
+    pub fn name(&self) -> Option<&str> {
+        match &self.segment.backing {
+            Backing::Anonymous(_) => None,
+            Backing::Named { name, .. } => Some(name),
+        }
+    }
+
+    /// Size in bytes (Python's `size`).
+    pub fn len(&self) -> usize {
+        self.segment.len
+    }
+
+    /// Always `false`: a segment has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.segment.len == 0
+    }
+
+    /// Start of the mapping in this process.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.segment.ptr.as_ptr()
+    }
+
+    /// Start of the mapping in this process, for writing. Valid for
+    /// [`len`](Self::len) bytes while this handle (or a clone) lives. Other
+    /// threads and processes may access the same bytes at any time:
+    /// synchronising with them is the caller's job.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.segment.ptr.as_ptr()
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<(), ShmError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(ShmError::OutOfBounds {
+                offset,
+                len,
+                size: self.len(),
+            }),
+        }
+    }
+
+    /// Copies `buf.len()` bytes starting at `offset` into `buf`.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<(), ShmError> {
+        self.check_range(offset, buf.len())?;
+        // SAFETY: the range is inside the mapping (checked above).
+        unsafe { atomic_copy_from(self.as_ptr().add(offset), buf) };
+        Ok(())
+    }
+
+    /// Copies `data` into the segment starting at `offset`.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), ShmError> {
+        self.check_range(offset, data.len())?;
+        // SAFETY: the range is inside the mapping (checked above).
+        unsafe { atomic_copy_to(self.as_mut_ptr().add(offset), data) };
+        Ok(())
+    }
+
+    /// A typed pointer `offset` bytes into the segment, checked to be in
+    /// bounds and aligned for `T`. Dereferencing it is the caller's business.
+    #[allow(dead_code)] // used by the primitives as they land
+    pub(crate) fn region<T>(&self, offset: usize) -> Result<NonNull<T>, ShmError> {
+        self.check_range(offset, size_of::<T>())?;
+        // SAFETY: in bounds (checked above), so the pointer stays inside the
+        // mapping and is non-null.
+        let ptr = unsafe { self.segment.ptr.add(offset) };
+        if !(ptr.as_ptr() as usize).is_multiple_of(align_of::<T>()) {
+            return Err(ShmError::Misaligned {
+                offset,
+                align: align_of::<T>(),
+            });
+        }
+        Ok(ptr.cast())
+    }
+
+    /// Records that a robust mutex lives at `offset`, so that the mapping is
+    /// kept (leaked) rather than unmapped if a thread of this process still
+    /// holds that mutex when the last handle goes (see `Segment::drop`).
+    #[allow(dead_code)] // used by the lock primitives as they land
+    pub(crate) fn track_robust_mutex(&self, offset: usize) {
+        self.segment.robust_mutexes.lock().push(offset);
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        let held = self.robust_mutexes.get_mut().iter().any(|&offset| {
+            // SAFETY: offsets were registered by the primitives that placed an
+            // initialised RobustMutex there; the mapping is still alive.
+            let mutex = unsafe { &*self.ptr.as_ptr().add(offset).cast::<RobustMutex>() };
+            mutex.held_in_this_process()
+        });
+        if held {
+            // A guard was leaked (mem::forget): glibc's robust list of the
+            // holding thread points into this mapping. Keep it mapped.
+            tracing::warn!(
+                len = self.len,
+                "shared memory holding a locked robust mutex kept mapped until exit"
+            );
+            let backing = std::mem::replace(
+                &mut self.backing,
+                Backing::Anonymous(IpcSharedMemory::from_bytes(&[])),
+            );
+            std::mem::forget(backing);
+            return;
+        }
+        if let Backing::Named { .. } = self.backing {
+            // SAFETY: the mapping was created by `map` with this pointer and
+            // length and is unmapped exactly once, here; no handle remains.
+            if let Err(errno) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+                tracing::warn!(%errno, "munmap of a named shared memory segment failed");
+            }
+        }
+        // Anonymous: IpcSharedMemory unmaps and closes on drop.
+    }
+}
+
+fn check_size(size: usize) -> Result<(), ShmError> {
+    if size == 0 || size > isize::MAX as usize {
+        return Err(ShmError::InvalidSize(size));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<&str, ShmError> {
+    let bare = name.strip_prefix('/').unwrap_or(name);
+    if bare.is_empty()
+        || bare.len() > 250
+        || bare.contains(['/', '\0'])
+        || bare == "."
+        || bare == ".."
+    {
+        return Err(ShmError::InvalidName(name.to_owned()));
+    }
+    Ok(bare)
+}
+
+/// Maps `len` bytes of `fd`, shared and pre-faulted.
+fn map(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, ShmError> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    // SAFETY: a fresh mapping at an address the kernel chooses; it aliases no
+    // Rust object.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED | MapFlags::POPULATE,
+            fd,
+            0,
+        )
+    }
+    .map_err(io_err("mmap"))?;
+    NonNull::new(ptr.cast()).ok_or(ShmError::Io {
+        op: "mmap",
+        source: io::Error::other("null mapping"),
+    })
+}
+
+/// Copies from shared memory with relaxed atomic loads (word-sized where
+/// aligned), so racing writers in other threads or processes are not UB.
+///
+/// # Safety
+/// `src` must be valid for reads of `dst.len()` bytes.
+unsafe fn atomic_copy_from(src: *const u8, dst: &mut [u8]) {
+    let mut i = 0;
+    let head = src.align_offset(8).min(dst.len());
+    let load_byte = |i: usize| {
+        // SAFETY: i < dst.len(), inside the source range; AtomicU8 has the
+        // alignment and size of u8.
+        unsafe { (*src.add(i).cast::<AtomicU8>()).load(Ordering::Relaxed) }
+    };
+    while i < head {
+        dst[i] = load_byte(i);
+        i += 1;
+    }
+    while i + 8 <= dst.len() {
+        // SAFETY: src + i is 8-aligned (after the head) and the 8 bytes are in range.
+        let word = unsafe { (*src.add(i).cast::<AtomicU64>()).load(Ordering::Relaxed) };
+        dst[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+        i += 8;
+    }
+    while i < dst.len() {
+        dst[i] = load_byte(i);
+        i += 1;
+    }
+}
+
+/// Copies into shared memory with relaxed atomic stores; see
+/// [`atomic_copy_from`].
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` bytes.
+unsafe fn atomic_copy_to(dst: *mut u8, src: &[u8]) {
+    let mut i = 0;
+    let head = dst.align_offset(8).min(src.len());
+    let store_byte = |i: usize| {
+        // SAFETY: i < src.len(), inside the destination range.
+        unsafe { (*dst.add(i).cast::<AtomicU8>()).store(src[i], Ordering::Relaxed) }
+    };
+    while i < head {
+        store_byte(i);
+        i += 1;
+    }
+    while i + 8 <= src.len() {
+        let word = u64::from_ne_bytes(src[i..i + 8].try_into().expect("8 bytes"));
+        // SAFETY: dst + i is 8-aligned (after the head) and the 8 bytes are in range.
+        unsafe { (*dst.add(i).cast::<AtomicU64>()).store(word, Ordering::Relaxed) };
+        i += 8;
+    }
+    while i < src.len() {
+        store_byte(i);
+        i += 1;
+    }
+}
+
+impl fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMemory")
+            .field("name", &self.name())
+            .field("len", &self.len())
+            .field("ptr", &self.as_ptr())
+            .finish()
+    }
+}
+
+/// How a segment travels: the memfd itself (ipc-channel passes the file
+/// descriptor), or the name of a named segment.
+#[derive(Serialize, Deserialize)]
+enum Wire {
+    Anonymous(IpcSharedMemory),
+    Named(String),
+}
+
+impl Serialize for SharedMemory {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.segment.backing {
+            // IpcSharedMemory's serializer hands the fd to ipc-channel.
+            Backing::Anonymous(memory) => {
+                serializer.serialize_newtype_variant("Wire", 0, "Anonymous", memory)
+            }
+            Backing::Named { name, .. } => {
+                serializer.serialize_newtype_variant("Wire", 1, "Named", name)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedMemory {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Wire::deserialize(deserializer)? {
+            Wire::Anonymous(memory) => Self::from_anonymous(memory).map_err(D::Error::custom),
+            Wire::Named(name) => Self::open(&name).map_err(D::Error::custom),
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_read_write_and_bounds() {
+        let shm = SharedMemory::new(100).unwrap();
+        assert_eq!(shm.len(), 100);
+        assert!(shm.name().is_none());
+        let data: Vec<u8> = (0..37).collect();
+        for offset in [0, 1, 7, 63] {
+            shm.write_at(offset, &data).unwrap();
+            let mut back = vec![0u8; data.len()];
+            shm.clone().read_at(offset, &mut back).unwrap();
+            assert_eq!(back, data);
+        }
+        assert!(matches!(
+            shm.write_at(90, &data),
+            Err(ShmError::OutOfBounds {
+                offset: 90,
+                len: 37,
+                size: 100
+            })
+        ));
+        assert!(matches!(
+            shm.read_at(usize::MAX, &mut [0]),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(matches!(shm.unlink(), Err(ShmError::Anonymous)));
+    }
+
+    #[test]
+    fn invalid_sizes_and_names_are_errors() {
+        assert!(matches!(
+            SharedMemory::new(0),
+            Err(ShmError::InvalidSize(0))
+        ));
+        assert!(matches!(
+            SharedMemory::new(usize::MAX),
+            Err(ShmError::InvalidSize(_))
+        ));
+        for name in ["", "/", "a/b", "..", "x\0y"] {
+            assert!(
+                matches!(SharedMemory::create(name, 8), Err(ShmError::InvalidName(_))),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn region_checks_bounds_and_alignment() {
+        let shm = SharedMemory::new(64).unwrap();
+        assert!(shm.region::<u64>(56).is_ok());
+        assert!(matches!(
+            shm.region::<u64>(60),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            shm.region::<u64>(4),
+            Err(ShmError::Misaligned {
+                offset: 4,
+                align: 8
+            })
+        ));
+    }
+
+    #[test]
+    fn named_create_open_unlink() {
+        let name = format!("mp-ipc-test-{}", std::process::id());
+        let created = SharedMemory::create(&name, 4096).unwrap();
+        assert!(matches!(
+            SharedMemory::create(&name, 4096),
+            Err(ShmError::AlreadyExists(_))
+        ));
+        created.write_at(100, b"named").unwrap();
+        let opened = SharedMemory::open(&format!("/{name}")).unwrap();
+        assert_eq!(opened.name(), Some(name.as_str()));
+        assert_eq!(opened.len(), 4096);
+        let mut buf = [0u8; 5];
+        opened.read_at(100, &mut buf).unwrap();
+        assert_eq!(&buf, b"named");
+        opened.unlink().unwrap();
+        assert!(matches!(
+            SharedMemory::open(&name),
+            Err(ShmError::NotFound(_))
+        ));
+        assert!(matches!(created.unlink(), Err(ShmError::NotFound(_))));
+        // Still mapped after unlink.
+        created.read_at(100, &mut buf).unwrap();
+        assert_eq!(&buf, b"named");
+    }
+}
