@@ -1,1 +1,53 @@
-//! placeholder
+//! mp-core: run a Rust function in a child process, Python `multiprocessing.Process` style.
+//!
+//! ```
+//! use mp_core::{Process, StartMethod};
+//!
+//! fn square(x: u64) -> u64 {
+//!     x * x
+//! }
+//!
+//! for method in StartMethod::ALL {
+//!     let child = Process::new(square).args(12).start_method(method).start()?;
+//!     assert_eq!(child.join()?, 144);
+//! }
+//! # Ok::<(), mp_core::ProcessError>(())
+//! ```
+//!
+//! The child runs the same executable as the parent; the function is named by its address in
+//! that image (see [`FunctionId`]), and its argument and result travel serialized over an
+//! ipc-channel, which also carries file descriptors: multiproc's queues, locks and shared
+//! memory can be passed as arguments and refer to the same objects in the child.
+//!
+//! * [`Process`] / [`Child`]: start, join (returning the function's value), join with a
+//!   timeout, `is_alive`, `exitcode` (Python's convention), terminate, kill, a pidfd sentinel.
+//! * [`StartMethod`]: spawn (default: a fresh copy of the executable, bootstrapped before
+//!   `main`, so tests and doc tests can spawn), forkserver, fork.
+//! * [`current_process`], [`parent_process`], [`active_children`], [`cpu_count`].
+//!
+//! Failures are typed ([`ProcessError`]) and bounded in time: a panic carries its message and
+//! location, a fatal signal its number. Children die with their parent, even when it is
+//! SIGKILLed (`PR_SET_PDEATHSIG`), and no descriptor leaks into them.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("mp-core supports Linux only for now (it relies on pidfds, memfds and futexes)");
+
+mod bootstrap;
+mod error;
+mod fork;
+mod forkserver;
+mod function;
+mod launcher;
+mod process;
+mod registry;
+mod spawn;
+mod sys;
+
+pub use bootstrap::EXIT_BOOTSTRAP_FAILED;
+pub use error::ProcessError;
+pub use function::{Entry, FunctionId, PanicReport, TaskFailure};
+pub use process::{
+    Child, Process, StartMethod, UnknownStartMethod, get_start_method, set_start_method,
+};
+pub use registry::{ProcessInfo, active_children, cpu_count, current_process, parent_process};
+pub use sys::{ExitStatus, signal_name};

@@ -1,0 +1,398 @@
+//! `Process` (the builder) and `Child` (the handle of a running child), with Python's
+//! lifecycle: start, join, join with a timeout, is_alive, exitcode, terminate, kill, sentinel.
+
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
+use ipc_channel::{IpcError, TryRecvError};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::bootstrap::{Header, MARKER, Role};
+use crate::error::ProcessError;
+use crate::function::{Entry, FunctionId, Outcome, assert_non_capturing};
+use crate::registry::{self, ExitWatch, Tracked};
+use crate::sys::{self, ExitStatus};
+use crate::{fork, forkserver, launcher, spawn};
+
+/// How a child process is created (Python's start methods).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StartMethod {
+    /// Start a fresh copy of this executable (`posix_spawn` of `/proc/self/exe`). The child
+    /// shares nothing with the parent but what it is sent. The default.
+    #[default]
+    Spawn,
+    /// Ask a fork server — a fresh, single-threaded copy of this executable started on first
+    /// use — to fork the child: fork's speed, spawn's isolation.
+    ForkServer,
+    /// `fork()` this process. Fastest, and the child sees a copy of everything, but unsafe
+    /// in a multithreaded parent (only the calling thread is copied; locks held by other
+    /// threads stay held forever in the child).
+    Fork,
+}
+
+impl StartMethod {
+    /// Python's name for it: `"spawn"`, `"forkserver"` or `"fork"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StartMethod::Spawn => "spawn",
+            StartMethod::ForkServer => "forkserver",
+            StartMethod::Fork => "fork",
+        }
+    }
+
+    /// All start methods, in Python's order of preference.
+    pub const ALL: [StartMethod; 3] = [StartMethod::Spawn, StartMethod::ForkServer, StartMethod::Fork];
+}
+
+impl fmt::Display for StartMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A start method name that is not `spawn`, `forkserver` or `fork`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown start method {0:?} (expected spawn, forkserver or fork)")]
+pub struct UnknownStartMethod(String);
+
+impl FromStr for StartMethod {
+    type Err = UnknownStartMethod;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        StartMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| UnknownStartMethod(s.to_owned()))
+    }
+}
+
+static DEFAULT_START_METHOD: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the start method used by processes and pools that do not choose one
+/// (Python's `set_start_method`).
+pub fn set_start_method(method: StartMethod) {
+    DEFAULT_START_METHOD.store(method as u8, Ordering::Relaxed);
+}
+
+/// The start method used when none is chosen (Python's `get_start_method`).
+pub fn get_start_method() -> StartMethod {
+    match DEFAULT_START_METHOD.load(Ordering::Relaxed) {
+        1 => StartMethod::ForkServer,
+        2 => StartMethod::Fork,
+        _ => StartMethod::Spawn,
+    }
+}
+
+/// A function to run in a child process, with its options (Python's `Process(target=...)`).
+///
+/// ```
+/// use mp_core::Process;
+///
+/// let child = Process::new(|(a, b): (u64, u64)| a * b).args((6, 7)).name("multiplier").start()?;
+/// assert_eq!(child.join()?, 42);
+/// assert_eq!(child.exitcode(), Some(0));
+/// # Ok::<(), mp_core::ProcessError>(())
+/// ```
+///
+/// The function must be a non-capturing closure or a `fn` item (checked at compile time);
+/// values it needs travel as its argument, which — like its result — is any serde type.
+/// Handles of multiproc's primitives (queues, locks, shared memory, pipes) travel too: the
+/// child gets a handle to the same object.
+#[must_use = "a Process does nothing until .start() is called"]
+pub struct Process<M, F: Entry<M>> {
+    function: F,
+    args: Option<F::Args>,
+    name: Option<String>,
+    daemon: bool,
+    start_method: Option<StartMethod>,
+}
+
+impl<M, F: Entry<M>> Process<M, F> {
+    /// Prepares `function` to run in a child.
+    pub fn new(function: F) -> Self {
+        const { assert_non_capturing::<F>() };
+        Process { function, args: None, name: None, daemon: false, start_method: None }
+    }
+
+    /// The argument to call the function with (a tuple for several values).
+    pub fn args(mut self, args: F::Args) -> Self {
+        self.args = Some(args);
+        self
+    }
+
+    /// The child's name (default: `Process-N`, or `Process-N:M` in a child, as in Python).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// A daemon child is terminated when its parent exits; a non-daemon child is waited for.
+    /// Either way, every child dies if its parent is killed.
+    pub fn daemon(mut self, daemon: bool) -> Self {
+        self.daemon = daemon;
+        self
+    }
+
+    /// How to create the child (default: [`get_start_method`]).
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
+    /// Starts the child and returns its handle once it is running and has been sent its
+    /// function and argument.
+    pub fn start(self) -> Result<Child<F::Output>, ProcessError> {
+        refuse_if_bootstrap_did_not_run()?;
+        let _ = self.function;
+        let args = self.args.or_else(F::default_args).ok_or(ProcessError::MissingArgs)?;
+        let (identity, default_name) = registry::next_child_identity();
+        let name = self.name.unwrap_or(default_name);
+        let method = self.start_method.unwrap_or_else(get_start_method);
+        let (outcome_tx, outcome_rx) = ipc::channel::<Outcome<F::Output>>()
+            .map_err(ProcessError::io("creating a channel"))?;
+
+        let launched = launcher::on_long_lived_thread(move || launch(method))?;
+        let tracked = registry::track(
+            launched.pid,
+            name.clone(),
+            self.daemon,
+            launched.pidfd,
+            launched.watch,
+        );
+        let child = Child { tracked, outcome: Mutex::new(OutcomeState::Waiting(outcome_rx)) };
+        let header = Header {
+            entry: FunctionId::of_process::<M, F>(),
+            identity,
+            name,
+            daemon: self.daemon,
+            parent: registry::current_process(),
+            start_method: method,
+            outcome: outcome_tx.to_opaque(),
+        };
+        let channel = launched.channel.to_opaque();
+        let sent = channel
+            .clone()
+            .to::<Header>()
+            .send(header)
+            .and_then(|()| channel.to::<F::Args>().send(args));
+        if let Err(e) = sent {
+            let _ = child.kill();
+            child.tracked.wait_exit(Some(Duration::from_secs(5)));
+            return Err(ProcessError::StartFailed(format!(
+                "could not send the function and its argument to the child: {e:?}"
+            )));
+        }
+        tracing::debug!(pid = child.pid(), name = child.name(), %method, "process started");
+        Ok(child)
+    }
+}
+
+/// Fails loudly if this process was started as a child but its bootstrap never ran (the
+/// constructor was not linked): starting children from here could multiply without end.
+fn refuse_if_bootstrap_did_not_run() -> Result<(), ProcessError> {
+    match std::env::var(MARKER) {
+        Ok(marker) => Err(ProcessError::StartFailed(format!(
+            "this process was started as a multiproc child ({MARKER}={marker}) but its \
+             bootstrap did not run; refusing to start more processes"
+        ))),
+        Err(_) => Ok(()),
+    }
+}
+
+struct Launched {
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    watch: ExitWatch,
+    channel: IpcSender<Header>,
+}
+
+fn launch(method: StartMethod) -> Result<Launched, ProcessError> {
+    match method {
+        StartMethod::Spawn => {
+            let parent = std::process::id();
+            let spawned = spawn::spawn_self::<Header>(Role::Child { parent }, None)?;
+            Ok(Launched {
+                pid: spawned.pid,
+                pidfd: spawned.pidfd,
+                watch: ExitWatch::Direct,
+                channel: spawned.channel,
+            })
+        }
+        StartMethod::Fork => {
+            let (pid, pidfd, channel) = fork::fork_child()?;
+            Ok(Launched { pid, pidfd, watch: ExitWatch::Direct, channel })
+        }
+        StartMethod::ForkServer => {
+            let child = forkserver::fork_child()?;
+            // A child that already ended cannot be opened; its sentinel is then simply ready.
+            let pidfd = sys::pidfd_open(child.pid)
+                .or_else(|_| sys::always_ready_fd())
+                .map_err(ProcessError::io("opening a pidfd"))?;
+            Ok(Launched {
+                pid: child.pid,
+                pidfd,
+                watch: ExitWatch::ForkServer(child.status),
+                channel: child.channel,
+            })
+        }
+    }
+}
+
+enum OutcomeState<R> {
+    /// The child has not reported yet.
+    Waiting(IpcReceiver<Outcome<R>>),
+    /// The child reported this (a value, a panic...).
+    Received(Outcome<R>),
+    /// The child ended without reporting.
+    Silent,
+    /// The value was handed out by a join.
+    Taken,
+}
+
+/// A running (or finished) child process, returned by [`Process::start`].
+///
+/// Dropping a `Child` does not stop the process (as in Python); it is reaped later, and
+/// terminated at exit if it is a daemon.
+pub struct Child<R> {
+    tracked: Arc<Tracked>,
+    outcome: Mutex<OutcomeState<R>>,
+}
+
+impl<R> fmt::Debug for Child<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Child")
+            .field("pid", &self.tracked.pid)
+            .field("name", &self.tracked.name)
+            .field("daemon", &self.tracked.daemon)
+            .field("exitcode", &self.exitcode())
+            .finish()
+    }
+}
+
+/// The longest a join sleeps before checking whether the child died without reporting.
+const JOIN_SLICE: Duration = Duration::from_millis(10);
+
+impl<R> Child<R> {
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.tracked.pid
+    }
+
+    /// The child's name.
+    pub fn name(&self) -> &str {
+        &self.tracked.name
+    }
+
+    /// Whether the child is a daemon.
+    pub fn daemon(&self) -> bool {
+        self.tracked.daemon
+    }
+
+    /// Whether the child is still running.
+    pub fn is_alive(&self) -> bool {
+        self.tracked.poll_exit().is_none()
+    }
+
+    /// Python's `exitcode`: `None` while running, then the exit code (0 after a normal
+    /// return), or minus the number of the signal that killed it.
+    pub fn exitcode(&self) -> Option<i32> {
+        self.tracked.poll_exit().map(ExitStatus::exitcode)
+    }
+
+    /// Sends SIGTERM (Python's `terminate`). Does nothing if the child already ended.
+    pub fn terminate(&self) -> Result<(), ProcessError> {
+        self.send_signal(libc::SIGTERM)
+    }
+
+    /// Sends SIGKILL (Python's `kill`). Does nothing if the child already ended.
+    pub fn kill(&self) -> Result<(), ProcessError> {
+        self.send_signal(libc::SIGKILL)
+    }
+
+    /// Sends `signal` to the child, through its pidfd (never to a recycled pid).
+    pub fn send_signal(&self, signal: i32) -> Result<(), ProcessError> {
+        if self.tracked.poll_exit().is_some() {
+            return Ok(());
+        }
+        sys::send_signal(self.tracked.pidfd.as_fd(), signal)
+            .map_err(ProcessError::io("signalling a child"))
+    }
+
+    /// A descriptor that becomes readable when the child ends (a pidfd; Python's
+    /// `sentinel`), for `poll`/`epoll` or mp-ipc's `wait`.
+    pub fn sentinel(&self) -> BorrowedFd<'_> {
+        self.tracked.pidfd.as_fd()
+    }
+
+}
+
+impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
+    /// Waits for the child to end and returns what its function returned, like
+    /// `std::thread::JoinHandle::join`. A child that panicked, exited early or was killed
+    /// gives the matching [`ProcessError`].
+    pub fn join(&self) -> Result<R, ProcessError> {
+        self.join_until(None)
+    }
+
+    /// [`join`](Self::join), giving up after `timeout` with [`ProcessError::Timeout`]; the
+    /// child keeps running and can be joined again.
+    pub fn join_timeout(&self, timeout: Duration) -> Result<R, ProcessError> {
+        self.join_until(Some(Instant::now() + timeout))
+    }
+
+    fn join_until(&self, deadline: Option<Instant>) -> Result<R, ProcessError> {
+        let pid = self.pid();
+        let mut state = self.outcome.lock();
+        let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // First the report (it must be read while the child runs: a large one fills the
+        // channel and the child cannot exit until it is drained), then the exit.
+        while let OutcomeState::Waiting(receiver) = &*state {
+            let slice = remaining().map_or(JOIN_SLICE, |r| r.min(JOIN_SLICE));
+            let next = match receiver.try_recv_timeout(slice.max(Duration::from_millis(1))) {
+                Ok(outcome) => OutcomeState::Received(outcome),
+                Err(TryRecvError::Empty) => match self.tracked.poll_exit() {
+                    // Ended: whatever it sent is already buffered.
+                    Some(_) => match receiver.try_recv() {
+                        Ok(outcome) => OutcomeState::Received(outcome),
+                        Err(_) => OutcomeState::Silent,
+                    },
+                    None if remaining().is_some_and(|r| r.is_zero()) => {
+                        return Err(ProcessError::Timeout { pid });
+                    }
+                    None => continue,
+                },
+                Err(TryRecvError::IpcError(IpcError::Disconnected)) => OutcomeState::Silent,
+                Err(TryRecvError::IpcError(e)) => {
+                    OutcomeState::Received(Outcome::BadResult(format!("{e:?}")))
+                }
+            };
+            *state = next;
+        }
+        let Some(status) = self.tracked.wait_exit(remaining()) else {
+            return Err(ProcessError::Timeout { pid });
+        };
+        match std::mem::replace(&mut *state, OutcomeState::Taken) {
+            OutcomeState::Received(Outcome::Returned(value)) => Ok(value),
+            OutcomeState::Received(Outcome::Panicked(report)) => {
+                Err(ProcessError::Panicked { pid, report })
+            }
+            OutcomeState::Received(Outcome::BadArguments(message)) => {
+                Err(ProcessError::BadArguments { pid, message })
+            }
+            OutcomeState::Received(Outcome::BadResult(message)) => {
+                Err(ProcessError::BadResult { pid, message })
+            }
+            OutcomeState::Silent => Err(match status {
+                ExitStatus::Code(code) => ProcessError::Exited { pid, code },
+                ExitStatus::Signal(signal) => ProcessError::Signaled { pid, signal },
+            }),
+            OutcomeState::Taken => Err(ProcessError::AlreadyJoined { pid }),
+            OutcomeState::Waiting(_) => unreachable!("left the loop above"),
+        }
+    }
+}

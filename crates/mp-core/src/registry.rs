@@ -1,0 +1,218 @@
+//! The children of this process and who this process is: `current_process`,
+//! `parent_process`, `active_children`, `cpu_count`, and the clean-up at exit (daemon children
+//! are terminated, others are waited for, as in Python).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ipc_channel::TryRecvError;
+use ipc_channel::ipc::IpcReceiver;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::bootstrap::Header;
+use crate::sys::{self, ExitStatus};
+
+/// Who a process is: its pid and its name (`"MainProcess"`, `"Process-1"`, `"Process-1:2"`...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// The process id.
+    pub pid: u32,
+    /// The process name, as given to `Process::name` or generated like Python's.
+    pub name: String,
+    /// Whether it is a daemon (terminated when its parent exits).
+    pub daemon: bool,
+}
+
+struct Identity {
+    /// Position in the process tree: `[]` for the main process, `[1, 2]` for `Process-1:2`.
+    path: Vec<u32>,
+    name: String,
+    daemon: bool,
+    parent: Option<ProcessInfo>,
+}
+
+static IDENTITY: RwLock<Option<Identity>> = RwLock::new(None);
+static CHILD_COUNTER: AtomicU32 = AtomicU32::new(0);
+/// The pid whose children the registry holds (a forked child inherits a stale copy).
+static OWNER: AtomicU32 = AtomicU32::new(0);
+static CHILDREN: Mutex<Vec<Arc<Tracked>>> = Mutex::new(Vec::new());
+
+/// Records who this process is, first thing in a child.
+pub(crate) fn become_child(header: &Header) {
+    *IDENTITY.write() = Some(Identity {
+        path: header.identity.clone(),
+        name: header.name.clone(),
+        daemon: header.daemon,
+        parent: Some(header.parent.clone()),
+    });
+    CHILD_COUNTER.store(0, Ordering::Relaxed);
+    OWNER.store(std::process::id(), Ordering::Relaxed);
+    // A forked child inherits its parent's list; those are not its children.
+    std::mem::take(&mut *CHILDREN.lock());
+}
+
+/// The tree position and default name of the next child.
+pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
+    let mut path = IDENTITY.read().as_ref().map(|i| i.path.clone()).unwrap_or_default();
+    path.push(CHILD_COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
+    let name = format!(
+        "Process-{}",
+        path.iter().map(u32::to_string).collect::<Vec<_>>().join(":")
+    );
+    (path, name)
+}
+
+/// This process: pid, name and daemon flag (Python's `current_process()`).
+pub fn current_process() -> ProcessInfo {
+    let identity = IDENTITY.read();
+    match identity.as_ref() {
+        Some(i) => ProcessInfo { pid: std::process::id(), name: i.name.clone(), daemon: i.daemon },
+        None => ProcessInfo {
+            pid: std::process::id(),
+            name: "MainProcess".into(),
+            daemon: false,
+        },
+    }
+}
+
+/// The process that started this one, or `None` in the main process (Python's
+/// `parent_process()`).
+pub fn parent_process() -> Option<ProcessInfo> {
+    IDENTITY.read().as_ref().and_then(|i| i.parent.clone())
+}
+
+/// The children of this process that are still running (Python's `active_children()`).
+/// Finished children are reaped on the way, as in Python.
+pub fn active_children() -> Vec<ProcessInfo> {
+    let mut children = CHILDREN.lock();
+    children.retain(|c| c.poll_exit().is_none());
+    children.iter().map(|c| c.info()).collect()
+}
+
+/// The number of CPUs this process may run on (its affinity mask), at least 1.
+pub fn cpu_count() -> usize {
+    rustix::thread::sched_getaffinity(None)
+        .map(|set| set.count() as usize)
+        .ok()
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// How the end of a child is observed.
+pub(crate) enum ExitWatch {
+    /// Our own child: `waitid` on its pidfd.
+    Direct,
+    /// A child of the fork server, which relays the raw wait status.
+    ForkServer(IpcReceiver<i32>),
+    /// It ended like this (and was reaped).
+    Ended(ExitStatus),
+}
+
+/// A child process this process started.
+pub(crate) struct Tracked {
+    pub pid: u32,
+    pub name: String,
+    pub daemon: bool,
+    pub pidfd: OwnedFd,
+    watch: Mutex<ExitWatch>,
+}
+
+impl Tracked {
+    pub(crate) fn info(&self) -> ProcessInfo {
+        ProcessInfo { pid: self.pid, name: self.name.clone(), daemon: self.daemon }
+    }
+
+    /// How it ended, if it has (never blocks).
+    pub(crate) fn poll_exit(&self) -> Option<ExitStatus> {
+        self.wait_exit(Some(Duration::ZERO))
+    }
+
+    /// Waits at most `timeout` (`None`: without limit) for the child to end, and reaps it.
+    pub(crate) fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
+        let direct = matches!(*self.watch.lock(), ExitWatch::Direct);
+        if direct {
+            // Sleep without the lock, so other threads can still ask.
+            if !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
+                return None;
+            }
+        }
+        let mut watch = self.watch.lock();
+        let ended = match &*watch {
+            ExitWatch::Ended(status) => return Some(*status),
+            ExitWatch::Direct => sys::try_reap(self.pidfd.as_fd()).ok().flatten(),
+            ExitWatch::ForkServer(statuses) => {
+                let status = match timeout {
+                    Some(t) if t.is_zero() => statuses.try_recv(),
+                    Some(t) => statuses.try_recv_timeout(t),
+                    None => statuses.recv().map_err(TryRecvError::IpcError),
+                };
+                match status {
+                    Ok(raw) => Some(ExitStatus::from_wait_status(raw)),
+                    Err(TryRecvError::Empty) => None,
+                    // The fork server is gone, and with it (parent-death signal) its children.
+                    Err(TryRecvError::IpcError(_)) => sys::wait_readable(self.pidfd.as_fd(), timeout)
+                        .unwrap_or(false)
+                        .then_some(ExitStatus::Signal(libc::SIGKILL)),
+                }
+            }
+        };
+        if let Some(status) = ended {
+            tracing::debug!(pid = self.pid, name = %self.name, ?status, "process ended");
+            *watch = ExitWatch::Ended(status);
+        }
+        ended
+    }
+}
+
+/// Registers a freshly started child, and reaps children whose handles were dropped.
+pub(crate) fn track(
+    pid: u32,
+    name: String,
+    daemon: bool,
+    pidfd: OwnedFd,
+    watch: ExitWatch,
+) -> Arc<Tracked> {
+    register_exit_handler();
+    let tracked = Arc::new(Tracked { pid, name, daemon, pidfd, watch: Mutex::new(watch) });
+    let mut children = CHILDREN.lock();
+    children.retain(|c| Arc::strong_count(c) > 1 || c.poll_exit().is_none());
+    children.push(tracked.clone());
+    tracked
+}
+
+fn register_exit_handler() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        OWNER.store(std::process::id(), Ordering::Relaxed);
+        // SAFETY: `clean_up_at_exit` is an `extern "C" fn()` that never unwinds.
+        unsafe { libc::atexit(clean_up_at_exit) };
+    });
+}
+
+/// How long daemon children get to exit after SIGTERM before they are killed.
+const DAEMON_GRACE: Duration = Duration::from_secs(1);
+
+extern "C" fn clean_up_at_exit() {
+    if OWNER.load(Ordering::Relaxed) != std::process::id() {
+        return;
+    }
+    let children = std::mem::take(&mut *CHILDREN.lock());
+    let (daemons, others): (Vec<_>, Vec<_>) = children.into_iter().partition(|c| c.daemon);
+    for child in &daemons {
+        let _ = sys::send_signal(child.pidfd.as_fd(), libc::SIGTERM);
+    }
+    for child in &daemons {
+        if child.wait_exit(Some(DAEMON_GRACE)).is_none() {
+            let _ = sys::send_signal(child.pidfd.as_fd(), libc::SIGKILL);
+            child.wait_exit(Some(DAEMON_GRACE));
+        }
+    }
+    for child in &others {
+        tracing::debug!(pid = child.pid, "waiting for non-daemon child at exit");
+        child.wait_exit(None);
+    }
+}

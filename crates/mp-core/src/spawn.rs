@@ -1,0 +1,182 @@
+//! The spawn start method, parent side: start a fresh copy of this executable with
+//! `posix_spawn` (vfork + exec: its cost does not grow with the parent's memory), hand it the
+//! write end of a pipe as fd 3, read back the name of its rendezvous and connect to it.
+//!
+//! No step can hang: the pipe reaches end-of-file if the child dies, and the wait for the
+//! rendezvous name is bounded by [`HANDSHAKE_TIMEOUT`].
+
+use std::ffi::{CString, OsStr};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::IpcSender;
+use serde::{Deserialize, Serialize};
+
+use crate::bootstrap::{DOORBELL_FD, HANDSHAKE_FD, MARKER, Role};
+use crate::error::ProcessError;
+use crate::sys;
+
+/// How long a fresh child may take to connect back before it is killed and the start fails.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A re-executed child, connected.
+pub(crate) struct Spawned<T> {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    pub channel: IpcSender<T>,
+}
+
+/// Starts this executable again in `role`, optionally handing it `doorbell` as fd 4.
+pub(crate) fn spawn_self<T>(
+    role: Role,
+    doorbell: Option<BorrowedFd<'_>>,
+) -> Result<Spawned<T>, ProcessError>
+where
+    T: for<'de> Deserialize<'de> + Serialize,
+{
+    let (handshake_read, handshake_write) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| ProcessError::io("creating the handshake pipe")(e.into()))?;
+    // Move both inherited descriptors above the slots they are duplicated into, so that one
+    // dup2 cannot overwrite the source of the other.
+    let high = |fd: BorrowedFd<'_>| rustix::io::fcntl_dupfd_cloexec(fd, 10);
+    let handshake_write = high(handshake_write.as_fd())
+        .map_err(|e| ProcessError::io("duplicating the handshake pipe")(e.into()))?;
+    let doorbell = doorbell
+        .map(high)
+        .transpose()
+        .map_err(|e| ProcessError::io("duplicating the doorbell")(e.into()))?;
+
+    let mut inherit = vec![(handshake_write.as_raw_fd(), HANDSHAKE_FD)];
+    if let Some(doorbell) = &doorbell {
+        inherit.push((doorbell.as_raw_fd(), DOORBELL_FD));
+    }
+    let pid = posix_spawn_self(&role.encode(), &inherit)
+        .map_err(ProcessError::io("spawning a child process"))?;
+    drop(handshake_write);
+    drop(doorbell);
+    let pidfd = sys::pidfd_open(pid).map_err(ProcessError::io("opening a pidfd"))?;
+    tracing::debug!(pid, ?role, "spawned");
+
+    let name = match read_rendezvous_name(handshake_read) {
+        Ok(name) => name,
+        Err(reason) => {
+            let _ = sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
+            let _ = sys::wait_readable(pidfd.as_fd(), Some(Duration::from_secs(5)));
+            let status = sys::try_reap(pidfd.as_fd()).ok().flatten();
+            return Err(ProcessError::StartFailed(match status {
+                Some(status) => format!("{reason} (child {pid} ended with {status:?})"),
+                None => format!("{reason} (child {pid})"),
+            }));
+        }
+    };
+    let channel = IpcSender::connect(name).map_err(ProcessError::io("connecting to a child"))?;
+    Ok(Spawned { pid, pidfd, channel })
+}
+
+fn read_rendezvous_name(pipe: OwnedFd) -> Result<String, String> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut pipe = std::fs::File::from(pipe);
+    let mut name = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(format!("the child did not connect back within {HANDSHAKE_TIMEOUT:?}"));
+        }
+        match sys::wait_readable(pipe.as_fd(), Some(remaining)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return Err(format!("waiting for the child: {e}")),
+        }
+        match pipe.read(&mut buf) {
+            Ok(0) => return Err("the child exited before connecting back".into()),
+            Ok(n) => {
+                name.extend_from_slice(&buf[..n]);
+                if name.ends_with(b"\n") {
+                    name.pop();
+                    return String::from_utf8(name)
+                        .map_err(|_| "the child sent a malformed rendezvous name".into());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading from the child: {e}")),
+        }
+    }
+}
+
+/// `posix_spawn`s `/proc/self/exe` with the current environment plus the bootstrap marker,
+/// each `(from, to)` descriptor duplicated to `to` (dup2 clears close-on-exec on the copy,
+/// while the originals stay close-on-exec, so no other descriptor leaks into the child).
+fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
+    let cstring = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+    };
+    let path = cstring(b"/proc/self/exe")?;
+    let argv0 = std::env::args_os().next().unwrap_or_else(|| "multiproc-child".into());
+    let argv_owned = [cstring(argv0.as_bytes())?];
+    let mut env_owned = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        if key.as_os_str() == OsStr::new(MARKER) {
+            continue;
+        }
+        let mut entry = key.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        if let Ok(entry) = CString::new(entry) {
+            env_owned.push(entry);
+        }
+    }
+    env_owned.push(cstring(format!("{MARKER}={role}").as_bytes())?);
+    let argv = null_terminated(&argv_owned);
+    let envp = null_terminated(&env_owned);
+
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
+    let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
+    let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+    // SAFETY: the init functions initialise the objects they are given; every pointer passed
+    // below points to a live, initialised object or NUL-terminated string owned by this frame;
+    // both objects are destroyed before returning.
+    unsafe {
+        check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
+        if let Err(e) = check(libc::posix_spawnattr_init(attr.as_mut_ptr())) {
+            libc::posix_spawn_file_actions_destroy(actions.as_mut_ptr());
+            return Err(e);
+        }
+        let result = (|| {
+            for &(from, to) in inherit {
+                check(libc::posix_spawn_file_actions_adddup2(actions.as_mut_ptr(), from, to))?;
+            }
+            let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(empty.as_mut_ptr());
+            check(libc::posix_spawnattr_setsigmask(attr.as_mut_ptr(), empty.as_ptr()))?;
+            check(libc::posix_spawnattr_setflags(
+                attr.as_mut_ptr(),
+                libc::POSIX_SPAWN_SETSIGMASK as libc::c_short,
+            ))?;
+            let mut pid: libc::pid_t = 0;
+            check(libc::posix_spawn(
+                &mut pid,
+                path.as_ptr(),
+                actions.as_ptr(),
+                attr.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+            ))?;
+            Ok(pid as u32)
+        })();
+        libc::posix_spawn_file_actions_destroy(actions.as_mut_ptr());
+        libc::posix_spawnattr_destroy(attr.as_mut_ptr());
+        result
+    }
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr() as *mut libc::c_char)
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect()
+}
