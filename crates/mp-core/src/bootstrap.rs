@@ -146,8 +146,8 @@ fn serve_spawned(parent: u32) -> i32 {
 /// Runs the function a child was sent and returns its exit code.
 pub(crate) fn serve(channel: IpcReceiver<Header>, header: Header) -> i32 {
     registry::become_child(&header);
-    let _span = tracing::debug_span!("child", name = %header.name, pid = std::process::id())
-        .entered();
+    let _span =
+        tracing::debug_span!("child", name = %header.name, pid = std::process::id()).entered();
     // SAFETY: the header comes from our parent, which runs this same executable and made the
     // id with FunctionId::of_process.
     let trampoline = unsafe { header.entry.process_trampoline() };

@@ -27,7 +27,10 @@ enum Request {
     Hello { replies: IpcSender<Reply> },
     /// Fork a child that will read its header from `header`; send its raw wait status on
     /// `status` when it ends.
-    Fork { header: IpcReceiver<Header>, status: IpcSender<i32> },
+    Fork {
+        header: IpcReceiver<Header>,
+        status: IpcSender<i32>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,18 +72,21 @@ pub(crate) fn fork_child() -> Result<ServerChild, ProcessError> {
 }
 
 fn start_server() -> Result<Client, ProcessError> {
-    let (doorbell_read, doorbell_write) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| ProcessError::io("creating the fork server doorbell")(e.into()))?;
+    let (doorbell_read, doorbell_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| ProcessError::io("creating the fork server doorbell")(e.into()))?;
     let spawned = spawn::spawn_self::<Request>(
-        Role::ForkServer { parent: std::process::id() },
+        Role::ForkServer {
+            parent: std::process::id(),
+        },
         Some(doorbell_read.as_fd()),
     )?;
     let (replies_tx, replies) =
         ipc::channel::<Reply>().map_err(ProcessError::io("creating a channel"))?;
     spawned
         .channel
-        .send(Request::Hello { replies: replies_tx })
+        .send(Request::Hello {
+            replies: replies_tx,
+        })
         .map_err(|e| ProcessError::StartFailed(format!("fork server unreachable: {e}")))?;
     tracing::debug!(pid = spawned.pid, "fork server started");
     Ok(Client {
@@ -101,11 +107,18 @@ impl Client {
             ProcessError::StartFailed(format!("the fork server is unreachable: {e}"))
         };
         self.requests
-            .send(Request::Fork { header, status: status_tx })
+            .send(Request::Fork {
+                header,
+                status: status_tx,
+            })
             .map_err(|e| unreachable(&e))?;
         self.doorbell.write_all(&[1]).map_err(|e| unreachable(&e))?;
         match self.replies.try_recv_timeout(HANDSHAKE_TIMEOUT) {
-            Ok(Reply::Forked(pid)) => Ok(ServerChild { pid, channel, status }),
+            Ok(Reply::Forked(pid)) => Ok(ServerChild {
+                pid,
+                channel,
+                status,
+            }),
             Ok(Reply::Failed(message)) => Err(ProcessError::StartFailed(message)),
             Err(e) => Err(ProcessError::StartFailed(format!(
                 "the fork server did not answer: {e:?}"
@@ -230,7 +243,12 @@ impl SigchldFd {
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok((SigchldFd { fd: OwnedFd::from_raw_fd(fd) }, old.assume_init()))
+            Ok((
+                SigchldFd {
+                    fd: OwnedFd::from_raw_fd(fd),
+                },
+                old.assume_init(),
+            ))
         }
     }
 

@@ -106,7 +106,9 @@ pub struct FunctionId {
 
 impl FunctionId {
     fn of_address(address: usize) -> Self {
-        FunctionId { offset: address as i64 - anchor() as i64 }
+        FunctionId {
+            offset: address as i64 - anchor() as i64,
+        }
     }
 
     fn address(self) -> usize {
@@ -247,23 +249,21 @@ fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let previous = panic::take_hook();
-        panic::set_hook(Box::new(move |info| {
-            match CATCHING.with(Cell::get) {
-                Some(quiet) => {
-                    let backtrace = Backtrace::capture();
-                    let report = PanicReport {
-                        message: payload_message(info.payload()),
-                        location: info.location().map(|l| l.to_string()),
-                        backtrace: (backtrace.status() == BacktraceStatus::Captured)
-                            .then(|| backtrace.to_string()),
-                    };
-                    LAST_PANIC.with(|last| *last.borrow_mut() = Some(report));
-                    if !quiet {
-                        previous(info);
-                    }
+        panic::set_hook(Box::new(move |info| match CATCHING.with(Cell::get) {
+            Some(quiet) => {
+                let backtrace = Backtrace::capture();
+                let report = PanicReport {
+                    message: payload_message(info.payload()),
+                    location: info.location().map(|l| l.to_string()),
+                    backtrace: (backtrace.status() == BacktraceStatus::Captured)
+                        .then(|| backtrace.to_string()),
+                };
+                LAST_PANIC.with(|last| *last.borrow_mut() = Some(report));
+                if !quiet {
+                    previous(info);
                 }
-                None => previous(info),
             }
+            None => previous(info),
         }));
     });
 }
@@ -285,11 +285,13 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T, quiet: bool) -> Result<T, Pa
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     CATCHING.with(|c| c.set(outer));
     result.map_err(|payload| {
-        LAST_PANIC.with(|last| last.borrow_mut().take()).unwrap_or_else(|| PanicReport {
-            message: payload_message(payload.as_ref()),
-            location: None,
-            backtrace: None,
-        })
+        LAST_PANIC
+            .with(|last| last.borrow_mut().take())
+            .unwrap_or_else(|| PanicReport {
+                message: payload_message(payload.as_ref()),
+                location: None,
+                backtrace: None,
+            })
     })
 }
 

@@ -47,7 +47,11 @@ impl StartMethod {
     }
 
     /// All start methods, in Python's order of preference.
-    pub const ALL: [StartMethod; 3] = [StartMethod::Spawn, StartMethod::ForkServer, StartMethod::Fork];
+    pub const ALL: [StartMethod; 3] = [
+        StartMethod::Spawn,
+        StartMethod::ForkServer,
+        StartMethod::Fork,
+    ];
 }
 
 impl fmt::Display for StartMethod {
@@ -116,7 +120,13 @@ impl<M, F: Entry<M>> Process<M, F> {
     /// Prepares `function` to run in a child.
     pub fn new(function: F) -> Self {
         const { assert_non_capturing::<F>() };
-        Process { function, args: None, name: None, daemon: false, start_method: None }
+        Process {
+            function,
+            args: None,
+            name: None,
+            daemon: false,
+            start_method: None,
+        }
     }
 
     /// The argument to call the function with (a tuple for several values).
@@ -149,12 +159,15 @@ impl<M, F: Entry<M>> Process<M, F> {
     pub fn start(self) -> Result<Child<F::Output>, ProcessError> {
         refuse_if_bootstrap_did_not_run()?;
         let _ = self.function;
-        let args = self.args.or_else(F::default_args).ok_or(ProcessError::MissingArgs)?;
+        let args = self
+            .args
+            .or_else(F::default_args)
+            .ok_or(ProcessError::MissingArgs)?;
         let (identity, default_name) = registry::next_child_identity();
         let name = self.name.unwrap_or(default_name);
         let method = self.start_method.unwrap_or_else(get_start_method);
-        let (outcome_tx, outcome_rx) = ipc::channel::<Outcome<F::Output>>()
-            .map_err(ProcessError::io("creating a channel"))?;
+        let (outcome_tx, outcome_rx) =
+            ipc::channel::<Outcome<F::Output>>().map_err(ProcessError::io("creating a channel"))?;
 
         let launched = launcher::on_long_lived_thread(move || launch(method))?;
         let tracked = registry::track(
@@ -164,7 +177,10 @@ impl<M, F: Entry<M>> Process<M, F> {
             launched.pidfd,
             launched.watch,
         );
-        let child = Child { tracked, outcome: Mutex::new(OutcomeState::Waiting(outcome_rx)) };
+        let child = Child {
+            tracked,
+            outcome: Mutex::new(OutcomeState::Waiting(outcome_rx)),
+        };
         let header = Header {
             entry: FunctionId::of_process::<M, F>(),
             identity,
@@ -225,7 +241,12 @@ fn launch(method: StartMethod) -> Result<Launched, ProcessError> {
         }
         StartMethod::Fork => {
             let (pid, pidfd, channel) = fork::fork_child()?;
-            Ok(Launched { pid, pidfd, watch: ExitWatch::Direct, channel })
+            Ok(Launched {
+                pid,
+                pidfd,
+                watch: ExitWatch::Direct,
+                channel,
+            })
         }
         StartMethod::ForkServer => {
             let child = forkserver::fork_child()?;
@@ -328,7 +349,6 @@ impl<R> Child<R> {
     pub fn sentinel(&self) -> BorrowedFd<'_> {
         self.tracked.pidfd.as_fd()
     }
-
 }
 
 impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {

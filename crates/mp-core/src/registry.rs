@@ -56,11 +56,18 @@ pub(crate) fn become_child(header: &Header) {
 
 /// The tree position and default name of the next child.
 pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
-    let mut path = IDENTITY.read().as_ref().map(|i| i.path.clone()).unwrap_or_default();
+    let mut path = IDENTITY
+        .read()
+        .as_ref()
+        .map(|i| i.path.clone())
+        .unwrap_or_default();
     path.push(CHILD_COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
     let name = format!(
         "Process-{}",
-        path.iter().map(u32::to_string).collect::<Vec<_>>().join(":")
+        path.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(":")
     );
     (path, name)
 }
@@ -69,7 +76,11 @@ pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
 pub fn current_process() -> ProcessInfo {
     let identity = IDENTITY.read();
     match identity.as_ref() {
-        Some(i) => ProcessInfo { pid: std::process::id(), name: i.name.clone(), daemon: i.daemon },
+        Some(i) => ProcessInfo {
+            pid: std::process::id(),
+            name: i.name.clone(),
+            daemon: i.daemon,
+        },
         None => ProcessInfo {
             pid: std::process::id(),
             name: "MainProcess".into(),
@@ -123,7 +134,11 @@ pub(crate) struct Tracked {
 
 impl Tracked {
     pub(crate) fn info(&self) -> ProcessInfo {
-        ProcessInfo { pid: self.pid, name: self.name.clone(), daemon: self.daemon }
+        ProcessInfo {
+            pid: self.pid,
+            name: self.name.clone(),
+            daemon: self.daemon,
+        }
     }
 
     /// How it ended, if it has (never blocks).
@@ -154,9 +169,11 @@ impl Tracked {
                     Ok(raw) => Some(ExitStatus::from_wait_status(raw)),
                     Err(TryRecvError::Empty) => None,
                     // The fork server is gone, and with it (parent-death signal) its children.
-                    Err(TryRecvError::IpcError(_)) => sys::wait_readable(self.pidfd.as_fd(), timeout)
-                        .unwrap_or(false)
-                        .then_some(ExitStatus::Signal(libc::SIGKILL)),
+                    Err(TryRecvError::IpcError(_)) => {
+                        sys::wait_readable(self.pidfd.as_fd(), timeout)
+                            .unwrap_or(false)
+                            .then_some(ExitStatus::Signal(libc::SIGKILL))
+                    }
                 }
             }
         };
@@ -177,7 +194,13 @@ pub(crate) fn track(
     watch: ExitWatch,
 ) -> Arc<Tracked> {
     register_exit_handler();
-    let tracked = Arc::new(Tracked { pid, name, daemon, pidfd, watch: Mutex::new(watch) });
+    let tracked = Arc::new(Tracked {
+        pid,
+        name,
+        daemon,
+        pidfd,
+        watch: Mutex::new(watch),
+    });
     let mut children = CHILDREN.lock();
     children.retain(|c| Arc::strong_count(c) > 1 || c.poll_exit().is_none());
     children.push(tracked.clone());

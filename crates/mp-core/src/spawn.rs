@@ -73,7 +73,11 @@ where
         }
     };
     let channel = IpcSender::connect(name).map_err(ProcessError::io("connecting to a child"))?;
-    Ok(Spawned { pid, pidfd, channel })
+    Ok(Spawned {
+        pid,
+        pidfd,
+        channel,
+    })
 }
 
 fn read_rendezvous_name(pipe: OwnedFd) -> Result<String, String> {
@@ -84,7 +88,9 @@ fn read_rendezvous_name(pipe: OwnedFd) -> Result<String, String> {
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(format!("the child did not connect back within {HANDSHAKE_TIMEOUT:?}"));
+            return Err(format!(
+                "the child did not connect back within {HANDSHAKE_TIMEOUT:?}"
+            ));
         }
         match sys::wait_readable(pipe.as_fd(), Some(remaining)) {
             Ok(true) => {}
@@ -115,7 +121,9 @@ fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
         CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
     };
     let path = cstring(b"/proc/self/exe")?;
-    let argv0 = std::env::args_os().next().unwrap_or_else(|| "multiproc-child".into());
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "multiproc-child".into());
     let argv_owned = [cstring(argv0.as_bytes())?];
     let mut env_owned = Vec::new();
     for (key, value) in std::env::vars_os() {
@@ -133,7 +141,13 @@ fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
     let argv = null_terminated(&argv_owned);
     let envp = null_terminated(&env_owned);
 
-    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    };
     let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
     let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
     // SAFETY: the init functions initialise the objects they are given; every pointer passed
@@ -147,11 +161,18 @@ fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
         }
         let result = (|| {
             for &(from, to) in inherit {
-                check(libc::posix_spawn_file_actions_adddup2(actions.as_mut_ptr(), from, to))?;
+                check(libc::posix_spawn_file_actions_adddup2(
+                    actions.as_mut_ptr(),
+                    from,
+                    to,
+                ))?;
             }
             let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
             libc::sigemptyset(empty.as_mut_ptr());
-            check(libc::posix_spawnattr_setsigmask(attr.as_mut_ptr(), empty.as_ptr()))?;
+            check(libc::posix_spawnattr_setsigmask(
+                attr.as_mut_ptr(),
+                empty.as_ptr(),
+            ))?;
             check(libc::posix_spawnattr_setflags(
                 attr.as_mut_ptr(),
                 libc::POSIX_SPAWN_SETSIGMASK as libc::c_short,

@@ -130,4 +130,3 @@ pub(crate) fn die_with_parent(expected_parent: u32) -> bool {
     }
     rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(expected_parent)
 }
-

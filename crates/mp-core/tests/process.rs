@@ -1,0 +1,448 @@
+//! Lifecycle of child processes under every start method. Every join is bounded, and every
+//! test reaps what it starts.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::{self, IpcSender};
+use mp_core::{
+    Process, ProcessError, StartMethod, active_children, current_process, parent_process,
+};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The longest any join here may take before the test fails instead of hanging.
+const BOUND: Duration = Duration::from_secs(20);
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn park_forever() {
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn returns_the_functions_value_under_every_start_method() {
+    for method in StartMethod::ALL {
+        let child = Process::new(square)
+            .args(9)
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), 81, "{method}");
+        assert_eq!(child.exitcode(), Some(0));
+        assert!(!child.is_alive());
+        assert!(matches!(
+            child.join(),
+            Err(ProcessError::AlreadyJoined { .. })
+        ));
+    }
+}
+
+#[test]
+fn functions_without_arguments_and_with_tuples() {
+    let child = Process::new(|| String::from("hello")).start().unwrap();
+    assert_eq!(child.join_timeout(BOUND).unwrap(), "hello");
+    let child = Process::new(|(a, b): (String, Vec<u8>)| format!("{a}{}", b.len()))
+        .args(("len=".into(), vec![0; 5]))
+        .start()
+        .unwrap();
+    assert_eq!(child.join_timeout(BOUND).unwrap(), "len=5");
+}
+
+#[test]
+fn a_function_with_an_argument_needs_args() {
+    let result = Process::new(square).start();
+    assert!(matches!(result, Err(ProcessError::MissingArgs)));
+}
+
+#[test]
+fn join_timeout_times_out_then_join_after_kill_reports_the_signal() {
+    for method in StartMethod::ALL {
+        let child = Process::new(park_forever)
+            .start_method(method)
+            .start()
+            .unwrap();
+        let started = Instant::now();
+        let timeout = Duration::from_millis(200);
+        assert!(matches!(
+            child.join_timeout(timeout),
+            Err(ProcessError::Timeout { .. })
+        ));
+        assert!(started.elapsed() >= timeout);
+        assert!(child.is_alive());
+        assert_eq!(child.exitcode(), None);
+        child.kill().unwrap();
+        match child.join_timeout(BOUND) {
+            Err(ProcessError::Signaled { signal, .. }) => assert_eq!(signal, libc::SIGKILL),
+            other => panic!("{method}: expected SIGKILL, got {other:?}"),
+        }
+        assert_eq!(child.exitcode(), Some(-libc::SIGKILL));
+    }
+}
+
+#[test]
+fn a_hundred_children_terminated_right_after_start_all_report_sigterm() {
+    for method in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let children: Vec<_> = (0..100)
+            .map(|_| {
+                let child = Process::new(park_forever)
+                    .start_method(method)
+                    .start()
+                    .unwrap();
+                child.terminate().unwrap();
+                child
+            })
+            .collect();
+        for child in &children {
+            match child.join_timeout(BOUND) {
+                Err(ProcessError::Signaled { signal, .. }) => assert_eq!(signal, libc::SIGTERM),
+                other => panic!("{method}: expected SIGTERM, got {other:?}"),
+            }
+            assert_eq!(child.exitcode(), Some(-libc::SIGTERM));
+        }
+    }
+}
+
+#[test]
+fn exit_codes_follow_pythons_convention() {
+    for method in StartMethod::ALL {
+        let child = Process::new(|code: i32| -> () { std::process::exit(code) })
+            .args(7)
+            .start_method(method)
+            .start()
+            .unwrap();
+        match child.join_timeout(BOUND) {
+            Err(ProcessError::Exited { code, .. }) => assert_eq!(code, 7),
+            other => panic!("{method}: expected exit code 7, got {other:?}"),
+        }
+        assert_eq!(child.exitcode(), Some(7));
+    }
+}
+
+#[test]
+fn death_by_signal_is_reported_with_its_number() {
+    for method in StartMethod::ALL {
+        let child = Process::new(|| -> () { std::process::abort() })
+            .start_method(method)
+            .start()
+            .unwrap();
+        match child.join_timeout(BOUND) {
+            Err(e @ ProcessError::Signaled { signal, .. }) => {
+                assert_eq!(signal, libc::SIGABRT);
+                assert!(e.to_string().contains("SIGABRT"), "{e}");
+            }
+            other => panic!("{method}: expected SIGABRT, got {other:?}"),
+        }
+        assert_eq!(child.exitcode(), Some(-libc::SIGABRT));
+    }
+}
+
+#[test]
+fn panics_carry_message_and_location() {
+    for method in StartMethod::ALL {
+        let child = Process::new(|x: u32| -> u32 { panic!("no good: {x}") })
+            .args(5)
+            .start_method(method)
+            .start()
+            .unwrap();
+        match child.join_timeout(BOUND) {
+            Err(ProcessError::Panicked { report, .. }) => {
+                assert_eq!(report.message, "no good: 5");
+                let location = report.location.expect("a location");
+                assert!(location.contains("tests/process.rs"), "{location}");
+            }
+            other => panic!("{method}: expected a panic, got {other:?}"),
+        }
+        assert_eq!(child.exitcode(), Some(1));
+    }
+}
+
+/// A value whose decoding fails on the other side when it is odd.
+#[derive(Debug, Serialize)]
+struct EvenOnly(u32);
+
+impl<'de> Deserialize<'de> for EvenOnly {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = u32::deserialize(deserializer)?;
+        if value % 2 == 1 {
+            return Err(serde::de::Error::custom(format!("{value} is odd")));
+        }
+        Ok(EvenOnly(value))
+    }
+}
+
+#[test]
+fn undecodable_arguments_and_results_are_errors() {
+    for method in StartMethod::ALL {
+        let child = Process::new(|e: EvenOnly| e.0)
+            .args(EvenOnly(3))
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert!(
+            matches!(
+                child.join_timeout(BOUND),
+                Err(ProcessError::BadArguments { .. })
+            ),
+            "{method}"
+        );
+        let child = Process::new(|x: u32| EvenOnly(x))
+            .args(3)
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert!(
+            matches!(
+                child.join_timeout(BOUND),
+                Err(ProcessError::BadResult { .. })
+            ),
+            "{method}"
+        );
+    }
+}
+
+#[test]
+fn large_results_do_not_deadlock_the_join() {
+    let child = Process::new(|n: usize| vec![7u8; n])
+        .args(32 << 20)
+        .start()
+        .unwrap();
+    let value = child.join_timeout(BOUND).unwrap();
+    assert_eq!(value.len(), 32 << 20);
+    assert!(value.iter().all(|&b| b == 7));
+}
+
+#[test]
+fn children_can_spawn_children_and_know_their_family() {
+    for method in StartMethod::ALL {
+        let child = Process::new(|method: StartMethod| {
+            let me = current_process();
+            let parent = parent_process().expect("a child has a parent");
+            let grandchild = Process::new(|| (current_process(), parent_process()))
+                .start_method(method)
+                .start()
+                .unwrap();
+            let (grand, grand_parent) = grandchild.join_timeout(BOUND).unwrap();
+            (me, parent, grand, grand_parent.unwrap())
+        })
+        .args(method)
+        .name("outer")
+        .start_method(method)
+        .start()
+        .unwrap();
+        let pid = child.pid();
+        let (me, parent, grand, grand_parent) = child.join_timeout(BOUND).unwrap();
+        assert_eq!(me.name, "outer");
+        assert_eq!(me.pid, pid);
+        assert_eq!(parent.pid, std::process::id());
+        assert_eq!(parent.name, "MainProcess");
+        assert!(
+            grand.name.starts_with("Process-") && grand.name.contains(':'),
+            "{}",
+            grand.name
+        );
+        assert_eq!(grand_parent.pid, pid);
+        assert_eq!(grand_parent.name, "outer");
+    }
+}
+
+#[test]
+fn active_children_lists_running_children_only() {
+    let child = Process::new(park_forever).start().unwrap();
+    assert!(active_children().iter().any(|c| c.pid == child.pid()));
+    child.kill().unwrap();
+    let _ = child.join_timeout(BOUND);
+    assert!(!active_children().iter().any(|c| c.pid == child.pid()));
+}
+
+/// Waits for a process that is not our child to disappear.
+fn gone_within(pid: u32, bound: Duration) -> bool {
+    let Ok(pidfd) = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    ) else {
+        return true; // already gone
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: bound.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&timeout)).unwrap() == 1
+}
+
+#[test]
+fn children_die_with_a_sigkilled_parent() {
+    for method in StartMethod::ALL {
+        let (report, grandchild_pid) = ipc::channel::<u32>().unwrap();
+        let parent = Process::new(|(report, method): (IpcSender<u32>, StartMethod)| -> () {
+            let grandchild = Process::new(park_forever)
+                .start_method(method)
+                .start()
+                .unwrap();
+            report.send(grandchild.pid()).unwrap();
+            loop {
+                std::thread::park();
+            }
+        })
+        .args((report, method))
+        .start_method(method)
+        .start()
+        .unwrap();
+        let grandchild = grandchild_pid.try_recv_timeout(BOUND).unwrap();
+        let grandchild_fd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(grandchild as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        parent.kill().unwrap();
+        assert!(matches!(
+            parent.join_timeout(BOUND),
+            Err(ProcessError::Signaled { .. })
+        ));
+        assert!(
+            gone_within(grandchild, Duration::from_secs(10)),
+            "{method}: orphan {grandchild}"
+        );
+        drop(grandchild_fd);
+    }
+}
+
+#[test]
+fn daemon_children_are_terminated_when_their_parent_exits() {
+    let parent = Process::new(|| {
+        let daemon = Process::new(park_forever).daemon(true).start().unwrap();
+        daemon.pid()
+    })
+    .start()
+    .unwrap();
+    let daemon = parent.join_timeout(BOUND).unwrap();
+    assert!(
+        gone_within(daemon, Duration::from_secs(10)),
+        "daemon {daemon} outlived its parent"
+    );
+}
+
+#[test]
+fn non_daemon_children_are_waited_for_at_exit() {
+    let (done_tx, done_rx) = ipc::channel::<()>().unwrap();
+    let (release_tx, release_rx) = ipc::channel::<()>().unwrap();
+    let parent = Process::new(|(done, release): (IpcSender<()>, ipc::IpcReceiver<()>)| {
+        // The grandchild finishes only when the test says so, long after this returns.
+        Process::new(|(done, release): (IpcSender<()>, ipc::IpcReceiver<()>)| {
+            release.recv().unwrap();
+            done.send(()).unwrap();
+        })
+        .args((done, release))
+        .start()
+        .unwrap()
+        .pid()
+    })
+    .args((done_tx, release_rx))
+    .start()
+    .unwrap();
+    // The parent has returned its value but cannot exit while its child runs.
+    assert!(matches!(
+        parent.join_timeout(Duration::from_millis(300)),
+        Err(ProcessError::Timeout { .. })
+    ));
+    assert!(parent.is_alive());
+    release_tx.send(()).unwrap();
+    done_rx.try_recv_timeout(BOUND).unwrap();
+    assert!(parent.join_timeout(BOUND).is_ok());
+}
+
+#[test]
+fn descriptors_do_not_leak_into_children() {
+    let file = std::fs::File::open("/proc/self/exe").unwrap();
+    let fd = file.as_raw_fd();
+    for method in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let child = Process::new(|fd: i32| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .ok()
+                .map(|p| p.display().to_string())
+        })
+        .args(fd)
+        .start_method(method)
+        .start()
+        .unwrap();
+        let seen = child.join_timeout(BOUND).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_ne!(
+            seen,
+            Some(ours.display().to_string()),
+            "{method}: fd {fd} leaked"
+        );
+    }
+}
+
+#[test]
+fn a_child_whose_bootstrap_fails_never_runs_main() {
+    let exe = std::env::current_exe().unwrap();
+    for marker in ["garbage", "child:1"] {
+        // If main ran, `--list` would print the tests and exit 0.
+        let output = std::process::Command::new(&exe)
+            .arg("--list")
+            .env("MULTIPROC_BOOTSTRAP", marker)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{marker}: main ran");
+        assert!(
+            output.stdout.is_empty(),
+            "{marker}: main ran: {:?}",
+            output.stdout
+        );
+    }
+    let output = std::process::Command::new(&exe)
+        .arg("--list")
+        .env("MULTIPROC_BOOTSTRAP", "garbage")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(mp_core::EXIT_BOOTSTRAP_FAILED));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("will not run main"));
+}
+
+#[test]
+fn sentinel_becomes_readable_when_the_child_ends() {
+    let child = Process::new(|| 1u8).start().unwrap();
+    let sentinel = child.sentinel();
+    let mut fds = [rustix::event::PollFd::new(
+        &sentinel,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 20,
+        tv_nsec: 0,
+    };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&timeout)).unwrap(), 1);
+    assert_eq!(child.join_timeout(BOUND).unwrap(), 1);
+}
+
+#[test]
+fn cpu_count_honours_affinity() {
+    let n = mp_core::cpu_count();
+    assert!(n >= 1);
+    assert!(
+        n <= std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(n)
+            .max(n)
+    );
+    let set = rustix::thread::sched_getaffinity(None).unwrap();
+    assert_eq!(n, set.count() as usize);
+}
+
+#[test]
+fn start_methods_parse_and_set_the_default() {
+    for method in StartMethod::ALL {
+        assert_eq!(method.name().parse::<StartMethod>().unwrap(), method);
+    }
+    assert!("thread".parse::<StartMethod>().is_err());
+    assert_eq!(mp_core::get_start_method(), StartMethod::Spawn);
+}
