@@ -1,4 +1,26 @@
-//! placeholder
+//! multiproc: Python's `multiprocessing`, rebuilt in Rust.
+//!
+//! ```
+//! use multiproc::Process;
+//!
+//! let child = Process::new(|name: String| format!("hello, {name}")).args("world".into()).start()?;
+//! assert_eq!(child.join()?, "hello, world");
+//! # Ok::<(), multiproc::ProcessError>(())
+//! ```
+//!
+//! This crate re-exports the workspace's crates; depend on one of them alone if that is all
+//! you need:
+//!
+//! * [`mp_core`]: run a function in a child process (spawn, forkserver, fork), its lifecycle.
+//! * [`mp_ipc`]: pipes, queues, locks, events, conditions, barriers, shared memory.
+//! * [`mp_pool`]: a worker-process pool.
+
+pub use mp_core::{
+    Child, Entry, ExitStatus, PanicReport, Process, ProcessError, ProcessInfo, StartMethod,
+    active_children, cpu_count, current_process, get_start_method, parent_process,
+    set_start_method,
+};
+
 pub use mp_core;
 pub use mp_ipc;
 pub use mp_pool;

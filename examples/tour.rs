@@ -1,0 +1,160 @@
+//! A guided run through what multiproc can do, printing what each step did and how long it
+//! took. The main job of the repository:
+//!
+//! ```text
+//! cargo run --release --example tour
+//! ```
+
+use std::time::{Duration, Instant};
+
+use multiproc::{Process, ProcessError, StartMethod, active_children, cpu_count, current_process};
+
+type StepResult = Result<String, Box<dyn std::error::Error>>;
+
+/// Runs one step of the tour and prints its outcome and duration.
+fn step(title: &str, body: impl FnOnce() -> StepResult) -> bool {
+    let started = Instant::now();
+    let outcome = body();
+    let elapsed = started.elapsed();
+    match outcome {
+        Ok(detail) => {
+            println!(
+                "  ok   {title:<52} {:>10}  {detail}",
+                format_duration(elapsed)
+            );
+            true
+        }
+        Err(error) => {
+            println!(
+                "  FAIL {title:<52} {:>10}  {error}",
+                format_duration(elapsed)
+            );
+            false
+        }
+    }
+}
+
+fn format_duration(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{:.1} µs", d.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn park_forever() {
+    loop {
+        std::thread::park();
+    }
+}
+
+fn processes() -> Vec<bool> {
+    println!("\nProcesses (mp-core)");
+    let mut results = vec![step("who am I", || {
+        let me = current_process();
+        Ok(format!(
+            "{} (pid {}), {} CPUs usable",
+            me.name,
+            me.pid,
+            cpu_count()
+        ))
+    })];
+    for method in StartMethod::ALL {
+        results.push(step(
+            &format!("run square(12) in a child, start method {method}"),
+            || {
+                let child = Process::new(square).args(12).start_method(method).start()?;
+                let value = child.join()?;
+                Ok(format!(
+                    "returned {value}, exit code {:?}",
+                    child.exitcode()
+                ))
+            },
+        ));
+    }
+    results.push(step("a child names itself and its parent", || {
+        let child = Process::new(|| (multiproc::current_process(), multiproc::parent_process()))
+            .name("worker-a")
+            .start()?;
+        let (me, parent) = child.join()?;
+        let parent = parent.ok_or("a child always has a parent")?;
+        Ok(format!(
+            "{} (pid {}) was started by {} (pid {})",
+            me.name, me.pid, parent.name, parent.pid
+        ))
+    }));
+    results.push(step("a panic in a child is a typed error", || {
+        let child = Process::new(|x: i32| -> i32 { panic!("cannot handle {x}") })
+            .args(-1)
+            .start()?;
+        match child.join() {
+            Err(ProcessError::Panicked { report, .. }) => Ok(format!(
+                "Panicked {{ message: {:?}, location: {} }}",
+                report.message,
+                report.location.unwrap_or_default()
+            )),
+            other => Err(format!("unexpected: {other:?}").into()),
+        }
+    }));
+    results.push(step("exit(3) in a child is exit code 3", || {
+        let child = Process::new(|| -> () { std::process::exit(3) }).start()?;
+        let error = child.join().expect_err("the child exits without a value");
+        Ok(format!("{error}; exitcode() = {:?}", child.exitcode()))
+    }));
+    results.push(step("join_timeout on a busy child, then terminate", || {
+        let child = Process::new(park_forever).start()?;
+        let timed_out = child.join_timeout(Duration::from_millis(50));
+        child.terminate()?;
+        let ended = child.join();
+        Ok(format!(
+            "{} / after terminate: {}; exitcode() = {:?}",
+            timed_out.expect_err("busy"),
+            ended.expect_err("terminated"),
+            child.exitcode()
+        ))
+    }));
+    results.push(step("100 children started and joined (forkserver)", || {
+        let started = Instant::now();
+        let children = (0..100u64)
+            .map(|i| {
+                Process::new(square)
+                    .args(i)
+                    .start_method(StartMethod::ForkServer)
+                    .start()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let total: u64 = children.iter().map(|c| c.join()).sum::<Result<u64, _>>()?;
+        Ok(format!(
+            "sum of squares {total}, {:.0} µs per process",
+            started.elapsed().as_secs_f64() * 1e6 / 100.0
+        ))
+    }));
+    results.push(step("children of children", || {
+        let child = Process::new(|| {
+            let grandchild = Process::new(|| multiproc::current_process().name)
+                .start()
+                .unwrap();
+            grandchild.join().unwrap()
+        })
+        .start()?;
+        Ok(format!("grandchild is called {}", child.join()?))
+    }));
+    results.push(step("active_children() after all joins", || {
+        Ok(format!("{} still running", active_children().len()))
+    }));
+    results
+}
+
+fn main() {
+    println!("multiproc tour: every capability, what it did and how long it took");
+    let results: Vec<bool> = [processes()].concat();
+    let failed = results.iter().filter(|ok| !**ok).count();
+    println!("\n{} steps, {} failed", results.len(), failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
