@@ -109,7 +109,8 @@ pub fn get_start_method() -> StartMethod {
 /// child gets a handle to the same object.
 #[must_use = "a Process does nothing until .start() is called"]
 pub struct Process<M, F: Entry<M>> {
-    function: F,
+    /// Only its type matters: the child conjures its own copy of the zero-sized function.
+    _function: F,
     args: Option<F::Args>,
     name: Option<String>,
     daemon: bool,
@@ -121,7 +122,7 @@ impl<M, F: Entry<M>> Process<M, F> {
     pub fn new(function: F) -> Self {
         const { assert_non_capturing::<F>() };
         Process {
-            function,
+            _function: function,
             args: None,
             name: None,
             daemon: false,
@@ -158,7 +159,6 @@ impl<M, F: Entry<M>> Process<M, F> {
     /// function and argument.
     pub fn start(self) -> Result<Child<F::Output>, ProcessError> {
         refuse_if_bootstrap_did_not_run()?;
-        let _ = self.function;
         let args = self
             .args
             .or_else(F::default_args)

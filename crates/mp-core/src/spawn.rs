@@ -72,12 +72,28 @@ where
             }));
         }
     };
-    let channel = IpcSender::connect(name).map_err(ProcessError::io("connecting to a child"))?;
+    let channel =
+        IpcSender::connect(name.clone()).map_err(ProcessError::io("connecting to a child"))?;
+    remove_rendezvous(&name);
     Ok(Spawned {
         pid,
         pidfd,
         channel,
     })
+}
+
+/// Removes the socket file of a rendezvous we are connected to, and its private directory.
+/// The child would remove them after accepting, but a child killed right after starting
+/// would leave them behind; the connection no longer needs the path.
+fn remove_rendezvous(name: &str) {
+    let socket = std::path::Path::new(name);
+    if socket.file_name() != Some(OsStr::new("socket")) {
+        return;
+    }
+    let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 fn read_rendezvous_name(pipe: OwnedFd) -> Result<String, String> {
