@@ -2,14 +2,20 @@
 //! the umbrella crate. A constant is `None` while the API it needs does not
 //! exist yet; the runner then reports the cell as "not yet available".
 
+use std::time::Instant;
+
+use multiproc::{Process, StartMethod};
+
+use crate::sampling::{BenchResult, Params, sample_for};
 use crate::workload::Measure;
 
 /// `Process` start + join, fork start method.
-pub const PROCESS_START_FORK: Option<Measure> = None;
+pub const PROCESS_START_FORK: Option<Measure> = Some(|p| process_start(p, StartMethod::Fork));
 /// `Process` start + join, forkserver start method.
-pub const PROCESS_START_FORKSERVER: Option<Measure> = None;
+pub const PROCESS_START_FORKSERVER: Option<Measure> =
+    Some(|p| process_start(p, StartMethod::ForkServer));
 /// `Process` start + join, spawn start method.
-pub const PROCESS_START_SPAWN: Option<Measure> = None;
+pub const PROCESS_START_SPAWN: Option<Measure> = Some(|p| process_start(p, StartMethod::Spawn));
 /// Pipe round trip of a small message.
 pub const PIPE_ROUNDTRIP: Option<Measure> = None;
 /// Pipe throughput with 1 MiB messages.
@@ -42,3 +48,17 @@ pub const POOL_MAP_CHUNKSIZE1: Option<Measure> = None;
 pub const POOL_APPLY: Option<Measure> = None;
 /// CPU-bound speedup with 2 workers.
 pub const CPU_SPEEDUP: Option<Measure> = None;
+
+fn no_op() {}
+
+/// Milliseconds per start + join of a child running [`no_op`].
+fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> {
+    let one = || -> BenchResult<f64> {
+        let start = Instant::now();
+        Process::new(no_op).start_method(method).start()?.join()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    // The first start of a method pays its one-time setup (the fork server).
+    one()?;
+    sample_for(params.budget, one)
+}
