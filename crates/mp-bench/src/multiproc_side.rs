@@ -4,9 +4,10 @@
 
 use std::time::Instant;
 
+use multiproc::mp_ipc::shm::SharedMemory;
 use multiproc::{Process, StartMethod};
 
-use crate::sampling::{BenchResult, Params, sample_for};
+use crate::sampling::{BenchResult, Params, per_op, sample_for, timed};
 use crate::workload::Measure;
 
 /// `Process` start + join, fork start method.
@@ -37,7 +38,7 @@ pub const CONTENDED_COUNTER: Option<Measure> = None;
 /// Value += 1 under its lock.
 pub const VALUE_INCREMENT: Option<Measure> = None;
 /// SharedMemory create + attach + close + unlink.
-pub const SHARED_MEMORY_ROUND: Option<Measure> = None;
+pub const SHARED_MEMORY_ROUND: Option<Measure> = Some(shared_memory_round);
 /// Pool(2) create + teardown.
 pub const POOL_CREATE: Option<Measure> = None;
 /// Pool.map over 1 M items.
@@ -61,4 +62,21 @@ fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> 
     // The first start of a method pays its one-time setup (the fork server).
     one()?;
     sample_for(params.budget, one)
+}
+
+/// Microseconds per round of Python's named-segment life cycle, 1 MiB:
+/// `SharedMemory(create=True)`, `SharedMemory(name)`, both `close()`, `unlink()`.
+fn shared_memory_round(params: &Params) -> BenchResult<Vec<f64>> {
+    let name = format!("mp-bench-{}", std::process::id());
+    per_op(params, 8, 1e6, |k| {
+        timed(|| {
+            for _ in 0..k {
+                let segment = SharedMemory::create(&name, 1 << 20)?;
+                let attached = SharedMemory::open(&name)?;
+                drop(attached);
+                segment.unlink()?;
+            }
+            Ok(())
+        })
+    })
 }
