@@ -1,1 +1,62 @@
-//! placeholder
+//! mp-pool: a pool of worker processes, Python's `multiprocessing.Pool`, that never hangs.
+//!
+//! ```
+//! use mp_pool::Pool;
+//!
+//! fn square(x: u64) -> u64 {
+//!     x * x
+//! }
+//!
+//! let pool = Pool::new(4)?;
+//! assert_eq!(pool.map(square, [1, 2, 3, 4, 5])?, vec![1, 4, 9, 16, 25]);
+//!
+//! // Any non-capturing closure or fn item runs on the same pool.
+//! let sum = pool.apply_async(|(a, b): (u32, u32)| a + b, (2, 3))?;
+//! assert_eq!(sum.get()?, 5);
+//!
+//! // A panic fails its task only; the worker lives on.
+//! let err = pool.apply(|x: u32| -> u32 { panic!("bad input {x}") }, 7).unwrap_err();
+//! assert!(err.to_string().contains("bad input 7"));
+//! pool.close();
+//! pool.join()?;
+//! # Ok::<(), mp_pool::PoolError>(())
+//! ```
+//!
+//! * [`Pool`] / [`PoolBuilder`]: `map`, `starmap`, `imap`, `imap_unordered`, `apply` and
+//!   the `_async` forms, `close`, `join`, `terminate`; `chunksize` through
+//!   [`Pool::chunksize`]; processes, initializer, `maxtasksperchild`, start method and
+//!   worker names through the builder.
+//! * [`AsyncResult`]: `get`, `get_timeout`, `wait`, `ready`, `successful`, and Python's
+//!   `callback` / `error_callback`.
+//! * [`IMap`]: the lazy, bounded-memory iterator of `imap` and `imap_unordered`.
+//! * [`PoolError`]: every way a task can fail, typed.
+//!
+//! Workers are processes started by mp-core (spawn, forkserver or fork) running the same
+//! executable; a task function is named by its address, its arguments and results travel
+//! postcard-encoded, grouped in chunks. The pool watches its workers' pidfds: a worker that
+//! dies mid-task (SIGKILL, abort, segfault, out of memory) fails the tasks it held with
+//! [`PoolError::WorkerDied`], naming its pid and signal, within milliseconds; a replacement
+//! starts, tasks it had not started run elsewhere, and the pool goes on.
+//!
+//! The pool runs two threads: a result thread (delivers results, runs callbacks) and a
+//! supervisor thread (starts, watches and replaces workers). Scheduling (per-worker queues
+//! fed by the parent, and why) is described in the `scheduler` module's source.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("mp-pool supports Linux only for now (it relies on pidfds and mp-core)");
+
+mod collector;
+mod error;
+mod imap;
+mod job;
+mod pool;
+mod result;
+mod scheduler;
+mod supervisor;
+mod transport;
+mod worker;
+
+pub use error::PoolError;
+pub use imap::IMap;
+pub use pool::{Pool, PoolBuilder, WithChunksize};
+pub use result::AsyncResult;

@@ -1,0 +1,143 @@
+//! What can go wrong with a pool or one of its tasks.
+
+use mp_core::{ExitStatus, PanicReport, TaskFailure, signal_name};
+
+/// Why a task produced no result, or why the pool refused or dropped it.
+///
+/// Every failure of a task surfaces as one of these within bounded time: a panic, the death
+/// of the worker running it, undecodable data, or the pool shutting down around it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The task panicked (in a chunk of several items: one of them did). The worker caught
+    /// the panic and lives on.
+    #[error("task {report} (in pool worker {pid})")]
+    Panicked {
+        /// The pid of the worker that ran the task.
+        pid: u32,
+        /// Message, location and (with `RUST_BACKTRACE`) backtrace of the panic.
+        report: PanicReport,
+    },
+    /// The worker running the task died: killed by a signal (SIGKILL, SIGSEGV, SIGABRT, the
+    /// OOM killer...) or exited from inside the task. The pool replaced the worker.
+    #[error("pool worker {pid} {} while running this task", describe_exit(*status))]
+    WorkerDied {
+        /// The dead worker's pid.
+        pid: u32,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// The task's arguments could not be encoded here.
+    #[error("could not encode the arguments of a task: {0}")]
+    EncodeArguments(String),
+    /// The worker could not decode the task's arguments.
+    #[error("pool worker {pid} could not decode the arguments of a task: {message}")]
+    BadArguments {
+        /// The worker's pid.
+        pid: u32,
+        /// The decoder's complaint.
+        message: String,
+    },
+    /// The task's result could not be encoded (in the worker) or decoded (here).
+    #[error("the result of a task from pool worker {pid} could not be transferred: {message}")]
+    BadResult {
+        /// The worker's pid.
+        pid: u32,
+        /// The codec's complaint.
+        message: String,
+    },
+    /// A worker's initializer failed (panicked, or killed its process). The pool does not
+    /// retry it: the pool is broken, and every task not already running fails with this.
+    #[error("the pool's initializer failed in worker {pid}: {message}")]
+    InitializerFailed {
+        /// The pid of the worker whose initializer failed.
+        pid: u32,
+        /// What happened.
+        message: String,
+    },
+    /// A worker process could not be started; the pool is broken.
+    #[error("could not start a pool worker: {0}")]
+    StartFailed(String),
+    /// The pool was closed: it accepts no new tasks.
+    #[error("the pool is closed and accepts no new tasks")]
+    Closed,
+    /// The pool was terminated (explicitly or by being dropped) before the task finished.
+    #[error("the pool was terminated before the task finished")]
+    Terminated,
+    /// A `*_timeout` call ran out of time. Nothing was lost: the call can be repeated.
+    #[error("timed out waiting for the pool")]
+    Timeout,
+    /// A chunk size of 0 was asked for.
+    #[error("chunksize must be at least 1")]
+    InvalidChunksize,
+    /// `max_tasks_per_child(0)` was asked for.
+    #[error("max_tasks_per_child must be at least 1")]
+    InvalidMaxTasks,
+    /// A pool of 0 processes was asked for.
+    #[error("a pool needs at least one process")]
+    NoProcesses,
+    /// `join` was called on a pool that is still open (as in Python, `close` or
+    /// `terminate` it first).
+    #[error("join() needs a closed or terminated pool: call close() first")]
+    StillOpen,
+    /// The result was already taken by an earlier `get`.
+    #[error("the result was already taken by an earlier get")]
+    AlreadyTaken,
+}
+
+impl PoolError {
+    /// Turns what a worker reported about a task into an error.
+    pub(crate) fn from_task_failure(pid: u32, failure: TaskFailure) -> PoolError {
+        match failure {
+            TaskFailure::Panicked(report) => PoolError::Panicked { pid, report },
+            TaskFailure::BadArguments(message) => PoolError::BadArguments { pid, message },
+            TaskFailure::BadResult(message) => PoolError::BadResult { pid, message },
+        }
+    }
+}
+
+/// "was killed by signal 9 (SIGKILL)" / "exited with code 3".
+pub(crate) fn describe_exit(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Signal(signal) => {
+            format!("was killed by signal {signal} ({})", signal_name(signal))
+        }
+        ExitStatus::Code(code) => format!("exited with code {code}"),
+    }
+}
+
+/// The status behind a Python-style exit code (negative: killed by that signal).
+pub(crate) fn status_of_exitcode(exitcode: i32) -> ExitStatus {
+    if exitcode < 0 {
+        ExitStatus::Signal(-exitcode)
+    } else {
+        ExitStatus::Code(exitcode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_death_names_pid_and_signal() {
+        let error = PoolError::WorkerDied { pid: 42, status: status_of_exitcode(-9) };
+        assert_eq!(
+            error.to_string(),
+            "pool worker 42 was killed by signal 9 (SIGKILL) while running this task"
+        );
+        let exited = PoolError::WorkerDied { pid: 7, status: status_of_exitcode(3) };
+        assert_eq!(exited.to_string(), "pool worker 7 exited with code 3 while running this task");
+    }
+
+    #[test]
+    fn panics_carry_message_and_location() {
+        let report = PanicReport {
+            message: "boom".into(),
+            location: Some("src/x.rs:1:2".into()),
+            backtrace: None,
+        };
+        let error = PoolError::from_task_failure(5, TaskFailure::Panicked(report));
+        assert_eq!(error.to_string(), "task panicked at src/x.rs:1:2: boom (in pool worker 5)");
+    }
+}

@@ -1,0 +1,196 @@
+//! [`IMap`]: the lazy iterator of `imap` and `imap_unordered`.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mp_core::{Entry, FunctionId};
+
+use crate::error::PoolError;
+use crate::job::{ChunkItems, Job, StreamJob};
+use crate::pool::{Pool, encode};
+use crate::scheduler::Chunk;
+use crate::transport::Payload;
+use crate::worker;
+
+/// Chunks kept in flight per worker process by default.
+const CHUNKS_IN_FLIGHT_PER_PROCESS: usize = 16;
+
+/// The results of [`Pool::imap`] (input order) or [`Pool::imap_unordered`] (completion
+/// order), one `Result` per input item.
+///
+/// ```
+/// use mp_pool::Pool;
+///
+/// let pool = Pool::new(2)?;
+/// // An endless input: items are read only as results are consumed.
+/// let first: Vec<u64> = pool
+///     .chunksize(4)
+///     .imap(|x: u64| x * 3, 0..)
+///     .take(10)
+///     .collect::<Result<_, _>>()?;
+/// assert_eq!(first, (0..10).map(|x| x * 3).collect::<Vec<_>>());
+/// # Ok::<(), mp_pool::PoolError>(())
+/// ```
+///
+/// At most [`max_in_flight`](IMap::max_in_flight) chunks are submitted and not yet consumed
+/// (backpressure): memory stays bounded whatever the length of the input. A failed chunk
+/// yields one error per item it held, and iteration goes on with the next chunk. If the pool
+/// stops accepting tasks (closed, terminated, broken), the iterator yields the results
+/// already on their way, then that error once, then ends. Dropping the iterator drops the
+/// chunks that have not started.
+pub struct IMap<'pool, M, F: Entry<M>, I> {
+    pool: &'pool Pool,
+    function: FunctionId,
+    input: Option<I>,
+    chunksize: usize,
+    max_in_flight: usize,
+    job: Arc<StreamJob<F::Output>>,
+    /// Chunks submitted, and chunks consumed (the index of the next one, when ordered).
+    submitted: usize,
+    consumed: usize,
+    current: std::vec::IntoIter<F::Output>,
+    /// A failed chunk's error, and how many more of its items to report.
+    failed: Option<(PoolError, usize)>,
+    /// Why submitting stopped, yielded once everything submitted was consumed.
+    refused: Option<PoolError>,
+    _function: PhantomData<fn() -> (M, F)>,
+}
+
+impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M, F, I> {
+    pub(crate) fn new(
+        pool: &'pool Pool,
+        function: &F,
+        input: I,
+        chunksize: usize,
+        ordered: bool,
+    ) -> Self {
+        let refused = (chunksize == 0).then_some(PoolError::InvalidChunksize);
+        IMap {
+            pool,
+            function: worker::chunk_function(function),
+            input: refused.is_none().then_some(input),
+            chunksize,
+            max_in_flight: CHUNKS_IN_FLIGHT_PER_PROCESS * pool.processes(),
+            job: Arc::new(StreamJob::new(ordered)),
+            submitted: 0,
+            consumed: 0,
+            current: Vec::new().into_iter(),
+            failed: None,
+            refused,
+            _function: PhantomData,
+        }
+    }
+
+    /// Keeps at most `chunks` chunks submitted and not yet consumed (default: 16 per worker
+    /// process; at least 1).
+    #[must_use]
+    pub fn max_in_flight(mut self, chunks: usize) -> Self {
+        self.max_in_flight = chunks.max(1);
+        self
+    }
+
+    /// The next result, waiting at most `timeout` for it (Python's `next(timeout)`).
+    /// A timeout yields `Some(Err(PoolError::Timeout))` and loses nothing: the same result is
+    /// waited for again by the next call.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<F::Output, PoolError>> {
+        self.next_until(Some(Instant::now() + timeout))
+    }
+
+    fn next_until(&mut self, deadline: Option<Instant>) -> Option<Result<F::Output, PoolError>> {
+        loop {
+            if let Some(value) = self.current.next() {
+                return Some(Ok(value));
+            }
+            if let Some((error, left)) = self.failed.take() {
+                if left > 1 {
+                    self.failed = Some((error.clone(), left - 1));
+                }
+                return Some(Err(error));
+            }
+            self.top_up();
+            if self.consumed == self.submitted {
+                return self.refused.take().map(Err);
+            }
+            let chunk: ChunkItems<F::Output> = match self.job.next(self.consumed, deadline) {
+                Some(chunk) => chunk,
+                None => return Some(Err(PoolError::Timeout)),
+            };
+            self.consumed += 1;
+            match chunk {
+                Ok(values) => self.current = values.into_iter(),
+                Err((error, items)) => self.failed = Some((error, items)),
+            }
+        }
+    }
+
+    /// Submits chunks until `max_in_flight` are outstanding. Refills only once half the
+    /// window is free, so that chunks travel in batches rather than one per result.
+    fn top_up(&mut self) {
+        let outstanding = self.submitted - self.consumed;
+        if outstanding > 0 && outstanding >= self.max_in_flight.div_ceil(2) {
+            return;
+        }
+        let Some(input) = &mut self.input else {
+            return;
+        };
+        let sink: Arc<dyn Job> = self.job.clone();
+        let mut chunks = Vec::new();
+        let mut refused = None;
+        while outstanding + chunks.len() < self.max_in_flight {
+            let items: Vec<F::Args> = input.by_ref().take(self.chunksize).collect();
+            if items.is_empty() {
+                self.input = None;
+                break;
+            }
+            match encode(&items) {
+                Ok(bytes) => chunks.push(Chunk {
+                    job: sink.clone(),
+                    index: self.submitted + chunks.len(),
+                    items: items.len(),
+                    function: self.function,
+                    payload: Payload::new(bytes),
+                }),
+                Err(error) => {
+                    refused = Some(error);
+                    break;
+                }
+            }
+        }
+        let count = chunks.len();
+        if count > 0 {
+            match self.pool.submit(chunks) {
+                Ok(()) => self.submitted += count,
+                Err(error) => refused = Some(error),
+            }
+        }
+        if let Some(error) = refused {
+            self.input = None;
+            self.refused = Some(error);
+        }
+    }
+}
+
+impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> Iterator for IMap<'_, M, F, I> {
+    type Item = Result<F::Output, PoolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_until(None)
+    }
+}
+
+impl<M, F: Entry<M>, I> Drop for IMap<'_, M, F, I> {
+    fn drop(&mut self) {
+        self.job.cancel();
+    }
+}
+
+impl<M, F: Entry<M>, I> std::fmt::Debug for IMap<'_, M, F, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IMap")
+            .field("chunksize", &self.chunksize)
+            .field("submitted", &self.submitted)
+            .field("consumed", &self.consumed)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,566 @@
+//! [`Pool`] and [`PoolBuilder`]: Python's `multiprocessing.Pool`.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mp_core::{Entry, StartMethod};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use crate::error::PoolError;
+use crate::imap::IMap;
+use crate::job::{CollectJob, Job, deliver};
+use crate::result::{AsyncResult, Completion};
+use crate::scheduler::{Chunk, Mode, Scheduler, default_chunksize};
+use crate::supervisor::{self, Commands};
+use crate::transport::{Payload, Report, ReportSender, report_link};
+use crate::worker::{self, Initializer};
+use crate::collector;
+
+/// Submit chunks to the scheduler in groups of about this many encoded bytes...
+const SUBMIT_BYTES: usize = 64 * 1024;
+/// ...or this many chunks, whichever comes first.
+const SUBMIT_CHUNKS: usize = 256;
+
+/// What every worker of a pool is started with.
+pub(crate) struct WorkerConfig {
+    pub start_method: StartMethod,
+    pub name_prefix: String,
+    pub initializer: Option<Initializer>,
+    pub max_tasks: Option<usize>,
+}
+
+/// State shared by the pool handle, its result thread and its supervisor thread.
+pub(crate) struct Shared {
+    pub scheduler: Mutex<Scheduler>,
+    /// Notified (with `scheduler` locked) when no chunk waits or runs.
+    pub idle: Condvar,
+    pub commands: Arc<Commands>,
+    /// The pool's own sender on the report link, for notices to the result thread.
+    pub reports: ReportSender,
+    pub config: WorkerConfig,
+    pub next_worker: AtomicU64,
+}
+
+struct Threads {
+    supervisor: JoinHandle<()>,
+    collector: JoinHandle<()>,
+}
+
+/// Options of a [`Pool`] (Python's `Pool(processes, initializer, initargs,
+/// maxtasksperchild)`, plus the start method and the workers' names).
+///
+/// ```
+/// use mp_pool::Pool;
+/// use mp_core::StartMethod;
+///
+/// fn setup(greeting: String) { assert_eq!(greeting, "hello"); }
+///
+/// let pool = Pool::builder()
+///     .processes(2)
+///     .initializer(setup, "hello".to_string())
+///     .max_tasks_per_child(100)
+///     .start_method(StartMethod::ForkServer)
+///     .name_prefix("Cruncher")
+///     .build()?;
+/// assert_eq!(pool.map(|x: u32| x + 1, [1, 2, 3])?, vec![2, 3, 4]);
+/// # Ok::<(), mp_pool::PoolError>(())
+/// ```
+#[must_use = "a PoolBuilder does nothing until .build() is called"]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    initializer: Option<Result<Initializer, PoolError>>,
+    max_tasks: Option<usize>,
+    start_method: Option<StartMethod>,
+    name_prefix: String,
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            processes: None,
+            initializer: None,
+            max_tasks: None,
+            start_method: None,
+            name_prefix: "PoolWorker".into(),
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// The number of worker processes (default: [`mp_core::cpu_count`]).
+    pub fn processes(mut self, processes: usize) -> Self {
+        self.processes = Some(processes);
+        self
+    }
+
+    /// A function each worker runs once, with `args`, before its first task (Python's
+    /// `initializer` and `initargs`). If it fails (panics, or kills its process), the pool
+    /// does not retry it: the pool is broken, and tasks fail with
+    /// [`PoolError::InitializerFailed`].
+    pub fn initializer<M, F: Entry<M>>(mut self, function: F, args: F::Args) -> Self {
+        self.initializer = Some(
+            postcard::to_allocvec(&args)
+                .map(|args| Initializer { function: worker::task_function(&function), args })
+                .map_err(|e| PoolError::EncodeArguments(e.to_string())),
+        );
+        self
+    }
+
+    /// Replace each worker after it has run this many chunks (Python's `maxtasksperchild`;
+    /// default: never).
+    pub fn max_tasks_per_child(mut self, tasks: usize) -> Self {
+        self.max_tasks = Some(tasks);
+        self
+    }
+
+    /// How workers are started (default: [`mp_core::get_start_method`]).
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
+    /// Workers are named `<prefix>-<n>` (default prefix: `PoolWorker`).
+    pub fn name_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.name_prefix = prefix.into();
+        self
+    }
+
+    /// Creates the pool. Workers start in the background: the pool accepts tasks at once
+    /// and runs them as workers become ready.
+    pub fn build(self) -> Result<Pool, PoolError> {
+        let processes = self.processes.unwrap_or_else(mp_core::cpu_count);
+        if processes == 0 {
+            return Err(PoolError::NoProcesses);
+        }
+        if self.max_tasks == Some(0) {
+            return Err(PoolError::InvalidMaxTasks);
+        }
+        let initializer = self.initializer.transpose()?;
+        let start_failed = |e: &dyn std::fmt::Display| PoolError::StartFailed(e.to_string());
+        let commands = Commands::new().map_err(|e| start_failed(&e))?;
+        let (reports, receiver) = report_link().map_err(|e| start_failed(&e))?;
+        let shared = Arc::new(Shared {
+            scheduler: Mutex::new(Scheduler::new(
+                processes,
+                self.max_tasks,
+                initializer.is_some(),
+                commands.clone(),
+            )),
+            idle: Condvar::new(),
+            commands,
+            reports,
+            config: WorkerConfig {
+                start_method: self.start_method.unwrap_or_else(mp_core::get_start_method),
+                name_prefix: self.name_prefix,
+                initializer,
+                max_tasks: self.max_tasks,
+            },
+            next_worker: AtomicU64::new(1),
+        });
+        let collector = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mp-pool-results".into())
+                .spawn(move || collector::run(shared, receiver))
+                .map_err(|e| start_failed(&e))?
+        };
+        let supervisor = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mp-pool-supervisor".into())
+                .spawn(move || supervisor::run(shared))
+        };
+        let supervisor = match supervisor {
+            Ok(handle) => handle,
+            Err(e) => {
+                let _ = shared.reports.send(Report::Shutdown);
+                let _ = collector.join();
+                return Err(start_failed(&e));
+            }
+        };
+        shared.scheduler.lock().request_workers();
+        tracing::debug!(processes, method = %shared.config.start_method, "pool created");
+        Ok(Pool { shared, processes, threads: Mutex::new(Some(Threads { supervisor, collector })) })
+    }
+}
+
+/// A pool of worker processes (Python's `multiprocessing.Pool`).
+///
+/// ```
+/// use mp_pool::Pool;
+///
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+///
+/// let pool = Pool::new(2)?;
+/// assert_eq!(pool.map(square, [1, 2, 3, 4, 5])?, vec![1, 4, 9, 16, 25]);
+/// assert_eq!(pool.apply(square, 12)?, 144);
+/// let lengths: Vec<usize> = pool.imap(|s: String| s.len(), ["a".to_string(), "bcd".into()])
+///     .collect::<Result<_, _>>()?;
+/// assert_eq!(lengths, vec![1, 3]);
+/// # Ok::<(), mp_pool::PoolError>(())
+/// ```
+///
+/// Any non-capturing closure or `fn` item whose argument and result are serde types runs on
+/// the same pool (functions of several values take a tuple). Tasks are grouped in *chunks*
+/// (Python's `chunksize`): one message, one decode and one encode per chunk.
+///
+/// Failures are per task and typed: a panic ([`PoolError::Panicked`], the worker survives),
+/// the death of the worker running it ([`PoolError::WorkerDied`] with its pid and signal;
+/// the worker is replaced, tasks it had not started run elsewhere), or the pool going away.
+/// Nothing waits forever on a dead worker.
+///
+/// Dropping the pool terminates it (Python's `with Pool() as pool:`): waiting and running
+/// tasks fail with [`PoolError::Terminated`] and the workers are killed. To let submitted
+/// tasks finish, [`close`](Pool::close) and [`join`](Pool::join) first.
+pub struct Pool {
+    shared: Arc<Shared>,
+    processes: usize,
+    threads: Mutex<Option<Threads>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("processes", &self.processes).finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool of `processes` workers with default options.
+    pub fn new(processes: usize) -> Result<Pool, PoolError> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// Options for a pool.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// The number of worker processes the pool keeps.
+    pub fn processes(&self) -> usize {
+        self.processes
+    }
+
+    /// The pids of the workers currently running.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.shared.scheduler.lock().worker_pids()
+    }
+
+    /// The same operations with an explicit chunk size (Python's `chunksize=` argument):
+    /// `pool.chunksize(10).map(f, items)`.
+    pub fn chunksize(&self, chunksize: usize) -> WithChunksize<'_> {
+        WithChunksize { pool: self, chunksize }
+    }
+
+    /// Runs `function(args)` on a worker and returns its result (Python's `apply`).
+    pub fn apply<M: 'static, F: Entry<M>>(
+        &self,
+        function: F,
+        args: F::Args,
+    ) -> Result<F::Output, PoolError> {
+        self.apply_async(function, args)?.get()
+    }
+
+    /// Submits `function(args)` and returns a handle to its result (Python's `apply_async`).
+    pub fn apply_async<M: 'static, F: Entry<M>>(
+        &self,
+        function: F,
+        args: F::Args,
+    ) -> Result<AsyncResult<F::Output>, PoolError> {
+        self.collect(&function, std::iter::once(args), Some(1), |values| values.into_iter().next())
+    }
+
+    /// Applies `function` to every item and returns the results in input order (Python's
+    /// `map`), with Python's default chunk size (about four chunks per worker).
+    ///
+    /// Fails with the first error (in completion order) as soon as it is known, without
+    /// waiting for the other chunks; chunks that have not started are dropped.
+    pub fn map<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<Vec<F::Output>, PoolError> {
+        self.map_async(function, items)?.get()
+    }
+
+    /// [`map`](Self::map) without waiting: returns a handle to the `Vec` of results (Python's
+    /// `map_async`). The items are read and encoded before this returns.
+    pub fn map_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
+        self.collect(&function, items, None, Some)
+    }
+
+    /// Python's `starmap`. A Rust function of several values takes one tuple, so this is
+    /// [`map`](Self::map) over tuples: `pool.starmap(|(a, b): (u32, u32)| a * b, pairs)`.
+    pub fn starmap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<Vec<F::Output>, PoolError> {
+        self.map(function, items)
+    }
+
+    /// Python's `starmap_async`: [`map_async`](Self::map_async) over tuples.
+    pub fn starmap_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
+        self.map_async(function, items)
+    }
+
+    /// A lazy iterator of the results, in input order (Python's `imap`; chunk size 1
+    /// unless set with [`chunksize`](Self::chunksize)). Items are read from `items` only as
+    /// results are consumed, so an endless iterator runs in bounded memory.
+    pub fn imap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> IMap<'_, M, F, I::IntoIter> {
+        IMap::new(self, &function, items.into_iter(), 1, true)
+    }
+
+    /// [`imap`](Self::imap), yielding results as they complete (Python's `imap_unordered`).
+    pub fn imap_unordered<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> IMap<'_, M, F, I::IntoIter> {
+        IMap::new(self, &function, items.into_iter(), 1, false)
+    }
+
+    /// Accepts no more tasks; those submitted still run (Python's `close`).
+    pub fn close(&self) {
+        self.shared.scheduler.lock().close();
+    }
+
+    /// Waits for every submitted task to finish, then for the workers to exit (Python's
+    /// `join`). The pool must be closed (or terminated) first.
+    pub fn join(&self) -> Result<(), PoolError> {
+        self.join_until(None)
+    }
+
+    /// [`join`](Self::join), giving up after `timeout` with [`PoolError::Timeout`] (the
+    /// pool is left as it was: join again, or terminate).
+    pub fn join_timeout(&self, timeout: Duration) -> Result<(), PoolError> {
+        self.join_until(Some(Instant::now() + timeout))
+    }
+
+    fn join_until(&self, deadline: Option<Instant>) -> Result<(), PoolError> {
+        {
+            let mut scheduler = self.shared.scheduler.lock();
+            match scheduler.mode() {
+                Mode::Open => return Err(PoolError::StillOpen),
+                Mode::Terminated => {}
+                Mode::Closed | Mode::Broken(_) => {
+                    while !scheduler.is_idle() && !matches!(scheduler.mode(), Mode::Terminated) {
+                        match deadline {
+                            None => self.shared.idle.wait(&mut scheduler),
+                            Some(deadline) => {
+                                if self.shared.idle.wait_until(&mut scheduler, deadline).timed_out()
+                                    && !scheduler.is_idle()
+                                {
+                                    return Err(PoolError::Timeout);
+                                }
+                            }
+                        }
+                    }
+                    scheduler.stop_workers();
+                }
+            }
+        }
+        self.shared.commands.stop(false);
+        self.shut_down_threads();
+        Ok(())
+    }
+
+    /// Stops at once (Python's `terminate`): waiting and running tasks fail with
+    /// [`PoolError::Terminated`], workers are killed (SIGKILL, so that this is bounded in
+    /// time), and the pool's threads end. Idempotent; dropping the pool does the same.
+    pub fn terminate(&self) {
+        let deliveries = self.shared.scheduler.lock().terminate();
+        self.shared.idle.notify_all();
+        self.shared.commands.stop(true);
+        deliver(deliveries);
+        self.shut_down_threads();
+    }
+
+    fn shut_down_threads(&self) {
+        let Some(threads) = self.threads.lock().take() else {
+            return;
+        };
+        let _ = threads.supervisor.join();
+        // A callback that drops the last handle of its own pool runs on the result thread:
+        // it cannot join itself, and leaves it to finish on the shutdown notice.
+        let _ = self.shared.reports.send(Report::Shutdown);
+        if threads.collector.thread().id() != std::thread::current().id() {
+            let _ = threads.collector.join();
+        }
+        tracing::debug!("pool shut down");
+    }
+
+    /// Encodes `items` in chunks and submits them as one collecting job.
+    fn collect<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>, T: Send + 'static>(
+        &self,
+        function: &F,
+        items: I,
+        chunksize: Option<usize>,
+        finish: fn(Vec<F::Output>) -> Option<T>,
+    ) -> Result<AsyncResult<T>, PoolError> {
+        if chunksize == Some(0) {
+            return Err(PoolError::InvalidChunksize);
+        }
+        self.shared.scheduler.lock().accepting()?;
+        let completion = Completion::new();
+        let job = Arc::new(CollectJob::new(completion.clone(), finish));
+        let sink: Arc<dyn Job> = job.clone();
+        let function_id = worker::chunk_function(function);
+        let items = items.into_iter();
+        let chunksize = |len| chunksize.unwrap_or_else(|| default_chunksize(len, self.processes));
+        let fed = match items.size_hint() {
+            (low, Some(high)) if low == high => self.feed(&sink, function_id, items, chunksize(low)),
+            _ => {
+                let items: Vec<_> = items.collect();
+                let size = chunksize(items.len());
+                self.feed(&sink, function_id, items.into_iter(), size)
+            }
+        };
+        match fed {
+            Ok(chunks) => {
+                job.seal(chunks);
+                Ok(AsyncResult::new(completion))
+            }
+            Err(error) => {
+                job.cancel();
+                Err(error)
+            }
+        }
+    }
+
+    /// Cuts `items` into chunks of `chunksize`, encodes and submits them; returns how many.
+    fn feed<A: Serialize>(
+        &self,
+        job: &Arc<dyn Job>,
+        function: mp_core::FunctionId,
+        mut items: impl Iterator<Item = A>,
+        chunksize: usize,
+    ) -> Result<usize, PoolError> {
+        let mut group = Vec::new();
+        let mut group_bytes = 0;
+        let mut index = 0;
+        loop {
+            let chunk: Vec<A> = items.by_ref().take(chunksize).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let encoded = encode(&chunk)?;
+            group_bytes += encoded.len();
+            group.push(Chunk {
+                job: job.clone(),
+                index,
+                items: chunk.len(),
+                function,
+                payload: Payload::new(encoded),
+            });
+            index += 1;
+            if group_bytes >= SUBMIT_BYTES || group.len() >= SUBMIT_CHUNKS {
+                self.submit(std::mem::take(&mut group))?;
+                group_bytes = 0;
+                if job.is_cancelled() {
+                    break;
+                }
+            }
+        }
+        if !group.is_empty() {
+            self.submit(group)?;
+        }
+        Ok(index)
+    }
+
+    pub(crate) fn submit(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
+        self.shared.scheduler.lock().submit(chunks)
+    }
+}
+
+/// Encodes a chunk's arguments.
+pub(crate) fn encode<A: Serialize>(items: &[A]) -> Result<Vec<u8>, PoolError> {
+    postcard::to_allocvec(items).map_err(|e| PoolError::EncodeArguments(e.to_string()))
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// A [`Pool`] with an explicit chunk size, from [`Pool::chunksize`]: the operations that
+/// take one in Python.
+#[derive(Clone, Copy, Debug)]
+pub struct WithChunksize<'pool> {
+    pool: &'pool Pool,
+    chunksize: usize,
+}
+
+impl<'pool> WithChunksize<'pool> {
+    /// [`Pool::map`] with this chunk size.
+    pub fn map<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<Vec<F::Output>, PoolError> {
+        self.map_async(function, items)?.get()
+    }
+
+    /// [`Pool::map_async`] with this chunk size.
+    pub fn map_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
+        self.pool.collect(&function, items, Some(self.chunksize), Some)
+    }
+
+    /// [`Pool::starmap`] with this chunk size.
+    pub fn starmap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<Vec<F::Output>, PoolError> {
+        self.map(function, items)
+    }
+
+    /// [`Pool::starmap_async`] with this chunk size.
+    pub fn starmap_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
+        self.map_async(function, items)
+    }
+
+    /// [`Pool::imap`] with this chunk size (0 makes the iterator yield one
+    /// [`PoolError::InvalidChunksize`]).
+    pub fn imap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> IMap<'pool, M, F, I::IntoIter> {
+        IMap::new(self.pool, &function, items.into_iter(), self.chunksize, true)
+    }
+
+    /// [`Pool::imap_unordered`] with this chunk size.
+    pub fn imap_unordered<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> IMap<'pool, M, F, I::IntoIter> {
+        IMap::new(self.pool, &function, items.into_iter(), self.chunksize, false)
+    }
+}

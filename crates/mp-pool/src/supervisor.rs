@@ -1,0 +1,170 @@
+//! The supervisor thread: owns the worker processes. It starts them (at creation, and to
+//! replace workers that died or retired), kills them on request, and watches their
+//! sentinels (pidfds) so that a worker's death is noticed at once, whatever killed it. Each
+//! exit is posted to the result thread as a [`Report::Exited`] notice, after the worker was
+//! reaped, hence after everything the worker sent.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use mp_core::{Child, Process};
+use parking_lot::Mutex;
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+
+use crate::job::deliver;
+use crate::pool::Shared;
+use crate::transport::{Report, WorkerId, task_link};
+use crate::worker::{self, WorkerArgs};
+
+enum Command {
+    /// Start one worker.
+    Start,
+    /// Kill this worker (its link broke).
+    Kill(WorkerId),
+    /// Stop supervising once every worker has exited; with `kill`, kill them now.
+    Stop { kill: bool },
+}
+
+/// The supervisor's mailbox: commands, and an eventfd that wakes it.
+pub(crate) struct Commands {
+    queue: Mutex<Vec<Command>>,
+    doorbell: OwnedFd,
+}
+
+impl Commands {
+    pub(crate) fn new() -> std::io::Result<Arc<Self>> {
+        let doorbell = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Arc::new(Commands { queue: Mutex::new(Vec::new()), doorbell }))
+    }
+
+    /// Asks for one more worker.
+    pub(crate) fn start_worker(&self) {
+        self.push(Command::Start);
+    }
+
+    /// Asks for a worker to be killed.
+    pub(crate) fn kill(&self, id: WorkerId) {
+        self.push(Command::Kill(id));
+    }
+
+    /// Asks the supervisor to finish once every worker is gone, killing them with `kill`.
+    pub(crate) fn stop(&self, kill: bool) {
+        self.push(Command::Stop { kill });
+    }
+
+    fn push(&self, command: Command) {
+        self.queue.lock().push(command);
+        // An eventfd write only fails when the counter would overflow, which a waiting
+        // wake-up already covers.
+        let _ = rustix::io::write(&self.doorbell, &1u64.to_ne_bytes());
+    }
+
+    fn take(&self) -> Vec<Command> {
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&self.doorbell, &mut counter);
+        std::mem::take(&mut *self.queue.lock())
+    }
+}
+
+/// The supervisor thread's body.
+pub(crate) fn run(shared: Arc<Shared>) {
+    let mut workers: Vec<(WorkerId, Child<()>)> = Vec::new();
+    let mut stopping = false;
+    loop {
+        wait_for_events(&shared.commands, &workers);
+        for command in shared.commands.take() {
+            match command {
+                Command::Start if !stopping => {
+                    if let Some(worker) = start_worker(&shared) {
+                        workers.push(worker);
+                    }
+                }
+                Command::Start => {}
+                Command::Kill(id) => {
+                    if let Some((_, child)) = workers.iter().find(|(w, _)| *w == id) {
+                        let _ = child.kill();
+                    }
+                }
+                Command::Stop { kill } => {
+                    stopping = true;
+                    if kill {
+                        for (_, child) in &workers {
+                            let _ = child.kill();
+                        }
+                    }
+                }
+            }
+        }
+        workers.retain(|(id, child)| match child.exitcode() {
+            None => true,
+            Some(exitcode) => {
+                tracing::debug!(worker = %id, pid = child.pid(), exitcode, "pool worker reaped");
+                // Fails only when the result thread is gone (the pool is shutting down).
+                let _ = shared.reports.send(Report::Exited { worker: *id, exitcode });
+                false
+            }
+        });
+        if stopping && workers.is_empty() {
+            return;
+        }
+    }
+}
+
+/// Sleeps until a command arrives or a worker ends.
+fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
+    let mut fds = Vec::with_capacity(workers.len() + 1);
+    fds.push(PollFd::new(&commands.doorbell, PollFlags::IN));
+    fds.extend(workers.iter().map(|(_, child)| PollFd::from_borrowed_fd(child.sentinel(), PollFlags::IN)));
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Err(rustix::io::Errno::INTR) => continue,
+            // Anything else (ENOMEM) is retried by the caller's loop, which re-checks the
+            // workers without sleeping.
+            _ => return,
+        }
+    }
+}
+
+/// Starts one worker: registers its link with the scheduler, then starts the process.
+/// `None` if the scheduler refused (stopping) or the start failed (reported to the pool).
+fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
+    let id = WorkerId(shared.next_worker.fetch_add(1, Ordering::Relaxed));
+    let (sender, receiver) = match task_link() {
+        Ok(link) => link,
+        Err(e) => {
+            let deliveries = shared.scheduler.lock().start_failed(None, e.to_string());
+            deliver(deliveries);
+            return None;
+        }
+    };
+    if !shared.scheduler.lock().register_worker(id, sender) {
+        return None;
+    }
+    let args = WorkerArgs {
+        id,
+        tasks: receiver,
+        reports: shared.reports.clone(),
+        initializer: shared.config.initializer.clone(),
+        max_tasks: shared.config.max_tasks,
+    };
+    let started = Process::new(worker::serve)
+        .args(args)
+        .name(format!("{}-{}", shared.config.name_prefix, id.0))
+        .daemon(true)
+        .start_method(shared.config.start_method)
+        .start();
+    match started {
+        Ok(child) => {
+            tracing::info!(worker = %id, pid = child.pid(), name = child.name(), "pool worker started");
+            shared.scheduler.lock().worker_started(id, child.pid());
+            Some((id, child))
+        }
+        Err(e) => {
+            let deliveries = shared.scheduler.lock().start_failed(Some(id), e.to_string());
+            deliver(deliveries);
+            None
+        }
+    }
+}
+
