@@ -1,5 +1,5 @@
-//! The result thread: receives every report (results, readiness, initializer failures, and
-//! the supervisor's exit notices), updates the scheduler, and delivers outcomes to their
+//! The result thread: receives every report (results, readiness, and the supervisor's exit
+//! notices), updates the scheduler, and delivers outcomes to their
 //! jobs, running callbacks (as Python's result-handler thread does).
 
 use std::sync::Arc;
@@ -44,10 +44,9 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
                     scheduler.worker_ready(worker, pid);
                     Vec::new()
                 }
-                Report::InitializerFailed { worker, pid, failure } => {
-                    scheduler.initializer_failed(worker, pid, failure)
+                Report::Exited { worker, exitcode, failure } => {
+                    scheduler.worker_exited(worker, exitcode, failure)
                 }
-                Report::Exited { worker, exitcode } => scheduler.worker_exited(worker, exitcode),
                 Report::Shutdown => return,
             };
             if scheduler.is_idle() {

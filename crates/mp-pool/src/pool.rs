@@ -16,7 +16,7 @@ use crate::result::{AsyncResult, Completion};
 use crate::scheduler::{Chunk, Mode, Scheduler, default_chunksize};
 use crate::supervisor::{self, Commands};
 use crate::transport::{Payload, Report, ReportSender, report_link};
-use crate::worker::{self, Initializer};
+use crate::worker::{self, Launcher};
 use crate::collector;
 
 /// Submit chunks to the scheduler in groups of about this many encoded bytes...
@@ -28,7 +28,7 @@ const SUBMIT_CHUNKS: usize = 256;
 pub(crate) struct WorkerConfig {
     pub start_method: StartMethod,
     pub name_prefix: String,
-    pub initializer: Option<Initializer>,
+    pub launcher: Launcher,
     pub max_tasks: Option<usize>,
 }
 
@@ -71,7 +71,7 @@ struct Threads {
 #[must_use = "a PoolBuilder does nothing until .build() is called"]
 pub struct PoolBuilder {
     processes: Option<usize>,
-    initializer: Option<Result<Initializer, PoolError>>,
+    launcher: Launcher,
     max_tasks: Option<usize>,
     start_method: Option<StartMethod>,
     name_prefix: String,
@@ -81,7 +81,7 @@ impl Default for PoolBuilder {
     fn default() -> Self {
         PoolBuilder {
             processes: None,
-            initializer: None,
+            launcher: Launcher::plain(),
             max_tasks: None,
             start_method: None,
             name_prefix: "PoolWorker".into(),
@@ -96,16 +96,17 @@ impl PoolBuilder {
         self
     }
 
-    /// A function each worker runs once, with `args`, before its first task (Python's
-    /// `initializer` and `initargs`). If it fails (panics, or kills its process), the pool
-    /// does not retry it: the pool is broken, and tasks fail with
-    /// [`PoolError::InitializerFailed`].
-    pub fn initializer<M, F: Entry<M>>(mut self, function: F, args: F::Args) -> Self {
-        self.initializer = Some(
-            postcard::to_allocvec(&args)
-                .map(|args| Initializer { function: worker::task_function(&function), args })
-                .map_err(|e| PoolError::EncodeArguments(e.to_string())),
-        );
+    /// A function each worker runs once, with a clone of `args`, before its first task
+    /// (Python's `initializer` and `initargs`). The arguments travel with the worker's own,
+    /// so they may hold handles of mp-ipc primitives (queues, locks, shared memory), which
+    /// arrive as the same objects. If the initializer fails (panics, or kills its process),
+    /// the pool does not retry it: the pool is broken, and tasks fail with
+    /// [`PoolError::InitializerFailed`] carrying the panic's message and location.
+    pub fn initializer<M: 'static, F: Entry<M>>(mut self, function: F, args: F::Args) -> Self
+    where
+        F::Args: Clone,
+    {
+        self.launcher = Launcher::with_initializer(function, args);
         self
     }
 
@@ -138,7 +139,6 @@ impl PoolBuilder {
         if self.max_tasks == Some(0) {
             return Err(PoolError::InvalidMaxTasks);
         }
-        let initializer = self.initializer.transpose()?;
         let start_failed = |e: &dyn std::fmt::Display| PoolError::StartFailed(e.to_string());
         let commands = Commands::new().map_err(|e| start_failed(&e))?;
         let (reports, receiver) = report_link().map_err(|e| start_failed(&e))?;
@@ -146,7 +146,7 @@ impl PoolBuilder {
             scheduler: Mutex::new(Scheduler::new(
                 processes,
                 self.max_tasks,
-                initializer.is_some(),
+                self.launcher.has_initializer(),
                 commands.clone(),
             )),
             idle: Condvar::new(),
@@ -155,7 +155,7 @@ impl PoolBuilder {
             config: WorkerConfig {
                 start_method: self.start_method.unwrap_or_else(mp_core::get_start_method),
                 name_prefix: self.name_prefix,
-                initializer,
+                launcher: self.launcher,
                 max_tasks: self.max_tasks,
             },
             next_worker: AtomicU64::new(1),

@@ -9,12 +9,12 @@
 //! work stealing?
 //!
 //! * **Knowing who held what.** A worker can die at any instruction. With per-worker links
-//!   the parent knows exactly which chunks were on the dead worker's link, and, because a
-//!   worker runs its link in order and reports every batch's results before taking the next
-//!   batch, which of them may have started (only the oldest unanswered batch) and which
-//!   certainly did not (the later ones, which are re-queued for other workers). With a
-//!   shared queue, a task taken by a worker that dies before saying so is simply lost: that
-//!   is how CPython's `Pool` hangs forever.
+//!   the parent knows exactly which chunks were on the dead worker's link; the worker runs
+//!   them in order and records the one it starts in a shared progress word, so the parent
+//!   knows which chunk it was running (that one fails), which ran before it, and which never
+//!   started (those are re-queued for the other workers). With a shared queue, a task taken
+//!   by a worker that dies before saying so is simply lost: that is how CPython's `Pool`
+//!   hangs forever.
 //! * **Cheap links.** Each link has exactly one producer and one consumer, the cheapest queue
 //!   there is, and nothing is contended between workers.
 //! * **Balance without stealing.** The parent keeps only about [`AHEAD_NS`] of work (by the
@@ -34,16 +34,17 @@ use crate::error::{PoolError, describe_exit, status_of_exitcode};
 use crate::job::{ChunkOutcome, Job};
 use crate::supervisor::Commands;
 use crate::transport::{
-    ChunkResult, INLINE_LIMIT, MAX_MESSAGES_IN_FLIGHT, Payload, TaskChunk, TaskMessage,
-    TaskSender, WorkerId,
+    ChunkResult, INLINE_LIMIT, MAX_MESSAGES_IN_FLIGHT, Payload, Progress, TaskChunk,
+    TaskMessage, TaskSender, WorkerId,
 };
 
 /// How much work (by the running average of chunk times) to keep queued on each worker.
 pub(crate) const AHEAD_NS: f64 = 500_000.0;
 /// The most chunks queued on one worker.
 pub(crate) const MAX_DEPTH: usize = 256;
-/// Chunks queued per worker before any chunk time has been measured.
-const INITIAL_DEPTH: usize = 2;
+/// Chunks queued per worker before any chunk time has been measured: one, so that slow
+/// first tasks spread over the workers as they become ready.
+const INITIAL_DEPTH: usize = 1;
 /// Workers that die before becoming ready, in a row, before the pool gives up.
 const MAX_STARTUP_FAILURES: usize = 3;
 
@@ -87,6 +88,8 @@ struct Worker {
     /// Known once the worker reports ready (or the supervisor reports its start).
     pid: u32,
     sender: TaskSender,
+    /// The chunk it last started, readable after its death.
+    progress: Progress,
     ready: bool,
     /// Unanswered batches, oldest first (the worker runs them in this order).
     batches: VecDeque<VecDeque<Assigned>>,
@@ -218,7 +221,12 @@ impl Scheduler {
 
     /// The supervisor is about to start a worker: record its link. Refused (false) once the
     /// pool stops or breaks.
-    pub(crate) fn register_worker(&mut self, id: WorkerId, sender: TaskSender) -> bool {
+    pub(crate) fn register_worker(
+        &mut self,
+        id: WorkerId,
+        sender: TaskSender,
+        progress: Progress,
+    ) -> bool {
         self.starts_requested = self.starts_requested.saturating_sub(1);
         if self.stopping || !matches!(self.mode, Mode::Open | Mode::Closed) {
             return false;
@@ -227,6 +235,7 @@ impl Scheduler {
             id,
             pid: 0,
             sender,
+            progress,
             ready: false,
             batches: VecDeque::new(),
             in_flight: 0,
@@ -264,19 +273,6 @@ impl Scheduler {
         self.dispatch();
     }
 
-    pub(crate) fn initializer_failed(
-        &mut self,
-        id: WorkerId,
-        pid: u32,
-        failure: mp_core::TaskFailure,
-    ) -> Vec<Delivery> {
-        if let Some(worker) = self.worker_mut(id) {
-            worker.draining = true;
-        }
-        tracing::error!(worker = %id, pid, %failure, "pool initializer failed");
-        self.break_pool(PoolError::InitializerFailed { pid, message: failure.to_string() })
-    }
-
     /// Results from a worker: matches them with their chunks and hands out more work.
     pub(crate) fn results(&mut self, id: WorkerId, results: Vec<ChunkResult>) -> Vec<Delivery> {
         let mut deliveries = Vec::with_capacity(results.len());
@@ -312,40 +308,54 @@ impl Scheduler {
 
     /// A worker process ended (reported by the supervisor after everything it sent).
     ///
-    /// Its oldest unanswered batch fails with [`PoolError::WorkerDied`]: the worker was
-    /// running it (or had not reported it yet). Later batches never started: they go back to
-    /// the head of the queue, in order, for the other workers. A replacement is requested.
-    pub(crate) fn worker_exited(&mut self, id: WorkerId, exitcode: i32) -> Vec<Delivery> {
+    /// Of its unanswered chunks, those up to the last one it started (its progress word says
+    /// which) fail with [`PoolError::WorkerDied`]: it was running the last one, and the
+    /// results of the others died with it. The chunks after it never started: they go back
+    /// to the head of the queue, in order, for the other workers. A replacement is requested.
+    ///
+    /// A worker that dies before becoming ready failed its initializer, if there is one (the
+    /// pool is then broken: no retry); otherwise repeated early deaths break the pool too.
+    pub(crate) fn worker_exited(
+        &mut self,
+        id: WorkerId,
+        exitcode: i32,
+        failure: Option<String>,
+    ) -> Vec<Delivery> {
         let mut deliveries = Vec::new();
         let Some(position) = self.workers.iter().position(|w| w.id == id) else {
             return deliveries;
         };
         let worker = self.workers.remove(position);
-        let status = status_of_exitcode(exitcode);
-        let mut batches = worker.batches;
-        if let Some(held) = batches.pop_front() {
+        let (pid, status) = (worker.pid, status_of_exitcode(exitcode));
+        let started = worker.progress.last_started();
+        let mut not_started = Vec::new();
+        for assigned in worker.batches.into_iter().flatten() {
+            if started.is_some_and(|last| assigned.seq <= last) {
+                deliveries.push(fail(assigned.chunk, PoolError::WorkerDied { pid, status }));
+            } else {
+                not_started.push(assigned.chunk);
+            }
+        }
+        if !deliveries.is_empty() {
             tracing::warn!(
-                worker = %id, pid = worker.pid, exitcode, chunks = held.len(),
+                worker = %id, pid, exitcode, failed = deliveries.len(), requeued = not_started.len(),
                 "pool worker died while running tasks"
             );
-            for assigned in held {
-                let error = PoolError::WorkerDied { pid: worker.pid, status };
-                deliveries.push(fail(assigned.chunk, error));
-            }
         } else if worker.draining || self.stopping {
-            tracing::debug!(worker = %id, pid = worker.pid, exitcode, "pool worker exited");
+            tracing::debug!(worker = %id, pid, exitcode, "pool worker exited");
         } else {
-            tracing::warn!(worker = %id, pid = worker.pid, exitcode, "idle pool worker died");
+            tracing::warn!(worker = %id, pid, exitcode, "idle pool worker died");
         }
-        for assigned in batches.into_iter().rev().flat_map(|b| b.into_iter().rev()) {
-            self.pending.push_front(assigned.chunk);
+        for chunk in not_started.into_iter().rev() {
+            self.pending.push_front(chunk);
         }
         if !worker.ready && !worker.draining {
             if self.has_initializer {
-                let message = format!("the worker {} during initialization", describe_exit(status));
-                deliveries.extend(
-                    self.break_pool(PoolError::InitializerFailed { pid: worker.pid, message }),
-                );
+                let message = failure.unwrap_or_else(|| {
+                    format!("the worker {} during initialization", describe_exit(status))
+                });
+                tracing::error!(worker = %id, pid, %message, "pool initializer failed");
+                deliveries.extend(self.break_pool(PoolError::InitializerFailed { pid, message }));
             } else {
                 self.startup_failures += 1;
                 if self.startup_failures >= MAX_STARTUP_FAILURES {

@@ -7,15 +7,16 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use mp_core::{Child, Process};
+use mp_core::{Child, ProcessError};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
 use crate::job::deliver;
 use crate::pool::Shared;
-use crate::transport::{Report, WorkerId, task_link};
-use crate::worker::{self, WorkerArgs};
+use crate::transport::{Progress, Report, WorkerId, task_link};
+use crate::worker::WorkerArgs;
 
 enum Command {
     /// Start one worker.
@@ -99,9 +100,15 @@ pub(crate) fn run(shared: Arc<Shared>) {
         workers.retain(|(id, child)| match child.exitcode() {
             None => true,
             Some(exitcode) => {
+                // Ended: this only reads what it reported (a panic outside a task, e.g. in the
+                // initializer), waiting at most a moment for it.
+                let failure = match child.join_timeout(Duration::ZERO) {
+                    Err(ProcessError::Panicked { report, .. }) => Some(report.to_string()),
+                    _ => None,
+                };
                 tracing::debug!(worker = %id, pid = child.pid(), exitcode, "pool worker reaped");
                 // Fails only when the result thread is gone (the pool is shutting down).
-                let _ = shared.reports.send(Report::Exited { worker: *id, exitcode });
+                let _ = shared.reports.send(Report::Exited { worker: *id, exitcode, failure });
                 false
             }
         });
@@ -130,7 +137,8 @@ fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
 /// `None` if the scheduler refused (stopping) or the start failed (reported to the pool).
 fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
     let id = WorkerId(shared.next_worker.fetch_add(1, Ordering::Relaxed));
-    let (sender, receiver) = match task_link() {
+    let link = task_link().and_then(|(sender, receiver)| Ok((sender, receiver, Progress::new()?)));
+    let (sender, receiver, progress) = match link {
         Ok(link) => link,
         Err(e) => {
             let deliveries = shared.scheduler.lock().start_failed(None, e.to_string());
@@ -138,22 +146,18 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
             return None;
         }
     };
-    if !shared.scheduler.lock().register_worker(id, sender) {
+    if !shared.scheduler.lock().register_worker(id, sender, progress.clone()) {
         return None;
     }
     let args = WorkerArgs {
         id,
         tasks: receiver,
         reports: shared.reports.clone(),
-        initializer: shared.config.initializer.clone(),
+        progress,
         max_tasks: shared.config.max_tasks,
     };
-    let started = Process::new(worker::serve)
-        .args(args)
-        .name(format!("{}-{}", shared.config.name_prefix, id.0))
-        .daemon(true)
-        .start_method(shared.config.start_method)
-        .start();
+    let name = format!("{}-{}", shared.config.name_prefix, id.0);
+    let started = shared.config.launcher.launch(args, name, shared.config.start_method);
     match started {
         Ok(child) => {
             tracing::info!(worker = %id, pid = child.pid(), name = child.name(), "pool worker started");

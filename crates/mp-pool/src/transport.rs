@@ -5,7 +5,7 @@
 //! Two kinds of link:
 //! * one **task link per worker** (parent → worker), carrying batches of chunks;
 //! * one **report link shared by all workers** (workers → parent), carrying results,
-//!   readiness and initializer failures; the pool's own threads post notices (a worker
+//!   and readiness; the pool's own threads post notices (a worker
 //!   exited, shut down) on it too, so the result thread waits on a single receiver.
 //!
 //! The carrier today is `ipc-channel` (a Unix socket per link). It is meant to become
@@ -24,6 +24,7 @@ use std::io;
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender, IpcSharedMemory};
 use mp_core::{FunctionId, TaskFailure};
+use mp_ipc::shm::SharedMemory;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -150,7 +151,7 @@ pub(crate) struct ChunkResult {
     pub outcome: Result<Bytes, TaskFailure>,
 }
 
-/// Worker → parent, and the parent's own notices to its result thread.
+/// Worker → parent, and the pool's own notices to its result thread.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Report {
     /// The worker ran its initializer (if any) and waits for tasks.
@@ -159,15 +160,6 @@ pub(crate) enum Report {
         worker: WorkerId,
         /// Its pid.
         pid: u32,
-    },
-    /// The worker's initializer failed; the worker exits.
-    InitializerFailed {
-        /// Who.
-        worker: WorkerId,
-        /// Its pid.
-        pid: u32,
-        /// What went wrong.
-        failure: TaskFailure,
     },
     /// Results of chunks, in the order the worker ran them.
     Results {
@@ -183,9 +175,38 @@ pub(crate) enum Report {
         worker: WorkerId,
         /// Its Python-style exit code (minus the signal number when killed).
         exitcode: i32,
+        /// What its process reported, if it failed (a panic outside a task: in the
+        /// initializer).
+        failure: Option<String>,
     },
     /// Notice from the pool: the result thread must stop.
     Shutdown,
+}
+
+/// Where a worker records the chunk it is starting, in shared memory the pool reads after
+/// the worker died: chunks before it ran (their results may be lost), chunks after it never
+/// started and can run elsewhere. Only the worker writes and only after its death does the
+/// pool read, so plain copies suffice: nothing can tear.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct Progress(SharedMemory);
+
+impl Progress {
+    pub(crate) fn new() -> Result<Progress, TransportError> {
+        SharedMemory::new(8).map(Progress).map_err(|e| TransportError(e.to_string()))
+    }
+
+    /// In the worker: the chunk `seq` starts now.
+    pub(crate) fn started(&self, seq: u64) {
+        // Cannot fail: the segment has room for the 8 bytes.
+        let _ = self.0.write_at(0, &(seq + 1).to_le_bytes());
+    }
+
+    /// In the pool, once the worker is dead: the last chunk it started, if any.
+    pub(crate) fn last_started(&self) -> Option<u64> {
+        let mut bytes = [0; 8];
+        self.0.read_at(0, &mut bytes).ok()?;
+        u64::from_le_bytes(bytes).checked_sub(1)
+    }
 }
 
 /// A link could not carry a message: the peer is gone, or the OS refused.
@@ -266,6 +287,16 @@ mod tests {
         assert!(matches!(large, Payload::Shared(_)));
         assert_eq!(large.as_bytes(), &vec![9; INLINE_LIMIT + 1][..]);
         assert!(large.inline_len() < 64);
+    }
+
+    #[test]
+    fn progress_remembers_the_last_chunk_started() {
+        let progress = Progress::new().unwrap();
+        assert_eq!(progress.last_started(), None);
+        progress.started(0);
+        assert_eq!(progress.last_started(), Some(0));
+        progress.clone().started(41);
+        assert_eq!(progress.last_started(), Some(41));
     }
 
     #[test]

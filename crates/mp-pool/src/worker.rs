@@ -9,31 +9,90 @@
 
 use std::time::{Duration, Instant};
 
-use mp_core::{Entry, FunctionId};
+use mp_core::{Child, Entry, FunctionId, Process, ProcessError, StartMethod};
+use parking_lot::Mutex;
 #[cfg(test)]
 use mp_core::TaskFailure;
 use serde::{Deserialize, Serialize};
 
 use crate::transport::{
-    Bytes, ChunkResult, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
+    Bytes, ChunkResult, Progress, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
 };
 
-/// A function to run once in each worker before its first task, with its encoded arguments.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct Initializer {
-    pub function: FunctionId,
-    pub args: Vec<u8>,
-}
-
-/// Everything a worker process is started with.
+/// Everything a worker process is started with (besides its initializer's arguments).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct WorkerArgs {
     pub id: WorkerId,
     pub tasks: TaskReceiver,
     pub reports: ReportSender,
-    pub initializer: Option<Initializer>,
+    /// Where it records the chunk it starts.
+    pub progress: Progress,
     /// Chunks to run before exiting (`maxtasksperchild`); `None`: no limit.
     pub max_tasks: Option<usize>,
+}
+
+type LaunchFn =
+    dyn Fn(WorkerArgs, String, StartMethod) -> Result<Child<()>, ProcessError> + Send + Sync;
+
+/// Starts worker processes: with or without an initializer, whose arguments travel with the
+/// worker's own (over ipc-channel, so handles of mp-ipc primitives in them arrive as the same
+/// objects, as with Python's `initargs`).
+pub(crate) struct Launcher {
+    launch: Box<LaunchFn>,
+    has_initializer: bool,
+}
+
+impl Launcher {
+    /// Workers that start serving at once.
+    pub(crate) fn plain() -> Self {
+        Launcher {
+            launch: Box::new(|args, name, method| {
+                Process::new(serve).args(args).name(name).daemon(true).start_method(method).start()
+            }),
+            has_initializer: false,
+        }
+    }
+
+    /// Workers that first run `initializer(args.clone())`.
+    pub(crate) fn with_initializer<M: 'static, F: Entry<M>>(_initializer: F, args: F::Args) -> Self
+    where
+        F::Args: Clone,
+    {
+        let args = Mutex::new(args);
+        Launcher {
+            launch: Box::new(move |worker, name, method| {
+                Process::new(serve_initialized::<M, F>)
+                    .args((worker, args.lock().clone()))
+                    .name(name)
+                    .daemon(true)
+                    .start_method(method)
+                    .start()
+            }),
+            has_initializer: true,
+        }
+    }
+
+    pub(crate) fn has_initializer(&self) -> bool {
+        self.has_initializer
+    }
+
+    /// Starts a worker process named `name`.
+    pub(crate) fn launch(
+        &self,
+        args: WorkerArgs,
+        name: String,
+        method: StartMethod,
+    ) -> Result<Child<()>, ProcessError> {
+        (self.launch)(args, name, method)
+    }
+}
+
+/// The entry of a worker with an initializer. A panicking initializer ends the process with
+/// a panic report, which the pool reads when it reaps the worker.
+fn serve_initialized<M, F: Entry<M>>((worker, args): (WorkerArgs, F::Args)) {
+    tracing::debug!(worker = %worker.id, "running the pool initializer");
+    zero_sized_value::<F>().call(args);
+    serve(worker);
 }
 
 /// Results are sent at the end of each batch, and in between once this much time has passed
@@ -42,20 +101,11 @@ const FLUSH_INTERVAL: Duration = Duration::from_micros(200);
 /// ...or once this many result bytes wait.
 const FLUSH_BYTES: usize = 64 * 1024;
 
-/// The worker's main function (runs in the worker process).
+/// The worker's main loop (runs in the worker process).
 pub(crate) fn serve(args: WorkerArgs) {
-    let WorkerArgs { id, tasks, reports, initializer, max_tasks } = args;
+    let WorkerArgs { id, tasks, reports, progress, max_tasks } = args;
     let pid = std::process::id();
     let _span = tracing::debug_span!("pool_worker", worker = %id, pid).entered();
-    if let Some(initializer) = initializer {
-        // SAFETY: the id was made by `FunctionId::of_task` in the parent, which runs this
-        // same executable.
-        if let Err(failure) = unsafe { initializer.function.call_task(&initializer.args) } {
-            tracing::error!(%failure, "pool worker initializer failed");
-            let _ = reports.send(Report::InitializerFailed { worker: id, pid, failure });
-            return;
-        }
-    }
     if reports.send(Report::Ready { worker: id, pid }).is_err() {
         return;
     }
@@ -74,6 +124,7 @@ pub(crate) fn serve(args: WorkerArgs) {
         let mut pending_bytes = 0;
         let mut last_flush = Instant::now();
         for chunk in batch {
+            progress.started(chunk.seq);
             let started = Instant::now();
             // SAFETY: the id was made by `FunctionId::of_task` (on a chunk trampoline) in the
             // parent, which runs this same executable.
@@ -108,25 +159,21 @@ pub(crate) fn chunk_function<M: 'static, F: Entry<M>>(_: &F) -> FunctionId {
     FunctionId::of_task(&run_chunk::<M, F>)
 }
 
-/// The id of `F`'s own task trampoline (one argument in, one result out), for initializers.
-pub(crate) fn task_function<M, F: Entry<M>>(function: &F) -> FunctionId {
-    FunctionId::of_task(function)
-}
-
 /// Runs `F` on every argument of a chunk.
 fn run_chunk<M, F: Entry<M>>(args: Vec<F::Args>) -> Vec<F::Output> {
     let function = zero_sized_value::<F>();
     args.into_iter().map(|a| function.call(a)).collect()
 }
 
-/// The one value of a zero-sized function type (what mp-core does to call a function it
-/// named by address; mp-core does not export its helper).
+/// The one value of a zero-sized function type (mp-core has the same helper for the
+/// functions it names by address, but does not export it).
 fn zero_sized_value<F: Copy>() -> F {
     const { assert!(size_of::<F>() == 0, "pool tasks must be non-capturing functions") };
     // SAFETY: F is zero-sized (checked at compile time above), so reading it touches no
-    // memory. It is inhabited: this is only reached through a chunk trampoline, whose id the
-    // parent made from a value of F (`chunk_function` takes `&F`), and `Entry` requires F to
-    // be `Copy`, so conjuring another value of it duplicates nothing that has a destructor.
+    // memory. It is inhabited: this is only reached through a chunk trampoline or a worker
+    // entry, made in the parent from a value of F (`chunk_function` and
+    // `Launcher::with_initializer` take one), and `Entry` requires F to be `Copy`, so
+    // producing another value of it duplicates nothing that has a destructor.
     unsafe { std::ptr::NonNull::<F>::dangling().read() }
 }
 

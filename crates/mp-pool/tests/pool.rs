@@ -1,0 +1,564 @@
+//! The pool's behaviour, end to end, with real worker processes.
+//!
+//! Every wait is bounded ([`LIMIT`]): a hang fails the test instead of stalling the run.
+//! Tasks that must be *running* when the test acts (kill, terminate) announce themselves on
+//! a FIFO the test reads with a timeout; nothing synchronises by sleeping.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mp_core::{ExitStatus, StartMethod};
+use mp_pool::{Pool, PoolError};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, Signal};
+
+/// The longest any test waits for the pool.
+const LIMIT: Duration = Duration::from_secs(20);
+/// How long a "long" task runs: far longer than any test, so it is always interrupted.
+const LONG_TASK: Duration = Duration::from_secs(60);
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// Burns a little CPU, more for some inputs, so that chunks finish out of order.
+fn uneven_square(x: u64) -> u64 {
+    let mut acc = x;
+    for i in 0..(x % 7) * 20_000 {
+        acc = std::hint::black_box(acc.wrapping_mul(31).wrapping_add(i));
+    }
+    std::hint::black_box(acc);
+    x * x
+}
+
+/// A FIFO on which running tasks announce their worker's pid.
+struct Announcements {
+    path: PathBuf,
+    reader: std::fs::File,
+    /// Kept open so that the FIFO never reports end-of-file between announcements.
+    _writer: std::fs::File,
+}
+
+impl Announcements {
+    fn new() -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "mp-pool-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .expect("mkfifo");
+        // Opened before any writer, non-blocking, so that writers never block on open.
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .expect("open fifo");
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).expect("open fifo");
+        Announcements { path, reader, _writer: writer }
+    }
+
+    fn path(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// The pid of the next task to announce itself, waiting at most `LIMIT`.
+    fn next_pid(&mut self) -> u32 {
+        let deadline = Instant::now() + LIMIT;
+        let mut buf = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no task announced itself within {LIMIT:?}");
+            let timeout = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
+            let mut fds = [PollFd::new(&self.reader, PollFlags::IN)];
+            if rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 0 {
+                continue;
+            }
+            match self.reader.read(&mut buf[filled..]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("reading the fifo: {e}"),
+            }
+        }
+        u32::from_le_bytes(buf)
+    }
+}
+
+impl Drop for Announcements {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// In a task: tells the test which worker runs it.
+fn announce(path: &str) {
+    let mut fifo = std::fs::OpenOptions::new().write(true).open(path).expect("open fifo");
+    fifo.write_all(&std::process::id().to_le_bytes()).expect("write fifo");
+}
+
+/// A task that announces itself, then runs "forever".
+fn announce_and_block(path: String) -> u32 {
+    announce(&path);
+    std::thread::sleep(LONG_TASK);
+    0
+}
+
+fn is_running(pid: u32) -> bool {
+    let pid = Pid::from_raw(pid as i32).expect("nonzero pid");
+    rustix::process::test_kill_process(pid).is_ok()
+}
+
+fn kill(pid: u32, signal: Signal) {
+    let pid = Pid::from_raw(pid as i32).expect("nonzero pid");
+    rustix::process::kill_process(pid, signal).expect("kill");
+}
+
+#[test]
+fn map_returns_results_in_input_order_for_any_chunksize() {
+    let pool = Pool::new(2).unwrap();
+    let expected: Vec<u64> = (0..300).map(|x| x * x).collect();
+    let default = pool.map_async(uneven_square, 0..300).unwrap().get_timeout(LIMIT);
+    assert_eq!(default.unwrap(), expected);
+    for chunksize in [1, 2, 7, 299, 300, 301, 10_000] {
+        let results =
+            pool.chunksize(chunksize).map_async(uneven_square, 0..300).unwrap().get_timeout(LIMIT);
+        assert_eq!(results.unwrap(), expected, "chunksize {chunksize}");
+    }
+    // An input whose length is unknown beforehand is chunked all the same.
+    let filtered = (0..600u64).filter(|x| x % 2 == 0);
+    let results = pool.map_async(square, filtered).unwrap().get_timeout(LIMIT).unwrap();
+    assert_eq!(results, (0..600u64).filter(|x| x % 2 == 0).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn map_of_nothing_is_empty() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(pool.map(square, Vec::new()).unwrap(), Vec::<u64>::new());
+    assert_eq!(pool.chunksize(5).map(square, []).unwrap(), Vec::<u64>::new());
+    let empty = pool.map_async(square, []).unwrap();
+    assert_eq!(empty.get_timeout(LIMIT).unwrap(), Vec::<u64>::new());
+    assert_eq!(pool.imap(square, []).count(), 0);
+    assert_eq!(pool.imap_unordered(square, []).count(), 0);
+}
+
+#[test]
+fn a_chunk_runs_on_one_worker_and_chunksize_zero_is_refused() {
+    let pool = Pool::new(2).unwrap();
+    let pids = pool.chunksize(50).map(|_: u32| std::process::id(), 0..50).unwrap();
+    assert_eq!(pids.iter().collect::<BTreeSet<_>>().len(), 1, "one chunk, one worker");
+    assert_eq!(pool.chunksize(0).map(square, [1]), Err(PoolError::InvalidChunksize));
+    let mut refused = pool.chunksize(0).imap(square, [1, 2]);
+    assert_eq!(refused.next(), Some(Err(PoolError::InvalidChunksize)));
+    assert_eq!(refused.next(), None);
+}
+
+#[test]
+fn imap_keeps_order_and_reads_an_endless_input_lazily() {
+    let pool = Pool::new(2).unwrap();
+    let pulled = std::cell::Cell::new(0u64);
+    let endless = (0u64..).inspect(|_| pulled.set(pulled.get() + 1));
+    let (chunksize, in_flight) = (3, 4);
+    let mut results = pool.chunksize(chunksize).imap(uneven_square, endless).max_in_flight(in_flight);
+    for expected in 0..200u64 {
+        let value = results.next_timeout(LIMIT).expect("endless").unwrap();
+        assert_eq!(value, expected * expected);
+        // Backpressure: never more than the window ahead of what was consumed.
+        let bound = (expected + 1) + (chunksize * in_flight) as u64;
+        assert!(pulled.get() <= bound, "pulled {} items for {} results", pulled.get(), expected + 1);
+    }
+}
+
+#[test]
+fn imap_unordered_yields_every_result_exactly_once() {
+    let pool = Pool::new(2).unwrap();
+    let mut seen: Vec<u64> = pool
+        .imap_unordered(uneven_square, 0..500u64)
+        .map(|r| r.unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..500u64).map(|x| x * x).collect::<Vec<_>>());
+    let mut chunked: Vec<u64> =
+        pool.chunksize(9).imap_unordered(square, 0..100u64).map(|r| r.unwrap()).collect();
+    chunked.sort_unstable();
+    assert_eq!(chunked, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn imap_reports_a_failed_chunk_per_item_and_goes_on() {
+    let pool = Pool::new(2).unwrap();
+    let picky = |x: u32| -> u32 {
+        assert!(x / 3 != 1, "{x} is in the bad chunk");
+        x
+    };
+    let results: Vec<_> = pool.chunksize(3).imap(picky, 0..9).collect();
+    assert_eq!(results.len(), 9);
+    for (i, result) in results.iter().enumerate() {
+        match result {
+            Ok(v) => assert_eq!(*v as usize, i),
+            Err(PoolError::Panicked { report, .. }) => {
+                assert!((3..6).contains(&i), "item {i} failed");
+                assert!(report.message.ends_with("is in the bad chunk"));
+            }
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 3);
+}
+
+#[test]
+fn one_pool_runs_any_function() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(pool.apply(square, 9).unwrap(), 81);
+    assert_eq!(pool.apply(|s: String| s.len(), "four".to_string()).unwrap(), 4);
+    assert_eq!(pool.apply(|(a, b): (i32, i32)| a - b, (2, 5)).unwrap(), -3);
+    assert_eq!(pool.apply(|| "no arguments".to_string(), ()).unwrap(), "no arguments");
+    let words = pool.starmap(|(w, n): (String, usize)| w.repeat(n), [("ab".into(), 2)]);
+    assert_eq!(words.unwrap(), vec!["abab".to_string()]);
+    let products = pool.starmap_async(|(a, b): (u8, u8)| a as u16 * b as u16, [(3, 4), (200, 2)]);
+    assert_eq!(products.unwrap().get_timeout(LIMIT).unwrap(), vec![12, 400]);
+    let nested = pool.apply(|v: Vec<Option<u8>>| v.into_iter().flatten().sum::<u8>(), vec![Some(1), None, Some(2)]);
+    assert_eq!(nested.unwrap(), 3);
+}
+
+#[test]
+fn async_results_wait_time_out_and_report_success() {
+    let pool = Pool::new(2).unwrap();
+    let mut announcements = Announcements::new();
+    let blocked = pool.apply_async(announce_and_block, announcements.path()).unwrap();
+    announcements.next_pid();
+    assert!(!blocked.ready());
+    assert_eq!(blocked.successful(), None);
+    assert!(!blocked.wait_timeout(Duration::from_millis(20)));
+    assert_eq!(blocked.get_timeout(Duration::from_millis(20)), Err(PoolError::Timeout));
+
+    let quick = pool.apply_async(square, 5).unwrap();
+    assert!(quick.wait_timeout(LIMIT));
+    assert!(quick.ready());
+    assert_eq!(quick.successful(), Some(true));
+    assert_eq!(quick.get(), Ok(25));
+    assert_eq!(quick.get(), Err(PoolError::AlreadyTaken));
+}
+
+#[test]
+fn a_panicking_task_fails_alone_and_its_worker_survives() {
+    let pool = Pool::new(1).unwrap();
+    let pid = pool.apply_async(|()| std::process::id(), ()).unwrap().get_timeout(LIMIT).unwrap();
+    let failed = pool.apply_async(|x: u32| -> u32 { panic!("cannot handle {x}") }, 7).unwrap();
+    match failed.get_timeout(LIMIT) {
+        Err(PoolError::Panicked { pid: reported, report }) => {
+            assert_eq!(reported, pid);
+            assert_eq!(report.message, "cannot handle 7");
+            let location = report.location.expect("a location");
+            assert!(location.contains("tests/pool.rs"), "location {location}");
+        }
+        other => panic!("expected a panic, got {other:?}"),
+    }
+    assert_eq!(failed.successful(), Some(false));
+    let after = pool.apply_async(|()| std::process::id(), ()).unwrap().get_timeout(LIMIT);
+    assert_eq!(after.unwrap(), pid, "the worker survived its task's panic");
+}
+
+#[test]
+fn map_reports_the_failure_and_drops_what_has_not_started() {
+    let pool = Pool::new(2).unwrap();
+    let picky = |x: u64| -> u64 {
+        assert!(x != 57, "57 is unacceptable");
+        x
+    };
+    let result = pool.chunksize(1).map_async(picky, 0..10_000).unwrap().get_timeout(LIMIT);
+    match result {
+        Err(PoolError::Panicked { report, .. }) => assert_eq!(report.message, "57 is unacceptable"),
+        other => panic!("expected the panic of item 57, got {other:?}"),
+    }
+    // The pool is fine afterwards.
+    assert_eq!(pool.map(square, [3]).unwrap(), vec![9]);
+}
+
+#[test]
+fn callbacks_and_error_callbacks_receive_the_outcome() {
+    let pool = Pool::new(2).unwrap();
+    let (sender, values) = mpsc::channel();
+    let result = pool
+        .apply_async(square, 12)
+        .unwrap()
+        .callback(move |v| sender.send(*v).unwrap())
+        .error_callback(|e| panic!("unexpected error {e}"));
+    assert_eq!(values.recv_timeout(LIMIT), Ok(144));
+    assert_eq!(result.get_timeout(LIMIT), Ok(144), "the callback borrowed the value");
+
+    let (sender, errors) = mpsc::channel();
+    let failed = pool
+        .apply_async(|x: u8| -> u8 { panic!("no {x}") }, 1)
+        .unwrap()
+        .callback(|_| panic!("success callback on a failure"))
+        .error_callback(move |e| sender.send(e.clone()).unwrap());
+    let error = errors.recv_timeout(LIMIT).unwrap();
+    assert!(matches!(&error, PoolError::Panicked { report, .. } if report.message == "no 1"));
+    assert_eq!(failed.get_timeout(LIMIT), Err(error));
+
+    let (sender, lists) = mpsc::channel();
+    let mapped = pool
+        .map_async(square, 1..=4)
+        .unwrap()
+        .callback(move |v| sender.send(v.clone()).unwrap());
+    assert_eq!(lists.recv_timeout(LIMIT), Ok(vec![1, 4, 9, 16]));
+    assert!(mapped.wait_timeout(LIMIT));
+
+    // Attached after the result arrived: runs at once, on this thread.
+    let called = Arc::new(AtomicBool::new(false));
+    let done = pool.apply_async(square, 2).unwrap();
+    assert!(done.wait_timeout(LIMIT));
+    let flag = called.clone();
+    let _done = done.callback(move |_| flag.store(true, Ordering::SeqCst));
+    assert!(called.load(Ordering::SeqCst));
+}
+
+#[test]
+fn a_panicking_callback_does_not_stop_the_pool() {
+    let pool = Pool::new(1).unwrap();
+    let first = pool.apply_async(square, 1).unwrap().callback(|_| panic!("callback bug"));
+    assert_eq!(first.get_timeout(LIMIT), Ok(1));
+    assert_eq!(pool.apply_async(square, 3).unwrap().get_timeout(LIMIT), Ok(9));
+}
+
+/// Runs `task` (which announces itself), optionally kills its worker with `kill_with`, and
+/// checks the task fails with the worker's death by `expected` and the pool goes on.
+fn expect_worker_death<F>(kill_with: Option<Signal>, task: F, expected: i32)
+where
+    F: Fn(String) -> u32 + Copy + Send + Sync + 'static,
+{
+    let pool = Pool::new(2).unwrap();
+    let mut announcements = Announcements::new();
+    let doomed = pool.apply_async(task, announcements.path()).unwrap();
+    let pid = announcements.next_pid();
+    if let Some(signal) = kill_with {
+        kill(pid, signal);
+    }
+    match doomed.get_timeout(LIMIT) {
+        Err(error @ PoolError::WorkerDied { .. }) => {
+            assert_eq!(error, PoolError::WorkerDied { pid, status: ExitStatus::Signal(expected) });
+            assert!(error.to_string().contains(&pid.to_string()), "{error}");
+        }
+        other => panic!("expected the worker's death, got {other:?}"),
+    }
+    // The pool goes on, with a replacement worker.
+    let results = pool.map_async(square, 0..100).unwrap().get_timeout(LIMIT).unwrap();
+    assert_eq!(results, (0..100).map(square).collect::<Vec<_>>());
+    let pids = pool.chunksize(1).map_async(|_: u8| std::process::id(), 0..20).unwrap();
+    assert!(!pids.get_timeout(LIMIT).unwrap().contains(&pid));
+}
+
+#[test]
+fn a_worker_killed_mid_task_fails_that_task_and_is_replaced() {
+    expect_worker_death(Some(Signal::KILL), announce_and_block, libc::SIGKILL);
+}
+
+#[test]
+fn a_task_that_aborts_or_segfaults_fails_with_the_signal() {
+    fn abort(path: String) -> u32 {
+        announce(&path);
+        std::process::abort()
+    }
+    fn segfault(path: String) -> u32 {
+        announce(&path);
+        let me = Pid::from_raw(std::process::id() as i32).expect("pid");
+        rustix::process::kill_process(me, Signal::SEGV).expect("raise");
+        unreachable!("SIGSEGV is fatal")
+    }
+    expect_worker_death(None, abort, libc::SIGABRT);
+    expect_worker_death(None, segfault, libc::SIGSEGV);
+}
+
+#[test]
+fn tasks_queued_behind_a_dying_task_run_elsewhere() {
+    let pool = Pool::new(2).unwrap();
+    // Fill both workers' queues with tasks, one of which kills its worker.
+    let results: Vec<_> = (0..40u64)
+        .map(|i| {
+            pool.apply_async(
+                |i: u64| {
+                    if i == 5 {
+                        std::process::abort();
+                    }
+                    uneven_square(i)
+                },
+                i,
+            )
+            .unwrap()
+        })
+        .collect();
+    for (i, result) in results.iter().enumerate() {
+        match result.get_timeout(LIMIT) {
+            Ok(v) => assert_eq!(v, (i * i) as u64),
+            Err(PoolError::WorkerDied { status, .. }) => {
+                assert_eq!(status, ExitStatus::Signal(libc::SIGABRT));
+                // The aborting task, or one that ran just before it on the same worker
+                // (whose result died with it). Tasks after it never started there: they
+                // ran on the other worker or the replacement.
+                assert!(i <= 5, "task {i} failed with the worker although it came after");
+            }
+            Err(other) => panic!("task {i}: unexpected {other}"),
+        }
+    }
+    assert_eq!(results[5].successful(), Some(false), "the aborting task failed");
+}
+
+#[test]
+fn terminate_while_busy_fails_tasks_and_kills_workers() {
+    let pool = Pool::new(2).unwrap();
+    let mut announcements = Announcements::new();
+    let running: Vec<_> = (0..2)
+        .map(|_| pool.apply_async(announce_and_block, announcements.path()).unwrap())
+        .collect();
+    let queued = pool.chunksize(1).map_async(square, 0..1000).unwrap();
+    let pids = [announcements.next_pid(), announcements.next_pid()];
+    pool.terminate();
+    for result in &running {
+        assert_eq!(result.get_timeout(LIMIT), Err(PoolError::Terminated));
+    }
+    assert_eq!(queued.get_timeout(LIMIT), Err(PoolError::Terminated));
+    for pid in pids {
+        assert!(!is_running(pid), "worker {pid} survived terminate");
+    }
+    assert_eq!(pool.apply(square, 1), Err(PoolError::Terminated));
+    pool.terminate(); // idempotent
+}
+
+#[test]
+fn dropping_a_busy_pool_terminates_it() {
+    let mut announcements = Announcements::new();
+    let (running, pid) = {
+        let pool = Pool::new(2).unwrap();
+        let running = pool.apply_async(announce_and_block, announcements.path()).unwrap();
+        (running, announcements.next_pid())
+    };
+    assert_eq!(running.get_timeout(LIMIT), Err(PoolError::Terminated));
+    assert!(!is_running(pid));
+}
+
+#[test]
+fn dropping_an_idle_pool_without_join_leaves_no_worker() {
+    let pids = {
+        let pool = Pool::new(2).unwrap();
+        pool.chunksize(1).map(|_: u8| std::process::id(), 0..10).unwrap()
+    };
+    for pid in pids {
+        assert!(!is_running(pid));
+    }
+}
+
+#[test]
+fn close_and_join_let_submitted_tasks_finish() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(pool.join(), Err(PoolError::StillOpen));
+    let results = pool.chunksize(1).map_async(uneven_square, 0..200).unwrap();
+    let pids: Vec<u32> = pool.chunksize(1).map(|_: u8| std::process::id(), 0..4).unwrap();
+    pool.close();
+    assert_eq!(pool.apply(square, 1), Err(PoolError::Closed));
+    pool.join_timeout(LIMIT).unwrap();
+    assert_eq!(results.successful(), Some(true), "join waited for the map");
+    assert_eq!(results.get().unwrap().len(), 200);
+    for pid in pids {
+        assert!(!is_running(pid), "join waits for the workers to exit");
+    }
+    pool.join().unwrap(); // a second join has nothing to wait for
+}
+
+#[test]
+fn max_tasks_per_child_replaces_workers() {
+    let pool = Pool::builder().processes(2).max_tasks_per_child(3).build().unwrap();
+    let pids = pool.chunksize(1).map_async(|_: u32| std::process::id(), 0..30).unwrap();
+    let pids = pids.get_timeout(LIMIT).unwrap();
+    let distinct: BTreeSet<_> = pids.iter().copied().collect();
+    for pid in &distinct {
+        let tasks = pids.iter().filter(|p| *p == pid).count();
+        assert!(tasks <= 3, "worker {pid} ran {tasks} tasks");
+    }
+    assert!(distinct.len() >= 10, "only {} workers for 30 tasks", distinct.len());
+}
+
+static SEED: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn the_initializer_runs_in_every_worker_before_tasks() {
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(2)
+        .initializer(|seed: u64| SEED.store(seed, Ordering::SeqCst), 42)
+        .build()
+        .unwrap();
+    // With replacements, so new workers run it too.
+    let seeds = pool.chunksize(1).map_async(|_: u8| SEED.load(Ordering::SeqCst), 0..10).unwrap();
+    assert_eq!(seeds.get_timeout(LIMIT).unwrap(), vec![42; 10]);
+}
+
+#[test]
+fn a_failing_initializer_is_reported_and_not_retried() {
+    let pool = Pool::builder()
+        .processes(2)
+        .name_prefix("InitFails")
+        .initializer(|name: String| -> () { panic!("no configuration for {name}") }, "db".into())
+        .build()
+        .unwrap();
+    let first = pool.map_async(square, 0..10).unwrap().get_timeout(LIMIT);
+    match first {
+        Err(PoolError::InitializerFailed { message, .. }) => {
+            assert!(message.contains("no configuration for db"), "{message}");
+            assert!(message.contains("tests/pool.rs"), "the location is reported: {message}");
+        }
+        other => panic!("expected the initializer's failure, got {other:?}"),
+    }
+    // Broken for good: refused at once; no worker is restarted, so the pool winds down.
+    assert!(matches!(pool.apply(square, 1), Err(PoolError::InitializerFailed { .. })));
+    pool.close();
+    pool.join_timeout(LIMIT).unwrap();
+    let left = mp_core::active_children();
+    assert!(!left.iter().any(|c| c.name.starts_with("InitFails-")), "{left:?}");
+}
+
+#[test]
+fn workers_are_named_with_the_prefix() {
+    let pool = Pool::builder().processes(2).name_prefix("Cruncher").build().unwrap();
+    let pids = pool.chunksize(1).map(|_: u8| std::process::id(), 0..4).unwrap();
+    let children = mp_core::active_children();
+    for pid in pids {
+        let child = children.iter().find(|c| c.pid == pid).expect("a child of ours");
+        assert!(child.name.starts_with("Cruncher-"), "name {}", child.name);
+        assert!(child.daemon, "pool workers are daemons");
+    }
+}
+
+#[test]
+fn every_start_method_works() {
+    for method in StartMethod::ALL {
+        let pool = Pool::builder().processes(2).start_method(method).build().unwrap();
+        let results = pool.map_async(square, 0..50).unwrap().get_timeout(LIMIT);
+        assert_eq!(results.unwrap(), (0..50).map(square).collect::<Vec<_>>(), "{method}");
+        pool.close();
+        pool.join_timeout(LIMIT).unwrap();
+    }
+}
+
+#[test]
+fn invalid_options_are_refused() {
+    assert_eq!(Pool::new(0).unwrap_err(), PoolError::NoProcesses);
+    let zero_tasks = Pool::builder().processes(1).max_tasks_per_child(0).build();
+    assert_eq!(zero_tasks.unwrap_err(), PoolError::InvalidMaxTasks);
+    let default = Pool::builder().build().unwrap();
+    assert_eq!(default.processes(), mp_core::cpu_count());
+}
