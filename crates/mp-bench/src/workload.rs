@@ -181,7 +181,7 @@ pub const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "pool_create",
-        what: "Pool(2) create + close + join",
+        what: "Pool(2) create + one apply + close + join",
         unit: "ms",
         better: Better::Lower,
         floor: None,
