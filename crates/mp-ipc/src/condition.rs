@@ -1,1 +1,552 @@
-//! (condition: in progress)
+//! [`Condition`]: wait for a change that another process or thread announces.
+//!
+//! ```
+//! use mp_ipc::condition::Condition;
+//! use mp_ipc::value::Value;
+//! use std::time::Duration;
+//!
+//! let ready = Value::new(0u32)?;
+//! let cond = Condition::with_lock(ready.get_lock())?;
+//! std::thread::scope(|s| {
+//!     s.spawn(|| {
+//!         *ready.lock().unwrap() = 1;
+//!         cond.notify_all();
+//!     });
+//!     // Waits with the Value's own guard: the lock is released while asleep.
+//!     let guard = cond
+//!         .wait_for_timeout(ready.lock().unwrap(), Duration::from_secs(10), |v| **v == 1)
+//!         .unwrap();
+//!     assert_eq!(*guard, 1);
+//! });
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Each waiter takes a slot in shared memory with its own futex word;
+//! `notify(n)` marks the `n` oldest waiting slots and wakes exactly those
+//! threads, so exactly `min(n, waiting)` waiters return, a waiter that arrives
+//! later cannot take a notification meant for an earlier one, and a waiter
+//! that times out never absorbs one. At most [`Condition::CAPACITY`] threads
+//! can wait at once; a slot left by a killed process is reclaimed.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::futex::{self, AtomicU32, WaitOutcome};
+use crate::lock::{Guard, Lock, LockError, LockGuard, deadline_after};
+use crate::robust::{Acquired, RobustMutex};
+use crate::shm::{Shared, ShmError, ShmState, tag};
+
+/// Why a wait on a [`Condition`] did not end with a notification.
+///
+/// Every variant but [`Os`](WaitError::Os) hands the guard back: the lock is
+/// held again.
+#[derive(thiserror::Error)]
+pub enum WaitError<G> {
+    /// No notification came in time (the lock is held again).
+    #[error("timed out waiting on the condition")]
+    Timeout(G),
+    /// Re-acquiring the lock found that its previous holder died; the lock is
+    /// held, the protected data may be inconsistent.
+    #[error("the previous owner of the condition's lock died while holding it")]
+    OwnerDied(G),
+    /// The guard holds another lock than the condition's; nothing waited.
+    #[error("the guard does not hold this condition's lock")]
+    WrongLock(G),
+    /// [`Condition::CAPACITY`] threads are already waiting; nothing waited.
+    #[error(
+        "too many waiters on one condition (at most {} at once)",
+        Condition::CAPACITY
+    )]
+    TooManyWaiters(G),
+    /// Re-acquiring the lock failed; the lock is not held.
+    #[error("re-acquiring the condition's lock failed: {0}")]
+    Os(#[source] io::Error),
+}
+
+impl<G> WaitError<G> {
+    /// The guard, unless the lock could not be re-acquired.
+    pub fn into_guard(self) -> Option<G> {
+        match self {
+            WaitError::Timeout(g)
+            | WaitError::OwnerDied(g)
+            | WaitError::WrongLock(g)
+            | WaitError::TooManyWaiters(g) => Some(g),
+            WaitError::Os(_) => None,
+        }
+    }
+}
+
+impl<G> fmt::Debug for WaitError<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitError::Timeout(_) => f.write_str("Timeout(..)"),
+            WaitError::OwnerDied(_) => f.write_str("OwnerDied(..)"),
+            WaitError::WrongLock(_) => f.write_str("WrongLock(..)"),
+            WaitError::TooManyWaiters(_) => f.write_str("TooManyWaiters(..)"),
+            WaitError::Os(error) => f.debug_tuple("Os").field(error).finish(),
+        }
+    }
+}
+
+/// Number of waiter slots (small under loom to keep the model tractable).
+const SLOTS: usize = if cfg!(loom) { 2 } else { 256 };
+
+/// Slot states; the state word is also the slot's futex word.
+const FREE: u32 = 0;
+const WAITING: u32 = 1;
+const NOTIFIED: u32 = 2;
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    /// Process of the waiter, to reclaim the slot if it dies.
+    pid: AtomicU32,
+    /// Arrival number, to notify the oldest waiters first.
+    seq: AtomicU32,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            state: AtomicU32::new(FREE),
+            pid: AtomicU32::new(0),
+            seq: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The waiter slots as laid out in shared memory.
+#[repr(C)]
+pub(crate) struct CondState {
+    tag: u64,
+    /// Serialises slot allocation and notification (never held across user
+    /// code or sleeps).
+    mutex: RobustMutex,
+    next_seq: AtomicU32,
+    slots: [Slot; SLOTS],
+}
+
+// SAFETY: repr(C), starts with the tag; mutated only through atomics and the
+// pthread API.
+unsafe impl ShmState for CondState {
+    const TAG: u64 = tag(b"mp:Cond\0");
+    const KIND: &'static str = "Condition";
+}
+
+/// Holds the internal mutex of a [`CondState`].
+struct Bookkeeping<'a>(&'a RobustMutex);
+
+impl Drop for Bookkeeping<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    #[cfg(loom)]
+    {
+        let _ = pid;
+        true
+    }
+    #[cfg(not(loom))]
+    {
+        if pid == std::process::id() {
+            return true;
+        }
+        let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return false;
+        };
+        // ESRCH: gone. EPERM: exists (another user's process).
+        !matches!(
+            rustix::process::test_kill_process(pid),
+            Err(rustix::io::Errno::SRCH)
+        )
+    }
+}
+
+impl CondState {
+    /// Initialises a state at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` is valid for writes of a `CondState` and not yet shared.
+    pub(crate) unsafe fn init_at(ptr: *mut CondState) -> io::Result<()> {
+        // SAFETY: per the contract, every field is written through `ptr`
+        // before anybody else can see it.
+        unsafe {
+            RobustMutex::init_at(&raw mut (*ptr).mutex, false)?;
+            (&raw mut (*ptr).next_seq).write(AtomicU32::new(0));
+            (&raw mut (*ptr).slots).write(std::array::from_fn(|_| Slot::new()));
+            (&raw mut (*ptr).tag).write(Self::TAG);
+        }
+        Ok(())
+    }
+
+    fn bookkeeping(&self) -> Bookkeeping<'_> {
+        match self.mutex.lock(None) {
+            // After OwnerDied the slots are still well-formed (every update is
+            // a single atomic store); carry on.
+            Ok(Acquired::Clean | Acquired::OwnerDied) => {}
+            Err(error) => tracing::error!(?error, "condition bookkeeping lock failed; continuing"),
+        }
+        Bookkeeping(&self.mutex)
+    }
+
+    /// Takes a slot for the calling thread; `None` if all are in use.
+    pub(crate) fn enqueue(&self) -> Option<usize> {
+        let _held = self.bookkeeping();
+        let index = self.free_slot().or_else(|| {
+            self.reclaim_dead();
+            self.free_slot()
+        })?;
+        let slot = &self.slots[index];
+        slot.pid.store(std::process::id(), Ordering::Relaxed);
+        slot.seq.store(
+            self.next_seq.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        slot.state.store(WAITING, Ordering::Release);
+        Some(index)
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|slot| slot.state.load(Ordering::Acquire) == FREE)
+    }
+
+    /// Frees the slots of dead processes (bookkeeping held).
+    fn reclaim_dead(&self) {
+        for slot in &self.slots {
+            let state = slot.state.load(Ordering::Acquire);
+            if state != FREE && !alive(slot.pid.load(Ordering::Relaxed)) {
+                let _ =
+                    slot.state
+                        .compare_exchange(state, FREE, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sleeps on slot `index` until notified or `deadline`.
+    pub(crate) fn sleep(&self, index: usize, deadline: Option<Instant>) {
+        let slot = &self.slots[index];
+        while slot.state.load(Ordering::Acquire) == WAITING {
+            if futex::wait(&slot.state, WAITING, deadline) == WaitOutcome::TimedOut {
+                return;
+            }
+        }
+    }
+
+    /// Leaves slot `index`; true if it had been notified.
+    pub(crate) fn finish(&self, index: usize) -> bool {
+        let slot = &self.slots[index];
+        match slot
+            .state
+            .compare_exchange(WAITING, FREE, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => false,
+            Err(_) => {
+                slot.state.store(FREE, Ordering::Release);
+                true
+            }
+        }
+    }
+
+    /// Notifies the `n` oldest live waiters; returns how many.
+    pub(crate) fn notify(&self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        let _held = self.bookkeeping();
+        let now = self.next_seq.load(Ordering::Relaxed);
+        let mut woken = 0;
+        while woken < n {
+            let oldest = self
+                .slots
+                .iter()
+                .filter(|slot| slot.state.load(Ordering::Acquire) == WAITING)
+                .max_by_key(|slot| now.wrapping_sub(slot.seq.load(Ordering::Relaxed)));
+            let Some(slot) = oldest else { break };
+            woken += usize::from(self.notify_slot(slot));
+        }
+        woken
+    }
+
+    /// Notifies every waiter; returns how many.
+    pub(crate) fn notify_all(&self) -> usize {
+        let _held = self.bookkeeping();
+        self.slots
+            .iter()
+            .filter(|slot| slot.state.load(Ordering::Acquire) == WAITING)
+            .map(|slot| usize::from(self.notify_slot(slot)))
+            .sum()
+    }
+
+    /// Marks a waiting slot notified and wakes its thread; false if the
+    /// waiter just left or is dead (its slot is then freed).
+    fn notify_slot(&self, slot: &Slot) -> bool {
+        if !alive(slot.pid.load(Ordering::Relaxed)) {
+            let _ = slot
+                .state
+                .compare_exchange(WAITING, FREE, Ordering::AcqRel, Ordering::Relaxed);
+            return false;
+        }
+        if slot
+            .state
+            .compare_exchange(WAITING, NOTIFIED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false; // timed out meanwhile
+        }
+        futex::wake(&slot.state, 1);
+        true
+    }
+}
+
+/// A condition variable (Python's `multiprocessing.Condition`), bound to a
+/// [`Lock`].
+///
+/// Clones, and copies passed to child processes, are the same condition.
+/// Notifying does not require holding the lock (as with std's `Condvar`), but
+/// to avoid missing a wake-up, change the awaited state under the lock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Condition {
+    lock: Lock,
+    state: Shared<CondState>,
+}
+
+impl Condition {
+    /// How many threads may wait at once.
+    pub const CAPACITY: usize = SLOTS;
+
+    /// A condition with a new lock of its own.
+    pub fn new() -> Result<Self, ShmError> {
+        Self::with_lock(&Lock::new()?)
+    }
+
+    /// A condition bound to `lock` (e.g. a [`Value`](crate::value::Value)'s
+    /// lock, to wait with the Value's guard).
+    pub fn with_lock(lock: &Lock) -> Result<Self, ShmError> {
+        // SAFETY: init_at writes every field of the fresh state.
+        let state = unsafe {
+            Shared::create(|ptr| {
+                CondState::init_at(ptr).map_err(|source| ShmError::Io {
+                    op: "pthread_mutex_init",
+                    source,
+                })
+            })?
+        };
+        // The internal mutex is never held outside `&self` methods, so the
+        // segment cannot be unmapped while it is held: no need to track it.
+        Ok(Self {
+            lock: lock.clone(),
+            state,
+        })
+    }
+
+    /// The lock this condition is bound to.
+    pub fn get_lock(&self) -> &Lock {
+        &self.lock
+    }
+
+    /// Acquires the lock (see [`Lock::lock`]).
+    pub fn lock(&self) -> Result<LockGuard<'_>, LockError<LockGuard<'_>>> {
+        self.lock.lock()
+    }
+
+    /// Releases the lock held by `guard`, sleeps until notified, and
+    /// re-acquires the lock.
+    pub fn wait<G: Guard>(&self, guard: G) -> Result<G, WaitError<G>> {
+        self.wait_until(guard, None)
+    }
+
+    /// [`wait`](Self::wait), for at most `timeout` ([`WaitError::Timeout`]).
+    pub fn wait_timeout<G: Guard>(&self, guard: G, timeout: Duration) -> Result<G, WaitError<G>> {
+        self.wait_until(guard, deadline_after(timeout))
+    }
+
+    /// Waits until `predicate` (called with the lock held) is true.
+    pub fn wait_for<G: Guard>(
+        &self,
+        mut guard: G,
+        mut predicate: impl FnMut(&mut G) -> bool,
+    ) -> Result<G, WaitError<G>> {
+        while !predicate(&mut guard) {
+            guard = self.wait(guard)?;
+        }
+        Ok(guard)
+    }
+
+    /// [`wait_for`](Self::wait_for), for at most `timeout` in total; on
+    /// [`WaitError::Timeout`] the predicate was still false.
+    pub fn wait_for_timeout<G: Guard>(
+        &self,
+        mut guard: G,
+        timeout: Duration,
+        mut predicate: impl FnMut(&mut G) -> bool,
+    ) -> Result<G, WaitError<G>> {
+        let deadline = deadline_after(timeout);
+        while !predicate(&mut guard) {
+            guard = match self.wait_until(guard, deadline) {
+                Err(WaitError::Timeout(mut guard)) => {
+                    return if predicate(&mut guard) {
+                        Ok(guard)
+                    } else {
+                        Err(WaitError::Timeout(guard))
+                    };
+                }
+                other => other?,
+            };
+        }
+        Ok(guard)
+    }
+
+    fn wait_until<G: Guard>(&self, guard: G, deadline: Option<Instant>) -> Result<G, WaitError<G>> {
+        if guard.held_lock().id() != self.lock.id() {
+            return Err(WaitError::WrongLock(guard));
+        }
+        let Some(slot) = self.state.enqueue() else {
+            return Err(WaitError::TooManyWaiters(guard));
+        };
+        // Registered before the lock is released: a notifier that takes the
+        // lock after us sees our slot.
+        let _ = guard.held_lock().raw().unlock();
+        self.state.sleep(slot, deadline);
+        let notified = self.state.finish(slot);
+        match guard.held_lock().raw().lock(None) {
+            Ok(Acquired::Clean) if notified => Ok(guard),
+            Ok(Acquired::Clean) => Err(WaitError::Timeout(guard)),
+            Ok(Acquired::OwnerDied) => Err(WaitError::OwnerDied(guard)),
+            Err(error) => {
+                // The lock is not held: the guard must not release it.
+                std::mem::forget(guard);
+                Err(WaitError::Os(io::Error::other(format!("{error:?}"))))
+            }
+        }
+    }
+
+    /// Wakes exactly `min(n, waiting)` waiters, oldest first; returns how many.
+    pub fn notify(&self, n: usize) -> usize {
+        self.state.notify(n)
+    }
+
+    /// Wakes every waiter; returns how many.
+    pub fn notify_all(&self) -> usize {
+        self.state.notify_all()
+    }
+}
+
+impl fmt::Debug for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Condition")
+            .field("lock", &self.lock)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_timeout_times_out_with_the_lock_held() {
+        let cond = Condition::new().unwrap();
+        let guard = cond.lock().unwrap();
+        let timeout = Duration::from_millis(20);
+        let start = Instant::now();
+        let guard = match cond.wait_timeout(guard, timeout) {
+            Err(WaitError::Timeout(guard)) => guard,
+            other => panic!("expected a timeout, got {other:?}"),
+        };
+        assert!(start.elapsed() >= timeout);
+        assert!(matches!(
+            cond.get_lock().try_lock(),
+            Err(LockError::Deadlock)
+        ));
+        drop(guard);
+    }
+
+    #[test]
+    fn wrong_lock_is_refused() {
+        let cond = Condition::new().unwrap();
+        let other = Lock::new().unwrap();
+        let guard = other.lock().unwrap();
+        assert!(matches!(cond.wait(guard), Err(WaitError::WrongLock(_))));
+    }
+
+    #[test]
+    fn notify_without_waiters_wakes_nobody() {
+        let cond = Condition::new().unwrap();
+        assert_eq!(cond.notify(3), 0);
+        assert_eq!(cond.notify_all(), 0);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::{CondState, SLOTS};
+    use loom::sync::Arc;
+    use std::mem::MaybeUninit;
+
+    fn state() -> Arc<CondState> {
+        let mut slot = Box::new(MaybeUninit::<CondState>::uninit());
+        // SAFETY: a fresh, exclusively owned allocation.
+        unsafe { CondState::init_at(slot.as_mut_ptr()).unwrap() };
+        // SAFETY: init_at initialised every field.
+        Arc::new(*unsafe { slot.assume_init() })
+    }
+
+    /// Two waiters, notify(1) then notify(1): each notification wakes exactly
+    /// one waiter, none is lost.
+    #[test]
+    fn loom_condition_notify_one_each() {
+        assert_eq!(SLOTS, 2);
+        crate::futex::model(|| {
+            let cond = state();
+            let slots = [cond.enqueue().unwrap(), cond.enqueue().unwrap()];
+            let waiters: Vec<_> = slots
+                .into_iter()
+                .map(|slot| {
+                    let cond = Arc::clone(&cond);
+                    loom::thread::spawn(move || {
+                        cond.sleep(slot, None);
+                        assert!(cond.finish(slot));
+                    })
+                })
+                .collect();
+            assert_eq!(cond.notify(1), 1);
+            assert_eq!(cond.notify(1), 1);
+            assert_eq!(cond.notify(1), 0);
+            for waiter in waiters {
+                waiter.join().unwrap();
+            }
+        });
+    }
+
+    /// A waiter that times out races a notify(1): either it got the
+    /// notification (and notify counted it) or it timed out (and notify
+    /// counted nobody) — never both, never neither.
+    #[test]
+    fn loom_condition_timeout_races_notify() {
+        crate::futex::model(|| {
+            let cond = state();
+            let slot = cond.enqueue().unwrap();
+            let waiter = {
+                let cond = Arc::clone(&cond);
+                loom::thread::spawn(move || {
+                    cond.sleep(slot, Some(std::time::Instant::now()));
+                    cond.finish(slot)
+                })
+            };
+            let woken = cond.notify(1);
+            let notified = waiter.join().unwrap();
+            assert_eq!(woken, usize::from(notified));
+        });
+    }
+}

@@ -11,16 +11,16 @@
 //! to [`wake`] exactly as in the kernel, so a lost wake-up shows up as a loom
 //! deadlock, and a timed wait models "the timeout fires now".
 
-// Base layer: its users (the primitives, the ring) land in later commits.
-#![allow(dead_code)]
-
 use std::time::Instant;
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::AtomicU32;
+pub(crate) use std::sync::atomic::{AtomicU32, fence};
 
+// loom models SeqCst loads and stores as acquire/release only, but SeqCst
+// fences exactly: the "register as sleeper / check the word" handshakes use
+// fences so that the models check what the hardware guarantees.
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::AtomicU32;
+pub(crate) use loom::sync::atomic::{AtomicU32, fence};
 
 /// What ended a [`wait`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +145,15 @@ pub(crate) fn wake(word: &AtomicU32, count: u32) -> usize {
 #[inline]
 pub(crate) fn wake_all(word: &AtomicU32) -> usize {
     imp::wake(word, u32::MAX)
+}
+
+/// Runs a loom model with a bounded number of preemptions (3: enough for the
+/// two- and three-thread protocols modelled here, and tractable).
+#[cfg(all(test, loom))]
+pub(crate) fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(f);
 }
 
 #[cfg(all(test, not(loom)))]

@@ -15,6 +15,14 @@ pub mod lock;
 pub mod semaphore;
 pub mod value;
 
+pub use barrier::{Barrier, BarrierBuilder, BarrierError};
+pub use condition::{Condition, WaitError};
+pub use event::{Event, EventTimeout};
+pub use lock::{Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
+pub use semaphore::{BoundedSemaphore, Semaphore, SemaphoreError, SemaphoreGuard};
+pub use shm::{SharedMemory, ShmError};
+pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
+
 // Data plane.
 pub mod connection;
 pub mod queue;

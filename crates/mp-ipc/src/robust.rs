@@ -11,41 +11,9 @@
 //! mutex it holds gets [`LockFailed::Deadlock`] instead of hanging forever) or
 //! `PTHREAD_MUTEX_RECURSIVE`.
 
-// Base layer: its users (the primitives, the ring) land in later commits.
-#![allow(dead_code)]
-
-use std::cell::UnsafeCell;
-use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
-
-// glibc >= 2.30 has `pthread_mutex_clocklock`, which takes a CLOCK_MONOTONIC
-// deadline (immune to wall-clock jumps); the libc crate does not declare it.
-unsafe extern "C" {
-    fn pthread_mutex_clocklock(
-        mutex: *mut libc::pthread_mutex_t,
-        clockid: libc::clockid_t,
-        abstime: *const libc::timespec,
-    ) -> libc::c_int;
-}
-
-/// A glibc robust, process-shared mutex. Lives in shared memory: create it in
-/// place with [`RobustMutex::init_at`], never by value.
-#[repr(transparent)]
-pub(crate) struct RobustMutex {
-    raw: UnsafeCell<libc::pthread_mutex_t>,
-}
-
-// SAFETY: a process-shared pthread mutex is designed to be operated on by many
-// threads (and processes) at once through a shared pointer; every access goes
-// through the pthread functions, which synchronise internally.
-unsafe impl Sync for RobustMutex {}
-// SAFETY: the mutex holds no thread-affine state of its own (ownership is
-// recorded in the mutex word by TID, not by where the struct is referenced).
-unsafe impl Send for RobustMutex {}
-
 /// How a lock was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(loom, allow(dead_code))] // the loom model never reports OwnerDied
 pub(crate) enum Acquired {
     /// The mutex was free or released normally.
     Clean,
@@ -57,6 +25,7 @@ pub(crate) enum Acquired {
 
 /// Why a lock was not obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(loom, allow(dead_code))] // the loom model has no owner checks
 pub(crate) enum LockFailed {
     /// The deadline passed first.
     TimedOut,
@@ -80,163 +49,256 @@ pub(crate) type WouldBlock = LockFailed;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NotOwner;
 
-/// Mask of the owner TID in a robust mutex word (kernel robust-futex ABI).
-const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+#[cfg(not(loom))]
+mod imp {
+    use super::{Acquired, LockFailed, NotOwner};
+    use std::cell::UnsafeCell;
+    use std::io;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Instant;
 
-impl RobustMutex {
-    /// Initialises a robust, process-shared mutex at `ptr`.
-    ///
-    /// # Safety
-    /// `ptr` must be valid for writes of `size_of::<RobustMutex>()` bytes,
-    /// aligned, and not in use by anybody (no thread may be using a mutex
-    /// there while it is initialised).
-    pub(crate) unsafe fn init_at(ptr: *mut RobustMutex, recursive: bool) -> io::Result<()> {
-        let kind = if recursive {
-            libc::PTHREAD_MUTEX_RECURSIVE
-        } else {
-            libc::PTHREAD_MUTEX_ERRORCHECK
-        };
-        let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
-        // SAFETY: `attr` is a valid place for a mutexattr; it is initialised by
-        // pthread_mutexattr_init before any other use and destroyed at the end.
-        // `ptr` is valid for writes per this function's contract, and
-        // `RobustMutex` is a transparent wrapper around `pthread_mutex_t`.
-        unsafe {
-            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
-            let attr = attr.as_mut_ptr();
-            let result = check(libc::pthread_mutexattr_setpshared(
-                attr,
-                libc::PTHREAD_PROCESS_SHARED,
-            ))
-            .and_then(|()| {
-                check(libc::pthread_mutexattr_setrobust(
+    // glibc >= 2.30 has `pthread_mutex_clocklock`, which takes a CLOCK_MONOTONIC
+    // deadline (immune to wall-clock jumps); the libc crate does not declare it.
+    unsafe extern "C" {
+        fn pthread_mutex_clocklock(
+            mutex: *mut libc::pthread_mutex_t,
+            clockid: libc::clockid_t,
+            abstime: *const libc::timespec,
+        ) -> libc::c_int;
+    }
+
+    /// A glibc robust, process-shared mutex. Lives in shared memory: create it in
+    /// place with [`RobustMutex::init_at`], never by value.
+    #[repr(transparent)]
+    pub(crate) struct RobustMutex {
+        raw: UnsafeCell<libc::pthread_mutex_t>,
+    }
+
+    // SAFETY: a process-shared pthread mutex is designed to be operated on by many
+    // threads (and processes) at once through a shared pointer; every access goes
+    // through the pthread functions, which synchronise internally.
+    unsafe impl Sync for RobustMutex {}
+    // SAFETY: the mutex holds no thread-affine state of its own (ownership is
+    // recorded in the mutex word by TID, not by where the struct is referenced).
+    unsafe impl Send for RobustMutex {}
+
+    /// Mask of the owner TID in a robust mutex word (kernel robust-futex ABI).
+    const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+
+    impl RobustMutex {
+        /// Initialises a robust, process-shared mutex at `ptr`.
+        ///
+        /// # Safety
+        /// `ptr` must be valid for writes of `size_of::<RobustMutex>()` bytes,
+        /// aligned, and not in use by anybody (no thread may be using a mutex
+        /// there while it is initialised).
+        pub(crate) unsafe fn init_at(ptr: *mut RobustMutex, recursive: bool) -> io::Result<()> {
+            let kind = if recursive {
+                libc::PTHREAD_MUTEX_RECURSIVE
+            } else {
+                libc::PTHREAD_MUTEX_ERRORCHECK
+            };
+            let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+            // SAFETY: `attr` is a valid place for a mutexattr; it is initialised by
+            // pthread_mutexattr_init before any other use and destroyed at the end.
+            // `ptr` is valid for writes per this function's contract, and
+            // `RobustMutex` is a transparent wrapper around `pthread_mutex_t`.
+            unsafe {
+                check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+                let attr = attr.as_mut_ptr();
+                let result = check(libc::pthread_mutexattr_setpshared(
                     attr,
-                    libc::PTHREAD_MUTEX_ROBUST,
+                    libc::PTHREAD_PROCESS_SHARED,
                 ))
-            })
-            .and_then(|()| check(libc::pthread_mutexattr_settype(attr, kind)))
-            .and_then(|()| check(libc::pthread_mutex_init(ptr.cast(), attr)));
-            libc::pthread_mutexattr_destroy(attr);
-            result
+                .and_then(|()| {
+                    check(libc::pthread_mutexattr_setrobust(
+                        attr,
+                        libc::PTHREAD_MUTEX_ROBUST,
+                    ))
+                })
+                .and_then(|()| check(libc::pthread_mutexattr_settype(attr, kind)))
+                .and_then(|()| check(libc::pthread_mutex_init(ptr.cast(), attr)));
+                libc::pthread_mutexattr_destroy(attr);
+                result
+            }
+        }
+
+        fn raw(&self) -> *mut libc::pthread_mutex_t {
+            self.raw.get()
+        }
+
+        /// Locks, blocking until `deadline` (`None`: forever).
+        pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockFailed> {
+            let code = match deadline {
+                // SAFETY: `self.raw()` points to a mutex initialised by `init_at`
+                // (the only way to obtain a `&RobustMutex` in this crate).
+                None => unsafe { libc::pthread_mutex_lock(self.raw()) },
+                Some(deadline) => {
+                    let abstime = monotonic_deadline(deadline);
+                    // SAFETY: as above; `abstime` is a valid timespec.
+                    unsafe { pthread_mutex_clocklock(self.raw(), libc::CLOCK_MONOTONIC, &abstime) }
+                }
+            };
+            self.interpret(code)
+        }
+
+        /// Locks if nobody holds the mutex, without waiting.
+        pub(crate) fn try_lock(&self) -> Result<Acquired, LockFailed> {
+            // SAFETY: `self.raw()` points to an initialised mutex (see `lock`).
+            let code = unsafe { libc::pthread_mutex_trylock(self.raw()) };
+            self.interpret(code)
+        }
+
+        fn interpret(&self, code: libc::c_int) -> Result<Acquired, LockFailed> {
+            match code {
+                0 => Ok(Acquired::Clean),
+                libc::EOWNERDEAD => {
+                    // SAFETY: we hold the mutex (EOWNERDEAD hands it over), which is
+                    // the precondition of pthread_mutex_consistent.
+                    let code = unsafe { libc::pthread_mutex_consistent(self.raw()) };
+                    if code == 0 {
+                        tracing::warn!("robust mutex: previous owner died holding it; recovered");
+                        Ok(Acquired::OwnerDied)
+                    } else {
+                        Err(LockFailed::Os(code))
+                    }
+                }
+                libc::ETIMEDOUT => Err(LockFailed::TimedOut),
+                libc::EBUSY => Err(LockFailed::WouldBlock),
+                libc::EDEADLK => Err(LockFailed::Deadlock),
+                other => Err(LockFailed::Os(other)),
+            }
+        }
+
+        /// Unlocks; fails if the calling thread does not hold the mutex.
+        pub(crate) fn unlock(&self) -> Result<(), NotOwner> {
+            // SAFETY: `self.raw()` points to an initialised mutex; errorcheck and
+            // recursive robust mutexes report EPERM for a non-owner instead of
+            // misbehaving.
+            match unsafe { libc::pthread_mutex_unlock(self.raw()) } {
+                0 => Ok(()),
+                _ => Err(NotOwner),
+            }
+        }
+
+        /// The TID of the thread holding the mutex, if any (read from the futex
+        /// word, whose layout the kernel's robust-futex ABI fixes).
+        pub(crate) fn owner_tid(&self) -> Option<u32> {
+            // SAFETY: the first member of glibc's pthread_mutex_t is the 32-bit,
+            // 4-aligned futex word, which glibc and the kernel only access
+            // atomically; reading it atomically here is race-free.
+            let word = unsafe { &*self.raw().cast::<AtomicU32>() };
+            match word.load(Ordering::Relaxed) & FUTEX_TID_MASK {
+                0 => None,
+                tid => Some(tid),
+            }
+        }
+
+        /// Whether a thread of the calling process holds the mutex.
+        ///
+        /// Used before unmapping a segment: glibc links held robust mutexes into a
+        /// per-thread list *through the mutexes themselves*, so unmapping a held
+        /// one (possible after `mem::forget` of a guard) would leave a dangling
+        /// list entry in this process.
+        pub(crate) fn held_in_this_process(&self) -> bool {
+            self.owner_tid()
+                .is_some_and(|tid| std::path::Path::new(&format!("/proc/self/task/{tid}")).exists())
         }
     }
 
-    fn raw(&self) -> *mut libc::pthread_mutex_t {
-        self.raw.get()
+    /// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
+    /// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
+    /// left).
+    fn monotonic_deadline(deadline: Instant) -> libc::timespec {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let mut sec = now
+            .tv_sec
+            .saturating_add(left.as_secs().try_into().unwrap_or(i64::MAX));
+        let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
+        if nsec >= 1_000_000_000 {
+            nsec -= 1_000_000_000;
+            sec = sec.saturating_add(1);
+        }
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        }
     }
 
-    /// Locks, blocking until `deadline` (`None`: forever).
-    pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockFailed> {
-        let code = match deadline {
-            // SAFETY: `self.raw()` points to a mutex initialised by `init_at`
-            // (the only way to obtain a `&RobustMutex` in this crate).
-            None => unsafe { libc::pthread_mutex_lock(self.raw()) },
-            Some(deadline) => {
-                let abstime = monotonic_deadline(deadline);
-                // SAFETY: as above; `abstime` is a valid timespec.
-                unsafe { pthread_mutex_clocklock(self.raw(), libc::CLOCK_MONOTONIC, &abstime) }
-            }
-        };
-        self.interpret(code)
+    fn check(code: libc::c_int) -> io::Result<()> {
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(code))
+        }
+    }
+}
+
+/// Model for loom: a futex mutex on loom atomics with the same interface (no
+/// owner tracking, no owner death).
+#[cfg(loom)]
+mod imp {
+    use super::{Acquired, LockFailed, NotOwner};
+    use crate::futex::{self, AtomicU32, WaitOutcome};
+    use std::io;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    pub(crate) struct RobustMutex {
+        state: AtomicU32,
     }
 
-    /// Locks if nobody holds the mutex, without waiting.
-    pub(crate) fn try_lock(&self) -> Result<Acquired, LockFailed> {
-        // SAFETY: `self.raw()` points to an initialised mutex (see `lock`).
-        let code = unsafe { libc::pthread_mutex_trylock(self.raw()) };
-        self.interpret(code)
-    }
+    impl RobustMutex {
+        pub(crate) unsafe fn init_at(ptr: *mut RobustMutex, _recursive: bool) -> io::Result<()> {
+            // SAFETY: the caller guarantees `ptr` is valid for writes.
+            unsafe {
+                ptr.write(RobustMutex {
+                    state: AtomicU32::new(0),
+                })
+            };
+            Ok(())
+        }
 
-    fn interpret(&self, code: libc::c_int) -> Result<Acquired, LockFailed> {
-        match code {
-            0 => Ok(Acquired::Clean),
-            libc::EOWNERDEAD => {
-                // SAFETY: we hold the mutex (EOWNERDEAD hands it over), which is
-                // the precondition of pthread_mutex_consistent.
-                let code = unsafe { libc::pthread_mutex_consistent(self.raw()) };
-                if code == 0 {
-                    tracing::warn!("robust mutex: previous owner died holding it; recovered");
-                    Ok(Acquired::OwnerDied)
-                } else {
-                    Err(LockFailed::Os(code))
+        pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockFailed> {
+            loop {
+                if self.try_lock().is_ok() {
+                    return Ok(Acquired::Clean);
+                }
+                if futex::wait(&self.state, 1, deadline) == WaitOutcome::TimedOut {
+                    return Err(LockFailed::TimedOut);
                 }
             }
-            libc::ETIMEDOUT => Err(LockFailed::TimedOut),
-            libc::EBUSY => Err(LockFailed::WouldBlock),
-            libc::EDEADLK => Err(LockFailed::Deadlock),
-            other => Err(LockFailed::Os(other)),
         }
-    }
 
-    /// Unlocks; fails if the calling thread does not hold the mutex.
-    pub(crate) fn unlock(&self) -> Result<(), NotOwner> {
-        // SAFETY: `self.raw()` points to an initialised mutex; errorcheck and
-        // recursive robust mutexes report EPERM for a non-owner instead of
-        // misbehaving.
-        match unsafe { libc::pthread_mutex_unlock(self.raw()) } {
-            0 => Ok(()),
-            _ => Err(NotOwner),
+        pub(crate) fn try_lock(&self) -> Result<Acquired, LockFailed> {
+            self.state
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .map(|_| Acquired::Clean)
+                .map_err(|_| LockFailed::WouldBlock)
         }
-    }
 
-    /// The TID of the thread holding the mutex, if any (read from the futex
-    /// word, whose layout the kernel's robust-futex ABI fixes).
-    pub(crate) fn owner_tid(&self) -> Option<u32> {
-        // SAFETY: the first member of glibc's pthread_mutex_t is the 32-bit,
-        // 4-aligned futex word, which glibc and the kernel only access
-        // atomically; reading it atomically here is race-free.
-        let word = unsafe { &*self.raw().cast::<AtomicU32>() };
-        match word.load(Ordering::Relaxed) & FUTEX_TID_MASK {
-            0 => None,
-            tid => Some(tid),
+        pub(crate) fn unlock(&self) -> Result<(), NotOwner> {
+            if self.state.swap(0, Ordering::Release) == 0 {
+                return Err(NotOwner);
+            }
+            futex::wake(&self.state, 1);
+            Ok(())
         }
-    }
 
-    /// Whether a thread of the calling process holds the mutex.
-    ///
-    /// Used before unmapping a segment: glibc links held robust mutexes into a
-    /// per-thread list *through the mutexes themselves*, so unmapping a held
-    /// one (possible after `mem::forget` of a guard) would leave a dangling
-    /// list entry in this process.
-    pub(crate) fn held_in_this_process(&self) -> bool {
-        self.owner_tid()
-            .is_some_and(|tid| std::path::Path::new(&format!("/proc/self/task/{tid}")).exists())
+        pub(crate) fn held_in_this_process(&self) -> bool {
+            false
+        }
     }
 }
 
-/// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
-/// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
-/// left).
-fn monotonic_deadline(deadline: Instant) -> libc::timespec {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    let mut sec = now
-        .tv_sec
-        .saturating_add(left.as_secs().try_into().unwrap_or(i64::MAX));
-    let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
-    if nsec >= 1_000_000_000 {
-        nsec -= 1_000_000_000;
-        sec = sec.saturating_add(1);
-    }
-    libc::timespec {
-        tv_sec: sec,
-        tv_nsec: nsec,
-    }
-}
-
-fn check(code: libc::c_int) -> io::Result<()> {
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(code))
-    }
-}
+pub(crate) use imp::RobustMutex;
 
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::mem::MaybeUninit;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     fn boxed(recursive: bool) -> Box<RobustMutex> {
         let mut slot = Box::new(MaybeUninit::<RobustMutex>::uninit());

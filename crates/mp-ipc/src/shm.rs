@@ -37,7 +37,7 @@ use crate::robust::RobustMutex;
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
     /// Size 0, or larger than the address space allows.
-    #[error("invalid shared memory size {0}: must be between 1 and isize::MAX bytes")]
+    #[error("invalid shared memory size {0}: must be at least 1 byte and fit in RAM + swap")]
     InvalidSize(usize),
     /// The name is empty, too long, or contains `/` or NUL.
     #[error(
@@ -67,6 +67,15 @@ pub enum ShmError {
         offset: usize,
         /// Alignment required.
         align: usize,
+    },
+    /// The memory handed over does not hold the expected primitive (e.g. a
+    /// `Lock` was decoded from the bytes of a `Semaphore`).
+    #[error("shared memory at offset {offset} does not hold a {expected}")]
+    WrongKind {
+        /// The primitive expected there.
+        expected: &'static str,
+        /// Where it was expected.
+        offset: usize,
     },
     /// `unlink` on an anonymous segment.
     #[error("anonymous shared memory has no name to unlink")]
@@ -293,7 +302,6 @@ impl SharedMemory {
 
     /// A typed pointer `offset` bytes into the segment, checked to be in
     /// bounds and aligned for `T`. Dereferencing it is the caller's business.
-    #[allow(dead_code)] // used by the primitives as they land
     pub(crate) fn region<T>(&self, offset: usize) -> Result<NonNull<T>, ShmError> {
         self.check_range(offset, size_of::<T>())?;
         // SAFETY: in bounds (checked above), so the pointer stays inside the
@@ -311,7 +319,6 @@ impl SharedMemory {
     /// Records that a robust mutex lives at `offset`, so that the mapping is
     /// kept (leaked) rather than unmapped if a thread of this process still
     /// holds that mutex when the last handle goes (see `Segment::drop`).
-    #[allow(dead_code)] // used by the lock primitives as they land
     pub(crate) fn track_robust_mutex(&self, offset: usize) {
         self.segment.robust_mutexes.lock().push(offset);
     }
@@ -352,6 +359,16 @@ impl Drop for Segment {
 
 fn check_size(size: usize) -> Result<(), ShmError> {
     if size == 0 || size > isize::MAX as usize {
+        return Err(ShmError::InvalidSize(size));
+    }
+    // Segments are pre-faulted, so one larger than RAM + swap cannot work;
+    // refuse it here rather than fail (and panic) deep inside mmap.
+    let info = rustix::system::sysinfo();
+    let unit = u64::from(info.mem_unit.max(1));
+    let memory = (info.totalram as u64)
+        .saturating_add(info.totalswap as u64)
+        .saturating_mul(unit);
+    if size as u64 > memory {
         return Err(ShmError::InvalidSize(size));
     }
     Ok(())
@@ -488,6 +505,133 @@ impl<'de> Deserialize<'de> for SharedMemory {
             Wire::Anonymous(memory) => Self::from_anonymous(memory).map_err(D::Error::custom),
             Wire::Named(name) => Self::open(&name).map_err(D::Error::custom),
         }
+    }
+}
+
+/// A state struct that lives in shared memory and is reached through
+/// [`Shared`].
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, start with a `u64` tag field that holds
+/// `TAG` once initialised, and mutate their contents only through atomics or
+/// the pthread API (they are shared, unsynchronised, with other processes).
+pub(crate) unsafe trait ShmState: Sync {
+    /// Identifies the struct in memory, checked when a handle is decoded.
+    const TAG: u64;
+    /// What the struct is, for error messages.
+    const KIND: &'static str;
+}
+
+/// Turns an 8-byte name into a tag.
+pub(crate) const fn tag(name: &[u8; 8]) -> u64 {
+    u64::from_le_bytes(*name)
+}
+
+/// A `T` placed in a segment at a fixed offset, together with the handle that
+/// keeps it mapped. Clones share the memory; it travels between processes as
+/// its segment plus the offset, and is checked (bounds, alignment, tag) when
+/// decoded.
+pub(crate) struct Shared<T: ShmState> {
+    shm: SharedMemory,
+    offset: usize,
+    ptr: NonNull<T>,
+}
+
+// SAFETY: `T: ShmState` is `Sync` and only mutated through atomics or pthread
+// calls; the pointer stays valid while `shm` (an `Arc`) lives.
+unsafe impl<T: ShmState> Send for Shared<T> {}
+// SAFETY: as above: shared references to `T` are what `T: Sync` permits.
+unsafe impl<T: ShmState> Sync for Shared<T> {}
+
+impl<T: ShmState> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self {
+            shm: self.shm.clone(),
+            offset: self.offset,
+            ptr: self.ptr,
+        }
+    }
+}
+
+impl<T: ShmState> Shared<T> {
+    /// A new anonymous segment just big enough for a `T`, initialised by `init`.
+    ///
+    /// # Safety
+    /// `init` must fully initialise the `T` it is given (including its tag).
+    pub(crate) unsafe fn create(
+        init: impl FnOnce(*mut T) -> Result<(), ShmError>,
+    ) -> Result<Self, ShmError> {
+        let shm = SharedMemory::new(size_of::<T>())?;
+        // SAFETY: forwarded contract.
+        unsafe { Self::create_in(shm, 0, init) }
+    }
+
+    /// Initialises a `T` at `offset` of `shm` with `init`.
+    ///
+    /// # Safety
+    /// `init` must fully initialise the `T` it is given (including its tag),
+    /// and nobody else may be using that part of `shm` yet.
+    pub(crate) unsafe fn create_in(
+        shm: SharedMemory,
+        offset: usize,
+        init: impl FnOnce(*mut T) -> Result<(), ShmError>,
+    ) -> Result<Self, ShmError> {
+        let ptr = shm.region::<T>(offset)?;
+        init(ptr.as_ptr())?;
+        Ok(Self { shm, offset, ptr })
+    }
+
+    /// The `T` at `offset` of an existing segment, after checking its tag.
+    pub(crate) fn attach(shm: SharedMemory, offset: usize) -> Result<Self, ShmError> {
+        let ptr = shm.region::<T>(offset)?;
+        // SAFETY: in bounds and aligned (region), and every `ShmState` starts
+        // with a u64 tag; read it atomically as other processes may be live.
+        let found = unsafe { (*ptr.cast::<AtomicU64>().as_ptr()).load(Ordering::Acquire) };
+        if found != T::TAG {
+            return Err(ShmError::WrongKind {
+                expected: T::KIND,
+                offset,
+            });
+        }
+        Ok(Self { shm, offset, ptr })
+    }
+
+    /// The segment holding the `T`.
+    pub(crate) fn shm(&self) -> &SharedMemory {
+        &self.shm
+    }
+
+    /// The offset of the `T` in its segment.
+    pub(crate) fn offset(&self) -> usize {
+        self.offset
+    }
+}
+
+impl<T: ShmState> std::ops::Deref for Shared<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        // SAFETY: the pointer is in bounds and aligned, the `T` was
+        // initialised (create) or its tag checked (attach), the mapping lives
+        // as long as `self.shm`, and `T` only allows shared mutation through
+        // atomics/pthread calls.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T: ShmState> Serialize for Shared<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (&self.shm, self.offset as u64).serialize(serializer)
+    }
+}
+
+impl<'de, T: ShmState> Deserialize<'de> for Shared<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let (shm, offset) = <(SharedMemory, u64)>::deserialize(deserializer)?;
+        let offset = usize::try_from(offset).map_err(D::Error::custom)?;
+        Self::attach(shm, offset).map_err(D::Error::custom)
     }
 }
 
