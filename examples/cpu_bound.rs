@@ -17,7 +17,9 @@ use multiproc::mp_pool::{Pool, PoolError};
 
 /// The number of primes below `bound`, by trial division.
 fn count_primes(bound: u64) -> u64 {
-    (2..bound).filter(|&n| (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)).count() as u64
+    (2..bound)
+        .filter(|&n| (2..).take_while(|d| d * d <= n).all(|d| n % d != 0))
+        .count() as u64
 }
 
 const BOUND: u64 = 400_000;
@@ -48,9 +50,21 @@ fn main() -> Result<(), PoolError> {
     pool.close();
     pool.join()?;
 
-    println!("{tasks} tasks: count the primes below {BOUND} ({} each)", expected[0]);
-    println!("serial:             {:>8.1} ms", serial_best.as_secs_f64() * 1e3);
-    println!("pool of {workers} workers: {:>8.1} ms", pool_best.as_secs_f64() * 1e3);
-    println!("speedup:            {:>8.2}x", serial_best.as_secs_f64() / pool_best.as_secs_f64());
+    println!(
+        "{tasks} tasks: count the primes below {BOUND} ({} each)",
+        expected[0]
+    );
+    println!(
+        "serial:             {:>8.1} ms",
+        serial_best.as_secs_f64() * 1e3
+    );
+    println!(
+        "pool of {workers} workers: {:>8.1} ms",
+        pool_best.as_secs_f64() * 1e3
+    );
+    println!(
+        "speedup:            {:>8.2}x",
+        serial_best.as_secs_f64() / pool_best.as_secs_f64()
+    );
     Ok(())
 }

@@ -44,9 +44,11 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
                     scheduler.worker_ready(worker, pid);
                     Vec::new()
                 }
-                Report::Exited { worker, exitcode, failure } => {
-                    scheduler.worker_exited(worker, exitcode, failure)
-                }
+                Report::Exited {
+                    worker,
+                    exitcode,
+                    failure,
+                } => scheduler.worker_exited(worker, exitcode, failure),
                 Report::Shutdown => return,
             };
             if scheduler.is_idle() {

@@ -121,13 +121,22 @@ mod tests {
 
     #[test]
     fn worker_death_names_pid_and_signal() {
-        let error = PoolError::WorkerDied { pid: 42, status: status_of_exitcode(-9) };
+        let error = PoolError::WorkerDied {
+            pid: 42,
+            status: status_of_exitcode(-9),
+        };
         assert_eq!(
             error.to_string(),
             "pool worker 42 was killed by signal 9 (SIGKILL) while running this task"
         );
-        let exited = PoolError::WorkerDied { pid: 7, status: status_of_exitcode(3) };
-        assert_eq!(exited.to_string(), "pool worker 7 exited with code 3 while running this task");
+        let exited = PoolError::WorkerDied {
+            pid: 7,
+            status: status_of_exitcode(3),
+        };
+        assert_eq!(
+            exited.to_string(),
+            "pool worker 7 exited with code 3 while running this task"
+        );
     }
 
     #[test]
@@ -138,6 +147,9 @@ mod tests {
             backtrace: None,
         };
         let error = PoolError::from_task_failure(5, TaskFailure::Panicked(report));
-        assert_eq!(error.to_string(), "task panicked at src/x.rs:1:2: boom (in pool worker 5)");
+        assert_eq!(
+            error.to_string(),
+            "task panicked at src/x.rs:1:2: boom (in pool worker 5)"
+        );
     }
 }

@@ -38,7 +38,8 @@ pub(crate) trait Job: Send + Sync {
 /// reported and does not stop the other deliveries.
 pub(crate) fn deliver(deliveries: Vec<(Arc<dyn Job>, ChunkOutcome)>) {
     for (job, outcome) in deliveries {
-        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.deliver(outcome)));
+        let delivered =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.deliver(outcome)));
         if delivered.is_err() {
             tracing::error!("a pool result callback panicked");
         }
@@ -48,8 +49,10 @@ pub(crate) fn deliver(deliveries: Vec<(Arc<dyn Job>, ChunkOutcome)>) {
 /// Decodes a chunk's results and checks there is one per item.
 fn decode<R: DeserializeOwned>(outcome: ChunkOutcome) -> Result<Vec<R>, PoolError> {
     let (pid, bytes) = outcome.result?;
-    let values: Vec<R> = postcard::from_bytes(&bytes)
-        .map_err(|e| PoolError::BadResult { pid, message: e.to_string() })?;
+    let values: Vec<R> = postcard::from_bytes(&bytes).map_err(|e| PoolError::BadResult {
+        pid,
+        message: e.to_string(),
+    })?;
     if values.len() != outcome.items {
         return Err(PoolError::BadResult {
             pid,
@@ -269,7 +272,11 @@ mod tests {
 
         let failed = Completion::new();
         let job = CollectJob::<u32, Vec<u32>>::new(failed.clone(), Some);
-        job.deliver(ChunkOutcome { index: 1, items: 2, result: Err(PoolError::Terminated) });
+        job.deliver(ChunkOutcome {
+            index: 1,
+            items: 2,
+            result: Err(PoolError::Terminated),
+        });
         assert!(job.is_cancelled());
         job.deliver(ok(0, &[1, 2]));
         assert_eq!(AsyncResult::new(failed).get(), Err(PoolError::Terminated));

@@ -9,6 +9,7 @@ use mp_core::{Entry, StartMethod};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
+use crate::collector;
 use crate::error::PoolError;
 use crate::imap::IMap;
 use crate::job::{CollectJob, Job, deliver};
@@ -17,7 +18,6 @@ use crate::scheduler::{Chunk, Mode, Scheduler, default_chunksize};
 use crate::supervisor::{self, Commands};
 use crate::transport::{Payload, Report, ReportSender, report_link};
 use crate::worker::{self, Launcher};
-use crate::collector;
 
 /// Submit chunks to the scheduler in groups of about this many encoded bytes...
 const SUBMIT_BYTES: usize = 64 * 1024;
@@ -183,7 +183,14 @@ impl PoolBuilder {
         };
         shared.scheduler.lock().request_workers();
         tracing::debug!(processes, method = %shared.config.start_method, "pool created");
-        Ok(Pool { shared, processes, threads: Mutex::new(Some(Threads { supervisor, collector })) })
+        Ok(Pool {
+            shared,
+            processes,
+            threads: Mutex::new(Some(Threads {
+                supervisor,
+                collector,
+            })),
+        })
     }
 }
 
@@ -225,7 +232,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("processes", &self.processes).finish_non_exhaustive()
+        f.debug_struct("Pool")
+            .field("processes", &self.processes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -253,7 +262,10 @@ impl Pool {
     /// The same operations with an explicit chunk size (Python's `chunksize=` argument):
     /// `pool.chunksize(10).map(f, items)`.
     pub fn chunksize(&self, chunksize: usize) -> WithChunksize<'_> {
-        WithChunksize { pool: self, chunksize }
+        WithChunksize {
+            pool: self,
+            chunksize,
+        }
     }
 
     /// Runs `function(args)` on a worker and returns its result (Python's `apply`).
@@ -271,7 +283,9 @@ impl Pool {
         function: F,
         args: F::Args,
     ) -> Result<AsyncResult<F::Output>, PoolError> {
-        self.collect(&function, std::iter::once(args), Some(1), |values| values.into_iter().next())
+        self.collect(&function, std::iter::once(args), Some(1), |values| {
+            values.into_iter().next()
+        })
     }
 
     /// Applies `function` to every item and returns the results in input order (Python's
@@ -364,7 +378,11 @@ impl Pool {
                         match deadline {
                             None => self.shared.idle.wait(&mut scheduler),
                             Some(deadline) => {
-                                if self.shared.idle.wait_until(&mut scheduler, deadline).timed_out()
+                                if self
+                                    .shared
+                                    .idle
+                                    .wait_until(&mut scheduler, deadline)
+                                    .timed_out()
                                     && !scheduler.is_idle()
                                 {
                                     return Err(PoolError::Timeout);
@@ -425,7 +443,9 @@ impl Pool {
         let items = items.into_iter();
         let chunksize = |len| chunksize.unwrap_or_else(|| default_chunksize(len, self.processes));
         let fed = match items.size_hint() {
-            (low, Some(high)) if low == high => self.feed(&sink, function_id, items, chunksize(low)),
+            (low, Some(high)) if low == high => {
+                self.feed(&sink, function_id, items, chunksize(low))
+            }
             _ => {
                 let items: Vec<_> = items.collect();
                 let size = chunksize(items.len());
@@ -524,7 +544,8 @@ impl<'pool> WithChunksize<'pool> {
         function: F,
         items: I,
     ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
-        self.pool.collect(&function, items, Some(self.chunksize), Some)
+        self.pool
+            .collect(&function, items, Some(self.chunksize), Some)
     }
 
     /// [`Pool::starmap`] with this chunk size.
@@ -552,7 +573,13 @@ impl<'pool> WithChunksize<'pool> {
         function: F,
         items: I,
     ) -> IMap<'pool, M, F, I::IntoIter> {
-        IMap::new(self.pool, &function, items.into_iter(), self.chunksize, true)
+        IMap::new(
+            self.pool,
+            &function,
+            items.into_iter(),
+            self.chunksize,
+            true,
+        )
     }
 
     /// [`Pool::imap_unordered`] with this chunk size.
@@ -561,6 +588,12 @@ impl<'pool> WithChunksize<'pool> {
         function: F,
         items: I,
     ) -> IMap<'pool, M, F, I::IntoIter> {
-        IMap::new(self.pool, &function, items.into_iter(), self.chunksize, false)
+        IMap::new(
+            self.pool,
+            &function,
+            items.into_iter(),
+            self.chunksize,
+            false,
+        )
     }
 }

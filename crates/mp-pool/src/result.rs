@@ -13,7 +13,10 @@ type SuccessCallback<T> = Box<dyn FnOnce(&T) + Send>;
 type ErrorCallback = Box<dyn FnOnce(&PoolError) + Send>;
 
 enum State<T> {
-    Pending { on_success: Option<SuccessCallback<T>>, on_error: Option<ErrorCallback> },
+    Pending {
+        on_success: Option<SuccessCallback<T>>,
+        on_error: Option<ErrorCallback>,
+    },
     Ready(Result<T, PoolError>),
     /// The value was moved out by `get`.
     Taken,
@@ -28,7 +31,10 @@ pub(crate) struct Completion<T> {
 impl<T> Completion<T> {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Completion {
-            state: Mutex::new(State::Pending { on_success: None, on_error: None }),
+            state: Mutex::new(State::Pending {
+                on_success: None,
+                on_error: None,
+            }),
             ready: Condvar::new(),
         })
     }
@@ -40,7 +46,11 @@ impl<T> Completion<T> {
     /// it, so it cannot deadlock on it.
     pub(crate) fn complete(&self, outcome: Result<T, PoolError>) {
         let mut state = self.state.lock();
-        let State::Pending { on_success, on_error } = &mut *state else {
+        let State::Pending {
+            on_success,
+            on_error,
+        } = &mut *state
+        else {
             return;
         };
         let (on_success, on_error) = (on_success.take(), on_error.take());
@@ -82,7 +92,9 @@ pub struct AsyncResult<T> {
 
 impl<T> fmt::Debug for AsyncResult<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AsyncResult").field("ready", &self.ready()).finish()
+        f.debug_struct("AsyncResult")
+            .field("ready", &self.ready())
+            .finish()
     }
 }
 
@@ -156,7 +168,12 @@ impl<T> AsyncResult<T> {
             match deadline {
                 None => self.completion.ready.wait(&mut state),
                 Some(deadline) => {
-                    if self.completion.ready.wait_until(&mut state, deadline).timed_out() {
+                    if self
+                        .completion
+                        .ready
+                        .wait_until(&mut state, deadline)
+                        .timed_out()
+                    {
                         return !matches!(*state, State::Pending { .. });
                     }
                 }
@@ -244,7 +261,10 @@ mod tests {
     fn get_timeout_times_out_and_can_be_retried() {
         let completion = Completion::<u32>::new();
         let result = AsyncResult::new(completion.clone());
-        assert_eq!(result.get_timeout(Duration::from_millis(10)), Err(PoolError::Timeout));
+        assert_eq!(
+            result.get_timeout(Duration::from_millis(10)),
+            Err(PoolError::Timeout)
+        );
         assert!(!result.ready());
         completion.complete(Ok(1));
         assert_eq!(result.get_timeout(Duration::from_millis(10)), Ok(1));

@@ -34,8 +34,8 @@ use crate::error::{PoolError, describe_exit, status_of_exitcode};
 use crate::job::{ChunkOutcome, Job};
 use crate::supervisor::Commands;
 use crate::transport::{
-    ChunkResult, INLINE_LIMIT, MAX_MESSAGES_IN_FLIGHT, Payload, Progress, TaskChunk,
-    TaskMessage, TaskSender, WorkerId,
+    ChunkResult, INLINE_LIMIT, MAX_MESSAGES_IN_FLIGHT, Payload, Progress, TaskChunk, TaskMessage,
+    TaskSender, WorkerId,
 };
 
 /// How much work (by the running average of chunk times) to keep queued on each worker.
@@ -52,7 +52,7 @@ const MAX_STARTUP_FAILURES: usize = 3;
 /// (`divmod(len, 4 * workers)`, plus one when there is a remainder).
 pub(crate) fn default_chunksize(items: usize, workers: usize) -> usize {
     let per = 4 * workers.max(1);
-    (items / per + usize::from(items % per != 0)).max(1)
+    (items / per + usize::from(!items.is_multiple_of(per))).max(1)
 }
 
 /// A piece of a job: a few items' encoded arguments and where their results go.
@@ -180,7 +180,11 @@ impl Scheduler {
 
     /// The pids of the workers that are running (started and not yet reported dead).
     pub(crate) fn worker_pids(&self) -> Vec<u32> {
-        self.workers.iter().filter(|w| w.pid != 0).map(|w| w.pid).collect()
+        self.workers
+            .iter()
+            .filter(|w| w.pid != 0)
+            .map(|w| w.pid)
+            .collect()
     }
 
     pub(crate) fn mode(&self) -> &Mode {
@@ -212,7 +216,12 @@ impl Scheduler {
         self.mode = Mode::Terminated;
         self.stopping = true;
         let mut deliveries = Vec::new();
-        let running = self.workers.drain(..).flat_map(|w| w.batches).flatten().map(|a| a.chunk);
+        let running = self
+            .workers
+            .drain(..)
+            .flat_map(|w| w.batches)
+            .flatten()
+            .map(|a| a.chunk);
         for chunk in running.chain(self.pending.drain(..)).collect::<Vec<_>>() {
             deliveries.push(fail(chunk, PoolError::Terminated));
         }
@@ -293,7 +302,14 @@ impl Scheduler {
                 Ok(bytes) => Ok((pid, bytes.0)),
                 Err(failure) => Err(PoolError::from_task_failure(pid, failure)),
             };
-            deliveries.push((chunk.job, ChunkOutcome { index: chunk.index, items: chunk.items, result }));
+            deliveries.push((
+                chunk.job,
+                ChunkOutcome {
+                    index: chunk.index,
+                    items: chunk.items,
+                    result,
+                },
+            ));
         }
         if !deliveries.is_empty() {
             let sample = total_ns / deliveries.len() as f64;
@@ -391,7 +407,10 @@ impl Scheduler {
             self.mode = Mode::Broken(error);
         }
         let error = self.broken_error();
-        self.pending.drain(..).map(|c| fail(c, error.clone())).collect()
+        self.pending
+            .drain(..)
+            .map(|c| fail(c, error.clone()))
+            .collect()
     }
 
     fn worker_mut(&mut self, id: WorkerId) -> Option<&mut Worker> {
@@ -427,18 +446,25 @@ impl Scheduler {
                     && w.batches.len() < MAX_MESSAGES_IN_FLIGHT
             };
             let eligible = self.workers.iter().filter(|w| has_room(w)).count();
-            let Some(worker) =
-                self.workers.iter_mut().filter(|w| has_room(w)).min_by_key(|w| w.in_flight)
+            let Some(worker) = self
+                .workers
+                .iter_mut()
+                .filter(|w| has_room(w))
+                .min_by_key(|w| w.in_flight)
             else {
                 return;
             };
             let share = self.pending.len().div_ceil(eligible);
-            let room = (depth - worker.in_flight).min(share).min(worker.budget.unwrap_or(usize::MAX));
+            let room = (depth - worker.in_flight)
+                .min(share)
+                .min(worker.budget.unwrap_or(usize::MAX));
             let mut batch = VecDeque::with_capacity(room);
             let mut message = Vec::with_capacity(room);
             let mut inline_bytes = 0;
             while batch.len() < room {
-                let Some(chunk) = self.pending.front() else { break };
+                let Some(chunk) = self.pending.front() else {
+                    break;
+                };
                 if chunk.job.is_cancelled() {
                     self.pending.pop_front();
                     continue;
@@ -447,7 +473,9 @@ impl Scheduler {
                 if !batch.is_empty() && inline_bytes + size > INLINE_LIMIT {
                     break;
                 }
-                let Some(chunk) = self.pending.pop_front() else { break };
+                let Some(chunk) = self.pending.pop_front() else {
+                    break;
+                };
                 inline_bytes += size;
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -501,7 +529,14 @@ fn take_assigned(worker: &mut Worker, seq: u64) -> Option<Assigned> {
 }
 
 fn fail(chunk: Chunk, error: PoolError) -> Delivery {
-    (chunk.job, ChunkOutcome { index: chunk.index, items: chunk.items, result: Err(error) })
+    (
+        chunk.job,
+        ChunkOutcome {
+            index: chunk.index,
+            items: chunk.items,
+            result: Err(error),
+        },
+    )
 }
 
 #[cfg(test)]

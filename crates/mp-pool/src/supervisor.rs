@@ -36,7 +36,10 @@ pub(crate) struct Commands {
 impl Commands {
     pub(crate) fn new() -> std::io::Result<Arc<Self>> {
         let doorbell = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        Ok(Arc::new(Commands { queue: Mutex::new(Vec::new()), doorbell }))
+        Ok(Arc::new(Commands {
+            queue: Mutex::new(Vec::new()),
+            doorbell,
+        }))
     }
 
     /// Asks for one more worker.
@@ -108,7 +111,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 };
                 tracing::debug!(worker = %id, pid = child.pid(), exitcode, "pool worker reaped");
                 // Fails only when the result thread is gone (the pool is shutting down).
-                let _ = shared.reports.send(Report::Exited { worker: *id, exitcode, failure });
+                let _ = shared.reports.send(Report::Exited {
+                    worker: *id,
+                    exitcode,
+                    failure,
+                });
                 false
             }
         });
@@ -122,7 +129,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
 fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
     let mut fds = Vec::with_capacity(workers.len() + 1);
     fds.push(PollFd::new(&commands.doorbell, PollFlags::IN));
-    fds.extend(workers.iter().map(|(_, child)| PollFd::from_borrowed_fd(child.sentinel(), PollFlags::IN)));
+    fds.extend(
+        workers
+            .iter()
+            .map(|(_, child)| PollFd::from_borrowed_fd(child.sentinel(), PollFlags::IN)),
+    );
     loop {
         match rustix::event::poll(&mut fds, None) {
             Err(rustix::io::Errno::INTR) => continue,
@@ -146,7 +157,11 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
             return None;
         }
     };
-    if !shared.scheduler.lock().register_worker(id, sender, progress.clone()) {
+    if !shared
+        .scheduler
+        .lock()
+        .register_worker(id, sender, progress.clone())
+    {
         return None;
     }
     let args = WorkerArgs {
@@ -157,7 +172,10 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
         max_tasks: shared.config.max_tasks,
     };
     let name = format!("{}-{}", shared.config.name_prefix, id.0);
-    let started = shared.config.launcher.launch(args, name, shared.config.start_method);
+    let started = shared
+        .config
+        .launcher
+        .launch(args, name, shared.config.start_method);
     match started {
         Ok(child) => {
             tracing::info!(worker = %id, pid = child.pid(), name = child.name(), "pool worker started");
@@ -165,10 +183,12 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
             Some((id, child))
         }
         Err(e) => {
-            let deliveries = shared.scheduler.lock().start_failed(Some(id), e.to_string());
+            let deliveries = shared
+                .scheduler
+                .lock()
+                .start_failed(Some(id), e.to_string());
             deliver(deliveries);
             None
         }
     }
 }
-

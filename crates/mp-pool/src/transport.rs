@@ -192,7 +192,9 @@ pub(crate) struct Progress(SharedMemory);
 
 impl Progress {
     pub(crate) fn new() -> Result<Progress, TransportError> {
-        SharedMemory::new(8).map(Progress).map_err(|e| TransportError(e.to_string()))
+        SharedMemory::new(8)
+            .map(Progress)
+            .map_err(|e| TransportError(e.to_string()))
     }
 
     /// In the worker: the chunk `seq` starts now.
@@ -236,7 +238,9 @@ pub(crate) fn task_link() -> Result<(TaskSender, TaskReceiver), TransportError> 
 impl TaskSender {
     /// Sends without blocking, given the contract in the module docs.
     pub(crate) fn send(&self, message: TaskMessage) -> Result<(), TransportError> {
-        self.0.send(message).map_err(|e| TransportError(format!("{e:?}")))
+        self.0
+            .send(message)
+            .map_err(|e| TransportError(format!("{e:?}")))
     }
 }
 
@@ -263,7 +267,9 @@ pub(crate) fn report_link() -> Result<(ReportSender, ReportReceiver), TransportE
 impl ReportSender {
     /// Sends a report (blocks only while the result thread catches up).
     pub(crate) fn send(&self, report: Report) -> Result<(), TransportError> {
-        self.0.send(report).map_err(|e| TransportError(format!("{e:?}")))
+        self.0
+            .send(report)
+            .map_err(|e| TransportError(format!("{e:?}")))
     }
 }
 

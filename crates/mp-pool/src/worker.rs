@@ -9,10 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use mp_core::{Child, Entry, FunctionId, Process, ProcessError, StartMethod};
-use parking_lot::Mutex;
 #[cfg(test)]
 use mp_core::TaskFailure;
+use mp_core::{Child, Entry, FunctionId, Process, ProcessError, StartMethod};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::transport::{
@@ -47,7 +47,12 @@ impl Launcher {
     pub(crate) fn plain() -> Self {
         Launcher {
             launch: Box::new(|args, name, method| {
-                Process::new(serve).args(args).name(name).daemon(true).start_method(method).start()
+                Process::new(serve)
+                    .args(args)
+                    .name(name)
+                    .daemon(true)
+                    .start_method(method)
+                    .start()
             }),
             has_initializer: false,
         }
@@ -103,7 +108,13 @@ const FLUSH_BYTES: usize = 64 * 1024;
 
 /// The worker's main loop (runs in the worker process).
 pub(crate) fn serve(args: WorkerArgs) {
-    let WorkerArgs { id, tasks, reports, progress, max_tasks } = args;
+    let WorkerArgs {
+        id,
+        tasks,
+        reports,
+        progress,
+        max_tasks,
+    } = args;
     let pid = std::process::id();
     let _span = tracing::debug_span!("pool_worker", worker = %id, pid).entered();
     if reports.send(Report::Ready { worker: id, pid }).is_err() {
@@ -139,14 +150,26 @@ pub(crate) fn serve(args: WorkerArgs) {
             done += 1;
             if pending_bytes >= FLUSH_BYTES || finished - last_flush >= FLUSH_INTERVAL {
                 let results = std::mem::take(&mut results);
-                if reports.send(Report::Results { worker: id, results }).is_err() {
+                if reports
+                    .send(Report::Results {
+                        worker: id,
+                        results,
+                    })
+                    .is_err()
+                {
                     return;
                 }
                 pending_bytes = 0;
                 last_flush = Instant::now();
             }
         }
-        if !results.is_empty() && reports.send(Report::Results { worker: id, results }).is_err()
+        if !results.is_empty()
+            && reports
+                .send(Report::Results {
+                    worker: id,
+                    results,
+                })
+                .is_err()
         {
             return;
         }
@@ -168,7 +191,12 @@ fn run_chunk<M, F: Entry<M>>(args: Vec<F::Args>) -> Vec<F::Output> {
 /// The one value of a zero-sized function type (mp-core has the same helper for the
 /// functions it names by address, but does not export it).
 fn zero_sized_value<F: Copy>() -> F {
-    const { assert!(size_of::<F>() == 0, "pool tasks must be non-capturing functions") };
+    const {
+        assert!(
+            size_of::<F>() == 0,
+            "pool tasks must be non-capturing functions"
+        )
+    };
     // SAFETY: F is zero-sized (checked at compile time above), so reading it touches no
     // memory. It is inhabited: this is only reached through a chunk trampoline or a worker
     // entry, made in the parent from a value of F (`chunk_function` and

@@ -68,8 +68,15 @@ impl Announcements {
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .expect("open fifo");
-        let writer = std::fs::OpenOptions::new().write(true).open(&path).expect("open fifo");
-        Announcements { path, reader, _writer: writer }
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open fifo");
+        Announcements {
+            path,
+            reader,
+            _writer: writer,
+        }
     }
 
     fn path(&self) -> String {
@@ -84,7 +91,10 @@ impl Announcements {
         while filled < 4 {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "no task announced itself within {LIMIT:?}");
-            let timeout = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
+            let timeout = Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos() as i64,
+            };
             let mut fds = [PollFd::new(&self.reader, PollFlags::IN)];
             if rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 0 {
                 continue;
@@ -107,8 +117,12 @@ impl Drop for Announcements {
 
 /// In a task: tells the test which worker runs it.
 fn announce(path: &str) {
-    let mut fifo = std::fs::OpenOptions::new().write(true).open(path).expect("open fifo");
-    fifo.write_all(&std::process::id().to_le_bytes()).expect("write fifo");
+    let mut fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open fifo");
+    fifo.write_all(&std::process::id().to_le_bytes())
+        .expect("write fifo");
 }
 
 /// A task that announces itself, then runs "forever".
@@ -132,24 +146,43 @@ fn kill(pid: u32, signal: Signal) {
 fn map_returns_results_in_input_order_for_any_chunksize() {
     let pool = Pool::new(2).unwrap();
     let expected: Vec<u64> = (0..300).map(|x| x * x).collect();
-    let default = pool.map_async(uneven_square, 0..300).unwrap().get_timeout(LIMIT);
+    let default = pool
+        .map_async(uneven_square, 0..300)
+        .unwrap()
+        .get_timeout(LIMIT);
     assert_eq!(default.unwrap(), expected);
     for chunksize in [1, 2, 7, 299, 300, 301, 10_000] {
-        let results =
-            pool.chunksize(chunksize).map_async(uneven_square, 0..300).unwrap().get_timeout(LIMIT);
+        let results = pool
+            .chunksize(chunksize)
+            .map_async(uneven_square, 0..300)
+            .unwrap()
+            .get_timeout(LIMIT);
         assert_eq!(results.unwrap(), expected, "chunksize {chunksize}");
     }
     // An input whose length is unknown beforehand is chunked all the same.
     let filtered = (0..600u64).filter(|x| x % 2 == 0);
-    let results = pool.map_async(square, filtered).unwrap().get_timeout(LIMIT).unwrap();
-    assert_eq!(results, (0..600u64).filter(|x| x % 2 == 0).map(|x| x * x).collect::<Vec<_>>());
+    let results = pool
+        .map_async(square, filtered)
+        .unwrap()
+        .get_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(
+        results,
+        (0..600u64)
+            .filter(|x| x % 2 == 0)
+            .map(|x| x * x)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn map_of_nothing_is_empty() {
     let pool = Pool::new(2).unwrap();
     assert_eq!(pool.map(square, Vec::new()).unwrap(), Vec::<u64>::new());
-    assert_eq!(pool.chunksize(5).map(square, []).unwrap(), Vec::<u64>::new());
+    assert_eq!(
+        pool.chunksize(5).map(square, []).unwrap(),
+        Vec::<u64>::new()
+    );
     let empty = pool.map_async(square, []).unwrap();
     assert_eq!(empty.get_timeout(LIMIT).unwrap(), Vec::<u64>::new());
     assert_eq!(pool.imap(square, []).count(), 0);
@@ -159,9 +192,19 @@ fn map_of_nothing_is_empty() {
 #[test]
 fn a_chunk_runs_on_one_worker_and_chunksize_zero_is_refused() {
     let pool = Pool::new(2).unwrap();
-    let pids = pool.chunksize(50).map(|_: u32| std::process::id(), 0..50).unwrap();
-    assert_eq!(pids.iter().collect::<BTreeSet<_>>().len(), 1, "one chunk, one worker");
-    assert_eq!(pool.chunksize(0).map(square, [1]), Err(PoolError::InvalidChunksize));
+    let pids = pool
+        .chunksize(50)
+        .map(|_: u32| std::process::id(), 0..50)
+        .unwrap();
+    assert_eq!(
+        pids.iter().collect::<BTreeSet<_>>().len(),
+        1,
+        "one chunk, one worker"
+    );
+    assert_eq!(
+        pool.chunksize(0).map(square, [1]),
+        Err(PoolError::InvalidChunksize)
+    );
     let mut refused = pool.chunksize(0).imap(square, [1, 2]);
     assert_eq!(refused.next(), Some(Err(PoolError::InvalidChunksize)));
     assert_eq!(refused.next(), None);
@@ -173,13 +216,21 @@ fn imap_keeps_order_and_reads_an_endless_input_lazily() {
     let pulled = std::cell::Cell::new(0u64);
     let endless = (0u64..).inspect(|_| pulled.set(pulled.get() + 1));
     let (chunksize, in_flight) = (3, 4);
-    let mut results = pool.chunksize(chunksize).imap(uneven_square, endless).max_in_flight(in_flight);
+    let mut results = pool
+        .chunksize(chunksize)
+        .imap(uneven_square, endless)
+        .max_in_flight(in_flight);
     for expected in 0..200u64 {
         let value = results.next_timeout(LIMIT).expect("endless").unwrap();
         assert_eq!(value, expected * expected);
         // Backpressure: never more than the window ahead of what was consumed.
         let bound = (expected + 1) + (chunksize * in_flight) as u64;
-        assert!(pulled.get() <= bound, "pulled {} items for {} results", pulled.get(), expected + 1);
+        assert!(
+            pulled.get() <= bound,
+            "pulled {} items for {} results",
+            pulled.get(),
+            expected + 1
+        );
     }
 }
 
@@ -192,8 +243,11 @@ fn imap_unordered_yields_every_result_exactly_once() {
         .collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..500u64).map(|x| x * x).collect::<Vec<_>>());
-    let mut chunked: Vec<u64> =
-        pool.chunksize(9).imap_unordered(square, 0..100u64).map(|r| r.unwrap()).collect();
+    let mut chunked: Vec<u64> = pool
+        .chunksize(9)
+        .imap_unordered(square, 0..100u64)
+        .map(|r| r.unwrap())
+        .collect();
     chunked.sort_unstable();
     assert_eq!(chunked, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
 }
@@ -224,14 +278,23 @@ fn imap_reports_a_failed_chunk_per_item_and_goes_on() {
 fn one_pool_runs_any_function() {
     let pool = Pool::new(2).unwrap();
     assert_eq!(pool.apply(square, 9).unwrap(), 81);
-    assert_eq!(pool.apply(|s: String| s.len(), "four".to_string()).unwrap(), 4);
+    assert_eq!(
+        pool.apply(|s: String| s.len(), "four".to_string()).unwrap(),
+        4
+    );
     assert_eq!(pool.apply(|(a, b): (i32, i32)| a - b, (2, 5)).unwrap(), -3);
-    assert_eq!(pool.apply(|| "no arguments".to_string(), ()).unwrap(), "no arguments");
+    assert_eq!(
+        pool.apply(|| "no arguments".to_string(), ()).unwrap(),
+        "no arguments"
+    );
     let words = pool.starmap(|(w, n): (String, usize)| w.repeat(n), [("ab".into(), 2)]);
     assert_eq!(words.unwrap(), vec!["abab".to_string()]);
     let products = pool.starmap_async(|(a, b): (u8, u8)| a as u16 * b as u16, [(3, 4), (200, 2)]);
     assert_eq!(products.unwrap().get_timeout(LIMIT).unwrap(), vec![12, 400]);
-    let nested = pool.apply(|v: Vec<Option<u8>>| v.into_iter().flatten().sum::<u8>(), vec![Some(1), None, Some(2)]);
+    let nested = pool.apply(
+        |v: Vec<Option<u8>>| v.into_iter().flatten().sum::<u8>(),
+        vec![Some(1), None, Some(2)],
+    );
     assert_eq!(nested.unwrap(), 3);
 }
 
@@ -239,12 +302,17 @@ fn one_pool_runs_any_function() {
 fn async_results_wait_time_out_and_report_success() {
     let pool = Pool::new(2).unwrap();
     let mut announcements = Announcements::new();
-    let blocked = pool.apply_async(announce_and_block, announcements.path()).unwrap();
+    let blocked = pool
+        .apply_async(announce_and_block, announcements.path())
+        .unwrap();
     announcements.next_pid();
     assert!(!blocked.ready());
     assert_eq!(blocked.successful(), None);
     assert!(!blocked.wait_timeout(Duration::from_millis(20)));
-    assert_eq!(blocked.get_timeout(Duration::from_millis(20)), Err(PoolError::Timeout));
+    assert_eq!(
+        blocked.get_timeout(Duration::from_millis(20)),
+        Err(PoolError::Timeout)
+    );
 
     let quick = pool.apply_async(square, 5).unwrap();
     assert!(quick.wait_timeout(LIMIT));
@@ -257,10 +325,19 @@ fn async_results_wait_time_out_and_report_success() {
 #[test]
 fn a_panicking_task_fails_alone_and_its_worker_survives() {
     let pool = Pool::new(1).unwrap();
-    let pid = pool.apply_async(|()| std::process::id(), ()).unwrap().get_timeout(LIMIT).unwrap();
-    let failed = pool.apply_async(|x: u32| -> u32 { panic!("cannot handle {x}") }, 7).unwrap();
+    let pid = pool
+        .apply_async(|()| std::process::id(), ())
+        .unwrap()
+        .get_timeout(LIMIT)
+        .unwrap();
+    let failed = pool
+        .apply_async(|x: u32| -> u32 { panic!("cannot handle {x}") }, 7)
+        .unwrap();
     match failed.get_timeout(LIMIT) {
-        Err(PoolError::Panicked { pid: reported, report }) => {
+        Err(PoolError::Panicked {
+            pid: reported,
+            report,
+        }) => {
             assert_eq!(reported, pid);
             assert_eq!(report.message, "cannot handle 7");
             let location = report.location.expect("a location");
@@ -269,7 +346,10 @@ fn a_panicking_task_fails_alone_and_its_worker_survives() {
         other => panic!("expected a panic, got {other:?}"),
     }
     assert_eq!(failed.successful(), Some(false));
-    let after = pool.apply_async(|()| std::process::id(), ()).unwrap().get_timeout(LIMIT);
+    let after = pool
+        .apply_async(|()| std::process::id(), ())
+        .unwrap()
+        .get_timeout(LIMIT);
     assert_eq!(after.unwrap(), pid, "the worker survived its task's panic");
 }
 
@@ -280,7 +360,11 @@ fn map_reports_the_failure_and_drops_what_has_not_started() {
         assert!(x != 57, "57 is unacceptable");
         x
     };
-    let result = pool.chunksize(1).map_async(picky, 0..10_000).unwrap().get_timeout(LIMIT);
+    let result = pool
+        .chunksize(1)
+        .map_async(picky, 0..10_000)
+        .unwrap()
+        .get_timeout(LIMIT);
     match result {
         Err(PoolError::Panicked { report, .. }) => assert_eq!(report.message, "57 is unacceptable"),
         other => panic!("expected the panic of item 57, got {other:?}"),
@@ -299,7 +383,11 @@ fn callbacks_and_error_callbacks_receive_the_outcome() {
         .callback(move |v| sender.send(*v).unwrap())
         .error_callback(|e| panic!("unexpected error {e}"));
     assert_eq!(values.recv_timeout(LIMIT), Ok(144));
-    assert_eq!(result.get_timeout(LIMIT), Ok(144), "the callback borrowed the value");
+    assert_eq!(
+        result.get_timeout(LIMIT),
+        Ok(144),
+        "the callback borrowed the value"
+    );
 
     let (sender, errors) = mpsc::channel();
     let failed = pool
@@ -331,9 +419,15 @@ fn callbacks_and_error_callbacks_receive_the_outcome() {
 #[test]
 fn a_panicking_callback_does_not_stop_the_pool() {
     let pool = Pool::new(1).unwrap();
-    let first = pool.apply_async(square, 1).unwrap().callback(|_| panic!("callback bug"));
+    let first = pool
+        .apply_async(square, 1)
+        .unwrap()
+        .callback(|_| panic!("callback bug"));
     assert_eq!(first.get_timeout(LIMIT), Ok(1));
-    assert_eq!(pool.apply_async(square, 3).unwrap().get_timeout(LIMIT), Ok(9));
+    assert_eq!(
+        pool.apply_async(square, 3).unwrap().get_timeout(LIMIT),
+        Ok(9)
+    );
 }
 
 /// Runs `task` (which announces itself), optionally kills its worker with `kill_with`, and
@@ -351,15 +445,28 @@ where
     }
     match doomed.get_timeout(LIMIT) {
         Err(error @ PoolError::WorkerDied { .. }) => {
-            assert_eq!(error, PoolError::WorkerDied { pid, status: ExitStatus::Signal(expected) });
+            assert_eq!(
+                error,
+                PoolError::WorkerDied {
+                    pid,
+                    status: ExitStatus::Signal(expected)
+                }
+            );
             assert!(error.to_string().contains(&pid.to_string()), "{error}");
         }
         other => panic!("expected the worker's death, got {other:?}"),
     }
     // The pool goes on, with a replacement worker.
-    let results = pool.map_async(square, 0..100).unwrap().get_timeout(LIMIT).unwrap();
+    let results = pool
+        .map_async(square, 0..100)
+        .unwrap()
+        .get_timeout(LIMIT)
+        .unwrap();
     assert_eq!(results, (0..100).map(square).collect::<Vec<_>>());
-    let pids = pool.chunksize(1).map_async(|_: u8| std::process::id(), 0..20).unwrap();
+    let pids = pool
+        .chunksize(1)
+        .map_async(|_: u8| std::process::id(), 0..20)
+        .unwrap();
     assert!(!pids.get_timeout(LIMIT).unwrap().contains(&pid));
 }
 
@@ -410,12 +517,19 @@ fn tasks_queued_behind_a_dying_task_run_elsewhere() {
                 // The aborting task, or one that ran just before it on the same worker
                 // (whose result died with it). Tasks after it never started there: they
                 // ran on the other worker or the replacement.
-                assert!(i <= 5, "task {i} failed with the worker although it came after");
+                assert!(
+                    i <= 5,
+                    "task {i} failed with the worker although it came after"
+                );
             }
             Err(other) => panic!("task {i}: unexpected {other}"),
         }
     }
-    assert_eq!(results[5].successful(), Some(false), "the aborting task failed");
+    assert_eq!(
+        results[5].successful(),
+        Some(false),
+        "the aborting task failed"
+    );
 }
 
 #[test]
@@ -423,7 +537,10 @@ fn terminate_while_busy_fails_tasks_and_kills_workers() {
     let pool = Pool::new(2).unwrap();
     let mut announcements = Announcements::new();
     let running: Vec<_> = (0..2)
-        .map(|_| pool.apply_async(announce_and_block, announcements.path()).unwrap())
+        .map(|_| {
+            pool.apply_async(announce_and_block, announcements.path())
+                .unwrap()
+        })
         .collect();
     let queued = pool.chunksize(1).map_async(square, 0..1000).unwrap();
     let pids = [announcements.next_pid(), announcements.next_pid()];
@@ -444,7 +561,9 @@ fn dropping_a_busy_pool_terminates_it() {
     let mut announcements = Announcements::new();
     let (running, pid) = {
         let pool = Pool::new(2).unwrap();
-        let running = pool.apply_async(announce_and_block, announcements.path()).unwrap();
+        let running = pool
+            .apply_async(announce_and_block, announcements.path())
+            .unwrap();
         (running, announcements.next_pid())
     };
     assert_eq!(running.get_timeout(LIMIT), Err(PoolError::Terminated));
@@ -455,7 +574,9 @@ fn dropping_a_busy_pool_terminates_it() {
 fn dropping_an_idle_pool_without_join_leaves_no_worker() {
     let pids = {
         let pool = Pool::new(2).unwrap();
-        pool.chunksize(1).map(|_: u8| std::process::id(), 0..10).unwrap()
+        pool.chunksize(1)
+            .map(|_: u8| std::process::id(), 0..10)
+            .unwrap()
     };
     for pid in pids {
         assert!(!is_running(pid));
@@ -467,7 +588,10 @@ fn close_and_join_let_submitted_tasks_finish() {
     let pool = Pool::new(2).unwrap();
     assert_eq!(pool.join(), Err(PoolError::StillOpen));
     let results = pool.chunksize(1).map_async(uneven_square, 0..200).unwrap();
-    let pids: Vec<u32> = pool.chunksize(1).map(|_: u8| std::process::id(), 0..4).unwrap();
+    let pids: Vec<u32> = pool
+        .chunksize(1)
+        .map(|_: u8| std::process::id(), 0..4)
+        .unwrap();
     pool.close();
     assert_eq!(pool.apply(square, 1), Err(PoolError::Closed));
     pool.join_timeout(LIMIT).unwrap();
@@ -481,15 +605,26 @@ fn close_and_join_let_submitted_tasks_finish() {
 
 #[test]
 fn max_tasks_per_child_replaces_workers() {
-    let pool = Pool::builder().processes(2).max_tasks_per_child(3).build().unwrap();
-    let pids = pool.chunksize(1).map_async(|_: u32| std::process::id(), 0..30).unwrap();
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(3)
+        .build()
+        .unwrap();
+    let pids = pool
+        .chunksize(1)
+        .map_async(|_: u32| std::process::id(), 0..30)
+        .unwrap();
     let pids = pids.get_timeout(LIMIT).unwrap();
     let distinct: BTreeSet<_> = pids.iter().copied().collect();
     for pid in &distinct {
         let tasks = pids.iter().filter(|p| *p == pid).count();
         assert!(tasks <= 3, "worker {pid} ran {tasks} tasks");
     }
-    assert!(distinct.len() >= 10, "only {} workers for 30 tasks", distinct.len());
+    assert!(
+        distinct.len() >= 10,
+        "only {} workers for 30 tasks",
+        distinct.len()
+    );
 }
 
 static SEED: AtomicU64 = AtomicU64::new(0);
@@ -503,7 +638,10 @@ fn the_initializer_runs_in_every_worker_before_tasks() {
         .build()
         .unwrap();
     // With replacements, so new workers run it too.
-    let seeds = pool.chunksize(1).map_async(|_: u8| SEED.load(Ordering::SeqCst), 0..10).unwrap();
+    let seeds = pool
+        .chunksize(1)
+        .map_async(|_: u8| SEED.load(Ordering::SeqCst), 0..10)
+        .unwrap();
     assert_eq!(seeds.get_timeout(LIMIT).unwrap(), vec![42; 10]);
 }
 
@@ -512,32 +650,54 @@ fn a_failing_initializer_is_reported_and_not_retried() {
     let pool = Pool::builder()
         .processes(2)
         .name_prefix("InitFails")
-        .initializer(|name: String| -> () { panic!("no configuration for {name}") }, "db".into())
+        .initializer(
+            |name: String| -> () { panic!("no configuration for {name}") },
+            "db".into(),
+        )
         .build()
         .unwrap();
     let first = pool.map_async(square, 0..10).unwrap().get_timeout(LIMIT);
     match first {
         Err(PoolError::InitializerFailed { message, .. }) => {
             assert!(message.contains("no configuration for db"), "{message}");
-            assert!(message.contains("tests/pool.rs"), "the location is reported: {message}");
+            assert!(
+                message.contains("tests/pool.rs"),
+                "the location is reported: {message}"
+            );
         }
         other => panic!("expected the initializer's failure, got {other:?}"),
     }
     // Broken for good: refused at once; no worker is restarted, so the pool winds down.
-    assert!(matches!(pool.apply(square, 1), Err(PoolError::InitializerFailed { .. })));
+    assert!(matches!(
+        pool.apply(square, 1),
+        Err(PoolError::InitializerFailed { .. })
+    ));
     pool.close();
     pool.join_timeout(LIMIT).unwrap();
     let left = mp_core::active_children();
-    assert!(!left.iter().any(|c| c.name.starts_with("InitFails-")), "{left:?}");
+    assert!(
+        !left.iter().any(|c| c.name.starts_with("InitFails-")),
+        "{left:?}"
+    );
 }
 
 #[test]
 fn workers_are_named_with_the_prefix() {
-    let pool = Pool::builder().processes(2).name_prefix("Cruncher").build().unwrap();
-    let pids = pool.chunksize(1).map(|_: u8| std::process::id(), 0..4).unwrap();
+    let pool = Pool::builder()
+        .processes(2)
+        .name_prefix("Cruncher")
+        .build()
+        .unwrap();
+    let pids = pool
+        .chunksize(1)
+        .map(|_: u8| std::process::id(), 0..4)
+        .unwrap();
     let children = mp_core::active_children();
     for pid in pids {
-        let child = children.iter().find(|c| c.pid == pid).expect("a child of ours");
+        let child = children
+            .iter()
+            .find(|c| c.pid == pid)
+            .expect("a child of ours");
         assert!(child.name.starts_with("Cruncher-"), "name {}", child.name);
         assert!(child.daemon, "pool workers are daemons");
     }
@@ -546,9 +706,17 @@ fn workers_are_named_with_the_prefix() {
 #[test]
 fn every_start_method_works() {
     for method in StartMethod::ALL {
-        let pool = Pool::builder().processes(2).start_method(method).build().unwrap();
+        let pool = Pool::builder()
+            .processes(2)
+            .start_method(method)
+            .build()
+            .unwrap();
         let results = pool.map_async(square, 0..50).unwrap().get_timeout(LIMIT);
-        assert_eq!(results.unwrap(), (0..50).map(square).collect::<Vec<_>>(), "{method}");
+        assert_eq!(
+            results.unwrap(),
+            (0..50).map(square).collect::<Vec<_>>(),
+            "{method}"
+        );
         pool.close();
         pool.join_timeout(LIMIT).unwrap();
     }

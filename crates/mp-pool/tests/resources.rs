@@ -8,7 +8,9 @@ use mp_pool::Pool;
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn open_descriptors() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
 }
 
 fn add(x: u64) -> u64 {
@@ -17,13 +19,18 @@ fn add(x: u64) -> u64 {
 
 /// 10 000 tasks through every kind of submission.
 fn workload(pool: &Pool) {
-    let applied: Vec<_> = (0..2_500u64).map(|i| pool.apply_async(add, i).unwrap()).collect();
+    let applied: Vec<_> = (0..2_500u64)
+        .map(|i| pool.apply_async(add, i).unwrap())
+        .collect();
     for (i, result) in applied.into_iter().enumerate() {
         assert_eq!(result.get_timeout(LIMIT).unwrap(), i as u64 + 1);
     }
     let mapped = pool.chunksize(1).map_async(add, 0..2_500u64).unwrap();
     assert_eq!(mapped.get_timeout(LIMIT).unwrap().len(), 2_500);
-    assert_eq!(pool.imap(add, 0..2_500u64).filter(|r| r.is_ok()).count(), 2_500);
+    assert_eq!(
+        pool.imap(add, 0..2_500u64).filter(|r| r.is_ok()).count(),
+        2_500
+    );
     // Large chunks travel out of line, in memfds that must be closed again.
     let big = pool.chunksize(1_250).map_async(add, 0..2_500u64).unwrap();
     assert_eq!(big.get_timeout(LIMIT).unwrap().len(), 2_500);
@@ -38,12 +45,24 @@ fn ten_thousand_tasks_leave_no_descriptor_or_process_behind() {
     let (descriptors, children) = (open_descriptors(), mp_core::active_children().len());
     for _ in 0..2 {
         workload(&pool);
-        assert_eq!(open_descriptors(), descriptors, "descriptors grew while running tasks");
+        assert_eq!(
+            open_descriptors(),
+            descriptors,
+            "descriptors grew while running tasks"
+        );
         assert_eq!(mp_core::active_children().len(), children, "processes grew");
     }
     pool.close();
     pool.join_timeout(LIMIT).unwrap();
     drop(pool);
-    assert_eq!(mp_core::active_children().len(), children_before_pool, "workers left behind");
-    assert_eq!(open_descriptors(), descriptors_before_pool, "descriptors left behind");
+    assert_eq!(
+        mp_core::active_children().len(),
+        children_before_pool,
+        "workers left behind"
+    );
+    assert_eq!(
+        open_descriptors(),
+        descriptors_before_pool,
+        "descriptors left behind"
+    );
 }
