@@ -27,7 +27,7 @@ use crate::lock::deadline_after;
 use crate::shm::{Shared, ShmError, ShmState, tag};
 
 /// `wait_timeout`: the event was not set in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("timed out after {0:?} waiting for the event")]
 pub struct EventTimeout(pub Duration);
 

@@ -125,7 +125,7 @@ impl<G> fmt::Debug for LockError<G> {
 }
 
 /// [`RLock::release`] by a thread that does not hold the lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("release of an RLock the calling thread does not hold")]
 pub struct NotOwner;
 

@@ -32,7 +32,7 @@ use crate::lock::deadline_after;
 use crate::shm::{Shared, ShmError, ShmState, tag};
 
 /// Errors of semaphore operations.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum SemaphoreError {
     /// `try_acquire`: no permit is free.
     #[error("no permit is free")]
