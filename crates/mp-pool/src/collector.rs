@@ -29,10 +29,7 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
                     continue;
                 }
                 tracing::error!("pool report link is gone; terminating the pool");
-                let deliveries = shared.scheduler.lock().terminate();
-                shared.commands.stop(true);
-                deliver(deliveries);
-                shared.idle.notify_all();
+                shared.terminate();
                 return;
             }
         };

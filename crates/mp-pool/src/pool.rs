@@ -44,6 +44,28 @@ pub(crate) struct Shared {
     pub next_worker: AtomicU64,
 }
 
+impl Shared {
+    /// Fails every chunk, waiting or running, with [`PoolError::Terminated`] and has the
+    /// supervisor kill the workers. Idempotent.
+    pub(crate) fn terminate(&self) {
+        let deliveries = self.scheduler.lock().terminate();
+        self.idle.notify_all();
+        self.commands.stop(true);
+        deliver(deliveries);
+    }
+}
+
+/// Runs the body of one of the pool's threads. If it panics (a bug), the pool is terminated:
+/// nobody would deliver results or watch workers any more, and waiting forever is the one
+/// thing a pool must not do.
+fn run_guarded(shared: Arc<Shared>, thread: &'static str, body: impl FnOnce(Arc<Shared>)) {
+    let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(shared.clone())));
+    if guarded.is_err() {
+        tracing::error!(thread, "pool thread panicked; terminating the pool");
+        shared.terminate();
+    }
+}
+
 struct Threads {
     supervisor: JoinHandle<()>,
     collector: JoinHandle<()>,
@@ -164,14 +186,16 @@ impl PoolBuilder {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("mp-pool-results".into())
-                .spawn(move || collector::run(shared, receiver))
+                .spawn(move || {
+                    run_guarded(shared, "results", |shared| collector::run(shared, receiver))
+                })
                 .map_err(|e| start_failed(&e))?
         };
         let supervisor = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("mp-pool-supervisor".into())
-                .spawn(move || supervisor::run(shared))
+                .spawn(move || run_guarded(shared, "supervisor", supervisor::run))
         };
         let supervisor = match supervisor {
             Ok(handle) => handle,
@@ -403,10 +427,7 @@ impl Pool {
     /// [`PoolError::Terminated`], workers are killed (SIGKILL, so that this is bounded in
     /// time), and the pool's threads end. Idempotent; dropping the pool does the same.
     pub fn terminate(&self) {
-        let deliveries = self.shared.scheduler.lock().terminate();
-        self.shared.idle.notify_all();
-        self.shared.commands.stop(true);
-        deliver(deliveries);
+        self.shared.terminate();
         self.shut_down_threads();
     }
 

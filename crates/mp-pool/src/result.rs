@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::PoolError;
+use crate::transport::SPIN;
 
 type SuccessCallback<T> = Box<dyn FnOnce(&T) + Send>;
 type ErrorCallback = Box<dyn FnOnce(&PoolError) + Send>;
@@ -26,6 +28,8 @@ enum State<T> {
 pub(crate) struct Completion<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
+    /// Set with the outcome, for waiters polling before they sleep.
+    done: AtomicBool,
 }
 
 impl<T> Completion<T> {
@@ -36,6 +40,7 @@ impl<T> Completion<T> {
                 on_error: None,
             }),
             ready: Condvar::new(),
+            done: AtomicBool::new(false),
         })
     }
 
@@ -55,6 +60,7 @@ impl<T> Completion<T> {
         };
         let (on_success, on_error) = (on_success.take(), on_error.take());
         *state = State::Ready(outcome);
+        self.done.store(true, Ordering::Release);
         // Waiters wake now but need the lock, so they see the value after the callback; and
         // if the callback panics, the unwinding releases the lock: nobody is left waiting.
         self.ready.notify_all();
@@ -163,6 +169,15 @@ impl<T> AsyncResult<T> {
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        // A result usually arrives within microseconds of the last one; waking from a sleep
+        // would cost more than that (see `transport::SPIN`).
+        let start = Instant::now();
+        while !self.completion.done.load(Ordering::Acquire)
+            && start.elapsed() < SPIN
+            && deadline.is_none_or(|d| Instant::now() < d)
+        {
+            std::thread::yield_now();
+        }
         let mut state = self.completion.state.lock();
         while matches!(*state, State::Pending { .. }) {
             match deadline {
@@ -215,7 +230,7 @@ impl<T> AsyncResult<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn callbacks_run_once_whether_attached_before_or_after_completion() {
