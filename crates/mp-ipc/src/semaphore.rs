@@ -20,6 +20,8 @@
 //!
 //! Permits are not owned: [`SemaphoreGuard::forget`] keeps a permit taken, and
 //! any thread or process may [`release`](Semaphore::release), as in Python.
+//! For the same reason a permit held by a process that dies is not given back
+//! (use a robust [`Lock`](crate::lock::Lock) where that matters).
 
 use std::fmt;
 use std::sync::atomic::Ordering;

@@ -19,7 +19,8 @@
 //!
 //! A named segment ([`SharedMemory::create`] / [`SharedMemory::open`]) lives
 //! in `/dev/shm` until [`SharedMemory::unlink`] is called, as in Python:
-//! dropping handles never unlinks it. It travels to a child by name.
+//! dropping handles never unlinks it. It travels to a child by name (so the
+//! child's copy fails to decode if the name was unlinked meanwhile).
 
 use std::fmt;
 use std::io;
@@ -37,7 +38,9 @@ use crate::robust::RobustMutex;
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
     /// Size 0, or larger than the address space allows.
-    #[error("invalid shared memory size {0}: must be at least 1 byte and fit in RAM + swap")]
+    #[error(
+        "invalid shared memory size {0}: must be at least 1 byte (and, if anonymous, fit in RAM + swap)"
+    )]
     InvalidSize(usize),
     /// The name is empty, too long, or contains `/` or NUL.
     #[error(
@@ -145,6 +148,7 @@ impl SharedMemory {
     /// It has no name and leaves nothing behind once every handle is dropped.
     pub fn new(size: usize) -> Result<Self, ShmError> {
         check_size(size)?;
+        check_fits_in_memory(size)?;
         let memory = IpcSharedMemory::from_byte(0, size);
         Self::from_anonymous(memory)
     }
@@ -361,8 +365,12 @@ fn check_size(size: usize) -> Result<(), ShmError> {
     if size == 0 || size > isize::MAX as usize {
         return Err(ShmError::InvalidSize(size));
     }
-    // Segments are pre-faulted, so one larger than RAM + swap cannot work;
-    // refuse it here rather than fail (and panic) deep inside mmap.
+    Ok(())
+}
+
+/// Anonymous segments are pre-faulted, so one larger than RAM + swap cannot
+/// work; refuse it here rather than fail (and panic) inside ipc-channel.
+fn check_fits_in_memory(size: usize) -> Result<(), ShmError> {
     let info = rustix::system::sysinfo();
     let unit = u64::from(info.mem_unit.max(1));
     let memory = (info.totalram as u64)
@@ -387,7 +395,9 @@ fn check_name(name: &str) -> Result<&str, ShmError> {
     Ok(bare)
 }
 
-/// Maps `len` bytes of `fd`, shared and pre-faulted.
+/// Maps `len` bytes of `fd`, shared. Named segments are not pre-faulted (as
+/// in Python, pages are allocated on first touch), so creating or opening a
+/// large one costs no more than a small one.
 fn map(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, ShmError> {
     use rustix::mm::{MapFlags, ProtFlags};
     // SAFETY: a fresh mapping at an address the kernel chooses; it aliases no
@@ -397,7 +407,7 @@ fn map(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, ShmError> {
             std::ptr::null_mut(),
             len,
             ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED | MapFlags::POPULATE,
+            MapFlags::SHARED,
             fd,
             0,
         )

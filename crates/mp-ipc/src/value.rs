@@ -24,7 +24,7 @@
 //! mixed scalars in shared memory. Here, a fixed-length list of one element
 //! type is an [`Array`]; for mixed types use an `Array` of a `Pod` tuple-like
 //! array (e.g. `[f64; 3]`), or encode values into a
-//! [`SharedMemory`](crate::shm::SharedMemory) guarded by a [`Lock`].
+//! [`SharedMemory`] guarded by a [`Lock`].
 
 use std::fmt;
 use std::marker::PhantomData;
