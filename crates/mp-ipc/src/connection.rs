@@ -652,6 +652,16 @@ fn fd_readable(fd: BorrowedFd<'_>) -> Result<bool, ConnectionError> {
 
 /// Sleeps until one of the futex `words` no longer holds its value, or
 /// `until`.
+#[cfg(loom)]
+fn sleep_on_words(words: &[(&crate::futex::AtomicU32, u32)], until: Instant) {
+    if let Some((word, value)) = words.first() {
+        crate::futex::wait(word, *value, Some(until));
+    }
+}
+
+/// Sleeps until one of the futex `words` no longer holds its value, or
+/// `until`.
+#[cfg(not(loom))]
 fn sleep_on_words(words: &[(&crate::futex::AtomicU32, u32)], until: Instant) {
     use rustix::thread::futex;
     if words.is_empty() {
@@ -754,7 +764,7 @@ impl<'de> Deserialize<'de> for Connection {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

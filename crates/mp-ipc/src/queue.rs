@@ -124,14 +124,33 @@ impl From<RingError> for QueueError {
 }
 
 /// Options of a new [`Queue`]: `Queue::builder().maxsize(100).build()`.
-#[derive(Clone, Debug)]
 #[must_use = "a builder does nothing until .build()"]
-pub struct QueueBuilder {
+pub struct QueueBuilder<T> {
     maxsize: Option<u32>,
     capacity_bytes: usize,
+    _item: PhantomData<fn(T) -> T>,
 }
 
-impl QueueBuilder {
+impl<T> Clone for QueueBuilder<T> {
+    fn clone(&self) -> Self {
+        QueueBuilder {
+            maxsize: self.maxsize,
+            capacity_bytes: self.capacity_bytes,
+            _item: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for QueueBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueBuilder")
+            .field("maxsize", &self.maxsize)
+            .field("capacity_bytes", &self.capacity_bytes)
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> QueueBuilder<T> {
     /// At most `maxsize` items at once (Python's `maxsize`; at least 1,
     /// at most `u32::MAX`). Default: no item limit.
     pub fn maxsize(mut self, maxsize: usize) -> Self {
@@ -148,7 +167,7 @@ impl QueueBuilder {
     }
 
     /// Creates the queue.
-    pub fn build<T: Serialize + DeserializeOwned>(self) -> Result<Queue<T>, QueueError> {
+    pub fn build(self) -> Result<Queue<T>, QueueError> {
         Queue::with_tag(self, type_tag::<Queue<T>>())
     }
 }
@@ -197,14 +216,15 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// Options: item limit, ring size.
-    pub fn builder() -> QueueBuilder {
+    pub fn builder() -> QueueBuilder<T> {
         QueueBuilder {
             maxsize: None,
             capacity_bytes: DEFAULT_CAPACITY,
+            _item: PhantomData,
         }
     }
 
-    fn with_tag(builder: QueueBuilder, type_tag: u64) -> Result<Self, QueueError> {
+    fn with_tag(builder: QueueBuilder<T>, type_tag: u64) -> Result<Self, QueueError> {
         let ring = Ring::create(RingConfig {
             capacity: builder.capacity_bytes,
             max_items: builder.maxsize,
@@ -291,6 +311,84 @@ impl<T> Queue<T> {
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.ring.is_closing()
+    }
+}
+
+/// A byte buffer that encodes as one block.
+///
+/// serde encodes a `Vec<u8>` as a sequence of separate `u8`s, which postcard
+/// writes (and reads) one at a time; `Bytes` is written with a single copy.
+/// Use `Queue<Bytes>` (or `Connection::send(Bytes(..))`, or `send_bytes`)
+/// for binary payloads.
+///
+/// ```
+/// use mp_ipc::queue::{Bytes, Queue};
+///
+/// let queue: Queue<Bytes> = Queue::unbounded()?;
+/// queue.put(Bytes(vec![1, 2, 3]))?;
+/// assert_eq!(queue.get()?.0, [1, 2, 3]);
+/// # Ok::<(), mp_ipc::queue::QueueError>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Deref for Bytes {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bytes {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Bytes(bytes)
+    }
+}
+
+impl From<Bytes> for Vec<u8> {
+    fn from(bytes: Bytes) -> Self {
+        bytes.0
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(bytes.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(bytes))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Bytes, A::Error> {
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(byte) = seq.next_element()? {
+                    bytes.push(byte);
+                }
+                Ok(Bytes(bytes))
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
     }
 }
 
@@ -496,7 +594,7 @@ impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
     }
 
     /// A joinable queue with the options of `builder`.
-    pub fn from_builder(builder: QueueBuilder) -> Result<Self, QueueError> {
+    pub fn from_builder(builder: QueueBuilder<T>) -> Result<Self, QueueError> {
         Ok(JoinableQueue {
             queue: Queue::with_tag(builder, type_tag::<JoinableQueue<T>>())?,
         })
@@ -599,7 +697,7 @@ impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
