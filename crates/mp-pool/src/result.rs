@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::PoolError;
-use crate::transport::SPIN;
+
+/// How long a waiter polls for the outcome before it sleeps: a result usually arrives within
+/// microseconds of the previous one, and waking from a sleep costs more than that.
+const SPIN: Duration = Duration::from_micros(50);
 
 type SuccessCallback<T> = Box<dyn FnOnce(&T) + Send>;
 type ErrorCallback = Box<dyn FnOnce(&PoolError) + Send>;
@@ -169,8 +172,6 @@ impl<T> AsyncResult<T> {
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
-        // A result usually arrives within microseconds of the last one; waking from a sleep
-        // would cost more than that (see `transport::SPIN`).
         let start = Instant::now();
         while !self.completion.done.load(Ordering::Acquire)
             && start.elapsed() < SPIN

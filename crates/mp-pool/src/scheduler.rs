@@ -34,8 +34,8 @@ use crate::error::{PoolError, describe_exit, status_of_exitcode};
 use crate::job::{ChunkOutcome, Job};
 use crate::supervisor::Commands;
 use crate::transport::{
-    ChunkResult, INLINE_LIMIT, MAX_MESSAGES_IN_FLIGHT, Payload, Progress, TaskChunk, TaskMessage,
-    TaskSender, WorkerId,
+    BATCH_BYTES, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, Progress, TaskChunk, TaskMessage,
+    TaskSender, TransportError, WorkerId,
 };
 
 /// How much work (by the running average of chunk times) to keep queued on each worker.
@@ -98,6 +98,8 @@ struct Worker {
     budget: Option<usize>,
     /// No more chunks go to it: its budget is spent, the pool is stopping, or its link broke.
     draining: bool,
+    /// Its link was found full: no more chunks until it answers.
+    congested: bool,
 }
 
 /// The scheduler's state (behind the pool's lock).
@@ -203,7 +205,7 @@ impl Scheduler {
         self.stopping = true;
         for worker in &mut self.workers {
             worker.draining = true;
-            if let Err(e) = worker.sender.send(TaskMessage::Stop) {
+            if let Err(e) = worker.sender.send(&TaskMessage::Stop) {
                 tracing::debug!(worker = %worker.id, %e, "could not tell a pool worker to stop");
                 self.commands.kill(worker.id);
             }
@@ -250,6 +252,7 @@ impl Scheduler {
             in_flight: 0,
             budget: self.max_tasks,
             draining: false,
+            congested: false,
         });
         true
     }
@@ -289,6 +292,7 @@ impl Scheduler {
             return deliveries; // terminated meanwhile
         };
         let pid = worker.pid;
+        worker.congested = false;
         let mut total_ns = 0f64;
         for result in results {
             let Some(assigned) = take_assigned(worker, result.seq) else {
@@ -442,6 +446,7 @@ impl Scheduler {
             let has_room = |w: &Worker| {
                 w.ready
                     && !w.draining
+                    && !w.congested
                     && w.in_flight < depth
                     && w.batches.len() < MAX_MESSAGES_IN_FLIGHT
             };
@@ -460,7 +465,7 @@ impl Scheduler {
                 .min(worker.budget.unwrap_or(usize::MAX));
             let mut batch = VecDeque::with_capacity(room);
             let mut message = Vec::with_capacity(room);
-            let mut inline_bytes = 0;
+            let mut bytes = 0;
             while batch.len() < room {
                 let Some(chunk) = self.pending.front() else {
                     break;
@@ -469,14 +474,14 @@ impl Scheduler {
                     self.pending.pop_front();
                     continue;
                 }
-                let size = chunk.payload.inline_len();
-                if !batch.is_empty() && inline_bytes + size > INLINE_LIMIT {
+                let size = chunk.payload.len();
+                if !batch.is_empty() && bytes + size > BATCH_BYTES {
                     break;
                 }
                 let Some(chunk) = self.pending.pop_front() else {
                     break;
                 };
-                inline_bytes += size;
+                bytes += size;
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 message.push(TaskChunk {
@@ -490,7 +495,27 @@ impl Scheduler {
                 continue;
             }
             let count = batch.len();
-            tracing::trace!(worker = %worker.id, chunks = count, first_seq = batch[0].seq, "dispatch");
+            match worker.sender.send(&TaskMessage::Run(message)) {
+                Ok(()) => {
+                    tracing::trace!(worker = %worker.id, chunks = count, first_seq = batch[0].seq, "dispatch");
+                }
+                Err(TransportError::Full) if worker.in_flight > 0 => {
+                    // Not expected (see the transport's contract): take the chunks back and
+                    // give this worker nothing more until it answers.
+                    tracing::warn!(worker = %worker.id, "pool worker's task link is full");
+                    worker.congested = true;
+                    for assigned in batch.into_iter().rev() {
+                        self.pending.push_front(assigned.chunk);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    // Its chunks stay assigned: they are settled when its exit is reported.
+                    tracing::warn!(worker = %worker.id, %e, "pool worker link broke; killing it");
+                    worker.draining = true;
+                    self.commands.kill(worker.id);
+                }
+            }
             worker.in_flight += count;
             worker.batches.push_back(batch);
             let mut retiring = false;
@@ -499,12 +524,6 @@ impl Scheduler {
                 // It exits after these; its replacement can start now.
                 retiring = *budget == 0;
                 worker.draining |= retiring;
-            }
-            if let Err(e) = worker.sender.send(TaskMessage::Run(message)) {
-                // Its chunks stay assigned: they are settled when its exit is reported.
-                tracing::warn!(worker = %worker.id, %e, "pool worker link broke; killing it");
-                worker.draining = true;
-                self.commands.kill(worker.id);
             }
             if retiring {
                 self.request_workers();

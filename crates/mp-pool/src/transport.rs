@@ -2,67 +2,43 @@
 //! boundary goes through this module, so the carrier can change without touching the
 //! scheduler.
 //!
-//! Two kinds of link:
+//! Two kinds of link, both mp-ipc shared-memory [`Queue`]s (a ring in a memfd, futex
+//! wake-ups after a short adaptive spin, large items out of band in the same memfd):
 //! * one **task link per worker** (parent → worker), carrying batches of chunks;
-//! * one **report link shared by all workers** (workers → parent), carrying results,
-//!   and readiness; the pool's own threads post notices (a worker
-//!   exited, shut down) on it too, so the result thread waits on a single receiver.
+//! * one **report link shared by all workers** (workers → parent), carrying results and
+//!   readiness; the pool's own threads post notices (a worker exited, shut down) on it too,
+//!   so the result thread waits on a single queue.
 //!
-//! The carrier today is `ipc-channel` (a Unix socket per link). It is meant to become
-//! mp-ipc's shared-memory queues; the contract the rest of the crate relies on is:
+//! The contract the rest of the crate relies on:
 //!
-//! * **A task send never blocks** as long as the scheduler keeps at most
-//!   [`MAX_MESSAGES_IN_FLIGHT`] unanswered messages per worker: every message on a task link
-//!   is small, because a payload larger than [`INLINE_LIMIT`] travels out of line (a memfd
-//!   whose descriptor rides along). The scheduler sends while holding its lock, so this
-//!   matters: a blocking send could wedge the pool behind one busy worker.
-//! * **A receive polls briefly before it sleeps** ([`SPIN`]): waking a sleeping peer on
-//!   another CPU costs tens of microseconds, and in a busy pool the next message usually
-//!   arrives sooner than that. Between polls the thread yields, so that two peers sharing
-//!   one CPU still make progress.
-//! * **Reports from one worker arrive in the order it sent them**, and a notice the parent
-//!   posts after observing a worker's exit arrives after everything that worker sent.
+//! * **A task send never waits.** The scheduler sends while holding its lock, so a send that
+//!   waited for a busy worker to make room would stall the whole pool behind it. Sends use
+//!   `try_put`, and the scheduler keeps at most [`MAX_MESSAGES_IN_FLIGHT`] unanswered
+//!   messages per worker: a message takes at most a quarter of the ring (larger ones go out
+//!   of band), so they always fit. Should one not fit anyway, the send reports
+//!   [`TransportError::Full`] and the scheduler takes the chunks back.
+//! * **Reports from one worker arrive in the order it sent them**, a report that was sent is
+//!   not lost if its worker dies right after, and a worker killed in the middle of a send
+//!   neither corrupts the link nor blocks the others (mp-ipc's robust ring). A notice the
+//!   pool posts after reaping a worker therefore arrives after everything that worker sent.
 
 use std::fmt;
-use std::io;
-use std::time::{Duration, Instant};
 
-use ipc_channel::TryRecvError;
-use ipc_channel::ipc::{self, IpcReceiver, IpcSender, IpcSharedMemory};
 use mp_core::{FunctionId, TaskFailure};
+use mp_ipc::queue::{Queue, QueueError};
 use mp_ipc::shm::SharedMemory;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Payloads larger than this travel out of line, in their own shared-memory segment.
-pub(crate) const INLINE_LIMIT: usize = 16 * 1024;
+/// Bytes of one worker's task ring (address space; pages are touched as used).
+const TASK_RING_BYTES: usize = 1 << 20;
 
-/// The most unanswered task messages the scheduler may leave on one worker's link. With
-/// [`INLINE_LIMIT`], this bounds what a link buffers (≤ 128 KiB plus small out-of-line
-/// descriptors) below a Unix socket's send buffer, so sends never block.
-pub(crate) const MAX_MESSAGES_IN_FLIGHT: usize = 8;
+/// The most unanswered task messages the scheduler leaves on one worker's link: three
+/// messages of at most a quarter of the ring each always fit.
+pub(crate) const MAX_MESSAGES_IN_FLIGHT: usize = 3;
 
-/// How long a receive polls for a message before it sleeps.
-pub(crate) const SPIN: Duration = Duration::from_micros(50);
-
-/// Receives from `receiver`, polling for [`SPIN`] before blocking.
-fn recv_spinning<T>(receiver: &IpcReceiver<T>) -> Result<T, TransportError>
-where
-    T: for<'de> Deserialize<'de> + Serialize,
-{
-    let start = Instant::now();
-    loop {
-        match receiver.try_recv() {
-            Ok(message) => return Ok(message),
-            Err(TryRecvError::Empty) if start.elapsed() < SPIN => std::thread::yield_now(),
-            Err(TryRecvError::Empty) => break,
-            Err(TryRecvError::IpcError(e)) => return Err(TransportError(format!("{e:?}"))),
-        }
-    }
-    receiver
-        .recv()
-        .map_err(|e| TransportError(format!("{e:?}")))
-}
+/// A batch message stops growing at this many payload bytes (a larger chunk travels alone).
+pub(crate) const BATCH_BYTES: usize = 64 * 1024;
 
 /// Identifies one worker process for the lifetime of a pool (never reused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -103,50 +79,24 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
-/// The encoded arguments of one chunk: inline when small, out of line when large.
-#[derive(Clone, Serialize, Deserialize)]
-pub(crate) enum Payload {
-    /// Carried in the message itself.
-    Inline(Bytes),
-    /// Carried in a shared-memory segment (a memfd) whose descriptor rides in the message.
-    Shared(IpcSharedMemory),
-}
+/// The encoded arguments of one chunk.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Payload(Bytes);
 
 impl Payload {
-    /// Wraps encoded bytes, moving them out of line when they are large.
+    /// Wraps encoded bytes.
     pub(crate) fn new(bytes: Vec<u8>) -> Payload {
-        if bytes.len() > INLINE_LIMIT {
-            Payload::Shared(IpcSharedMemory::from_bytes(&bytes))
-        } else {
-            Payload::Inline(Bytes(bytes))
-        }
+        Payload(Bytes(bytes))
     }
 
     /// The encoded bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        match self {
-            Payload::Inline(bytes) => &bytes.0,
-            Payload::Shared(memory) => memory,
-        }
+        &self.0.0
     }
 
-    /// What this payload weighs in a message, against [`INLINE_LIMIT`]: its bytes when
-    /// inline; a sixteenth of the limit when out of line, so that a message carries at most
-    /// 16 descriptors (the kernel refuses more than 253 per message).
-    pub(crate) fn inline_len(&self) -> usize {
-        match self {
-            Payload::Inline(bytes) => bytes.0.len(),
-            Payload::Shared(_) => INLINE_LIMIT / 16,
-        }
-    }
-}
-
-impl fmt::Debug for Payload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Payload::Inline(bytes) => write!(f, "Inline({} B)", bytes.0.len()),
-            Payload::Shared(memory) => write!(f, "Shared({} B)", memory.len()),
-        }
+    /// How many bytes it adds to a message.
+    pub(crate) fn len(&self) -> usize {
+        self.0.0.len()
     }
 }
 
@@ -222,9 +172,7 @@ pub(crate) struct Progress(SharedMemory);
 
 impl Progress {
     pub(crate) fn new() -> Result<Progress, TransportError> {
-        SharedMemory::new(8)
-            .map(Progress)
-            .map_err(|e| TransportError(e.to_string()))
+        Ok(Progress(SharedMemory::new(8).map_err(QueueError::from)?))
     }
 
     /// In the worker: the chunk `seq` starts now.
@@ -241,89 +189,79 @@ impl Progress {
     }
 }
 
-/// A link could not carry a message: the peer is gone, or the OS refused.
+/// A link could not carry a message.
 #[derive(Debug, thiserror::Error)]
-#[error("pool transport: {0}")]
-pub(crate) struct TransportError(String);
-
-impl From<io::Error> for TransportError {
-    fn from(e: io::Error) -> Self {
-        TransportError(e.to_string())
-    }
+pub(crate) enum TransportError {
+    /// The task link has no room now (the scheduler takes the chunks back).
+    #[error("the worker's task link is full")]
+    Full,
+    /// The queue failed (closed, corrupted, undecodable item, system error).
+    #[error("pool transport: {0}")]
+    Queue(#[from] QueueError),
 }
 
 /// Parent side of a task link.
-pub(crate) struct TaskSender(IpcSender<TaskMessage>);
+pub(crate) struct TaskSender(Queue<TaskMessage>);
 
 /// Worker side of a task link.
 #[derive(Serialize, Deserialize)]
-pub(crate) struct TaskReceiver(IpcReceiver<TaskMessage>);
+pub(crate) struct TaskReceiver(Queue<TaskMessage>);
 
 /// Creates a task link for a new worker.
 pub(crate) fn task_link() -> Result<(TaskSender, TaskReceiver), TransportError> {
-    let (sender, receiver) = ipc::channel()?;
-    Ok((TaskSender(sender), TaskReceiver(receiver)))
+    let queue = Queue::builder().capacity_bytes(TASK_RING_BYTES).build()?;
+    Ok((TaskSender(queue.clone()), TaskReceiver(queue)))
 }
 
 impl TaskSender {
-    /// Sends without blocking, given the contract in the module docs.
-    pub(crate) fn send(&self, message: TaskMessage) -> Result<(), TransportError> {
-        self.0
-            .send(message)
-            .map_err(|e| TransportError(format!("{e:?}")))
+    /// Sends without waiting (see the module docs).
+    pub(crate) fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
+        match self.0.try_put(message) {
+            Ok(()) => Ok(()),
+            Err(QueueError::Full) => Err(TransportError::Full),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
 impl TaskReceiver {
-    /// Waits for the next message; an error means the parent is gone.
+    /// Waits for the next message; an error means the link is unusable.
     pub(crate) fn recv(&self) -> Result<TaskMessage, TransportError> {
-        recv_spinning(&self.0)
+        Ok(self.0.get()?)
     }
 }
 
 /// Sending side of the report link (workers hold clones; so does the pool, for notices).
 #[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct ReportSender(IpcSender<Report>);
+pub(crate) struct ReportSender(Queue<Report>);
 
 /// The pool's side of the report link.
-pub(crate) struct ReportReceiver(IpcReceiver<Report>);
+pub(crate) struct ReportReceiver(Queue<Report>);
 
 /// Creates the report link of a pool.
 pub(crate) fn report_link() -> Result<(ReportSender, ReportReceiver), TransportError> {
-    let (sender, receiver) = ipc::channel()?;
-    Ok((ReportSender(sender), ReportReceiver(receiver)))
+    let queue = Queue::unbounded()?;
+    Ok((ReportSender(queue.clone()), ReportReceiver(queue)))
 }
 
 impl ReportSender {
-    /// Sends a report (blocks only while the result thread catches up).
+    /// Sends a report (waits only while the result thread catches up).
     pub(crate) fn send(&self, report: Report) -> Result<(), TransportError> {
-        self.0
-            .send(report)
-            .map_err(|e| TransportError(format!("{e:?}")))
+        Ok(self.0.put(report)?)
     }
 }
 
 impl ReportReceiver {
-    /// Waits for the next report. An error concerns one message (a worker died while
-    /// sending a large one); the link itself lives as long as the pool holds a sender.
+    /// Waits for the next report. An error concerns one item (it could not be decoded);
+    /// the link itself lives as long as the pool holds a sender.
     pub(crate) fn recv(&self) -> Result<Report, TransportError> {
-        recv_spinning(&self.0)
+        Ok(self.0.get()?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn small_payloads_stay_inline_and_large_ones_move_out() {
-        let small = Payload::new(vec![7; INLINE_LIMIT]);
-        assert!(matches!(small, Payload::Inline(_)));
-        let large = Payload::new(vec![9; INLINE_LIMIT + 1]);
-        assert!(matches!(large, Payload::Shared(_)));
-        assert_eq!(large.as_bytes(), &vec![9; INLINE_LIMIT + 1][..]);
-        assert!(large.inline_len() * 16 <= INLINE_LIMIT);
-    }
 
     #[test]
     fn progress_remembers_the_last_chunk_started() {
@@ -343,24 +281,46 @@ mod tests {
         assert_eq!(postcard::from_bytes::<Bytes>(&encoded).unwrap(), bytes);
     }
 
+    fn batch(seq: u64, bytes: usize) -> TaskMessage {
+        TaskMessage::Run(vec![TaskChunk {
+            seq,
+            function: FunctionId::of_task(&|x: u8| x),
+            payload: Payload::new(vec![7; bytes]),
+        }])
+    }
+
     #[test]
-    fn messages_cross_a_task_link_with_out_of_line_payloads() {
+    fn the_largest_messages_in_flight_fit_without_waiting() {
         let (sender, receiver) = task_link().unwrap();
-        let payload = Payload::new(vec![5; 100_000]);
-        sender
-            .send(TaskMessage::Run(vec![TaskChunk {
-                seq: 3,
-                function: FunctionId::of_task(&|x: u8| x),
-                payload: payload.clone(),
-            }]))
-            .unwrap();
-        match receiver.recv().unwrap() {
-            TaskMessage::Run(chunks) => {
-                assert_eq!(chunks.len(), 1);
-                assert_eq!(chunks[0].seq, 3);
-                assert_eq!(chunks[0].payload.as_bytes(), payload.as_bytes());
-            }
-            TaskMessage::Stop => panic!("expected a batch"),
+        // The worst case: every message as large as can stay in the ring, or larger.
+        for (seq, bytes) in [
+            (0, TASK_RING_BYTES / 4 - 64),
+            (1, TASK_RING_BYTES / 4 - 64),
+            (2, 5 << 20),
+        ] {
+            sender.send(&batch(seq, bytes)).unwrap();
         }
+        assert_eq!(MAX_MESSAGES_IN_FLIGHT, 3);
+        for expected in 0..3 {
+            match receiver.recv().unwrap() {
+                TaskMessage::Run(chunks) => assert_eq!(chunks[0].seq, expected),
+                TaskMessage::Stop => panic!("expected a batch"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_link_says_so_instead_of_waiting() {
+        let (sender, _receiver) = task_link().unwrap();
+        let mut sent = 0;
+        loop {
+            match sender.send(&batch(sent, 100_000)) {
+                Ok(()) => sent += 1,
+                Err(TransportError::Full) => break,
+                Err(e) => panic!("unexpected {e}"),
+            }
+            assert!(sent < 100, "a 1 MiB ring took {sent} messages of 100 kB");
+        }
+        assert!(sent >= MAX_MESSAGES_IN_FLIGHT as u64);
     }
 }

@@ -31,7 +31,7 @@ fn workload(pool: &Pool) {
         pool.imap(add, 0..2_500u64).filter(|r| r.is_ok()).count(),
         2_500
     );
-    // Large chunks travel out of line, in memfds that must be closed again.
+    // Large chunks travel out of band (in the ring's heap), which must be freed again.
     let big = pool.chunksize(1_250).map_async(add, 0..2_500u64).unwrap();
     assert_eq!(big.get_timeout(LIMIT).unwrap().len(), 2_500);
 }
