@@ -1789,6 +1789,84 @@ mod shm_ring {
             assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"fine");
         }
 
+        fn allocated_bytes(ring: &Ring) -> i64 {
+            let stat = rustix::fs::fstat(ring.file.as_fd()).unwrap();
+            stat.st_blocks as i64 * 512
+        }
+
+        #[test]
+        fn a_producer_that_died_writing_a_region_has_it_freed_by_the_next() {
+            let ring = ring(4096, None);
+            let heap_start = (HEADER_LEN + 4096) as u64;
+            let before = allocated_bytes(&ring);
+            let dying = Arc::clone(&ring);
+            // A thread that exits holding the producer lock is, for a robust
+            // mutex, exactly a producer killed mid-put.
+            std::thread::spawn(move || {
+                let held = dying.lock_producer(Wait::Forever).unwrap();
+                let producer = &dying.header().producer.0;
+                let len = 1 << 20;
+                producer.pending_offset.store(heap_start, Relaxed);
+                producer
+                    .pending_tail
+                    .store(dying.indices().tail().0, Relaxed);
+                producer.pending_len.store(len, Relaxed);
+                dying
+                    .file
+                    .write_all_at(&vec![1; len as usize], heap_start)
+                    .unwrap();
+                std::mem::forget(held);
+            })
+            .join()
+            .unwrap();
+            assert!(allocated_bytes(&ring) >= before + (1 << 20));
+            push_bytes(&ring, b"next", Wait::Never).unwrap();
+            assert!(
+                allocated_bytes(&ring) < before + (1 << 20),
+                "the dead producer's region was freed"
+            );
+            assert_eq!(ring.header().producer.0.pending_len.load(Relaxed), 0);
+            assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"next");
+        }
+
+        #[test]
+        fn an_out_of_band_item_punched_by_a_dead_consumer_is_skipped() {
+            let ring = ring(4096, None);
+            let heap_start = (HEADER_LEN + 4096) as u64;
+            push_bytes(&ring, &vec![9; 100_000], Wait::Never).unwrap();
+            push_bytes(&ring, b"after", Wait::Never).unwrap();
+            // A consumer frees the region, then dies before advancing the head.
+            ring.file.punch(heap_start, 200_000).unwrap();
+            let done_before = ring.tasks().done.load(SeqCst);
+            assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"after");
+            assert_eq!(
+                ring.tasks().done.load(SeqCst),
+                done_before + 1,
+                "the lost item counts as done"
+            );
+            assert!(matches!(
+                pop_bytes(&ring, Wait::Never),
+                Err(RingError::Empty)
+            ));
+        }
+
+        #[test]
+        fn a_corrupted_frame_is_an_error_not_a_panic() {
+            let ring = ring(4096, None);
+            push_bytes(&ring, b"fine", Wait::Never).unwrap();
+            // Scribble a frame header claiming more bytes than were published.
+            // SAFETY: the test owns the ring; nobody else reads it.
+            unsafe {
+                ring.data_ptr(Pos(0))
+                    .cast::<u64>()
+                    .write((1u64 << 32) | 4000)
+            };
+            assert!(matches!(
+                pop_bytes(&ring, Wait::Never),
+                Err(RingError::Corrupted(_))
+            ));
+        }
+
         #[test]
         fn attach_checks_the_type_tag() {
             let ring = ring(4096, None);
@@ -1814,6 +1892,14 @@ mod loom_models {
 
     /// Ring capacity in the model, in "bytes" (each item takes one).
     const CAPACITY: u32 = 1;
+
+    /// Explores every interleaving with up to 5 preemptions (the complete
+    /// search does not finish in reasonable time; lost wake-ups need 1 or 2).
+    fn model(body: impl Fn() + Sync + Send + 'static) {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(5);
+        builder.check(body);
+    }
 
     fn put(indices: &Indices) {
         let tail = indices.tail();
@@ -1844,7 +1930,7 @@ mod loom_models {
 
     #[test]
     fn loom_ring_no_lost_wakeup_when_full_and_empty() {
-        loom::model(|| {
+        model(|| {
             let indices = Arc::new(Indices::default());
             let producer = {
                 let indices = Arc::clone(&indices);
@@ -1864,7 +1950,7 @@ mod loom_models {
 
     #[test]
     fn loom_ring_close_wakes_consumer_after_draining() {
-        loom::model(|| {
+        model(|| {
             let indices = Arc::new(Indices::default());
             let producer = {
                 let indices = Arc::clone(&indices);
@@ -1885,7 +1971,7 @@ mod loom_models {
 
     #[test]
     fn loom_ring_close_wakes_producer_waiting_for_room() {
-        loom::model(|| {
+        model(|| {
             let indices = Arc::new(Indices::default());
             indices.publish(indices.tail().advance(1, 1)); // full
             let producer = {
