@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use multiproc::mp_ipc::{Barrier, Condition, Event, Lock, LockError, SharedMemory, Value};
 use multiproc::{Process, ProcessError, StartMethod, active_children, cpu_count, current_process};
 
 type StepResult = Result<String, Box<dyn std::error::Error>>;
@@ -19,14 +20,14 @@ fn step(title: &str, body: impl FnOnce() -> StepResult) -> bool {
     match outcome {
         Ok(detail) => {
             println!(
-                "  ok   {title:<52} {:>10}  {detail}",
+                "  ok   {title:<62} {:>10}  {detail}",
                 format_duration(elapsed)
             );
             true
         }
         Err(error) => {
             println!(
-                "  FAIL {title:<52} {:>10}  {error}",
+                "  FAIL {title:<62} {:>10}  {error}",
                 format_duration(elapsed)
             );
             false
@@ -149,9 +150,117 @@ fn processes() -> Vec<bool> {
     results
 }
 
+fn synchronisation() -> Vec<bool> {
+    println!("\nLocks, events, barriers and shared memory (mp-ipc)");
+    let bound = Duration::from_secs(10);
+    let mut results = vec![step(
+        "4 processes x 100000 increments of a Value under its lock",
+        || {
+            let counter = Value::new(0u64)?;
+            let children = (0..4)
+                .map(|_| {
+                    Process::new(|counter: Value<u64>| {
+                        for _ in 0..100_000 {
+                            *counter.lock().unwrap() += 1;
+                        }
+                    })
+                    .args(counter.clone())
+                    .start()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            for child in &children {
+                child.join()?;
+            }
+            Ok(format!("total {} (exact)", counter.get()?))
+        },
+    )];
+    results.push(step(
+        "a process SIGKILLed holding a Lock: the next owner is told",
+        || {
+            let lock = Lock::new()?;
+            let holding = Event::new()?;
+            let child = Process::new(|(lock, holding): (Lock, Event)| {
+                let _guard = lock.lock().unwrap();
+                holding.set();
+                park_forever();
+            })
+            .args((lock.clone(), holding.clone()))
+            .start()?;
+            holding.wait_timeout(bound)?;
+            child.kill()?;
+            let killed = child.join().expect_err("killed");
+            match lock.lock_timeout(bound) {
+                Err(LockError::OwnerDied(_guard)) => Ok(format!(
+                    "{killed}; next lock(): OwnerDied with the guard (CPython would hang)"
+                )),
+                other => Err(format!("unexpected: {other:?}").into()),
+            }
+        },
+    ));
+    results.push(step("Barrier: 3 processes meet 100 times", || {
+        let barrier = Barrier::builder(3).timeout(bound).build()?;
+        let children = (0..3)
+            .map(|_| {
+                Process::new(|barrier: Barrier| -> Result<u32, String> {
+                    let mut index_sum = 0;
+                    for _ in 0..100 {
+                        index_sum += barrier.wait().map_err(|e| e.to_string())?;
+                    }
+                    Ok(index_sum)
+                })
+                .args(barrier.clone())
+                .start()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut total = 0;
+        for child in &children {
+            total += child.join()??;
+        }
+        Ok(format!("arrival indices sum to {total} (= 100 x (0+1+2))"))
+    }));
+    results.push(step(
+        "Condition.notify(1) wakes one waiting process",
+        || {
+            let ready = Value::new(0u32)?;
+            let cond = Condition::with_lock(ready.get_lock())?;
+            let child = Process::new(
+                |(ready, cond): (Value<u32>, Condition)| -> Result<u32, String> {
+                    let guard = ready.lock().map_err(|e| e.to_string())?;
+                    let guard = cond
+                        .wait_for_timeout(guard, Duration::from_secs(10), |v| **v > 0)
+                        .map_err(|e| e.to_string())?;
+                    Ok(*guard)
+                },
+            )
+            .args((ready.clone(), cond.clone()))
+            .start()?;
+            *ready.lock().map_err(LockError::without_guard)? = 42;
+            cond.notify(1);
+            Ok(format!("the child saw {}", child.join()??))
+        },
+    ));
+    results.push(step(
+        "SharedMemory passed to a child is the same memory",
+        || {
+            let shm = SharedMemory::new(4096)?;
+            let child =
+                Process::new(|shm: SharedMemory| shm.write_at(0, b"hi from the child").is_ok())
+                    .args(shm.clone())
+                    .start()?;
+            if !child.join()? {
+                return Err("the child could not write".into());
+            }
+            let mut buf = [0u8; 17];
+            shm.read_at(0, &mut buf)?;
+            Ok(format!("parent reads {:?}", String::from_utf8_lossy(&buf)))
+        },
+    ));
+    results
+}
+
 fn main() {
     println!("multiproc tour: every capability, what it did and how long it took");
-    let results: Vec<bool> = [processes()].concat();
+    let results: Vec<bool> = [processes(), synchronisation()].concat();
     let failed = results.iter().filter(|ok| !**ok).count();
     println!("\n{} steps, {} failed", results.len(), failed);
     if failed > 0 {
