@@ -14,7 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mp_core::{ExitStatus, StartMethod};
-use mp_pool::{Pool, PoolError};
+use mp_ipc::queue::Queue;
+use mp_pool::{AsyncResult, Pool, PoolError};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, Signal};
 
@@ -643,6 +644,55 @@ fn the_initializer_runs_in_every_worker_before_tasks() {
         .map_async(|_: u8| SEED.load(Ordering::SeqCst), 0..10)
         .unwrap();
     assert_eq!(seeds.get_timeout(LIMIT).unwrap(), vec![42; 10]);
+}
+
+static OUTBOX: std::sync::OnceLock<Queue<u32>> = std::sync::OnceLock::new();
+
+#[test]
+fn initializer_arguments_may_carry_queues_as_in_python() {
+    // Python: Pool(initializer=init, initargs=(queue,)), the way to share a queue with
+    // pool workers; tasks then use the worker's global.
+    let queue: Queue<u32> = Queue::unbounded().unwrap();
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(|queue: Queue<u32>| OUTBOX.set(queue).is_ok(), queue.clone())
+        .build()
+        .unwrap();
+    let send = |x: u32| OUTBOX.get().expect("initialized").put(x * 10).is_ok();
+    let sent = pool
+        .chunksize(1)
+        .map_async(send, 0..10)
+        .unwrap()
+        .get_timeout(LIMIT)
+        .unwrap();
+    assert!(sent.iter().all(|ok| *ok));
+    let mut received: Vec<u32> = (0..10).map(|_| queue.get_timeout(LIMIT).unwrap()).collect();
+    received.sort_unstable();
+    assert_eq!(received, (0..10).map(|x| x * 10).collect::<Vec<_>>());
+}
+
+#[test]
+fn pools_and_results_can_be_shared_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Pool>();
+    assert_send_sync::<AsyncResult<Vec<String>>>();
+    let pool = Pool::new(2).unwrap();
+    let sums: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let pool = &pool;
+                scope.spawn(move || {
+                    let values = pool.map_async(square, t * 100..(t + 1) * 100).unwrap();
+                    values.get_timeout(LIMIT).unwrap().iter().sum::<u64>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, sum) in sums.iter().enumerate() {
+        let t = t as u64;
+        assert_eq!(*sum, (t * 100..(t + 1) * 100).map(square).sum::<u64>());
+    }
 }
 
 #[test]
