@@ -52,8 +52,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ring::{
-    DEFAULT_CAPACITY, Liveness, MemFile, Payload, Postcard, RawBytes, Ring, RingConfig, RingError,
-    Wait, carrier_with_token,
+    DEFAULT_CAPACITY, Liveness, Payload, Postcard, RawBytes, Ring, RingConfig, RingError, Wait,
+    carrier_with_token,
 };
 use crate::shm::{SharedMemory, ShmError};
 
@@ -200,15 +200,13 @@ impl Pipe {
             max_items: None,
             type_tag: CONNECTION_TAG,
         })?);
-        let reader_token = LivenessToken::create()?;
-        let writer_token = LivenessToken::create()?;
+        let (reader_token, reader_id) = LivenessToken::create()?;
+        let (writer_token, writer_id) = LivenessToken::create()?;
         let words = &ring.extra().words;
-        for (slot, value) in words.iter().zip([
-            writer_token.id.0,
-            writer_token.id.1,
-            reader_token.id.0,
-            reader_token.id.1,
-        ]) {
+        for (slot, value) in words
+            .iter()
+            .zip([writer_id.0, writer_id.1, reader_id.0, reader_id.1])
+        {
             slot.store(value, SeqCst);
         }
         Ok((
@@ -233,18 +231,19 @@ type TokenId = (u64, u64);
 /// anywhere (ipc-channel passes the description itself, not a copy).
 struct LivenessToken {
     carrier: SharedMemory,
-    id: TokenId,
 }
 
 impl LivenessToken {
-    fn create() -> Result<LivenessToken, ConnectionError> {
+    /// A new, locked token and the identity of its file (for the peer to probe).
+    fn create() -> Result<(LivenessToken, TokenId), ConnectionError> {
         let (carrier, file, carrier_fd, _) = carrier_with_token(4096)?;
         // SAFETY: `carrier_fd` is the descriptor ipc-channel holds for
-        // `carrier`, open for as long as `carrier` lives (it does here).
+        // `carrier` (the only one of that file, found just after creating
+        // it), open for as long as `carrier` lives, which it does here.
         let carrier_fd = unsafe { BorrowedFd::borrow_raw(carrier_fd) };
         lock_description(carrier_fd).map_err(io_error("locking a liveness token"))?;
         let id = file.id().map_err(io_error("fstat"))?;
-        Ok(LivenessToken { carrier, id })
+        Ok((LivenessToken { carrier }, id))
     }
 }
 
@@ -748,13 +747,9 @@ impl<'de> Deserialize<'de> for Connection {
                 return Ok(None);
             };
             let ring = Arc::new(Ring::attach(ring, CONNECTION_TAG)?);
-            let mut stamp = [0u8; 16];
-            token.read_at(crate::ring::TOKEN_OFFSET as usize, &mut stamp)?;
-            let (file, _) = MemFile::find(&stamp).map_err(io_error("finding a liveness token"))?;
-            let id = file.id().map_err(io_error("fstat"))?;
             Ok(Some(Endpoint::new(
                 ring,
-                LivenessToken { carrier: token, id },
+                LivenessToken { carrier: token },
                 side,
             )))
         };
@@ -828,12 +823,23 @@ mod tests {
         assert!(reader.poll(Some(Duration::ZERO)).unwrap(), "EOF is ready");
     }
 
+    /// Waits until a thread sleeps for data on `connection`'s ring.
+    fn until_a_reader_sleeps(connection: &Connection) {
+        let indices = connection.inner.rx.as_ref().unwrap().ring.indices();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !indices.consumer_sleeping() {
+            assert!(Instant::now() < deadline, "the reader never went to sleep");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn a_blocked_reader_wakes_when_the_writer_is_dropped() {
         let (reader, writer) = Pipe::simplex().unwrap();
+        let probe = reader.clone();
         let start = Instant::now();
         let waiter = std::thread::spawn(move || reader.recv_timeout::<u8>(Duration::from_secs(20)));
-        std::thread::sleep(Duration::from_millis(100));
+        until_a_reader_sleeps(&probe);
         drop(writer);
         assert!(matches!(
             waiter.join().unwrap(),
@@ -860,8 +866,9 @@ mod tests {
         );
         a2.send(1u8).unwrap();
         assert_eq!(wait(&objects, Some(Duration::from_secs(10))).unwrap(), [1]);
+        let probe = b1.clone();
         let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
+            until_a_reader_sleeps(&probe);
             a1.send(2u8).unwrap();
             a1
         });

@@ -27,3 +27,6 @@ pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 pub mod connection;
 pub mod queue;
 mod ring;
+
+pub use connection::{Connection, ConnectionError, Pipe, Waitable};
+pub use queue::{Bytes, JoinableQueue, Queue, QueueBuilder, QueueError, SimpleQueue};

@@ -261,6 +261,12 @@ impl Indices {
         futex::wake_all(&self.space.0.seq);
     }
 
+    /// Whether a consumer (or poller) announced that it sleeps for data.
+    #[cfg(test)]
+    pub(crate) fn consumer_sleeping(&self) -> bool {
+        self.data.0.sleeping.load(SeqCst) != 0
+    }
+
     /// The data futex word, for waiting on several rings at once.
     pub(crate) fn data_word(&self) -> &AtomicU32 {
         &self.data.0.seq
