@@ -13,12 +13,17 @@
 //! within about ten minutes on a 2-core machine.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{
-    BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime,
+    BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
+use multiproc::mp_ipc::barrier::Barrier;
+use multiproc::mp_ipc::lock::Lock;
+use multiproc::mp_ipc::semaphore::Semaphore;
 use multiproc::mp_ipc::shm::SharedMemory;
+use multiproc::mp_ipc::value::Value;
+use multiproc::{Process, StartMethod};
 
 /// Applies the short timing every group of this file uses.
 fn short(group: &mut BenchmarkGroup<'_, WallTime>) {
@@ -51,5 +56,62 @@ fn shared_memory(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, shared_memory);
+/// Uncontended acquire + release of Lock and Semaphore; Value += 1 under its lock.
+fn uncontended(c: &mut Criterion) {
+    let mut group = c.benchmark_group("uncontended");
+    short(&mut group);
+    let lock = Lock::new().unwrap();
+    group.bench_function("lock_release", |b| {
+        b.iter(|| drop(black_box(lock.lock().unwrap())))
+    });
+    let semaphore = Semaphore::new(1).unwrap();
+    group.bench_function("semaphore_acquire_release", |b| {
+        b.iter(|| drop(black_box(semaphore.acquire())))
+    });
+    let value = Value::new(0i64).unwrap();
+    group.bench_function("value_increment_under_lock", |b| {
+        b.iter(|| *value.lock().unwrap() += 1)
+    });
+    group.finish();
+}
+
+/// One of two processes: meet the other at the barrier, then `iters` times
+/// lock the shared Value, add 1, unlock; returns its loop time in ns.
+fn count_under_lock((counter, start, iters): (Value<i64>, Barrier, u64)) -> u64 {
+    start.wait().unwrap();
+    let begin = Instant::now();
+    for _ in 0..iters {
+        *counter.lock().unwrap() += 1;
+    }
+    begin.elapsed().as_nanos() as u64
+}
+
+/// Two processes incrementing one locked Value: time per increment pair
+/// (one increment by each process), from the slower process's loop.
+fn contended(c: &mut Criterion) {
+    let mut group = c.benchmark_group("contended_2_processes");
+    short(&mut group);
+    group.throughput(Throughput::Elements(2));
+    let counter = Value::new(0i64).unwrap();
+    group.bench_function("value_increment_under_lock", |b| {
+        b.iter_custom(|iters| {
+            let start = Barrier::new(2).unwrap();
+            let children = [(); 2].map(|()| {
+                Process::new(count_under_lock)
+                    .args((counter.clone(), start.clone(), iters))
+                    .start_method(StartMethod::Fork)
+                    .start()
+                    .unwrap()
+            });
+            let slowest = children
+                .map(|child| child.join().unwrap())
+                .into_iter()
+                .max();
+            Duration::from_nanos(slowest.unwrap_or(0))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, shared_memory, uncontended, contended);
 criterion_main!(benches);
