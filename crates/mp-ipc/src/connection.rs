@@ -493,14 +493,7 @@ impl Connection {
     /// just look). Python's `poll`.
     pub fn poll(&self, timeout: Option<Duration>) -> Result<bool, ConnectionError> {
         let rx = self.rx()?;
-        let deadline = match timeout {
-            Some(timeout) => Some(
-                Instant::now()
-                    .checked_add(timeout)
-                    .unwrap_or_else(far_future),
-            ),
-            None => None,
-        };
+        let deadline = timeout.map(|t| Instant::now().checked_add(t).unwrap_or_else(far_future));
         Ok(rx.ring.wait_readable(deadline, Some(rx)))
     }
 

@@ -452,7 +452,7 @@ fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Que
 /// ```
 /// use mp_ipc::queue::SimpleQueue;
 ///
-/// let queue = SimpleQueue::new()?;
+/// let queue: SimpleQueue<[u8; 3]> = SimpleQueue::new()?;
 /// queue.put([1u8, 2, 3])?;
 /// assert_eq!(queue.get()?, [1, 2, 3]);
 /// assert!(queue.is_empty());
@@ -706,7 +706,8 @@ mod tests {
         let queue: Queue<u64> = Queue::unbounded().unwrap();
         queue.put(5).unwrap();
         let six = 6;
-        queue.put(&six).unwrap();
+        let by_reference: &u64 = &six;
+        queue.put(by_reference).unwrap();
         assert_eq!(queue.len(), 2);
         assert_eq!(queue.get().unwrap(), 5);
         assert_eq!(queue.try_get().unwrap(), 6);

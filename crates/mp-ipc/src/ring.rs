@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! One memfd holds everything, so that a single file descriptor (carried by
-//! ipc-channel inside a [`SharedMemory`]) gives a process the whole queue:
+//! ipc-channel inside a [`SharedMemory`](crate::shm::SharedMemory)) gives a process the whole queue:
 //!
 //! ```text
 //! [0, 4096)                 header: configuration, indices, wake-up words, two robust mutexes
@@ -1376,10 +1376,10 @@ mod shm_ring {
                     Some(liveness) => liveness.slice_deadline(wait.deadline()),
                     None => wait.deadline(),
                 };
-                if indices.sleep_for_data(head, deadline) == WaitOutcome::TimedOut {
-                    if let Some(liveness) = liveness {
-                        liveness.slice_expired();
-                    }
+                if indices.sleep_for_data(head, deadline) == WaitOutcome::TimedOut
+                    && let Some(liveness) = liveness
+                {
+                    liveness.slice_expired();
                 }
             }
         }
