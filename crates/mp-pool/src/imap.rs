@@ -159,7 +159,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
         }
         let count = chunks.len();
         if count > 0 {
-            match self.pool.submit(chunks) {
+            match self.pool.enqueue(chunks) {
                 Ok(()) => self.submitted += count,
                 Err(error) => refused = Some(error),
             }

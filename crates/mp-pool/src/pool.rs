@@ -312,6 +312,17 @@ impl Pool {
         })
     }
 
+    /// `concurrent.futures.ProcessPoolExecutor.submit`: the same as
+    /// [`apply_async`](Self::apply_async). The handle is the future; a worker's death fails
+    /// only the task it was running ([`PoolError::WorkerDied`]) and never breaks the pool.
+    pub fn submit<M: 'static, F: Entry<M>>(
+        &self,
+        function: F,
+        args: F::Args,
+    ) -> Result<AsyncResult<F::Output>, PoolError> {
+        self.apply_async(function, args)
+    }
+
     /// Applies `function` to every item and returns the results in input order (Python's
     /// `map`), with Python's default chunk size (about four chunks per worker).
     ///
@@ -512,7 +523,7 @@ impl Pool {
             });
             index += 1;
             if group_bytes >= SUBMIT_BYTES || group.len() >= SUBMIT_CHUNKS {
-                self.submit(std::mem::take(&mut group))?;
+                self.enqueue(std::mem::take(&mut group))?;
                 group_bytes = 0;
                 if job.is_cancelled() {
                     break;
@@ -520,13 +531,14 @@ impl Pool {
             }
         }
         if !group.is_empty() {
-            self.submit(group)?;
+            self.enqueue(group)?;
         }
         Ok(index)
     }
 
-    pub(crate) fn submit(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
-        self.shared.scheduler.lock().submit(chunks)
+    /// Hands chunks to the scheduler.
+    pub(crate) fn enqueue(&self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
+        self.shared.scheduler.lock().enqueue(chunks)
     }
 }
 

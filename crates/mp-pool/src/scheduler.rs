@@ -167,7 +167,7 @@ impl Scheduler {
     }
 
     /// Queues chunks and hands out what the workers have room for.
-    pub(crate) fn submit(&mut self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
+    pub(crate) fn enqueue(&mut self, chunks: Vec<Chunk>) -> Result<(), PoolError> {
         self.accepting()?;
         tracing::trace!(chunks = chunks.len(), "chunks submitted");
         self.pending.extend(chunks);

@@ -292,6 +292,8 @@ fn one_pool_runs_any_function() {
     assert_eq!(words.unwrap(), vec!["abab".to_string()]);
     let products = pool.starmap_async(|(a, b): (u8, u8)| a as u16 * b as u16, [(3, 4), (200, 2)]);
     assert_eq!(products.unwrap().get_timeout(LIMIT).unwrap(), vec![12, 400]);
+    let future = pool.submit(|x: f64| x.sqrt(), 2.25).unwrap();
+    assert_eq!(future.get_timeout(LIMIT), Ok(1.5));
     let nested = pool.apply(
         |v: Vec<Option<u8>>| v.into_iter().flatten().sum::<u8>(),
         vec![Some(1), None, Some(2)],
