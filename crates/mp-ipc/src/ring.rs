@@ -181,7 +181,7 @@ impl Indices {
         let space = &self.space.0;
         let wanted = space.wanted.load(Relaxed);
         if wanted != 0 {
-            let free = u64::from(capacity - head.used_bytes(self.tail()));
+            let free = u64::from(capacity.saturating_sub(head.used_bytes(self.tail())));
             if free >= wanted
                 && space
                     .wanted
@@ -1017,7 +1017,7 @@ mod shm_ring {
             let head = indices.head();
             let tail = indices.tail();
             (self.max_items != 0 && head.used_items(tail) >= self.max_items)
-                || self.capacity - head.used_bytes(tail) < 2 * FRAME_HEADER
+                || self.capacity.saturating_sub(head.used_bytes(tail)) < 2 * FRAME_HEADER
         }
 
         fn lock<'a>(
@@ -1157,7 +1157,12 @@ mod shm_ring {
                 if !indices.is_open() {
                     return Err(RingError::Closed);
                 }
-                let free = self.capacity - head.used_bytes(tail);
+                let used = head.used_bytes(tail);
+                if used > self.capacity {
+                    // Only a process scribbling over the header gets here.
+                    return Err(RingError::Corrupted(format!("{used} bytes in use")));
+                }
+                let free = self.capacity - used;
                 let slot_free = self.max_items == 0 || head.used_items(tail) < self.max_items;
                 if slot_free && free > FRAME_HEADER {
                     let window = free.min(self.max_inline_frame) - FRAME_HEADER;
@@ -1205,7 +1210,7 @@ mod shm_ring {
             let indices = self.indices();
             let producer = &self.header().producer.0;
             let has_room = |head: Pos| {
-                u64::from(self.capacity - head.used_bytes(tail)) >= needed
+                u64::from(self.capacity.saturating_sub(head.used_bytes(tail))) >= needed
                     && (self.max_items == 0 || head.used_items(tail) < self.max_items)
             };
             loop {
@@ -1260,7 +1265,7 @@ mod shm_ring {
                 if !indices.is_open() {
                     return Err(RingError::Closed);
                 }
-                let free = u64::from(self.capacity - head.used_bytes(tail));
+                let free = u64::from(self.capacity.saturating_sub(head.used_bytes(tail)));
                 if free >= frame && (self.max_items == 0 || head.used_items(tail) < self.max_items)
                 {
                     break;
@@ -1439,8 +1444,19 @@ mod shm_ring {
                         self.indices().release(next, self.capacity);
                         return Ok(None);
                     }
+                    // Never trust a length from shared memory with an allocation.
+                    let file_len = self.file.len().map_err(io_error("fstat"))?;
+                    let end = offset
+                        .checked_add(REGION_HEADER)
+                        .and_then(|o| o.checked_add(item_len));
                     let len = usize::try_from(item_len)
-                        .map_err(|_| RingError::Corrupted("item length".into()))?;
+                        .ok()
+                        .filter(|_| end.is_some_and(|end| end <= file_len))
+                        .ok_or_else(|| {
+                            RingError::Corrupted(format!(
+                                "out-of-band item of {item_len} bytes at {offset}"
+                            ))
+                        })?;
                     let region = (offset, REGION_HEADER + item_len);
                     let payload = Payload::OutOfBand {
                         file: &self.file,
