@@ -13,17 +13,20 @@
 //! within about ten minutes on a 2-core machine.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{
     BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
-use multiproc::mp_ipc::barrier::Barrier;
-use multiproc::mp_ipc::lock::Lock;
-use multiproc::mp_ipc::semaphore::Semaphore;
-use multiproc::mp_ipc::shm::SharedMemory;
-use multiproc::mp_ipc::value::Value;
-use multiproc::{Process, StartMethod};
+use multiproc::mp_ipc::queue::Bytes;
+use multiproc::mp_ipc::{Lock, Semaphore, SharedMemory, Value};
+
+/// The child-process set-ups of mp-bench's runner, so that both measure the same thing.
+#[allow(dead_code)]
+#[path = "../crates/mp-bench/src/rigs.rs"]
+mod rigs;
+
+use rigs::{BIG_ITEM, EchoRig, MIB, QueueItem, QueueRig, SMALL_ITEM, SinkRig};
 
 /// Applies the short timing every group of this file uses.
 fn short(group: &mut BenchmarkGroup<'_, WallTime>) {
@@ -75,17 +78,6 @@ fn uncontended(c: &mut Criterion) {
     group.finish();
 }
 
-/// One of two processes: meet the other at the barrier, then `iters` times
-/// lock the shared Value, add 1, unlock; returns its loop time in ns.
-fn count_under_lock((counter, start, iters): (Value<i64>, Barrier, u64)) -> u64 {
-    start.wait().unwrap();
-    let begin = Instant::now();
-    for _ in 0..iters {
-        *counter.lock().unwrap() += 1;
-    }
-    begin.elapsed().as_nanos() as u64
-}
-
 /// Two processes incrementing one locked Value: time per increment pair
 /// (one increment by each process), from the slower process's loop.
 fn contended(c: &mut Criterion) {
@@ -94,24 +86,59 @@ fn contended(c: &mut Criterion) {
     group.throughput(Throughput::Elements(2));
     let counter = Value::new(0i64).unwrap();
     group.bench_function("value_increment_under_lock", |b| {
-        b.iter_custom(|iters| {
-            let start = Barrier::new(2).unwrap();
-            let children = [(); 2].map(|()| {
-                Process::new(count_under_lock)
-                    .args((counter.clone(), start.clone(), iters))
-                    .start_method(StartMethod::Fork)
-                    .start()
-                    .unwrap()
-            });
-            let slowest = children
-                .map(|child| child.join().unwrap())
-                .into_iter()
-                .max();
-            Duration::from_nanos(slowest.unwrap_or(0))
-        })
+        b.iter_custom(|iters| rigs::counter_race(&counter, iters).unwrap())
     });
     group.finish();
 }
 
-criterion_group!(benches, shared_memory, uncontended, contended);
+/// Pipe: round trip of a u64 echoed by a child; 1 MiB `send_bytes` to a child.
+fn pipe(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pipe");
+    short(&mut group);
+    let echo = EchoRig::start().unwrap();
+    group.bench_function("round_trip_u64", |b| {
+        b.iter_custom(|iters| echo.round_trips(iters).unwrap())
+    });
+    echo.stop().unwrap();
+    let sink = SinkRig::start(MIB).unwrap();
+    group.throughput(Throughput::Bytes(MIB as u64));
+    group.bench_function("send_bytes_1MiB", |b| {
+        b.iter_custom(|iters| sink.send(iters).unwrap())
+    });
+    sink.stop().unwrap();
+    group.finish();
+}
+
+/// One iteration moves `producers * consumers` items through the queue.
+fn queue_case<T: QueueItem>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    producers: usize,
+    consumers: usize,
+    item: T,
+) {
+    let rig = QueueRig::start(producers, consumers, item.clone()).unwrap();
+    let items = rig.items(1);
+    group.throughput(match item.payload() {
+        8 => Throughput::Elements(items),
+        bytes => Throughput::Bytes(items * bytes as u64),
+    });
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| rig.transfer(iters).unwrap())
+    });
+    rig.stop().unwrap();
+}
+
+/// Queue 1 -> 1 and 2 -> 2 processes, 8 B and 64 KiB items.
+fn queue(c: &mut Criterion) {
+    let mut group = c.benchmark_group("queue");
+    short(&mut group);
+    queue_case(&mut group, "1to1_8B", 1, 1, SMALL_ITEM);
+    queue_case(&mut group, "2to2_8B", 2, 2, SMALL_ITEM);
+    queue_case(&mut group, "1to1_64KiB", 1, 1, Bytes(vec![2; BIG_ITEM]));
+    queue_case(&mut group, "2to2_64KiB", 2, 2, Bytes(vec![2; BIG_ITEM]));
+    group.finish();
+}
+
+criterion_group!(benches, shared_memory, uncontended, contended, pipe, queue);
 criterion_main!(benches);

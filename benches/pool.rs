@@ -21,9 +21,12 @@ use criterion::{
 };
 use multiproc::mp_pool::Pool;
 
-fn square(x: u64) -> u64 {
-    x * x
-}
+/// The child-process set-ups of mp-bench's runner, so that both measure the same thing.
+#[allow(dead_code)]
+#[path = "../crates/mp-bench/src/rigs.rs"]
+mod rigs;
+
+use rigs::{spin, square};
 
 /// Few samples, short measurement: most iterations here take milliseconds.
 fn short(group: &mut BenchmarkGroup<'_, WallTime>) {
@@ -72,15 +75,6 @@ fn map(c: &mut Criterion) {
         b.iter(|| pool.apply(square, black_box(7)).unwrap())
     });
     group.finish();
-}
-
-/// The CPU-bound task of the CPU speedup (the same loop as the runner's).
-fn spin(n: u64) -> u64 {
-    let mut acc = 0u64;
-    for i in 0..n {
-        acc = (acc + i * i) % 1_000_003;
-    }
-    acc
 }
 
 /// 8 tasks of about 5 ms: serially, then on a pool of 2 (chunksize 1).

@@ -19,6 +19,7 @@ mod compare;
 mod floor;
 mod multiproc_side;
 mod report;
+mod rigs;
 mod sampling;
 mod workload;
 

@@ -1,19 +1,18 @@
 //! The multiproc side of every workload, written against the public API of
 //! the umbrella crate. A constant is `None` while the API it needs does not
 //! exist yet; the runner then reports the cell as "not yet available".
+//! The child processes of the cross-process workloads are set up by
+//! [`crate::rigs`], which the criterion benches share.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use multiproc::mp_ipc::connection::{Connection, Pipe};
-use multiproc::mp_ipc::queue::{Bytes, Queue};
-use multiproc::mp_ipc::{Barrier, Lock, LockError, Semaphore, SharedMemory, Value};
+use multiproc::mp_ipc::queue::Bytes;
+use multiproc::mp_ipc::{Lock, LockError, Semaphore, SharedMemory, Value};
 use multiproc::mp_pool::Pool;
 use multiproc::{Process, StartMethod};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
+use crate::rigs::{self, EchoRig, QueueItem, QueueRig, SinkRig, no_op, spin, square};
 use crate::sampling::{BenchResult, Params, per_op, sample_for, throughput, timed};
 use crate::workload::Measure;
 
@@ -29,15 +28,15 @@ pub const PIPE_ROUNDTRIP: Option<Measure> = Some(pipe_roundtrip);
 /// Pipe throughput with 1 MiB messages.
 pub const PIPE_1MIB: Option<Measure> = Some(pipe_1mib);
 /// Queue 1 -> 1, 8 B items.
-pub const QUEUE_1TO1_8B: Option<Measure> = Some(|p| queue_throughput(p, 1, 1, SMALL_ITEM));
+pub const QUEUE_1TO1_8B: Option<Measure> = Some(|p| queue_throughput(p, 1, 1, rigs::SMALL_ITEM));
 /// Queue 2 -> 2, 8 B items.
-pub const QUEUE_2TO2_8B: Option<Measure> = Some(|p| queue_throughput(p, 2, 2, SMALL_ITEM));
+pub const QUEUE_2TO2_8B: Option<Measure> = Some(|p| queue_throughput(p, 2, 2, rigs::SMALL_ITEM));
 /// Queue 1 -> 1, 64 KiB items.
 pub const QUEUE_1TO1_64K: Option<Measure> =
-    Some(|p| queue_throughput(p, 1, 1, Bytes(vec![2; BIG_ITEM])));
+    Some(|p| queue_throughput(p, 1, 1, Bytes(vec![2; rigs::BIG_ITEM])));
 /// Queue 2 -> 2, 64 KiB items.
 pub const QUEUE_2TO2_64K: Option<Measure> =
-    Some(|p| queue_throughput(p, 2, 2, Bytes(vec![2; BIG_ITEM])));
+    Some(|p| queue_throughput(p, 2, 2, Bytes(vec![2; rigs::BIG_ITEM])));
 /// Lock acquire + release.
 pub const LOCK_UNCONTENDED: Option<Measure> = Some(lock_uncontended);
 /// Semaphore acquire + release.
@@ -59,8 +58,6 @@ pub const POOL_APPLY: Option<Measure> = Some(pool_apply);
 /// CPU-bound speedup with 2 workers.
 pub const CPU_SPEEDUP: Option<Measure> = Some(cpu_speedup);
 
-fn no_op() {}
-
 /// Milliseconds per start + join of a child running [`no_op`].
 fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> {
     let one = || -> BenchResult<f64> {
@@ -73,123 +70,20 @@ fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> 
     sample_for(params.budget, one)
 }
 
-/// The 8 B item of the small-message queue workloads.
-const SMALL_ITEM: [u8; 8] = [1; 8];
-/// Size of the large queue items.
-const BIG_ITEM: usize = 64 << 10;
-const MIB: usize = 1 << 20;
-
-/// Echoes every `Some(n)` back; returns at `None`.
-fn echo(conn: Connection) -> Result<(), String> {
-    while let Some(n) = conn.recv::<Option<u64>>().map_err(|e| e.to_string())? {
-        conn.send(n).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
 /// Microseconds per `send` + `recv` of a u64 echoed by a child.
 fn pipe_roundtrip(params: &Params) -> BenchResult<Vec<f64>> {
-    let (here, there) = Pipe::duplex()?;
-    let child = Process::new(echo).args(there).start()?;
-    let samples = per_op(params, 16, 1e6, |k| {
-        timed(|| {
-            for i in 0..k {
-                here.send(Some(i))?;
-                if here.recv::<u64>()? != i {
-                    return Err("echo returned another number".into());
-                }
-            }
-            Ok(())
-        })
-    });
-    here.send(None::<u64>)?;
-    child.join()??;
+    let rig = EchoRig::start()?;
+    let samples = per_op(params, 16, 1e6, |k| rig.round_trips(k));
+    rig.stop()?;
     samples
-}
-
-/// Receives batches: a count, then that many byte messages; answers with the
-/// total bytes received. Returns at a count of 0.
-fn byte_sink(conn: Connection) -> Result<(), String> {
-    loop {
-        let count: u64 = conn.recv().map_err(|e| e.to_string())?;
-        if count == 0 {
-            return Ok(());
-        }
-        let mut received = 0u64;
-        for _ in 0..count {
-            received += conn.recv_bytes().map_err(|e| e.to_string())?.len() as u64;
-        }
-        conn.send(received).map_err(|e| e.to_string())?;
-    }
 }
 
 /// GB/s of 1 MiB `send_bytes` to a child's `recv_bytes`, until it confirms.
 fn pipe_1mib(params: &Params) -> BenchResult<Vec<f64>> {
-    let (here, there) = Pipe::duplex()?;
-    let child = Process::new(byte_sink).args(there).start()?;
-    let payload = vec![3u8; MIB];
-    let samples = throughput(params, 4, MIB as f64, 1e9, |k| {
-        timed(|| {
-            here.send(k)?;
-            for _ in 0..k {
-                here.send_bytes(&payload)?;
-            }
-            let received: u64 = here.recv()?;
-            if received != k * MIB as u64 {
-                return Err(format!("sink got {received} bytes of {}", k * MIB as u64).into());
-            }
-            Ok(())
-        })
-    });
-    here.send(0u64)?;
-    child.join()??;
+    let rig = SinkRig::start(rigs::MIB)?;
+    let samples = throughput(params, 4, rigs::MIB as f64, 1e9, |k| rig.send(k));
+    rig.stop()?;
     samples
-}
-
-/// A queue producer: per batch, puts the count it is sent, then echoes it.
-fn producer<T: QueueItem>((control, queue, item): (Connection, Queue<T>, T)) -> Result<(), String> {
-    loop {
-        let count: u64 = control.recv().map_err(|e| e.to_string())?;
-        if count == 0 {
-            return Ok(());
-        }
-        for _ in 0..count {
-            queue.put(&item).map_err(|e| e.to_string())?;
-        }
-        control.send(count).map_err(|e| e.to_string())?;
-    }
-}
-
-/// A queue consumer: per batch, gets the count it is sent, then echoes it.
-fn consumer<T: QueueItem>((control, queue): (Connection, Queue<T>)) -> Result<(), String> {
-    loop {
-        let count: u64 = control.recv().map_err(|e| e.to_string())?;
-        if count == 0 {
-            return Ok(());
-        }
-        for _ in 0..count {
-            queue.get().map_err(|e| e.to_string())?;
-        }
-        control.send(count).map_err(|e| e.to_string())?;
-    }
-}
-
-/// Item size as the queue workloads count it.
-trait QueueItem: Serialize + DeserializeOwned + Clone + Send + 'static {
-    /// Bytes of payload in one item.
-    fn payload(&self) -> usize;
-}
-
-impl QueueItem for [u8; 8] {
-    fn payload(&self) -> usize {
-        8
-    }
-}
-
-impl QueueItem for Bytes {
-    fn payload(&self) -> usize {
-        self.len()
-    }
 }
 
 /// `producers` x `consumers` processes on one unbounded Queue, each consumer
@@ -197,59 +91,20 @@ impl QueueItem for Bytes {
 /// for 8 B items, GB/s for larger ones.
 fn queue_throughput<T: QueueItem>(
     params: &Params,
-    producers: u64,
-    consumers: u64,
+    producers: usize,
+    consumers: usize,
     item: T,
 ) -> BenchResult<Vec<f64>> {
-    let queue: Queue<T> = Queue::unbounded()?;
-    let mut workers = Vec::new();
-    let (mut to_producers, mut to_consumers) = (Vec::new(), Vec::new());
-    for _ in 0..producers {
-        let (here, there) = Pipe::duplex()?;
-        workers.push(
-            Process::new(producer::<T>)
-                .args((there, queue.clone(), item.clone()))
-                .start()?,
-        );
-        to_producers.push(here);
-    }
-    for _ in 0..consumers {
-        let (here, there) = Pipe::duplex()?;
-        workers.push(
-            Process::new(consumer::<T>)
-                .args((there, queue.clone()))
-                .start()?,
-        );
-        to_consumers.push(here);
-    }
-    let per_batch = producers * consumers;
     let (per_item, scale) = match item.payload() {
         8 => (1.0, 1e6),
         bytes => (bytes as f64, 1e9),
     };
-    let samples = throughput(params, 64, per_item * per_batch as f64, scale, |k| {
-        let start = Instant::now();
-        for c in &to_consumers {
-            c.send(k * per_batch / consumers)?;
-        }
-        for p in &to_producers {
-            p.send(k * per_batch / producers)?;
-        }
-        for c in &to_consumers {
-            c.recv::<u64>()?;
-        }
-        let took = start.elapsed();
-        for p in &to_producers {
-            p.recv::<u64>()?;
-        }
-        Ok(took)
+    let rig = QueueRig::start(producers, consumers, item)?;
+    let items_per_k = rig.items(1) as f64;
+    let samples = throughput(params, 64, per_item * items_per_k, scale, |k| {
+        rig.transfer(k)
     });
-    for control in to_producers.iter().chain(&to_consumers) {
-        control.send(0u64)?;
-    }
-    for worker in workers {
-        worker.join()??;
-    }
+    rig.stop()?;
     samples
 }
 
@@ -298,41 +153,11 @@ fn value_increment(params: &Params) -> BenchResult<Vec<f64>> {
     })
 }
 
-/// One of the two counting processes: waits for the other at the barrier,
-/// then adds 1 to the shared Value `k` times under its lock; returns how long
-/// its loop took, in nanoseconds.
-fn count_under_lock((counter, start, k): (Value<i64>, Barrier, u64)) -> Result<u64, String> {
-    start.wait().map_err(|e| e.to_string())?;
-    let begin = Instant::now();
-    for _ in 0..k {
-        *counter.lock().map_err(|e| e.to_string())? += 1;
-    }
-    Ok(begin.elapsed().as_nanos() as u64)
-}
-
-/// Million increments per second of two processes sharing one locked Value;
-/// each batch times the slower process's loop, both released by one barrier.
+/// Million increments per second of two processes sharing one locked Value
+/// (see [`rigs::counter_race`]).
 fn contended_counter(params: &Params) -> BenchResult<Vec<f64>> {
     let counter = Value::new(0i64)?;
-    throughput(params, 256, 2.0, 1e6, |k| {
-        let start = Barrier::new(2)?;
-        let before = locked(counter.get())?;
-        let children = [(); 2].map(|()| {
-            Process::new(count_under_lock)
-                .args((counter.clone(), start.clone(), k))
-                .start_method(StartMethod::Fork)
-                .start()
-        });
-        let mut slowest = 0;
-        for child in children {
-            slowest = slowest.max(child?.join()??);
-        }
-        let added = locked(counter.get())? - before;
-        if added != 2 * k as i64 {
-            return Err(format!("lost increments: {added} of {}", 2 * k).into());
-        }
-        Ok(Duration::from_nanos(slowest))
-    })
+    throughput(params, 256, 2.0, 1e6, |k| rigs::counter_race(&counter, k))
 }
 
 /// Microseconds per round of Python's named-segment life cycle, 1 MiB:
@@ -350,10 +175,6 @@ fn shared_memory_round(params: &Params) -> BenchResult<Vec<f64>> {
             Ok(())
         })
     })
-}
-
-fn square(x: u64) -> u64 {
-    x * x
 }
 
 /// Milliseconds per `Pool::new(2)`, one `apply` (so that a worker is surely
@@ -424,15 +245,6 @@ fn pool_apply(params: &Params) -> BenchResult<Vec<f64>> {
     pool.close();
     pool.join()?;
     Ok(samples)
-}
-
-/// CPU-bound task: the same integer loop as the CPython program's `spin`.
-fn spin(n: u64) -> u64 {
-    let mut acc = 0u64;
-    for i in 0..n {
-        acc = (acc + i * i) % 1_000_003;
-    }
-    acc
 }
 
 /// Serial time / `Pool(2).map` time of 8 equal CPU-bound tasks (chunksize 1),

@@ -6,14 +6,9 @@
 //! the budget) and report the median; throughput samples are batches sized to
 //! last about a fifth of the budget.
 
-use std::error::Error;
 use std::time::{Duration, Instant};
 
-/// The error type of a measurement: anything that went wrong, with its message.
-pub type BenchError = Box<dyn Error + Send + Sync>;
-
-/// Result of a measurement step.
-pub type BenchResult<T> = Result<T, BenchError>;
+pub use crate::rigs::BenchResult;
 
 /// Fewest samples a measurement takes when one sample fits in the budget.
 pub const MIN_SAMPLES: usize = 3;
