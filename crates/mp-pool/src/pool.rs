@@ -486,6 +486,7 @@ impl Pool {
         };
         match fed {
             Ok(chunks) => {
+                tracing::debug!(chunks, "pool job submitted");
                 job.seal(chunks);
                 Ok(AsyncResult::new(completion))
             }

@@ -135,6 +135,7 @@ pub(crate) fn serve(args: WorkerArgs) {
         let mut pending_bytes = 0;
         let mut last_flush = Instant::now();
         for chunk in batch {
+            let _chunk = tracing::trace_span!("chunk", seq = chunk.seq).entered();
             progress.started(chunk.seq);
             let started = Instant::now();
             // SAFETY: the id was made by `FunctionId::of_task` (on a chunk trampoline) in the
