@@ -17,13 +17,15 @@
 //!   hangs forever.
 //! * **Cheap links.** Each link has exactly one producer and one consumer, the cheapest queue
 //!   there is, and nothing is contended between workers.
-//! * **Balance without stealing.** The parent keeps only about [`AHEAD_NS`] of work (by the
-//!   measured time per chunk) queued on each worker, at least one chunk and at most
-//!   [`MAX_DEPTH`]; the rest waits in the parent and goes to whichever worker frees up.
+//! * **Balance without stealing.** The parent keeps only about `AHEAD_NS` (0.5 ms) of
+//!   work, by the measured time per chunk, queued on each worker (at least one chunk, at
+//!   most `MAX_DEPTH`); the rest waits in the parent and goes to whichever worker frees up.
 //!   Slow chunks are therefore handed out one at a time (an idle worker never waits behind a
 //!   busy one's queue), while tiny chunks travel in batches deep enough to hide the wake-up
-//!   latency. Stealing back from a worker's link would need the worker's cooperation and buys
-//!   nothing this does not already give.
+//!   latency. The price: a chunk far slower than the running average holds up the chunks
+//!   queued behind it on its worker (about `AHEAD_NS` of expected work); they are not stolen
+//!   back, which would need a claim protocol with the worker on every chunk, for a case that
+//!   the measured average already keeps small.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -358,7 +360,11 @@ impl Scheduler {
         }
         if !deliveries.is_empty() {
             tracing::warn!(
-                worker = %id, pid, exitcode, failed = deliveries.len(), requeued = not_started.len(),
+                worker = %id,
+                pid,
+                exitcode,
+                failed = deliveries.len(),
+                requeued = not_started.len(),
                 "pool worker died while running tasks"
             );
         } else if worker.draining || self.stopping {
@@ -497,7 +503,8 @@ impl Scheduler {
             let count = batch.len();
             match worker.sender.send(&TaskMessage::Run(message)) {
                 Ok(()) => {
-                    tracing::trace!(worker = %worker.id, chunks = count, first_seq = batch[0].seq, "dispatch");
+                    let first_seq = batch[0].seq;
+                    tracing::trace!(worker = %worker.id, chunks = count, first_seq, "dispatch");
                 }
                 Err(TransportError::Full) if worker.in_flight > 0 => {
                     // Not expected (see the transport's contract): take the chunks back and

@@ -178,7 +178,8 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
         .launch(args, name, shared.config.start_method);
     match started {
         Ok(child) => {
-            tracing::info!(worker = %id, pid = child.pid(), name = child.name(), "pool worker started");
+            let (pid, name) = (child.pid(), child.name());
+            tracing::info!(worker = %id, pid, name, "pool worker started");
             shared.scheduler.lock().worker_started(id, child.pid());
             Some((id, child))
         }
