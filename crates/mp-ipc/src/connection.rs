@@ -103,6 +103,12 @@ pub enum ConnectionError {
     /// The connection's shared memory does not hold what it should.
     #[error("the connection's shared memory is corrupted: {0}")]
     Corrupted(String),
+    /// A [`Listener`](crate::listener::Listener) or
+    /// [`Client`](crate::listener::Client) handshake failed: wrong or missing
+    /// authkey, or a peer that does not speak the protocol (Python's
+    /// `AuthenticationError`).
+    #[error("authentication failed: {0}")]
+    Authentication(String),
     /// A handle received from another process is not a connection.
     #[error("received handle does not match: {0}")]
     Incompatible(String),

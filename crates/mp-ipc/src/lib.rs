@@ -25,8 +25,10 @@ pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 
 // Data plane.
 pub mod connection;
+pub mod listener;
 pub mod queue;
 mod ring;
 
 pub use connection::{Connection, ConnectionError, Pipe, Waitable};
+pub use listener::{Client, Listener};
 pub use queue::{Bytes, JoinableQueue, Queue, QueueBuilder, QueueError, SimpleQueue};
