@@ -31,9 +31,9 @@ use rigs::{BIG_ITEM, EchoRig, MIB, QueueItem, QueueRig, SMALL_ITEM, SinkRig};
 /// Applies the short timing every group of this file uses.
 fn short(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
-        .sample_size(20)
+        .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+        .measurement_time(Duration::from_secs(3));
 }
 
 /// Named 1 MiB segment: create, attach by name, close both, unlink (Python's
