@@ -534,6 +534,11 @@ mod shm_ring {
         pending_offset: AtomicU64,
         pending_len: AtomicU64,
         pending_tail: AtomicU64,
+        /// Out-of-band regions published and not yet freed. Incremented
+        /// before a frame is published, decremented by the consumer after it
+        /// punched the region: a process dying in between leaves it too high,
+        /// never too low (the heap then restarts only on an empty ring).
+        live_regions: AtomicU64,
     }
 
     /// Consumer-side state, only touched under the consumer lock.
@@ -1278,11 +1283,11 @@ mod shm_ring {
                     "the item encoded to a different length twice".into(),
                 ));
             }
-            // The heap restarts at its beginning whenever the ring is empty:
-            // consumers punch a region before they advance past its frame, so
-            // no region is in use then.
+            // The heap restarts at its beginning when no region is in use:
+            // when none is counted live, or when the ring is empty (consumers
+            // punch a region before they advance past its frame).
             let heap_start = u64::from(self.capacity) + HEADER_LEN as u64;
-            if indices.head() == tail {
+            if producer.live_regions.load(SeqCst) == 0 || indices.head() == tail {
                 producer.heap_next.store(heap_start, Relaxed);
             }
             let offset = producer.heap_next.load(Relaxed);
@@ -1315,6 +1320,7 @@ mod shm_ring {
             // SAFETY: we hold the producer lock and made sure `frame` bytes are free.
             unsafe { self.free_space(tail.advance(FRAME_HEADER, 0), descriptor.len()) }
                 .copy_from_slice(&descriptor);
+            producer.live_regions.fetch_add(1, SeqCst);
             self.publish_frame(tail, KIND_OUT_OF_BAND, OUT_OF_BAND_DESCRIPTOR);
             producer.pending_len.store(0, Relaxed);
             tracing::trace!(len, id, "out-of-band item put");
@@ -1485,10 +1491,11 @@ mod shm_ring {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(payload)));
             // Punch before advancing: a region is never in use once its frame
             // is behind the head (the heap restarts on an empty ring).
-            if let Some((offset, len)) = region
-                && let Err(error) = self.file.punch(offset, len)
-            {
-                tracing::warn!(%error, "could not free an out-of-band region");
+            if let Some((offset, len)) = region {
+                if let Err(error) = self.file.punch(offset, len) {
+                    tracing::warn!(%error, "could not free an out-of-band region");
+                }
+                self.header().producer.0.live_regions.fetch_sub(1, SeqCst);
             }
             self.indices().release(next, self.capacity);
             match outcome {
@@ -1671,6 +1678,25 @@ mod shm_ring {
                 stat.st_blocks * 512 < 1 << 20,
                 "{} bytes still allocated",
                 stat.st_blocks * 512
+            );
+        }
+
+        #[test]
+        fn the_heap_restarts_while_the_ring_never_empties() {
+            let ring = ring(4096, None);
+            let big = vec![5u8; 10_000];
+            push_bytes(&ring, b"always one item ahead", Wait::Never).unwrap();
+            for _ in 0..100 {
+                push_bytes(&ring, &big, Wait::Never).unwrap();
+                pop_bytes(&ring, Wait::Never).unwrap();
+                push_bytes(&ring, b"small", Wait::Never).unwrap();
+                assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), big);
+            }
+            let heap_start = (HEADER_LEN + 4096) as u64;
+            let next = ring.header().producer.0.heap_next.load(Relaxed);
+            assert!(
+                next <= heap_start + 3 * PAGE,
+                "heap offsets kept growing: {next}"
             );
         }
 
