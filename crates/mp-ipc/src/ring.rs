@@ -733,10 +733,18 @@ mod shm_ring {
     /// Adaptive spinning before a futex sleep.
     ///
     /// Spinning pays when the other side runs on another vCPU and answers
-    /// within microseconds (a futex wake costs ~30 µs there); it hurts when
-    /// both share one vCPU. So the budget doubles after a spin that succeeded
-    /// and halves after one that ended in sleep, between bounds; a couple of
-    /// `sched_yield`s at the end let a peer on our vCPU run.
+    /// within microseconds (waking a sleeper there costs ~30 µs); it hurts
+    /// when both share one vCPU (the spinner holds the CPU the answer needs).
+    /// So a spin pauses for up to `budget` iterations (20 ns each here), then
+    /// yields twice, then gives up; the budget adapts to what happened:
+    ///
+    /// * ready while pausing: the peer is on another vCPU and quick: double;
+    /// * ready after a yield that ran another task (it took a while): the
+    ///   peer needed our vCPU: halve; after a yield that returned at once
+    ///   (nobody else wanted our vCPU): the pause was just too short: double;
+    /// * gave up, and the sleep that followed ended soon ([`SHORT_SLEEP`]):
+    ///   a longer spin would have caught it: double;
+    /// * gave up, and the sleep was long (an idle peer): halve.
     #[derive(Debug)]
     pub(crate) struct Spinner {
         budget: AtomicU32,
@@ -744,8 +752,13 @@ mod shm_ring {
 
     const SPIN_MIN: u32 = 16;
     const SPIN_MAX: u32 = 1024;
-    const SPIN_START: u32 = 128;
+    const SPIN_START: u32 = 256;
     const SPIN_YIELDS: u32 = 2;
+    /// A sleep shorter than this (wake-up latency included) means the peer
+    /// answered soon after we stopped spinning.
+    const SHORT_SLEEP: Duration = Duration::from_micros(200);
+    /// A `sched_yield` that takes longer than this let another task run.
+    const YIELD_RAN_OTHERS: Duration = Duration::from_micros(2);
 
     impl Spinner {
         pub(crate) fn new() -> Spinner {
@@ -754,24 +767,47 @@ mod shm_ring {
             }
         }
 
+        fn grow(&self) {
+            let budget = self.budget.load(Relaxed);
+            self.budget.store((budget * 2).min(SPIN_MAX), Relaxed);
+        }
+
+        fn shrink(&self) {
+            let budget = self.budget.load(Relaxed);
+            self.budget.store((budget / 2).max(SPIN_MIN), Relaxed);
+        }
+
         /// Spins until `ready()` or the budget runs out; returns `ready()`.
         pub(crate) fn spin(&self, ready: impl Fn() -> bool) -> bool {
-            let budget = self.budget.load(Relaxed);
-            for _ in 0..budget {
+            for _ in 0..self.budget.load(Relaxed) {
                 if ready() {
-                    self.budget.store((budget * 2).min(SPIN_MAX), Relaxed);
+                    self.grow();
                     return true;
                 }
                 std::hint::spin_loop();
             }
             for _ in 0..SPIN_YIELDS {
+                let before = Instant::now();
                 std::thread::yield_now();
                 if ready() {
+                    if before.elapsed() > YIELD_RAN_OTHERS {
+                        self.shrink();
+                    } else {
+                        self.grow();
+                    }
                     return true;
                 }
             }
-            self.budget.store((budget / 2).max(SPIN_MIN), Relaxed);
             false
+        }
+
+        /// The condition became true after a sleep that began at `since`.
+        pub(crate) fn slept(&self, since: Instant) {
+            if since.elapsed() < SHORT_SLEEP {
+                self.grow();
+            } else {
+                self.shrink();
+            }
         }
     }
 
@@ -1218,10 +1254,14 @@ mod shm_ring {
                 u64::from(self.capacity.saturating_sub(head.used_bytes(tail))) >= needed
                     && (self.max_items == 0 || head.used_items(tail) < self.max_items)
             };
+            let mut slept_since = None;
             loop {
                 let head = indices.head();
                 producer.cached_head.store(head.0, Relaxed);
                 if has_room(head) || !indices.is_open() {
+                    if let Some(since) = slept_since {
+                        self.spinner.slept(since);
+                    }
                     return Ok(head);
                 }
                 if liveness.is_some_and(|l| l.peer_gone_now()) {
@@ -1243,6 +1283,7 @@ mod shm_ring {
                     Some(liveness) => liveness.slice_deadline(wait.deadline()),
                     None => wait.deadline(),
                 };
+                slept_since.get_or_insert_with(Instant::now);
                 if indices.sleep_for_space(needed, has_room, deadline) == WaitOutcome::TimedOut
                     && let Some(liveness) = liveness
                 {
@@ -1343,6 +1384,7 @@ mod shm_ring {
             let indices = self.indices();
             let consumer = &self.header().consumer.0;
             let mut read = Some(read);
+            let mut slept_since = None;
             loop {
                 let head = Pos(indices.head.0.load(Relaxed));
                 let mut tail = Pos(consumer.cached_tail.load(Relaxed));
@@ -1351,6 +1393,9 @@ mod shm_ring {
                     consumer.cached_tail.store(tail.0, Relaxed);
                 }
                 if tail != head {
+                    if let Some(since) = slept_since.take() {
+                        self.spinner.slept(since);
+                    }
                     let used = head.used_bytes(tail);
                     match self.take_frame(head, used, &mut read)? {
                         Some(result) => return Ok(result),
@@ -1387,6 +1432,7 @@ mod shm_ring {
                     Some(liveness) => liveness.slice_deadline(wait.deadline()),
                     None => wait.deadline(),
                 };
+                slept_since.get_or_insert_with(Instant::now);
                 if indices.sleep_for_data(head, deadline) == WaitOutcome::TimedOut
                     && let Some(liveness) = liveness
                 {
@@ -1538,9 +1584,13 @@ mod shm_ring {
             liveness: Option<&dyn Liveness>,
         ) -> bool {
             let indices = self.indices();
+            let mut slept_since = None;
             loop {
                 let head = indices.head();
                 if indices.tail() != head || indices.is_closed() {
+                    if let Some(since) = slept_since {
+                        self.spinner.slept(since);
+                    }
                     return true;
                 }
                 if liveness.is_some_and(|l| l.peer_gone_now()) {
@@ -1559,6 +1609,7 @@ mod shm_ring {
                     Some(l) => l.slice_deadline(deadline),
                     None => deadline,
                 };
+                slept_since.get_or_insert_with(Instant::now);
                 if indices.sleep_for_data(head, slice) == WaitOutcome::TimedOut
                     && let Some(l) = liveness
                 {
