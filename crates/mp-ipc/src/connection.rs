@@ -103,6 +103,13 @@ pub enum ConnectionError {
     /// The connection's shared memory does not hold what it should.
     #[error("the connection's shared memory is corrupted: {0}")]
     Corrupted(String),
+    /// The message contains a handle (a queue, a pipe end, shared
+    /// memory...): handles travel to other processes as process arguments,
+    /// not inside messages (nothing was sent).
+    #[error(
+        "the message contains a handle (queue, connection...); pass handles as process arguments"
+    )]
+    HandleInMessage,
     /// A [`Listener`](crate::listener::Listener) or
     /// [`Client`](crate::listener::Client) handshake failed: wrong or missing
     /// authkey, or a peer that does not speak the protocol (Python's
@@ -136,6 +143,7 @@ impl From<RingError> for ConnectionError {
             RingError::Corrupted(what) => ConnectionError::Corrupted(what),
             RingError::Incompatible(what) => ConnectionError::Incompatible(what),
             RingError::Reentrant => ConnectionError::Reentrant,
+            RingError::HandleInItem => ConnectionError::HandleInMessage,
             RingError::Io { op, source } => ConnectionError::Io { op, source },
             RingError::Shm(e) => ConnectionError::Shm(e),
         }
@@ -727,6 +735,7 @@ fn endpoint_wire(endpoint: &Option<Endpoint>) -> Option<(SharedMemory, SharedMem
 
 impl Serialize for Connection {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        crate::ring::refuse_inside_item()?;
         Wire {
             tx: endpoint_wire(&self.inner.tx),
             rx: endpoint_wire(&self.inner.rx),
@@ -845,6 +854,27 @@ mod tests {
             Err(ConnectionError::Closed)
         ));
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_handle_inside_a_message_is_refused() {
+        let (a, b) = Pipe::duplex().unwrap();
+        let (other, _keep) = Pipe::duplex().unwrap();
+        assert!(matches!(
+            a.send(&other),
+            Err(ConnectionError::HandleInMessage)
+        ));
+        let queue: crate::queue::Queue<u8> = crate::queue::Queue::unbounded().unwrap();
+        assert!(matches!(
+            a.send((1u8, &queue)),
+            Err(ConnectionError::HandleInMessage)
+        ));
+        // Nothing was sent; the pipe works, and handles still travel through ipc-channel.
+        a.send(2u8).unwrap();
+        assert_eq!(b.recv::<u8>().unwrap(), 2);
+        let (tx, rx) = ipc_channel::ipc::channel().unwrap();
+        tx.send(other).unwrap();
+        drop(rx.recv().unwrap());
     }
 
     #[test]

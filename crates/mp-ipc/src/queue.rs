@@ -53,7 +53,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::futex::{self, WaitOutcome};
-use crate::ring::{DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait};
+use crate::ring::{
+    DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait, refuse_inside_item,
+};
 use crate::shm::{SharedMemory, ShmError};
 
 /// What can go wrong with a queue.
@@ -79,6 +81,11 @@ pub enum QueueError {
     /// the queue (later items are unaffected).
     #[error("could not decode an item (it was removed from the queue): {0}")]
     Decode(#[source] postcard::Error),
+    /// The item contains a handle (a queue, a pipe end, shared memory...):
+    /// handles travel to other processes as process arguments, not inside
+    /// items (nothing was put).
+    #[error("the item contains a handle (queue, connection...); pass handles as process arguments")]
+    HandleInItem,
     /// `JoinableQueue::task_done` was called more times than items were put.
     #[error("task_done() called more times than there were items")]
     TaskDoneTooMany,
@@ -117,6 +124,7 @@ impl From<RingError> for QueueError {
             RingError::Corrupted(what) => QueueError::Corrupted(what),
             RingError::Incompatible(what) => QueueError::Incompatible(what),
             RingError::Reentrant => QueueError::Reentrant,
+            RingError::HandleInItem => QueueError::HandleInItem,
             RingError::Io { op, source } => QueueError::Io { op, source },
             RingError::Shm(e) => QueueError::Shm(e),
         }
@@ -424,6 +432,7 @@ struct Wire {
 
 impl<T> Serialize for Queue<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        refuse_inside_item()?;
         Wire {
             ring: self.ring.carrier().clone(),
         }
@@ -726,6 +735,18 @@ mod tests {
         };
         assert!(matches!(as_u16.get(), Err(QueueError::Decode(_))));
         assert_eq!(queue.get().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_queue_inside_an_item_is_refused() {
+        let outer: Queue<Queue<u8>> = Queue::unbounded().unwrap();
+        let inner: Queue<u8> = Queue::unbounded().unwrap();
+        assert!(matches!(outer.put(&inner), Err(QueueError::HandleInItem)));
+        assert!(outer.is_empty());
+        // The thread is back to normal: the inner queue still travels as an argument.
+        let (tx, rx) = ipc_channel::ipc::channel().unwrap();
+        tx.send(inner).unwrap();
+        rx.recv().unwrap().put(1).unwrap();
     }
 
     #[test]

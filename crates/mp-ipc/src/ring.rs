@@ -347,6 +347,8 @@ mod shm_ring {
         Incompatible(String),
         #[error("the calling thread is already inside a put or get on this ring")]
         Reentrant,
+        #[error("a handle cannot travel inside an item")]
+        HandleInItem,
         #[error("{op} failed: {source}")]
         Io {
             op: &'static str,
@@ -432,21 +434,73 @@ mod shm_ring {
 
     impl<T: serde::Serialize + ?Sized> Encode for Postcard<'_, T> {
         fn encode_into(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
-            match postcard::to_slice(self.0, buf) {
+            match encoding_item(|| postcard::to_slice(self.0, buf)) {
                 Ok(written) => Ok(Some(written.len())),
-                Err(postcard::Error::SerializeBufferFull) => Ok(None),
-                Err(error) => Err(RingError::Encode(error)),
+                Err(RingError::Encode(postcard::Error::SerializeBufferFull)) => Ok(None),
+                Err(error) => Err(error),
             }
         }
 
         fn encoded_len(&self) -> Result<usize, RingError> {
-            postcard::experimental::serialized_size(self.0).map_err(RingError::Encode)
+            encoding_item(|| postcard::experimental::serialized_size(self.0))
         }
 
         fn encoded(&self) -> Result<Cow<'_, [u8]>, RingError> {
-            postcard::to_stdvec(self.0)
-                .map(Cow::Owned)
-                .map_err(RingError::Encode)
+            encoding_item(|| postcard::to_stdvec(self.0)).map(Cow::Owned)
+        }
+    }
+
+    thread_local! {
+        /// Set while this thread encodes a queue item or a message; records
+        /// whether a handle refused to be encoded into it.
+        static ENCODING: std::cell::Cell<Encoding> = const { std::cell::Cell::new(Encoding::Idle) };
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Encoding {
+        Idle,
+        Item,
+        HandleRefused,
+    }
+
+    /// Runs a postcard encoding of an item, marking the thread as doing so.
+    fn encoding_item<R>(encode: impl FnOnce() -> postcard::Result<R>) -> Result<R, RingError> {
+        struct Reset(Encoding);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                ENCODING.with(|state| state.set(self.0));
+            }
+        }
+        let _reset = Reset(ENCODING.with(|state| state.replace(Encoding::Item)));
+        let result = encode();
+        let refused = ENCODING.with(|state| state.get()) == Encoding::HandleRefused;
+        match result {
+            Ok(value) => Ok(value),
+            Err(_) if refused => Err(RingError::HandleInItem),
+            Err(error) => Err(RingError::Encode(error)),
+        }
+    }
+
+    /// For the `Serialize` impls of handles (queues, connections): fails if
+    /// the handle is being encoded into a queue item or a message.
+    ///
+    /// A handle's file descriptors travel only through ipc-channel (as a
+    /// process argument); encoded into an item they would not arrive, and
+    /// ipc-channel would attach them to the next message this thread sends.
+    pub(crate) fn refuse_inside_item<E: serde::ser::Error>() -> Result<(), E> {
+        let inside = ENCODING.with(|state| {
+            let inside = state.get() != Encoding::Idle;
+            if inside {
+                state.set(Encoding::HandleRefused);
+            }
+            inside
+        });
+        if inside {
+            Err(E::custom(
+                "handles cannot travel inside queue items or messages",
+            ))
+        } else {
+            Ok(())
         }
     }
 
