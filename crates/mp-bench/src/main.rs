@@ -35,11 +35,11 @@ usage:
   mp-bench compare [--quick] [--json] [--filter NAME]... [--reps N] [--budget SECS]
                    [--timeout SECS] [--python CMD] [--script PATH]
       Measure multiproc, CPython's multiprocessing and the OS floor side by side.
-      --quick        about a minute in all (3 repetitions of 0.15 s per side)
+      --quick        about a minute in all (3 repetitions of 0.25 s per side)
       --json         one JSON document {\"meta\": .., \"rows\": [..]} instead of the table
       --filter NAME  only workloads whose name contains NAME (repeatable)
       --reps N       interleaved repetitions per side (default 5, quick 3)
-      --budget SECS  sampling time per side and repetition (default 0.5, quick 0.15)
+      --budget SECS  sampling time per side and repetition (default 0.5, quick 0.25)
       --timeout SECS time bound per side and repetition (default 60, quick 20)
       --python CMD   the interpreter (default python3 from PATH)
       --script PATH  the CPython program (default benches/python/mp_bench.py)
@@ -132,7 +132,7 @@ fn compare_command(raw: &[String]) -> Result<(), String> {
         quick,
         filters,
         reps: reps.unwrap_or(if quick { 3 } else { 5 }),
-        budget: budget.unwrap_or(Duration::from_millis(if quick { 150 } else { 500 })),
+        budget: budget.unwrap_or(Duration::from_millis(if quick { 250 } else { 500 })),
         timeout: timeout.unwrap_or(Duration::from_secs(if quick { 20 } else { 60 })),
         python,
         script,
@@ -192,12 +192,17 @@ fn compare_command(raw: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `Linux 6.18.0, 2 CPUs`.
+/// `Linux 6.18.0, 2 CPUs, load 0.42`: the load average at the start says
+/// whether other work competed for the CPUs (it shows most in `cpu_speedup`).
 fn machine() -> String {
     let uname = rustix::system::uname();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
     format!(
-        "{} {}, {cpus} CPUs",
+        "{} {}, {cpus} CPUs, load {load}",
         uname.sysname().to_string_lossy(),
         uname.release().to_string_lossy()
     )
