@@ -61,8 +61,6 @@ pub enum Cell {
         /// One figure per repetition, in run order.
         reps: Vec<f64>,
     },
-    /// The multiproc API this workload needs does not exist yet.
-    NotYetAvailable,
     /// No OS floor applies to this workload.
     NoFloor,
     /// The Python interpreter or program is missing.
@@ -86,7 +84,6 @@ impl Cell {
     pub fn status(&self) -> String {
         match self {
             Cell::Value { .. } => "ok".to_owned(),
-            Cell::NotYetAvailable => "not yet available".to_owned(),
             Cell::NoFloor => "no floor applies".to_owned(),
             Cell::PythonMissing(what) => format!("{what} not found"),
             Cell::Failed(why) => format!("failed: {why}"),
@@ -167,10 +164,7 @@ pub fn run(
     let mut rows = Vec::new();
     for (i, &workload) in workloads.iter().enumerate() {
         let mut sides = [
-            SideRun::new(match workload.multiproc {
-                Some(_) => None,
-                None => Some(Cell::NotYetAvailable),
-            }),
+            SideRun::new(None),
             SideRun::new(python.as_ref().err().cloned()),
             SideRun::new(workload.floor.is_none().then_some(Cell::NoFloor)),
         ];

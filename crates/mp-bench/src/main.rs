@@ -257,10 +257,7 @@ fn measure(raw: &[String]) -> Result<(&'static str, Vec<f64>), String> {
     }
     let side = side.ok_or("measure needs --side multiproc|floor")?;
     let (unit, samples) = if side == Side::Multiproc.as_str() {
-        let measure = workload
-            .multiproc
-            .ok_or("the multiproc API for this workload is not yet available")?;
-        (workload.unit, measure(&params))
+        (workload.unit, (workload.multiproc)(&params))
     } else if side == Side::Floor.as_str() {
         let floor = workload
             .floor

@@ -1,7 +1,6 @@
 //! The multiproc side of every workload, written against the public API of
-//! the umbrella crate. A constant is `None` while the API it needs does not
-//! exist yet; the runner then reports the cell as "not yet available".
-//! The child processes of the cross-process workloads are set up by
+//! the umbrella crate; each function returns its samples in the unit of its
+//! workload (see [`crate::workload::WORKLOADS`]). The child processes of the cross-process workloads are set up by
 //! [`crate::rigs`], which the criterion benches share.
 
 use std::hint::black_box;
@@ -14,49 +13,21 @@ use multiproc::{Process, StartMethod};
 
 use crate::rigs::{self, EchoRig, QueueItem, QueueRig, SinkRig, no_op, spin, square};
 use crate::sampling::{BenchResult, Params, per_op, sample_for, throughput, timed};
-use crate::workload::Measure;
 
-/// `Process` start + join, fork start method.
-pub const PROCESS_START_FORK: Option<Measure> = Some(|p| process_start(p, StartMethod::Fork));
-/// `Process` start + join, forkserver start method.
-pub const PROCESS_START_FORKSERVER: Option<Measure> =
-    Some(|p| process_start(p, StartMethod::ForkServer));
-/// `Process` start + join, spawn start method.
-pub const PROCESS_START_SPAWN: Option<Measure> = Some(|p| process_start(p, StartMethod::Spawn));
-/// Pipe round trip of a small message.
-pub const PIPE_ROUNDTRIP: Option<Measure> = Some(pipe_roundtrip);
-/// Pipe throughput with 1 MiB messages.
-pub const PIPE_1MIB: Option<Measure> = Some(pipe_1mib);
-/// Queue 1 -> 1, 8 B items.
-pub const QUEUE_1TO1_8B: Option<Measure> = Some(|p| queue_throughput(p, 1, 1, rigs::SMALL_ITEM));
-/// Queue 2 -> 2, 8 B items.
-pub const QUEUE_2TO2_8B: Option<Measure> = Some(|p| queue_throughput(p, 2, 2, rigs::SMALL_ITEM));
-/// Queue 1 -> 1, 64 KiB items.
-pub const QUEUE_1TO1_64K: Option<Measure> =
-    Some(|p| queue_throughput(p, 1, 1, Bytes(vec![2; rigs::BIG_ITEM])));
-/// Queue 2 -> 2, 64 KiB items.
-pub const QUEUE_2TO2_64K: Option<Measure> =
-    Some(|p| queue_throughput(p, 2, 2, Bytes(vec![2; rigs::BIG_ITEM])));
-/// Lock acquire + release.
-pub const LOCK_UNCONTENDED: Option<Measure> = Some(lock_uncontended);
-/// Semaphore acquire + release.
-pub const SEMAPHORE_UNCONTENDED: Option<Measure> = Some(semaphore_uncontended);
-/// Two processes incrementing a shared Value under its lock.
-pub const CONTENDED_COUNTER: Option<Measure> = Some(contended_counter);
-/// Value += 1 under its lock.
-pub const VALUE_INCREMENT: Option<Measure> = Some(value_increment);
-/// SharedMemory create + attach + close + unlink.
-pub const SHARED_MEMORY_ROUND: Option<Measure> = Some(shared_memory_round);
-/// Pool(2) create + teardown.
-pub const POOL_CREATE: Option<Measure> = Some(pool_create);
-/// Pool.map over 1 M items.
-pub const POOL_MAP_1M: Option<Measure> = Some(pool_map_1m);
-/// Pool.map with chunksize 1.
-pub const POOL_MAP_CHUNKSIZE1: Option<Measure> = Some(pool_map_chunksize1);
-/// Pool.apply round trip.
-pub const POOL_APPLY: Option<Measure> = Some(pool_apply);
-/// CPU-bound speedup with 2 workers.
-pub const CPU_SPEEDUP: Option<Measure> = Some(cpu_speedup);
+/// Process start + join, fork start method.
+pub fn process_start_fork(params: &Params) -> BenchResult<Vec<f64>> {
+    process_start(params, StartMethod::Fork)
+}
+
+/// Process start + join, forkserver start method.
+pub fn process_start_forkserver(params: &Params) -> BenchResult<Vec<f64>> {
+    process_start(params, StartMethod::ForkServer)
+}
+
+/// Process start + join, spawn start method.
+pub fn process_start_spawn(params: &Params) -> BenchResult<Vec<f64>> {
+    process_start(params, StartMethod::Spawn)
+}
 
 /// Milliseconds per start + join of a child running [`no_op`].
 fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> {
@@ -71,15 +42,35 @@ fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> 
 }
 
 /// Microseconds per `send` + `recv` of a u64 echoed by a child.
-fn pipe_roundtrip(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn pipe_roundtrip(params: &Params) -> BenchResult<Vec<f64>> {
     let rig = EchoRig::start()?;
     let samples = per_op(params, 16, 1e6, |k| rig.round_trips(k));
     rig.stop()?;
     samples
 }
 
+/// Queue 1 -> 1, 8 B items.
+pub fn queue_1to1_8b(params: &Params) -> BenchResult<Vec<f64>> {
+    queue_throughput(params, 1, 1, rigs::SMALL_ITEM)
+}
+
+/// Queue 2 -> 2, 8 B items.
+pub fn queue_2to2_8b(params: &Params) -> BenchResult<Vec<f64>> {
+    queue_throughput(params, 2, 2, rigs::SMALL_ITEM)
+}
+
+/// Queue 1 -> 1, 64 KiB items.
+pub fn queue_1to1_64k(params: &Params) -> BenchResult<Vec<f64>> {
+    queue_throughput(params, 1, 1, Bytes(vec![2; rigs::BIG_ITEM]))
+}
+
+/// Queue 2 -> 2, 64 KiB items.
+pub fn queue_2to2_64k(params: &Params) -> BenchResult<Vec<f64>> {
+    queue_throughput(params, 2, 2, Bytes(vec![2; rigs::BIG_ITEM]))
+}
+
 /// GB/s of 1 MiB `send_bytes` to a child's `recv_bytes`, until it confirms.
-fn pipe_1mib(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn pipe_1mib(params: &Params) -> BenchResult<Vec<f64>> {
     let rig = SinkRig::start(rigs::MIB)?;
     let samples = throughput(params, 4, rigs::MIB as f64, 1e9, |k| rig.send(k));
     rig.stop()?;
@@ -115,7 +106,7 @@ fn locked<G>(result: Result<G, LockError<G>>) -> BenchResult<G> {
 }
 
 /// Nanoseconds per `lock()` + drop of the guard, nobody else around.
-fn lock_uncontended(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn lock_uncontended(params: &Params) -> BenchResult<Vec<f64>> {
     let lock = Lock::new()?;
     per_op(params, 1024, 1e9, |k| {
         timed(|| {
@@ -128,7 +119,7 @@ fn lock_uncontended(params: &Params) -> BenchResult<Vec<f64>> {
 }
 
 /// Nanoseconds per `acquire()` + drop of the guard (the release).
-fn semaphore_uncontended(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn semaphore_uncontended(params: &Params) -> BenchResult<Vec<f64>> {
     let semaphore = Semaphore::new(1)?;
     per_op(params, 1024, 1e9, |k| {
         timed(|| {
@@ -141,7 +132,7 @@ fn semaphore_uncontended(params: &Params) -> BenchResult<Vec<f64>> {
 }
 
 /// Nanoseconds per `*value.lock()? += 1`.
-fn value_increment(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn value_increment(params: &Params) -> BenchResult<Vec<f64>> {
     let value = Value::new(0i64)?;
     per_op(params, 1024, 1e9, |k| {
         timed(|| {
@@ -155,14 +146,14 @@ fn value_increment(params: &Params) -> BenchResult<Vec<f64>> {
 
 /// Million increments per second of two processes sharing one locked Value
 /// (see [`rigs::counter_race`]).
-fn contended_counter(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn contended_counter(params: &Params) -> BenchResult<Vec<f64>> {
     let counter = Value::new(0i64)?;
     throughput(params, 256, 2.0, 1e6, |k| rigs::counter_race(&counter, k))
 }
 
 /// Microseconds per round of Python's named-segment life cycle, 1 MiB:
 /// `SharedMemory(create=True)`, `SharedMemory(name)`, both `close()`, `unlink()`.
-fn shared_memory_round(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn shared_memory_round(params: &Params) -> BenchResult<Vec<f64>> {
     let name = format!("mp-bench-{}", std::process::id());
     per_op(params, 8, 1e6, |k| {
         timed(|| {
@@ -179,7 +170,7 @@ fn shared_memory_round(params: &Params) -> BenchResult<Vec<f64>> {
 
 /// Milliseconds per `Pool::new(2)`, one `apply` (so that a worker is surely
 /// up: a pool may start its workers lazily), `close` + `join`.
-fn pool_create(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn pool_create(params: &Params) -> BenchResult<Vec<f64>> {
     let one = || -> BenchResult<f64> {
         let start = Instant::now();
         let pool = Pool::new(2)?;
@@ -219,19 +210,19 @@ fn pool_map(
     Ok(samples)
 }
 
-fn pool_map_1m(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn pool_map_1m(params: &Params) -> BenchResult<Vec<f64>> {
     pool_map(params, 1_000_000, None, 1e6)
 }
 
 /// Items of the chunksize=1 map: the 100 k, or 10 k in a quick run
 /// (the same numbers as the CPython program's `CHUNKSIZE1_ITEMS`).
-fn pool_map_chunksize1(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn pool_map_chunksize1(params: &Params) -> BenchResult<Vec<f64>> {
     let items = if params.quick { 10_000 } else { 100_000 };
     pool_map(params, items, Some(1), 1e3)
 }
 
 /// Microseconds per sequential `apply(square)` on a pool of 2.
-fn pool_apply(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn pool_apply(params: &Params) -> BenchResult<Vec<f64>> {
     let pool = Pool::new(2)?;
     pool.apply(square, 3)?;
     let samples = per_op(params, 8, 1e6, |k| {
@@ -249,7 +240,7 @@ fn pool_apply(params: &Params) -> BenchResult<Vec<f64>> {
 
 /// Serial time / `Pool(2).map` time of 8 equal CPU-bound tasks (chunksize 1),
 /// each pair of runs back to back so that the VM's speed changes hit both.
-fn cpu_speedup(params: &Params) -> BenchResult<Vec<f64>> {
+pub fn cpu_speedup(params: &Params) -> BenchResult<Vec<f64>> {
     const TASKS: usize = 8;
     let task_time = (params.budget / 40).max(Duration::from_millis(2));
     let mut n = 1000u64;

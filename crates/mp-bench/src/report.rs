@@ -42,7 +42,6 @@ pub fn figure(x: f64) -> String {
 fn cell_text(cell: &Cell, notes: &mut Vec<String>, note: impl FnOnce() -> String) -> String {
     match cell {
         Cell::Value { median, .. } => figure(*median),
-        Cell::NotYetAvailable => "not yet available".to_owned(),
         Cell::NoFloor => "-".to_owned(),
         Cell::PythonMissing(what) if what.ends_with("python3") => "python3 missing".to_owned(),
         Cell::PythonMissing(_) => "script missing".to_owned(),
@@ -249,7 +248,7 @@ mod tests {
             },
             Row {
                 workload: find("lock_uncontended").unwrap(),
-                multiproc: Cell::NotYetAvailable,
+                multiproc: value(14.0),
                 cpython: Cell::Failed("boom".into()),
                 floor: Cell::NoFloor,
             },
@@ -274,7 +273,7 @@ mod tests {
         );
         let lock = line("lock_uncontended");
         assert!(
-            lock.contains("not yet available") && lock.contains("failed [1]"),
+            lock.contains("14.0") && lock.contains("failed [1]"),
             "{lock}"
         );
         assert!(
@@ -292,8 +291,11 @@ mod tests {
         let first = &doc["rows"][0];
         assert_eq!(first["ratio_vs_cpython"], json!(0.5));
         assert_eq!(first["ratio_vs_floor"], json!(2.0));
-        assert_eq!(doc["rows"][1]["multiproc"], Value::Null);
-        assert_eq!(doc["rows"][1]["multiproc_status"], "not yet available");
+        assert_eq!(doc["rows"][1]["multiproc"], json!(14.0));
+        assert_eq!(doc["rows"][1]["cpython"], Value::Null);
+        assert_eq!(doc["rows"][1]["ratio_vs_cpython"], Value::Null);
+        assert_eq!(doc["rows"][1]["cpython_status"], "failed: boom");
+        assert_eq!(doc["rows"][2]["multiproc_status"], "timed out after 20 s");
         assert_eq!(doc["rows"][2]["cpython_status"], "python3 not found");
     }
 }

@@ -25,7 +25,7 @@ impl Better {
     }
 }
 
-/// Measures the multiproc side of a workload; returns its samples.
+/// Measures one side of a workload; returns its samples.
 pub type Measure = fn(&Params) -> BenchResult<Vec<f64>>;
 
 /// One row of the comparison.
@@ -41,8 +41,8 @@ pub struct Workload {
     pub better: Better,
     /// The OS floor, where one applies.
     pub floor: Option<Floor>,
-    /// The multiproc side, or `None` while its API does not exist yet.
-    pub multiproc: Option<Measure>,
+    /// The multiproc side.
+    pub multiproc: Measure,
 }
 
 impl Workload {
@@ -73,7 +73,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ms",
         better: Better::Lower,
         floor: Some(Floor::ForkExitWait),
-        multiproc: mp::PROCESS_START_FORK,
+        multiproc: mp::process_start_fork,
     },
     Workload {
         name: "process_start_forkserver",
@@ -81,7 +81,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ms",
         better: Better::Lower,
         floor: Some(Floor::ForkExitWait),
-        multiproc: mp::PROCESS_START_FORKSERVER,
+        multiproc: mp::process_start_forkserver,
     },
     Workload {
         name: "process_start_spawn",
@@ -89,7 +89,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ms",
         better: Better::Lower,
         floor: Some(Floor::PosixSpawnTrue),
-        multiproc: mp::PROCESS_START_SPAWN,
+        multiproc: mp::process_start_spawn,
     },
     Workload {
         name: "pipe_roundtrip",
@@ -97,7 +97,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "us",
         better: Better::Lower,
         floor: Some(Floor::FutexPingPong),
-        multiproc: mp::PIPE_ROUNDTRIP,
+        multiproc: mp::pipe_roundtrip,
     },
     Workload {
         name: "pipe_1mib",
@@ -105,7 +105,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "GB/s",
         better: Better::Higher,
         floor: Some(MEMCPY_1MIB),
-        multiproc: mp::PIPE_1MIB,
+        multiproc: mp::pipe_1mib,
     },
     Workload {
         name: "queue_1to1_8b",
@@ -113,7 +113,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "M msg/s",
         better: Better::Higher,
         floor: None,
-        multiproc: mp::QUEUE_1TO1_8B,
+        multiproc: mp::queue_1to1_8b,
     },
     Workload {
         name: "queue_2to2_8b",
@@ -121,7 +121,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "M msg/s",
         better: Better::Higher,
         floor: None,
-        multiproc: mp::QUEUE_2TO2_8B,
+        multiproc: mp::queue_2to2_8b,
     },
     Workload {
         name: "queue_1to1_64k",
@@ -129,7 +129,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "GB/s",
         better: Better::Higher,
         floor: Some(MEMCPY_64KIB),
-        multiproc: mp::QUEUE_1TO1_64K,
+        multiproc: mp::queue_1to1_64k,
     },
     Workload {
         name: "queue_2to2_64k",
@@ -137,7 +137,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "GB/s",
         better: Better::Higher,
         floor: Some(MEMCPY_64KIB),
-        multiproc: mp::QUEUE_2TO2_64K,
+        multiproc: mp::queue_2to2_64k,
     },
     Workload {
         name: "lock_uncontended",
@@ -145,7 +145,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ns",
         better: Better::Lower,
         floor: None,
-        multiproc: mp::LOCK_UNCONTENDED,
+        multiproc: mp::lock_uncontended,
     },
     Workload {
         name: "semaphore_uncontended",
@@ -153,7 +153,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ns",
         better: Better::Lower,
         floor: None,
-        multiproc: mp::SEMAPHORE_UNCONTENDED,
+        multiproc: mp::semaphore_uncontended,
     },
     Workload {
         name: "contended_counter",
@@ -161,7 +161,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "M ops/s",
         better: Better::Higher,
         floor: None,
-        multiproc: mp::CONTENDED_COUNTER,
+        multiproc: mp::contended_counter,
     },
     Workload {
         name: "value_increment",
@@ -169,7 +169,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ns",
         better: Better::Lower,
         floor: None,
-        multiproc: mp::VALUE_INCREMENT,
+        multiproc: mp::value_increment,
     },
     Workload {
         name: "shared_memory_round",
@@ -177,7 +177,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "us",
         better: Better::Lower,
         floor: None,
-        multiproc: mp::SHARED_MEMORY_ROUND,
+        multiproc: mp::shared_memory_round,
     },
     Workload {
         name: "pool_create",
@@ -185,7 +185,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "ms",
         better: Better::Lower,
         floor: None,
-        multiproc: mp::POOL_CREATE,
+        multiproc: mp::pool_create,
     },
     Workload {
         name: "pool_map_1m",
@@ -193,7 +193,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "M items/s",
         better: Better::Higher,
         floor: None,
-        multiproc: mp::POOL_MAP_1M,
+        multiproc: mp::pool_map_1m,
     },
     Workload {
         name: "pool_map_chunksize1",
@@ -201,7 +201,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "k items/s",
         better: Better::Higher,
         floor: None,
-        multiproc: mp::POOL_MAP_CHUNKSIZE1,
+        multiproc: mp::pool_map_chunksize1,
     },
     Workload {
         name: "pool_apply",
@@ -209,7 +209,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "us",
         better: Better::Lower,
         floor: Some(Floor::FutexPingPong),
-        multiproc: mp::POOL_APPLY,
+        multiproc: mp::pool_apply,
     },
     Workload {
         name: "cpu_speedup",
@@ -217,7 +217,7 @@ pub const WORKLOADS: &[Workload] = &[
         unit: "x",
         better: Better::Higher,
         floor: None,
-        multiproc: mp::CPU_SPEEDUP,
+        multiproc: mp::cpu_speedup,
     },
 ];
 
