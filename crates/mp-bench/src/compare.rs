@@ -123,11 +123,20 @@ impl Row {
     }
 }
 
-/// The workloads whose name contains one of the filters (all without filters).
+/// The workloads selected by the filters (all without filters): a filter
+/// that is a workload's full name selects that one only; any other selects
+/// every workload whose name contains it.
 pub fn select(filters: &[String]) -> Vec<&'static Workload> {
+    let selects = |filter: &str, name: &str| {
+        if WORKLOADS.iter().any(|w| w.name == filter) {
+            name == filter
+        } else {
+            name.contains(filter)
+        }
+    };
     WORKLOADS
         .iter()
-        .filter(|w| filters.is_empty() || filters.iter().any(|f| w.name.contains(f.as_str())))
+        .filter(|w| filters.is_empty() || filters.iter().any(|f| selects(f, w.name)))
         .collect()
 }
 
@@ -311,12 +320,17 @@ mod tests {
     }
 
     #[test]
-    fn filters_select_by_substring() {
-        let names: Vec<_> = select(&["queue_1to1".into()])
-            .iter()
-            .map(|w| w.name)
-            .collect();
-        assert_eq!(names, ["queue_1to1_8b", "queue_1to1_64k"]);
+    fn filters_select_a_full_name_exactly_and_otherwise_by_substring() {
+        let names = |filters: &[&str]| -> Vec<&str> {
+            let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+            select(&filters).iter().map(|w| w.name).collect()
+        };
+        assert_eq!(names(&["queue_1to1"]), ["queue_1to1_8b", "queue_1to1_64k"]);
+        assert_eq!(names(&["process_start_fork"]), ["process_start_fork"]);
+        assert_eq!(
+            names(&["process_start_fork", "spawn"]),
+            ["process_start_fork", "process_start_spawn"]
+        );
         assert_eq!(select(&[]).len(), WORKLOADS.len());
         assert!(select(&["no such workload".into()]).is_empty());
     }

@@ -37,7 +37,7 @@ usage:
       Measure multiproc, CPython's multiprocessing and the OS floor side by side.
       --quick        about a minute in all (3 repetitions of 0.25 s per side)
       --json         one JSON document {\"meta\": .., \"rows\": [..]} instead of the table
-      --filter NAME  only workloads whose name contains NAME (repeatable)
+      --filter NAME  only workload NAME, or those whose name contains NAME (repeatable)
       --reps N       interleaved repetitions per side (default 5, quick 3)
       --budget SECS  sampling time per side and repetition (default 0.5, quick 0.25)
       --timeout SECS time bound per side and repetition (default 60, quick 20)
