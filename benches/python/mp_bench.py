@@ -19,7 +19,6 @@ one batch lasts about a fifth of the budget.
 
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
