@@ -34,7 +34,7 @@ QUICK = False
 
 
 # --------------------------------------------------------------------------
-# sampling helpers (the Rust side has the same rules: src/sampling.rs)
+# sampling helpers (the Rust side has the same rules: crates/mp-bench/src/sampling.rs)
 # --------------------------------------------------------------------------
 
 def sample_for(budget, one_sample):
