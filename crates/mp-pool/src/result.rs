@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::PoolError;
-
-/// How long a waiter polls for the outcome before it sleeps: a result usually arrives within
-/// microseconds of the previous one, and waking from a sleep costs more than that.
-const SPIN: Duration = Duration::from_micros(50);
+use crate::transport::SPIN;
 
 type SuccessCallback<T> = Box<dyn FnOnce(&T) + Send>;
 type ErrorCallback = Box<dyn FnOnce(&PoolError) + Send>;
@@ -172,6 +169,8 @@ impl<T> AsyncResult<T> {
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        // Poll before sleeping, as the pool's links do (see `transport::SPIN`): waking from a
+        // sleep costs more than the usual wait for a result while work flows.
         let start = Instant::now();
         while !self.completion.done.load(Ordering::Acquire)
             && start.elapsed() < SPIN

@@ -17,18 +17,43 @@
 //!   messages per worker: a message takes at most a quarter of the ring (larger ones go out
 //!   of band), so they always fit. Should one not fit anyway, the send reports
 //!   [`TransportError::Full`] and the scheduler takes the chunks back.
+//! * **A receive polls for [`SPIN`] before it waits.** The ring's own spin is shorter than
+//!   one futex wake-up on another CPU (tens of microseconds). In the pool, messages form a
+//!   chain (caller → worker → result thread → caller): once one party sleeps, every other
+//!   party waits longer than its spin and sleeps too, and a round trip settles at three
+//!   wake-ups. Polling long enough to cover one wake-up elsewhere in the chain keeps the
+//!   parties awake while work flows; between polls the thread yields, so that two parties
+//!   sharing one CPU still make progress, and an idle pool sleeps after [`SPIN`].
 //! * **Reports from one worker arrive in the order it sent them**, a report that was sent is
 //!   not lost if its worker dies right after, and a worker killed in the middle of a send
 //!   neither corrupts the link nor blocks the others (mp-ipc's robust ring). A notice the
 //!   pool posts after reaping a worker therefore arrives after everything that worker sent.
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use mp_core::{FunctionId, TaskFailure};
 use mp_ipc::queue::{Queue, QueueError};
 use mp_ipc::shm::SharedMemory;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// How long a receive polls before it waits (see the module docs).
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
+
+/// Takes the next item of `queue`, polling for [`SPIN`] before waiting.
+fn get_polling<T: Serialize + serde::de::DeserializeOwned>(
+    queue: &Queue<T>,
+) -> Result<T, QueueError> {
+    let start = Instant::now();
+    loop {
+        match queue.try_get() {
+            Err(QueueError::Empty) if start.elapsed() < SPIN => std::thread::yield_now(),
+            Err(QueueError::Empty) => return queue.get(),
+            done => return done,
+        }
+    }
+}
 
 /// Bytes of one worker's task ring (address space; pages are touched as used).
 const TASK_RING_BYTES: usize = 1 << 20;
@@ -227,7 +252,7 @@ impl TaskSender {
 impl TaskReceiver {
     /// Waits for the next message; an error means the link is unusable.
     pub(crate) fn recv(&self) -> Result<TaskMessage, TransportError> {
-        Ok(self.0.get()?)
+        Ok(get_polling(&self.0)?)
     }
 }
 
@@ -255,7 +280,7 @@ impl ReportReceiver {
     /// Waits for the next report. An error concerns one item (it could not be decoded);
     /// the link itself lives as long as the pool holds a sender.
     pub(crate) fn recv(&self) -> Result<Report, TransportError> {
-        Ok(self.0.get()?)
+        Ok(get_polling(&self.0)?)
     }
 }
 
