@@ -7,7 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use multiproc::mp_ipc::{Barrier, Condition, Event, Lock, LockError, SharedMemory, Value};
+use multiproc::mp_ipc::{
+    Barrier, Bytes, Condition, Connection, ConnectionError, Event, Lock, LockError, Pipe, Queue,
+    SharedMemory, Value,
+};
 use multiproc::{Process, ProcessError, StartMethod, active_children, cpu_count, current_process};
 
 type StepResult = Result<String, Box<dyn std::error::Error>>;
@@ -258,9 +261,113 @@ fn synchronisation() -> Vec<bool> {
     results
 }
 
+fn queues_and_pipes() -> Vec<bool> {
+    println!("\nQueues and pipes (mp-ipc)");
+    const PATIENCE: Duration = Duration::from_secs(10);
+    let mut results = vec![step(
+        "Queue: 2 producer processes, 100000 items, FIFO per producer",
+        || {
+            let queue: Queue<(u32, u32)> = Queue::bounded(1000)?;
+            let producers = (0..2u32)
+                .map(|p| {
+                    Process::new(|(queue, p): (Queue<(u32, u32)>, u32)| {
+                        for i in 0..50_000 {
+                            queue.put((p, i)).unwrap();
+                        }
+                    })
+                    .args((queue.clone(), p))
+                    .start()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut next = [0u32; 2];
+            for _ in 0..100_000 {
+                let (p, i) = queue.get_timeout(PATIENCE)?;
+                if i != next[p as usize] {
+                    return Err(
+                        format!("producer {p}: got {i}, expected {}", next[p as usize]).into(),
+                    );
+                }
+                next[p as usize] += 1;
+            }
+            for producer in &producers {
+                producer.join()?;
+            }
+            Ok("every item once, in order per producer".into())
+        },
+    )];
+    results.push(step("Queue: a 64 MiB item to a child and back", || {
+        let there: Queue<Bytes> = Queue::unbounded()?;
+        let back: Queue<Bytes> = Queue::unbounded()?;
+        let child = Process::new(|(there, back): (Queue<Bytes>, Queue<Bytes>)| {
+            let mut item = there.get().unwrap();
+            item.reverse();
+            back.put(item).unwrap();
+        })
+        .args((there.clone(), back.clone()))
+        .start()?;
+        let item: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+        there.put(Bytes(item.clone()))?;
+        let mut returned = back.get_timeout(PATIENCE)?.0;
+        child.join()?;
+        returned.reverse();
+        if returned != item {
+            return Err("the item came back changed".into());
+        }
+        Ok("out of band: its own pages of the queue's memfd".into())
+    }));
+    results.push(step("Pipe: 10000 round trips with a child", || {
+        let (here, there) = Pipe::duplex()?;
+        let child = Process::new(|conn: Connection| {
+            while let Ok(n) = conn.recv::<u64>() {
+                conn.send(n + 1).unwrap();
+            }
+        })
+        .args(there)
+        .start()?;
+        let started = Instant::now();
+        let mut n = 0u64;
+        for _ in 0..10_000 {
+            here.send(n)?;
+            n = here.recv_timeout(PATIENCE)?;
+        }
+        let per_trip = started.elapsed() / 10_000;
+        here.close(); // the child's recv returns Closed and it ends
+        child.join()?;
+        Ok(format!("counted to {n}, {per_trip:?} per round trip"))
+    }));
+    results.push(step(
+        "Pipe: recv from a SIGKILLed writer is Closed, not a hang",
+        || {
+            let (reader, writer) = Pipe::simplex()?;
+            let (ready, ready_writer) = Pipe::simplex()?;
+            let child = Process::new(|(writer, ready): (Connection, Connection)| {
+                writer.send("last words").unwrap();
+                ready.send(()).unwrap();
+                park_forever(); // hold the writer until killed
+            })
+            .args((writer, ready_writer))
+            .start()?;
+            ready.recv_timeout::<()>(PATIENCE)?;
+            child.kill()?;
+            let last: String = reader.recv_timeout(PATIENCE)?;
+            let started = Instant::now();
+            match reader.recv_timeout::<String>(PATIENCE) {
+                Err(ConnectionError::Closed) => {}
+                other => return Err(format!("expected Closed, got {other:?}").into()),
+            }
+            let _ = child.join_timeout(PATIENCE);
+            Ok(format!(
+                "got {last:?}, then Closed after {:?}",
+                started.elapsed()
+            ))
+        },
+    ));
+    results
+}
+
 fn main() {
     println!("multiproc tour: every capability, what it did and how long it took");
-    let results: Vec<bool> = [processes(), synchronisation()].concat();
+    let results: Vec<bool> = [processes(), synchronisation(), queues_and_pipes()].concat();
     let failed = results.iter().filter(|ok| !**ok).count();
     println!("\n{} steps, {} failed", results.len(), failed);
     if failed > 0 {

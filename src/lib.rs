@@ -21,6 +21,12 @@ pub use mp_core::{
     set_start_method,
 };
 
+pub use mp_ipc::{
+    Array, Barrier, BarrierError, BoundedSemaphore, Bytes, Client, Condition, Connection,
+    ConnectionError, Event, JoinableQueue, Listener, Lock, LockError, Pipe, Pod, Queue,
+    QueueError, RLock, Semaphore, SemaphoreError, SharedMemory, ShmError, SimpleQueue, Value,
+};
+
 pub use mp_core;
 pub use mp_ipc;
 pub use mp_pool;

@@ -1,6 +1,48 @@
-//! mp-ipc: communication and synchronisation between processes.
+//! mp-ipc: communication and synchronisation between processes, Python
+//! `multiprocessing` style, over shared memory and futexes.
 //!
-//! (Crate docs are completed as the modules land.)
+//! ```
+//! use mp_core::Process;
+//! use mp_ipc::{Lock, Queue, Value};
+//!
+//! // A queue and a counter shared with a child: handles passed as arguments are the same
+//! // objects in the child.
+//! let queue: Queue<String> = Queue::bounded(16)?;
+//! let counter = Value::new(0u64)?;
+//! let child = Process::new(|(queue, counter): (Queue<String>, Value<u64>)| {
+//!     for word in ["hello", "from", "the", "child"] {
+//!         queue.put(word.to_string()).unwrap();
+//!         *counter.lock().unwrap() += 1;
+//!     }
+//! })
+//! .args((queue.clone(), counter.clone()))
+//! .start()?;
+//! let words: Vec<String> = (0..4).map(|_| queue.get()).collect::<Result<_, _>>()?;
+//! child.join()?;
+//! assert_eq!(words.join(" "), "hello from the child");
+//! assert_eq!(counter.get()?, 4);
+//!
+//! let lock = Lock::new()?;
+//! // An RAII guard; a dead holder is reported as OwnerDied (with the guard), never a hang.
+//! let guard = lock.lock().map_err(mp_ipc::LockError::without_guard)?;
+//! drop(guard);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! * Data plane: [`Pipe`]/[`Connection`] (message boundaries kept, `Closed` when every handle
+//!   of the peer end is gone, in any process), [`Queue`], [`SimpleQueue`], [`JoinableQueue`]
+//!   (a shared-memory ring with futex wake-ups; a process killed mid-put or mid-get never
+//!   corrupts it), [`Listener`]/[`Client`] with an authkey challenge.
+//! * Synchronisation: [`Lock`], [`RLock`] (robust: if the holder dies, the next acquirer
+//!   gets [`LockError::OwnerDied`] with the guard), [`Semaphore`], [`BoundedSemaphore`],
+//!   [`Event`], [`Condition`], [`Barrier`].
+//! * Shared memory: [`SharedMemory`] (anonymous memfd by default, named on request),
+//!   [`Value`], [`Array`] (Python's `ShareableList`: an `Array` of plain-old-data).
+//!
+//! Every primitive is `Clone` (same object), `Send + Sync`, and `Serialize + Deserialize`
+//! for travelling as a process argument (through ipc-channel, which carries the file
+//! descriptors); it is freed when the last handle in the last process is dropped. Every
+//! blocking call has `try_` and `_timeout` variants.
 
 // Base layer: shared memory, futex wake-ups, robust process-shared mutex.
 mod futex;
