@@ -237,7 +237,9 @@ impl PoolBuilder {
 /// ```
 ///
 /// Any non-capturing closure or `fn` item whose argument and result are serde types runs on
-/// the same pool (functions of several values take a tuple). Tasks are grouped in *chunks*
+/// the same pool (functions of several values take a tuple). Task arguments and results are
+/// plain data: handles of mp-ipc primitives (queues, locks, shared memory) are passed to the
+/// workers through [`PoolBuilder::initializer`], as with Python's `initargs`. Tasks are grouped in *chunks*
 /// (Python's `chunksize`): one message, one decode and one encode per chunk.
 ///
 /// Failures are per task and typed: a panic ([`PoolError::Panicked`], the worker survives),

@@ -674,6 +674,21 @@ fn initializer_arguments_may_carry_queues_as_in_python() {
 }
 
 #[test]
+fn handles_as_task_arguments_are_refused_with_a_typed_error() {
+    // Task arguments are plain data (as in Python, where a Queue cannot be a task
+    // argument); handles go through the initializer.
+    let pool = Pool::new(1).unwrap();
+    let queue: Queue<u32> = Queue::unbounded().unwrap();
+    // Refused when encoded (once mp-ipc exposes its plain-data guard) or, today, when the
+    // worker decodes it: a typed error either way, never a handle that half-arrives.
+    match pool.apply(|q: Queue<u32>| q.len(), queue) {
+        Err(PoolError::EncodeArguments(_) | PoolError::BadArguments { .. }) => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(pool.apply(square, 4), Ok(16), "the pool is unaffected");
+}
+
+#[test]
 fn pools_and_results_can_be_shared_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Pool>();
