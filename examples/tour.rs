@@ -11,6 +11,7 @@ use multiproc::mp_ipc::{
     Barrier, Bytes, Condition, Connection, ConnectionError, Event, Lock, LockError, Pipe, Queue,
     SharedMemory, Value,
 };
+use multiproc::mp_pool::{Pool, PoolError};
 use multiproc::{Process, ProcessError, StartMethod, active_children, cpu_count, current_process};
 
 type StepResult = Result<String, Box<dyn std::error::Error>>;
@@ -365,9 +366,173 @@ fn queues_and_pipes() -> Vec<bool> {
     results
 }
 
+/// Counts the primes below `bound` by trial division: a CPU-bound task.
+fn count_primes(bound: u64) -> u64 {
+    (2..bound)
+        .filter(|&n| (2..).take_while(|d| d * d <= n).all(|d| n % d != 0))
+        .count() as u64
+}
+
+fn pool() -> Vec<bool> {
+    println!("\nA pool of worker processes (mp-pool)");
+    let mut results = vec![step("Pool(4).map(square, [1, 2, 3, 4, 5])", || {
+        let pool = Pool::new(4)?;
+        let squares = pool.map(square, [1, 2, 3, 4, 5])?;
+        pool.close();
+        pool.join()?;
+        Ok(format!("{squares:?}"))
+    })];
+    let pool = match Pool::new(2) {
+        Ok(pool) => pool,
+        Err(error) => {
+            println!("  FAIL could not create a pool: {error}");
+            results.push(false);
+            return results;
+        }
+    };
+    results.push(step("map x*x over 1 M integers, default chunks", || {
+        let started = Instant::now();
+        let squares = pool.map(square, 0..1_000_000u64)?;
+        let rate = squares.len() as f64 / started.elapsed().as_secs_f64() / 1e6;
+        if squares[999_999] != 999_999 * 999_999 {
+            return Err("wrong result".into());
+        }
+        Ok(format!("{rate:.0} M items/s"))
+    }));
+    results.push(step(
+        "imap over an endless iterator, lazily, in order",
+        || {
+            let first: Vec<u64> = pool
+                .chunksize(16)
+                .imap(square, 0u64..)
+                .take(1000)
+                .collect::<Result<_, _>>()?;
+            if first != (0..1000).map(square).collect::<Vec<_>>() {
+                return Err("out of order".into());
+            }
+            Ok("1000 results of an unbounded input, bounded memory".into())
+        },
+    ));
+    results.push(step("imap_unordered yields every result once", || {
+        let mut seen: Vec<u64> = pool
+            .imap_unordered(square, 0..500u64)
+            .collect::<Result<_, _>>()?;
+        seen.sort_unstable();
+        if seen != (0..500).map(square).collect::<Vec<_>>() {
+            return Err("missing or duplicated results".into());
+        }
+        Ok("500 results in completion order".into())
+    }));
+    results.push(step("apply_async of any function, with a callback", || {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let joined = pool
+            .apply_async(
+                |(a, b): (String, u32)| a.repeat(b as usize),
+                ("ab".into(), 3),
+            )?
+            .callback(move |s| sender.send(s.len()).unwrap_or(()));
+        let value = joined.get_timeout(Duration::from_secs(10))?;
+        let seen = receiver.recv_timeout(Duration::from_secs(10))?;
+        Ok(format!("{value:?}; the callback saw {seen} bytes"))
+    }));
+    results.push(step(
+        "a task that panics fails alone; its worker lives on",
+        || {
+            let single = Pool::new(1)?;
+            let before = single.apply(|()| std::process::id(), ())?;
+            let error = single
+                .apply(|x: u32| -> u32 { panic!("cannot take {x}") }, 7)
+                .unwrap_err();
+            let after = single.apply(|()| std::process::id(), ())?;
+            if before != after {
+                return Err("the worker was replaced".into());
+            }
+            Ok(error.to_string())
+        },
+    ));
+    results.push(step(
+        "a worker SIGKILLed mid-task: that task fails, the pool goes on",
+        || {
+            let suicide = |()| -> u32 {
+                let me = rustix::process::getpid();
+                let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
+                0
+            };
+            let error = pool.apply(suicide, ()).unwrap_err();
+            if !matches!(error, PoolError::WorkerDied { .. }) {
+                return Err(format!("unexpected {error}").into());
+            }
+            let after = pool.map(square, 0..100u64)?;
+            Ok(format!(
+                "{error}; then map of 100 gave {} results",
+                after.len()
+            ))
+        },
+    ));
+    results.push(step(
+        "max_tasks_per_child(2): 10 tasks, fresh workers",
+        || {
+            let recycling = Pool::builder()
+                .processes(2)
+                .max_tasks_per_child(2)
+                .build()?;
+            let pids = recycling
+                .chunksize(1)
+                .map(|_: u8| std::process::id(), 0..10)?;
+            let mut distinct = pids.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            Ok(format!(
+                "{} tasks ran on {} worker processes",
+                pids.len(),
+                distinct.len()
+            ))
+        },
+    ));
+    results.push(step("terminate while a task runs: no hang", || {
+        let busy = Pool::new(2)?;
+        let long = busy.apply_async(|()| std::thread::sleep(Duration::from_secs(3600)), ())?;
+        let started = Instant::now();
+        busy.terminate();
+        match long.get_timeout(Duration::from_secs(10)) {
+            Err(PoolError::Terminated) => Ok(format!(
+                "the hour-long task failed with Terminated after {}",
+                format_duration(started.elapsed())
+            )),
+            other => Err(format!("unexpected {other:?}").into()),
+        }
+    }));
+    results.push(step("CPU-bound tasks: serial vs the pool", || {
+        let tasks = vec![200_000u64; 8];
+        pool.chunksize(1).map(count_primes, vec![1_000u64; 2])?;
+        let started = Instant::now();
+        let serial: Vec<u64> = tasks.iter().map(|&b| count_primes(b)).collect();
+        let serial_time = started.elapsed();
+        let started = Instant::now();
+        let parallel = pool.chunksize(1).map(count_primes, tasks)?;
+        let parallel_time = started.elapsed();
+        if parallel != serial {
+            return Err("different results".into());
+        }
+        Ok(format!(
+            "{} serial, {} on {} workers: {:.2}x",
+            format_duration(serial_time),
+            format_duration(parallel_time),
+            pool.processes(),
+            serial_time.as_secs_f64() / parallel_time.as_secs_f64()
+        ))
+    }));
+    pool.close();
+    results.push(step("close + join", || {
+        pool.join_timeout(Duration::from_secs(10))?;
+        Ok(format!("{} children left", active_children().len()))
+    }));
+    results
+}
+
 fn main() {
     println!("multiproc tour: every capability, what it did and how long it took");
-    let results: Vec<bool> = [processes(), synchronisation(), queues_and_pipes()].concat();
+    let results: Vec<bool> = [processes(), synchronisation(), queues_and_pipes(), pool()].concat();
     let failed = results.iter().filter(|ok| !**ok).count();
     println!("\n{} steps, {} failed", results.len(), failed);
     if failed > 0 {

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 /// takes_entry(|| String::from("no arguments"));
 /// takes_entry(|(a, b): (u32, String)| format!("{a}{b}"));
 /// ```
-pub trait Entry<Marker>: Copy + Send + Sync + 'static {
+pub trait Entry<Marker>: sealed::Sealed<Marker> + Copy + Send + Sync + 'static {
     /// What the function takes (`()` for a function of no argument).
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// What the function returns.
@@ -40,6 +40,20 @@ pub trait Entry<Marker>: Copy + Send + Sync + 'static {
     fn call(self, args: Self::Args) -> Self::Output;
     /// The arguments to use when none were given: `Some(())` for a function of no argument.
     fn default_args() -> Option<Self::Args>;
+    /// The function itself, made from its type alone. It is zero-sized (a non-capturing
+    /// closure or a `fn` item, checked at compile time), so another process that only knows
+    /// its type can call it; this is how trampolines and pool workers get hold of it.
+    fn recreate() -> Self {
+        conjure::<Self>()
+    }
+}
+
+/// Keeps [`Entry`] implemented only for closures and `fn` items, which are inhabited: that is
+/// what makes [`Entry::recreate`] sound.
+mod sealed {
+    pub trait Sealed<Marker> {}
+    impl<F: Fn() -> R, R> Sealed<fn() -> R> for F {}
+    impl<F: Fn(A) -> R, A, R> Sealed<fn(A) -> R> for F {}
 }
 
 impl<F, R> Entry<fn() -> R> for F
@@ -85,9 +99,10 @@ pub(crate) const fn assert_non_capturing<F>() {
 /// Produces the one value of a zero-sized function type.
 fn conjure<F: Copy>() -> F {
     const { assert_non_capturing::<F>() };
-    // SAFETY: F is zero-sized (checked at compile time above) and inhabited (callers only
-    // name F after holding a value of it: a closure or fn item given to `Process::new` or a
-    // pool), so it has exactly one value, which has no bytes to initialise.
+    // SAFETY: F is zero-sized (checked at compile time above) and inhabited: `Entry`, the
+    // only way here, is sealed to closures and `fn` items, which always are. So F has exactly
+    // one value, which has no bytes to initialise, and `Copy` means duplicating it skips no
+    // destructor.
     unsafe { std::ptr::NonNull::<F>::dangling().read() }
 }
 
@@ -170,7 +185,7 @@ pub enum TaskFailure {
 fn run_task<M, F: Entry<M>>(input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
     let args: F::Args =
         postcard::from_bytes(input).map_err(|e| TaskFailure::BadArguments(e.to_string()))?;
-    let output = catch_panic(|| conjure::<F>().call(args), true).map_err(TaskFailure::Panicked)?;
+    let output = catch_panic(|| F::recreate().call(args), true).map_err(TaskFailure::Panicked)?;
     postcard::to_allocvec(&output).map_err(|e| TaskFailure::BadResult(e.to_string()))
 }
 
@@ -202,7 +217,7 @@ fn run_process<M, F: Entry<M>>(
             return EXIT_BAD_DATA;
         }
     };
-    match catch_panic(|| conjure::<F>().call(args), false) {
+    match catch_panic(|| F::recreate().call(args), false) {
         Ok(value) => match send(Outcome::Returned(value)) {
             Ok(()) => 0,
             Err(e) => {

@@ -96,7 +96,7 @@ impl Launcher {
 /// a panic report, which the pool reads when it reaps the worker.
 fn serve_initialized<M, F: Entry<M>>((worker, args): (WorkerArgs, F::Args)) {
     tracing::debug!(worker = %worker.id, "running the pool initializer");
-    zero_sized_value::<F>().call(args);
+    F::recreate().call(args);
     serve(worker);
 }
 
@@ -185,25 +185,8 @@ pub(crate) fn chunk_function<M: 'static, F: Entry<M>>(_: &F) -> FunctionId {
 
 /// Runs `F` on every argument of a chunk.
 fn run_chunk<M, F: Entry<M>>(args: Vec<F::Args>) -> Vec<F::Output> {
-    let function = zero_sized_value::<F>();
+    let function = F::recreate();
     args.into_iter().map(|a| function.call(a)).collect()
-}
-
-/// The one value of a zero-sized function type (mp-core has the same helper for the
-/// functions it names by address, but does not export it).
-fn zero_sized_value<F: Copy>() -> F {
-    const {
-        assert!(
-            size_of::<F>() == 0,
-            "pool tasks must be non-capturing functions"
-        )
-    };
-    // SAFETY: F is zero-sized (checked at compile time above), so reading it touches no
-    // memory. It is inhabited: this is only reached through a chunk trampoline or a worker
-    // entry, made in the parent from a value of F (`chunk_function` and
-    // `Launcher::with_initializer` take one), and `Entry` requires F to be `Copy`, so
-    // producing another value of it duplicates nothing that has a destructor.
-    unsafe { std::ptr::NonNull::<F>::dangling().read() }
 }
 
 /// Why a worker's chunk failed, for tests of the trampoline.
