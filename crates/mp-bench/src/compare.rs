@@ -215,6 +215,9 @@ fn common_args(cmd: &mut Command, options: &Options) {
 
 fn python_command(options: &Options, workload: &Workload) -> Command {
     let mut cmd = Command::new(&options.python);
+    // spawn and forkserver children import the program as a module: keep
+    // them from leaving a __pycache__ in the source tree.
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
     cmd.arg(&options.script).arg(workload.name);
     common_args(&mut cmd, options);
     cmd
