@@ -23,9 +23,11 @@ pub use mp_core::{
 
 pub use mp_ipc::{
     Array, Barrier, BarrierError, BoundedSemaphore, Bytes, Client, Condition, Connection,
-    ConnectionError, Event, JoinableQueue, Listener, Lock, LockError, Pipe, Pod, Queue,
-    QueueError, RLock, Semaphore, SemaphoreError, SharedMemory, ShmError, SimpleQueue, Value,
+    ConnectionError, Event, JoinableQueue, Listener, Lock, LockError, Pipe, Pod, Queue, QueueError,
+    RLock, Semaphore, SemaphoreError, SharedMemory, ShmError, SimpleQueue, Value,
 };
+
+pub use mp_pool::{AsyncResult, IMap, Pool, PoolBuilder, PoolError};
 
 pub use mp_core;
 pub use mp_ipc;
