@@ -113,6 +113,15 @@ pub enum QueueError {
     Shm(#[from] ShmError),
 }
 
+/// Encodes `value` as a queue item would be encoded: postcard, plain data only. A handle
+/// (queue, lock, shared memory...) inside it is refused with [`QueueError::HandleInItem`]
+/// before its descriptor is taken, so nothing leaks. For crates that carry items over their
+/// own shared-memory transport (mp-pool's task arguments).
+pub fn encode_item<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, QueueError> {
+    use crate::ring::Encode;
+    Ok(crate::ring::Postcard(value).encoded()?.into_owned())
+}
+
 impl From<RingError> for QueueError {
     fn from(error: RingError) -> Self {
         match error {

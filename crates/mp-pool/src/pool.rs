@@ -546,8 +546,10 @@ impl Pool {
 }
 
 /// Encodes a chunk's arguments.
+/// Handles inside task arguments are refused here, before their descriptors are taken:
+/// they travel to workers only as initializer arguments.
 pub(crate) fn encode<A: Serialize>(items: &[A]) -> Result<Vec<u8>, PoolError> {
-    postcard::to_allocvec(items).map_err(|e| PoolError::EncodeArguments(e.to_string()))
+    mp_ipc::queue::encode_item(items).map_err(|e| PoolError::EncodeArguments(e.to_string()))
 }
 
 impl Drop for Pool {

@@ -679,10 +679,11 @@ fn handles_as_task_arguments_are_refused_with_a_typed_error() {
     // argument); handles go through the initializer.
     let pool = Pool::new(1).unwrap();
     let queue: Queue<u32> = Queue::unbounded().unwrap();
-    // Refused when encoded (once mp-ipc exposes its plain-data guard) or, today, when the
-    // worker decodes it: a typed error either way, never a handle that half-arrives.
+    // Refused in the parent, before the handle's descriptor is taken: nothing leaks.
     match pool.apply(|q: Queue<u32>| q.len(), queue) {
-        Err(PoolError::EncodeArguments(_) | PoolError::BadArguments { .. }) => {}
+        Err(PoolError::EncodeArguments(message)) => {
+            assert!(message.contains("handle"), "{message}")
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(pool.apply(square, 4), Ok(16), "the pool is unaffected");
