@@ -57,29 +57,45 @@ where
         .map_err(ProcessError::io("spawning a child process"))?;
     drop(handshake_write);
     drop(doorbell);
-    let pidfd = sys::pidfd_open(pid).map_err(ProcessError::io("opening a pidfd"))?;
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(pidfd) => pidfd,
+        Err(error) => {
+            // Without a pidfd, fall back to the pid: the child is ours and not reaped yet,
+            // so the pid cannot have been recycled.
+            // SAFETY: kill and waitpid take plain integers; `status` is a live local.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(pid as i32, &mut status, 0);
+            }
+            return Err(ProcessError::io("opening a pidfd")(error));
+        }
+    };
     tracing::debug!(pid, ?role, "spawned");
 
-    let name = match read_rendezvous_name(handshake_read) {
-        Ok(name) => name,
+    let connected = read_rendezvous_name(handshake_read).and_then(|name| {
+        let channel = IpcSender::connect(name.clone())
+            .map_err(|e| format!("cannot connect to the child's rendezvous: {e}"));
+        remove_rendezvous(&name);
+        channel
+    });
+    match connected {
+        Ok(channel) => Ok(Spawned {
+            pid,
+            pidfd,
+            channel,
+        }),
         Err(reason) => {
+            // Never leave a half-started child behind (it would wait in accept forever).
             let _ = sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
             let _ = sys::wait_readable(pidfd.as_fd(), Some(Duration::from_secs(5)));
             let status = sys::try_reap(pidfd.as_fd()).ok().flatten();
-            return Err(ProcessError::StartFailed(match status {
+            Err(ProcessError::StartFailed(match status {
                 Some(status) => format!("{reason} (child {pid} ended with {status:?})"),
                 None => format!("{reason} (child {pid})"),
-            }));
+            }))
         }
-    };
-    let channel =
-        IpcSender::connect(name.clone()).map_err(ProcessError::io("connecting to a child"))?;
-    remove_rendezvous(&name);
-    Ok(Spawned {
-        pid,
-        pidfd,
-        channel,
-    })
+    }
 }
 
 /// Removes the socket file of a rendezvous we are connected to, and its private directory.
