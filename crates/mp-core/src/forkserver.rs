@@ -51,7 +51,17 @@ struct Client {
     requests: IpcSender<Request>,
     replies: IpcReceiver<Reply>,
     doorbell: std::fs::File,
-    _server_pidfd: OwnedFd,
+    server: OwnedFd,
+}
+
+impl Drop for Client {
+    /// A client is dropped when its server failed: make sure it is gone, and reap it.
+    fn drop(&mut self) {
+        let _ = crate::sys::send_signal(self.server.as_fd(), libc::SIGKILL);
+        let _ =
+            crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::from_secs(5)));
+        let _ = crate::sys::try_reap(self.server.as_fd());
+    }
 }
 
 static SERVER: Mutex<Option<Client>> = Mutex::new(None);
@@ -93,7 +103,7 @@ fn start_server() -> Result<Client, ProcessError> {
         requests: spawned.channel,
         replies,
         doorbell: doorbell_write.into(),
-        _server_pidfd: spawned.pidfd,
+        server: spawned.pidfd,
     })
 }
 
