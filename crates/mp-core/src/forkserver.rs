@@ -66,19 +66,29 @@ impl Drop for Client {
 
 static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 
-/// Asks the fork server (started on first use) for a child.
+/// Asks the fork server (started on first use) for a child. If the server has died (it can be
+/// killed like any process), a fresh one is started and asked once more.
 pub(crate) fn fork_child() -> Result<ServerChild, ProcessError> {
     let mut server = SERVER.lock();
-    if server.is_none() {
-        *server = Some(start_server()?);
+    let mut retried = false;
+    loop {
+        let client = match server.as_mut() {
+            Some(client) => client,
+            None => server.insert(start_server()?),
+        };
+        match client.fork() {
+            Ok(child) => return Ok(child),
+            Err(error) => {
+                tracing::warn!(%error, "the fork server failed; starting a new one");
+                // Dropping the client kills and reaps the old server.
+                *server = None;
+                if retried {
+                    return Err(error);
+                }
+                retried = true;
+            }
+        }
     }
-    let client = server.as_mut().expect("just started");
-    let result = client.fork();
-    if result.is_err() {
-        // The server is gone or confused: start a fresh one next time.
-        *server = None;
-    }
-    result
 }
 
 fn start_server() -> Result<Client, ProcessError> {

@@ -446,3 +446,60 @@ fn start_methods_parse_and_set_the_default() {
     assert!("thread".parse::<StartMethod>().is_err());
     assert_eq!(mp_core::get_start_method(), StartMethod::Spawn);
 }
+
+/// The pids of this process's children, from every thread's `children` file.
+fn child_pids() -> Vec<u32> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path().join("children");
+        if let Ok(list) = std::fs::read_to_string(path) {
+            pids.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_killed_fork_server_is_replaced() {
+    let first = Process::new(square)
+        .args(2)
+        .start_method(StartMethod::ForkServer)
+        .start()
+        .unwrap();
+    assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
+    // The fork server is our only child left.
+    let servers = child_pids();
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    let server = servers[0];
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(server as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).unwrap();
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 10,
+        tv_nsec: 0,
+    };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&timeout)).unwrap(), 1);
+
+    let second = Process::new(square)
+        .args(3)
+        .start_method(StartMethod::ForkServer)
+        .start()
+        .unwrap();
+    assert_eq!(second.join_timeout(BOUND).unwrap(), 9);
+    let now = child_pids();
+    assert!(
+        !now.contains(&server),
+        "the dead server was not reaped: {now:?}"
+    );
+    assert_eq!(now.len(), 1, "one new fork server: {now:?}");
+}
