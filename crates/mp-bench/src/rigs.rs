@@ -40,7 +40,10 @@ pub fn square(x: u64) -> u64 {
 }
 
 /// CPU-bound task of the speedup workload: the same integer loop as the
-/// CPython program's `spin`.
+/// CPython program's `spin`. Never inlined, so that the serial side and the
+/// pool's workers run the very same machine code (inlined into the serial
+/// loop, LLVM compiles it differently and the "speedup" measures codegen).
+#[inline(never)]
 pub fn spin(n: u64) -> u64 {
     let mut acc = 0u64;
     for i in 0..n {
