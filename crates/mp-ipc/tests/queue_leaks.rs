@@ -2,23 +2,10 @@
 //! descriptor, no mapping and no liveness lock outlives them. (Alone in this
 //! test binary, so that no other test's segments come and go while it counts.)
 
+mod common;
+use common::memfd_resources;
 use mp_ipc::connection::{Connection, Pipe};
 use mp_ipc::queue::{Bytes, JoinableQueue, Queue, SimpleQueue};
-
-/// Open memfd descriptors and memfd mappings of this process.
-fn resources() -> (usize, usize) {
-    let descriptors = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
-        .count();
-    let mappings = std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|line| line.contains("/memfd:"))
-        .count();
-    (descriptors, mappings)
-}
 
 /// `/proc/locks` names of the memfds this process has open ("00:01:1234").
 fn memfd_ids() -> Vec<String> {
@@ -59,7 +46,7 @@ fn locked(ids: &[String]) -> usize {
 
 #[test]
 fn the_last_handles_free_everything() {
-    let before = resources();
+    let before = memfd_resources();
     let ids;
     {
         let queue: Queue<Bytes> = Queue::builder().capacity_bytes(4096).build().unwrap();
@@ -90,7 +77,7 @@ fn the_last_handles_free_everything() {
         assert_eq!(b.recv_bytes().unwrap().len(), 3 << 20);
         b.send("back").unwrap();
         assert_eq!(a.recv::<String>().unwrap(), "back");
-        let during = resources();
+        let during = memfd_resources();
         assert!(
             during.0 > before.0 && during.1 > before.1,
             "{before:?} -> {during:?}"
@@ -102,6 +89,6 @@ fn the_last_handles_free_everything() {
             "one liveness lock per pipe end and direction"
         );
     }
-    assert_eq!(resources(), before);
+    assert_eq!(memfd_resources(), before);
     assert_eq!(locked(&ids), 0, "liveness locks outlived their handles");
 }

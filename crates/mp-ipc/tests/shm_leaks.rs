@@ -2,26 +2,13 @@
 //! mapping outlives it. (Alone in this test binary, so that no other test's
 //! segments come and go while it counts.)
 
+mod common;
+use common::memfd_resources;
 use mp_ipc::{Lock, SharedMemory, Value};
-
-/// Open memfd descriptors and memfd mappings of this process.
-fn memfds() -> (usize, usize) {
-    let descriptors = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
-        .count();
-    let mappings = std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|line| line.contains("/memfd:"))
-        .count();
-    (descriptors, mappings)
-}
 
 #[test]
 fn the_last_handle_frees_the_segment() {
-    let before = memfds();
+    let before = memfd_resources();
     {
         let shm = SharedMemory::new(1 << 20).unwrap();
         let _clone = shm.clone();
@@ -33,11 +20,11 @@ fn the_last_handle_frees_the_segment() {
         let (_shm, lock, value) = rx.recv().unwrap();
         *value.lock().unwrap() += 1;
         drop(lock.lock().unwrap());
-        let during = memfds();
+        let during = memfd_resources();
         assert!(
             during.0 >= before.0 + 3 && during.1 >= before.1 + 3,
             "{before:?} -> {during:?}"
         );
     }
-    assert_eq!(memfds(), before);
+    assert_eq!(memfd_resources(), before);
 }
