@@ -153,6 +153,12 @@ fn panics_carry_message_and_location() {
                 assert_eq!(report.message, "no good: 5");
                 let location = report.location.expect("a location");
                 assert!(location.contains("tests/process.rs"), "{location}");
+                // The child inherits RUST_BACKTRACE; with it, the backtrace comes along.
+                let wanted = std::env::var("RUST_BACKTRACE").is_ok_and(|v| v != "0");
+                assert_eq!(report.backtrace.is_some(), wanted, "{method}");
+                if let Some(backtrace) = report.backtrace {
+                    assert!(backtrace.contains("process"), "{backtrace}");
+                }
             }
             other => panic!("{method}: expected a panic, got {other:?}"),
         }
