@@ -277,9 +277,38 @@ fn lock_description(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Pauses before each re-scan that confirms a token is gone.
+const CONFIRM_GONE: [Duration; 2] = [Duration::from_millis(1), Duration::from_millis(5)];
+
 /// Whether some open file description holds an OFD lock on the file `id`
 /// (read from `/proc/locks`). `None` if `/proc/locks` cannot be read.
+///
+/// A single scan can miss a lock that is there: under concurrent lock
+/// traffic (other pipes created and dropped in this or other processes) a
+/// live token was seen missing from one scan and back in the next, a few
+/// microseconds later. So "gone" is only concluded after the token is also
+/// missing from re-scans spread over a few milliseconds. Concluding it is
+/// rare (once per connection at most), so the pauses cost nothing in the
+/// common case.
 fn token_alive(id: TokenId) -> Option<bool> {
+    if token_listed(id)? {
+        return Some(true);
+    }
+    for pause in CONFIRM_GONE {
+        std::thread::sleep(pause);
+        if token_listed(id)? {
+            tracing::debug!(
+                ?id,
+                "a live liveness token was missing from one scan of /proc/locks"
+            );
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// One scan of `/proc/locks` for an OFD lock on the file `id`.
+fn token_listed(id: TokenId) -> Option<bool> {
     let locks = match fs::read_to_string("/proc/locks") {
         Ok(locks) => locks,
         Err(error) => {

@@ -1,0 +1,46 @@
+//! A live peer is never mistaken for a dead one, even while many other pipes come and go
+//! (each end's liveness is looked up in `/proc/locks`, which the kernel produces page by
+//! page, so churn elsewhere can hide an entry from a single scan).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use mp_ipc::ConnectionError;
+use mp_ipc::connection::Pipe;
+
+#[test]
+fn churn_elsewhere_never_closes_a_live_pipe() {
+    let (reader, writer) = Pipe::simplex().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // Keep a few hundred locks listed, replacing them all the time.
+                let mut held: Vec<_> = (0..150).map(|_| Pipe::duplex().unwrap()).collect();
+                let mut next = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    held[next] = Pipe::duplex().unwrap();
+                    next = (next + 1) % held.len();
+                }
+            })
+        })
+        .collect();
+    // Each wait spans many liveness checks (one per 50 ms slice).
+    for _ in 0..4 {
+        match reader.recv_timeout::<u32>(Duration::from_millis(500)) {
+            Err(ConnectionError::Timeout) => {}
+            other => panic!("a live writer was reported as {other:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for churner in churners {
+        churner.join().unwrap();
+    }
+    drop(writer);
+    assert!(matches!(
+        reader.recv_timeout::<u32>(Duration::from_secs(10)),
+        Err(ConnectionError::Closed)
+    ));
+}
