@@ -38,13 +38,6 @@ pub(crate) enum LockFailed {
     Os(i32),
 }
 
-/// Names from the crate-internal API contract.
-#[allow(dead_code)]
-pub(crate) type LockTimeout = LockFailed;
-/// Names from the crate-internal API contract.
-#[allow(dead_code)]
-pub(crate) type WouldBlock = LockFailed;
-
 /// `unlock` by a thread that does not hold the mutex.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NotOwner;
