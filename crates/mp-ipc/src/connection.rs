@@ -283,13 +283,14 @@ const CONFIRM_GONE: [Duration; 2] = [Duration::from_millis(1), Duration::from_mi
 /// Whether some open file description holds an OFD lock on the file `id`
 /// (read from `/proc/locks`). `None` if `/proc/locks` cannot be read.
 ///
-/// A single scan can miss a lock that is there: under concurrent lock
-/// traffic (other pipes created and dropped in this or other processes) a
-/// live token was seen missing from one scan and back in the next, a few
-/// microseconds later. So "gone" is only concluded after the token is also
-/// missing from re-scans spread over a few milliseconds. Concluding it is
-/// rare (once per connection at most), so the pauses cost nothing in the
-/// common case.
+/// The kernel generates `/proc/locks` afresh for every `read` call, resuming
+/// at a record index: if a lock listed before that index is removed between
+/// two calls (any pipe dropped anywhere), the next call skips a record that
+/// is still there. So the file is read in calls of [`LOCKS_READ`] bytes (one
+/// call then covers a whole page of records, generated in one consistent
+/// pass), and "gone" is only concluded after re-scans spread over a few
+/// milliseconds also miss the token, which covers a lock table longer than a
+/// page. Concluding it is rare (once per connection at most).
 fn token_alive(id: TokenId) -> Option<bool> {
     if token_listed(id)? {
         return Some(true);
@@ -307,9 +308,29 @@ fn token_alive(id: TokenId) -> Option<bool> {
     Some(false)
 }
 
+/// Bytes asked for per `read` of `/proc/locks` (more than the kernel's page).
+const LOCKS_READ: usize = 64 * 1024;
+
+/// `/proc/locks`, read in large calls (see [`token_alive`]).
+fn read_proc_locks() -> io::Result<String> {
+    use std::io::Read;
+    let mut file = fs::File::open("/proc/locks")?;
+    let mut locks = Vec::new();
+    let mut buffer = vec![0u8; LOCKS_READ];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => locks.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(locks).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// One scan of `/proc/locks` for an OFD lock on the file `id`.
 fn token_listed(id: TokenId) -> Option<bool> {
-    let locks = match fs::read_to_string("/proc/locks") {
+    let locks = match read_proc_locks() {
         Ok(locks) => locks,
         Err(error) => {
             static WARNED: AtomicBool = AtomicBool::new(false);
@@ -799,6 +820,42 @@ impl<'de> Deserialize<'de> for Connection {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_scan_never_misses_a_held_token_while_others_come_and_go() {
+        let (_token, id) = LivenessToken::create().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let churned = std::sync::Arc::new(AtomicU32::new(0));
+        let churn = {
+            let (stop, churned) = (
+                std::sync::Arc::clone(&stop),
+                std::sync::Arc::clone(&churned),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    drop(LivenessToken::create().unwrap());
+                    churned.fetch_add(1, Relaxed);
+                }
+            })
+        };
+        // Scan only while the other thread is creating and dropping tokens.
+        while churned.load(Relaxed) < 50 {
+            std::thread::yield_now();
+        }
+        let missed = (0..20_000)
+            .filter(|_| token_listed(id) != Some(true))
+            .count();
+        stop.store(true, Relaxed);
+        churn.join().unwrap();
+        assert!(
+            churned.load(Relaxed) > 100,
+            "the churn did not overlap the scans"
+        );
+        assert_eq!(
+            missed, 0,
+            "a held token was missing from {missed} of 20000 scans"
+        );
+    }
 
     #[test]
     fn duplex_both_ways_and_boundaries() {
