@@ -503,7 +503,7 @@ fn pool() -> Vec<bool> {
         }
     }));
     results.push(step("CPU-bound tasks: serial vs the pool", || {
-        let tasks = vec![200_000u64; 8];
+        let tasks = vec![400_000u64; 8];
         pool.chunksize(1).map(count_primes, vec![1_000u64; 2])?;
         let started = Instant::now();
         let serial: Vec<u64> = tasks.iter().map(|&b| count_primes(b)).collect();
