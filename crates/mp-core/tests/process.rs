@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{self, IpcSender};
 use mp_core::{
-    Process, ProcessError, StartMethod, active_children, current_process, parent_process,
+    Child, Process, ProcessError, StartMethod, active_children, current_process, parent_process,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -15,6 +15,19 @@ const BOUND: Duration = Duration::from_secs(20);
 
 fn square(x: u64) -> u64 {
     x * x
+}
+
+/// Joins `child` (bounded) and checks that `signal` killed it, as the error and as Python's
+/// `exitcode`.
+fn assert_killed_by<R>(child: &Child<R>, signal: i32, context: impl std::fmt::Display)
+where
+    R: Serialize + for<'de> Deserialize<'de> + std::fmt::Debug,
+{
+    match child.join_timeout(BOUND) {
+        Err(ProcessError::Signaled { signal: got, .. }) => assert_eq!(got, signal, "{context}"),
+        other => panic!("{context}: expected signal {signal}, got {other:?}"),
+    }
+    assert_eq!(child.exitcode(), Some(-signal), "{context}");
 }
 
 fn park_forever() {
@@ -75,11 +88,7 @@ fn join_timeout_times_out_then_join_after_kill_reports_the_signal() {
         assert!(child.is_alive());
         assert_eq!(child.exitcode(), None);
         child.kill().unwrap();
-        match child.join_timeout(BOUND) {
-            Err(ProcessError::Signaled { signal, .. }) => assert_eq!(signal, libc::SIGKILL),
-            other => panic!("{method}: expected SIGKILL, got {other:?}"),
-        }
-        assert_eq!(child.exitcode(), Some(-libc::SIGKILL));
+        assert_killed_by(&child, libc::SIGKILL, method);
     }
 }
 
@@ -97,11 +106,7 @@ fn a_hundred_children_terminated_right_after_start_all_report_sigterm() {
             })
             .collect();
         for child in &children {
-            match child.join_timeout(BOUND) {
-                Err(ProcessError::Signaled { signal, .. }) => assert_eq!(signal, libc::SIGTERM),
-                other => panic!("{method}: expected SIGTERM, got {other:?}"),
-            }
-            assert_eq!(child.exitcode(), Some(-libc::SIGTERM));
+            assert_killed_by(child, libc::SIGTERM, method);
         }
     }
 }
