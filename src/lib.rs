@@ -8,8 +8,8 @@
 //! # Ok::<(), multiproc::ProcessError>(())
 //! ```
 //!
-//! This crate re-exports the workspace's crates; depend on one of them alone if that is all
-//! you need:
+//! This crate re-exports the workspace's crates (and the common names in [`prelude`]); depend
+//! on one of them alone if that is all you need:
 //!
 //! * [`mp_core`]: run a function in a child process (spawn, forkserver, fork), its lifecycle.
 //! * [`mp_ipc`]: pipes, queues, locks, events, conditions, barriers, shared memory.
@@ -28,6 +28,16 @@ pub use mp_ipc::{
 };
 
 pub use mp_pool::{AsyncResult, IMap, Pool, PoolBuilder, PoolError};
+
+/// The names most programs need, for `use multiproc::prelude::*`.
+pub mod prelude {
+    pub use mp_core::{Process, ProcessError, StartMethod};
+    pub use mp_ipc::{
+        Barrier, Condition, Connection, Event, JoinableQueue, Lock, Pipe, Queue, RLock, Semaphore,
+        SharedMemory, SimpleQueue, Value,
+    };
+    pub use mp_pool::{Pool, PoolError};
+}
 
 pub use mp_core;
 pub use mp_ipc;
