@@ -2,45 +2,60 @@
 //! parent's memory, receives its function through an ipc-channel created before the fork, runs
 //! it and exits.
 //!
-//! Fastest start, and the child sees everything the parent had, but forking a multithreaded
-//! parent is unsafe in general: only the forking thread survives in the child, and a lock
-//! another thread held at that moment stays held forever there (Python deprecates `fork` in
-//! threaded programs for this reason). Prefer spawn or forkserver unless the parent is
-//! single-threaded.
+//! Fastest start, and the child sees everything the parent had, but only the forking thread
+//! is copied: a lock another thread held at that moment stays held forever in the child. The
+//! library's own state is made safe for that: every lock of mp-core is taken by the forking
+//! thread across the `fork()` (so none is copied held), and the state that names threads or
+//! processes of the parent (the launcher thread, the fork server client, the children list)
+//! is reset in the child. Locks of other code (the program's, other libraries') are not;
+//! that is why Python deprecates `fork` in threaded programs, and why spawn and forkserver are
+//! the safe choices there.
 
 use std::os::fd::OwnedFd;
 
 use ipc_channel::ipc::{self, IpcSender};
 
-use crate::bootstrap::{self, EXIT_ORPHANED, Header};
+use crate::child;
 use crate::error::ProcessError;
-use crate::sys;
+use crate::protocol::{EXIT_ORPHANED, Header};
+use crate::{forkserver, launcher, registry, sys, transfer};
 
-/// Forks a child that waits for its [`Header`] on the returned channel.
-pub(crate) fn fork_child() -> Result<(u32, OwnedFd, IpcSender<Header>), ProcessError> {
+/// Forks a child that waits for its [`Header`] on the returned channel and rings `bell`
+/// before it sends its outcome.
+pub(crate) fn fork_child(bell: OwnedFd) -> Result<(u32, OwnedFd, IpcSender<Header>), ProcessError> {
     let (sender, receiver) =
         ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
     let parent = std::process::id();
-    // SAFETY: fork has no memory-safety preconditions of its own; the child below only runs
-    // code that is sound after fork in the documented setting (see the module docs: the
-    // caller chose the fork start method knowing the parent's threads are not copied).
+    // Nothing mp-core locks may be copied held: take every lock of the library, in the one
+    // order used everywhere (launcher, fork server, registry), across the fork.
+    let launcher = launcher::hold_across_fork();
+    let server = forkserver::hold_across_fork();
+    let registry = registry::hold_across_fork();
+    // SAFETY: fork has no memory-safety preconditions of its own. The child only runs code
+    // that is sound after fork: this thread holds every mp-core lock (released below by the
+    // same thread), and the state naming the parent's threads and processes is reset before
+    // use (see the module docs for what other code's locks mean).
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(ProcessError::io("fork")(std::io::Error::last_os_error())),
         0 => {
             drop(sender);
-            let code = if !bootstrap::prepare_child_process(parent) {
+            forkserver::reset_after_fork(server);
+            drop((launcher, registry));
+            let code = if !child::prepare_child_process(parent) {
                 EXIT_ORPHANED
             } else {
-                match receiver.recv() {
-                    Ok(header) => bootstrap::serve(receiver, header),
-                    Err(e) => bootstrap::fail(&format!("no request from the parent: {e}")),
+                match transfer::recv_timeout(&receiver, None) {
+                    Ok(header) => child::serve(receiver, header, bell),
+                    Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                 }
             };
             std::process::exit(code)
         }
         pid => {
+            drop((launcher, server, registry));
             drop(receiver);
+            drop(bell);
             let pidfd = sys::pidfd_open(pid as u32).map_err(ProcessError::io("opening a pidfd"))?;
             Ok((pid as u32, pidfd, sender))
         }

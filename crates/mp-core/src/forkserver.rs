@@ -3,23 +3,32 @@
 //! fork's speed from a small, clean process, without inheriting the parent's threads, locks or
 //! memory.
 //!
-//! Requests travel over an ipc-channel (so they can carry the child's own channel); a pipe,
-//! the *doorbell*, tells the server that requests are waiting, so its single thread can sleep
-//! in `poll` on the doorbell and a `signalfd` for SIGCHLD at once. Children of the fork server
-//! are not children of the parent, so the server reaps them and relays each exit status over
-//! a channel the parent handed it with the request.
+//! Requests travel over an ipc-channel (so they can carry the child's own channel); a
+//! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
+//! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell, which ipc-channel
+//! cannot carry. So the server's single thread sleeps in `poll` on the doorbell and a
+//! `signalfd` for SIGCHLD at once. Children of the fork server are not children of the
+//! parent, so the server reaps them and relays each exit status over a channel the parent
+//! handed it with the request.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::bootstrap::{self, DOORBELL_FD, EXIT_ORPHANED, Header, Role};
+use crate::child;
 use crate::error::ProcessError;
+use crate::protocol::{DOORBELL_FD, EXIT_ORPHANED, Header, Role};
 use crate::spawn::{self, HANDSHAKE_TIMEOUT};
+use crate::transfer;
 
 #[derive(Serialize, Deserialize)]
 enum Request {
@@ -47,16 +56,22 @@ pub(crate) struct ServerChild {
     pub status: IpcReceiver<i32>,
 }
 
-struct Client {
+pub(crate) struct Client {
+    /// The process that started the server (a forked child inherits a copy it must not use).
+    owner: u32,
     requests: IpcSender<Request>,
     replies: IpcReceiver<Reply>,
-    doorbell: std::fs::File,
+    doorbell: OwnedFd,
     server: OwnedFd,
 }
 
 impl Drop for Client {
-    /// A client is dropped when its server failed: make sure it is gone, and reap it.
+    /// A client is dropped when its server failed: make sure it is gone, and reap it. A
+    /// forked child's copy only closes its descriptors: the server is its parent's.
     fn drop(&mut self) {
+        if self.owner != std::process::id() {
+            return;
+        }
         let _ = crate::sys::send_signal(self.server.as_fd(), libc::SIGKILL);
         let _ =
             crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::from_secs(5)));
@@ -68,15 +83,16 @@ static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 
 /// Asks the fork server (started on first use) for a child. If the server has died (it can be
 /// killed like any process), a fresh one is started and asked once more.
-pub(crate) fn fork_child() -> Result<ServerChild, ProcessError> {
+pub(crate) fn fork_child(bell: OwnedFd) -> Result<ServerChild, ProcessError> {
+    let me = std::process::id();
     let mut server = SERVER.lock();
     let mut retried = false;
     loop {
         let client = match server.as_mut() {
-            Some(client) => client,
-            None => server.insert(start_server()?),
+            Some(client) if client.owner == me => client,
+            _ => server.insert(start_server()?),
         };
-        match client.fork() {
+        match client.fork(bell.as_fd()) {
             Ok(child) => return Ok(child),
             Err(error) => {
                 tracing::warn!(%error, "the fork server failed; starting a new one");
@@ -91,34 +107,106 @@ pub(crate) fn fork_child() -> Result<ServerChild, ProcessError> {
     }
 }
 
+/// Taken by the forking thread across `fork()`, so the child never inherits the lock held.
+pub(crate) fn hold_across_fork() -> MutexGuard<'static, Option<Client>> {
+    SERVER.lock()
+}
+
+/// In a forked child: closes the inherited client's descriptors (without touching the
+/// parent's server) and releases the lock.
+pub(crate) fn reset_after_fork(mut held: MutexGuard<'static, Option<Client>>) {
+    held.take();
+}
+
 fn start_server() -> Result<Client, ProcessError> {
-    let (doorbell_read, doorbell_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| ProcessError::io("creating the fork server doorbell")(e.into()))?;
+    let (doorbell_server, doorbell) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| ProcessError::io("creating the fork server doorbell")(e.into()))?;
     let spawned = spawn::spawn_self::<Request>(
         Role::ForkServer {
             parent: std::process::id(),
         },
-        Some(doorbell_read.as_fd()),
+        &[(doorbell_server.as_fd(), DOORBELL_FD)],
     )?;
+    drop(doorbell_server);
     let (replies_tx, replies) =
         ipc::channel::<Reply>().map_err(ProcessError::io("creating a channel"))?;
-    spawned
-        .channel
-        .send(Request::Hello {
-            replies: replies_tx,
-        })
-        .map_err(|e| ProcessError::StartFailed(format!("fork server unreachable: {e}")))?;
-    tracing::debug!(pid = spawned.pid, "fork server started");
-    Ok(Client {
+    let client = Client {
+        owner: std::process::id(),
         requests: spawned.channel,
         replies,
-        doorbell: doorbell_write.into(),
+        doorbell,
         server: spawned.pidfd,
-    })
+    };
+    transfer::send(
+        &client.requests,
+        Request::Hello {
+            replies: replies_tx,
+        },
+    )
+    .map_err(|e| ProcessError::StartFailed(format!("fork server unreachable: {e}")))?;
+    tracing::debug!(pid = spawned.pid, "fork server started");
+    Ok(client)
+}
+
+/// Rings the doorbell for one request, handing the server the child's outcome bell.
+fn ring(doorbell: BorrowedFd<'_>, bell: BorrowedFd<'_>) -> std::io::Result<()> {
+    let fds = [bell];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    // A datagram is sent whole or not at all, so an interrupted send can simply be retried.
+    rustix::io::retry_on_intr(|| {
+        rustix::net::sendmsg(
+            doorbell,
+            &[IoSlice::new(&[1])],
+            &mut control,
+            SendFlags::empty(),
+        )
+    })?;
+    Ok(())
+}
+
+/// What the doorbell said: a request is waiting (with the bell for its child, if one came),
+/// nothing more for now, or the parent is gone.
+enum Bell {
+    Request(Option<OwnedFd>),
+    Quiet,
+    Hangup,
+}
+
+fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::io::retry_on_intr(|| {
+        rustix::net::recvmsg(
+            doorbell,
+            &mut [IoSliceMut::new(&mut byte)],
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        )
+    });
+    match received {
+        Ok(message) if message.bytes == 0 => Bell::Hangup,
+        Ok(_) => {
+            let bell = control.drain().find_map(|message| match message {
+                RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+                _ => None,
+            });
+            Bell::Request(bell)
+        }
+        Err(rustix::io::Errno::AGAIN) => Bell::Quiet,
+        Err(_) => Bell::Hangup,
+    }
 }
 
 impl Client {
-    fn fork(&mut self) -> Result<ServerChild, ProcessError> {
+    fn fork(&mut self, bell: BorrowedFd<'_>) -> Result<ServerChild, ProcessError> {
         let (channel, header) =
             ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
         let (status_tx, status) =
@@ -126,14 +214,16 @@ impl Client {
         let unreachable = |e: &dyn std::fmt::Display| {
             ProcessError::StartFailed(format!("the fork server is unreachable: {e}"))
         };
-        self.requests
-            .send(Request::Fork {
+        transfer::send(
+            &self.requests,
+            Request::Fork {
                 header,
                 status: status_tx,
-            })
-            .map_err(|e| unreachable(&e))?;
-        self.doorbell.write_all(&[1]).map_err(|e| unreachable(&e))?;
-        match self.replies.try_recv_timeout(HANDSHAKE_TIMEOUT) {
+            },
+        )
+        .map_err(|e| unreachable(&e))?;
+        ring(self.doorbell.as_fd(), bell).map_err(|e| unreachable(&e))?;
+        match transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT)) {
             Ok(Reply::Forked(pid)) => Ok(ServerChild {
                 pid,
                 channel,
@@ -150,21 +240,20 @@ impl Client {
 /// The fork server's main loop (runs in the re-executed server process, never returns to
 /// `main`). Returns its exit code.
 pub(crate) fn serve(parent: u32) -> i32 {
-    if !bootstrap::prepare_child_process(parent) {
+    if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
     }
-    let (requests, replies) = match bootstrap::rendezvous::<Request>() {
+    let (requests, replies) = match child::rendezvous::<Request>() {
         Ok((requests, Request::Hello { replies })) => (requests, replies),
-        Ok(_) => return bootstrap::fail("the fork server was not greeted"),
-        Err(message) => return bootstrap::fail(&message),
+        Ok(_) => return child::fail("the fork server was not greeted"),
+        Err(message) => return child::fail(&message),
     };
-    // SAFETY: the parent placed the read end of the doorbell pipe at DOORBELL_FD with
+    // SAFETY: the parent placed its end of the doorbell socket pair at DOORBELL_FD with
     // posix_spawn's dup2; nothing else in this process owns it.
     let doorbell = unsafe { OwnedFd::from_raw_fd(DOORBELL_FD) };
-    let mut doorbell = std::fs::File::from(doorbell);
     let (sigchld, old_mask) = match SigchldFd::new() {
         Ok(pair) => pair,
-        Err(e) => return bootstrap::fail(&format!("cannot watch SIGCHLD: {e}")),
+        Err(e) => return child::fail(&format!("cannot watch SIGCHLD: {e}")),
     };
     let me = std::process::id();
     let mut statuses: HashMap<i32, IpcSender<i32>> = HashMap::new();
@@ -175,7 +264,7 @@ pub(crate) fn serve(parent: u32) -> i32 {
         ];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return bootstrap::fail(&format!("fork server poll failed: {e}")),
+            Err(e) => return child::fail(&format!("fork server poll failed: {e}")),
         }
         let (rings, reaps) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
         if reaps {
@@ -185,16 +274,20 @@ pub(crate) fn serve(parent: u32) -> i32 {
         if !rings {
             continue;
         }
-        let mut bells = [0u8; 64];
-        let count = match doorbell.read(&mut bells) {
-            Ok(0) | Err(_) => return 0, // the parent is gone; our children die with us
-            Ok(count) => count,
-        };
-        for _ in 0..count {
+        loop {
+            let bell = match next_bell(doorbell.as_fd()) {
+                Bell::Request(bell) => bell,
+                Bell::Quiet => break,
+                Bell::Hangup => return 0, // the parent is gone; our children die with us
+            };
             let (header, status) = match requests.recv() {
                 Ok(Request::Fork { header, status }) => (header, status),
                 Ok(Request::Hello { .. }) => continue,
                 Err(_) => return 0,
+            };
+            let Some(bell) = bell else {
+                let _ = replies.send(Reply::Failed("the request came without its bell".into()));
+                continue;
             };
             // SAFETY: the fork server is single-threaded (it runs before main, and never
             // starts a thread), so the child is a complete copy of it.
@@ -206,17 +299,18 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 0 => {
                     drop((requests, replies, doorbell, statuses, status));
                     sigchld.close_in_child(&old_mask);
-                    let code = if !bootstrap::prepare_child_process(me) {
+                    let code = if !child::prepare_child_process(me) {
                         EXIT_ORPHANED
                     } else {
                         match header.recv() {
-                            Ok(first) => bootstrap::serve(header, first),
-                            Err(e) => bootstrap::fail(&format!("no request from the parent: {e}")),
+                            Ok(first) => child::serve(header, first, bell),
+                            Err(e) => child::fail(&format!("no request from the parent: {e}")),
                         }
                     };
                     std::process::exit(code);
                 }
                 pid => {
+                    drop(bell);
                     statuses.insert(pid, status);
                     if replies.send(Reply::Forked(pid as u32)).is_err() {
                         return 0;

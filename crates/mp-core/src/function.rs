@@ -8,14 +8,26 @@
 //! function (which is zero-sized, so it can be conjured on the other side) and encodes the
 //! result.
 
+//!
+//! An address decoded from bytes must never be called: every id carries a tag, a MAC of its
+//! offset under the run's secret [`RunKey`], and decoding checks it. The key is made on first
+//! use in the process that starts a run and travels to each child in its bootstrap header
+//! (never through the environment); a peer mp-core did not start (an MPI rank) is given it
+//! with [`adopt_run_key`].
+
 use std::any::Any;
 use std::backtrace::{Backtrace, BacktraceStatus};
 use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
+use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+pub use crate::protocol::PanicReport;
+use crate::protocol::{RawFunctionId, RunKey};
 
 /// A function that can run in another process: any non-capturing closure or `fn` item whose
 /// argument and result are serde types.
@@ -112,61 +124,212 @@ fn anchor() -> usize {
     anchor as fn() -> usize as usize
 }
 
-/// A function of this binary image, named by its offset from a fixed symbol, valid in any
-/// process running the same executable.
+static RUN_KEY: OnceLock<RunKey> = OnceLock::new();
+
+/// The key of this run, made on first use (see [`RunKey`]).
+///
+/// Hand it to a peer of the same executable that mp-core did not start (an MPI rank, a
+/// process started by a supervisor) over a channel you trust, and have the peer call
+/// [`adopt_run_key`] before it decodes any [`FunctionId`]; children started by mp-core get it
+/// at bootstrap.
+pub fn run_key() -> RunKey {
+    RUN_KEY.get_or_init(fresh_run_key).clone()
+}
+
+fn fresh_run_key() -> RunKey {
+    let mut key = [0u8; 32];
+    let mut filled = 0;
+    while filled < key.len() {
+        match rustix::rand::getrandom(&mut key[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(error) => {
+                // getrandom(2) exists since Linux 3.17; /dev/urandom is the older way.
+                use std::io::Read;
+                let read = std::fs::File::open("/dev/urandom")
+                    .and_then(|mut random| random.read_exact(&mut key));
+                if let Err(fallback) = read {
+                    panic!(
+                        "no randomness for the run key: getrandom: {error}, /dev/urandom: {fallback}"
+                    );
+                }
+                break;
+            }
+        }
+    }
+    RunKey(key)
+}
+
+/// [`adopt_run_key`] was called in a process that already uses another key.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this process already uses another run key (it made or checked a FunctionId before \
+     adopting one): adopt the key before anything else"
+)]
+pub struct RunKeyConflict;
+
+/// Makes this process accept the [`FunctionId`]s of the run `key` belongs to, and tag its own
+/// with it. Children started by mp-core adopt their parent's key at bootstrap by themselves;
+/// this is for peers mp-core did not start, e.g. MPI ranks launched by `mpirun`: rank 0 sends
+/// [`run_key`] to the others, which adopt it before decoding any id. Adopting the key this
+/// process already has is a no-op; adopting another one after the first was made or used is
+/// refused ([`RunKeyConflict`]).
+///
+/// # Safety
+///
+/// Whoever knows the key can make this process call any address. `key` must come from
+/// [`run_key`] in a process running this same executable file (ids are offsets in its image),
+/// over a channel no one else can write to, and it must not be disclosed further.
+pub unsafe fn adopt_run_key(key: RunKey) -> Result<(), RunKeyConflict> {
+    let current = RUN_KEY.get_or_init(|| key.clone());
+    if *current == key {
+        Ok(())
+    } else {
+        Err(RunKeyConflict)
+    }
+}
+
+/// What an id names: tags are computed per kind, so an id of one kind can never pass for the
+/// other (their trampolines have different signatures).
+#[derive(Clone, Copy)]
+pub(crate) enum IdKind {
+    /// A `task_trampoline::<M, F>`: the only kind a public [`FunctionId`] has.
+    Task = 1,
+    /// A process trampoline (`child::run_process::<M, F>`), carried raw in bootstrap headers.
+    Process = 2,
+}
+
+/// The tag of `offset` under this run's key: HMAC-SHA256 of kind and offset, truncated to 64
+/// bits.
+pub(crate) fn tag_of(kind: IdKind, offset: i64) -> u64 {
+    let key = RUN_KEY.get_or_init(fresh_run_key);
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0).expect("HMAC takes any key length");
+    mac.update(&[kind as u8]);
+    mac.update(&offset.to_le_bytes());
+    let digest = mac.finalize().into_bytes();
+    u64::from_le_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest has 32 bytes"),
+    )
+}
+
+thread_local! {
+    /// The last id this thread checked: a pool decodes the same id for every task.
+    static LAST_CHECKED: Cell<Option<RawFunctionId>> = const { Cell::new(None) };
+}
+
+/// A [`FunctionId`] decoded from bytes that was not made in this run: a forgery, corrupt
+/// data, or an id from another program or run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a FunctionId that was not made in this run (offset {offset:#x}): refusing to call it; \
+     ids are only valid in processes of the run that made them (see mp_core::adopt_run_key)"
+)]
+pub struct ForgedFunctionId {
+    /// The offset the forged id claimed.
+    pub offset: i64,
+}
+
+/// A function of this binary image, valid in every process of the same run of the same
+/// executable.
+///
+/// It is named by its offset from a fixed symbol and tagged with a MAC under the run's
+/// [`RunKey`]; decoding one checks the tag, so an id made up or read from untrusted bytes is
+/// rejected ([`ForgedFunctionId`]) rather than called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawFunctionId", into = "RawFunctionId")]
 pub struct FunctionId {
-    offset: i64,
+    raw: RawFunctionId,
+}
+
+impl TryFrom<RawFunctionId> for FunctionId {
+    type Error = ForgedFunctionId;
+    fn try_from(raw: RawFunctionId) -> Result<Self, ForgedFunctionId> {
+        if LAST_CHECKED.with(Cell::get) == Some(raw) {
+            return Ok(FunctionId { raw });
+        }
+        if tag_of(IdKind::Task, raw.offset) != raw.tag {
+            return Err(ForgedFunctionId { offset: raw.offset });
+        }
+        LAST_CHECKED.with(|last| last.set(Some(raw)));
+        Ok(FunctionId { raw })
+    }
+}
+
+impl From<FunctionId> for RawFunctionId {
+    fn from(id: FunctionId) -> RawFunctionId {
+        id.raw
+    }
+}
+
+/// The raw id of `address`, a function of this image of the given kind, tagged for this run.
+pub(crate) fn raw_id_of(kind: IdKind, address: usize) -> RawFunctionId {
+    let offset = address as i64 - anchor() as i64;
+    RawFunctionId {
+        offset,
+        tag: tag_of(kind, offset),
+    }
+}
+
+/// The address `raw` names if its tag proves it was made as an id of `kind` in this run.
+pub(crate) fn checked_address(kind: IdKind, raw: RawFunctionId) -> Result<usize, ForgedFunctionId> {
+    if tag_of(kind, raw.offset) != raw.tag {
+        return Err(ForgedFunctionId { offset: raw.offset });
+    }
+    Ok((anchor() as i64 + raw.offset) as usize)
 }
 
 impl FunctionId {
-    fn of_address(address: usize) -> Self {
+    fn of_address(kind: IdKind, address: usize) -> Self {
         FunctionId {
-            offset: address as i64 - anchor() as i64,
+            raw: raw_id_of(kind, address),
         }
     }
 
+    /// The address this id names. A `FunctionId` exists only if made by `of_task` in a
+    /// process of this run (decoding checks the tag), so it is a task trampoline of this image.
     fn address(self) -> usize {
-        (anchor() as i64 + self.offset) as usize
+        (anchor() as i64 + self.raw.offset) as usize
     }
 
     /// Names the byte-level trampoline of `F`: postcard-encoded arguments in, postcard-encoded
     /// result out. This is how a pool runs any function on a long-lived worker.
     pub fn of_task<M, F: Entry<M>>(_: &F) -> Self {
         const { assert_non_capturing::<F>() };
-        Self::of_address(run_task::<M, F> as TaskTrampoline as usize)
+        Self::of_address(
+            IdKind::Task,
+            task_trampoline::<M, F> as TaskTrampoline as usize,
+        )
     }
 
     /// Runs the task trampoline this id names on postcard-encoded arguments.
     ///
     /// A panic in the function is caught and returned as [`TaskFailure::Panicked`].
-    ///
-    /// # Safety
-    ///
-    /// `self` must come from [`FunctionId::of_task`] in a process running this same executable
-    /// (ids are addresses; any other value calls an arbitrary address).
-    pub unsafe fn call_task(self, input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
-        // SAFETY: per this function's contract the address is that of a `run_task::<M, F>`
-        // instantiation of this image, which has the `TaskTrampoline` signature.
+    pub fn run_task(self, input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
+        // SAFETY: a FunctionId is made only by `of_task`, from a `task_trampoline::<M, F>`
+        // instantiation of this executable (which has the `TaskTrampoline` signature), or
+        // decoded from bytes, which checks its tag: a MAC of (IdKind::Task, offset) under the
+        // run key, which only processes of this run (running this executable) hold. So the
+        // address is such a trampoline. Process trampolines are tagged as IdKind::Process and
+        // can never pass this check.
         let trampoline: TaskTrampoline = unsafe { std::mem::transmute(self.address()) };
         trampoline(input)
     }
 
-    pub(crate) fn of_process<M, F: Entry<M>>() -> Self {
-        Self::of_address(run_process::<M, F> as ProcessTrampoline as usize)
-    }
-
+    /// Runs the task trampoline this id names: [`run_task`](Self::run_task), kept for the
+    /// callers written when ids could be forged.
+    ///
     /// # Safety
-    /// `self` must come from [`FunctionId::of_process`] in a process running this executable.
-    pub(crate) unsafe fn process_trampoline(self) -> ProcessTrampoline {
-        // SAFETY: per the contract the address is a `run_process::<M, F>` instantiation.
-        unsafe { std::mem::transmute(self.address()) }
+    ///
+    /// None beyond `run_task`'s: ids are checked when decoded. This stays an `unsafe fn` so
+    /// that existing `unsafe` call sites still compile without warnings.
+    pub unsafe fn call_task(self, input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
+        self.run_task(input)
     }
 }
 
 type TaskTrampoline = fn(&[u8]) -> Result<Vec<u8>, TaskFailure>;
-pub(crate) type ProcessTrampoline =
-    fn(ipc_channel::ipc::OpaqueIpcReceiver, ipc_channel::ipc::OpaqueIpcSender) -> i32;
 
 /// Why a task run through [`FunctionId::call_task`] produced no result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -182,76 +345,11 @@ pub enum TaskFailure {
     BadResult(String),
 }
 
-fn run_task<M, F: Entry<M>>(input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
+fn task_trampoline<M, F: Entry<M>>(input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
     let args: F::Args =
         postcard::from_bytes(input).map_err(|e| TaskFailure::BadArguments(e.to_string()))?;
     let output = catch_panic(|| F::recreate().call(args), true).map_err(TaskFailure::Panicked)?;
     postcard::to_allocvec(&output).map_err(|e| TaskFailure::BadResult(e.to_string()))
-}
-
-/// What a child sends back at the end of a process.
-#[derive(Serialize, Deserialize)]
-pub(crate) enum Outcome<R> {
-    Returned(R),
-    Panicked(PanicReport),
-    BadArguments(String),
-    BadResult(String),
-}
-
-/// Exit code of a child whose function panicked, as Python's for an uncaught exception.
-pub(crate) const EXIT_PANICKED: i32 = 1;
-/// Exit code of a child that could not decode its arguments or encode its result.
-pub(crate) const EXIT_BAD_DATA: i32 = 2;
-
-fn run_process<M, F: Entry<M>>(
-    args: ipc_channel::ipc::OpaqueIpcReceiver,
-    outcome: ipc_channel::ipc::OpaqueIpcSender,
-) -> i32 {
-    let args = args.to::<F::Args>();
-    let outcome = outcome.to::<Outcome<F::Output>>();
-    let send = |message: Outcome<F::Output>| outcome.send(message);
-    let args = match args.recv() {
-        Ok(args) => args,
-        Err(e) => {
-            let _ = send(Outcome::BadArguments(e.to_string()));
-            return EXIT_BAD_DATA;
-        }
-    };
-    match catch_panic(|| F::recreate().call(args), false) {
-        Ok(value) => match send(Outcome::Returned(value)) {
-            Ok(()) => 0,
-            Err(e) => {
-                let _ = send(Outcome::BadResult(e.to_string()));
-                EXIT_BAD_DATA
-            }
-        },
-        Err(report) => {
-            let _ = send(Outcome::Panicked(report));
-            EXIT_PANICKED
-        }
-    }
-}
-
-/// A panic caught in another process: its message, where it happened, and the backtrace when
-/// `RUST_BACKTRACE` asked for one.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PanicReport {
-    /// The panic message.
-    pub message: String,
-    /// `file:line:column` of the panic, when known.
-    pub location: Option<String>,
-    /// The child's backtrace, captured when `RUST_BACKTRACE` is set.
-    pub backtrace: Option<String>,
-}
-
-impl std::fmt::Display for PanicReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "panicked")?;
-        if let Some(location) = &self.location {
-            write!(f, " at {location}")?;
-        }
-        write!(f, ": {}", self.message)
-    }
 }
 
 thread_local! {

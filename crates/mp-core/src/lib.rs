@@ -33,21 +33,27 @@
 compile_error!("mp-core supports Linux only for now (it relies on pidfds, memfds and futexes)");
 
 mod bootstrap;
+mod child;
 mod error;
 mod fork;
 mod forkserver;
 mod function;
 mod launcher;
 mod process;
+mod protocol;
 mod registry;
 mod spawn;
+mod start_method;
 mod sys;
+mod transfer;
 
-pub use bootstrap::EXIT_BOOTSTRAP_FAILED;
 pub use error::ProcessError;
-pub use function::{Entry, FunctionId, PanicReport, TaskFailure};
+pub use function::{
+    Entry, ForgedFunctionId, FunctionId, RunKeyConflict, TaskFailure, adopt_run_key, run_key,
+};
 pub use process::{
     Child, Process, StartMethod, UnknownStartMethod, get_start_method, set_start_method,
 };
+pub use protocol::{EXIT_BOOTSTRAP_FAILED, PanicReport, RunKey};
 pub use registry::{ProcessInfo, active_children, cpu_count, current_process, parent_process};
 pub use sys::{ExitStatus, signal_name};

@@ -2,10 +2,8 @@
 //! lifecycle: start, join, join with a timeout, is_alive, exitcode, terminate, kill, sentinel.
 
 use std::fmt;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::str::FromStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
@@ -13,84 +11,15 @@ use ipc_channel::{IpcError, TryRecvError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::bootstrap::{Header, MARKER, Role};
 use crate::error::ProcessError;
-use crate::function::{Entry, FunctionId, Outcome, assert_non_capturing};
+use crate::function::{Entry, assert_non_capturing, run_key};
+use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role};
 use crate::registry::{self, ExitWatch, Tracked};
+pub use crate::start_method::{
+    StartMethod, UnknownStartMethod, get_start_method, set_start_method,
+};
 use crate::sys::{self, ExitStatus};
-use crate::{fork, forkserver, launcher, spawn};
-
-/// How a child process is created (Python's start methods).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum StartMethod {
-    /// Start a fresh copy of this executable (`posix_spawn` of `/proc/self/exe`). The child
-    /// shares nothing with the parent but what it is sent. The default.
-    #[default]
-    Spawn,
-    /// Ask a fork server — a fresh, single-threaded copy of this executable started on first
-    /// use — to fork the child: fork's speed, spawn's isolation.
-    ForkServer,
-    /// `fork()` this process. Fastest, and the child sees a copy of everything, but unsafe
-    /// in a multithreaded parent (only the calling thread is copied; locks held by other
-    /// threads stay held forever in the child).
-    Fork,
-}
-
-impl StartMethod {
-    /// Python's name for it: `"spawn"`, `"forkserver"` or `"fork"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            StartMethod::Spawn => "spawn",
-            StartMethod::ForkServer => "forkserver",
-            StartMethod::Fork => "fork",
-        }
-    }
-
-    /// All start methods, in Python's order of preference.
-    pub const ALL: [StartMethod; 3] = [
-        StartMethod::Spawn,
-        StartMethod::ForkServer,
-        StartMethod::Fork,
-    ];
-}
-
-impl fmt::Display for StartMethod {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A start method name that is not `spawn`, `forkserver` or `fork`.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown start method {0:?} (expected spawn, forkserver or fork)")]
-pub struct UnknownStartMethod(String);
-
-impl FromStr for StartMethod {
-    type Err = UnknownStartMethod;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        StartMethod::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| UnknownStartMethod(s.to_owned()))
-    }
-}
-
-static DEFAULT_START_METHOD: AtomicU8 = AtomicU8::new(0);
-
-/// Sets the start method used by processes and pools that do not choose one
-/// (Python's `set_start_method`).
-pub fn set_start_method(method: StartMethod) {
-    DEFAULT_START_METHOD.store(method as u8, Ordering::Relaxed);
-}
-
-/// The start method used when none is chosen (Python's `get_start_method`).
-pub fn get_start_method() -> StartMethod {
-    match DEFAULT_START_METHOD.load(Ordering::Relaxed) {
-        1 => StartMethod::ForkServer,
-        2 => StartMethod::Fork,
-        _ => StartMethod::Spawn,
-    }
-}
+use crate::{child, fork, forkserver, launcher, spawn, transfer};
 
 /// A function to run in a child process, with its options (Python's `Process(target=...)`).
 ///
@@ -166,10 +95,17 @@ impl<M, F: Entry<M>> Process<M, F> {
         let (identity, default_name) = registry::next_child_identity();
         let name = self.name.unwrap_or(default_name);
         let method = self.start_method.unwrap_or_else(get_start_method);
+        // No descriptor of ours may land on a closed stdio slot (a child would inherit it as
+        // its stdout).
+        sys::ensure_stdio_open();
         let (outcome_tx, outcome_rx) =
             ipc::channel::<Outcome<F::Output>>().map_err(ProcessError::io("creating a channel"))?;
+        let (bell, bell_for_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| ProcessError::io("creating the outcome bell")(e.into()))?;
+        // Made before any fork: a forked child must not find it half-initialised.
+        let run_key = run_key();
 
-        let launched = launcher::on_long_lived_thread(move || launch(method))?;
+        let launched = launcher::on_long_lived_thread(move || launch(method, bell_for_child))?;
         let tracked = registry::track(
             launched.pid,
             name.clone(),
@@ -179,23 +115,23 @@ impl<M, F: Entry<M>> Process<M, F> {
         );
         let child = Child {
             tracked,
-            outcome: Mutex::new(OutcomeState::Waiting(outcome_rx)),
+            outcome: Mutex::new(OutcomeState::Waiting {
+                receiver: outcome_rx,
+                bell,
+            }),
         };
         let header = Header {
-            entry: FunctionId::of_process::<M, F>(),
+            entry: child::process_entry::<M, F>(),
+            run_key,
             identity,
             name,
             daemon: self.daemon,
             parent: registry::current_process(),
-            start_method: method,
             outcome: outcome_tx.to_opaque(),
         };
         let channel = launched.channel.to_opaque();
-        let sent = channel
-            .clone()
-            .to::<Header>()
-            .send(header)
-            .and_then(|()| channel.to::<F::Args>().send(args));
+        let sent = transfer::send(&channel.clone().to::<Header>(), header)
+            .and_then(|()| transfer::send(&channel.to::<F::Args>(), args));
         if let Err(e) = sent {
             let _ = child.kill();
             child.tracked.wait_exit(Some(Duration::from_secs(5)));
@@ -227,11 +163,14 @@ struct Launched {
     channel: IpcSender<Header>,
 }
 
-fn launch(method: StartMethod) -> Result<Launched, ProcessError> {
+fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launched, ProcessError> {
     match method {
         StartMethod::Spawn => {
             let parent = std::process::id();
-            let spawned = spawn::spawn_self::<Header>(Role::Child { parent }, None)?;
+            let spawned = spawn::spawn_self::<Header>(
+                Role::Child { parent },
+                &[(bell.as_fd(), OUTCOME_BELL_FD)],
+            )?;
             Ok(Launched {
                 pid: spawned.pid,
                 pidfd: spawned.pidfd,
@@ -240,7 +179,7 @@ fn launch(method: StartMethod) -> Result<Launched, ProcessError> {
             })
         }
         StartMethod::Fork => {
-            let (pid, pidfd, channel) = fork::fork_child()?;
+            let (pid, pidfd, channel) = fork::fork_child(bell)?;
             Ok(Launched {
                 pid,
                 pidfd,
@@ -249,7 +188,7 @@ fn launch(method: StartMethod) -> Result<Launched, ProcessError> {
             })
         }
         StartMethod::ForkServer => {
-            let child = forkserver::fork_child()?;
+            let child = forkserver::fork_child(bell)?;
             // A child that already ended cannot be opened; its sentinel is then simply ready.
             let pidfd = sys::pidfd_open(child.pid)
                 .or_else(|_| sys::always_ready_fd())
@@ -265,8 +204,12 @@ fn launch(method: StartMethod) -> Result<Launched, ProcessError> {
 }
 
 enum OutcomeState<R> {
-    /// The child has not reported yet.
-    Waiting(IpcReceiver<Outcome<R>>),
+    /// The child has not reported yet: its report will arrive on `receiver`, announced by a
+    /// byte on `bell`.
+    Waiting {
+        receiver: IpcReceiver<Outcome<R>>,
+        bell: OwnedFd,
+    },
     /// The child reported this (a value, a panic...).
     Received(Outcome<R>),
     /// The child ended without reporting.
@@ -294,9 +237,6 @@ impl<R> fmt::Debug for Child<R> {
             .finish()
     }
 }
-
-/// The longest a join sleeps before checking whether the child died without reporting.
-const JOIN_SLICE: Duration = Duration::from_millis(10);
 
 impl<R> Child<R> {
     /// The child's process id.
@@ -370,28 +310,30 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
         let mut state = self.outcome.lock();
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         // First the report (it must be read while the child runs: a large one fills the
-        // channel and the child cannot exit until it is drained), then the exit.
-        while let OutcomeState::Waiting(receiver) = &*state {
-            let slice = remaining().map_or(JOIN_SLICE, |r| r.min(JOIN_SLICE));
-            let next = match receiver.try_recv_timeout(slice.max(Duration::from_millis(1))) {
-                Ok(outcome) => OutcomeState::Received(outcome),
-                Err(TryRecvError::Empty) => match self.tracked.poll_exit() {
-                    // Ended: whatever it sent is already buffered.
-                    Some(_) => match receiver.try_recv() {
-                        Ok(outcome) => OutcomeState::Received(outcome),
-                        Err(_) => OutcomeState::Silent,
-                    },
-                    None if remaining().is_some_and(|r| r.is_zero()) => {
-                        return Err(ProcessError::Timeout { pid });
-                    }
-                    None => continue,
-                },
-                Err(TryRecvError::IpcError(IpcError::Disconnected)) => OutcomeState::Silent,
-                Err(TryRecvError::IpcError(e)) => {
-                    OutcomeState::Received(Outcome::BadResult(format!("{e:?}")))
-                }
+        // channel and the child cannot exit until it is drained), then the exit. One poll
+        // sleeps on both the bell the child rings before reporting and its pidfd.
+        while let OutcomeState::Waiting { receiver, bell } = &*state {
+            let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
+                .map_err(ProcessError::io("waiting for a child"))?;
+            let received = match ready {
+                None => return Err(ProcessError::Timeout { pid }),
+                // The bell rang (or every copy of it closed): the report is on its way.
+                Some(0) => transfer::recv_sent(receiver, remaining()),
+                // Ended without ringing: whatever it sent is already buffered.
+                Some(_) => receiver.try_recv(),
             };
-            *state = next;
+            *state = match received {
+                Ok(outcome) => OutcomeState::Received(outcome),
+                Err(TryRecvError::Empty) if ready == Some(0) => {
+                    return Err(ProcessError::Timeout { pid });
+                }
+                Err(TryRecvError::Empty) | Err(TryRecvError::IpcError(IpcError::Disconnected)) => {
+                    OutcomeState::Silent
+                }
+                Err(TryRecvError::IpcError(e)) => OutcomeState::Received(Outcome::BadResult(
+                    format!("{}: {e:?}", std::any::type_name::<R>()),
+                )),
+            };
         }
         let Some(status) = self.tracked.wait_exit(remaining()) else {
             return Err(ProcessError::Timeout { pid });
@@ -412,7 +354,7 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
                 ExitStatus::Signal(signal) => ProcessError::Signaled { pid, signal },
             }),
             OutcomeState::Taken => Err(ProcessError::AlreadyJoined { pid }),
-            OutcomeState::Waiting(_) => unreachable!("left the loop above"),
+            OutcomeState::Waiting { .. } => unreachable!("left the loop above"),
         }
     }
 }

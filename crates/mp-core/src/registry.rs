@@ -9,24 +9,14 @@ use std::time::Duration;
 
 use ipc_channel::TryRecvError;
 use ipc_channel::ipc::IpcReceiver;
-use parking_lot::{Mutex, RwLock};
-use serde::{Deserialize, Serialize};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::bootstrap::Header;
+use crate::protocol::Header;
+pub use crate::protocol::ProcessInfo;
 use crate::sys::{self, ExitStatus};
+use crate::transfer;
 
-/// Who a process is: its pid and its name (`"MainProcess"`, `"Process-1"`, `"Process-1:2"`...).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessInfo {
-    /// The process id.
-    pub pid: u32,
-    /// The process name, as given to `Process::name` or generated like Python's.
-    pub name: String,
-    /// Whether it is a daemon (terminated when its parent exits).
-    pub daemon: bool,
-}
-
-struct Identity {
+pub(crate) struct Identity {
     /// Position in the process tree: `[]` for the main process, `[1, 2]` for `Process-1:2`.
     path: Vec<u32>,
     name: String,
@@ -39,6 +29,15 @@ static CHILD_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// The pid whose children the registry holds (a forked child inherits a stale copy).
 static OWNER: AtomicU32 = AtomicU32::new(0);
 static CHILDREN: Mutex<Vec<Arc<Tracked>>> = Mutex::new(Vec::new());
+
+/// Taken by the forking thread across `fork()` (after the launcher's and the fork server's
+/// locks), so the child never inherits the registry's locks held.
+pub(crate) fn hold_across_fork() -> (
+    MutexGuard<'static, Vec<Arc<Tracked>>>,
+    RwLockReadGuard<'static, Option<Identity>>,
+) {
+    (CHILDREN.lock(), IDENTITY.read())
+}
 
 /// Records who this process is, first thing in a child.
 pub(crate) fn become_child(header: &Header) {
@@ -123,6 +122,10 @@ pub(crate) enum ExitWatch {
     Ended(ExitStatus),
 }
 
+/// How long a child of the fork server that has exited may wait for the server to relay its
+/// status (it does so right after reaping it; this only bounds a stopped or dying server).
+const STATUS_RELAY_GRACE: Duration = Duration::from_secs(5);
+
 /// A child process this process started.
 pub(crate) struct Tracked {
     pub pid: u32,
@@ -148,32 +151,31 @@ impl Tracked {
 
     /// Waits at most `timeout` (`None`: without limit) for the child to end, and reaps it.
     pub(crate) fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
-        let direct = matches!(*self.watch.lock(), ExitWatch::Direct);
-        if direct {
-            // Sleep without the lock, so other threads can still ask.
-            if !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
-                return None;
-            }
+        if let ExitWatch::Ended(status) = &*self.watch.lock() {
+            return Some(*status);
+        }
+        // Sleep on the pidfd (readable once the process has exited, ours or the fork
+        // server's) without the lock, so other threads can still ask.
+        if !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
+            return None;
         }
         let mut watch = self.watch.lock();
         let ended = match &*watch {
             ExitWatch::Ended(status) => return Some(*status),
             ExitWatch::Direct => sys::try_reap(self.pidfd.as_fd()).ok().flatten(),
             ExitWatch::ForkServer(statuses) => {
-                let status = match timeout {
-                    Some(t) if t.is_zero() => statuses.try_recv(),
-                    Some(t) => statuses.try_recv_timeout(t),
-                    None => statuses.recv().map_err(TryRecvError::IpcError),
+                // It has exited: the server relays the status as soon as it has reaped it.
+                let wait = if timeout.is_some_and(|t| t.is_zero()) {
+                    Some(Duration::ZERO)
+                } else {
+                    Some(STATUS_RELAY_GRACE)
                 };
-                match status {
+                match transfer::recv_timeout(statuses, wait) {
                     Ok(raw) => Some(ExitStatus::from_wait_status(raw)),
                     Err(TryRecvError::Empty) => None,
-                    // The fork server is gone, and with it (parent-death signal) its children.
-                    Err(TryRecvError::IpcError(_)) => {
-                        sys::wait_readable(self.pidfd.as_fd(), timeout)
-                            .unwrap_or(false)
-                            .then_some(ExitStatus::Signal(libc::SIGKILL))
-                    }
+                    // The fork server is gone without relaying it: its children were killed
+                    // with it (parent-death signal).
+                    Err(TryRecvError::IpcError(_)) => Some(ExitStatus::Signal(libc::SIGKILL)),
                 }
             }
         };

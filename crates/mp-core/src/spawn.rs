@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use ipc_channel::ipc::IpcSender;
 use serde::{Deserialize, Serialize};
 
-use crate::bootstrap::{DOORBELL_FD, HANDSHAKE_FD, MARKER, Role};
 use crate::error::ProcessError;
+use crate::protocol::{FIRST_FREE_FD, HANDSHAKE_FD, MARKER, Role};
 use crate::sys;
 
 /// How long a fresh child may take to connect back before it is killed and the start fails.
@@ -28,10 +28,12 @@ pub(crate) struct Spawned<T> {
     pub channel: IpcSender<T>,
 }
 
-/// Starts this executable again in `role`, optionally handing it `doorbell` as fd 4.
+/// Starts this executable again in `role`, handing it each `(descriptor, number)` of `give`
+/// at that number (besides the handshake pipe at [`HANDSHAKE_FD`]); it gets no other
+/// descriptor but stdio.
 pub(crate) fn spawn_self<T>(
     role: Role,
-    doorbell: Option<BorrowedFd<'_>>,
+    give: &[(BorrowedFd<'_>, i32)],
 ) -> Result<Spawned<T>, ProcessError>
 where
     T: for<'de> Deserialize<'de> + Serialize,
@@ -44,19 +46,18 @@ where
     let high = |fd: BorrowedFd<'_>| rustix::io::fcntl_dupfd_cloexec(fd, 10);
     let handshake_write = high(handshake_write.as_fd())
         .map_err(|e| ProcessError::io("duplicating the handshake pipe")(e.into()))?;
-    let doorbell = doorbell
-        .map(high)
-        .transpose()
-        .map_err(|e| ProcessError::io("duplicating the doorbell")(e.into()))?;
+    let given = give
+        .iter()
+        .map(|&(fd, number)| Ok((high(fd)?, number)))
+        .collect::<rustix::io::Result<Vec<_>>>()
+        .map_err(|e| ProcessError::io("duplicating a descriptor for the child")(e.into()))?;
 
     let mut inherit = vec![(handshake_write.as_raw_fd(), HANDSHAKE_FD)];
-    if let Some(doorbell) = &doorbell {
-        inherit.push((doorbell.as_raw_fd(), DOORBELL_FD));
-    }
+    inherit.extend(given.iter().map(|(fd, number)| (fd.as_raw_fd(), *number)));
     let pid = posix_spawn_self(&role.encode(), &inherit)
         .map_err(ProcessError::io("spawning a child process"))?;
     drop(handshake_write);
-    drop(doorbell);
+    drop(given);
     let pidfd = match sys::pidfd_open(pid) {
         Ok(pidfd) => pidfd,
         Err(error) => {
@@ -74,7 +75,7 @@ where
     tracing::debug!(pid, ?role, "spawned");
 
     let connected = read_rendezvous_name(handshake_read).and_then(|name| {
-        let channel = IpcSender::connect(name.clone())
+        let channel = sys::without_signals(|| IpcSender::connect(name.clone()))
             .map_err(|e| format!("cannot connect to the child's rendezvous: {e}"));
         remove_rendezvous(&name);
         channel
@@ -146,8 +147,9 @@ fn read_rendezvous_name(pipe: OwnedFd) -> Result<String, String> {
 }
 
 /// `posix_spawn`s `/proc/self/exe` with the current environment plus the bootstrap marker,
-/// each `(from, to)` descriptor duplicated to `to` (dup2 clears close-on-exec on the copy,
-/// while the originals stay close-on-exec, so no other descriptor leaks into the child).
+/// each `(from, to)` descriptor duplicated to `to` (dup2 clears close-on-exec on the copy).
+/// Every descriptor from [`FIRST_FREE_FD`] up is closed in the child before the exec, as
+/// CPython does: those the program opened without close-on-exec must not leak into it.
 fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
     let cstring = |bytes: &[u8]| {
         CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
@@ -199,6 +201,11 @@ fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
                     to,
                 ))?;
             }
+            #[cfg(target_env = "gnu")]
+            check(libc::posix_spawn_file_actions_addclosefrom_np(
+                actions.as_mut_ptr(),
+                FIRST_FREE_FD as libc::c_int,
+            ))?;
             let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
             libc::sigemptyset(empty.as_mut_ptr());
             check(libc::posix_spawnattr_setsigmask(

@@ -1,4 +1,11 @@
-//! Thin, safe wrappers over the process syscalls mp-core needs (pidfds, waitid, poll, signals).
+//! Thin, safe wrappers over the process syscalls mp-core needs (pidfds, waitid, poll, signal
+//! masks, stdio).
+//!
+//! Every blocking call here retries on EINTR with the time that remains. ipc-channel's own
+//! transfers do not: an EINTR in the middle of a fragmented message loses the message (or
+//! trips an assertion in it), so mp-core runs each transfer inside [`without_signals`] /
+//! [`without_handled_signals`] and does its waiting beforehand, in `poll`, where a signal is
+//! harmless.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -58,18 +65,137 @@ pub(crate) fn try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> 
 /// Waits until `fd` is readable (for a pidfd: the process has exited), at most `timeout`
 /// (`None`: forever). Returns whether it became readable.
 pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    Ok(wait_any(&[fd], timeout)?.is_some())
+}
+
+/// Waits until one of `fds` is readable or hung up, at most `timeout` (`None`: forever), in
+/// one `poll`; a signal only restarts it with the time that remains. Returns the index of the
+/// first ready descriptor.
+pub(crate) fn wait_any(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+) -> io::Result<Option<usize>> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let mut polled: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let timespec = remaining.map(|r| Timespec {
             tv_sec: r.as_secs() as i64,
             tv_nsec: r.subsec_nanos() as i64,
         });
-        match rustix::event::poll(&mut fds, timespec.as_ref()) {
-            Ok(n) => return Ok(n > 0),
+        match rustix::event::poll(&mut polled, timespec.as_ref()) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(polled.iter().position(|p| !p.revents().is_empty())),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The signals that can be held back without changing what a fault does: all but the ones
+/// the kernel raises synchronously for a faulting instruction (blocking those kills).
+fn blockable_signals() -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigfillset initialises the local set; sigdelset edits it in place.
+    unsafe {
+        libc::sigfillset(set.as_mut_ptr());
+        for synchronous in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGSYS,
+        ] {
+            libc::sigdelset(set.as_mut_ptr(), synchronous);
+        }
+        set.assume_init()
+    }
+}
+
+/// The signals that currently have a handler in this process (those that can interrupt a
+/// system call; a default or ignored disposition never makes one fail with EINTR).
+fn handled_signals() -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the local set; sigaction with a null new action only
+    // writes the current one into the live local `action`; sigaddset edits the local set.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for signal in 1..=libc::SIGRTMAX() {
+            let mut action = std::mem::zeroed::<libc::sigaction>();
+            if libc::sigaction(signal, std::ptr::null(), &mut action) == 0
+                && action.sa_sigaction != libc::SIG_DFL
+                && action.sa_sigaction != libc::SIG_IGN
+            {
+                libc::sigaddset(set.as_mut_ptr(), signal);
+            }
+        }
+        set.assume_init()
+    }
+}
+
+/// Restores the calling thread's signal mask when dropped (also on unwinding).
+struct MaskGuard(libc::sigset_t);
+
+impl MaskGuard {
+    fn block(set: &libc::sigset_t) -> MaskGuard {
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: pthread_sigmask reads the initialised `set` and writes the previous mask
+        // into the local `old`; with valid arguments it cannot fail.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_BLOCK, set, old.as_mut_ptr());
+            MaskGuard(old.assume_init())
+        }
+    }
+}
+
+impl Drop for MaskGuard {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `block`, an initialised set.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+/// Runs `f` (one ipc-channel transfer whose peer is already sending or reading) with every
+/// blockable signal held back on this thread, so that no EINTR can cut the transfer in two.
+/// A signal that arrives meanwhile is delivered as soon as `f` returns (or to another thread).
+pub(crate) fn without_signals<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = MaskGuard::block(&blockable_signals());
+    f()
+}
+
+/// Runs `f` with the signals that have a handler held back: for a transfer that may wait on
+/// its peer for long, during which SIGTERM and other signals left at their default must
+/// still end the process.
+pub(crate) fn without_handled_signals<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = MaskGuard::block(&handled_signals());
+    f()
+}
+
+/// Makes sure descriptors 0, 1 and 2 are open (on /dev/null when they were closed), so that no
+/// descriptor this library opens can land on stdio, and no child inherits one there.
+pub(crate) fn ensure_stdio_open() {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD on a descriptor number only reads the descriptor table.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        if open {
+            continue;
+        }
+        // open returns the lowest free descriptor: this one. If another thread took it
+        // meanwhile, the copy is closed again and that thread's descriptor stays there.
+        match rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(null) if std::os::fd::AsRawFd::as_raw_fd(&null) == fd => {
+                // Stdio now: it stays open for the life of the process.
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(null);
+            }
+            Ok(_) | Err(_) => {}
         }
     }
 }
@@ -129,4 +255,12 @@ pub(crate) fn die_with_parent(expected_parent: u32) -> bool {
         return false;
     }
     rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(expected_parent)
+}
+
+/// Closes every descriptor from `first` up (`close_range`, Linux 5.9).
+#[cfg(not(target_env = "gnu"))]
+pub(crate) fn close_from(first: u32) {
+    // SAFETY: close_range only closes descriptors; this runs in a fresh child before anything
+    // in it owns a descriptor at or above `first`.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
 }

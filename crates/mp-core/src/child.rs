@@ -1,0 +1,147 @@
+//! The child side's runtime: what every child (spawned, forked, or forked by the fork server)
+//! runs to receive its function, call it and report back.
+//!
+//! A child adopts its parent's run key first (so it can check ids), then resolves the process
+//! trampoline named in its [`Header`], receives the argument, calls the function, rings the
+//! outcome bell and sends the [`Outcome`]. The bell is what lets the parent's `join` sleep in
+//! one `poll` on the bell and the pidfd: ipc-channel does not expose its receiver's
+//! descriptor.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, OpaqueIpcReceiver, OpaqueIpcSender};
+use serde::{Deserialize, Serialize};
+
+use crate::function::{self, Entry, IdKind, catch_panic};
+use crate::protocol::{
+    EXIT_BAD_DATA, EXIT_BOOTSTRAP_FAILED, EXIT_PANICKED, HANDSHAKE_FD, Header, Outcome,
+    RawFunctionId,
+};
+use crate::registry;
+use crate::sys;
+
+/// What a process trampoline is handed: the channel its argument arrives on, the one its
+/// outcome goes to, and the bell it rings just before sending the outcome.
+pub(crate) struct ChildLink {
+    args: OpaqueIpcReceiver,
+    outcome: OpaqueIpcSender,
+    bell: OwnedFd,
+}
+
+type ProcessTrampoline = fn(ChildLink) -> i32;
+
+/// The raw id of the process trampoline of `F`, for a [`Header`].
+pub(crate) fn process_entry<M, F: Entry<M>>() -> RawFunctionId {
+    function::raw_id_of(
+        IdKind::Process,
+        run_process::<M, F> as ProcessTrampoline as usize,
+    )
+}
+
+/// Reports a bootstrap failure on stderr (no subscriber may be installed this early) and
+/// returns the exit code that says so.
+pub(crate) fn fail(message: &str) -> i32 {
+    tracing::error!(message, "multiproc child bootstrap failed");
+    let _ = writeln!(
+        std::io::stderr(),
+        "multiproc: child bootstrap failed: {message}; this process was started as a \
+         multiproc child and will not run main"
+    );
+    EXIT_BOOTSTRAP_FAILED
+}
+
+/// Prepares a fresh process to serve as a child: dies with `parent`, ignores SIGPIPE like any
+/// Rust program (the runtime that would do it has not run yet). False if `parent` is gone.
+pub(crate) fn prepare_child_process(parent: u32) -> bool {
+    if !sys::die_with_parent(parent) {
+        return false;
+    }
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    true
+}
+
+/// Opens a one-shot rendezvous, tells the parent its name through [`HANDSHAKE_FD`], and waits
+/// for the parent to connect. Returns the channel and its first message.
+pub(crate) fn rendezvous<T>() -> Result<(IpcReceiver<T>, T), String>
+where
+    T: for<'de> Deserialize<'de> + Serialize,
+{
+    let (server, name) =
+        IpcOneShotServer::<T>::new().map_err(|e| format!("cannot open a rendezvous: {e}"))?;
+    // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with posix_spawn's
+    // dup2 and nothing else in this process owns that descriptor.
+    let handshake = unsafe { OwnedFd::from_raw_fd(HANDSHAKE_FD) };
+    let mut handshake = std::fs::File::from(handshake);
+    handshake
+        .write_all(format!("{name}\n").as_bytes())
+        .map_err(|e| format!("cannot reach the parent: {e}"))?;
+    drop(handshake);
+    sys::without_signals(|| server.accept())
+        .map_err(|e| format!("the parent did not connect: {e:?}"))
+}
+
+/// Runs the function a child was sent and returns its exit code.
+pub(crate) fn serve(channel: IpcReceiver<Header>, header: Header, bell: OwnedFd) -> i32 {
+    // SAFETY: the key comes from our parent, which runs this same executable, over a channel
+    // only the two of us hold.
+    if let Err(conflict) = unsafe { function::adopt_run_key(header.run_key.clone()) } {
+        return fail(&conflict.to_string());
+    }
+    registry::become_child(&header);
+    let _span =
+        tracing::debug_span!("child", name = %header.name, pid = std::process::id()).entered();
+    let address = match function::checked_address(IdKind::Process, header.entry) {
+        Ok(address) => address,
+        Err(forged) => return fail(&forged.to_string()),
+    };
+    // SAFETY: the tag was checked under the run key with IdKind::Process: the parent made
+    // this id with `process_entry::<M, F>`, from a `run_process::<M, F>` instantiation of
+    // this same executable, which has the `ProcessTrampoline` signature.
+    let trampoline: ProcessTrampoline = unsafe { std::mem::transmute(address) };
+    trampoline(ChildLink {
+        args: channel.to_opaque(),
+        outcome: header.outcome,
+        bell,
+    })
+}
+
+fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
+    let args = link.args.to::<F::Args>();
+    let outcome = link.outcome.to::<Outcome<F::Output>>();
+    let send = |message: Outcome<F::Output>| {
+        // Ring first: the parent then waits for the message itself (a large one is only
+        // sent as fast as the parent reads it). A write to a pipe of one byte cannot block.
+        let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
+        // Only the signals with a handler are held back (they are what would interrupt the
+        // transfer); SIGTERM and the like still end the child while it waits for the parent.
+        sys::without_handled_signals(|| outcome.send(message))
+    };
+    let args = match sys::without_signals(|| args.recv()) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = send(Outcome::BadArguments(format!(
+                "{}: {e}",
+                std::any::type_name::<F::Args>()
+            )));
+            return EXIT_BAD_DATA;
+        }
+    };
+    match catch_panic(|| F::recreate().call(args), false) {
+        Ok(value) => match send(Outcome::Returned(value)) {
+            Ok(()) => 0,
+            Err(e) => {
+                let _ = send(Outcome::BadResult(format!(
+                    "{}: {e}",
+                    std::any::type_name::<F::Output>()
+                )));
+                EXIT_BAD_DATA
+            }
+        },
+        Err(report) => {
+            let _ = send(Outcome::Panicked(report));
+            EXIT_PANICKED
+        }
+    }
+}
