@@ -1,0 +1,447 @@
+//! Processes under the conditions of real programs: handled signals during start and join,
+//! forks from threads, inherited descriptors, closed stdio, forged function ids. Every join is
+//! bounded and every test reaps what it starts.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::{self, IpcSender};
+use mp_core::{FunctionId, Process, ProcessError, StartMethod};
+use serde::{Deserialize, Serialize};
+
+/// The longest any join here may take before the test fails instead of hanging.
+const BOUND: Duration = Duration::from_secs(20);
+
+static HANDLED: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn count_signal(_: libc::c_int) {
+    HANDLED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Installs a counting handler for `signal`, with or without SA_RESTART.
+fn install_handler(signal: i32, restart: bool) {
+    // SAFETY: a zeroed sigaction is valid; the handler only touches an atomic
+    // (async-signal-safe); sigaction reads the struct we own.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = if restart { libc::SA_RESTART } else { 0 };
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(libc::sigaction(signal, &action, std::ptr::null_mut()), 0);
+    }
+}
+
+fn tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// Sends `signal` to thread `tid` of this process and to the process as a whole, about every
+/// 50 µs, until dropped.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Flood {
+    fn start(signal: i32, tid: i32) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let pid = std::process::id() as i32;
+            let mut sent = 0;
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: tgkill and kill take plain integers; the handler is installed.
+                unsafe {
+                    libc::syscall(libc::SYS_tgkill, pid, tid, signal);
+                    libc::kill(pid, signal);
+                }
+                sent += 2;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            sent
+        });
+        Flood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn park_forever() {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Under a stream of handled signals, starts and joins 100 children per start method (half
+/// with SA_RESTART, half without; every tenth returns 1 MiB so the result spans fragments):
+/// every start succeeds, every value and exit status is exact, and a bystander child started
+/// before the flood is still alive after it.
+#[test]
+fn a_flood_of_handled_signals_breaks_no_start_and_no_join() {
+    let bystanders: Vec<_> = StartMethod::ALL
+        .into_iter()
+        .map(|method| {
+            Process::new(park_forever)
+                .start_method(method)
+                .daemon(true)
+                .start()
+                .unwrap()
+        })
+        .collect();
+    for restart in [true, false] {
+        install_handler(libc::SIGUSR1, restart);
+        let flood = Flood::start(libc::SIGUSR1, tid());
+        let before = HANDLED.load(Ordering::Relaxed);
+        for method in StartMethod::ALL {
+            for i in 0..50u64 {
+                let size = if i % 10 == 0 { 1 << 20 } else { 8 };
+                let child = Process::new(|(i, size): (u64, usize)| (i * 3, vec![i as u8; size]))
+                    .args((i, size))
+                    .start_method(method)
+                    .start()
+                    .unwrap_or_else(|e| panic!("{method} start {i} (restart={restart}): {e}"));
+                let (value, bytes) = child
+                    .join_timeout(BOUND)
+                    .unwrap_or_else(|e| panic!("{method} join {i} (restart={restart}): {e}"));
+                assert_eq!(value, i * 3);
+                assert_eq!(bytes.len(), size);
+                assert!(bytes.iter().all(|&b| b == i as u8));
+                assert_eq!(child.exitcode(), Some(0), "{method} child {i}");
+            }
+        }
+        let sent = flood.finish();
+        let handled = HANDLED.load(Ordering::Relaxed) - before;
+        assert!(
+            sent > 100 && handled > 100,
+            "the flood was too thin: {sent} sent, {handled} handled"
+        );
+    }
+    for (bystander, method) in bystanders.iter().zip(StartMethod::ALL) {
+        assert!(
+            bystander.is_alive(),
+            "{method} bystander died during the flood"
+        );
+        bystander.kill().unwrap();
+        assert!(matches!(
+            bystander.join_timeout(BOUND),
+            Err(ProcessError::Signaled {
+                signal: libc::SIGKILL,
+                ..
+            })
+        ));
+    }
+}
+
+/// A fork-started child whose parent forked it from a thread (the case where the launcher's
+/// lock used to be copied held) starts children of its own from a thread, under every start
+/// method.
+#[test]
+fn a_child_forked_from_a_thread_starts_processes_from_any_thread() {
+    fn grandchildren() -> Vec<u64> {
+        StartMethod::ALL
+            .into_iter()
+            .map(|method| {
+                std::thread::spawn(move || {
+                    let child = Process::new(|x: u64| x + 1)
+                        .args(method as u64)
+                        .start_method(method)
+                        .start()
+                        .unwrap();
+                    child.join_timeout(BOUND).unwrap()
+                })
+                .join()
+                .unwrap()
+            })
+            .collect()
+    }
+    // Keep other threads busy starting children while the fork happens.
+    let busy = std::thread::spawn(|| {
+        for _ in 0..20 {
+            let child = Process::new(|| 1u8)
+                .start_method(StartMethod::ForkServer)
+                .start()
+                .unwrap();
+            child.join_timeout(BOUND).unwrap();
+        }
+    });
+    let result = std::thread::spawn(|| {
+        (0..5)
+            .map(|_| {
+                // A daemon: if it hangs, the join times out and the exit does not wait for it.
+                let child = Process::new(grandchildren)
+                    .start_method(StartMethod::Fork)
+                    .daemon(true)
+                    .start()
+                    .unwrap();
+                child.join_timeout(BOUND)
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    busy.join().unwrap();
+    for outcome in result {
+        assert_eq!(outcome.unwrap(), vec![1, 2, 3]);
+    }
+}
+
+fn open_descriptors_at_and_above(first: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= first)
+        .collect()
+}
+
+/// A descriptor at 50 or above without close-on-exec (a socket the program made inheritable)
+/// does not reach spawn and forkserver children; they hold nothing above the library's own
+/// fixed descriptors but what they open themselves.
+#[test]
+fn inheritable_descriptors_do_not_reach_spawned_children() {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    // SAFETY: dup2 onto a high, unused slot; the copy is owned below and has no CLOEXEC.
+    let high = unsafe {
+        assert_eq!(libc::dup2(a.as_raw_fd(), 77), 77);
+        OwnedFd::from_raw_fd(77)
+    };
+    drop((a, b));
+    for method in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let child = Process::new(|fd: i32| {
+            let open = std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok();
+            (open, open_descriptors_at_and_above(50))
+        })
+        .args(high.as_raw_fd())
+        .start_method(method)
+        .start()
+        .unwrap();
+        let (open, high_ones) = child.join_timeout(BOUND).unwrap();
+        assert!(!open, "{method}: fd 77 leaked");
+        // read_dir's own descriptor is low (the child has few open), so nothing is above 50.
+        assert!(
+            high_ones.is_empty(),
+            "{method}: {high_ones:?} open in the child"
+        );
+    }
+}
+
+/// With fd 1 and 2 closed in the parent, a child's `println!`/`eprintln!` write to /dev/null,
+/// never into the library's channel: the join returns the value.
+#[test]
+fn closed_stdio_in_the_parent_does_not_corrupt_the_channel() {
+    // Run in a child so closing our stdio does not blind the test harness.
+    let outer = Process::new(|| {
+        // SAFETY: closing stdio descriptors; nothing in this process uses them afterwards
+        // but through the library, which must cope.
+        unsafe {
+            libc::close(1);
+            libc::close(2);
+        }
+        StartMethod::ALL
+            .into_iter()
+            .map(|method| {
+                let child = Process::new(|| {
+                    for _ in 0..1000 {
+                        println!("noise on stdout");
+                        eprintln!("noise on stderr");
+                    }
+                    let target = |fd: i32| {
+                        std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    };
+                    (target(1), target(2), 42u32)
+                })
+                .start_method(method)
+                .start()
+                .map_err(|e| e.to_string())?;
+                child.join_timeout(BOUND).map_err(|e| e.to_string())
+            })
+            .collect::<Vec<_>>()
+    })
+    .start()
+    .unwrap();
+    let results = outer.join_timeout(BOUND * 2).unwrap();
+    for (result, method) in results.into_iter().zip(StartMethod::ALL) {
+        let (out, err, value) = result.unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert_eq!(value, 42, "{method}");
+        assert_eq!(out, "/dev/null", "{method}: stdout is {out}");
+        assert_eq!(err, "/dev/null", "{method}: stderr is {err}");
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct RawId {
+    offset: i64,
+    tag: u64,
+}
+
+/// An id made up from bytes, or taken from a real one with its offset changed, is refused
+/// with a typed error; a real one round-trips.
+#[test]
+fn forged_function_ids_are_refused() {
+    fn double(x: u32) -> u32 {
+        x * 2
+    }
+    let real = FunctionId::of_task(&double);
+    let bytes = postcard::to_allocvec(&real).unwrap();
+    let decoded: FunctionId = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(decoded, real);
+    let output = decoded
+        .run_task(&postcard::to_allocvec(&21u32).unwrap())
+        .unwrap();
+    assert_eq!(postcard::from_bytes::<u32>(&output).unwrap(), 42);
+
+    let RawId { offset, tag } = postcard::from_bytes(&bytes).unwrap();
+    for forged in [
+        RawId { offset: 0, tag: 0 },
+        RawId {
+            offset: offset + 16,
+            tag,
+        },
+        RawId {
+            offset,
+            tag: tag ^ 1,
+        },
+    ] {
+        let forged = postcard::to_allocvec(&forged).unwrap();
+        assert!(postcard::from_bytes::<FunctionId>(&forged).is_err());
+    }
+    // The typed error, as a serde format with messages reports it.
+    let error = mp_core::ForgedFunctionId { offset: 16 };
+    assert!(error.to_string().contains("not made in this run"));
+}
+
+/// The run key reaches children (ids made in the parent are accepted there, and ids made in
+/// a child are accepted by the parent), and a peer cannot adopt a second key.
+#[test]
+fn ids_cross_processes_of_one_run_under_every_start_method() {
+    fn triple(x: u32) -> u32 {
+        x * 3
+    }
+    let id = FunctionId::of_task(&triple);
+    for method in StartMethod::ALL {
+        let child = Process::new(|(id, x): (FunctionId, u32)| {
+            let out = id.run_task(&postcard::to_allocvec(&x).unwrap()).unwrap();
+            let made_here = FunctionId::of_task(&|y: u32| y + 1);
+            (postcard::from_bytes::<u32>(&out).unwrap(), made_here)
+        })
+        .args((id, 5))
+        .start_method(method)
+        .start()
+        .unwrap();
+        let (value, made_there) = child.join_timeout(BOUND).unwrap();
+        assert_eq!(value, 15, "{method}");
+        let out = made_there
+            .run_task(&postcard::to_allocvec(&1u32).unwrap())
+            .unwrap();
+        assert_eq!(postcard::from_bytes::<u32>(&out).unwrap(), 2, "{method}");
+    }
+    let key = mp_core::run_key();
+    // SAFETY: the key is this process's own.
+    assert!(unsafe { mp_core::adopt_run_key(key) }.is_ok());
+    let other: mp_core::RunKey = postcard::from_bytes(&[7u8; 32]).unwrap();
+    // SAFETY: refused (a key is already in use), so nothing is adopted.
+    assert!(unsafe { mp_core::adopt_run_key(other) }.is_err());
+}
+
+/// A daemon may have children here (Python forbids it, because a daemon terminated at exit
+/// would orphan them): every child has a parent-death signal, so a daemon's children die
+/// with it, however it ends.
+#[test]
+fn a_daemons_children_die_with_it() {
+    for method in StartMethod::ALL {
+        let (pid_tx, pid_rx) = ipc::channel::<u32>().unwrap();
+        let daemon = Process::new(|(method, report): (StartMethod, IpcSender<u32>)| {
+            let grandchild = Process::new(park_forever)
+                .start_method(method)
+                .start()
+                .unwrap();
+            report.send(grandchild.pid()).unwrap();
+            park_forever()
+        })
+        .args((method, pid_tx))
+        .daemon(true)
+        .start_method(method)
+        .start()
+        .unwrap();
+        let grandchild = pid_rx.try_recv_timeout(BOUND).unwrap();
+        let grandchild = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(grandchild as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        daemon.terminate().unwrap();
+        assert!(matches!(
+            daemon.join_timeout(BOUND),
+            Err(ProcessError::Signaled {
+                signal: libc::SIGTERM,
+                ..
+            })
+        ));
+        let mut fds = [rustix::event::PollFd::new(
+            &grandchild,
+            rustix::event::PollFlags::IN,
+        )];
+        let timeout = rustix::event::Timespec {
+            tv_sec: BOUND.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        let ready = rustix::io::retry_on_intr(|| rustix::event::poll(&mut fds, Some(&timeout)));
+        assert_eq!(
+            ready.unwrap(),
+            1,
+            "{method}: the daemon's child outlived it"
+        );
+    }
+}
+
+/// A child's death is seen by a waiting join promptly: the join sleeps on the pidfd itself.
+#[test]
+fn join_wakes_when_the_child_dies() {
+    for method in StartMethod::ALL {
+        let child = Process::new(park_forever)
+            .start_method(method)
+            .start()
+            .unwrap();
+        let pid = child.pid();
+        let killer = std::thread::spawn(move || {
+            // SAFETY: kill takes plain integers; the child is not reaped before the join.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            Instant::now()
+        });
+        let result = child.join_timeout(BOUND);
+        let woke = Instant::now();
+        let killed = killer.join().unwrap();
+        assert!(matches!(
+            result,
+            Err(ProcessError::Signaled {
+                signal: libc::SIGKILL,
+                ..
+            })
+        ));
+        // Generous bound (a shared 2-core VM): what it guards against is a polling join.
+        assert!(
+            woke - killed < Duration::from_millis(500),
+            "{method}: {:?}",
+            woke - killed
+        );
+    }
+}
