@@ -1,16 +1,47 @@
-//! Start + join of a child running a no-op function, per start method.
+//! Start + join of a child running a no-op function, and a 1 MiB buffer echoed through a new
+//! child, per start method.
 //!
 //! ```text
 //! cargo bench --bench process
 //! ```
 //!
-//! Targets on the project's 2-core machine: forkserver <= 0.5 ms, spawn <= 1.2 ms.
-//! CPython measured there: fork 3.6 ms, forkserver 21 ms, spawn 90 ms.
+//! The side-by-side runner (`cargo run --release -p mp-bench -- compare --filter
+//! process_start`) puts the same start + join next to CPython, procspawn and the OS floor
+//! (`posix_spawn` of /bin/true, `fork` + `waitpid`).
 
 use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use multiproc::{Process, StartMethod};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Bytes that serde encodes in one piece (what `serde_bytes::ByteBuf` does), not byte by byte.
+struct ByteBuf(Vec<u8>);
+
+impl Serialize for ByteBuf {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = ByteBuf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, bytes: &[u8]) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(bytes.to_vec()))
+            }
+            fn visit_byte_buf<E>(self, bytes: Vec<u8>) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(bytes))
+            }
+        }
+        deserializer.deserialize_byte_buf(Bytes)
+    }
+}
 
 fn no_op() {}
 
@@ -31,5 +62,33 @@ fn start_and_join(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, start_and_join);
+fn echo_one_mib(c: &mut Criterion) {
+    const SIZE: usize = 1 << 20;
+    let mut group = c.benchmark_group("process_echo_1mib");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Bytes(2 * SIZE as u64));
+    let payload = vec![7u8; SIZE];
+    for method in StartMethod::ALL {
+        group.bench_with_input(
+            BenchmarkId::from_parameter(method),
+            &payload,
+            |b, payload| {
+                b.iter(|| {
+                    let child = Process::new(|bytes: ByteBuf| bytes)
+                        .args(ByteBuf(payload.clone()))
+                        .start_method(method)
+                        .start()
+                        .unwrap();
+                    assert_eq!(child.join().unwrap().0.len(), SIZE);
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, start_and_join, echo_one_mib);
 criterion_main!(benches);

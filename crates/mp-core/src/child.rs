@@ -13,6 +13,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, OpaqueIpcReceiver, OpaqueIpcSender};
 use serde::{Deserialize, Serialize};
 
+use crate::decode_error;
 use crate::function::{self, Entry, IdKind, catch_panic};
 use crate::protocol::{
     EXIT_BAD_DATA, EXIT_BOOTSTRAP_FAILED, EXIT_PANICKED, HANDSHAKE_FD, Header, Outcome,
@@ -118,13 +119,11 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
         // transfer); SIGTERM and the like still end the child while it waits for the parent.
         sys::without_handled_signals(|| outcome.send(message))
     };
+    decode_error::clear();
     let args = match sys::without_signals(|| args.recv()) {
         Ok(args) => args,
         Err(e) => {
-            let _ = send(Outcome::BadArguments(format!(
-                "{}: {e}",
-                std::any::type_name::<F::Args>()
-            )));
+            let _ = send(Outcome::BadArguments(decode_error::describe::<F::Args>(e)));
             return EXIT_BAD_DATA;
         }
     };
@@ -132,10 +131,7 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
         Ok(value) => match send(Outcome::Returned(value)) {
             Ok(()) => 0,
             Err(e) => {
-                let _ = send(Outcome::BadResult(format!(
-                    "{}: {e}",
-                    std::any::type_name::<F::Output>()
-                )));
+                let _ = send(Outcome::BadResult(decode_error::describe::<F::Output>(e)));
                 EXIT_BAD_DATA
             }
         },

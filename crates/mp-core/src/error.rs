@@ -1,6 +1,6 @@
 //! What can go wrong with a child process.
 
-use crate::function::PanicReport;
+use crate::protocol::PanicReport;
 use crate::sys::signal_name;
 
 /// Why a process produced no return value, or could not be started or joined.

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::decode_error;
 pub use crate::protocol::PanicReport;
 use crate::protocol::{RawFunctionId, RunKey};
 
@@ -250,7 +251,9 @@ impl TryFrom<RawFunctionId> for FunctionId {
             return Ok(FunctionId { raw });
         }
         if tag_of(IdKind::Task, raw.offset) != raw.tag {
-            return Err(ForgedFunctionId { offset: raw.offset });
+            let forged = ForgedFunctionId { offset: raw.offset };
+            decode_error::note_decode_failure(&forged);
+            return Err(forged);
         }
         LAST_CHECKED.with(|last| last.set(Some(raw)));
         Ok(FunctionId { raw })
@@ -346,10 +349,12 @@ pub enum TaskFailure {
 }
 
 fn task_trampoline<M, F: Entry<M>>(input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
-    let args: F::Args =
-        postcard::from_bytes(input).map_err(|e| TaskFailure::BadArguments(e.to_string()))?;
+    decode_error::clear();
+    let args: F::Args = postcard::from_bytes(input)
+        .map_err(|e| TaskFailure::BadArguments(decode_error::describe::<F::Args>(e)))?;
     let output = catch_panic(|| F::recreate().call(args), true).map_err(TaskFailure::Panicked)?;
-    postcard::to_allocvec(&output).map_err(|e| TaskFailure::BadResult(e.to_string()))
+    postcard::to_allocvec(&output)
+        .map_err(|e| TaskFailure::BadResult(decode_error::describe::<F::Output>(e)))
 }
 
 thread_local! {

@@ -28,12 +28,19 @@
 //! Failures are typed ([`ProcessError`]) and bounded in time: a panic carries its message and
 //! location, a fatal signal its number. Children die with their parent, even when it is
 //! SIGKILLed (`PR_SET_PDEATHSIG`), and no descriptor leaks into them.
+//!
+//! Real programs are handled: a handled signal (EINTR) never breaks a start or a join; a child
+//! forked from any thread can start processes of its own; spawned children get only stdio
+//! and the library's descriptors, and stdio always refers to something; and a
+//! [`FunctionId`] decoded from bytes is checked against the run's secret [`RunKey`] before
+//! anything is called (peers mp-core did not start get it through [`adopt_run_key`]).
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("mp-core supports Linux only for now (it relies on pidfds, memfds and futexes)");
 
 mod bootstrap;
 mod child;
+mod decode_error;
 mod error;
 mod fork;
 mod forkserver;
@@ -47,13 +54,14 @@ mod start_method;
 mod sys;
 mod transfer;
 
+pub use decode_error::note_decode_failure;
 pub use error::ProcessError;
 pub use function::{
     Entry, ForgedFunctionId, FunctionId, RunKeyConflict, TaskFailure, adopt_run_key, run_key,
 };
-pub use process::{
-    Child, Process, StartMethod, UnknownStartMethod, get_start_method, set_start_method,
-};
+pub use process::{Child, Process};
+pub use protocol::ProcessInfo;
 pub use protocol::{EXIT_BOOTSTRAP_FAILED, PanicReport, RunKey};
-pub use registry::{ProcessInfo, active_children, cpu_count, current_process, parent_process};
+pub use registry::{active_children, cpu_count, current_process, parent_process};
+pub use start_method::{StartMethod, UnknownStartMethod, get_start_method, set_start_method};
 pub use sys::{ExitStatus, signal_name};

@@ -11,13 +11,12 @@ use ipc_channel::{IpcError, TryRecvError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::decode_error;
 use crate::error::ProcessError;
 use crate::function::{Entry, assert_non_capturing, run_key};
 use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role};
 use crate::registry::{self, ExitWatch, Tracked};
-pub use crate::start_method::{
-    StartMethod, UnknownStartMethod, get_start_method, set_start_method,
-};
+use crate::start_method::{StartMethod, get_start_method};
 use crate::sys::{self, ExitStatus};
 use crate::{child, fork, forkserver, launcher, spawn, transfer};
 
@@ -136,7 +135,8 @@ impl<M, F: Entry<M>> Process<M, F> {
             let _ = child.kill();
             child.tracked.wait_exit(Some(Duration::from_secs(5)));
             return Err(ProcessError::StartFailed(format!(
-                "could not send the function and its argument to the child: {e:?}"
+                "could not send the function and its argument ({}) to the child: {e:?}",
+                std::any::type_name::<F::Args>()
             )));
         }
         tracing::debug!(pid = child.pid(), name = child.name(), %method, "process started");
@@ -315,6 +315,7 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
         while let OutcomeState::Waiting { receiver, bell } = &*state {
             let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
                 .map_err(ProcessError::io("waiting for a child"))?;
+            decode_error::clear();
             let received = match ready {
                 None => return Err(ProcessError::Timeout { pid }),
                 // The bell rang (or every copy of it closed): the report is on its way.
@@ -331,7 +332,7 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
                     OutcomeState::Silent
                 }
                 Err(TryRecvError::IpcError(e)) => OutcomeState::Received(Outcome::BadResult(
-                    format!("{}: {e:?}", std::any::type_name::<R>()),
+                    decode_error::describe::<R>(format_args!("{e:?}")),
                 )),
             };
         }

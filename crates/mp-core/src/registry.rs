@@ -11,8 +11,7 @@ use ipc_channel::TryRecvError;
 use ipc_channel::ipc::IpcReceiver;
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::protocol::Header;
-pub use crate::protocol::ProcessInfo;
+use crate::protocol::{Header, ProcessInfo};
 use crate::sys::{self, ExitStatus};
 use crate::transfer;
 

@@ -16,9 +16,15 @@ pub enum StartMethod {
     /// Ask a fork server — a fresh, single-threaded copy of this executable started on first
     /// use — to fork the child: fork's speed, spawn's isolation.
     ForkServer,
-    /// `fork()` this process. Fastest, and the child sees a copy of everything, but unsafe
-    /// in a multithreaded parent (only the calling thread is copied; locks held by other
-    /// threads stay held forever in the child).
+    /// `fork()` this process. Fastest, and the child sees a copy of everything.
+    ///
+    /// Only the calling thread is copied. mp-core's own state is safe across that (its locks
+    /// are all held by the forking thread during the `fork()`, and its launcher thread and
+    /// fork-server client are replaced in the child), so a forked child can start processes
+    /// and pools. A lock of *other* code held by another thread at that moment stays held
+    /// forever in the child (the allocator's and stdio's are reset by glibc; a program's
+    /// own `Mutex` or a logging library's are not): in a program with threads of its own,
+    /// prefer spawn or forkserver, as Python 3.12+ warns and 3.14 made the default.
     Fork,
 }
 

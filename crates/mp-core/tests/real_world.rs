@@ -445,3 +445,57 @@ fn join_wakes_when_the_child_dies() {
         );
     }
 }
+
+/// A value that fails to decode for a reason of its own, the way a handle whose shared segment
+/// is gone does: it notes the reason, then fails.
+#[derive(Debug)]
+struct Unattachable;
+
+impl Serialize for Unattachable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("/mp-segment-that-was-unlinked")
+    }
+}
+
+impl<'de> Deserialize<'de> for Unattachable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        let message = format!("shared memory segment {name:?} not found");
+        mp_core::note_decode_failure(&message);
+        Err(serde::de::Error::custom(message))
+    }
+}
+
+/// Arguments and results that fail to decode name their Rust type and the value's own reason
+/// in the parent's join, under every start method.
+#[test]
+fn decode_failures_keep_their_cause_across_processes() {
+    for method in StartMethod::ALL {
+        let child = Process::new(|_: Unattachable| 1u8)
+            .args(Unattachable)
+            .start_method(method)
+            .start()
+            .unwrap();
+        match child.join_timeout(BOUND) {
+            Err(ProcessError::BadArguments { message, .. }) => {
+                assert!(message.contains("Unattachable"), "{method}: {message}");
+                assert!(
+                    message.contains("\"/mp-segment-that-was-unlinked\" not found"),
+                    "{method}: {message}"
+                );
+            }
+            other => panic!("{method}: expected BadArguments, got {other:?}"),
+        }
+        let child = Process::new(|| Unattachable)
+            .start_method(method)
+            .start()
+            .unwrap();
+        match child.join_timeout(BOUND) {
+            Err(ProcessError::BadResult { message, .. }) => {
+                assert!(message.contains("Unattachable"), "{method}: {message}");
+                assert!(message.contains("not found"), "{method}: {message}");
+            }
+            other => panic!("{method}: expected BadResult, got {other:?}"),
+        }
+    }
+}
