@@ -94,7 +94,10 @@ pub(crate) fn fork_child(bell: OwnedFd) -> Result<ServerChild, ProcessError> {
         };
         match client.fork(bell.as_fd()) {
             Ok(child) => return Ok(child),
-            Err(error) => {
+            // The server is fine but could not fork (EAGAIN, ENOMEM): replacing it would kill
+            // every child it is running.
+            Err(Failure::Refused(error)) => return Err(error),
+            Err(Failure::Unreachable(error)) => {
                 tracing::warn!(%error, "the fork server failed; starting a new one");
                 // Dropping the client kills and reaps the old server.
                 *server = None;
@@ -205,14 +208,24 @@ fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     }
 }
 
+/// Why a request to the fork server gave no child.
+enum Failure {
+    /// The server answered: it could not fork.
+    Refused(ProcessError),
+    /// The server is gone or does not answer.
+    Unreachable(ProcessError),
+}
+
 impl Client {
-    fn fork(&mut self, bell: BorrowedFd<'_>) -> Result<ServerChild, ProcessError> {
-        let (channel, header) =
-            ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
-        let (status_tx, status) =
-            ipc::channel::<i32>().map_err(ProcessError::io("creating a channel"))?;
+    fn fork(&mut self, bell: BorrowedFd<'_>) -> Result<ServerChild, Failure> {
+        // A failure here is ours (e.g. EMFILE), not the server's.
+        let local = |e| Failure::Refused(ProcessError::io("creating a channel")(e));
+        let (channel, header) = ipc::channel::<Header>().map_err(local)?;
+        let (status_tx, status) = ipc::channel::<i32>().map_err(local)?;
         let unreachable = |e: &dyn std::fmt::Display| {
-            ProcessError::StartFailed(format!("the fork server is unreachable: {e}"))
+            Failure::Unreachable(ProcessError::StartFailed(format!(
+                "the fork server is unreachable: {e}"
+            )))
         };
         transfer::send(
             &self.requests,
@@ -229,10 +242,10 @@ impl Client {
                 channel,
                 status,
             }),
-            Ok(Reply::Failed(message)) => Err(ProcessError::StartFailed(message)),
-            Err(e) => Err(ProcessError::StartFailed(format!(
+            Ok(Reply::Failed(message)) => Err(Failure::Refused(ProcessError::StartFailed(message))),
+            Err(e) => Err(Failure::Unreachable(ProcessError::StartFailed(format!(
                 "the fork server did not answer: {e:?}"
-            ))),
+            )))),
         }
     }
 }

@@ -319,9 +319,9 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
             let received = match ready {
                 None => return Err(ProcessError::Timeout { pid }),
                 // The bell rang (or every copy of it closed): the report is on its way.
-                Some(0) => transfer::recv_sent(receiver, remaining()),
+                Some(0) => transfer::recv_sent(receiver, remaining(), self.tracked.pidfd.as_fd()),
                 // Ended without ringing: whatever it sent is already buffered.
-                Some(_) => receiver.try_recv(),
+                Some(_) => sys::without_signals(|| receiver.try_recv()),
             };
             *state = match received {
                 Ok(outcome) => OutcomeState::Received(outcome),

@@ -6,6 +6,7 @@
 //! a transfer that may span fragments runs with the thread's signals held back, and only once
 //! the peer is known to be sending ([`recv_sent`]) or reading ([`send`]).
 
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
@@ -53,10 +54,12 @@ const SENT_SLICE: Duration = Duration::from_millis(50);
 
 /// Receives a message the peer has announced (it rang the bell, so it is sending now), of any
 /// size, with signals held back during the transfer. Gives `Empty` if it has not arrived
-/// within `timeout`.
+/// within `timeout`, and `Disconnected` if the peer ended (`peer_gone`, its pidfd, became
+/// readable) without sending it, even if a copy of its sender lives on elsewhere.
 pub(crate) fn recv_sent<T>(
     receiver: &IpcReceiver<T>,
     timeout: Option<Duration>,
+    peer_gone: BorrowedFd<'_>,
 ) -> Result<T, TryRecvError>
 where
     T: for<'de> Deserialize<'de> + Serialize,
@@ -66,6 +69,15 @@ where
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let slice = remaining.map_or(SENT_SLICE, |r| r.min(SENT_SLICE));
         match sys::without_signals(|| receiver.try_recv_timeout(slice)) {
+            Err(TryRecvError::Empty)
+                if sys::wait_readable(peer_gone, Some(Duration::ZERO)).unwrap_or(false) =>
+            {
+                // Ended: whatever it sent is buffered by now.
+                return match sys::without_signals(|| receiver.try_recv()) {
+                    Err(TryRecvError::Empty) => Err(TryRecvError::IpcError(IpcError::Disconnected)),
+                    other => other,
+                };
+            }
             Err(TryRecvError::Empty) if remaining.is_some_and(|r| r <= slice) => {
                 return Err(TryRecvError::Empty);
             }
