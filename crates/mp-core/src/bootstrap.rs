@@ -16,6 +16,7 @@ use crate::sys;
 
 #[ctor::ctor(unsafe)]
 fn bootstrap_before_main() {
+    crate::spawn::remember_executable();
     let Some(marker) = std::env::var_os(MARKER) else {
         return;
     };

@@ -8,7 +8,7 @@
 use std::ffi::{CString, OsStr};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::IpcSender;
@@ -146,6 +146,51 @@ fn read_rendezvous_name(pipe: OwnedFd) -> Result<String, String> {
     }
 }
 
+/// The path the program was started from, absolute, recorded before `main` (it may change
+/// the working directory): where `/proc` is hidden, the file to re-execute.
+static STARTED_FROM: std::sync::OnceLock<Option<CString>> = std::sync::OnceLock::new();
+
+/// Records the path the kernel executed (`AT_EXECFN`), made absolute. Called by the
+/// constructor, before `main` can change the working directory.
+pub(crate) fn remember_executable() {
+    STARTED_FROM.get_or_init(|| {
+        // SAFETY: getauxval has no preconditions; for AT_EXECFN it returns the address of a
+        // NUL-terminated string the kernel placed on the initial stack (alive for the whole
+        // life of the process), or 0.
+        let execfn = unsafe { libc::getauxval(libc::AT_EXECFN) } as *const libc::c_char;
+        if execfn.is_null() {
+            return None;
+        }
+        // SAFETY: see above: a live, NUL-terminated string.
+        let path = unsafe { std::ffi::CStr::from_ptr(execfn) };
+        let path = std::path::Path::new(OsStr::from_bytes(path.to_bytes()));
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().ok()?.join(path)
+        };
+        CString::new(absolute.into_os_string().into_vec()).ok()
+    });
+}
+
+/// The file to re-execute: `/proc/self/exe` (the running image, even if its path was
+/// replaced), or where `/proc` is hidden, the path the program was started from.
+fn executable() -> io::Result<&'static std::ffi::CStr> {
+    static PROC_SELF_EXE: &std::ffi::CStr = c"/proc/self/exe";
+    if rustix::fs::access(PROC_SELF_EXE, rustix::fs::Access::EXISTS).is_ok() {
+        return Ok(PROC_SELF_EXE);
+    }
+    STARTED_FROM
+        .get()
+        .and_then(Option::as_deref)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "/proc is hidden and the path of this program is unknown",
+            )
+        })
+}
+
 /// `posix_spawn`s `/proc/self/exe` with the current environment plus the bootstrap marker,
 /// each `(from, to)` descriptor duplicated to `to` (dup2 clears close-on-exec on the copy).
 /// Every descriptor from [`FIRST_FREE_FD`] up is closed in the child before the exec, as
@@ -154,7 +199,7 @@ fn posix_spawn_self(role: &str, inherit: &[(i32, i32)]) -> io::Result<u32> {
     let cstring = |bytes: &[u8]| {
         CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
     };
-    let path = cstring(b"/proc/self/exe")?;
+    let path = executable()?;
     let argv0 = std::env::args_os()
         .next()
         .unwrap_or_else(|| "multiproc-child".into());

@@ -499,3 +499,84 @@ fn decode_failures_keep_their_cause_across_processes() {
         }
     }
 }
+
+/// Runs this test binary's test `name` in a new mount namespace with an empty tmpfs over
+/// /proc, and returns whether it passed; `None` (with a message) where that is not
+/// permitted here.
+fn run_with_proc_hidden(name: &str) -> Option<bool> {
+    let hide = "mount -t tmpfs none /proc";
+    let probe = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", hide])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot hide /proc here (needs `unshare --mount` and mount rights)");
+        return None;
+    }
+    let mut inner = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!("{hide} && exec \"$0\" --exact {name} --nocapture"))
+        .arg(std::env::current_exe().unwrap())
+        .env("MP_CORE_TEST_PROC_HIDDEN", "1")
+        .spawn()
+        .unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(inner.id() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: BOUND.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    let ready =
+        rustix::io::retry_on_intr(|| rustix::event::poll(&mut fds, Some(&timeout))).unwrap();
+    if ready == 0 {
+        let _ = inner.kill();
+    }
+    Some(inner.wait().unwrap().success() && ready == 1)
+}
+
+/// With /proc hidden, every start method still starts, joins and reports exit statuses (the
+/// library needs /proc for nothing: pidfds tell deaths, the executable's path was recorded
+/// before main).
+#[test]
+fn processes_work_where_proc_is_hidden() {
+    if std::env::var_os("MP_CORE_TEST_PROC_HIDDEN").is_some() {
+        assert!(
+            !std::path::Path::new("/proc/self").exists(),
+            "/proc is not hidden"
+        );
+        for method in StartMethod::ALL {
+            let child = Process::new(|x: u64| x * x)
+                .args(9)
+                .start_method(method)
+                .start()
+                .unwrap();
+            assert_eq!(child.join_timeout(BOUND).unwrap(), 81, "{method}");
+            let child = Process::new(park_forever)
+                .start_method(method)
+                .start()
+                .unwrap();
+            child.kill().unwrap();
+            assert!(matches!(
+                child.join_timeout(BOUND),
+                Err(ProcessError::Signaled {
+                    signal: libc::SIGKILL,
+                    ..
+                })
+            ));
+        }
+        return;
+    }
+    if let Some(passed) = run_with_proc_hidden("processes_work_where_proc_is_hidden") {
+        assert!(
+            passed,
+            "the run with /proc hidden failed (its output is above)"
+        );
+    }
+}
