@@ -580,3 +580,87 @@ fn processes_work_where_proc_is_hidden() {
         );
     }
 }
+
+/// The open descriptors of this process (found without /proc).
+fn open_fds() -> Vec<i32> {
+    (0..4096)
+        // SAFETY: F_GETFD on a descriptor number only reads the descriptor table.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+        .collect()
+}
+
+fn set_descriptor_limit(soft: u64) {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(soft),
+            maximum: limit.maximum,
+        },
+    )
+    .unwrap();
+}
+
+/// With the descriptor table all but full (every headroom from 0 to 24 free slots, so each
+/// step of a start runs out in turn), starting and joining under every start method gives a
+/// result or a typed error, never a panic or a hang; once descriptors are free again, starts
+/// work and nothing leaked.
+#[test]
+fn exhausted_descriptors_give_typed_errors() {
+    let outer = Process::new(|| {
+        // Start the fork server while descriptors are plentiful, as a long-running program
+        // would have.
+        let warm = Process::new(|| 0u8)
+            .start_method(StartMethod::ForkServer)
+            .start()
+            .unwrap();
+        warm.join_timeout(BOUND).unwrap();
+        let before = open_fds();
+        let highest = *before.last().unwrap();
+        let original = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let mut failures = Vec::new();
+        let mut successes = 0;
+        for headroom in 0..24 {
+            for method in StartMethod::ALL {
+                set_descriptor_limit((highest + 1 + headroom) as u64);
+                let outcome = Process::new(|x: u32| x + 1)
+                    .args(headroom as u32)
+                    .start_method(method)
+                    .start()
+                    .and_then(|child| child.join_timeout(BOUND));
+                set_descriptor_limit(original.current.unwrap_or(1024));
+                match outcome {
+                    Ok(value) => {
+                        assert_eq!(value, headroom as u32 + 1);
+                        successes += 1;
+                    }
+                    Err(ProcessError::Timeout { pid }) => panic!("{method}: child {pid} hung"),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+        }
+        // Descriptors are back: everything works, and nothing was left open.
+        for method in StartMethod::ALL {
+            let child = Process::new(|| 7u8).start_method(method).start().unwrap();
+            assert_eq!(child.join_timeout(BOUND).unwrap(), 7);
+        }
+        // Finished children are forgotten (and their pidfds closed) when listed.
+        assert!(mp_core::active_children().is_empty());
+        let after = open_fds();
+        let leaked: Vec<_> = after
+            .into_iter()
+            .filter(|fd| !before.contains(fd))
+            .collect();
+        (failures, successes, leaked)
+    })
+    .start()
+    .unwrap();
+    let (failures, successes, leaked) = outer.join_timeout(BOUND * 3).unwrap();
+    assert!(!failures.is_empty(), "the limit never bit");
+    assert!(
+        successes > 0,
+        "no start succeeded even with room: {failures:?}"
+    );
+    assert!(leaked.is_empty(), "descriptors {leaked:?} leaked");
+    eprintln!("typed errors seen: {failures:#?}");
+}
