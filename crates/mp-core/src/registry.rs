@@ -150,33 +150,42 @@ impl Tracked {
 
     /// Waits at most `timeout` (`None`: without limit) for the child to end, and reaps it.
     pub(crate) fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
-        if let ExitWatch::Ended(status) = &*self.watch.lock() {
-            return Some(*status);
-        }
-        // Sleep on the pidfd (readable once the process has exited, ours or the fork
-        // server's) without the lock, so other threads can still ask.
-        if !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
+        // A poll of a running child answers from its pidfd alone, without the lock (which a
+        // join holds while it waits for a fork server's relay; once the child has exited
+        // that relay is imminent).
+        let polling = timeout.is_some_and(|t| t.is_zero());
+        if polling && !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
             return None;
         }
         let mut watch = self.watch.lock();
         let ended = match &*watch {
             ExitWatch::Ended(status) => return Some(*status),
-            ExitWatch::Direct => sys::try_reap(self.pidfd.as_fd()).ok().flatten(),
-            ExitWatch::ForkServer(statuses) => {
-                // It has exited: the server relays the status as soon as it has reaped it.
-                let wait = if timeout.is_some_and(|t| t.is_zero()) {
-                    Some(Duration::ZERO)
-                } else {
-                    Some(STATUS_RELAY_GRACE)
-                };
-                match transfer::recv_timeout(statuses, wait) {
-                    Ok(raw) => Some(ExitStatus::from_wait_status(raw)),
-                    Err(TryRecvError::Empty) => None,
-                    // The fork server is gone without relaying it: its children were killed
-                    // with it (parent-death signal).
-                    Err(TryRecvError::IpcError(_)) => Some(ExitStatus::Signal(libc::SIGKILL)),
+            ExitWatch::Direct => {
+                // Sleep on the pidfd without the lock, so other threads can still ask.
+                drop(watch);
+                if !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
+                    return None;
+                }
+                watch = self.watch.lock();
+                match &*watch {
+                    ExitWatch::Ended(status) => return Some(*status),
+                    _ => sys::try_reap(self.pidfd.as_fd()).ok().flatten(),
                 }
             }
+            // The server reaps it and relays the status: wait for that directly (one wake-up,
+            // not the pidfd's and then the relay's).
+            ExitWatch::ForkServer(statuses) => match transfer::recv_timeout(statuses, timeout) {
+                Ok(raw) => Some(ExitStatus::from_wait_status(raw)),
+                Err(TryRecvError::Empty) => None,
+                // The fork server is gone without relaying it: its children are killed with it
+                // (parent-death signal).
+                Err(TryRecvError::IpcError(_)) => sys::wait_readable(
+                    self.pidfd.as_fd(),
+                    timeout.map(|t| t.max(STATUS_RELAY_GRACE)),
+                )
+                .unwrap_or(false)
+                .then_some(ExitStatus::Signal(libc::SIGKILL)),
+            },
         };
         if let Some(status) = ended {
             tracing::debug!(pid = self.pid, name = %self.name, ?status, "process ended");
