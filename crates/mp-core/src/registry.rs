@@ -121,10 +121,6 @@ pub(crate) enum ExitWatch {
     Ended(ExitStatus),
 }
 
-/// How long a child of the fork server that has exited may wait for the server to relay its
-/// status (it does so right after reaping it; this only bounds a stopped or dying server).
-const STATUS_RELAY_GRACE: Duration = Duration::from_secs(5);
-
 /// A child process this process started.
 pub(crate) struct Tracked {
     pub pid: u32,
@@ -179,12 +175,9 @@ impl Tracked {
                 Err(TryRecvError::Empty) => None,
                 // The fork server is gone without relaying it: its children are killed with it
                 // (parent-death signal).
-                Err(TryRecvError::IpcError(_)) => sys::wait_readable(
-                    self.pidfd.as_fd(),
-                    timeout.map(|t| t.max(STATUS_RELAY_GRACE)),
-                )
-                .unwrap_or(false)
-                .then_some(ExitStatus::Signal(libc::SIGKILL)),
+                Err(TryRecvError::IpcError(_)) => sys::wait_readable(self.pidfd.as_fd(), timeout)
+                    .unwrap_or(false)
+                    .then_some(ExitStatus::Signal(libc::SIGKILL)),
             },
         };
         if let Some(status) = ended {
