@@ -84,6 +84,28 @@ impl Drop for Flood {
     }
 }
 
+/// A pidfd of process `pid` (ours or not), opened while it is known to exist.
+fn pidfd_of(pid: u32) -> OwnedFd {
+    rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap()
+}
+
+/// Waits (bounded by [`BOUND`]) for the process behind `pidfd` to end; whether it did.
+fn ends_within_bound(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: BOUND.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    rustix::io::retry_on_intr(|| rustix::event::poll(&mut fds, Some(&timeout))).unwrap() == 1
+}
+
 fn park_forever() {
     loop {
         std::thread::park();
@@ -383,11 +405,7 @@ fn a_daemons_children_die_with_it() {
         .start()
         .unwrap();
         let grandchild = pid_rx.try_recv_timeout(BOUND).unwrap();
-        let grandchild = rustix::process::pidfd_open(
-            rustix::process::Pid::from_raw(grandchild as i32).unwrap(),
-            rustix::process::PidfdFlags::empty(),
-        )
-        .unwrap();
+        let grandchild = pidfd_of(grandchild);
         daemon.terminate().unwrap();
         assert!(matches!(
             daemon.join_timeout(BOUND),
@@ -396,18 +414,8 @@ fn a_daemons_children_die_with_it() {
                 ..
             })
         ));
-        let mut fds = [rustix::event::PollFd::new(
-            &grandchild,
-            rustix::event::PollFlags::IN,
-        )];
-        let timeout = rustix::event::Timespec {
-            tv_sec: BOUND.as_secs() as i64,
-            tv_nsec: 0,
-        };
-        let ready = rustix::io::retry_on_intr(|| rustix::event::poll(&mut fds, Some(&timeout)));
-        assert_eq!(
-            ready.unwrap(),
-            1,
+        assert!(
+            ends_within_bound(&grandchild),
             "{method}: the daemon's child outlived it"
         );
     }
@@ -520,25 +528,11 @@ fn run_with_proc_hidden(name: &str) -> Option<bool> {
         .env("MP_CORE_TEST_PROC_HIDDEN", "1")
         .spawn()
         .unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(inner.id() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: BOUND.as_secs() as i64,
-        tv_nsec: 0,
-    };
-    let ready =
-        rustix::io::retry_on_intr(|| rustix::event::poll(&mut fds, Some(&timeout))).unwrap();
-    if ready == 0 {
+    let ended = ends_within_bound(&pidfd_of(inner.id()));
+    if !ended {
         let _ = inner.kill();
     }
-    Some(inner.wait().unwrap().success() && ready == 1)
+    Some(inner.wait().unwrap().success() && ended)
 }
 
 /// With /proc hidden, every start method still starts, joins and reports exit statuses (the
