@@ -130,6 +130,12 @@ impl FunctionId {
         (anchor() as i64 + self.offset) as usize
     }
 
+    /// The address as a pointer that may be called through, with the provenance exposed by
+    /// the `as usize` casts that made the id.
+    fn pointer(self) -> *const () {
+        std::ptr::with_exposed_provenance(self.address())
+    }
+
     /// Names the byte-level trampoline of `F`: postcard-encoded arguments in, postcard-encoded
     /// result out. This is how a pool runs any function on a long-lived worker.
     pub fn of_task<M, F: Entry<M>>(_: &F) -> Self {
@@ -147,8 +153,11 @@ impl FunctionId {
     /// (ids are addresses; any other value calls an arbitrary address).
     pub unsafe fn call_task(self, input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
         // SAFETY: per this function's contract the address is that of a `run_task::<M, F>`
-        // instantiation of this image, which has the `TaskTrampoline` signature.
-        let trampoline: TaskTrampoline = unsafe { std::mem::transmute(self.address()) };
+        // instantiation of this image, which has the `TaskTrampoline` signature. The pointer
+        // is rebuilt with the provenance exposed when ids are made (`as usize` on a function
+        // pointer exposes it); transmuting the bare integer would make a pointer without
+        // provenance, which Miri reports as undefined behaviour.
+        let trampoline: TaskTrampoline = unsafe { std::mem::transmute(self.pointer()) };
         trampoline(input)
     }
 
@@ -159,8 +168,9 @@ impl FunctionId {
     /// # Safety
     /// `self` must come from [`FunctionId::of_process`] in a process running this executable.
     pub(crate) unsafe fn process_trampoline(self) -> ProcessTrampoline {
-        // SAFETY: per the contract the address is a `run_process::<M, F>` instantiation.
-        unsafe { std::mem::transmute(self.address()) }
+        // SAFETY: per the contract the address is a `run_process::<M, F>` instantiation; the
+        // pointer carries exposed provenance (see `call_task`).
+        unsafe { std::mem::transmute(self.pointer()) }
     }
 }
 
