@@ -11,7 +11,10 @@ use multiproc::mp_ipc::{Lock, LockError, Semaphore, SharedMemory, Value};
 use multiproc::mp_pool::Pool;
 use multiproc::{Process, StartMethod};
 
-use crate::rigs::{self, EchoRig, QueueItem, QueueRig, SinkRig, no_op, spin, square};
+use crate::rigs::{
+    self, EchoRig, QueueItem, QueueRig, SinkRig, check_echo, echo_bytes, mebibyte, no_op, spin,
+    square,
+};
 use crate::sampling::{BenchResult, Params, per_op, sample_for, throughput, timed};
 
 /// Process start + join, fork start method.
@@ -258,6 +261,37 @@ pub fn cpu_speedup(params: &Params) -> BenchResult<Vec<f64>> {
         })?;
         let parallel = timed(|| Ok(pool.chunksize(1).map(spin, vec![n; TASKS])?))?;
         Ok(serial.as_secs_f64() / parallel.as_secs_f64())
+    })?;
+    pool.close();
+    pool.join()?;
+    Ok(samples)
+}
+
+/// Milliseconds per new process (spawn) that receives 1 MiB and returns it.
+pub fn echo_1mib_process(params: &Params) -> BenchResult<Vec<f64>> {
+    let one = || -> BenchResult<f64> {
+        let data = mebibyte();
+        let start = Instant::now();
+        let back = Process::new(echo_bytes).args(data).start()?.join()?;
+        let took = start.elapsed();
+        check_echo(&back)?;
+        Ok(took.as_secs_f64() * 1e3)
+    };
+    one()?;
+    sample_for(params.budget, one)
+}
+
+/// Milliseconds per 1 MiB sent to a warm `Pool(2)` worker (`apply`) and returned.
+pub fn echo_1mib_pool(params: &Params) -> BenchResult<Vec<f64>> {
+    let pool = Pool::new(2)?;
+    pool.apply(echo_bytes, mebibyte())?;
+    let samples = sample_for(params.budget, || {
+        let data = mebibyte();
+        let start = Instant::now();
+        let back = pool.apply(echo_bytes, data)?;
+        let took = start.elapsed();
+        check_echo(&back)?;
+        Ok(took.as_secs_f64() * 1e3)
     })?;
     pool.close();
     pool.join()?;

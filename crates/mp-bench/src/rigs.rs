@@ -39,6 +39,25 @@ pub fn square(x: u64) -> u64 {
     x * x
 }
 
+/// The task of the 1 MiB echo workloads: returns what it was given.
+pub fn echo_bytes(bytes: Bytes) -> Bytes {
+    bytes
+}
+
+/// The payload of the 1 MiB echo workloads.
+pub fn mebibyte() -> Bytes {
+    Bytes(vec![0x5a; MIB])
+}
+
+/// Checks what an echo workload got back.
+pub fn check_echo(back: &Bytes) -> BenchResult<()> {
+    if back.len() == MIB && back.iter().all(|&b| b == 0x5a) {
+        Ok(())
+    } else {
+        Err("the echoed 1 MiB differs from what was sent".into())
+    }
+}
+
 /// CPU-bound task of the speedup workload: the same integer loop as the
 /// CPython program's `spin`. Never inlined, so that the serial side and the
 /// pool's workers run the very same machine code (inlined into the serial

@@ -28,7 +28,10 @@ fn miri_fn_item_round_trips_through_its_id() {
 fn miri_closures_of_zero_one_and_tuple_arguments() {
     let nothing = || String::from("no arguments");
     let output = call(FunctionId::of_task(&nothing), &()).unwrap();
-    assert_eq!(postcard::from_bytes::<String>(&output).unwrap(), "no arguments");
+    assert_eq!(
+        postcard::from_bytes::<String>(&output).unwrap(),
+        "no arguments"
+    );
 
     let joined = |(count, word): (u32, String)| word.repeat(count as usize);
     let output = call(FunctionId::of_task(&joined), &(3u32, "ab".to_string())).unwrap();
@@ -71,7 +74,11 @@ fn miri_panic_comes_back_as_a_report() {
         Err(TaskFailure::Panicked(report)) => {
             assert_eq!(report.message, "too big: 2");
             assert!(
-                report.location.as_deref().unwrap_or("").contains("miri_function.rs"),
+                report
+                    .location
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("miri_function.rs"),
                 "location names this file: {:?}",
                 report.location
             );
