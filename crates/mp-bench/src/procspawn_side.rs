@@ -7,10 +7,15 @@
 //! procspawn column; what it has is `spawn` (a new process per call) and a `Pool` of
 //! processes. `procspawn::init()` runs first thing in `main`.
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::time::Instant;
 
-use crate::rigs::{check_echo, echo_bytes as echo, mebibyte, no_op, spin, square};
+use procspawn::JoinHandle;
+
+use crate::rigs::{
+    SPEEDUP_TASKS, echo_bytes, echo_ms, mebibyte, no_op, speedup_sample, speedup_task_size, spin,
+    square,
+};
 use crate::sampling::{BenchResult, Params, per_op, sample_for, timed};
 
 /// The pool size of every pool row, as on the other sides.
@@ -63,17 +68,31 @@ pub fn pool_apply(params: &Params) -> BenchResult<Vec<f64>> {
     Ok(samples)
 }
 
-/// Thousands of tasks per second: every item its own task (procspawn has no chunking),
-/// all submitted, then all joined in order: the `chunksize=1` map of the other sides.
+/// Tasks a chunksize-1 map keeps queued on procspawn's pool. procspawn opens descriptors for
+/// every queued task: queueing all 10 000 at once panics inside procspawn with EMFILE ("Too
+/// many open files"), so the map keeps a window of tasks in flight, joined in order.
+const IN_FLIGHT: usize = 64;
+
+/// Thousands of tasks per second: every item its own task (procspawn has no chunking), at
+/// most [`IN_FLIGHT`] queued at once, results taken in order: the `chunksize=1` map of the
+/// other sides.
 pub fn pool_map_chunksize1(params: &Params) -> BenchResult<Vec<f64>> {
     let items: u64 = if params.quick { 10_000 } else { 100_000 };
     let pool = pool()?;
     pool.spawn(3u64, square).join()?;
     let samples = sample_for(params.budget, || {
         let start = Instant::now();
-        let handles: Vec<_> = (0..items).map(|i| pool.spawn(i, square)).collect();
+        let mut in_flight = VecDeque::with_capacity(IN_FLIGHT);
         let mut last = 0;
-        for handle in handles {
+        for i in 0..items {
+            if in_flight.len() == IN_FLIGHT {
+                last = in_flight
+                    .pop_front()
+                    .map_or(Ok(0), |h: JoinHandle<u64>| h.join())?;
+            }
+            in_flight.push_back(pool.spawn(i, square));
+        }
+        for handle in in_flight {
             last = handle.join()?;
         }
         if last != (items - 1) * (items - 1) {
@@ -87,14 +106,7 @@ pub fn pool_map_chunksize1(params: &Params) -> BenchResult<Vec<f64>> {
 
 /// Milliseconds per new process that receives 1 MiB and returns it.
 pub fn echo_1mib_process(params: &Params) -> BenchResult<Vec<f64>> {
-    let one = || -> BenchResult<f64> {
-        let data = mebibyte();
-        let start = Instant::now();
-        let back = procspawn::spawn(data, echo).join()?;
-        let took = start.elapsed();
-        check_echo(&back)?;
-        Ok(took.as_secs_f64() * 1e3)
-    };
+    let one = || echo_ms(|data| Ok(procspawn::spawn(data, echo_bytes).join()?));
     one()?;
     sample_for(params.budget, one)
 }
@@ -102,14 +114,9 @@ pub fn echo_1mib_process(params: &Params) -> BenchResult<Vec<f64>> {
 /// Milliseconds per 1 MiB sent to a warm pool's worker and returned.
 pub fn echo_1mib_pool(params: &Params) -> BenchResult<Vec<f64>> {
     let pool = pool()?;
-    pool.spawn(mebibyte(), echo).join()?;
+    pool.spawn(mebibyte(), echo_bytes).join()?;
     let samples = sample_for(params.budget, || {
-        let data = mebibyte();
-        let start = Instant::now();
-        let back = pool.spawn(data, echo).join()?;
-        let took = start.elapsed();
-        check_echo(&back)?;
-        Ok(took.as_secs_f64() * 1e3)
+        echo_ms(|data| Ok(pool.spawn(data, echo_bytes).join()?))
     })?;
     pool.shutdown();
     Ok(samples)
@@ -117,31 +124,19 @@ pub fn echo_1mib_pool(params: &Params) -> BenchResult<Vec<f64>> {
 
 /// Serial time / pool time of 8 equal CPU-bound tasks, paired runs.
 pub fn cpu_speedup(params: &Params) -> BenchResult<Vec<f64>> {
-    const TASKS: usize = 8;
-    let task_time = (params.budget / 40).max(Duration::from_millis(2));
-    let mut n = 1000u64;
-    while timed(|| Ok(black_box(spin(black_box(n)))))? < task_time {
-        n = n.checked_mul(2).ok_or("spin calibration overflowed")?;
-    }
+    let n = speedup_task_size(params.budget)?;
     let pool = pool()?;
     for handle in [pool.spawn(1000u64, spin), pool.spawn(1000u64, spin)] {
         handle.join()?;
     }
     let samples = sample_for(params.budget, || {
-        let serial = timed(|| {
-            for _ in 0..TASKS {
-                black_box(spin(black_box(n)));
-            }
-            Ok(())
-        })?;
-        let parallel = timed(|| {
-            let handles: Vec<_> = (0..TASKS).map(|_| pool.spawn(n, spin)).collect();
+        speedup_sample(n, || {
+            let handles: Vec<_> = (0..SPEEDUP_TASKS).map(|_| pool.spawn(n, spin)).collect();
             for handle in handles {
-                black_box(handle.join()?);
+                handle.join()?;
             }
             Ok(())
-        })?;
-        Ok(serial.as_secs_f64() / parallel.as_secs_f64())
+        })
     })?;
     pool.shutdown();
     Ok(samples)
