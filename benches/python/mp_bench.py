@@ -82,6 +82,15 @@ def square(x):
     return x * x
 
 
+def echo(data):
+    return data
+
+
+def echo_back(conn, data):
+    conn.send_bytes(data)
+    conn.close()
+
+
 def echo_worker(conn):
     while True:
         msg = conn.recv()
@@ -387,6 +396,45 @@ def pool_apply(budget):
         return "us", sample_for(budget, lambda: run(k) / k * 1e6)
 
 
+def echo_1mib_process(budget):
+    """A new process gets 1 MiB and returns it. Process has no return value, so the reply
+    comes back over a Pipe; with the default start method (fork) the argument is inherited
+    rather than sent, so only the reply crosses between processes."""
+
+    def one():
+        data = b"\x5a" * MIB
+        t0 = time.perf_counter()
+        receiver, sender = mp.Pipe(duplex=False)
+        p = mp.Process(target=echo_back, args=(sender, data))
+        p.start()
+        sender.close()
+        back = receiver.recv_bytes()
+        p.join()
+        took = time.perf_counter() - t0
+        receiver.close()
+        assert back == data
+        return took * 1e3
+
+    one()
+    return "ms", sample_for(budget, one)
+
+
+def echo_1mib_pool(budget):
+    """1 MiB sent to a warm Pool(2) worker with apply and returned (pickled both ways)."""
+    with mp.Pool(2) as pool:
+        pool.apply(echo, (b"\x5a" * MIB,))
+
+        def one():
+            data = b"\x5a" * MIB
+            t0 = time.perf_counter()
+            back = pool.apply(echo, (data,))
+            took = time.perf_counter() - t0
+            assert back == data
+            return took * 1e3
+
+        return "ms", sample_for(budget, one)
+
+
 def cpu_speedup(budget):
     """Serial vs Pool(2) on 8 equal CPU-bound tasks, paired repetitions."""
     tasks = 8
@@ -432,6 +480,8 @@ WORKLOADS = {
         pool_map(CHUNKSIZE1_ITEMS[QUICK], 1, 1e3, b),
     ),
     "pool_apply": pool_apply,
+    "echo_1mib_process": echo_1mib_process,
+    "echo_1mib_pool": echo_1mib_pool,
     "cpu_speedup": cpu_speedup,
 }
 

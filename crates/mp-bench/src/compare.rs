@@ -1,6 +1,6 @@
-//! `compare`: every selected workload, its three sides interleaved
-//! (multiproc, CPython, floor, multiproc, CPython, floor, ...), each side run
-//! as a bounded child process; the medians across repetitions make the row.
+//! `compare`: every selected workload, its sides interleaved (multiproc,
+//! procspawn, CPython, floor, multiproc, procspawn, ...), each side run as a
+//! bounded child process; the medians across repetitions make the row.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,11 +29,13 @@ pub struct Options {
     pub script: PathBuf,
 }
 
-/// The three columns of a row.
+/// The measured columns of a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     /// multiproc, measured by this binary in a child.
     Multiproc,
+    /// procspawn (the Rust peer), measured by this binary in a child.
+    Procspawn,
     /// CPython's `multiprocessing`, measured by the Python program.
     CPython,
     /// The OS floor, measured by this binary in a child.
@@ -45,6 +47,7 @@ impl Side {
     pub fn as_str(self) -> &'static str {
         match self {
             Side::Multiproc => "multiproc",
+            Side::Procspawn => "procspawn",
             Side::CPython => "cpython",
             Side::Floor => "floor",
         }
@@ -63,6 +66,8 @@ pub enum Cell {
     },
     /// No OS floor applies to this workload.
     NoFloor,
+    /// procspawn has no counterpart of this workload.
+    NoProcspawn,
     /// The Python interpreter or program is missing.
     PythonMissing(String),
     /// The side failed; the message says why.
@@ -85,6 +90,7 @@ impl Cell {
         match self {
             Cell::Value { .. } => "ok".to_owned(),
             Cell::NoFloor => "no floor applies".to_owned(),
+            Cell::NoProcspawn => "procspawn has no counterpart".to_owned(),
             Cell::PythonMissing(what) => format!("{what} not found"),
             Cell::Failed(why) => format!("failed: {why}"),
             Cell::TimedOut(after) => format!("timed out after {} s", after.as_secs_f64()),
@@ -99,6 +105,8 @@ pub struct Row {
     pub workload: &'static Workload,
     /// multiproc's cell.
     pub multiproc: Cell,
+    /// procspawn's cell.
+    pub procspawn: Cell,
     /// CPython's cell.
     pub cpython: Cell,
     /// The floor's cell.
@@ -111,6 +119,14 @@ impl Row {
         Some(
             self.workload
                 .advantage(self.multiproc.value()?, self.cpython.value()?),
+        )
+    }
+
+    /// How many times better multiproc does than procspawn (> 1: ahead).
+    pub fn ratio_vs_procspawn(&self) -> Option<f64> {
+        Some(
+            self.workload
+                .advantage(self.multiproc.value()?, self.procspawn.value()?),
         )
     }
 
@@ -174,11 +190,12 @@ pub fn run(
     for (i, &workload) in workloads.iter().enumerate() {
         let mut sides = [
             SideRun::new(None),
+            SideRun::new(workload.procspawn.is_none().then_some(Cell::NoProcspawn)),
             SideRun::new(python.as_ref().err().cloned()),
             SideRun::new(workload.floor.is_none().then_some(Cell::NoFloor)),
         ];
         for _ in 0..options.reps {
-            for (side, run) in [Side::Multiproc, Side::CPython, Side::Floor]
+            for (side, run) in [Side::Multiproc, Side::Procspawn, Side::CPython, Side::Floor]
                 .into_iter()
                 .zip(sides.iter_mut())
             {
@@ -187,15 +204,18 @@ pub fn run(
                 }
                 let cmd = match side {
                     Side::CPython => python_command(options, workload),
-                    Side::Multiproc | Side::Floor => measure_command(&exe, options, workload, side),
+                    Side::Multiproc | Side::Procspawn | Side::Floor => {
+                        measure_command(&exe, options, workload, side)
+                    }
                 };
                 run.record(workload, run_bounded(cmd, options.timeout));
             }
         }
-        let [multiproc, cpython, floor] = sides.map(SideRun::finish);
+        let [multiproc, procspawn, cpython, floor] = sides.map(SideRun::finish);
         let row = Row {
             workload,
             multiproc,
+            procspawn,
             cpython,
             floor,
         };

@@ -1,23 +1,25 @@
-//! `mp-bench`: multiproc side by side with CPython's `multiprocessing` and
-//! the OS floor, on this machine, in one command.
+//! `mp-bench`: multiproc side by side with procspawn (the Rust peer),
+//! CPython's `multiprocessing` and the OS floor, on this machine, in one command.
 //!
 //! ```text
-//! cargo run --release -p mp-bench -- compare [--quick] [--json] [--filter NAME]...
+//! cargo run --release -p mp-bench -- compare [--quick] [--json | --csv] [--filter NAME]...
 //! ```
 //!
 //! For every workload named in the benchmark targets of the mp-core, mp-ipc
-//! and mp-pool issues, `compare` measures multiproc, the equivalent CPython
-//! program (`benches/python/mp_bench.py`, run with `python3` from `PATH`) and,
-//! where one applies, the OS floor written directly against the kernel (a raw
-//! futex ping-pong, memcpy, fork/posix_spawn). The three sides run
-//! interleaved, each repetition in a fresh child process under a time bound,
-//! and the table reports medians: absolute figures drift 20-45 % between runs
-//! on a shared VM, ratios measured in the same run do not.
+//! and mp-pool issues, `compare` measures multiproc, procspawn 1.0.2 on the
+//! rows it can express, the equivalent CPython program
+//! (`benches/python/mp_bench.py`, run with `python3` from `PATH`) and, where
+//! one applies, the OS floor written directly against the kernel (a raw futex
+//! ping-pong, memcpy, fork/posix_spawn). The sides run interleaved, each
+//! repetition in a fresh child process under a time bound, and the table
+//! reports medians: absolute figures drift 20-45 % between runs on a shared
+//! VM, ratios measured in the same run do not.
 
 mod child;
 mod compare;
 mod floor;
 mod multiproc_side;
+mod procspawn_side;
 mod report;
 mod rigs;
 mod sampling;
@@ -27,43 +29,104 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use compare::{Cell, Options, Side};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use compare::{Cell, Options};
 use sampling::{Params, median};
 
-const USAGE: &str = "\
-usage:
-  mp-bench compare [--quick] [--json] [--filter NAME]... [--reps N] [--budget SECS]
-                   [--timeout SECS] [--python CMD] [--script PATH]
-      Measure multiproc, CPython's multiprocessing and the OS floor side by side.
-      --quick        about a minute in all (3 repetitions of 0.25 s per side)
-      --json         one JSON document {\"meta\": .., \"rows\": [..]} instead of the table
-      --filter NAME  only workload NAME, or those whose name contains NAME (repeatable)
-      --reps N       interleaved repetitions per side (default 5, quick 3)
-      --budget SECS  sampling time per side and repetition (default 0.5, quick 0.25)
-      --timeout SECS time bound per side and repetition (default 60, quick 20)
-      --python CMD   the interpreter (default python3 from PATH)
-      --script PATH  the CPython program (default benches/python/mp_bench.py)
-  mp-bench list
-      The workloads and what each measures.
-  mp-bench measure WORKLOAD --side multiproc|floor [--budget SECS] [--quick]
-      One side of one workload, printed as a JSON line (what compare runs in its children).";
+/// multiproc side by side with procspawn, CPython's multiprocessing and the OS floor.
+#[derive(Parser, Debug)]
+#[command(name = "mp-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Measure multiproc, procspawn, CPython's multiprocessing and the OS floor side by side.
+    Compare(CompareArgs),
+    /// The workloads and what each measures.
+    List,
+    /// One side of one workload, printed as a JSON line (what compare runs in its children).
+    Measure(MeasureArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// About a minute in all (3 repetitions of 0.25 s per side).
+    #[arg(long)]
+    quick: bool,
+    /// One JSON document {"meta": .., "rows": [..]} instead of the table.
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// CSV: a header line, then one line per workload, instead of the table.
+    #[arg(long)]
+    csv: bool,
+    /// Only workload NAME, or those whose name contains NAME (repeatable).
+    #[arg(long = "filter", value_name = "NAME")]
+    filters: Vec<String>,
+    /// Interleaved repetitions per side [default: 5, quick 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    reps: Option<u16>,
+    /// Sampling time per side and repetition [default: 0.5, quick 0.25].
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    budget: Option<Duration>,
+    /// Time bound per side and repetition [default: 60, quick 20].
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+    /// The Python interpreter.
+    #[arg(long, value_name = "CMD", default_value = "python3")]
+    python: String,
+    /// The CPython program [default: benches/python/mp_bench.py].
+    #[arg(long, value_name = "PATH")]
+    script: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct MeasureArgs {
+    /// The workload (`mp-bench list`).
+    workload: String,
+    /// Which side to measure.
+    #[arg(long, value_enum)]
+    side: MeasuredSide,
+    /// Sampling time.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds, default_value = "0.5")]
+    budget: Duration,
+    /// The quick variant of the workload (smaller inputs).
+    #[arg(long)]
+    quick: bool,
+}
+
+/// The sides this binary measures itself (CPython's is the Python program).
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum MeasuredSide {
+    Multiproc,
+    Procspawn,
+    Floor,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{secs} is not a duration"))
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("compare") => compare_command(&args[1..]),
-        Some("measure") => return measure_command(&args[1..]),
-        Some("list") => {
+    // procspawn re-executes this binary for its children: they run their function here and
+    // exit (multiproc's children are served before main, by its constructor).
+    procspawn::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compare(args) => compare_command(args),
+        Command::Measure(args) => return measure_command(&args),
+        Command::List => {
             for w in workload::WORKLOADS {
                 println!("{:<26} {:<10} {}", w.name, w.unit, w.what);
             }
             Ok(())
         }
-        Some("help" | "--help" | "-h") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        _ => Err(format!("expected a command\n{USAGE}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,68 +137,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// Walks `--flag value` style arguments.
-struct Args<'a> {
-    rest: std::slice::Iter<'a, String>,
-}
-
-impl<'a> Args<'a> {
-    fn new(args: &'a [String]) -> Self {
-        Args { rest: args.iter() }
-    }
-
-    fn next(&mut self) -> Option<&'a str> {
-        self.rest.next().map(String::as_str)
-    }
-
-    fn value(&mut self, flag: &str) -> Result<&'a str, String> {
-        self.next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-    }
-
-    fn number<T: std::str::FromStr>(&mut self, flag: &str) -> Result<T, String> {
-        let text = self.value(flag)?;
-        text.parse()
-            .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
-    }
-}
-
-fn seconds(secs: f64, flag: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{flag}: {secs} is not a duration"))
-}
-
-fn compare_command(raw: &[String]) -> Result<(), String> {
-    let mut quick = false;
-    let mut as_json = false;
-    let mut filters = Vec::new();
-    let (mut reps, mut budget, mut timeout) = (None, None, None);
-    let mut python = "python3".to_owned();
-    let mut script = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../benches/python/mp_bench.py"
-    ));
-    let mut args = Args::new(raw);
-    while let Some(arg) = args.next() {
-        match arg {
-            "--quick" => quick = true,
-            "--json" => as_json = true,
-            "--filter" => filters.push(args.value(arg)?.to_owned()),
-            "--reps" => reps = Some(args.number::<usize>(arg)?.max(1)),
-            "--budget" => budget = Some(seconds(args.number(arg)?, arg)?),
-            "--timeout" => timeout = Some(seconds(args.number(arg)?, arg)?),
-            "--python" => python = args.value(arg)?.to_owned(),
-            "--script" => script = PathBuf::from(args.value(arg)?),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
+fn compare_command(args: CompareArgs) -> Result<(), String> {
+    let quick = args.quick;
     let options = Options {
         quick,
-        filters,
-        reps: reps.unwrap_or(if quick { 3 } else { 5 }),
-        budget: budget.unwrap_or(Duration::from_millis(if quick { 250 } else { 500 })),
-        timeout: timeout.unwrap_or(Duration::from_secs(if quick { 20 } else { 60 })),
-        python,
-        script,
+        filters: args.filters,
+        reps: args.reps.map_or(if quick { 3 } else { 5 }, usize::from),
+        budget: args
+            .budget
+            .unwrap_or(Duration::from_millis(if quick { 250 } else { 500 })),
+        timeout: args
+            .timeout
+            .unwrap_or(Duration::from_secs(if quick { 20 } else { 60 })),
+        python: args.python,
+        script: args.script.unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../benches/python/mp_bench.py"
+            ))
+        }),
     };
     let workloads = compare::select(&options.filters);
     if workloads.is_empty() {
@@ -146,6 +166,7 @@ fn compare_command(raw: &[String]) -> Result<(), String> {
     }
 
     let python = compare::python_version(&options);
+    let raw: Vec<String> = std::env::args().skip(2).collect();
     let meta = report::Meta {
         command: format!(
             "cargo run --release -p mp-bench -- compare {}",
@@ -169,10 +190,11 @@ fn compare_command(raw: &[String]) -> Result<(), String> {
             None => cell.status(),
         };
         eprintln!(
-            "[{}/{total}] {}: multiproc {} | cpython {} | floor {} ({})",
+            "[{}/{total}] {}: multiproc {} | procspawn {} | cpython {} | floor {} ({})",
             i + 1,
             row.workload.name,
             show(&row.multiproc),
+            show(&row.procspawn),
             show(&row.cpython),
             show(&row.floor),
             row.workload.unit
@@ -180,12 +202,14 @@ fn compare_command(raw: &[String]) -> Result<(), String> {
     })
     .map_err(|e| format!("cannot find this executable to run measurements: {e}"))?;
 
-    if as_json {
+    if args.json {
         let doc = report::json(&meta, &rows);
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
         );
+    } else if args.csv {
+        print!("{}", report::csv(&rows));
     } else {
         print!("{}", report::table(&meta, &rows));
     }
@@ -210,8 +234,8 @@ fn machine() -> String {
 
 /// `measure`: one side of one workload, in this (child) process; prints the
 /// JSON line [`child::run_bounded`] reads.
-fn measure_command(raw: &[String]) -> ExitCode {
-    let report = match measure(raw) {
+fn measure_command(args: &MeasureArgs) -> ExitCode {
+    let report = match measure(args) {
         Ok((unit, samples)) => child::Report {
             unit: Some(unit.to_owned()),
             value: median(&samples),
@@ -236,35 +260,27 @@ fn measure_command(raw: &[String]) -> ExitCode {
 }
 
 /// Runs one side of a workload; returns the unit it measured in and its samples.
-fn measure(raw: &[String]) -> Result<(&'static str, Vec<f64>), String> {
-    let mut args = Args::new(raw);
-    let name = args
-        .next()
-        .ok_or_else(|| format!("measure needs a workload\n{USAGE}"))?;
+fn measure(args: &MeasureArgs) -> Result<(&'static str, Vec<f64>), String> {
+    let name = args.workload.as_str();
     let workload = workload::find(name).ok_or_else(|| format!("no workload {name:?}"))?;
-    let mut side = None;
-    let mut params = Params {
-        budget: Duration::from_millis(500),
-        quick: false,
+    let params = Params {
+        budget: args.budget,
+        quick: args.quick,
     };
-    while let Some(arg) = args.next() {
-        match arg {
-            "--side" => side = Some(args.value(arg)?),
-            "--budget" => params.budget = seconds(args.number(arg)?, arg)?,
-            "--quick" => params.quick = true,
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+    let (unit, samples) = match args.side {
+        MeasuredSide::Multiproc => (workload.unit, (workload.multiproc)(&params)),
+        MeasuredSide::Procspawn => {
+            let procspawn = workload
+                .procspawn
+                .ok_or("procspawn has no counterpart of this workload")?;
+            (workload.unit, procspawn(&params))
         }
-    }
-    let side = side.ok_or("measure needs --side multiproc|floor")?;
-    let (unit, samples) = if side == Side::Multiproc.as_str() {
-        (workload.unit, (workload.multiproc)(&params))
-    } else if side == Side::Floor.as_str() {
-        let floor = workload
-            .floor
-            .ok_or("no OS floor applies to this workload")?;
-        (floor.unit(), floor.measure(&params))
-    } else {
-        return Err(format!("--side {side:?}: expected multiproc or floor"));
+        MeasuredSide::Floor => {
+            let floor = workload
+                .floor
+                .ok_or("no OS floor applies to this workload")?;
+            (floor.unit(), floor.measure(&params))
+        }
     };
     Ok((unit, samples.map_err(|e| e.to_string())?))
 }

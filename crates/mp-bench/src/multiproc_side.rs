@@ -4,14 +4,17 @@
 //! [`crate::rigs`], which the criterion benches share.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use multiproc::mp_ipc::queue::Bytes;
 use multiproc::mp_ipc::{Lock, LockError, Semaphore, SharedMemory, Value};
 use multiproc::mp_pool::Pool;
 use multiproc::{Process, StartMethod};
 
-use crate::rigs::{self, EchoRig, QueueItem, QueueRig, SinkRig, no_op, spin, square};
+use crate::rigs::{
+    self, EchoRig, QueueItem, QueueRig, SPEEDUP_TASKS, SinkRig, echo_bytes, echo_ms, mebibyte,
+    no_op, speedup_sample, speedup_task_size, spin, square,
+};
 use crate::sampling::{BenchResult, Params, per_op, sample_for, throughput, timed};
 
 /// Process start + join, fork start method.
@@ -241,23 +244,33 @@ pub fn pool_apply(params: &Params) -> BenchResult<Vec<f64>> {
 /// Serial time / `Pool(2).map` time of 8 equal CPU-bound tasks (chunksize 1),
 /// each pair of runs back to back so that the VM's speed changes hit both.
 pub fn cpu_speedup(params: &Params) -> BenchResult<Vec<f64>> {
-    const TASKS: usize = 8;
-    let task_time = (params.budget / 40).max(Duration::from_millis(2));
-    let mut n = 1000u64;
-    while timed(|| Ok(black_box(spin(black_box(n)))))? < task_time {
-        n = n.checked_mul(2).ok_or("spin calibration overflowed")?;
-    }
+    let n = speedup_task_size(params.budget)?;
     let pool = Pool::new(2)?;
     pool.chunksize(1).map(spin, [1000, 1000])?;
     let samples = sample_for(params.budget, || {
-        let serial = timed(|| {
-            for _ in 0..TASKS {
-                black_box(spin(black_box(n)));
-            }
+        speedup_sample(n, || {
+            pool.chunksize(1).map(spin, vec![n; SPEEDUP_TASKS])?;
             Ok(())
-        })?;
-        let parallel = timed(|| Ok(pool.chunksize(1).map(spin, vec![n; TASKS])?))?;
-        Ok(serial.as_secs_f64() / parallel.as_secs_f64())
+        })
+    })?;
+    pool.close();
+    pool.join()?;
+    Ok(samples)
+}
+
+/// Milliseconds per new process (spawn) that receives 1 MiB and returns it.
+pub fn echo_1mib_process(params: &Params) -> BenchResult<Vec<f64>> {
+    let one = || echo_ms(|data| Ok(Process::new(echo_bytes).args(data).start()?.join()?));
+    one()?;
+    sample_for(params.budget, one)
+}
+
+/// Milliseconds per 1 MiB sent to a warm `Pool(2)` worker (`apply`) and returned.
+pub fn echo_1mib_pool(params: &Params) -> BenchResult<Vec<f64>> {
+    let pool = Pool::new(2)?;
+    pool.apply(echo_bytes, mebibyte())?;
+    let samples = sample_for(params.budget, || {
+        echo_ms(|data| Ok(pool.apply(echo_bytes, data)?))
     })?;
     pool.close();
     pool.join()?;

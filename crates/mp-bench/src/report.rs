@@ -1,4 +1,7 @@
-//! The two outputs of `compare`: a readable table and JSON rows.
+//! The outputs of `compare`: a readable table, JSON rows and CSV rows.
+//!
+//! The table is written by hand (about forty lines): a table crate would add a
+//! dependency to save little, and the notes and legends below it are plain text anyway.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -42,7 +45,7 @@ pub fn figure(x: f64) -> String {
 fn cell_text(cell: &Cell, notes: &mut Vec<String>, note: impl FnOnce() -> String) -> String {
     match cell {
         Cell::Value { median, .. } => figure(*median),
-        Cell::NoFloor => "-".to_owned(),
+        Cell::NoFloor | Cell::NoProcspawn => "-".to_owned(),
         Cell::PythonMissing(what) if what.ends_with("python3") => "python3 missing".to_owned(),
         Cell::PythonMissing(_) => "script missing".to_owned(),
         Cell::TimedOut(after) => format!("timeout {}s", after.as_secs_f64()),
@@ -53,6 +56,17 @@ fn cell_text(cell: &Cell, notes: &mut Vec<String>, note: impl FnOnce() -> String
     }
 }
 
+/// `12.3x faster` / `2.00x SLOWER`: how a ratio of advantage reads.
+fn advantage_text(ratio: Option<f64>) -> String {
+    ratio.map_or("-".to_owned(), |r| {
+        if r >= 1.0 {
+            format!("{}x faster", figure(r))
+        } else {
+            format!("{}x SLOWER", figure(1.0 / r))
+        }
+    })
+}
+
 /// The readable table, with its legend and notes.
 pub fn table(meta: &Meta, rows: &[Row]) -> String {
     let mut notes = Vec::new();
@@ -60,12 +74,14 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
         "workload",
         "unit",
         "multiproc",
+        "procspawn",
         "cpython",
         "floor",
+        "vs procspawn",
         "vs cpython",
         "vs floor",
     ];
-    let mut lines: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    let mut lines: Vec<[String; 9]> = vec![header.map(str::to_owned)];
     for row in rows {
         let name = row.workload.name;
         let unit = match row.workload.better {
@@ -76,20 +92,16 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
             name.to_owned(),
             unit,
             cell_text(&row.multiproc, &mut notes, || format!("{name}, multiproc")),
+            cell_text(&row.procspawn, &mut notes, || format!("{name}, procspawn")),
             cell_text(&row.cpython, &mut notes, || format!("{name}, cpython")),
             cell_text(&row.floor, &mut notes, || format!("{name}, floor")),
-            row.ratio_vs_cpython().map_or("-".to_owned(), |r| {
-                if r >= 1.0 {
-                    format!("{}x faster", figure(r))
-                } else {
-                    format!("{}x SLOWER", figure(1.0 / r))
-                }
-            }),
+            advantage_text(row.ratio_vs_procspawn()),
+            advantage_text(row.ratio_vs_cpython()),
             row.ratio_vs_floor()
                 .map_or("-".to_owned(), |r| format!("{}x", figure(r))),
         ]);
     }
-    let mut widths = [0; 7];
+    let mut widths = [0; 9];
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
@@ -100,7 +112,7 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
     let mode = if meta.quick { "quick" } else { "full" };
     let _ = writeln!(
         out,
-        "multiproc vs CPython {} multiprocessing vs the OS floor: medians of {} interleaved runs \
+        "multiproc vs procspawn 1.0.2 vs CPython {} multiprocessing vs the OS floor: medians of {} interleaved runs \
          ({mode}, {} s per side per run), {}",
         meta.python, meta.reps, meta.budget_s, meta.machine
     );
@@ -125,8 +137,8 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
     }
     out.push('\n');
     out.push_str(
-        "vs cpython: how many times faster multiproc is than CPython on that row (time ratio for \
-         costs, rate ratio for rates).\n\
+        "vs procspawn, vs cpython: how many times faster multiproc is than procspawn or CPython \
+         on that row (time ratio for costs, rate ratio for rates).\n\
          vs floor: multiproc's cost as a multiple of the OS floor's (1.00x = at the floor; the \
          floor is measured in the same run).\n",
     );
@@ -164,6 +176,7 @@ fn cell_json(cell: &Cell) -> (Value, Value) {
 /// One JSON object per row, with the fields of the table and the statuses.
 pub fn row_json(row: &Row) -> Value {
     let (multiproc, multiproc_reps) = cell_json(&row.multiproc);
+    let (procspawn, procspawn_reps) = cell_json(&row.procspawn);
     let (cpython, cpython_reps) = cell_json(&row.cpython);
     let (floor, floor_reps) = cell_json(&row.floor);
     json!({
@@ -172,16 +185,20 @@ pub fn row_json(row: &Row) -> Value {
         "unit": row.workload.unit,
         "better": row.workload.better.as_str(),
         "multiproc": multiproc,
+        "procspawn": procspawn,
         "cpython": cpython,
         "floor": floor,
         "floor_kind": row.workload.floor.map(|f| f.describe()),
+        "ratio_vs_procspawn": row.ratio_vs_procspawn(),
         "ratio_vs_cpython": row.ratio_vs_cpython(),
         "ratio_vs_floor": row.ratio_vs_floor(),
         "multiproc_status": row.multiproc.status(),
+        "procspawn_status": row.procspawn.status(),
         "cpython_status": row.cpython.status(),
         "floor_status": row.floor.status(),
         "reps": {
             "multiproc": multiproc_reps,
+            "procspawn": procspawn_reps,
             "cpython": cpython_reps,
             "floor": floor_reps,
         },
@@ -198,11 +215,60 @@ pub fn json(meta: &Meta, rows: &[Row]) -> Value {
             "budget_s": meta.budget_s,
             "python": meta.python,
             "machine": meta.machine,
+            "ratio_vs_procspawn": "how many times faster multiproc is than procspawn (> 1: ahead)",
             "ratio_vs_cpython": "how many times faster multiproc is than CPython (> 1: ahead)",
             "ratio_vs_floor": "multiproc's cost as a multiple of the OS floor's (1.0: at the floor)",
         },
         "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
     })
+}
+
+/// The columns of [`csv`], in order.
+pub const CSV_COLUMNS: [&str; 14] = [
+    "workload",
+    "unit",
+    "better",
+    "multiproc",
+    "procspawn",
+    "cpython",
+    "floor",
+    "ratio_vs_procspawn",
+    "ratio_vs_cpython",
+    "ratio_vs_floor",
+    "multiproc_status",
+    "procspawn_status",
+    "cpython_status",
+    "floor_status",
+];
+
+/// One CSV line per row after a header line (RFC 4180: text fields quoted, `"` doubled);
+/// a figure that was not measured is an empty field, and its status says why.
+pub fn csv(rows: &[Row]) -> String {
+    let quote = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
+    let number = |x: Option<f64>| x.map_or(String::new(), |x| x.to_string());
+    let mut out = CSV_COLUMNS.join(",");
+    out.push('\n');
+    for row in rows {
+        let fields = [
+            quote(row.workload.name),
+            quote(row.workload.unit),
+            quote(row.workload.better.as_str()),
+            number(row.multiproc.value()),
+            number(row.procspawn.value()),
+            number(row.cpython.value()),
+            number(row.floor.value()),
+            number(row.ratio_vs_procspawn()),
+            number(row.ratio_vs_cpython()),
+            number(row.ratio_vs_floor()),
+            quote(&row.multiproc.status()),
+            quote(&row.procspawn.status()),
+            quote(&row.cpython.status()),
+            quote(&row.floor.status()),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -243,18 +309,21 @@ mod tests {
             Row {
                 workload: find("pipe_roundtrip").unwrap(),
                 multiproc: value(20.0),
+                procspawn: value(5.0),
                 cpython: value(10.0),
                 floor: value(10.0),
             },
             Row {
                 workload: find("lock_uncontended").unwrap(),
                 multiproc: value(14.0),
+                procspawn: Cell::NoProcspawn,
                 cpython: Cell::Failed("boom".into()),
                 floor: Cell::NoFloor,
             },
             Row {
                 workload: find("pool_map_1m").unwrap(),
                 multiproc: Cell::TimedOut(Duration::from_secs(20)),
+                procspawn: value(1.0),
                 cpython: Cell::PythonMissing("python3".into()),
                 floor: Cell::NoFloor,
             },
@@ -268,7 +337,9 @@ mod tests {
         };
         let pipe = line("pipe_roundtrip");
         assert!(
-            pipe.contains("2.00x SLOWER") && pipe.ends_with("2.00x"),
+            pipe.contains("4.00x SLOWER")
+                && pipe.contains("2.00x SLOWER")
+                && pipe.ends_with("2.00x"),
             "{pipe}"
         );
         let lock = line("lock_uncontended");
@@ -297,5 +368,31 @@ mod tests {
         assert_eq!(doc["rows"][1]["cpython_status"], "failed: boom");
         assert_eq!(doc["rows"][2]["multiproc_status"], "timed out after 20 s");
         assert_eq!(doc["rows"][2]["cpython_status"], "python3 not found");
+        assert_eq!(first["procspawn"], json!(5.0));
+        assert_eq!(first["ratio_vs_procspawn"], json!(0.25));
+        assert_eq!(
+            doc["rows"][1]["procspawn_status"],
+            "procspawn has no counterpart"
+        );
+    }
+
+    #[test]
+    fn csv_has_a_header_and_one_quoted_line_per_row() {
+        let rows = [Row {
+            workload: find("pool_apply").unwrap(),
+            multiproc: value(2.0),
+            procspawn: value(4.0),
+            cpython: Cell::Failed("said \"no\", twice".into()),
+            floor: value(1.0),
+        }];
+        let text = csv(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], CSV_COLUMNS.join(","));
+        assert_eq!(
+            lines[1],
+            "\"pool_apply\",\"us\",\"lower\",2,4,,1,2,,2,\"ok\",\"ok\",\
+             \"failed: said \"\"no\"\", twice\",\"ok\""
+        );
+        assert_eq!(lines.len(), 2);
     }
 }

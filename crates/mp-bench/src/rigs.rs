@@ -39,6 +39,61 @@ pub fn square(x: u64) -> u64 {
     x * x
 }
 
+/// The task of the 1 MiB echo workloads: returns what it was given.
+pub fn echo_bytes(bytes: Bytes) -> Bytes {
+    bytes
+}
+
+/// The payload of the 1 MiB echo workloads.
+pub fn mebibyte() -> Bytes {
+    Bytes(vec![0x5a; MIB])
+}
+
+/// Milliseconds of one 1 MiB round trip through `echo` (which sends the payload to another
+/// process and returns what came back), checked.
+pub fn echo_ms(echo: impl FnOnce(Bytes) -> BenchResult<Bytes>) -> BenchResult<f64> {
+    let data = mebibyte();
+    let start = Instant::now();
+    let back = echo(data)?;
+    let took = start.elapsed();
+    if back.len() == MIB && back.iter().all(|&b| b == 0x5a) {
+        Ok(took.as_secs_f64() * 1e3)
+    } else {
+        Err("the echoed 1 MiB differs from what was sent".into())
+    }
+}
+
+/// Tasks of the CPU speedup workload.
+pub const SPEEDUP_TASKS: usize = 8;
+
+/// The `n` for which one [`spin`] takes at least a fortieth of the budget (and 2 ms).
+pub fn speedup_task_size(budget: Duration) -> BenchResult<u64> {
+    let task_time = (budget / 40).max(Duration::from_millis(2));
+    let mut n = 1000u64;
+    loop {
+        let start = Instant::now();
+        std::hint::black_box(spin(std::hint::black_box(n)));
+        if start.elapsed() >= task_time {
+            return Ok(n);
+        }
+        n = n.checked_mul(2).ok_or("spin calibration overflowed")?;
+    }
+}
+
+/// One sample of the speedup workload: the time of [`SPEEDUP_TASKS`] `spin(n)` in a row over
+/// the time of `parallel` (which runs the same tasks on a pool), back to back so that the
+/// VM's speed changes hit both.
+pub fn speedup_sample(n: u64, parallel: impl FnOnce() -> BenchResult<()>) -> BenchResult<f64> {
+    let start = Instant::now();
+    for _ in 0..SPEEDUP_TASKS {
+        std::hint::black_box(spin(std::hint::black_box(n)));
+    }
+    let serial = start.elapsed();
+    let start = Instant::now();
+    parallel()?;
+    Ok(serial.as_secs_f64() / start.elapsed().as_secs_f64())
+}
+
 /// CPU-bound task of the speedup workload: the same integer loop as the
 /// CPython program's `spin`. Never inlined, so that the serial side and the
 /// pool's workers run the very same machine code (inlined into the serial

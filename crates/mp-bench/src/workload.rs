@@ -4,6 +4,7 @@
 
 use crate::floor::Floor;
 use crate::multiproc_side as mp;
+use crate::procspawn_side as ps;
 use crate::sampling::{BenchResult, Params};
 
 /// Which direction is better for a workload's unit.
@@ -43,6 +44,8 @@ pub struct Workload {
     pub floor: Option<Floor>,
     /// The multiproc side.
     pub multiproc: Measure,
+    /// The procspawn side, on the rows procspawn can express.
+    pub procspawn: Option<Measure>,
 }
 
 impl Workload {
@@ -74,6 +77,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: Some(Floor::ForkExitWait),
         multiproc: mp::process_start_fork,
+        procspawn: None,
     },
     Workload {
         name: "process_start_forkserver",
@@ -82,6 +86,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: Some(Floor::ForkExitWait),
         multiproc: mp::process_start_forkserver,
+        procspawn: None,
     },
     Workload {
         name: "process_start_spawn",
@@ -90,6 +95,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: Some(Floor::PosixSpawnTrue),
         multiproc: mp::process_start_spawn,
+        procspawn: Some(ps::process_start_spawn),
     },
     Workload {
         name: "pipe_roundtrip",
@@ -98,6 +104,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: Some(Floor::FutexPingPong),
         multiproc: mp::pipe_roundtrip,
+        procspawn: None,
     },
     Workload {
         name: "pipe_1mib",
@@ -106,6 +113,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: Some(MEMCPY_1MIB),
         multiproc: mp::pipe_1mib,
+        procspawn: None,
     },
     Workload {
         name: "queue_1to1_8b",
@@ -114,6 +122,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: None,
         multiproc: mp::queue_1to1_8b,
+        procspawn: None,
     },
     Workload {
         name: "queue_2to2_8b",
@@ -122,6 +131,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: None,
         multiproc: mp::queue_2to2_8b,
+        procspawn: None,
     },
     Workload {
         name: "queue_1to1_64k",
@@ -130,6 +140,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: Some(MEMCPY_64KIB),
         multiproc: mp::queue_1to1_64k,
+        procspawn: None,
     },
     Workload {
         name: "queue_2to2_64k",
@@ -138,6 +149,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: Some(MEMCPY_64KIB),
         multiproc: mp::queue_2to2_64k,
+        procspawn: None,
     },
     Workload {
         name: "lock_uncontended",
@@ -146,6 +158,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: None,
         multiproc: mp::lock_uncontended,
+        procspawn: None,
     },
     Workload {
         name: "semaphore_uncontended",
@@ -154,6 +167,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: None,
         multiproc: mp::semaphore_uncontended,
+        procspawn: None,
     },
     Workload {
         name: "contended_counter",
@@ -162,6 +176,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: None,
         multiproc: mp::contended_counter,
+        procspawn: None,
     },
     Workload {
         name: "value_increment",
@@ -170,6 +185,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: None,
         multiproc: mp::value_increment,
+        procspawn: None,
     },
     Workload {
         name: "shared_memory_round",
@@ -178,6 +194,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: None,
         multiproc: mp::shared_memory_round,
+        procspawn: None,
     },
     Workload {
         name: "pool_create",
@@ -186,6 +203,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: None,
         multiproc: mp::pool_create,
+        procspawn: Some(ps::pool_create),
     },
     Workload {
         name: "pool_map_1m",
@@ -194,6 +212,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: None,
         multiproc: mp::pool_map_1m,
+        procspawn: None,
     },
     Workload {
         name: "pool_map_chunksize1",
@@ -202,6 +221,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: None,
         multiproc: mp::pool_map_chunksize1,
+        procspawn: Some(ps::pool_map_chunksize1),
     },
     Workload {
         name: "pool_apply",
@@ -210,6 +230,25 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Lower,
         floor: Some(Floor::FutexPingPong),
         multiproc: mp::pool_apply,
+        procspawn: Some(ps::pool_apply),
+    },
+    Workload {
+        name: "echo_1mib_process",
+        what: "A new process (spawn) receives 1 MiB as its argument and returns it; join",
+        unit: "ms",
+        better: Better::Lower,
+        floor: None,
+        multiproc: mp::echo_1mib_process,
+        procspawn: Some(ps::echo_1mib_process),
+    },
+    Workload {
+        name: "echo_1mib_pool",
+        what: "1 MiB sent to a warm Pool(2) worker and returned (apply)",
+        unit: "ms",
+        better: Better::Lower,
+        floor: None,
+        multiproc: mp::echo_1mib_pool,
+        procspawn: Some(ps::echo_1mib_pool),
     },
     Workload {
         name: "cpu_speedup",
@@ -218,6 +257,7 @@ pub const WORKLOADS: &[Workload] = &[
         better: Better::Higher,
         floor: None,
         multiproc: mp::cpu_speedup,
+        procspawn: Some(ps::cpu_speedup),
     },
 ];
 

@@ -66,8 +66,10 @@ fn quick_table_has_the_row_with_measured_cells() {
     for column in [
         "unit",
         "multiproc",
+        "procspawn",
         "cpython",
         "floor",
+        "vs procspawn",
         "vs cpython",
         "vs floor",
     ] {
@@ -76,16 +78,22 @@ fn quick_table_has_the_row_with_measured_cells() {
     let rows: Vec<&str> = text.lines().filter(|l| l.starts_with(CHEAP)).collect();
     assert_eq!(rows.len(), 1, "exactly one {CHEAP} row in:\n{text}");
     let row = rows[0];
-    // workload, unit, multiproc, cpython, floor ("-"), ratio vs cpython, "-".
+    // workload, unit, multiproc, procspawn ("-": it has no locks), cpython, floor ("-"),
+    // ratio vs procspawn ("-"), ratio vs cpython, ratio vs floor ("-").
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cells[1..3], ["ns", "(lower)"], "{row}");
     assert!(is_figure(cells[3]), "multiproc cell is not a figure: {row}");
-    assert!(is_figure(cells[4]), "cpython cell is not a figure: {row}");
-    assert_eq!(cells[5], "-", "no floor applies: {row}");
-    let ratio = cells[6].trim_end_matches('x');
+    assert_eq!(cells[4], "-", "procspawn has no lock: {row}");
+    assert!(is_figure(cells[5]), "cpython cell is not a figure: {row}");
+    assert_eq!(
+        cells[6..8],
+        ["-", "-"],
+        "no floor, no ratio vs procspawn: {row}"
+    );
+    let ratio = cells[8].trim_end_matches('x');
     assert!(is_figure(ratio), "no ratio vs cpython: {row}");
-    assert!(matches!(cells[7], "faster" | "SLOWER"), "{row}");
-    assert_eq!(cells[8..], ["-"], "{row}");
+    assert!(matches!(cells[9], "faster" | "SLOWER"), "{row}");
+    assert_eq!(cells[10..], ["-"], "{row}");
     assert!(
         text.lines()
             .filter(|l| l.starts_with("pipe_") || l.starts_with("pool_"))
@@ -109,11 +117,14 @@ fn quick_json_rows_have_every_field() {
         "workload",
         "unit",
         "multiproc",
+        "procspawn",
         "cpython",
         "floor",
+        "ratio_vs_procspawn",
         "ratio_vs_cpython",
         "ratio_vs_floor",
         "multiproc_status",
+        "procspawn_status",
         "cpython_status",
         "floor_status",
     ] {
@@ -138,6 +149,59 @@ fn quick_json_rows_have_every_field() {
     // Lower is better for ns: the ratio is CPython's time over multiproc's.
     let ratio = row["ratio_vs_cpython"].as_f64().expect("a ratio");
     assert!((ratio - cpython / multiproc).abs() < 1e-9 * ratio, "{row}");
+}
+
+#[test]
+fn procspawn_is_measured_interleaved_on_the_rows_it_can_run() {
+    let text = stdout(&mp_bench(&[
+        "compare",
+        "--quick",
+        "--csv",
+        "--reps",
+        "2",
+        "--budget",
+        "0.05",
+        "--filter",
+        "process_start_spawn",
+    ]));
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("a header line").split(',').collect();
+    let row: Vec<&str> = lines.next().expect("one row").split(',').collect();
+    assert!(lines.next().is_none(), "one row only:\n{text}");
+    let field = |name: &str| {
+        let i = header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        row[i]
+    };
+    assert_eq!(field("workload"), "\"process_start_spawn\"");
+    assert_eq!(field("procspawn_status"), "\"ok\"", "{text}");
+    assert!(is_figure(field("procspawn")), "{text}");
+    assert!(is_figure(field("multiproc")), "{text}");
+    assert!(is_figure(field("ratio_vs_procspawn")), "{text}");
+}
+
+#[test]
+fn bad_arguments_are_refused_with_the_usage() {
+    let output = Command::new(env!("CARGO_BIN_EXE_mp-bench"))
+        .args(["compare", "--reps", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mp-bench");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--reps"), "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_mp-bench"))
+        .args(["compare", "--json", "--csv"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mp-bench");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "--json and --csv conflict: {output:?}"
+    );
 }
 
 #[test]

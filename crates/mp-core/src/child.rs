@@ -99,8 +99,10 @@ pub(crate) fn serve(channel: IpcReceiver<Header>, header: Header, bell: OwnedFd)
     };
     // SAFETY: the tag was checked under the run key with IdKind::Process: the parent made
     // this id with `process_entry::<M, F>`, from a `run_process::<M, F>` instantiation of
-    // this same executable, which has the `ProcessTrampoline` signature.
-    let trampoline: ProcessTrampoline = unsafe { std::mem::transmute(address) };
+    // this same executable, which has the `ProcessTrampoline` signature. The pointer takes the
+    // provenance the parent's `as usize` cast exposed (same image, same layout).
+    let trampoline: ProcessTrampoline =
+        unsafe { std::mem::transmute(std::ptr::with_exposed_provenance::<()>(address)) };
     trampoline(ChildLink {
         args: channel.to_opaque(),
         outcome: header.outcome,

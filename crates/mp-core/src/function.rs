@@ -296,6 +296,12 @@ impl FunctionId {
         (anchor() as i64 + self.raw.offset) as usize
     }
 
+    /// The address as a pointer that may be called through, with the provenance exposed by
+    /// the `as usize` casts that made the id.
+    fn pointer(self) -> *const () {
+        std::ptr::with_exposed_provenance(self.address())
+    }
+
     /// Names the byte-level trampoline of `F`: postcard-encoded arguments in, postcard-encoded
     /// result out. This is how a pool runs any function on a long-lived worker.
     pub fn of_task<M, F: Entry<M>>(_: &F) -> Self {
@@ -315,8 +321,10 @@ impl FunctionId {
         // decoded from bytes, which checks its tag: a MAC of (IdKind::Task, offset) under the
         // run key, which only processes of this run (running this executable) hold. So the
         // address is such a trampoline. Process trampolines are tagged as IdKind::Process and
-        // can never pass this check.
-        let trampoline: TaskTrampoline = unsafe { std::mem::transmute(self.address()) };
+        // can never pass this check. The pointer is rebuilt with the provenance exposed when
+        // ids are made (`as usize` on a function pointer exposes it); transmuting the bare
+        // integer would make a pointer without provenance, which Miri reports as UB.
+        let trampoline: TaskTrampoline = unsafe { std::mem::transmute(self.pointer()) };
         trampoline(input)
     }
 

@@ -257,10 +257,26 @@ impl<T: Pod> PodGuard<'_, T> {
 /// `multiprocessing.Value`).
 ///
 /// Clones, and copies passed to child processes, are the same value.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize)]
 #[serde(transparent, bound = "")]
 pub struct Value<T: Pod> {
     block: PodBlock<T>,
+}
+
+impl<'de, T: Pod> Deserialize<'de> for Value<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let block = PodBlock::<T>::deserialize(deserializer)?;
+        // A value is exactly one element: every access reads element 0, so a block of
+        // another length (an `Array` received as a `Value`, or a corrupted header) would be
+        // read out of bounds. Found by the `shm_attach` fuzz target.
+        if block.len != 1 {
+            return Err(serde::de::Error::custom(ShmError::WrongKind {
+                expected: std::any::type_name::<Value<T>>(),
+                offset: 0,
+            }));
+        }
+        Ok(Value { block })
+    }
 }
 
 impl<T: Pod> Value<T> {
