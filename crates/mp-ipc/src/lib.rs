@@ -68,8 +68,10 @@ pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 // Data plane.
 pub mod connection;
 pub mod listener;
+mod liveness;
 pub mod queue;
 mod ring;
+mod transport;
 
 pub use connection::{Connection, ConnectionError, Pipe, Waitable};
 pub use listener::{Client, Listener};

@@ -56,7 +56,8 @@ use crate::futex::{self, WaitOutcome};
 use crate::ring::{
     DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait, refuse_inside_item,
 };
-use crate::shm::{SharedMemory, ShmError};
+use crate::shm::ShmError;
+use crate::transport::{self, Ticket};
 
 /// What can go wrong with a queue.
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +247,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             capacity: builder.capacity_bytes,
             max_items: builder.maxsize,
             type_tag,
+            doorbell: false,
         })?;
         Ok(Queue {
             ring: Arc::new(ring),
@@ -433,19 +435,20 @@ fn type_tag<H: ?Sized>() -> u64 {
         })
 }
 
-/// The wire form of every queue handle: the memfd carrier of its ring.
+/// The wire form of every queue handle: a ticket for its ring's memfd
+/// (see the [transport](crate::transport)).
 #[derive(Serialize, Deserialize)]
 struct Wire {
-    ring: SharedMemory,
+    ring: Ticket,
 }
 
 impl<T> Serialize for Queue<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
         refuse_inside_item()?;
-        Wire {
-            ring: self.ring.carrier().clone(),
-        }
-        .serialize(serializer)
+        let ring = transport::lend(&self.ring.descriptors())
+            .map_err(|e| S::Error::custom(format!("lending a queue's descriptors: {e}")))?;
+        Wire { ring }.serialize(serializer)
     }
 }
 
@@ -456,8 +459,11 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
 }
 
 fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Queue<T>, D::Error> {
+    use serde::de::Error;
     let wire = Wire::deserialize(deserializer)?;
-    let ring = Ring::attach(wire.ring, tag).map_err(serde::de::Error::custom)?;
+    let fds = transport::claim(wire.ring)
+        .map_err(|e| D::Error::custom(format!("receiving a queue's descriptors: {e}")))?;
+    let ring = Ring::attach(fds.into_iter(), tag).map_err(D::Error::custom)?;
     Ok(Queue {
         ring: Arc::new(ring),
         _item: PhantomData,

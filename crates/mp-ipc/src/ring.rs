@@ -4,8 +4,8 @@
 //!
 //! # Layout
 //!
-//! One memfd holds everything, so that a single file descriptor (carried by
-//! ipc-channel inside a [`SharedMemory`](crate::shm::SharedMemory)) gives a process the whole queue:
+//! One memfd holds everything, so that a single file descriptor (lent to other
+//! processes through the [transport](crate::transport)) gives a process the whole queue:
 //!
 //! ```text
 //! [0, 4096)                 header: configuration, indices, wake-up words, two robust mutexes
@@ -102,13 +102,20 @@ impl Pos {
 #[derive(Default)]
 pub(crate) struct Padded<T>(pub(crate) T);
 
-/// Sleeping consumers: a futex sequence word and "somebody sleeps" flag.
+/// Sleeping consumers: a futex sequence word and who waits: [`FUTEX_SLEEPER`]
+/// (a consumer or poller asleep on `seq`) and/or [`DOORBELL_ARMED`] (somebody
+/// waits on the ring's doorbell descriptor, see `Ring::arm_doorbell`).
 #[repr(C)]
 #[derive(Default)]
 pub(crate) struct DataWait {
     seq: AtomicU32,
     sleeping: AtomicU32,
 }
+
+/// `DataWait::sleeping`: somebody sleeps on the futex word.
+pub(crate) const FUTEX_SLEEPER: u32 = 1;
+/// `DataWait::sleeping`: somebody waits on the doorbell descriptor.
+pub(crate) const DOORBELL_ARMED: u32 = 2;
 
 /// A sleeping producer: a futex sequence word and how many free bytes it
 /// waits for (0: nobody waits).
@@ -143,8 +150,9 @@ impl Indices {
     }
 
     /// Producer (holding the producer lock): makes everything up to `tail`
-    /// visible, then wakes the sleeping consumer, if any.
-    pub(crate) fn publish(&self, tail: Pos) {
+    /// visible, then wakes the sleeping consumer, if any. Returns whether a
+    /// doorbell waiter was armed (the caller rings the doorbell).
+    pub(crate) fn publish(&self, tail: Pos) -> bool {
         self.tail.0.store(tail.0, Release);
         // Dekker with `sleep_for_data` (store; fence; load on both sides):
         // either the sleeper sees the new tail, or this load sees its flag.
@@ -152,20 +160,32 @@ impl Indices {
         // read-modify-writes.
         fence(SeqCst);
         let data = &self.data.0;
-        if data.sleeping.load(Relaxed) != 0 && data.sleeping.swap(0, SeqCst) != 0 {
-            data.seq.fetch_add(1, SeqCst);
-            futex::wake_all(&data.seq);
+        if data.sleeping.load(Relaxed) != 0 {
+            let waiters = data.sleeping.swap(0, SeqCst);
+            if waiters & FUTEX_SLEEPER != 0 {
+                data.seq.fetch_add(1, SeqCst);
+                futex::wake_all(&data.seq);
+            }
+            return waiters & DOORBELL_ARMED != 0;
         }
+        false
     }
 
     /// Consumer (holding the consumer lock, or a poller): sleeps until the
-    /// tail moves past `head`, the ring closes, or `deadline`.
-    pub(crate) fn sleep_for_data(&self, head: Pos, deadline: Option<Instant>) -> WaitOutcome {
+    /// tail moves past `head`, the ring closes, `give_up()` (checked after
+    /// the sleep is announced: whoever makes it true bumps the word with
+    /// [`wake_consumers`](Self::wake_consumers)), or `deadline`.
+    pub(crate) fn sleep_for_data(
+        &self,
+        head: Pos,
+        deadline: Option<Instant>,
+        give_up: impl Fn() -> bool,
+    ) -> WaitOutcome {
         let data = &self.data.0;
         let seq = data.seq.load(SeqCst);
-        data.sleeping.store(1, SeqCst);
+        data.sleeping.fetch_or(FUTEX_SLEEPER, SeqCst);
         fence(SeqCst);
-        if self.tail() != head || self.state.0.load(SeqCst) == CLOSED {
+        if self.tail() != head || self.state.0.load(SeqCst) == CLOSED || give_up() {
             return WaitOutcome::Mismatch;
         }
         futex::wait(&data.seq, seq, deadline)
@@ -267,21 +287,16 @@ impl Indices {
         self.data.0.sleeping.load(SeqCst) != 0
     }
 
-    /// The data futex word, for waiting on several rings at once.
-    pub(crate) fn data_word(&self) -> &AtomicU32 {
-        &self.data.0.seq
-    }
-
-    /// Announces a sleeper on the data word without sleeping (the caller
-    /// sleeps on several words itself); returns the word's value to wait on.
-    pub(crate) fn announce_data_sleeper(&self) -> u32 {
-        let seq = self.data.0.seq.load(SeqCst);
-        self.data.0.sleeping.store(1, SeqCst);
+    /// Announces a doorbell waiter: the next publish rings the doorbell.
+    /// The caller checks for data after this (the Dekker pair of `publish`).
+    pub(crate) fn arm_doorbell(&self) {
+        self.data.0.sleeping.fetch_or(DOORBELL_ARMED, SeqCst);
         fence(SeqCst);
-        seq
     }
 }
 
+/// 16 random bytes (the listener's challenges use it too).
+pub(crate) use crate::transport::random_bytes as random_token;
 pub(crate) use shm_ring::*;
 
 /// The ring in a memfd. Under `cfg(loom)` it compiles (against the models
@@ -291,26 +306,23 @@ mod shm_ring {
     use std::fs;
     use std::io;
     use std::marker::PhantomData;
-    use std::os::fd::{AsFd, BorrowedFd};
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+    use std::os::unix::fs::FileExt;
     use std::ptr::NonNull;
     use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
     use std::sync::atomic::{AtomicU32, AtomicU64};
     use std::time::{Duration, Instant};
 
     use super::{Indices, Padded, Pos};
-    use crate::futex::WaitOutcome;
     use crate::robust::{Acquired, LockFailed, RobustMutex};
-    use crate::shm::{SharedMemory, ShmError};
+    use crate::shm::ShmError;
 
     /// Bytes of the header page at the start of the file.
     const HEADER_LEN: usize = 4096;
     /// Page size the ring and the out-of-band regions are aligned to.
     const PAGE: u64 = 4096;
-    /// "mp-ring1" in ASCII: identifies an initialised ring header.
-    const MAGIC: u64 = u64::from_le_bytes(*b"mp-ring1");
-    /// Where the random identity token sits in the file (see [`MemFile::find`]).
-    pub(crate) const TOKEN_OFFSET: u64 = 8;
+    /// "mp-ring2" in ASCII: identifies an initialised ring header.
+    const MAGIC: u64 = u64::from_le_bytes(*b"mp-ring2");
     /// Frame header: payload length (low 32 bits) and kind (high 32 bits).
     const FRAME_HEADER: u32 = 8;
     const KIND_INLINE: u32 = 1;
@@ -563,9 +575,6 @@ mod shm_ring {
     #[repr(C)]
     struct Config {
         magic: AtomicU64,
-        /// Random identity of this file (at [`TOKEN_OFFSET`]); written through
-        /// the carrier before the header is mapped, never through `Config`.
-        token: [AtomicU64; 2],
         capacity: AtomicU64,
         /// 0: no item limit.
         max_items: AtomicU64,
@@ -610,14 +619,6 @@ mod shm_ring {
         pub(crate) seq: crate::futex::AtomicU32,
     }
 
-    /// Free words for the owner of the ring (the connection keeps its
-    /// endpoint liveness tokens here).
-    #[repr(C)]
-    pub(crate) struct Extra {
-        pub(crate) epoch: AtomicU32,
-        pub(crate) words: [AtomicU64; 8],
-    }
-
     #[repr(C)]
     struct Header {
         config: Padded<Config>,
@@ -625,13 +626,11 @@ mod shm_ring {
         producer: Padded<ProducerSide>,
         consumer: Padded<ConsumerSide>,
         tasks: Padded<Tasks>,
-        extra: Padded<Extra>,
     }
 
     #[cfg(not(loom))]
     const _: () = assert!(size_of::<Header>() <= HEADER_LEN);
     const _: () = assert!(std::mem::offset_of!(Header, config) == 0);
-    const _: () = assert!(std::mem::offset_of!(Config, token) == TOKEN_OFFSET as usize);
 
     /// Settings of a new ring.
     #[derive(Clone, Copy, Debug)]
@@ -642,61 +641,29 @@ mod shm_ring {
         pub(crate) max_items: Option<u32>,
         /// Checked by [`Ring::attach`].
         pub(crate) type_tag: u64,
+        /// Whether the ring has a doorbell descriptor (see [`Ring::doorbell`]).
+        pub(crate) doorbell: bool,
     }
 
-    /// A descriptor of a memfd, opened afresh in this process (its own open
-    /// file description), for growing, reading and writing the file directly.
+    /// A memfd, owned from its creation (or received through the transport),
+    /// for growing, reading and writing the file directly.
     #[derive(Debug)]
     pub(crate) struct MemFile {
         file: fs::File,
     }
 
     impl MemFile {
-        /// Finds the memfd behind `carrier` and opens it again.
-        ///
-        /// ipc-channel carries memfds between processes but does not expose
-        /// the descriptor, and the out-of-band heap needs it (to grow the file
-        /// and `pread`/`pwrite`/punch it). So: every file this crate creates
-        /// holds a random token at [`TOKEN_OFFSET`]; this scans the process's
-        /// memfds (`/proc/self/fd`) and returns a fresh descriptor of the one
-        /// holding `token`. Also returns the number of the descriptor found,
-        /// which refers to the carrier's own open file description.
-        pub(crate) fn find(token: &[u8; 16]) -> io::Result<(MemFile, i32)> {
-            for entry in fs::read_dir("/proc/self/fd")? {
-                let entry = entry?;
-                let Some(number) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<i32>().ok())
-                else {
-                    continue;
-                };
-                let is_memfd = fs::read_link(entry.path()).is_ok_and(|target| {
-                    target
-                        .as_os_str()
-                        .as_encoded_bytes()
-                        .starts_with(b"/memfd:")
-                });
-                if !is_memfd {
-                    continue;
-                }
-                let Ok(file) = fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(entry.path())
-                else {
-                    continue;
-                };
-                let mut found = [0u8; 16];
-                if file.read_exact_at(&mut found, TOKEN_OFFSET).is_ok() && &found == token {
-                    return Ok((MemFile { file }, number));
-                }
-            }
-            Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "no memfd of this process holds the ring's token (was the handle received through ipc-channel?)",
-            ))
+        /// A new, empty memfd of `len` bytes (close-on-exec).
+        pub(crate) fn create(name: &str, len: u64) -> io::Result<MemFile> {
+            let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+            let file = MemFile { file: fd.into() };
+            file.set_len(len)?;
+            Ok(file)
+        }
+
+        /// A memfd received from another process.
+        pub(crate) fn from_fd(fd: OwnedFd) -> MemFile {
+            MemFile { file: fd.into() }
         }
 
         pub(crate) fn len(&self) -> io::Result<u64> {
@@ -705,13 +672,6 @@ mod shm_ring {
 
         pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
             self.file.set_len(len)
-        }
-
-        /// (device, inode) of the file.
-        pub(crate) fn id(&self) -> io::Result<(u64, u64)> {
-            use std::os::unix::fs::MetadataExt;
-            let meta = self.file.metadata()?;
-            Ok((meta.dev(), meta.ino()))
         }
 
         pub(crate) fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -749,39 +709,6 @@ mod shm_ring {
         pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
             self.file.as_fd()
         }
-    }
-
-    /// A fresh random token.
-    pub(crate) fn random_token() -> io::Result<[u8; 16]> {
-        let mut token = [0u8; 16];
-        let mut filled = 0;
-        while filled < token.len() {
-            // SAFETY: the pointer and length describe the unfilled tail of `token`.
-            let got = unsafe {
-                libc::getrandom(token[filled..].as_mut_ptr().cast(), token.len() - filled, 0)
-            };
-            if got < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() != io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            } else {
-                filled += got as usize;
-            }
-        }
-        Ok(token)
-    }
-
-    /// A memfd created through ipc-channel (so it can travel inside arguments),
-    /// stamped with a token, with a descriptor of our own.
-    pub(crate) fn carrier_with_token(
-        len: usize,
-    ) -> Result<(SharedMemory, MemFile, i32, [u8; 16]), RingError> {
-        let token = random_token().map_err(io_error("getrandom"))?;
-        let carrier = SharedMemory::new(len)?;
-        carrier.write_at(TOKEN_OFFSET as usize, &token)?;
-        let (file, number) = MemFile::find(&token).map_err(io_error("finding the ring's memfd"))?;
-        Ok((carrier, file, number, token))
     }
 
     /// Adaptive spinning before a futex sleep.
@@ -883,9 +810,10 @@ mod shm_ring {
     /// One process's mapping of a ring. Shared by the handles of a process
     /// through an `Arc`.
     pub(crate) struct Ring {
-        /// Keeps the memfd alive and is what travels to other processes.
-        carrier: SharedMemory,
+        /// The memfd holding header, ring and heap: what travels to other processes.
         file: MemFile,
+        /// An eventfd rung by a publish when a waiter armed it (connections).
+        doorbell: Option<OwnedFd>,
         header: NonNull<Header>,
         /// Twice `capacity` bytes: the ring, mapped twice back to back.
         data: NonNull<u8>,
@@ -925,10 +853,16 @@ mod shm_ring {
                 .capacity
                 .clamp(MIN_CAPACITY, MAX_CAPACITY)
                 .next_power_of_two();
-            let (carrier, file, _, _) = carrier_with_token(HEADER_LEN)?;
-            file.set_len((HEADER_LEN + capacity) as u64)
-                .map_err(io_error("ftruncate"))?;
-            let mut ring = Ring::map(carrier, file, capacity)?;
+            let file = MemFile::create("mp-ipc-ring", (HEADER_LEN + capacity) as u64)
+                .map_err(io_error("memfd_create"))?;
+            let doorbell = if config.doorbell {
+                let flags =
+                    rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+                Some(rustix::event::eventfd(0, flags).map_err(|e| io_error("eventfd")(e.into()))?)
+            } else {
+                None
+            };
+            let mut ring = Ring::map(file, doorbell, capacity)?;
             let raw = ring.header.as_ptr();
             // SAFETY: the mutexes live in our fresh, zeroed, page-aligned
             // header, which nobody else can see yet; the pointers are derived
@@ -961,12 +895,17 @@ mod shm_ring {
             Ok(ring)
         }
 
-        /// Opens the ring whose carrier was received from another process (or
-        /// cloned here).
-        pub(crate) fn attach(carrier: SharedMemory, type_tag: u64) -> Result<Ring, RingError> {
-            let mut token = [0u8; 16];
-            carrier.read_at(TOKEN_OFFSET as usize, &mut token)?;
-            let (file, _) = MemFile::find(&token).map_err(io_error("finding the ring's memfd"))?;
+        /// Opens the ring whose descriptors ([`Ring::descriptors`]) were
+        /// received from another process (or duplicated here).
+        pub(crate) fn attach(
+            mut fds: std::vec::IntoIter<OwnedFd>,
+            type_tag: u64,
+        ) -> Result<Ring, RingError> {
+            let file = MemFile::from_fd(
+                fds.next()
+                    .ok_or_else(|| RingError::Incompatible("no ring descriptor".into()))?,
+            );
+            let doorbell = fds.next();
             let mut magic = [0u8; 8];
             file.read_exact_at(&mut magic, 0)
                 .map_err(io_error("pread"))?;
@@ -984,7 +923,7 @@ mod shm_ring {
             if file.len().map_err(io_error("fstat"))? < (HEADER_LEN + capacity) as u64 {
                 return Err(RingError::Corrupted("file shorter than the ring".into()));
             }
-            let mut ring = Ring::map(carrier, file, capacity)?;
+            let mut ring = Ring::map(file, doorbell, capacity)?;
             ring.load_config()?;
             if ring.header().config.0.type_tag.load(Relaxed) != type_tag {
                 return Err(RingError::Incompatible(
@@ -1010,7 +949,11 @@ mod shm_ring {
         }
 
         /// Maps the header and the ring (twice, back to back).
-        fn map(carrier: SharedMemory, file: MemFile, capacity: usize) -> Result<Ring, RingError> {
+        fn map(
+            file: MemFile,
+            doorbell: Option<OwnedFd>,
+            capacity: usize,
+        ) -> Result<Ring, RingError> {
             use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
             let rw = ProtFlags::READ | ProtFlags::WRITE;
             // SAFETY: fresh mappings at addresses the kernel picks (or inside
@@ -1053,8 +996,8 @@ mod shm_ring {
                     }
                 }
                 Ok(Ring {
-                    carrier,
                     file,
+                    doorbell,
                     header: NonNull::new_unchecked(header.cast()),
                     data: NonNull::new_unchecked(reserve.cast()),
                     capacity: capacity as u32,
@@ -1080,13 +1023,40 @@ mod shm_ring {
             &self.header().tasks.0
         }
 
-        pub(crate) fn extra(&self) -> &Extra {
-            &self.header().extra.0
+        /// What travels to another process: the memfd, then the doorbell if any.
+        pub(crate) fn descriptors(&self) -> Vec<BorrowedFd<'_>> {
+            std::iter::once(self.file.as_fd())
+                .chain(self.doorbell.as_ref().map(AsFd::as_fd))
+                .collect()
         }
 
-        /// What travels to another process.
-        pub(crate) fn carrier(&self) -> &SharedMemory {
-            &self.carrier
+        /// The doorbell: an eventfd that becomes readable when an item is
+        /// published after [`arm_doorbell`](Self::arm_doorbell), or when the
+        /// ring closes. `None` for rings created without one.
+        pub(crate) fn doorbell(&self) -> Option<BorrowedFd<'_>> {
+            self.doorbell.as_ref().map(AsFd::as_fd)
+        }
+
+        /// Rings the doorbell (wakes whoever polls it).
+        pub(crate) fn ring_doorbell(&self) {
+            if let Some(doorbell) = &self.doorbell {
+                // A full counter (never in practice) is as readable as can be.
+                let _ = rustix::io::write(doorbell, &1u64.to_ne_bytes());
+            }
+        }
+
+        /// Empties the doorbell's counter (before arming it again).
+        pub(crate) fn drain_doorbell(&self) {
+            if let Some(doorbell) = &self.doorbell {
+                let mut counter = [0u8; 8];
+                let _ = rustix::io::read(doorbell, &mut counter);
+            }
+        }
+
+        /// Asks the next publish to ring the doorbell. The caller checks for
+        /// data afterwards (see `Indices::arm_doorbell`).
+        pub(crate) fn arm_doorbell(&self) {
+            self.indices().arm_doorbell();
         }
 
         /// Ring size in bytes.
@@ -1171,7 +1141,7 @@ mod shm_ring {
         fn lock_consumer(&self, wait: Wait) -> Result<Held<'_>, RingError> {
             let header = self.header();
             let (held, acquired) = Self::lock(&header.consumer.0.lock, wait, || {
-                header.indices.data.0.sleeping.load(Relaxed) != 0
+                header.indices.data.0.sleeping.load(Relaxed) & super::FUTEX_SLEEPER != 0
             })
             .map_err(|e| match e {
                 RingError::Full => RingError::Empty,
@@ -1290,7 +1260,9 @@ mod shm_ring {
             // producer lock), 8-aligned since frames are.
             unsafe { self.data_ptr(tail).cast::<u64>().write(word) };
             let frame = frame_len(u64::from(len)) as u32;
-            self.indices().publish(tail.advance(frame, 1));
+            if self.indices().publish(tail.advance(frame, 1)) {
+                self.ring_doorbell();
+            }
         }
 
         /// Waits (spinning, then sleeping) until `needed` bytes and an item
@@ -1318,7 +1290,7 @@ mod shm_ring {
                     }
                     return Ok(head);
                 }
-                if liveness.is_some_and(|l| l.peer_gone_now()) {
+                if liveness.is_some_and(|l| l.peer_gone()) {
                     return Err(RingError::Closed);
                 }
                 if wait.expired() {
@@ -1333,16 +1305,12 @@ mod shm_ring {
                 {
                     continue;
                 }
-                let deadline = match liveness {
-                    Some(liveness) => liveness.slice_deadline(wait.deadline()),
-                    None => wait.deadline(),
-                };
-                slept_since.get_or_insert_with(Instant::now);
-                if indices.sleep_for_space(needed, has_room, deadline) == WaitOutcome::TimedOut
-                    && let Some(liveness) = liveness
-                {
-                    liveness.slice_expired();
+                if let Some(liveness) = liveness {
+                    liveness.before_sleep();
                 }
+                let gone = || liveness.is_some_and(|l| l.peer_gone());
+                slept_since.get_or_insert_with(Instant::now);
+                indices.sleep_for_space(needed, |head| has_room(head) || gone(), wait.deadline());
             }
         }
 
@@ -1463,7 +1431,7 @@ mod shm_ring {
                     return Err(RingError::Closed);
                 }
                 if let Some(liveness) = liveness
-                    && liveness.peer_gone_now()
+                    && liveness.peer_gone()
                 {
                     if indices.tail() != head {
                         continue;
@@ -1482,16 +1450,13 @@ mod shm_ring {
                 {
                     continue;
                 }
-                let deadline = match liveness {
-                    Some(liveness) => liveness.slice_deadline(wait.deadline()),
-                    None => wait.deadline(),
-                };
-                slept_since.get_or_insert_with(Instant::now);
-                if indices.sleep_for_data(head, deadline) == WaitOutcome::TimedOut
-                    && let Some(liveness) = liveness
-                {
-                    liveness.slice_expired();
+                if let Some(liveness) = liveness {
+                    liveness.before_sleep();
                 }
+                slept_since.get_or_insert_with(Instant::now);
+                indices.sleep_for_data(head, wait.deadline(), || {
+                    liveness.is_some_and(|l| l.peer_gone())
+                });
             }
         }
 
@@ -1620,6 +1585,7 @@ mod shm_ring {
             // Wait for a put in flight to finish (a sleeping one has been woken
             // and fails); `lock_producer` completes the close.
             let _held = self.lock_producer(Wait::Forever)?;
+            self.ring_doorbell();
             tracing::debug!("ring closed");
             Ok(())
         }
@@ -1631,7 +1597,8 @@ mod shm_ring {
 
         /// Spins then sleeps until the ring has data, is closed, or
         /// `deadline`, without taking anything. `true` when data is there
-        /// (or the ring closed or the peer went away).
+        /// (or the ring closed or the peer went away). When it finds nothing
+        /// ready, it arms the doorbell first (see [`Ring::doorbell`]).
         pub(crate) fn wait_readable(
             &self,
             deadline: Option<Instant>,
@@ -1639,6 +1606,7 @@ mod shm_ring {
         ) -> bool {
             let indices = self.indices();
             let mut slept_since = None;
+            let mut armed = false;
             loop {
                 let head = indices.head();
                 if indices.tail() != head || indices.is_closed() {
@@ -1647,8 +1615,15 @@ mod shm_ring {
                     }
                     return true;
                 }
-                if liveness.is_some_and(|l| l.peer_gone_now()) {
+                if liveness.is_some_and(|l| l.peer_gone()) {
                     return true;
+                }
+                if !armed && self.doorbell.is_some() {
+                    // Drain, arm, look again: a publish after the look rings.
+                    self.drain_doorbell();
+                    self.arm_doorbell();
+                    armed = true;
+                    continue;
                 }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return false;
@@ -1659,16 +1634,11 @@ mod shm_ring {
                 {
                     continue;
                 }
-                let slice = match liveness {
-                    Some(l) => l.slice_deadline(deadline),
-                    None => deadline,
-                };
-                slept_since.get_or_insert_with(Instant::now);
-                if indices.sleep_for_data(head, slice) == WaitOutcome::TimedOut
-                    && let Some(l) = liveness
-                {
-                    l.slice_expired();
+                if let Some(liveness) = liveness {
+                    liveness.before_sleep();
                 }
+                slept_since.get_or_insert_with(Instant::now);
+                indices.sleep_for_data(head, deadline, || liveness.is_some_and(|l| l.peer_gone()));
             }
         }
     }
@@ -1680,13 +1650,12 @@ mod shm_ring {
     /// Liveness of the other end of a connection, consulted by a reader that
     /// found its ring empty (and a writer that found it full).
     pub(crate) trait Liveness {
-        /// Whether every handle of the peer end is gone (may do a system
-        /// call; called when about to sleep and after each slice).
-        fn peer_gone_now(&self) -> bool;
-        /// The deadline of the next sleep slice, given the caller's.
-        fn slice_deadline(&self, deadline: Option<Instant>) -> Option<Instant>;
-        /// A sleep slice ended without a wake-up.
-        fn slice_expired(&self) {}
+        /// Whether every handle of the peer end is known to be gone (a load:
+        /// whoever learns it sets it, then wakes the ring's sleepers).
+        fn peer_gone(&self) -> bool;
+        /// Called before sleeping: makes sure the peer's death will wake the
+        /// sleeper (see `liveness::Watch::ensure_watched`).
+        fn before_sleep(&self) {}
     }
 
     impl Drop for Ring {
@@ -1713,6 +1682,7 @@ mod shm_ring {
                     capacity,
                     max_items,
                     type_tag: 7,
+                    doorbell: false,
                 })
                 .unwrap(),
             )
@@ -2023,11 +1993,18 @@ mod shm_ring {
         #[test]
         fn attach_checks_the_type_tag() {
             let ring = ring(4096, None);
+            let copies = || {
+                ring.descriptors()
+                    .iter()
+                    .map(|fd| fd.try_clone_to_owned().unwrap())
+                    .collect::<Vec<_>>()
+                    .into_iter()
+            };
             assert!(matches!(
-                Ring::attach(ring.carrier().clone(), 8),
+                Ring::attach(copies(), 8),
                 Err(RingError::Incompatible(_))
             ));
-            let same = Ring::attach(ring.carrier().clone(), 7).unwrap();
+            let same = Ring::attach(copies(), 7).unwrap();
             push_bytes(&ring, b"shared", Wait::Never).unwrap();
             assert_eq!(pop_bytes(&same, Wait::Never).unwrap(), b"shared");
         }
@@ -2077,7 +2054,7 @@ mod loom_models {
             if indices.is_closed() {
                 return indices.tail() != head && get(indices);
             }
-            indices.sleep_for_data(head, None);
+            indices.sleep_for_data(head, None, || false);
         }
     }
 
