@@ -661,7 +661,7 @@ fn lend<E: serde::ser::Error>(endpoint: &Option<Endpoint>) -> Result<Option<Tick
 
 impl Serialize for Connection {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        crate::ring::refuse_inside_item()?;
+        crate::transport::refuse_inside_item()?;
         Wire {
             tx: lend(&self.inner.tx)?,
             rx: lend(&self.inner.rx)?,

@@ -53,11 +53,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::futex::{self, WaitOutcome};
-use crate::ring::{
-    DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait, refuse_inside_item,
-};
+use crate::ring::{DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait};
 use crate::shm::ShmError;
-use crate::transport::{self, Ticket};
+use crate::transport::{self, Ticket, refuse_inside_item};
 
 /// What can go wrong with a queue.
 #[derive(Debug, thiserror::Error)]

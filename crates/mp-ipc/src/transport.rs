@@ -399,6 +399,57 @@ pub(crate) fn random_bytes() -> io::Result<[u8; 16]> {
     Ok(bytes)
 }
 
+thread_local! {
+    /// Set while this thread encodes a queue item or a message; records
+    /// whether a handle refused to be encoded into it.
+    static ENCODING: std::cell::Cell<Encoding> = const { std::cell::Cell::new(Encoding::Idle) };
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Idle,
+    Item,
+    HandleRefused,
+}
+
+/// Runs `encode` (of a queue item or a message) with the thread marked as
+/// doing so; returns its result and whether a handle refused to be encoded.
+pub(crate) fn encoding_item<R>(encode: impl FnOnce() -> R) -> (R, bool) {
+    struct Reset(Encoding);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ENCODING.with(|state| state.set(self.0));
+        }
+    }
+    let _reset = Reset(ENCODING.with(|state| state.replace(Encoding::Item)));
+    let result = encode();
+    let refused = ENCODING.with(|state| state.get()) == Encoding::HandleRefused;
+    (result, refused)
+}
+
+/// For the `Serialize` impls of handles (queues, connections): fails if
+/// the handle is being encoded into a queue item or a message.
+///
+/// A handle's descriptors travel only with a ticket carried by ipc-channel
+/// (as a process argument); a ticket encoded into an item would be plain
+/// bytes, its channel lost.
+pub(crate) fn refuse_inside_item<E: serde::ser::Error>() -> Result<(), E> {
+    let inside = ENCODING.with(|state| {
+        let inside = state.get() != Encoding::Idle;
+        if inside {
+            state.set(Encoding::HandleRefused);
+        }
+        inside
+    });
+    if inside {
+        Err(E::custom(
+            "handles cannot travel inside queue items or messages",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
