@@ -40,26 +40,40 @@
 //! `TRANSPORT.md`).
 //!
 //! **Waiting from an event loop.** A readable `Connection` is
-//! [`AsFd`](std::os::fd::AsFd): its descriptor (an eventfd) becomes readable
+//! [`AsFd`]: its descriptor (an eventfd) becomes readable
 //! when a message arrives after a [`poll`](Connection::poll) that returned
 //! `false` (that `poll` arms it), when the other end is gone, or when the
 //! connection is closed. With tokio's `AsyncFd`:
 //!
-//! ```ignore
-//! let ready = tokio::io::unix::AsyncFd::new(connection.clone())?;
-//! let message: String = loop {
-//!     if connection.poll(Some(Duration::ZERO))? {   // also arms the descriptor
-//!         break connection.recv()?;
-//!     }
-//!     ready.readable().await?.clear_ready();
-//! };
+//! ```
+//! use std::time::Duration;
+//! use mp_ipc::connection::Pipe;
+//! use tokio::io::unix::AsyncFd;
+//!
+//! let (reader, writer) = Pipe::simplex()?;
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+//! let message: String = runtime.block_on(async {
+//!     let ready = AsyncFd::new(reader.clone())?; // registers the descriptor
+//!     let sender = std::thread::spawn(move || writer.send("hello"));
+//!     let message = loop {
+//!         if reader.poll(Some(Duration::ZERO))? {
+//!             break reader.recv()?;
+//!         }
+//!         // `poll` found nothing and armed the descriptor: sleep until it fires.
+//!         ready.readable().await?.clear_ready();
+//!     };
+//!     sender.join().unwrap()?;
+//!     Ok::<_, Box<dyn std::error::Error>>(message)
+//! })?;
+//! assert_eq!(message, "hello");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! (The same loop with a plain `epoll` is tested in this module.)
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -451,6 +465,13 @@ impl Connection {
     /// Whether `recv` would return at once (a message, or the end).
     fn ready(rx: &Endpoint) -> bool {
         rx.ring.has_data() || rx.ring.indices().is_closed() || rx.peer.gone()
+    }
+}
+
+impl AsRawFd for Connection {
+    /// See [`AsFd`] (for tokio's `AsyncFd`, which takes `AsRawFd`).
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
     }
 }
 

@@ -889,8 +889,8 @@ impl Drop for Ring {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
+    use std::sync::atomic::Ordering::SeqCst;
 
     fn ring(capacity: usize, max_items: Option<u32>) -> Arc<Ring> {
         Arc::new(
