@@ -135,6 +135,7 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: &Mutex<HashMap<u64, Vec<O
     loop {
         let events = match set.select() {
             Ok(events) => events,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
                 tracing::error!(%error, "the descriptor courier stopped");
                 return;
