@@ -904,6 +904,26 @@ mod tests {
     }
 
     #[test]
+    fn wait_wakes_when_the_other_end_is_dropped_in_another_thread() {
+        let (reader, writer) = Pipe::simplex().unwrap();
+        let (other_reader, _other_writer) = Pipe::simplex().unwrap();
+        let dropper = std::thread::spawn(move || {
+            // No hand-off needed: whether wait is asleep yet or not, the
+            // hang-up makes the reader ready.
+            drop(writer);
+        });
+        let objects = [Waitable::from(&other_reader), Waitable::from(&reader)];
+        let start = Instant::now();
+        assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [1]);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        dropper.join().unwrap();
+        assert!(matches!(
+            reader.recv_timeout::<u8>(Duration::from_secs(10)),
+            Err(ConnectionError::Closed)
+        ));
+    }
+
+    #[test]
     fn wait_reports_ready_connections() {
         let (a1, b1) = Pipe::duplex().unwrap();
         let (a2, b2) = Pipe::duplex().unwrap();

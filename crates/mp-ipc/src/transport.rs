@@ -34,7 +34,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcReceiverSet, IpcSelectionResult, IpcSender};
@@ -85,7 +85,9 @@ type Table = Arc<Mutex<HashMap<u64, Vec<OwnedFd>>>>;
 struct Courier {
     pid: u32,
     table: Table,
-    register: IpcSender<Register>,
+    /// To the registrar thread, which forwards over ipc-channel to the courier
+    /// thread (see [`lend`] for why not from the lending thread).
+    register: mpsc::Sender<Register>,
 }
 
 static COURIER: Mutex<Option<Courier>> = Mutex::new(None);
@@ -100,7 +102,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The courier of this process, started on first use (and again in a forked
 /// child, whose copy of the parent's has no thread).
-fn courier() -> io::Result<(Table, IpcSender<Register>)> {
+fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
     let pid = std::process::id();
     let mut courier = lock(&COURIER);
     if let Some(c) = courier.as_ref().filter(|c| c.pid == pid) {
@@ -112,7 +114,7 @@ fn courier() -> io::Result<(Table, IpcSender<Register>)> {
         // lent objects alive.
         drop(inherited);
     }
-    let (register, registrations) = ipc::channel::<Register>()?;
+    let (forward, registrations) = ipc::channel::<Register>()?;
     let table = Arc::new(Mutex::new(HashMap::new()));
     let mut set = IpcReceiverSet::new()?;
     let control = set.add(registrations)?;
@@ -120,6 +122,17 @@ fn courier() -> io::Result<(Table, IpcSender<Register>)> {
     std::thread::Builder::new()
         .name("mp-ipc courier".into())
         .spawn(move || serve(set, control, &served))?;
+    let (register, to_forward) = mpsc::channel::<Register>();
+    std::thread::Builder::new()
+        .name("mp-ipc registrar".into())
+        .spawn(move || {
+            for registration in to_forward {
+                if let Err(error) = forward.send(registration) {
+                    tracing::error!(%error, "the descriptor courier is gone; lent handles cannot be claimed");
+                    return;
+                }
+            }
+        })?;
     *courier = Some(Courier {
         pid,
         table: Arc::clone(&table),
@@ -247,20 +260,17 @@ pub(crate) fn lend(fds: &[BorrowedFd<'_>]) -> io::Result<Ticket> {
     // this thread, which may be inside ipc-channel's serialization of the
     // message that carries the ticket (ipc-channel collects the channels of
     // a message in thread-locals that any `send` on the thread takes over).
+    // The registrar thread sends it; claims wait in the ticket's channel
+    // until the courier watches it.
     let registration = Register {
         id,
         claims: watched,
     };
-    let sent = std::thread::Builder::new()
-        .name("mp-ipc lend".into())
-        .spawn(move || register.send(registration))?
-        .join()
-        .map_err(|_| io::Error::other("the courier registration panicked"))?;
-    if let Err(error) = sent {
+    if register.send(registration).is_err() {
         lock(&table).remove(&id);
-        return Err(io::Error::other(format!(
-            "registering a ticket with the courier: {error}"
-        )));
+        return Err(io::Error::other(
+            "the descriptor courier's registrar is gone",
+        ));
     }
     Ok(Ticket {
         owner: std::process::id(),
