@@ -533,9 +533,26 @@ fn read_into(payload: Payload<'_>, buf: &mut [u8]) -> Result<usize, ConnectionEr
 pub enum Waitable<'a> {
     /// Ready when [`Connection::poll`] would say so.
     Connection(&'a Connection),
+    /// A queue: ready when it has an item or is closed (`Waitable::from(&queue)`).
+    Queue(QueueReadiness<'a>),
     /// Ready when the descriptor is readable, e.g. a process sentinel
     /// (`mp_core::Child::sentinel`, a pidfd: readable once the child ended).
     Fd(BorrowedFd<'a>),
+}
+
+/// The part of a [`Queue`](crate::queue::Queue) that [`wait`] looks at (from
+/// `Waitable::from(&queue)`).
+#[derive(Clone, Copy)]
+pub struct QueueReadiness<'a> {
+    pub(crate) ring: &'a Ring,
+}
+
+impl fmt::Debug for QueueReadiness<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueReadiness")
+            .field("len", &self.ring.len())
+            .finish()
+    }
 }
 
 impl<'a> From<&'a Connection> for Waitable<'a> {
@@ -550,54 +567,72 @@ impl<'a> From<BorrowedFd<'a>> for Waitable<'a> {
     }
 }
 
+/// What `wait` watches for one object.
+enum Source<'a> {
+    /// A connection's readable end: its doorbell, and its watch on the writers.
+    Connection(&'a Endpoint),
+    /// A queue's ring: its doorbell.
+    Queue(&'a Ring),
+    Fd(BorrowedFd<'a>),
+}
+
+impl Source<'_> {
+    /// Drains and arms the doorbell, then looks: a publish after the look rings.
+    fn arm_and_look(&self) -> bool {
+        match self {
+            Source::Connection(rx) => {
+                rx.ring.drain_doorbell();
+                rx.ring.arm_doorbell();
+                Connection::ready(rx)
+            }
+            Source::Queue(ring) => {
+                ring.drain_doorbell();
+                ring.arm_doorbell();
+                ring.has_data() || ring.indices().is_closed()
+            }
+            Source::Fd(_) => false,
+        }
+    }
+}
+
 /// Waits until at least one of `objects` is ready, or `timeout` passes
 /// (`None`: no limit); returns the indices of the ready ones (empty on
 /// timeout). Python's `multiprocessing.connection.wait`.
 ///
-/// It sleeps in one `poll` over every object's descriptor: a connection's
-/// doorbell and its watch on the other end, a process sentinel's pidfd. Any
-/// number of objects; nothing is re-checked until the kernel reports an
-/// event. (Two threads waiting on the same connection at once may see a
-/// message late: the doorbell is drained by whoever wakes first.)
+/// It sleeps in one `poll` over every object's descriptor: a connection's or
+/// a queue's doorbell, a connection's watch on the other end, a process
+/// sentinel's pidfd. Any number of objects; nothing is looked at again until
+/// the kernel reports an event. (Two threads waiting on the same object at
+/// once may see an item late: the doorbell is drained by whoever wakes first.)
 pub fn wait(
     objects: &[Waitable<'_>],
     timeout: Option<Duration>,
 ) -> Result<Vec<usize>, ConnectionError> {
     use rustix::event::{PollFd, PollFlags};
     let deadline = timeout.map(|t| Instant::now().checked_add(t).unwrap_or_else(far_future));
-    // The readable end of each connection (checked once, up front).
-    let ends = objects
+    let sources = objects
         .iter()
         .map(|object| match object {
-            Waitable::Connection(connection) => connection.rx().map(Some),
-            Waitable::Fd(_) => Ok(None),
+            Waitable::Connection(connection) => connection.rx().map(Source::Connection),
+            Waitable::Queue(queue) => Ok(Source::Queue(queue.ring)),
+            Waitable::Fd(fd) => Ok(Source::Fd(*fd)),
         })
-        .collect::<Result<Vec<Option<&Endpoint>>, _>>()?;
+        .collect::<Result<Vec<Source<'_>>, _>>()?;
     loop {
-        // Drain, arm, look: a message published after the look rings.
-        let mut ready = Vec::new();
-        for (index, end) in ends.iter().enumerate() {
-            if let Some(rx) = end {
-                rx.ring.drain_doorbell();
-                rx.ring.arm_doorbell();
-                if Connection::ready(rx) {
-                    ready.push(index);
-                }
-            }
-        }
-        let mut fds = Vec::with_capacity(2 * objects.len());
-        for (object, end) in objects.iter().zip(&ends) {
-            match (object, end) {
-                (_, Some(rx)) => {
-                    let doorbell = rx
-                        .ring
-                        .doorbell()
-                        .expect("connection rings have a doorbell");
-                    fds.push(PollFd::from_borrowed_fd(doorbell, PollFlags::IN));
+        let mut ready: Vec<usize> = (0..sources.len())
+            .filter(|&index| sources[index].arm_and_look())
+            .collect();
+        let mut fds = Vec::with_capacity(2 * sources.len());
+        for source in &sources {
+            match source {
+                Source::Connection(rx) => {
+                    fds.push(PollFd::from_borrowed_fd(doorbell(&rx.ring)?, PollFlags::IN));
                     fds.push(PollFd::from_borrowed_fd(rx.peer.fd(), PollFlags::empty()));
                 }
-                (Waitable::Fd(fd), None) => fds.push(PollFd::from_borrowed_fd(*fd, PollFlags::IN)),
-                (Waitable::Connection(_), None) => unreachable!("checked above"),
+                Source::Queue(ring) => {
+                    fds.push(PollFd::from_borrowed_fd(doorbell(ring)?, PollFlags::IN));
+                }
+                Source::Fd(fd) => fds.push(PollFd::from_borrowed_fd(*fd, PollFlags::IN)),
             }
         }
         let wait_until = if ready.is_empty() {
@@ -607,23 +642,26 @@ pub fn wait(
         };
         poll_until(&mut fds, wait_until)?;
         let mut slot = 0;
-        for (index, (object, end)) in objects.iter().zip(&ends).enumerate() {
-            match (object, end) {
-                (_, Some(rx)) => {
+        for (index, source) in sources.iter().enumerate() {
+            let now_ready = match source {
+                Source::Connection(rx) => {
                     if !fds[slot + 1].revents().is_empty() {
                         rx.peer.mark_gone();
                     }
-                    if Connection::ready(rx) && !ready.contains(&index) {
-                        ready.push(index);
-                    }
                     slot += 2;
+                    Connection::ready(rx)
                 }
-                _ => {
-                    if !fds[slot].revents().is_empty() {
-                        ready.push(index);
-                    }
+                Source::Queue(ring) => {
                     slot += 1;
+                    ring.has_data() || ring.indices().is_closed()
                 }
+                Source::Fd(_) => {
+                    slot += 1;
+                    !fds[slot - 1].revents().is_empty()
+                }
+            };
+            if now_ready && !ready.contains(&index) {
+                ready.push(index);
             }
         }
         if !ready.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -631,6 +669,13 @@ pub fn wait(
             return Ok(ready);
         }
     }
+}
+
+/// The doorbell `wait` polls for `ring`.
+fn doorbell(ring: &Ring) -> Result<BorrowedFd<'_>, ConnectionError> {
+    ring.doorbell().ok_or_else(|| {
+        ConnectionError::Incompatible("a ring without a doorbell cannot be waited on".into())
+    })
 }
 
 /// `poll` until an event or `deadline` (`None`: no limit), retrying on EINTR
@@ -921,6 +966,36 @@ mod tests {
             reader.recv_timeout::<u8>(Duration::from_secs(10)),
             Err(ConnectionError::Closed)
         ));
+    }
+
+    #[test]
+    fn wait_over_queues_and_connections() {
+        let queue: crate::queue::Queue<u32> = crate::queue::Queue::unbounded().unwrap();
+        let closing: crate::queue::Queue<u32> = crate::queue::Queue::unbounded().unwrap();
+        let (reader, _writer) = Pipe::simplex().unwrap();
+        let objects = [
+            Waitable::from(&reader),
+            Waitable::from(&queue),
+            Waitable::from(&closing),
+        ];
+        assert!(
+            wait(&objects, Some(Duration::from_millis(20)))
+                .unwrap()
+                .is_empty()
+        );
+        let putter = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.put(5).unwrap())
+        };
+        assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [1]);
+        putter.join().unwrap();
+        assert_eq!(queue.get().unwrap(), 5);
+        let closer = {
+            let closing = closing.clone();
+            std::thread::spawn(move || closing.close().unwrap())
+        };
+        assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [2]);
+        closer.join().unwrap();
     }
 
     #[test]

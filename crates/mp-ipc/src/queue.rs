@@ -245,7 +245,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             capacity: builder.capacity_bytes,
             max_items: builder.maxsize,
             type_tag,
-            doorbell: false,
+            // For `connection::wait` over queues.
+            doorbell: true,
         })?;
         Ok(Queue {
             ring: Arc::new(ring),
@@ -328,6 +329,25 @@ impl<T> Queue<T> {
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.ring.is_closing()
+    }
+}
+
+impl<'a, T> From<&'a Queue<T>> for crate::connection::Waitable<'a> {
+    /// For [`wait`](crate::connection::wait): ready when the queue has an item or is closed.
+    fn from(queue: &'a Queue<T>) -> Self {
+        crate::connection::Waitable::Queue(crate::connection::QueueReadiness { ring: &queue.ring })
+    }
+}
+
+impl<'a, T> From<&'a SimpleQueue<T>> for crate::connection::Waitable<'a> {
+    fn from(queue: &'a SimpleQueue<T>) -> Self {
+        crate::connection::Waitable::from(&queue.queue)
+    }
+}
+
+impl<'a, T> From<&'a JoinableQueue<T>> for crate::connection::Waitable<'a> {
+    fn from(queue: &'a JoinableQueue<T>) -> Self {
+        crate::connection::Waitable::from(&queue.queue)
     }
 }
 
