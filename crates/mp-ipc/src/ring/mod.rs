@@ -62,6 +62,7 @@ pub(crate) use crate::transport::random_bytes as random_token;
 pub(crate) use codec::{Encode, Payload, Postcard, RawBytes};
 pub(crate) use indices::{FUTEX_SLEEPER, Indices, Padded, Pos};
 pub(crate) use memory::MemFile;
+use memory::Source;
 pub(crate) use spinner::Spinner;
 
 use std::io;
@@ -259,6 +260,8 @@ pub(crate) struct Ring {
     header: NonNull<Header>,
     /// Twice `capacity` bytes: the ring, mapped twice back to back.
     data: NonNull<u8>,
+    /// How `header` and `data` were obtained (and are given back).
+    source: Source,
     capacity: u32,
     max_items: u32,
     max_inline_frame: u32,
@@ -299,7 +302,54 @@ impl Ring {
         } else {
             None
         };
-        let mut ring = Ring::map(file, doorbell, capacity)?;
+        let ring = Ring::map(file, doorbell, capacity)?;
+        ring.initialise(config)
+    }
+
+    /// A ring whose memory comes from the heap (no memfd, no mapping, no
+    /// doorbell): for tests of the protocol, and for Miri.
+    #[cfg(test)]
+    pub(crate) fn create_on_heap(config: RingConfig) -> Result<Ring, RingError> {
+        use std::alloc::{Layout, alloc_zeroed, dealloc};
+        let capacity = config
+            .capacity
+            .clamp(MIN_CAPACITY, MAX_CAPACITY)
+            .next_power_of_two();
+        let header_layout = Layout::from_size_align(HEADER_LEN, PAGE as usize).expect("layout");
+        let data_layout =
+            Layout::from_size_align(2 * capacity, PAGE as usize).expect("ring layout");
+        // SAFETY: both layouts have a non-zero size.
+        let (header, data) = unsafe { (alloc_zeroed(header_layout), alloc_zeroed(data_layout)) };
+        let (Some(header), Some(data)) = (NonNull::new(header), NonNull::new(data)) else {
+            // SAFETY: whichever allocation succeeded is given back with its layout.
+            unsafe {
+                if !header.is_null() {
+                    dealloc(header, header_layout);
+                }
+                if !data.is_null() {
+                    dealloc(data, data_layout);
+                }
+            }
+            return Err(io_error("alloc")(io::ErrorKind::OutOfMemory.into()));
+        };
+        let ring = Ring {
+            file: MemFile::on_heap((HEADER_LEN + capacity) as u64),
+            doorbell: None,
+            header: header.cast(),
+            data,
+            source: Source::Heap,
+            capacity: capacity as u32,
+            max_items: 0,
+            max_inline_frame: 0,
+            spinner: Spinner::new(),
+        };
+        ring.initialise(config)
+    }
+
+    /// Initialises the fresh, zeroed header of a new ring.
+    fn initialise(mut self, config: RingConfig) -> Result<Ring, RingError> {
+        let capacity = self.capacity as usize;
+        let ring = &mut self;
         let raw = ring.header.as_ptr();
         // SAFETY: the mutexes live in our fresh, zeroed, page-aligned
         // header, which nobody else can see yet; the pointers are derived
@@ -329,7 +379,7 @@ impl Ring {
         settings.magic.store(MAGIC, Release);
         ring.load_config()?;
         tracing::debug!(capacity, max_items = ?config.max_items, "ring created");
-        Ok(ring)
+        Ok(self)
     }
 
     /// Opens the ring whose descriptors ([`Ring::descriptors`]) were
@@ -389,6 +439,9 @@ impl Ring {
     fn map(file: MemFile, doorbell: Option<OwnedFd>, capacity: usize) -> Result<Ring, RingError> {
         use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
         let rw = ProtFlags::READ | ProtFlags::WRITE;
+        let fd = file
+            .as_fd()
+            .ok_or_else(|| RingError::Incompatible("a heap ring cannot be mapped".into()))?;
         // SAFETY: fresh mappings at addresses the kernel picks (or inside
         // the reservation made just before); none aliases a Rust object.
         unsafe {
@@ -397,7 +450,7 @@ impl Ring {
                 HEADER_LEN,
                 rw,
                 MapFlags::SHARED,
-                file.as_fd(),
+                fd,
                 0,
             )
             .map_err(|e| io_error("mmap")(e.into()))?;
@@ -420,7 +473,7 @@ impl Ring {
                     capacity,
                     rw,
                     MapFlags::SHARED | MapFlags::FIXED,
-                    file.as_fd(),
+                    fd,
                     HEADER_LEN as u64,
                 ) {
                     let _ = munmap(header, HEADER_LEN);
@@ -433,6 +486,7 @@ impl Ring {
                 doorbell,
                 header: NonNull::new_unchecked(header.cast()),
                 data: NonNull::new_unchecked(reserve.cast()),
+                source: Source::Mapped,
                 capacity: capacity as u32,
                 max_items: 0,
                 max_inline_frame: 0,
@@ -458,7 +512,9 @@ impl Ring {
 
     /// What travels to another process: the memfd, then the doorbell if any.
     pub(crate) fn descriptors(&self) -> Vec<BorrowedFd<'_>> {
-        std::iter::once(self.file.as_fd())
+        self.file
+            .as_fd()
+            .into_iter()
             .chain(self.doorbell.as_ref().map(AsFd::as_fd))
             .collect()
     }
@@ -875,13 +931,29 @@ pub(crate) trait Liveness {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        use rustix::mm::munmap;
-        // SAFETY: both mappings were made in `map` with these lengths and
-        // are unmapped once, here; no reference into them outlives `self`
-        // (side locks are only held inside method calls borrowing it).
-        unsafe {
-            let _ = munmap(self.header.as_ptr().cast(), HEADER_LEN);
-            let _ = munmap(self.data.as_ptr().cast(), 2 * self.capacity as usize);
+        let data_len = 2 * self.capacity as usize;
+        match self.source {
+            // SAFETY: both mappings were made in `map` with these lengths and
+            // are unmapped once, here; no reference into them outlives `self`
+            // (side locks are only held inside method calls borrowing it).
+            Source::Mapped => unsafe {
+                let _ = rustix::mm::munmap(self.header.as_ptr().cast(), HEADER_LEN);
+                let _ = rustix::mm::munmap(self.data.as_ptr().cast(), data_len);
+            },
+            // SAFETY: allocated in `create_on_heap` with these layouts, given
+            // back once, here; nothing borrows them any more.
+            Source::Heap => unsafe {
+                use std::alloc::{Layout, dealloc};
+                let page = PAGE as usize;
+                dealloc(
+                    self.header.as_ptr().cast(),
+                    Layout::from_size_align_unchecked(HEADER_LEN, page),
+                );
+                dealloc(
+                    self.data.as_ptr(),
+                    Layout::from_size_align_unchecked(data_len, page),
+                );
+            },
         }
     }
 }
@@ -910,6 +982,77 @@ mod tests {
 
     fn pop_bytes(ring: &Ring, wait: Wait) -> Result<Vec<u8>, RingError> {
         ring.pop(wait, None, |p| p.to_vec().unwrap())
+    }
+
+    fn heap_ring(capacity: usize, max_items: Option<u32>) -> Arc<Ring> {
+        Arc::new(
+            Ring::create_on_heap(RingConfig {
+                capacity,
+                max_items,
+                type_tag: 7,
+                doorbell: false,
+            })
+            .unwrap(),
+        )
+    }
+
+    /// The protocol on heap memory (what Miri can run): boundaries across
+    /// the wrap, out-of-band items, a lost region skipped, many threads.
+    #[test]
+    fn a_heap_backed_ring_runs_the_same_protocol() {
+        let ring = heap_ring(4096, None);
+        assert!(ring.descriptors().is_empty(), "no memfd behind a heap ring");
+        for round in 0..200u32 {
+            let len = (round * 37 % 700) as usize;
+            let item: Vec<u8> = (0..len).map(|i| (i as u32 + round) as u8).collect();
+            push_bytes(&ring, &item, Wait::Never).unwrap();
+            push_bytes(&ring, b"", Wait::Never).unwrap();
+            assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), item);
+            assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"");
+        }
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        push_bytes(&ring, &big, Wait::Never).unwrap();
+        push_bytes(&ring, b"after", Wait::Never).unwrap();
+        assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), big);
+        assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"after");
+        // A region punched by a consumer that died before advancing: skipped.
+        push_bytes(&ring, &big, Wait::Never).unwrap();
+        push_bytes(&ring, b"next", Wait::Never).unwrap();
+        let heap_start = (HEADER_LEN + 4096) as u64;
+        ring.file.punch(heap_start, 200_000).unwrap();
+        assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"next");
+
+        let ring = heap_ring(4096, Some(8));
+        let producers: Vec<_> = (0..2u32)
+            .map(|p| {
+                let ring = Arc::clone(&ring);
+                std::thread::spawn(move || {
+                    for i in 0..2000u32 {
+                        let item = [p.to_le_bytes(), i.to_le_bytes()].concat();
+                        push_bytes(&ring, &item, Wait::timeout(Duration::from_secs(20))).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        while seen.len() < 4000 {
+            let item = pop_bytes(&ring, Wait::timeout(Duration::from_secs(20))).unwrap();
+            seen.push((
+                u32::from_le_bytes(item[..4].try_into().unwrap()),
+                u32::from_le_bytes(item[4..].try_into().unwrap()),
+            ));
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
+        for p in 0..2 {
+            let mine: Vec<u32> = seen
+                .iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, i)| *i)
+                .collect();
+            assert_eq!(mine, (0..2000).collect::<Vec<_>>());
+        }
     }
 
     #[test]
@@ -964,7 +1107,7 @@ mod tests {
         assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), big);
         assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), b"after");
         // The region's pages were punched out: the file holds ~no data past the ring.
-        let stat = rustix::fs::fstat(ring.file.as_fd()).unwrap();
+        let stat = rustix::fs::fstat(ring.file.as_fd().unwrap()).unwrap();
         assert!(
             stat.st_blocks * 512 < 1 << 20,
             "{} bytes still allocated",
@@ -1123,7 +1266,7 @@ mod tests {
     }
 
     fn allocated_bytes(ring: &Ring) -> i64 {
-        let stat = rustix::fs::fstat(ring.file.as_fd()).unwrap();
+        let stat = rustix::fs::fstat(ring.file.as_fd().unwrap()).unwrap();
         stat.st_blocks as i64 * 512
     }
 
