@@ -397,4 +397,36 @@ mod loom_models {
             producer.join().unwrap();
         });
     }
+
+    /// A doorbell waiter (`wait`, an epoll user) against a publisher: the
+    /// arm bit and the tail store are a Dekker pair, so either the waiter
+    /// sees the item or the publish rings. The doorbell (an eventfd) is
+    /// modelled as a counter the waiter sleeps on with the futex model.
+    #[test]
+    fn loom_ring_doorbell_no_lost_ring() {
+        model(|| {
+            let indices = Arc::new(Indices::default());
+            let doorbell = Arc::new(AtomicU32::new(0));
+            let producer = {
+                let (indices, doorbell) = (Arc::clone(&indices), Arc::clone(&doorbell));
+                thread::spawn(move || {
+                    let tail = indices.tail();
+                    if indices.publish(tail.advance(1, 1)) {
+                        doorbell.fetch_add(1, SeqCst);
+                        futex::wake_all(&doorbell);
+                    }
+                })
+            };
+            let head = indices.head();
+            loop {
+                let rung = doorbell.load(SeqCst);
+                indices.arm_doorbell();
+                if indices.tail() != head {
+                    break;
+                }
+                futex::wait(&doorbell, rung, None);
+            }
+            producer.join().unwrap();
+        });
+    }
 }
