@@ -1,10 +1,9 @@
-//! Blocking calls sleep in the kernel (CPU measured with getrusage), and a
-//! killed peer is reported by the kernel's hang-up, not by a periodic check.
+//! Blocking calls sleep in the kernel: CPU measured with getrusage (alone in
+//! this test binary, so that no other test's CPU is counted).
 
 use std::time::{Duration, Instant};
 
-use mp_core::Process;
-use mp_ipc::connection::{Connection, ConnectionError, Pipe, Waitable, wait};
+use mp_ipc::connection::{Connection, Pipe, Waitable, wait};
 use mp_ipc::queue::Queue;
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -97,41 +96,4 @@ fn idle_recv_poll_get_and_wait_over_1_100_and_1000_use_no_cpu() {
         "five idle waiters used {:.2} % of a core",
         share * 100.0
     );
-}
-
-#[test]
-fn a_killed_writer_wakes_a_blocked_reader_at_once() {
-    let (reader, writer) = Pipe::simplex().unwrap();
-    let (ready_reader, ready_writer) = Pipe::simplex().unwrap();
-    let child = Process::new(|(writer, ready): (Connection, Connection)| {
-        ready.send(()).unwrap();
-        // Hold the writer until killed.
-        std::thread::sleep(PATIENCE);
-        drop(writer);
-    })
-    .args((writer, ready_writer))
-    .start()
-    .unwrap();
-    ready_reader.recv_timeout::<()>(PATIENCE).unwrap();
-    let blocked = std::thread::spawn(move || {
-        let outcome = reader.recv_timeout::<u8>(PATIENCE);
-        (outcome, Instant::now())
-    });
-    // Let the reader go to sleep (the kill must wake a sleeper, whatever
-    // the interleaving; this only makes the sleeping case the likely one).
-    std::thread::sleep(Duration::from_millis(100));
-    let killed_at = Instant::now();
-    child.kill().unwrap();
-    let (outcome, woke_at) = blocked.join().unwrap();
-    assert!(
-        matches!(outcome, Err(ConnectionError::Closed)),
-        "{outcome:?}"
-    );
-    let latency = woke_at - killed_at;
-    eprintln!("recv returned Closed {latency:?} after SIGKILL was sent");
-    assert!(
-        latency < Duration::from_millis(500),
-        "the death was noticed after {latency:?}"
-    );
-    assert!(child.join_timeout(PATIENCE).is_err());
 }
