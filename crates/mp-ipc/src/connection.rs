@@ -171,7 +171,6 @@ impl From<RingError> for ConnectionError {
             RingError::Reentrant => ConnectionError::Reentrant,
             RingError::HandleInItem => ConnectionError::HandleInMessage,
             RingError::Io { op, source } => ConnectionError::Io { op, source },
-            RingError::Shm(e) => ConnectionError::Shm(e),
         }
     }
 }

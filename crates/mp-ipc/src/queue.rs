@@ -134,7 +134,6 @@ impl From<RingError> for QueueError {
             RingError::Reentrant => QueueError::Reentrant,
             RingError::HandleInItem => QueueError::HandleInItem,
             RingError::Io { op, source } => QueueError::Io { op, source },
-            RingError::Shm(e) => QueueError::Shm(e),
         }
     }
 }

@@ -206,14 +206,19 @@ fn delivery_header(id: u64, nonce: u64) -> [u8; 16] {
     header
 }
 
-/// Sends `fds` to the claimant's socket.
-fn deliver(claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
-    let socket = rustix::net::socket_with(
+/// A Unix datagram socket (close-on-exec).
+fn datagram_socket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::DGRAM,
         SocketFlags::CLOEXEC,
         None,
-    )?;
+    )?)
+}
+
+/// Sends `fds` to the claimant's socket.
+fn deliver(claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
+    let socket = datagram_socket()?;
     let address = SocketAddrUnix::new_abstract_name(&claim.reply_to)?;
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
@@ -302,12 +307,7 @@ pub(crate) fn claim(ticket: Ticket) -> io::Result<Vec<OwnedFd>> {
 
 /// Claims through the lender's courier thread (what another process does).
 fn claim_from_courier(ticket: Ticket, count: usize) -> io::Result<Vec<OwnedFd>> {
-    let socket = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::DGRAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let socket = datagram_socket()?;
     let random = random_bytes()?;
     let mut name = b"mp-ipc-claim-".to_vec();
     name.extend(

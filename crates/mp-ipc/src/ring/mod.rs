@@ -74,7 +74,6 @@ use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::time::{Duration, Instant};
 
 use crate::robust::{Acquired, LockFailed, RobustMutex};
-use crate::shm::ShmError;
 use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
 
 /// Bytes of the header page at the start of the file.
@@ -117,8 +116,6 @@ pub(crate) enum RingError {
         #[source]
         source: io::Error,
     },
-    #[error(transparent)]
-    Shm(#[from] ShmError),
 }
 
 pub(crate) fn io_error(op: &'static str) -> impl FnOnce(io::Error) -> RingError {
