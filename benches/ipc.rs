@@ -140,5 +140,38 @@ fn queue(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, shared_memory, uncontended, contended, pipe, queue);
+/// Creation cost with 0 and with 1,000 of the same objects already held: it
+/// must not grow with what the process holds (no descriptor table scans).
+fn creation(c: &mut Criterion) {
+    use multiproc::mp_ipc::connection::Pipe;
+    use multiproc::mp_ipc::queue::Queue;
+    // 1,000 duplex pipes hold ~12,000 descriptors.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+    let mut group = c.benchmark_group("creation");
+    short(&mut group);
+    for held in [0usize, 1000] {
+        let pipes: Vec<_> = (0..held).map(|_| Pipe::duplex().unwrap()).collect();
+        let queues: Vec<Queue<u64>> = (0..held).map(|_| Queue::unbounded().unwrap()).collect();
+        group.bench_function(format!("pipe_duplex_with_{held}_held"), |b| {
+            b.iter(|| black_box(Pipe::duplex().unwrap()))
+        });
+        group.bench_function(format!("queue_with_{held}_held"), |b| {
+            b.iter(|| black_box(Queue::<u64>::unbounded().unwrap()))
+        });
+        drop((pipes, queues));
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    creation,
+    shared_memory,
+    uncontended,
+    contended,
+    pipe,
+    queue
+);
 criterion_main!(benches);

@@ -28,38 +28,64 @@
 //! do not deadlock. (Like an OS pipe, a flood of small messages that nobody
 //! reads fills the ring, and then `send` waits.)
 //!
-//! **End of the line.** Every handle of an end holds a small "liveness
-//! token": a memfd with an open-file-description lock, which the kernel
-//! drops when the last descriptor of it closes — in whichever process, also
-//! when the process is killed, and including handles in flight inside a
-//! message. A reader that finds its ring empty checks whether the writers'
-//! lock still exists (in `/proc/locks`); once none is left and the ring is
-//! drained, `recv` returns [`ConnectionError::Closed`] instead of waiting
-//! forever. Dropping a handle wakes the peer at once; a killed peer is
-//! noticed within [`LIVENESS_SLICE`]. A writer blocked on a full ring learns
-//! the same way that no reader is left.
+//! **End of the line.** Every handle of an end holds the write end of a
+//! *presence pipe* that nobody writes to; the other end watches the read end.
+//! When the last descriptor of the write end closes — in whichever process,
+//! also when the process is killed, and not while a message carrying a
+//! handle is in flight — the kernel reports a hang-up on the read end, which
+//! a per-process watcher thread turns into a wake-up of the blocked reader
+//! (or of a writer blocked on a full ring): once the ring is drained, `recv`
+//! returns [`ConnectionError::Closed`] instead of waiting forever. Nothing
+//! is polled and nothing reads `/proc` (see the `liveness` module and
+//! `TRANSPORT.md`).
+//!
+//! **Waiting from an event loop.** A readable `Connection` is
+//! [`AsFd`]: its descriptor (an eventfd) becomes readable
+//! when a message arrives after a [`poll`](Connection::poll) that returned
+//! `false` (that `poll` arms it), when the other end is gone, or when the
+//! connection is closed. With tokio's `AsyncFd`:
+//!
+//! ```
+//! use std::time::Duration;
+//! use mp_ipc::connection::Pipe;
+//! use tokio::io::unix::AsyncFd;
+//!
+//! let (reader, writer) = Pipe::simplex()?;
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+//! let message: String = runtime.block_on(async {
+//!     let ready = AsyncFd::new(reader.clone())?; // registers the descriptor
+//!     let sender = std::thread::spawn(move || writer.send("hello"));
+//!     let message = loop {
+//!         if reader.poll(Some(Duration::ZERO))? {
+//!             break reader.recv()?;
+//!         }
+//!         // `poll` found nothing and armed the descriptor: sleep until it fires.
+//!         ready.readable().await?.clear_ready();
+//!     };
+//!     sender.join().unwrap()?;
+//!     Ok::<_, Box<dyn std::error::Error>>(message)
+//! })?;
+//! assert_eq!(message, "hello");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! (The same loop with a plain `epoll` is tested in this module.)
 
 use std::fmt;
-use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::liveness::{Watch, presence_pipe};
 use crate::ring::{
     DEFAULT_CAPACITY, Liveness, Payload, Postcard, RawBytes, Ring, RingConfig, RingError, Wait,
-    carrier_with_token,
 };
-use crate::shm::{SharedMemory, ShmError};
-
-/// How often a waiting reader (or writer) checks whether its peer was killed.
-/// A peer that drops its handles normally wakes it at once.
-pub const LIVENESS_SLICE: Duration = Duration::from_millis(50);
+use crate::shm::ShmError;
+use crate::transport::{self, Ticket};
 
 /// The type tag of connection rings (see `Ring::attach`).
 const CONNECTION_TAG: u64 = u64::from_le_bytes(*b"mp-conn1");
@@ -145,7 +171,6 @@ impl From<RingError> for ConnectionError {
             RingError::Reentrant => ConnectionError::Reentrant,
             RingError::HandleInItem => ConnectionError::HandleInMessage,
             RingError::Io { op, source } => ConnectionError::Io { op, source },
-            RingError::Shm(e) => ConnectionError::Shm(e),
         }
     }
 }
@@ -207,226 +232,94 @@ impl Pipe {
         ))
     }
 
-    /// One direction: a ring and the (reader, writer) endpoints on it.
+    /// One direction: a ring, the two presence pipes, and the (reader,
+    /// writer) endpoints on them.
     fn direction(&self) -> Result<(Endpoint, Endpoint), ConnectionError> {
         let ring = Arc::new(Ring::create(RingConfig {
             capacity: self.capacity_bytes,
             max_items: None,
             type_tag: CONNECTION_TAG,
+            doorbell: true,
         })?);
-        let (reader_token, reader_id) = LivenessToken::create()?;
-        let (writer_token, writer_id) = LivenessToken::create()?;
-        let words = &ring.extra().words;
-        for (slot, value) in words
-            .iter()
-            .zip([writer_id.0, writer_id.1, reader_id.0, reader_id.1])
-        {
-            slot.store(value, SeqCst);
-        }
+        let (watch_readers, readers_present) =
+            presence_pipe().map_err(io_error("creating a presence pipe"))?;
+        let (watch_writers, writers_present) =
+            presence_pipe().map_err(io_error("creating a presence pipe"))?;
         Ok((
-            Endpoint::new(Arc::clone(&ring), reader_token, Side::Reader),
-            Endpoint::new(ring, writer_token, Side::Writer),
+            Endpoint::new(
+                Arc::clone(&ring),
+                Side::Reader,
+                readers_present,
+                watch_writers,
+            )?,
+            Endpoint::new(ring, Side::Writer, writers_present, watch_readers)?,
         ))
     }
 }
 
 /// Which end of a direction an endpoint is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
     Reader,
     Writer,
 }
 
-/// (device, inode) of a liveness token's memfd.
-type TokenId = (u64, u64);
-
-/// A memfd whose open file description holds a shared OFD lock: the lock
-/// lives exactly as long as some descriptor of that description does,
-/// anywhere (ipc-channel passes the description itself, not a copy).
-struct LivenessToken {
-    carrier: SharedMemory,
-}
-
-impl LivenessToken {
-    /// A new, locked token and the identity of its file (for the peer to probe).
-    fn create() -> Result<(LivenessToken, TokenId), ConnectionError> {
-        let (carrier, file, carrier_fd, _) = carrier_with_token(4096)?;
-        // SAFETY: `carrier_fd` is the descriptor ipc-channel holds for
-        // `carrier` (the only one of that file, found just after creating
-        // it), open for as long as `carrier` lives, which it does here.
-        let carrier_fd = unsafe { BorrowedFd::borrow_raw(carrier_fd) };
-        lock_description(carrier_fd).map_err(io_error("locking a liveness token"))?;
-        let id = file.id().map_err(io_error("fstat"))?;
-        Ok((LivenessToken { carrier }, id))
-    }
-}
-
-/// Takes a shared OFD lock on the first byte through `fd`'s open file description.
-fn lock_description(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_RDLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = 0;
-    lock.l_len = 1;
-    // SAFETY: `fd` is open; `lock` is a valid flock for F_OFD_SETLK.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Pauses before each re-scan that confirms a token is gone.
-const CONFIRM_GONE: [Duration; 2] = [Duration::from_millis(1), Duration::from_millis(5)];
-
-/// Whether some open file description holds an OFD lock on the file `id`
-/// (read from `/proc/locks`). `None` if `/proc/locks` cannot be read.
-///
-/// The kernel generates `/proc/locks` afresh for every `read` call, resuming
-/// at a record index: if a lock listed before that index is removed between
-/// two calls (any pipe dropped anywhere), the next call skips a record that
-/// is still there. So the file is read in calls of [`LOCKS_READ`] bytes (one
-/// call then covers a whole page of records, generated in one consistent
-/// pass), and "gone" is only concluded after re-scans spread over a few
-/// milliseconds also miss the token, which covers a lock table longer than a
-/// page. Concluding it is rare (once per connection at most).
-fn token_alive(id: TokenId) -> Option<bool> {
-    if token_listed(id)? {
-        return Some(true);
-    }
-    for pause in CONFIRM_GONE {
-        std::thread::sleep(pause);
-        if token_listed(id)? {
-            tracing::debug!(
-                ?id,
-                "a live liveness token was missing from one scan of /proc/locks"
-            );
-            return Some(true);
-        }
-    }
-    Some(false)
-}
-
-/// Bytes asked for per `read` of `/proc/locks` (more than the kernel's page).
-const LOCKS_READ: usize = 64 * 1024;
-
-/// `/proc/locks`, read in large calls (see [`token_alive`]).
-fn read_proc_locks() -> io::Result<String> {
-    use std::io::Read;
-    let mut file = fs::File::open("/proc/locks")?;
-    let mut locks = Vec::new();
-    let mut buffer = vec![0u8; LOCKS_READ];
-    loop {
-        match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => locks.extend_from_slice(&buffer[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    String::from_utf8(locks).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// One scan of `/proc/locks` for an OFD lock on the file `id`.
-fn token_listed(id: TokenId) -> Option<bool> {
-    let locks = match read_proc_locks() {
-        Ok(locks) => locks,
-        Err(error) => {
-            static WARNED: AtomicBool = AtomicBool::new(false);
-            if !WARNED.swap(true, Relaxed) {
-                tracing::warn!(%error, "cannot read /proc/locks: peers that die are not noticed");
-            }
-            return None;
-        }
-    };
-    let (dev, ino) = id;
-    let needle = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
-    Some(locks.lines().any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        // "N: OFDLCK ADVISORY READ -1 00:01:1234 0 0" (waiters have "->" after "N:").
-        fields.next() == Some("OFDLCK") && fields.nth(3) == Some(needle.as_str())
-    }))
-}
-
-/// One end of one direction, in this process: the ring, our liveness token,
-/// and what we know of the peer's.
+/// One end of one direction, in this process: the ring, this end's presence
+/// (held, never written), and the watch on the other end's presence.
 struct Endpoint {
     ring: Arc<Ring>,
-    side: Side,
-    /// Held for as long as this process has a handle of this end.
-    token: Option<LivenessToken>,
-    peer: TokenId,
-    /// `ring.extra().epoch` when the peer was last found alive.
-    checked_epoch: AtomicU32,
-    /// A sleep slice expired (or never checked): check for real next time.
-    check_due: AtomicBool,
-    peer_gone: AtomicBool,
+    /// The write end of this end's presence pipe: held for as long as this
+    /// process has a handle of this end.
+    presence: OwnedFd,
+    /// The read end of the other end's presence pipe.
+    peer: Watch,
 }
 
 impl Endpoint {
-    fn new(ring: Arc<Ring>, token: LivenessToken, side: Side) -> Endpoint {
-        let words = &ring.extra().words;
-        let peer_words = match side {
-            Side::Reader => (0, 1),
-            Side::Writer => (2, 3),
-        };
-        let peer = (
-            words[peer_words.0].load(SeqCst),
-            words[peer_words.1].load(SeqCst),
-        );
-        let epoch = ring.extra().epoch.load(SeqCst);
-        Endpoint {
+    fn new(
+        ring: Arc<Ring>,
+        side: Side,
+        presence: OwnedFd,
+        peer: OwnedFd,
+    ) -> Result<Endpoint, ConnectionError> {
+        // What the other end's death wakes: our sleepers on the ring, and
+        // whoever polls the doorbell.
+        let woken = Arc::clone(&ring);
+        let peer = Watch::new(peer, move || match side {
+            Side::Reader => {
+                woken.indices().wake_consumers();
+                woken.ring_doorbell();
+            }
+            Side::Writer => woken.indices().wake_producers(),
+        })
+        .map_err(io_error("watching the other end"))?;
+        Ok(Endpoint {
             ring,
-            side,
-            token: Some(token),
+            presence,
             peer,
-            checked_epoch: AtomicU32::new(epoch),
-            check_due: AtomicBool::new(true),
-            peer_gone: AtomicBool::new(false),
-        }
+        })
+    }
+
+    /// Descriptors that travel: presence, watch, then the ring's.
+    fn descriptors(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.presence.as_fd(), self.peer.fd()];
+        fds.extend(self.ring.descriptors());
+        fds
     }
 }
 
 impl Liveness for Endpoint {
-    fn peer_gone_now(&self) -> bool {
-        if self.peer_gone.load(Relaxed) {
-            return true;
-        }
-        let epoch = self.ring.extra().epoch.load(SeqCst);
-        if !self.check_due.load(Relaxed) && epoch == self.checked_epoch.load(Relaxed) {
-            return false;
-        }
-        self.check_due.store(false, Relaxed);
-        self.checked_epoch.store(epoch, Relaxed);
-        let gone = token_alive(self.peer) == Some(false);
-        if gone {
-            tracing::debug!(side = ?self.side, "the other end of the connection is gone");
-            self.peer_gone.store(true, Relaxed);
-        }
-        gone
+    #[inline]
+    fn peer_gone(&self) -> bool {
+        self.peer.gone()
     }
 
-    fn slice_deadline(&self, deadline: Option<Instant>) -> Option<Instant> {
-        let slice = Instant::now() + LIVENESS_SLICE;
-        Some(deadline.map_or(slice, |d| d.min(slice)))
-    }
-
-    fn slice_expired(&self) {
-        self.check_due.store(true, Relaxed);
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        // Close our token first, then tell the peer to look again: if this
-        // was the last handle of our end anywhere, its lock is gone by now.
-        drop(self.token.take());
-        let extra = self.ring.extra();
-        extra.epoch.fetch_add(1, SeqCst);
-        match self.side {
-            Side::Writer => self.ring.indices().wake_consumers(),
-            Side::Reader => self.ring.indices().wake_producers(),
+    fn before_sleep(&self) {
+        if let Err(error) = self.peer.ensure_watched() {
+            // Without a watcher, look now; a death later is then not noticed
+            // by a sleeper (only with the descriptor table full).
+            tracing::warn!(%error, "cannot watch the other end of a connection");
+            self.peer.check_now();
         }
     }
 }
@@ -494,7 +387,7 @@ impl Connection {
 
     fn send_encoded(&self, message: &dyn crate::ring::Encode) -> Result<(), ConnectionError> {
         let tx = self.tx()?;
-        if tx.peer_gone_now() {
+        if tx.peer.gone() {
             return Err(ConnectionError::Closed);
         }
         Ok(tx.ring.push(message, Wait::Forever, Some(tx))?)
@@ -568,11 +461,37 @@ impl Connection {
         drop(self);
     }
 
-    /// What `wait` needs: whether ready now, and the ring to sleep on.
-    fn ready(&self) -> Result<(bool, &Endpoint), ConnectionError> {
-        let rx = self.rx()?;
-        let ready = rx.ring.has_data() || rx.ring.indices().is_closed() || rx.peer_gone_now();
-        Ok((ready, rx))
+    /// Whether `recv` would return at once (a message, or the end).
+    fn ready(rx: &Endpoint) -> bool {
+        rx.ring.has_data() || rx.ring.indices().is_closed() || rx.peer.gone()
+    }
+}
+
+impl AsRawFd for Connection {
+    /// See [`AsFd`] (for tokio's `AsyncFd`, which takes `AsRawFd`).
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+impl AsFd for Connection {
+    /// For a readable end: an eventfd that becomes readable when a message
+    /// arrives after a [`poll`](Connection::poll) that returned `false` (which
+    /// arms it), when the other end is gone, or when the connection closes.
+    /// Register it with epoll, mio or tokio's `AsyncFd`, and after each
+    /// readiness call `poll(Some(Duration::ZERO))` (see the module docs).
+    ///
+    /// For a write-only end: a descriptor that reports a hang-up once no
+    /// reader is left.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match (&self.inner.rx, &self.inner.tx) {
+            (Some(rx), _) => rx
+                .ring
+                .doorbell()
+                .expect("connection rings have a doorbell"),
+            (None, Some(tx)) => tx.peer.fd(),
+            (None, None) => unreachable!("a connection has at least one direction"),
+        }
     }
 }
 
@@ -613,9 +532,26 @@ fn read_into(payload: Payload<'_>, buf: &mut [u8]) -> Result<usize, ConnectionEr
 pub enum Waitable<'a> {
     /// Ready when [`Connection::poll`] would say so.
     Connection(&'a Connection),
+    /// A queue: ready when it has an item or is closed (`Waitable::from(&queue)`).
+    Queue(QueueReadiness<'a>),
     /// Ready when the descriptor is readable, e.g. a process sentinel
     /// (`mp_core::Child::sentinel`, a pidfd: readable once the child ended).
     Fd(BorrowedFd<'a>),
+}
+
+/// The part of a [`Queue`](crate::queue::Queue) that [`wait`] looks at (from
+/// `Waitable::from(&queue)`).
+#[derive(Clone, Copy)]
+pub struct QueueReadiness<'a> {
+    pub(crate) ring: &'a Ring,
+}
+
+impl fmt::Debug for QueueReadiness<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueReadiness")
+            .field("len", &self.ring.len())
+            .finish()
+    }
 }
 
 impl<'a> From<&'a Connection> for Waitable<'a> {
@@ -630,165 +566,170 @@ impl<'a> From<BorrowedFd<'a>> for Waitable<'a> {
     }
 }
 
-/// How long `wait` sleeps between looks at descriptors (they cannot share a
-/// sleep with the rings' futexes).
-const FD_SLICE: Duration = Duration::from_millis(5);
+/// What `wait` watches for one object.
+enum Source<'a> {
+    /// A connection's readable end: its doorbell, and its watch on the writers.
+    Connection(&'a Endpoint),
+    /// A queue's ring: its doorbell.
+    Queue(&'a Ring),
+    Fd(BorrowedFd<'a>),
+}
+
+impl Source<'_> {
+    /// Drains and arms the doorbell, then looks: a publish after the look rings.
+    fn arm_and_look(&self) -> bool {
+        match self {
+            Source::Connection(rx) => {
+                rx.ring.drain_doorbell();
+                rx.ring.arm_doorbell();
+                Connection::ready(rx)
+            }
+            Source::Queue(ring) => {
+                ring.drain_doorbell();
+                ring.arm_doorbell();
+                ring.has_data() || ring.indices().is_closed()
+            }
+            Source::Fd(_) => false,
+        }
+    }
+}
 
 /// Waits until at least one of `objects` is ready, or `timeout` passes
 /// (`None`: no limit); returns the indices of the ready ones (empty on
 /// timeout). Python's `multiprocessing.connection.wait`.
 ///
-/// Connections wake the waiter at once (it sleeps on all their rings with one
-/// `futex_waitv`); descriptors are looked at every few milliseconds.
+/// It sleeps in one `poll` over every object's descriptor: a connection's or
+/// a queue's doorbell, a connection's watch on the other end, a process
+/// sentinel's pidfd. Any number of objects; nothing is looked at again until
+/// the kernel reports an event. (Two threads waiting on the same object at
+/// once may see an item late: the doorbell is drained by whoever wakes first.)
 pub fn wait(
     objects: &[Waitable<'_>],
     timeout: Option<Duration>,
 ) -> Result<Vec<usize>, ConnectionError> {
+    use rustix::event::{PollFd, PollFlags};
     let deadline = timeout.map(|t| Instant::now().checked_add(t).unwrap_or_else(far_future));
-    loop {
-        let mut ready = Vec::new();
-        let mut words = Vec::new();
-        let mut fds = false;
-        for (index, object) in objects.iter().enumerate() {
-            match object {
-                Waitable::Connection(connection) => {
-                    let (_, rx) = connection.ready()?;
-                    // Announce first, then look: a message published after the
-                    // look bumps the word we are about to sleep on.
-                    let seq = rx.ring.indices().announce_data_sleeper();
-                    if connection.ready()?.0 {
-                        ready.push(index);
-                    }
-                    words.push((rx.ring.indices().data_word(), seq));
-                }
-                Waitable::Fd(fd) => {
-                    fds = true;
-                    if fd_readable(*fd)? {
-                        ready.push(index);
-                    }
-                }
-            }
-        }
-        if !ready.is_empty() {
-            return Ok(ready);
-        }
-        let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            return Ok(ready);
-        }
-        let slice = now + if fds { FD_SLICE } else { LIVENESS_SLICE };
-        let until = deadline.map_or(slice, |d| d.min(slice));
-        sleep_on_words(&words, until);
-        for object in objects {
-            if let Waitable::Connection(connection) = object
-                && let Some(rx) = &connection.inner.rx
-            {
-                rx.slice_expired();
-            }
-        }
-    }
-}
-
-/// Whether `fd` is readable now.
-fn fd_readable(fd: BorrowedFd<'_>) -> Result<bool, ConnectionError> {
-    let mut poll = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::IN,
-    )];
-    let zero = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    let n = rustix::event::poll(&mut poll, Some(&zero)).map_err(|e| ConnectionError::Io {
-        op: "poll",
-        source: e.into(),
-    })?;
-    Ok(n > 0)
-}
-
-/// Sleeps until one of the futex `words` no longer holds its value, or
-/// `until`.
-#[cfg(loom)]
-fn sleep_on_words(words: &[(&crate::futex::AtomicU32, u32)], until: Instant) {
-    if let Some((word, value)) = words.first() {
-        crate::futex::wait(word, *value, Some(until));
-    }
-}
-
-/// Sleeps until one of the futex `words` no longer holds its value, or
-/// `until`.
-#[cfg(not(loom))]
-fn sleep_on_words(words: &[(&crate::futex::AtomicU32, u32)], until: Instant) {
-    use rustix::thread::futex;
-    if words.is_empty() {
-        std::thread::sleep(until.saturating_duration_since(Instant::now()));
-        return;
-    }
-    let waiters: Vec<futex::Wait> = words
+    let sources = objects
         .iter()
-        .map(|(word, value)| {
-            let mut waiter = futex::Wait::new();
-            waiter.val = u64::from(*value);
-            waiter.uaddr = futex::WaitPtr::new(word.as_ptr().cast());
-            // Shared (not FUTEX2_PRIVATE): the words live in memory shared
-            // with other processes.
-            waiter.flags = futex::WaitFlags::SIZE_U32;
-            waiter
+        .map(|object| match object {
+            Waitable::Connection(connection) => connection.rx().map(Source::Connection),
+            Waitable::Queue(queue) => Ok(Source::Queue(queue.ring)),
+            Waitable::Fd(fd) => Ok(Source::Fd(*fd)),
         })
-        .collect();
-    let left = until.saturating_duration_since(Instant::now());
-    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    let mut sec = now.tv_sec.saturating_add(left.as_secs() as i64);
-    let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
-    if nsec >= 1_000_000_000 {
-        nsec -= 1_000_000_000;
-        sec += 1;
-    }
-    let absolute = rustix::time::Timespec {
-        tv_sec: sec,
-        tv_nsec: nsec,
-    };
-    match futex::waitv(
-        &waiters,
-        futex::WaitvFlags::empty(),
-        Some(&absolute),
-        rustix::time::ClockId::Monotonic,
-    ) {
-        // Woken, timed out, a word changed, a signal: the caller looks again.
-        Ok(_)
-        | Err(rustix::io::Errno::TIMEDOUT | rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {
+        .collect::<Result<Vec<Source<'_>>, _>>()?;
+    loop {
+        let mut ready: Vec<usize> = (0..sources.len())
+            .filter(|&index| sources[index].arm_and_look())
+            .collect();
+        let mut fds = Vec::with_capacity(2 * sources.len());
+        for source in &sources {
+            match source {
+                Source::Connection(rx) => {
+                    fds.push(PollFd::from_borrowed_fd(doorbell(&rx.ring)?, PollFlags::IN));
+                    fds.push(PollFd::from_borrowed_fd(rx.peer.fd(), PollFlags::empty()));
+                }
+                Source::Queue(ring) => {
+                    fds.push(PollFd::from_borrowed_fd(doorbell(ring)?, PollFlags::IN));
+                }
+                Source::Fd(fd) => fds.push(PollFd::from_borrowed_fd(*fd, PollFlags::IN)),
+            }
         }
-        // futex_waitv needs Linux 5.16; before that, sleep on the first word
-        // for a short while.
-        Err(_) => {
-            let short = Instant::now() + Duration::from_millis(1);
-            crate::futex::wait(words[0].0, words[0].1, Some(until.min(short)));
+        let wait_until = if ready.is_empty() {
+            deadline
+        } else {
+            Some(Instant::now()) // just collect the descriptors ready too
+        };
+        poll_until(&mut fds, wait_until)?;
+        let mut slot = 0;
+        for (index, source) in sources.iter().enumerate() {
+            let now_ready = match source {
+                Source::Connection(rx) => {
+                    if !fds[slot + 1].revents().is_empty() {
+                        rx.peer.mark_gone();
+                    }
+                    slot += 2;
+                    Connection::ready(rx)
+                }
+                Source::Queue(ring) => {
+                    slot += 1;
+                    ring.has_data() || ring.indices().is_closed()
+                }
+                Source::Fd(_) => {
+                    slot += 1;
+                    !fds[slot - 1].revents().is_empty()
+                }
+            };
+            if now_ready && !ready.contains(&index) {
+                ready.push(index);
+            }
+        }
+        if !ready.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+            ready.sort_unstable();
+            return Ok(ready);
         }
     }
 }
 
-/// How a connection travels: for each direction it can use, the ring's
-/// carrier and this end's liveness token (whose description keeps the end
-/// alive while the message is in flight).
+/// The doorbell `wait` polls for `ring`.
+fn doorbell(ring: &Ring) -> Result<BorrowedFd<'_>, ConnectionError> {
+    ring.doorbell().ok_or_else(|| {
+        ConnectionError::Incompatible("a ring without a doorbell cannot be waited on".into())
+    })
+}
+
+/// `poll` until an event or `deadline` (`None`: no limit), retrying on EINTR
+/// with the time that is left.
+fn poll_until(
+    fds: &mut [rustix::event::PollFd<'_>],
+    deadline: Option<Instant>,
+) -> Result<(), ConnectionError> {
+    loop {
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            rustix::event::Timespec {
+                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: left.subsec_nanos().into(),
+            }
+        });
+        match rustix::event::poll(fds, timeout.as_ref()) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(());
+                }
+            }
+            Err(errno) => {
+                return Err(ConnectionError::Io {
+                    op: "poll",
+                    source: errno.into(),
+                });
+            }
+        }
+    }
+}
+
+/// How a connection travels: for each direction it can use, a ticket for
+/// the endpoint's descriptors (see [`Endpoint::descriptors`]).
 #[derive(Serialize, Deserialize)]
 struct Wire {
-    tx: Option<(SharedMemory, SharedMemory)>,
-    rx: Option<(SharedMemory, SharedMemory)>,
+    tx: Option<Ticket>,
+    rx: Option<Ticket>,
 }
 
-fn endpoint_wire(endpoint: &Option<Endpoint>) -> Option<(SharedMemory, SharedMemory)> {
-    endpoint.as_ref().map(|e| {
-        let token = e.token.as_ref().expect("a live endpoint holds its token");
-        (e.ring.carrier().clone(), token.carrier.clone())
-    })
+fn lend<E: serde::ser::Error>(endpoint: &Option<Endpoint>) -> Result<Option<Ticket>, E> {
+    endpoint
+        .as_ref()
+        .map(|e| transport::lend(&e.descriptors()))
+        .transpose()
+        .map_err(|e| E::custom(format!("lending a connection's descriptors: {e}")))
 }
 
 impl Serialize for Connection {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        crate::ring::refuse_inside_item()?;
+        crate::transport::refuse_inside_item()?;
         Wire {
-            tx: endpoint_wire(&self.inner.tx),
-            rx: endpoint_wire(&self.inner.rx),
+            tx: lend(&self.inner.tx)?,
+            rx: lend(&self.inner.rx)?,
         }
         .serialize(serializer)
     }
@@ -798,19 +739,25 @@ impl<'de> Deserialize<'de> for Connection {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let wire = Wire::deserialize(deserializer)?;
-        let attach = |parts: Option<(SharedMemory, SharedMemory)>,
-                      side: Side|
-         -> Result<Option<Endpoint>, ConnectionError> {
-            let Some((ring, token)) = parts else {
-                return Ok(None);
+        let attach =
+            |ticket: Option<Ticket>, side: Side| -> Result<Option<Endpoint>, ConnectionError> {
+                let Some(ticket) = ticket else {
+                    return Ok(None);
+                };
+                let mut fds = transport::claim(ticket)
+                    .map_err(io_error("receiving a connection's descriptors"))?
+                    .into_iter();
+                let (Some(presence), Some(peer)) = (fds.next(), fds.next()) else {
+                    return Err(ConnectionError::Incompatible("too few descriptors".into()));
+                };
+                let ring = Arc::new(Ring::attach(fds, CONNECTION_TAG)?);
+                if ring.doorbell().is_none() {
+                    return Err(ConnectionError::Incompatible(
+                        "a ring without a doorbell".into(),
+                    ));
+                }
+                Endpoint::new(ring, side, presence, peer).map(Some)
             };
-            let ring = Arc::new(Ring::attach(ring, CONNECTION_TAG)?);
-            Ok(Some(Endpoint::new(
-                ring,
-                LivenessToken { carrier: token },
-                side,
-            )))
-        };
         let tx = attach(wire.tx, Side::Writer).map_err(D::Error::custom)?;
         let rx = attach(wire.rx, Side::Reader).map_err(D::Error::custom)?;
         Ok(Connection::new(tx, rx))
@@ -822,39 +769,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_scan_never_misses_a_held_token_while_others_come_and_go() {
-        let (_token, id) = LivenessToken::create().unwrap();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let churned = std::sync::Arc::new(AtomicU32::new(0));
-        let churn = {
-            let (stop, churned) = (
-                std::sync::Arc::clone(&stop),
-                std::sync::Arc::clone(&churned),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Relaxed) {
-                    drop(LivenessToken::create().unwrap());
-                    churned.fetch_add(1, Relaxed);
-                }
-            })
+    fn the_descriptor_wakes_an_epoll_loop_for_a_message_and_for_the_end() {
+        use rustix::event::epoll;
+        let (reader, writer) = Pipe::simplex().unwrap();
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+        epoll::add(
+            &epoll,
+            &reader,
+            epoll::EventData::new_u64(1),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )
+        .unwrap();
+        let wait_event = || {
+            let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
+            let timeout = rustix::event::Timespec {
+                tv_sec: 10,
+                tv_nsec: 0,
+            };
+            epoll::wait(
+                &epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            )
+            .unwrap()
         };
-        // Scan only while the other thread is creating and dropping tokens.
-        while churned.load(Relaxed) < 50 {
-            std::thread::yield_now();
+        // The loop of the module docs: poll (arms), else sleep in epoll.
+        assert!(!reader.poll(Some(Duration::ZERO)).unwrap());
+        let sender = std::thread::spawn(move || {
+            writer.send(7u8).unwrap();
+            writer
+        });
+        let mut got = None;
+        while got.is_none() {
+            if reader.poll(Some(Duration::ZERO)).unwrap() {
+                got = Some(reader.recv::<u8>().unwrap());
+            } else {
+                assert_eq!(wait_event(), 1, "epoll timed out before the message");
+            }
         }
-        let missed = (0..20_000)
-            .filter(|_| token_listed(id) != Some(true))
-            .count();
-        stop.store(true, Relaxed);
-        churn.join().unwrap();
-        assert!(
-            churned.load(Relaxed) > 100,
-            "the churn did not overlap the scans"
-        );
-        assert_eq!(
-            missed, 0,
-            "a held token was missing from {missed} of 20000 scans"
-        );
+        assert_eq!(got, Some(7));
+        let writer = sender.join().unwrap();
+        assert!(!reader.poll(Some(Duration::ZERO)).unwrap());
+        drop(writer);
+        // The end of the stream makes the descriptor readable too.
+        while !reader.poll(Some(Duration::ZERO)).unwrap() {
+            assert_eq!(wait_event(), 1, "epoll timed out before the end");
+        }
+        assert!(matches!(
+            reader.recv_timeout::<u8>(Duration::from_secs(10)),
+            Err(ConnectionError::Closed)
+        ));
     }
 
     #[test]
@@ -967,7 +931,70 @@ mod tests {
     fn sending_to_a_dropped_reader_is_closed() {
         let (reader, writer) = Pipe::simplex().unwrap();
         drop(reader);
-        assert!(matches!(writer.send(1u8), Err(ConnectionError::Closed)));
+        // The watcher thread learns of the hang-up within microseconds;
+        // sends until then land in the ring.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let error = loop {
+            match writer.send(1u8) {
+                Ok(()) => assert!(
+                    Instant::now() < deadline,
+                    "the reader's end was never noticed"
+                ),
+                Err(error) => break error,
+            }
+            std::thread::yield_now();
+        };
+        assert!(matches!(error, ConnectionError::Closed), "{error:?}");
+    }
+
+    #[test]
+    fn wait_wakes_when_the_other_end_is_dropped_in_another_thread() {
+        let (reader, writer) = Pipe::simplex().unwrap();
+        let (other_reader, _other_writer) = Pipe::simplex().unwrap();
+        let dropper = std::thread::spawn(move || {
+            // No hand-off needed: whether wait is asleep yet or not, the
+            // hang-up makes the reader ready.
+            drop(writer);
+        });
+        let objects = [Waitable::from(&other_reader), Waitable::from(&reader)];
+        let start = Instant::now();
+        assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [1]);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        dropper.join().unwrap();
+        assert!(matches!(
+            reader.recv_timeout::<u8>(Duration::from_secs(10)),
+            Err(ConnectionError::Closed)
+        ));
+    }
+
+    #[test]
+    fn wait_over_queues_and_connections() {
+        let queue: crate::queue::Queue<u32> = crate::queue::Queue::unbounded().unwrap();
+        let closing: crate::queue::Queue<u32> = crate::queue::Queue::unbounded().unwrap();
+        let (reader, _writer) = Pipe::simplex().unwrap();
+        let objects = [
+            Waitable::from(&reader),
+            Waitable::from(&queue),
+            Waitable::from(&closing),
+        ];
+        assert!(
+            wait(&objects, Some(Duration::from_millis(20)))
+                .unwrap()
+                .is_empty()
+        );
+        let putter = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.put(5).unwrap())
+        };
+        assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [1]);
+        putter.join().unwrap();
+        assert_eq!(queue.get().unwrap(), 5);
+        let closer = {
+            let closing = closing.clone();
+            std::thread::spawn(move || closing.close().unwrap())
+        };
+        assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [2]);
+        closer.join().unwrap();
     }
 
     #[test]

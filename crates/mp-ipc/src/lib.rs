@@ -40,9 +40,16 @@
 //!   [`Value`], [`Array`] (Python's `ShareableList`: an `Array` of plain-old-data).
 //!
 //! Every primitive is `Clone` (same object), `Send + Sync`, and `Serialize + Deserialize`
-//! for travelling as a process argument (through ipc-channel, which carries the file
-//! descriptors); it is freed when the last handle in the last process is dropped. Every
-//! blocking call has `try_` and `_timeout` variants.
+//! for travelling as a process argument (through ipc-channel; the descriptors of queues and
+//! pipes travel beside it with `SCM_RIGHTS`); it is freed when the last handle in the last
+//! process is dropped. Every blocking call has `try_` and `_timeout` variants.
+//!
+//! Nothing reads `/proc`: descriptors are owned from creation, the end of a pipe is told by
+//! the kernel (a hang-up on a pipe every handle holds), blocking calls sleep in the kernel,
+//! and a readable [`Connection`] is [`AsFd`](std::os::fd::AsFd) for epoll, mio or tokio.
+//! The design — who owns which descriptor, how liveness is signalled, what a message looks
+//! like on the wire — is [`transport_design`] (`TRANSPORT.md` next to this crate's
+//! `Cargo.toml`).
 
 // Base layer: shared memory, futex wake-ups, robust process-shared mutex.
 mod futex;
@@ -68,8 +75,12 @@ pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 // Data plane.
 pub mod connection;
 pub mod listener;
+mod liveness;
 pub mod queue;
+#[doc = include_str!("../TRANSPORT.md")]
+pub mod transport_design {}
 mod ring;
+mod transport;
 
 pub use connection::{Connection, ConnectionError, Pipe, Waitable};
 pub use listener::{Client, Listener};

@@ -53,10 +53,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::futex::{self, WaitOutcome};
-use crate::ring::{
-    DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait, refuse_inside_item,
-};
-use crate::shm::{SharedMemory, ShmError};
+use crate::ring::{DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait};
+use crate::shm::ShmError;
+use crate::transport::{self, Ticket, refuse_inside_item};
 
 /// What can go wrong with a queue.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +134,6 @@ impl From<RingError> for QueueError {
             RingError::Reentrant => QueueError::Reentrant,
             RingError::HandleInItem => QueueError::HandleInItem,
             RingError::Io { op, source } => QueueError::Io { op, source },
-            RingError::Shm(e) => QueueError::Shm(e),
         }
     }
 }
@@ -246,6 +244,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             capacity: builder.capacity_bytes,
             max_items: builder.maxsize,
             type_tag,
+            // For `connection::wait` over queues.
+            doorbell: true,
         })?;
         Ok(Queue {
             ring: Arc::new(ring),
@@ -328,6 +328,25 @@ impl<T> Queue<T> {
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.ring.is_closing()
+    }
+}
+
+impl<'a, T> From<&'a Queue<T>> for crate::connection::Waitable<'a> {
+    /// For [`wait`](crate::connection::wait): ready when the queue has an item or is closed.
+    fn from(queue: &'a Queue<T>) -> Self {
+        crate::connection::Waitable::Queue(crate::connection::QueueReadiness { ring: &queue.ring })
+    }
+}
+
+impl<'a, T> From<&'a SimpleQueue<T>> for crate::connection::Waitable<'a> {
+    fn from(queue: &'a SimpleQueue<T>) -> Self {
+        crate::connection::Waitable::from(&queue.queue)
+    }
+}
+
+impl<'a, T> From<&'a JoinableQueue<T>> for crate::connection::Waitable<'a> {
+    fn from(queue: &'a JoinableQueue<T>) -> Self {
+        crate::connection::Waitable::from(&queue.queue)
     }
 }
 
@@ -433,19 +452,20 @@ fn type_tag<H: ?Sized>() -> u64 {
         })
 }
 
-/// The wire form of every queue handle: the memfd carrier of its ring.
+/// The wire form of every queue handle: a ticket for its ring's memfd
+/// (see the [transport](crate::transport)).
 #[derive(Serialize, Deserialize)]
 struct Wire {
-    ring: SharedMemory,
+    ring: Ticket,
 }
 
 impl<T> Serialize for Queue<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
         refuse_inside_item()?;
-        Wire {
-            ring: self.ring.carrier().clone(),
-        }
-        .serialize(serializer)
+        let ring = transport::lend(&self.ring.descriptors())
+            .map_err(|e| S::Error::custom(format!("lending a queue's descriptors: {e}")))?;
+        Wire { ring }.serialize(serializer)
     }
 }
 
@@ -456,8 +476,13 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
 }
 
 fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Queue<T>, D::Error> {
+    use serde::de::Error;
     let wire = Wire::deserialize(deserializer)?;
-    let ring = Ring::attach(wire.ring, tag).map_err(serde::de::Error::custom)?;
+    let fds = transport::claim(wire.ring).map_err(|error| {
+        tracing::warn!(%error, "a received queue could not take its descriptors");
+        D::Error::custom(format!("receiving a queue's descriptors: {error}"))
+    })?;
+    let ring = Ring::attach(fds.into_iter(), tag).map_err(D::Error::custom)?;
     Ok(Queue {
         ring: Arc::new(ring),
         _item: PhantomData,

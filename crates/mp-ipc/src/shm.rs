@@ -497,7 +497,7 @@ enum Wire {
 impl Serialize for SharedMemory {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // Inside a queue item or a pipe message the descriptor could not travel.
-        crate::ring::refuse_inside_item::<S::Error>()?;
+        crate::transport::refuse_inside_item::<S::Error>()?;
         match &self.segment.backing {
             // IpcSharedMemory's serializer hands the fd to ipc-channel.
             Backing::Anonymous(memory) => {

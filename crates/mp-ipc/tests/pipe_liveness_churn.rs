@@ -1,6 +1,6 @@
 //! A live peer is never mistaken for a dead one, even while many other pipes come and go
-//! (each end's liveness is looked up in `/proc/locks`, which the kernel produces page by
-//! page, so churn elsewhere can hide an entry from a single scan).
+//! (their presence pipes hang up all the time; the watcher must wake only the ends whose
+//! own peer is gone).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +27,7 @@ fn churn_elsewhere_never_closes_a_live_pipe() {
             })
         })
         .collect();
-    // Each wait spans many liveness checks (one per 50 ms slice).
+    // Each wait spans thousands of hang-ups of other pipes.
     for _ in 0..4 {
         match reader.recv_timeout::<u32>(Duration::from_millis(500)) {
             Err(ConnectionError::Timeout) => {}

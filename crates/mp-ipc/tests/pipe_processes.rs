@@ -244,3 +244,42 @@ fn poll_times_out_then_sees_a_message() {
     assert_eq!(b.recv::<u32>().unwrap(), 7);
     child.join_timeout(PATIENCE).unwrap();
 }
+
+/// The kernel's hang-up, not a periodic check, tells a blocked reader that
+/// its writer was killed.
+#[test]
+fn a_killed_writer_wakes_a_blocked_reader_at_once() {
+    let (reader, writer) = Pipe::simplex().unwrap();
+    let (ready_reader, ready_writer) = Pipe::simplex().unwrap();
+    let child = Process::new(|(writer, ready): (Connection, Connection)| {
+        ready.send(()).unwrap();
+        // Hold the writer until killed.
+        std::thread::sleep(PATIENCE);
+        drop(writer);
+    })
+    .args((writer, ready_writer))
+    .start()
+    .unwrap();
+    ready_reader.recv_timeout::<()>(PATIENCE).unwrap();
+    let blocked = std::thread::spawn(move || {
+        let outcome = reader.recv_timeout::<u8>(PATIENCE);
+        (outcome, Instant::now())
+    });
+    // Let the reader go to sleep (the kill must wake a sleeper, whatever
+    // the interleaving; this only makes the sleeping case the likely one).
+    std::thread::sleep(Duration::from_millis(100));
+    let killed_at = Instant::now();
+    child.kill().unwrap();
+    let (outcome, woke_at) = blocked.join().unwrap();
+    assert!(
+        matches!(outcome, Err(ConnectionError::Closed)),
+        "{outcome:?}"
+    );
+    let latency = woke_at - killed_at;
+    eprintln!("recv returned Closed {latency:?} after SIGKILL was sent");
+    assert!(
+        latency < Duration::from_millis(500),
+        "the death was noticed after {latency:?}"
+    );
+    assert!(child.join_timeout(PATIENCE).is_err());
+}

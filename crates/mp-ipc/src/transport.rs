@@ -1,0 +1,522 @@
+//! How a handle's file descriptors reach another process.
+//!
+//! ipc-channel is the typed control channel between processes (it carries the
+//! process bootstrap, arguments, results and the handles in them), but it only
+//! passes descriptors it created itself, and never shows them to the receiver.
+//! The rings, doorbells and liveness pipes of this crate are descriptors we own
+//! (`OwnedFd` from creation), so they travel beside ipc-channel, with
+//! `SCM_RIGHTS`, as follows (the design is in `TRANSPORT.md`):
+//!
+//! * **Lending** (a handle's `Serialize`): the descriptors are duplicated into
+//!   this process's *courier* table under a fresh id, and what is serialized is
+//!   a [`Ticket`]: that id, the lender's pid, and the sending half of a fresh
+//!   ipc-channel channel whose receiving half the courier watches. The ticket
+//!   travels wherever ipc-channel carries the message, as an ipc-channel object.
+//! * **Claiming** (the handle's `Deserialize`): the receiver binds a datagram
+//!   Unix socket to a random abstract name (no file, no `/proc`), sends that
+//!   name through the ticket's channel, and receives the descriptors on its
+//!   socket with `SCM_RIGHTS`. A ticket decoded in the process that lent it is
+//!   served from the table directly.
+//! * **Expiry**: the courier thread waits on every ticket's channel at once
+//!   (ipc-channel's `IpcReceiverSet`, an epoll). When every copy of a ticket
+//!   is gone (claimed and dropped, or the message carrying it was dropped, or
+//!   the process holding it died), the kernel closes the channel and the
+//!   courier closes the lent duplicates. So a handle in flight keeps its
+//!   object alive exactly as long as the message that carries it exists, and
+//!   a liveness pipe never stays open because of a message nobody will read.
+//!
+//! A lent handle can be claimed while its lender lives (as Python's
+//! `resource_sharer`): a process that exits right after sending a handle in a
+//! message makes that handle undecodable (a typed error, never a hang).
+
+use std::collections::HashMap;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::{self, IpcReceiver, IpcReceiverSet, IpcSelectionResult, IpcSender};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+use serde::{Deserialize, Serialize};
+
+/// How long a claim waits for the lender's courier to answer once the claim
+/// was handed to it (the lender is alive then: the ticket's channel was open).
+const CLAIM_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Most descriptors one ticket carries (a connection end has the most).
+pub(crate) const MAX_FDS: usize = 8;
+
+/// What a handle serializes in place of its descriptors.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Ticket {
+    /// The lending process.
+    owner: u32,
+    /// The entry in the lender's courier table.
+    id: u64,
+    /// How many descriptors the entry holds.
+    count: u32,
+    /// Claims go here; the courier learns from its closing that the ticket is gone.
+    claims: IpcSender<Claim>,
+}
+
+/// A claim: "send the descriptors of this ticket to the socket named `reply_to`".
+#[derive(Serialize, Deserialize)]
+struct Claim {
+    reply_to: Vec<u8>,
+    nonce: u64,
+}
+
+/// A new ticket for the courier thread to watch.
+#[derive(Serialize, Deserialize)]
+struct Register {
+    id: u64,
+    claims: IpcReceiver<Claim>,
+}
+
+/// Lent descriptors by ticket id.
+type Table = Arc<Mutex<HashMap<u64, Vec<OwnedFd>>>>;
+
+/// This process's courier: the lent descriptors and the way to its thread.
+struct Courier {
+    pid: u32,
+    table: Table,
+    /// To the registrar thread, which forwards over ipc-channel to the courier
+    /// thread (see [`lend`] for why not from the lending thread).
+    register: mpsc::Sender<Register>,
+}
+
+static COURIER: Mutex<Option<Courier>> = Mutex::new(None);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps stay consistent whatever panicked while holding them.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The courier of this process, started on first use (and again in a forked
+/// child, whose copy of the parent's has no thread).
+fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
+    let pid = std::process::id();
+    let mut courier = lock(&COURIER);
+    if let Some(c) = courier.as_ref().filter(|c| c.pid == pid) {
+        return Ok((Arc::clone(&c.table), c.register.clone()));
+    }
+    if let Some(inherited) = courier.take() {
+        // A fork: the parent's table is the parent's business. Its copies
+        // here are closed, so that this child does not keep the parent's
+        // lent objects alive.
+        drop(inherited);
+    }
+    let (forward, registrations) = ipc::channel::<Register>()?;
+    let table = Arc::new(Mutex::new(HashMap::new()));
+    let mut set = IpcReceiverSet::new()?;
+    let control = set.add(registrations)?;
+    let served = Arc::clone(&table);
+    std::thread::Builder::new()
+        .name("mp-ipc courier".into())
+        .spawn(move || serve(set, control, &served))?;
+    let (register, to_forward) = mpsc::channel::<Register>();
+    std::thread::Builder::new()
+        .name("mp-ipc registrar".into())
+        .spawn(move || {
+            for registration in to_forward {
+                if let Err(error) = forward.send(registration) {
+                    tracing::error!(%error, "the descriptor courier is gone; lent handles cannot be claimed");
+                    return;
+                }
+            }
+        })?;
+    *courier = Some(Courier {
+        pid,
+        table: Arc::clone(&table),
+        register: register.clone(),
+    });
+    Ok((table, register))
+}
+
+/// The courier thread: registers tickets, answers claims, drops what expired.
+fn serve(mut set: IpcReceiverSet, control: u64, table: &Mutex<HashMap<u64, Vec<OwnedFd>>>) {
+    // The receiver-set id of each watched ticket → its table id.
+    let mut tickets: HashMap<u64, u64> = HashMap::new();
+    loop {
+        let events = match set.select() {
+            Ok(events) => events,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                tracing::error!(%error, "the descriptor courier stopped");
+                return;
+            }
+        };
+        for event in events {
+            match event {
+                IpcSelectionResult::MessageReceived(from, message) if from == control => {
+                    match message.to::<Register>() {
+                        Ok(Register { id, claims }) => match set.add(claims) {
+                            Ok(watch) => {
+                                tickets.insert(watch, id);
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "cannot watch a ticket; its descriptors are dropped");
+                                lock(table).remove(&id);
+                            }
+                        },
+                        Err(error) => tracing::error!(%error, "bad courier registration"),
+                    }
+                }
+                IpcSelectionResult::MessageReceived(from, message) => {
+                    let Some(&id) = tickets.get(&from) else {
+                        continue;
+                    };
+                    let Some(fds) = lock(table).remove(&id) else {
+                        continue; // claimed already (in-process shortcut)
+                    };
+                    match message.to::<Claim>() {
+                        Ok(claim) => {
+                            if let Err(error) = deliver(&claim, id, &fds) {
+                                tracing::warn!(%error, id, "could not hand descriptors to a claimant");
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "malformed claim"),
+                    }
+                }
+                IpcSelectionResult::ChannelClosed(from) if from == control => return,
+                IpcSelectionResult::ChannelClosed(from) => {
+                    if let Some(id) = tickets.remove(&from) {
+                        // Every copy of the ticket is gone: nobody can claim it.
+                        lock(table).remove(&id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The payload of a delivery: the ticket id and the claim's nonce.
+fn delivery_header(id: u64, nonce: u64) -> [u8; 16] {
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(&id.to_le_bytes());
+    header[8..].copy_from_slice(&nonce.to_le_bytes());
+    header
+}
+
+/// A Unix datagram socket (close-on-exec).
+fn datagram_socket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// Sends `fds` to the claimant's socket.
+fn deliver(claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
+    let socket = datagram_socket()?;
+    let address = SocketAddrUnix::new_abstract_name(&claim.reply_to)?;
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+        return Err(io::Error::other("too many descriptors for one delivery"));
+    }
+    let header = delivery_header(id, claim.nonce);
+    retry_eintr(|| {
+        rustix::net::sendmsg_addr(
+            &socket,
+            &address,
+            &[io::IoSlice::new(&header)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+    })?;
+    Ok(())
+}
+
+fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Lends duplicates of `fds` to whoever decodes the returned ticket.
+pub(crate) fn lend(fds: &[BorrowedFd<'_>]) -> io::Result<Ticket> {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::other("a ticket carries 1 to 8 descriptors"));
+    }
+    let copies = fds
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(io::Error::from))
+        .collect::<io::Result<Vec<OwnedFd>>>()?;
+    let (table, register) = courier()?;
+    let (claims, watched) = ipc::channel::<Claim>()?;
+    let id = NEXT_ID.fetch_add(1, Relaxed);
+    lock(&table).insert(id, copies);
+    // The registration is an ipc-channel message; it must not be sent from
+    // this thread, which may be inside ipc-channel's serialization of the
+    // message that carries the ticket (ipc-channel collects the channels of
+    // a message in thread-locals that any `send` on the thread takes over).
+    // The registrar thread sends it; claims wait in the ticket's channel
+    // until the courier watches it.
+    let registration = Register {
+        id,
+        claims: watched,
+    };
+    if register.send(registration).is_err() {
+        lock(&table).remove(&id);
+        return Err(io::Error::other(
+            "the descriptor courier's registrar is gone",
+        ));
+    }
+    Ok(Ticket {
+        owner: std::process::id(),
+        id,
+        count: fds.len() as u32,
+        claims,
+    })
+}
+
+/// Takes the descriptors a ticket stands for.
+pub(crate) fn claim(ticket: Ticket) -> io::Result<Vec<OwnedFd>> {
+    let count = ticket.count as usize;
+    if count == 0 || count > MAX_FDS {
+        return Err(io::Error::other(format!(
+            "a ticket for {count} descriptors (at most {MAX_FDS})"
+        )));
+    }
+    if ticket.owner == std::process::id() {
+        let local = lock(&COURIER)
+            .as_ref()
+            .filter(|c| c.pid == ticket.owner)
+            .and_then(|c| lock(&c.table).remove(&ticket.id));
+        if let Some(fds) = local {
+            return Ok(fds);
+        }
+    }
+    claim_from_courier(ticket, count)
+}
+
+/// Claims through the lender's courier thread (what another process does).
+fn claim_from_courier(ticket: Ticket, count: usize) -> io::Result<Vec<OwnedFd>> {
+    let socket = datagram_socket()?;
+    let random = random_bytes()?;
+    let mut name = b"mp-ipc-claim-".to_vec();
+    name.extend(
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .bytes(),
+    );
+    rustix::net::bind(&socket, &SocketAddrUnix::new_abstract_name(&name)?)?;
+    let nonce = u64::from_le_bytes(random[..8].try_into().expect("8 bytes"));
+    ticket
+        .claims
+        .send(Claim {
+            reply_to: name,
+            nonce,
+        })
+        .map_err(|error| {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("the process that sent this handle is gone ({error})"),
+            )
+        })?;
+    let deadline = Instant::now() + CLAIM_PATIENCE;
+    let expected = delivery_header(ticket.id, nonce);
+    loop {
+        if !wait_readable(socket.as_fd(), deadline)? {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the process that sent this handle did not hand over its descriptors",
+            ));
+        }
+        let mut header = [0u8; 16];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = retry_eintr(|| {
+            rustix::net::recvmsg(
+                &socket,
+                &mut [io::IoSliceMut::new(&mut header)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+            )
+        });
+        let received = match received {
+            Ok(received) => received,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        let mut fds = Vec::new();
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = message {
+                fds.extend(rights);
+            }
+        }
+        if received.bytes != header.len() || header != expected {
+            continue; // not our courier's answer (the descriptors are closed)
+        }
+        if received.flags.contains(ReturnFlags::CTRUNC) || fds.len() != count {
+            return Err(io::Error::other(format!(
+                "expected {count} descriptors, received {} (descriptor table full?)",
+                fds.len()
+            )));
+        }
+        return Ok(fds);
+    }
+}
+
+/// Waits until `fd` is readable or `deadline`; `false` on timeout. Retries
+/// on EINTR with the time that is left.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, deadline: Instant) -> io::Result<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = Timespec {
+            tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: left.subsec_nanos().into(),
+        };
+        let mut poll = [PollFd::new(&fd, PollFlags::IN)];
+        match rustix::event::poll(&mut poll, Some(&timeout)) {
+            Ok(0) if left.is_zero() => return Ok(false),
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+}
+
+/// 16 random bytes from the kernel.
+pub(crate) fn random_bytes() -> io::Result<[u8; 16]> {
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(bytes)
+}
+
+thread_local! {
+    /// Set while this thread encodes a queue item or a message; records
+    /// whether a handle refused to be encoded into it.
+    static ENCODING: std::cell::Cell<Encoding> = const { std::cell::Cell::new(Encoding::Idle) };
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Idle,
+    Item,
+    HandleRefused,
+}
+
+/// Runs `encode` (of a queue item or a message) with the thread marked as
+/// doing so; returns its result and whether a handle refused to be encoded.
+pub(crate) fn encoding_item<R>(encode: impl FnOnce() -> R) -> (R, bool) {
+    struct Reset(Encoding);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ENCODING.with(|state| state.set(self.0));
+        }
+    }
+    let _reset = Reset(ENCODING.with(|state| state.replace(Encoding::Item)));
+    let result = encode();
+    let refused = ENCODING.with(|state| state.get()) == Encoding::HandleRefused;
+    (result, refused)
+}
+
+/// For the `Serialize` impls of handles (queues, connections): fails if
+/// the handle is being encoded into a queue item or a message.
+///
+/// A handle's descriptors travel only with a ticket carried by ipc-channel
+/// (as a process argument); a ticket encoded into an item would be plain
+/// bytes, its channel lost.
+pub(crate) fn refuse_inside_item<E: serde::ser::Error>() -> Result<(), E> {
+    let inside = ENCODING.with(|state| {
+        let inside = state.get() != Encoding::Idle;
+        if inside {
+            state.set(Encoding::HandleRefused);
+        }
+        inside
+    });
+    if inside {
+        Err(E::custom(
+            "handles cannot travel inside queue items or messages",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn pipe() -> (std::fs::File, std::fs::File) {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        (r.into(), w.into())
+    }
+
+    #[test]
+    fn a_ticket_through_ipc_channel_delivers_the_same_open_files() {
+        let (mut reader, writer) = pipe();
+        let ticket = lend(&[writer.as_fd()]).unwrap();
+        drop(writer);
+        let (tx, rx) = ipc::channel::<Ticket>().unwrap();
+        tx.send(ticket).unwrap();
+        let ticket = rx.recv().unwrap();
+        let mut fds = claim(ticket).unwrap();
+        let mut writer = std::fs::File::from(fds.pop().unwrap());
+        writer.write_all(b"same pipe").unwrap();
+        drop(writer);
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        assert_eq!(
+            text, "same pipe",
+            "and EOF: no copy of the write end is left"
+        );
+    }
+
+    #[test]
+    fn a_claim_through_the_courier_thread_delivers_every_descriptor() {
+        let (mut first_reader, first) = pipe();
+        let (mut second_reader, second) = pipe();
+        let ticket = lend(&[first.as_fd(), second.as_fd()]).unwrap();
+        drop((first, second));
+        let fds = claim_from_courier(ticket, 2).unwrap();
+        for (fd, word) in fds.into_iter().zip(["one", "two"]) {
+            std::fs::File::from(fd).write_all(word.as_bytes()).unwrap();
+        }
+        let mut text = String::new();
+        first_reader.read_to_string(&mut text).unwrap();
+        second_reader.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "onetwo");
+    }
+
+    #[test]
+    fn a_dropped_ticket_closes_the_lent_copies() {
+        let (reader, writer) = pipe();
+        let ticket = lend(&[writer.as_fd()]).unwrap();
+        drop(writer);
+        drop(ticket);
+        // The courier closes its copy when the ticket's channel closes: the
+        // read end then sees the end of the pipe.
+        assert!(wait_readable(reader.as_fd(), Instant::now() + Duration::from_secs(10)).unwrap());
+        let mut buf = [0u8; 1];
+        assert_eq!((&reader).read(&mut buf).unwrap(), 0);
+    }
+}

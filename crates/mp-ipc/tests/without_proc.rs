@@ -1,0 +1,116 @@
+//! Pipes, queues, peer death and `wait` in a mount namespace where `/proc`
+//! is an empty tmpfs: nothing in mp-ipc needs `/proc`.
+//!
+//! The test re-runs itself under `unshare --mount` (root, or a user
+//! namespace); where namespaces are not permitted it says so and passes.
+//! Children are forked (`StartMethod::Fork`): mp-core's spawn method
+//! re-executes `/proc/self/exe`, which is mp-core's business, not this one's.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mp_core::{Process, StartMethod};
+use mp_ipc::connection::{Connection, ConnectionError, Pipe, Waitable, wait};
+use mp_ipc::queue::Queue;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+const INSIDE: &str = "MP_IPC_TEST_PROC_HIDDEN";
+const NAME: &str = "pipes_queues_peer_death_and_wait_work_with_proc_hidden";
+
+/// Mounts an empty tmpfs over `/proc`, then runs `command` (in `$0 "$@"`).
+const HIDE_PROC: &str = "mount -t tmpfs mp-ipc-no-proc /proc && exec \"$0\" \"$@\"";
+
+#[test]
+fn pipes_queues_peer_death_and_wait_work_with_proc_hidden() {
+    if std::env::var_os(INSIDE).is_some() {
+        assert!(
+            !Path::new("/proc/self").exists(),
+            "/proc is still visible inside the namespace"
+        );
+        body();
+        return;
+    }
+    let probe = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            HIDE_PROC,
+            "true",
+        ])
+        .output();
+    match probe {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => {
+            eprintln!(
+                "SKIPPED: cannot hide /proc in a mount namespace here ({})",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            return;
+        }
+        Err(error) => {
+            eprintln!("SKIPPED: `unshare` is not available ({error})");
+            return;
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", HIDE_PROC])
+        .arg(&exe)
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(INSIDE, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "inside the namespace: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn body() {
+    // Creation and transfer, both kinds, both ways.
+    let (here, there) = Pipe::duplex().unwrap();
+    let queue: Queue<String> = Queue::bounded(4).unwrap();
+    let child = Process::new(|(conn, queue): (Connection, Queue<String>)| {
+        let n: u32 = conn.recv_timeout(PATIENCE).unwrap();
+        queue.put(format!("got {n}")).unwrap();
+        conn.send(n + 1).unwrap();
+        // Hold the connection until killed.
+        let _ = conn.recv_timeout::<u32>(PATIENCE);
+    })
+    .start_method(StartMethod::Fork)
+    .args((there, queue.clone()))
+    .start()
+    .unwrap();
+    // wait: nothing yet.
+    let objects = [Waitable::from(&here), Waitable::from(child.sentinel())];
+    assert!(
+        wait(&objects, Some(Duration::from_millis(50)))
+            .unwrap()
+            .is_empty()
+    );
+    here.send(41u32).unwrap();
+    assert_eq!(wait(&objects, Some(PATIENCE)).unwrap(), [0]);
+    assert_eq!(here.recv_timeout::<u32>(PATIENCE).unwrap(), 42);
+    assert_eq!(queue.get_timeout(PATIENCE).unwrap(), "got 41");
+    // Peer death: recv returns Closed, wait reports the sentinel.
+    child.kill().unwrap();
+    assert!(matches!(
+        here.recv_timeout::<u32>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+    let deadline = Instant::now() + PATIENCE;
+    while !wait(&objects, Some(PATIENCE)).unwrap().contains(&1) {
+        assert!(Instant::now() < deadline, "the sentinel never became ready");
+    }
+    assert!(
+        child.join_timeout(PATIENCE).is_err(),
+        "the child was killed"
+    );
+}
