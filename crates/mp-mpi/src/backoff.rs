@@ -1,0 +1,80 @@
+//! How a rank waits for MPI traffic without eating a core.
+//!
+//! Open MPI has no receive that sleeps: a blocking `MPI_Recv` or `MPI_Probe` polls its
+//! transports at 100 % of a core, even with `mpi_yield_when_idle`, so idle worker ranks on an
+//! oversubscribed node would steal the CPU of busy ones. The pool therefore polls with
+//! `MPI_Improbe` and backs off: for [`SPIN`] after the last message it polls continuously
+//! (yielding the core between polls), which keeps the round trip of a busy pool at a few
+//! microseconds; then it sleeps between polls, each sleep a sixteenth of the time waited so
+//! far, from [`FIRST_SLEEP`] up to [`MAX_SLEEP`]. A message is thus noticed at most about 6 %
+//! (and at most [`MAX_SLEEP`]) later than it arrived, relative to how long the rank had been
+//! waiting, and a rank idle for long wakes 250 times a second for a poll of a few
+//! microseconds (under 1 % of a core, measured in the README). mpi4py.futures makes the same
+//! trade-off with a fixed 1 ms sleep.
+
+use std::time::{Duration, Instant};
+
+/// How long to poll without sleeping after the last message.
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
+/// The shortest sleep after the spin.
+pub(crate) const FIRST_SLEEP: Duration = Duration::from_micros(20);
+/// The longest sleep between two polls: the worst added latency of a task sent to an idle rank.
+pub(crate) const MAX_SLEEP: Duration = Duration::from_millis(4);
+/// Each sleep is the time waited so far divided by this.
+const SLEEP_FRACTION: u32 = 16;
+
+/// The state of one waiting loop.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    idle_since: Instant,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff {
+            idle_since: Instant::now(),
+        }
+    }
+
+    /// Something happened: poll eagerly again.
+    pub(crate) fn reset(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
+    /// How long to pause before the next poll: `None` while spinning (yield the core and poll
+    /// again), then sleeps growing with the time waited.
+    pub(crate) fn next_pause(&self) -> Option<Duration> {
+        let waited = self.idle_since.elapsed();
+        (waited >= SPIN).then(|| (waited / SLEEP_FRACTION).clamp(FIRST_SLEEP, MAX_SLEEP))
+    }
+
+    /// Pauses the calling thread for the next pause.
+    pub(crate) fn pause(&self) {
+        match self.next_pause() {
+            None => std::thread::yield_now(),
+            Some(sleep) => std::thread::sleep(sleep),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sleeps_grow_with_the_wait_up_to_the_cap_and_reset() {
+        let mut backoff = Backoff::new();
+        backoff.idle_since -= SPIN;
+        assert_eq!(backoff.next_pause(), Some(FIRST_SLEEP));
+        backoff.idle_since -= Duration::from_millis(16);
+        let pause = backoff.next_pause().unwrap();
+        assert!(
+            pause >= Duration::from_millis(1) && pause < MAX_SLEEP,
+            "{pause:?}"
+        );
+        backoff.idle_since -= Duration::from_secs(10);
+        assert_eq!(backoff.next_pause(), Some(MAX_SLEEP));
+        backoff.reset();
+        assert_eq!(backoff.next_pause(), None);
+    }
+}

@@ -1,0 +1,295 @@
+//! Rank 0's dispatcher: the loop, on the thread that owns MPI, that sends chunks to worker
+//! ranks, receives their results and hands them to the jobs.
+//!
+//! Scheduling is dynamic, like the local pool's: chunks wait in one FIFO queue (filled by the
+//! user's threads under [`Shared::state`]); a worker rank is given a chunk whenever it holds
+//! fewer than `prefetch` unfinished ones (default 2: the next chunk is already there when the
+//! current one ends, so a worker never idles waiting for rank 0, while a slow task holds back
+//! at most `prefetch - 1` others). Results are delivered as each chunk ends.
+//!
+//! Sends are nonblocking (`MPI_Isend`): a blocking send of a large chunk (rendezvous protocol)
+//! to a worker busy with a long task would stall every other rank's results until that task
+//! ended. Receives are `MPI_Improbe` + `MPI_Mrecv` on any source, with the backoff of
+//! `backoff.rs` while nothing arrives; with nothing in flight the dispatcher sleeps on a
+//! condition variable until a task is submitted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use mpi::point_to_point::{Destination, MatchedReceiveVec, Source, Status};
+use mpi::request::{Request, StaticScope};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use parking_lot::{Condvar, Mutex};
+
+use crate::backoff::Backoff;
+use crate::error::MpiPoolError;
+use crate::job::{Chunk, Sink};
+use crate::wire;
+
+/// What the user's threads and the dispatcher share.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// The dispatcher sleeps here; notified on submissions, close and terminate.
+    pub(crate) wake: Condvar,
+    /// Notified when the dispatcher has finished (`State::finished`).
+    pub(crate) finished: Condvar,
+    /// The key of the next chunk (keys match results to chunks).
+    pub(crate) next_key: AtomicU64,
+}
+
+/// The queue and the pool's mode.
+pub(crate) struct State {
+    pub(crate) queue: VecDeque<Chunk>,
+    pub(crate) mode: Mode,
+    /// The dispatcher has stopped every worker rank and returned.
+    pub(crate) finished: bool,
+}
+
+/// Whether the pool takes tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Open,
+    /// No new tasks; those submitted still run.
+    Closed,
+    /// Unfinished tasks fail with `Terminated`.
+    Terminated,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                mode: Mode::Open,
+                finished: false,
+            }),
+            wake: Condvar::new(),
+            finished: Condvar::new(),
+            next_key: AtomicU64::new(0),
+        })
+    }
+}
+
+/// A chunk sent and not yet answered.
+struct InFlight {
+    index: usize,
+    rank: i32,
+    sink: Arc<dyn Sink>,
+    _send: OutgoingSend,
+}
+
+/// Runs the dispatcher until the pool is closed and idle, or terminated; then stops every
+/// worker rank. Returns when nothing more will come from any of them.
+pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: usize) {
+    let size = world.size() as usize;
+    let mut held = vec![0usize; size];
+    let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
+    let mut backoff = Backoff::new();
+    loop {
+        let mut progressed = false;
+        while let Some(probed) = world
+            .any_process()
+            .immediate_matched_probe_with_tag(wire::RESULT)
+        {
+            let (message, status) = probed.matched_receive_vec::<u8>();
+            receive_result(&message, &status, &mut in_flight, &mut held);
+            progressed = true;
+        }
+        let mut to_send = Vec::new();
+        {
+            let mut state = shared.state.lock();
+            if state.mode == Mode::Terminated {
+                let queued = std::mem::take(&mut state.queue);
+                drop(state);
+                for chunk in queued {
+                    chunk
+                        .sink
+                        .deliver(chunk.index, 0, Err(MpiPoolError::Terminated));
+                }
+                for chunk in in_flight.values() {
+                    chunk
+                        .sink
+                        .deliver(chunk.index, chunk.rank, Err(MpiPoolError::Terminated));
+                }
+                break;
+            }
+            while let Some(rank) = least_busy(&held, prefetch) {
+                let Some(chunk) = state.queue.pop_front() else {
+                    break;
+                };
+                if chunk.sink.is_cancelled() {
+                    continue;
+                }
+                held[rank] += 1;
+                to_send.push((rank as i32, chunk));
+            }
+            if to_send.is_empty() && !progressed {
+                if in_flight.is_empty() {
+                    if state.mode == Mode::Closed && state.queue.is_empty() {
+                        break;
+                    }
+                    // Nothing can arrive from the workers: sleep until a submission.
+                    shared.wake.wait(&mut state);
+                    backoff.reset();
+                    continue;
+                }
+                match backoff.next_pause() {
+                    None => {
+                        drop(state);
+                        std::thread::yield_now();
+                    }
+                    Some(pause) => {
+                        shared.wake.wait_for(&mut state, pause);
+                    }
+                }
+                continue;
+            }
+        }
+        backoff.reset();
+        for (rank, chunk) in to_send {
+            let send = OutgoingSend::start(world, rank, chunk.message, wire::TASK);
+            in_flight.insert(
+                chunk.key,
+                InFlight {
+                    index: chunk.index,
+                    rank,
+                    sink: chunk.sink,
+                    _send: send,
+                },
+            );
+        }
+    }
+    stop_workers(world, in_flight);
+    let mut state = shared.state.lock();
+    state.finished = true;
+    shared.finished.notify_all();
+}
+
+/// The worker rank holding the fewest chunks, if it holds fewer than `prefetch`.
+fn least_busy(held: &[usize], prefetch: usize) -> Option<usize> {
+    (1..held.len())
+        .min_by_key(|&rank| held[rank])
+        .filter(|&rank| held[rank] < prefetch)
+}
+
+/// Hands a result to its job.
+fn receive_result(
+    message: &[u8],
+    status: &Status,
+    in_flight: &mut HashMap<u64, InFlight>,
+    held: &mut [usize],
+) {
+    let rank = status.source_rank();
+    match wire::parse_result(message) {
+        Ok((key, outcome)) => match in_flight.remove(&key) {
+            Some(chunk) => {
+                held[rank as usize] = held[rank as usize].saturating_sub(1);
+                let outcome = outcome.map_err(|f| MpiPoolError::from_task_failure(rank, f));
+                chunk.sink.deliver(chunk.index, rank, outcome);
+            }
+            None => tracing::warn!(key, rank, "a result for no known task was dropped"),
+        },
+        Err(message) => {
+            // A worker of this same executable never sends this; fail what that rank holds
+            // rather than leave its tasks waiting forever.
+            tracing::error!(rank, %message, "undecodable message from a worker rank");
+            let keys: Vec<u64> = in_flight
+                .iter()
+                .filter(|(_, chunk)| chunk.rank == rank)
+                .map(|(key, _)| *key)
+                .collect();
+            for key in keys {
+                if let Some(chunk) = in_flight.remove(&key) {
+                    let error = MpiPoolError::BadResult {
+                        rank,
+                        message: message.clone(),
+                    };
+                    chunk.sink.deliver(chunk.index, rank, Err(error));
+                }
+            }
+            held[rank as usize] = 0;
+        }
+    }
+}
+
+/// Sends STOP to every worker rank and receives until each has answered STOPPED; results
+/// still arriving (of terminated tasks) are dropped.
+fn stop_workers(world: &SimpleCommunicator, mut in_flight: HashMap<u64, InFlight>) {
+    let workers = world.size() - 1;
+    for rank in 1..world.size() {
+        // An empty message goes out eagerly: this send does not wait for the worker.
+        world
+            .process_at_rank(rank)
+            .send_with_tag(&[0u8; 0][..], wire::STOP);
+    }
+    let mut stopped = 0;
+    let mut backoff = Backoff::new();
+    while stopped < workers {
+        let Some(probed) = world.any_process().immediate_matched_probe() else {
+            backoff.pause();
+            continue;
+        };
+        let (message, status) = probed.matched_receive_vec::<u8>();
+        match status.tag() {
+            wire::STOPPED => stopped += 1,
+            wire::RESULT => {
+                if let Ok((key, _)) = wire::parse_result(&message) {
+                    in_flight.remove(&key);
+                }
+            }
+            tag => tracing::warn!(tag, rank = status.source_rank(), "unexpected message"),
+        }
+        backoff.reset();
+    }
+    tracing::debug!(workers, "every worker rank stopped");
+}
+
+/// A nonblocking send that owns its buffer until MPI is done with it.
+struct OutgoingSend {
+    request: Option<Request<'static, [u8]>>,
+    buffer: *mut [u8],
+}
+
+impl OutgoingSend {
+    fn start(world: &SimpleCommunicator, rank: i32, message: Vec<u8>, tag: mpi::Tag) -> Self {
+        let buffer = Box::into_raw(message.into_boxed_slice());
+        // SAFETY: `buffer` comes from `Box::into_raw` just above, so it is valid, aligned and
+        // initialised, and nothing else refers to it. It is freed only in `drop`, after the
+        // request that borrows it has completed, so this reference never outlives it.
+        let bytes: &'static [u8] = unsafe { &*buffer };
+        let request = world
+            .process_at_rank(rank)
+            .immediate_send_with_tag(StaticScope, bytes, tag);
+        OutgoingSend {
+            request: Some(request),
+            buffer,
+        }
+    }
+}
+
+impl Drop for OutgoingSend {
+    fn drop(&mut self) {
+        if let Some(request) = self.request.take() {
+            // Called once the worker has answered (so has received it) or stopped: this wait
+            // returns at once.
+            request.wait();
+        }
+        // SAFETY: `buffer` came from `Box::into_raw` in `start` and is freed only here, once;
+        // the send that read it has completed (waited above), and the only reference made
+        // from it went with the request.
+        drop(unsafe { Box::from_raw(self.buffer) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_least_busy_worker_gets_the_next_chunk_up_to_prefetch() {
+        assert_eq!(least_busy(&[0, 1, 0, 2], 2), Some(2));
+        assert_eq!(least_busy(&[0, 2, 2], 2), None);
+        assert_eq!(least_busy(&[5], 2), None);
+    }
+}
