@@ -57,9 +57,32 @@ impl Backoff {
     }
 }
 
+/// Polls `ready` (yielding the core between polls) for at most [`SPIN`] or until `deadline`;
+/// returns whether it became true. Waiters call this before sleeping on a condition variable.
+pub(crate) fn spin_until(ready: impl Fn() -> bool, deadline: Option<Instant>) -> bool {
+    let start = Instant::now();
+    loop {
+        if ready() {
+            return true;
+        }
+        if start.elapsed() >= SPIN || deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spin_until_stops_at_once_when_ready_and_soon_when_not() {
+        assert!(spin_until(|| true, None));
+        let start = Instant::now();
+        assert!(!spin_until(|| false, None));
+        assert!(start.elapsed() >= SPIN);
+    }
 
     #[test]
     fn sleeps_grow_with_the_wait_up_to_the_cap_and_reset() {

@@ -125,19 +125,18 @@ pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: us
                 to_send.push((rank as i32, chunk));
             }
             if to_send.is_empty() && !progressed {
-                if in_flight.is_empty() {
-                    if state.mode == Mode::Closed && state.queue.is_empty() {
-                        break;
-                    }
-                    // Nothing can arrive from the workers: sleep until a submission.
-                    shared.wake.wait(&mut state);
-                    backoff.reset();
-                    continue;
+                if in_flight.is_empty() && state.mode == Mode::Closed && state.queue.is_empty() {
+                    break;
                 }
                 match backoff.next_pause() {
                     None => {
                         drop(state);
                         std::thread::yield_now();
+                    }
+                    // Nothing can arrive from the workers: sleep until a submission.
+                    Some(_) if in_flight.is_empty() => {
+                        shared.wake.wait(&mut state);
+                        backoff.reset();
                     }
                     Some(pause) => {
                         shared.wake.wait_for(&mut state, pause);

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 use serde::de::DeserializeOwned;
 
+use crate::backoff;
 use crate::error::MpiPoolError;
 use crate::result::Completion;
 
@@ -109,6 +110,8 @@ impl<R: DeserializeOwned + Send, T: Send> Sink for CollectJob<R, T> {
 pub(crate) struct StreamJob<R> {
     arrived_chunks: Mutex<BTreeMap<usize, Result<Vec<R>, MpiPoolError>>>,
     arrived: Condvar,
+    /// Chunks delivered so far, for the reader polling before it sleeps.
+    delivered: AtomicUsize,
     ordered: bool,
     dropped: AtomicBool,
 }
@@ -118,6 +121,7 @@ impl<R: DeserializeOwned + Send> StreamJob<R> {
         StreamJob {
             arrived_chunks: Mutex::new(BTreeMap::new()),
             arrived: Condvar::new(),
+            delivered: AtomicUsize::new(0),
             ordered,
             dropped: AtomicBool::new(false),
         }
@@ -130,6 +134,14 @@ impl<R: DeserializeOwned + Send> StreamJob<R> {
         index: usize,
         deadline: Option<Instant>,
     ) -> Option<(usize, Result<Vec<R>, MpiPoolError>)> {
+        // Poll briefly before sleeping (see `backoff::spin_until`): in order, chunk `index`
+        // is the `index + 1`-th delivered at the earliest; in completion order, any will do
+        // (`index` chunks were taken before this call).
+        let wanted = index + 1;
+        backoff::spin_until(
+            || self.delivered.load(Ordering::Acquire) >= wanted,
+            deadline,
+        );
         let mut arrived = self.arrived_chunks.lock();
         loop {
             let next = if self.ordered {
@@ -164,6 +176,7 @@ impl<R: DeserializeOwned + Send> Sink for StreamJob<R> {
         }
         let chunk = outcome.and_then(|bytes| decode::<R>(bytes, rank));
         self.arrived_chunks.lock().insert(index, chunk);
+        self.delivered.fetch_add(1, Ordering::Release);
         self.arrived.notify_all();
     }
 

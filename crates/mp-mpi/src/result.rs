@@ -3,10 +3,12 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::backoff;
 use crate::error::MpiPoolError;
 
 type SuccessCallback<T> = Box<dyn FnOnce(&T) + Send>;
@@ -26,6 +28,8 @@ enum State<T> {
 pub(crate) struct Completion<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
+    /// Set with the outcome, for waiters polling before they sleep.
+    done: AtomicBool,
 }
 
 impl<T> Completion<T> {
@@ -36,6 +40,7 @@ impl<T> Completion<T> {
                 on_error: None,
             }),
             ready: Condvar::new(),
+            done: AtomicBool::new(false),
         })
     }
 
@@ -52,6 +57,7 @@ impl<T> Completion<T> {
         };
         let (on_success, on_error) = (on_success.take(), on_error.take());
         *state = State::Ready(outcome);
+        self.done.store(true, Ordering::Release);
         self.ready.notify_all();
         if let State::Ready(outcome) = &*state {
             match (outcome, on_success, on_error) {
@@ -140,6 +146,9 @@ impl<T> MpiAsyncResult<T> {
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        // Poll briefly before sleeping: a result often comes within microseconds, and waking
+        // a sleeping thread costs more than that.
+        backoff::spin_until(|| self.completion.done.load(Ordering::Acquire), deadline);
         let mut state = self.completion.state.lock();
         while matches!(*state, State::Pending { .. }) {
             match deadline {
