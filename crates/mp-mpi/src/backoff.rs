@@ -3,19 +3,24 @@
 //! Open MPI has no receive that sleeps: a blocking `MPI_Recv` or `MPI_Probe` polls its
 //! transports at 100 % of a core, even with `mpi_yield_when_idle`, so idle worker ranks on an
 //! oversubscribed node would steal the CPU of busy ones. The pool therefore polls with
-//! `MPI_Improbe` and backs off: for [`SPIN`] after the last message it polls continuously
-//! (yielding the core between polls), which keeps the round trip of a busy pool at a few
-//! microseconds; then it sleeps between polls, each sleep a sixteenth of the time waited so
-//! far, from [`FIRST_SLEEP`] up to [`MAX_SLEEP`]. A message is thus noticed at most about 6 %
-//! (and at most [`MAX_SLEEP`]) later than it arrived, relative to how long the rank had been
-//! waiting, and a rank idle for long wakes 250 times a second for a poll of a few
-//! microseconds (under 1 % of a core, measured in the README). mpi4py.futures makes the same
-//! trade-off with a fixed 1 ms sleep.
+//! `MPI_Improbe` and backs off.
+//!
+//! * For [`SPIN`] after the last message it polls continuously, yielding the core between
+//!   polls, which keeps the round trip of a busy pool short. On this project's loaded 2-vCPU
+//!   VM a 50 µs spin gave a 390 µs `apply` round trip and 200 µs gave 66 µs: a hop through
+//!   rank 0's two threads and the worker often takes longer than 50 µs there, and a rank
+//!   that went to sleep wakes late.
+//! * Then it sleeps between polls, each sleep a sixteenth of the time waited so far, from
+//!   [`FIRST_SLEEP`] up to [`MAX_SLEEP`]. A message is thus noticed at most about 6 % (and at
+//!   most [`MAX_SLEEP`]) later than it arrived, relative to how long the rank had waited, and
+//!   a rank idle for long wakes 250 times a second for a poll of a few microseconds (about
+//!   1 % of a core, measured by the tests). mpi4py.futures makes the same trade-off with a
+//!   fixed 1 ms sleep.
 
 use std::time::{Duration, Instant};
 
-/// How long to poll without sleeping after the last message.
-pub(crate) const SPIN: Duration = Duration::from_micros(50);
+/// How long to poll without sleeping after the last message (see the module docs).
+pub(crate) const SPIN: Duration = Duration::from_micros(200);
 /// The shortest sleep after the spin.
 pub(crate) const FIRST_SLEEP: Duration = Duration::from_micros(20);
 /// The longest sleep between two polls: the worst added latency of a task sent to an idle rank.

@@ -2,10 +2,13 @@
 //! ranks, receives their results and hands them to the jobs.
 //!
 //! Scheduling is dynamic, like the local pool's: chunks wait in one FIFO queue (filled by the
-//! user's threads under [`Shared::state`]); a worker rank is given a chunk whenever it holds
-//! fewer than `prefetch` unfinished ones (default 2: the next chunk is already there when the
-//! current one ends, so a worker never idles waiting for rank 0, while a slow task holds back
-//! at most `prefetch - 1` others). Results are delivered as each chunk ends.
+//! user's threads under [`Shared::state`]); the least loaded worker rank is given the next
+//! chunk whenever it holds fewer than its limit of unfinished ones. The limit adapts to how
+//! long that rank's chunks take: [`SLOW_PREFETCH`] (2: the next chunk is already there when
+//! the current one ends, and a slow task holds back at most one other) until a chunk comes
+//! back within [`FAST_CHUNK`] of being sent, then `prefetch` (default 8), so that short tasks
+//! are pipelined and a rank does not wait for rank 0 between them. Results are delivered as
+//! each chunk ends.
 //!
 //! Sends are nonblocking (`MPI_Isend`): a blocking send of a large chunk (rendezvous protocol)
 //! to a worker busy with a long task would stall every other rank's results until that task
@@ -16,6 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source, Status};
 use mpi::request::{Request, StaticScope};
@@ -71,10 +75,25 @@ impl Shared {
     }
 }
 
+/// The chunks a worker rank holds up to while its chunks take long.
+const SLOW_PREFETCH: usize = 2;
+/// A chunk answered within this time of being sent lets its rank hold `prefetch` chunks.
+const FAST_CHUNK: Duration = Duration::from_micros(500);
+
+/// What rank 0 knows of a worker rank's load.
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    /// Chunks sent and not answered.
+    held: usize,
+    /// Whether its last chunk came back within `FAST_CHUNK`.
+    fast: bool,
+}
+
 /// A chunk sent and not yet answered.
 struct InFlight {
     index: usize,
     rank: i32,
+    sent: Instant,
     sink: Arc<dyn Sink>,
     _send: OutgoingSend,
 }
@@ -83,7 +102,7 @@ struct InFlight {
 /// worker rank. Returns when nothing more will come from any of them.
 pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: usize) {
     let size = world.size() as usize;
-    let mut held = vec![0usize; size];
+    let mut loads = vec![Load::default(); size];
     let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
     let mut backoff = Backoff::new();
     loop {
@@ -93,7 +112,7 @@ pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: us
             .immediate_matched_probe_with_tag(wire::RESULT)
         {
             let (message, status) = probed.matched_receive_vec::<u8>();
-            receive_result(&message, &status, &mut in_flight, &mut held);
+            receive_result(&message, &status, &mut in_flight, &mut loads);
             progressed = true;
         }
         let mut to_send = Vec::new();
@@ -114,14 +133,14 @@ pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: us
                 }
                 break;
             }
-            while let Some(rank) = least_busy(&held, prefetch) {
+            while let Some(rank) = least_busy(&loads, prefetch) {
                 let Some(chunk) = state.queue.pop_front() else {
                     break;
                 };
                 if chunk.sink.is_cancelled() {
                     continue;
                 }
-                held[rank] += 1;
+                loads[rank].held += 1;
                 to_send.push((rank as i32, chunk));
             }
             if to_send.is_empty() && !progressed {
@@ -153,6 +172,7 @@ pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: us
                 InFlight {
                     index: chunk.index,
                     rank,
+                    sent: Instant::now(),
                     sink: chunk.sink,
                     _send: send,
                 },
@@ -165,11 +185,18 @@ pub(crate) fn dispatch(world: &SimpleCommunicator, shared: &Shared, prefetch: us
     shared.finished.notify_all();
 }
 
-/// The worker rank holding the fewest chunks, if it holds fewer than `prefetch`.
-fn least_busy(held: &[usize], prefetch: usize) -> Option<usize> {
-    (1..held.len())
-        .min_by_key(|&rank| held[rank])
-        .filter(|&rank| held[rank] < prefetch)
+/// The worker rank holding the fewest chunks, if it holds fewer than its limit.
+fn least_busy(loads: &[Load], prefetch: usize) -> Option<usize> {
+    let limit = |load: &Load| {
+        if load.fast {
+            prefetch
+        } else {
+            prefetch.min(SLOW_PREFETCH)
+        }
+    };
+    (1..loads.len())
+        .filter(|&rank| loads[rank].held < limit(&loads[rank]))
+        .min_by_key(|&rank| loads[rank].held)
 }
 
 /// Hands a result to its job.
@@ -177,13 +204,15 @@ fn receive_result(
     message: &[u8],
     status: &Status,
     in_flight: &mut HashMap<u64, InFlight>,
-    held: &mut [usize],
+    loads: &mut [Load],
 ) {
     let rank = status.source_rank();
     match wire::parse_result(message) {
         Ok((key, outcome)) => match in_flight.remove(&key) {
             Some(chunk) => {
-                held[rank as usize] = held[rank as usize].saturating_sub(1);
+                let load = &mut loads[rank as usize];
+                load.held = load.held.saturating_sub(1);
+                load.fast = chunk.sent.elapsed() < FAST_CHUNK;
                 let outcome = outcome.map_err(|f| MpiPoolError::from_task_failure(rank, f));
                 chunk.sink.deliver(chunk.index, rank, outcome);
             }
@@ -207,7 +236,7 @@ fn receive_result(
                     chunk.sink.deliver(chunk.index, rank, Err(error));
                 }
             }
-            held[rank as usize] = 0;
+            loads[rank as usize].held = 0;
         }
     }
 }
@@ -286,9 +315,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_least_busy_worker_gets_the_next_chunk_up_to_prefetch() {
-        assert_eq!(least_busy(&[0, 1, 0, 2], 2), Some(2));
-        assert_eq!(least_busy(&[0, 2, 2], 2), None);
-        assert_eq!(least_busy(&[5], 2), None);
+    fn the_least_busy_worker_gets_the_next_chunk_up_to_its_limit() {
+        let load = |held, fast| Load { held, fast };
+        let loads = [
+            load(0, false),
+            load(1, false),
+            load(0, false),
+            load(2, false),
+        ];
+        assert_eq!(least_busy(&loads, 8), Some(2));
+        // Ranks of slow chunks hold at most SLOW_PREFETCH, ranks of fast ones `prefetch`.
+        let loads = [load(0, false), load(2, false), load(5, true)];
+        assert_eq!(least_busy(&loads, 8), Some(2));
+        let loads = [load(0, false), load(2, false), load(8, true)];
+        assert_eq!(least_busy(&loads, 8), None);
+        assert_eq!(least_busy(&[load(0, false), load(1, true)], 1), None);
+        assert_eq!(least_busy(&[load(0, false)], 8), None);
     }
 }

@@ -36,11 +36,11 @@
 //! image (checked at start: a rank running another executable is refused). Arguments and
 //! results travel as postcard bytes, in chunks. On each rank one thread owns MPI
 //! (`MPI_THREAD_FUNNELED`); on rank 0 it is the dispatcher (dynamic scheduling: each worker
-//! rank holds at most `prefetch` chunks, default 2; nonblocking sends), on the others the
-//! serving loop.
+//! rank holds at most 2 chunks, or 8 while its chunks take under half a millisecond;
+//! nonblocking sends), on the others the serving loop.
 //!
 //! **Idle ranks sleep.** Open MPI's blocking receives spin at 100 % of a core; this crate
-//! polls with `MPI_Improbe` instead, spinning 50 µs after the last message and then sleeping
+//! polls with `MPI_Improbe` instead, spinning 200 µs after the last message and then sleeping
 //! between polls, each sleep a sixteenth of the time waited so far (20 µs to 4 ms). An idle
 //! rank uses about 1 % of a core; a message is noticed at most ~6 % of the wait (and at most
 //! 4 ms) after it arrived.

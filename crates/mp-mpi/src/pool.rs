@@ -16,8 +16,8 @@ use crate::result::{Completion, MpiAsyncResult};
 use crate::session::{self, Role};
 use crate::{task, wire};
 
-/// Chunks a worker rank holds by default: the one it runs and the next.
-const DEFAULT_PREFETCH: usize = 2;
+/// Chunks a worker rank of short tasks may hold by default (see `dispatcher`).
+const DEFAULT_PREFETCH: usize = 8;
 
 /// Options of an [`MpiPool`], from [`MpiPool::builder`].
 #[derive(Clone, Debug)]
@@ -26,8 +26,10 @@ pub struct MpiPoolBuilder {
 }
 
 impl MpiPoolBuilder {
-    /// How many chunks a worker rank may hold at once (default 2, at least 1): more hides the
-    /// network's latency behind short tasks, fewer lets a long task hold back fewer others.
+    /// How many chunks a worker rank may hold at once while its chunks are short (default 8,
+    /// at least 1; ranks whose chunks take longer than half a millisecond hold at most 2).
+    /// More hides rank 0's and the network's latency behind short tasks; fewer lets a long
+    /// task hold back fewer others.
     pub fn prefetch(mut self, chunks: usize) -> Self {
         self.prefetch = chunks.max(1);
         self
