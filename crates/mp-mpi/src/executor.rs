@@ -15,7 +15,7 @@ use crate::result::MpiAsyncResult;
 /// `submit`, chunk sizes, callbacks, `close`/`join`/`terminate` and the `_timeout` variants,
 /// the same on one machine ([`mp_pool::Pool`]) and over MPI ranks ([`MpiPool`]).
 ///
-/// ```no_run
+/// ```
 /// use mp_mpi::{Executor, Pending};
 ///
 /// fn square(x: u64) -> u64 {
@@ -134,6 +134,15 @@ pub trait Executor: Sized {
         self.map(function, items)
     }
 
+    /// Python's `starmap_async`: [`map_async`](Self::map_async) over tuples.
+    fn starmap_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<Self::AsyncResult<Vec<F::Output>>, Self::Error> {
+        self.map_async(function, items)
+    }
+
     /// A lazy iterator of the results in input order (Python's `imap`, chunk size 1).
     fn imap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         &self,
@@ -233,6 +242,15 @@ impl<'pool, P: Executor> Chunked<'pool, P> {
         items: I,
     ) -> Result<Vec<F::Output>, P::Error> {
         self.map(function, items)
+    }
+
+    /// [`Executor::starmap_async`] with this chunk size.
+    pub fn starmap_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<P::AsyncResult<Vec<F::Output>>, P::Error> {
+        self.map_async(function, items)
     }
 
     /// [`Executor::imap`] with this chunk size.
@@ -444,47 +462,12 @@ impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> ResultStream for MpiI
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn square(x: u64) -> u64 {
-        x * x
-    }
-
-    /// Written once against the trait; the MPI tests run the same function on an MpiPool.
-    fn exercise<P: Executor>(pool: &P) -> Result<(), P::Error> {
-        assert_eq!(pool.map(square, 1..=5)?, [1, 4, 9, 16, 25]);
-        assert_eq!(
-            pool.chunksize(2).map(square, 0..7)?,
-            (0..7).map(square).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            pool.starmap(|(a, b): (u32, u32)| a * b, [(2, 3), (4, 5)])?,
-            [6, 20]
-        );
-        assert_eq!(pool.apply(square, 9)?, 81);
-        assert_eq!(
-            pool.submit(square, 3)?
-                .get_timeout(Duration::from_secs(30))?,
-            9
-        );
-        let ordered: Vec<u64> = pool.imap(square, 0..20).collect::<Result<_, _>>()?;
-        assert_eq!(ordered, (0..20).map(square).collect::<Vec<_>>());
-        let mut unordered: Vec<u64> = pool
-            .chunksize(3)
-            .imap_unordered(square, 0..20)
-            .collect::<Result<_, _>>()?;
-        unordered.sort_unstable();
-        assert_eq!(unordered, ordered);
-        let failed = pool
-            .apply(|x: u32| -> u32 { panic!("bad {x}") }, 4)
-            .unwrap_err();
-        assert!(failed.to_string().contains("bad 4"), "{failed}");
-        Ok(())
-    }
+    use crate::same_api::same_api;
 
     #[test]
     fn the_local_pool_is_an_executor() {
         let pool = Pool::new(2).unwrap();
-        exercise(&pool).unwrap();
+        same_api(&pool).unwrap();
         Executor::close(&pool);
         Executor::join_timeout(&pool, Duration::from_secs(30)).unwrap();
     }

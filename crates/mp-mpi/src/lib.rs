@@ -1,20 +1,29 @@
 //! mp-mpi: multiproc's pool over MPI ranks, mpi4py's `MPIPoolExecutor` for Rust.
 //!
-//! ```no_run
-//! use mp_mpi::{Executor, MpiPool, MpiPoolError};
+//! ```
+//! use mp_mpi::{Executor, MpiPool, MpiPoolError, Pending};
 //!
 //! fn square(x: u64) -> u64 {
 //!     x * x
 //! }
 //!
-//! // Every rank runs this program (`mpirun -n 4 ./prog`); only rank 0 returns from `start`.
-//! let pool = MpiPool::start()?;
-//! assert_eq!(pool.map(square, 1..=5)?, [1, 4, 9, 16, 25]);
-//! let sum = pool.apply_async(|(a, b): (u32, u32)| a + b, (2, 3))?;
-//! assert_eq!(sum.get()?, 5);
-//! pool.close();
-//! pool.join()?; // the worker ranks exit; MPI is finalised
-//! # Ok::<(), MpiPoolError>(())
+//! /// Written once for both backends.
+//! fn work<P: Executor>(pool: &P) -> Result<(), P::Error> {
+//!     assert_eq!(pool.map(square, 1..=5)?, [1, 4, 9, 16, 25]);
+//!     let sum = pool.apply_async(|(a, b): (u32, u32)| a + b, (2, 3))?;
+//!     assert_eq!(sum.get()?, 5);
+//!     pool.close();
+//!     pool.join() // over MPI: the worker ranks exit and MPI is finalised
+//! }
+//!
+//! // Under `mpirun -n 4 ./prog` every rank runs this; only rank 0 returns from `start`.
+//! match MpiPool::start() {
+//!     Ok(pool) => work(&pool)?,
+//!     // Run alone (as this doc test is): the same code on the local pool.
+//!     Err(MpiPoolError::NoWorkerRanks) => work(&mp_pool::Pool::new(2)?)?,
+//!     Err(error) => return Err(error.into()),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! (The examples of this crate run under `mpirun`; see `examples/same_code.rs` and the
@@ -83,6 +92,11 @@ mod session;
 mod task;
 mod wire;
 mod worker;
+
+/// The checks shared with the MPI test program.
+#[cfg(test)]
+#[path = "../tests/common/same_api.rs"]
+mod same_api;
 
 pub use error::MpiPoolError;
 pub use executor::{Chunked, Executor, Pending, ResultStream};

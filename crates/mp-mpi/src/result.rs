@@ -92,7 +92,8 @@ impl<T> MpiAsyncResult<T> {
 
     /// Calls `callback` with the value when the task succeeds (Python's `callback=`). It runs
     /// on rank 0's dispatcher thread when the result arrives, or right here if it is already
-    /// there; like Python's, it must return quickly: no other result is delivered meanwhile.
+    /// there; like Python's, it must return quickly (no other result is delivered
+    /// meanwhile) and must not join or drop the pool (the dispatcher would wait for itself).
     #[must_use = "the result is returned so that its value can still be read"]
     pub fn callback(self, callback: impl FnOnce(&T) + Send + 'static) -> Self {
         {

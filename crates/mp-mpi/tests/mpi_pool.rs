@@ -15,9 +15,9 @@ use mp_mpi::{Executor, MpiPool, MpiPoolError, Pending, current_rank};
 
 const LONG: Duration = Duration::from_secs(30);
 
-fn square(x: u64) -> u64 {
-    x * x
-}
+#[path = "common/same_api.rs"]
+mod same_api;
+use same_api::{same_api, square};
 
 /// Returns the rank that ran it, after `ms` milliseconds.
 fn rank_after(ms: u64) -> i32 {
@@ -40,40 +40,6 @@ fn cpu_time() -> Duration {
 /// A worker's rank and its process's CPU time.
 fn worker_cpu(ms: u64) -> (i32, Duration) {
     (rank_after(ms), cpu_time())
-}
-
-/// Written once against the trait: `executor.rs`'s unit test runs it on the local pool.
-fn same_api<P: Executor>(pool: &P) -> Result<(), P::Error> {
-    assert_eq!(pool.map(square, 1..=5)?, [1, 4, 9, 16, 25]);
-    let many: Vec<u64> = (0..10_000).collect();
-    assert_eq!(
-        pool.map(square, many.clone())?,
-        many.iter().map(|&x| square(x)).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        pool.chunksize(2).map(square, 0..7)?,
-        (0..7).map(square).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        pool.starmap(|(a, b): (u32, u32)| a * b, [(2, 3), (4, 5)])?,
-        [6, 20]
-    );
-    assert_eq!(pool.apply(square, 9)?, 81);
-    assert_eq!(pool.submit(square, 3)?.get_timeout(LONG)?, 9);
-    assert_eq!(pool.map(square, Vec::new())?, Vec::<u64>::new());
-    let ordered: Vec<u64> = pool.imap(square, 0..50).collect::<Result<_, _>>()?;
-    assert_eq!(ordered, (0..50).map(square).collect::<Vec<_>>());
-    let mut unordered: Vec<u64> = pool
-        .chunksize(3)
-        .imap_unordered(square, 0..50)
-        .collect::<Result<_, _>>()?;
-    unordered.sort_unstable();
-    assert_eq!(unordered, ordered);
-    let failed = pool
-        .apply(|x: u32| -> u32 { panic!("bad {x}") }, 4)
-        .unwrap_err();
-    assert!(failed.to_string().contains("bad 4"), "{failed}");
-    Ok(())
 }
 
 fn every_rank_works_and_results_come_as_tasks_end(pool: &MpiPool) {
