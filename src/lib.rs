@@ -14,6 +14,7 @@
 //! * [`mp_core`]: run a function in a child process (spawn, forkserver, fork), its lifecycle.
 //! * [`mp_ipc`]: pipes, queues, locks, events, conditions, barriers, shared memory.
 //! * [`mp_pool`]: a worker-process pool.
+//! * `mp_mpi` (feature `mpi`): the same pool over MPI ranks, for work beyond one machine.
 
 pub use mp_core::{
     Child, Entry, ExitStatus, PanicReport, Process, ProcessError, ProcessInfo, StartMethod,
@@ -41,6 +42,8 @@ pub mod prelude {
 
 pub use mp_core;
 pub use mp_ipc;
+#[cfg(feature = "mpi")]
+pub use mp_mpi;
 pub use mp_pool;
 
 /// Misuse that must not compile, pinned by `compile_fail` doc tests (run by
