@@ -90,7 +90,14 @@ fn run(role: &RoleSender, shared: &Shared, prefetch: usize) {
 fn serve_role(world: &SimpleCommunicator, role: &RoleSender, shared: &Shared, prefetch: usize) {
     let rank = world.rank();
     let root = world.process_at_rank(0);
-    let fingerprint = task::image_fingerprint();
+    // Every rank takes rank 0's run key before any id is made or compared: ids are tagged
+    // with it (see `task::share_run_key`), so the fingerprints below only agree under one key.
+    let key_adopted = task::share_run_key(&root, rank == 0);
+    let fingerprint = if key_adopted {
+        task::image_fingerprint()
+    } else {
+        0 // never rank 0's: this rank is refused below
+    };
     if rank == 0 {
         let mut fingerprints = vec![0u64; world.size() as usize];
         root.gather_into_root(&fingerprint, &mut fingerprints[..]);

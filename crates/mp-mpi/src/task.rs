@@ -10,9 +10,9 @@
 //!   [`TaskFailure::Panicked`];
 //! * ids are equal on every process running the same executable.
 //!
-//! If mp-core makes ids unforgeable (for instance a per-run key checked when an id is
-//! decoded), worker ranks need rank 0's key: [`image_fingerprint`] is exchanged at start
-//! (rank 0 → every rank, see `session.rs`) and is where the key would travel.
+//! * ids carry a tag made with the run's secret key ([`mp_core::run_key`]) and are refused when
+//!   decoded under another key, so every rank adopts rank 0's key at start
+//!   ([`share_run_key`], before the fingerprint check in `session.rs`).
 
 use mp_core::{Entry, FunctionId, TaskFailure};
 
@@ -35,6 +35,40 @@ pub(crate) fn run_chunk_by_id(function: FunctionId, input: &[u8]) -> Result<Vec<
     // over the job's own communicator), and the start-up handshake refused to serve unless
     // rank 0 runs the same executable (`image_fingerprint`; an MPMD launch is an error).
     unsafe { function.call_task(input) }
+}
+
+/// Gives every rank rank 0's run key (broadcast over the job's own communicator), so that the
+/// ids rank 0 sends are accepted by the workers. Returns false on a rank that had already made
+/// or adopted another key (it must then refuse to serve).
+pub(crate) fn share_run_key(root: &impl mpi::collective::Root, is_root: bool) -> bool {
+    /// Room for the key's postcard form (32 bytes) and its length.
+    const KEY_BUFFER: usize = 64;
+    let mut buffer = [0u8; KEY_BUFFER];
+    if is_root {
+        let key = postcard::to_allocvec(&mp_core::run_key()).expect("a run key encodes");
+        buffer[0] = u8::try_from(key.len()).expect("a run key is short");
+        buffer[1..=key.len()].copy_from_slice(&key);
+    }
+    root.broadcast_into(&mut buffer[..]);
+    if is_root {
+        return true;
+    }
+    let length = usize::from(buffer[0]).min(KEY_BUFFER - 1);
+    let Ok(key) = postcard::from_bytes::<mp_core::RunKey>(&buffer[1..=length]) else {
+        tracing::error!("rank 0's run key does not decode: not serving");
+        return false;
+    };
+    // SAFETY: `adopt_run_key` asks that the key come from a peer running this same
+    // executable. It comes from rank 0 of this job; whether rank 0 runs the same executable is
+    // checked right after (`image_fingerprint`, gathered and compared by rank 0) and no id is
+    // decoded, let alone called, before that check passes.
+    match unsafe { mp_core::adopt_run_key(key) } {
+        Ok(()) => true,
+        Err(conflict) => {
+            tracing::error!(%conflict, "this rank already has another run key: not serving");
+            false
+        }
+    }
 }
 
 /// A value that differs between executables with overwhelming likelihood: the ids of two
