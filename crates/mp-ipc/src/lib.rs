@@ -54,6 +54,7 @@ pub mod barrier;
 pub mod condition;
 pub mod event;
 pub mod lock;
+pub mod raw_value;
 pub mod semaphore;
 pub mod value;
 
@@ -63,6 +64,7 @@ pub use event::{Event, EventTimeout};
 pub use lock::{Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
 pub use semaphore::{BoundedSemaphore, Semaphore, SemaphoreError, SemaphoreGuard};
 pub use shm::{SharedMemory, ShmError};
+pub use raw_value::{RawArray, RawValue};
 pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 
 // Data plane.

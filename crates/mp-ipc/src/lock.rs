@@ -332,6 +332,19 @@ impl Lock {
         acquired(result, Some(timeout), || LockGuard::new(self))
     }
 
+    /// Whether some thread, in any process, holds the lock now (Python's
+    /// `locked()`); it may change at any moment.
+    pub fn locked(&self) -> bool {
+        self.handle.mutex().owner_tid().is_some()
+    }
+
+    /// The kernel thread id (TID) of the holder, if any. For a
+    /// single-threaded process, or the main thread of one, this is its pid.
+    /// A holder that died reads as `None` (the kernel cleared its claim).
+    pub fn owner_tid(&self) -> Option<u32> {
+        self.handle.mutex().owner_tid()
+    }
+
     #[inline]
     pub(crate) fn raw(&self) -> &RobustMutex {
         self.handle.mutex()
@@ -461,6 +474,24 @@ impl RLock {
     pub fn release(&self) -> Result<(), NotOwner> {
         self.handle.mutex().unlock().map_err(|_| NotOwner)
     }
+
+    /// Whether some thread, in any process, holds the lock now (Python's
+    /// `locked()`); it may change at any moment.
+    pub fn locked(&self) -> bool {
+        self.handle.mutex().owner_tid().is_some()
+    }
+
+    /// The kernel thread id (TID) of the holder, if any. For a
+    /// single-threaded process, or the main thread of one, this is its pid.
+    /// A holder that died reads as `None` (the kernel cleared its claim).
+    pub fn owner_tid(&self) -> Option<u32> {
+        self.handle.mutex().owner_tid()
+    }
+
+    /// Whether the calling thread holds the lock (Python's `RLock._is_owned()`).
+    pub fn is_owned(&self) -> bool {
+        self.owner_tid() == Some(rustix::thread::gettid().as_raw_nonzero().get() as u32)
+    }
 }
 
 impl fmt::Debug for RLock {
@@ -559,6 +590,28 @@ mod tests {
         let guard = lock.lock().or_else(LockError::recover).expect("recovered");
         drop(guard);
         assert!(lock.lock().is_ok(), "clean after recovery");
+    }
+
+    #[test]
+    fn locked_and_owner_follow_the_holder() {
+        let lock = Lock::new().unwrap();
+        assert!(!lock.locked());
+        assert_eq!(lock.owner_tid(), None);
+        let guard = lock.lock().unwrap();
+        let me = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        assert!(lock.locked());
+        assert_eq!(lock.owner_tid(), Some(me));
+        drop(guard);
+        assert!(!lock.locked());
+
+        let rlock = RLock::new().unwrap();
+        assert!(!rlock.locked() && !rlock.is_owned());
+        let _outer = rlock.lock().unwrap();
+        assert!(rlock.locked() && rlock.is_owned());
+        assert_eq!(rlock.owner_tid(), Some(me));
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(rlock.locked() && !rlock.is_owned()));
+        });
     }
 
     #[test]

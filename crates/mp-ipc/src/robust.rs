@@ -282,6 +282,10 @@ mod imp {
         pub(crate) fn held_in_this_process(&self) -> bool {
             false
         }
+
+        pub(crate) fn owner_tid(&self) -> Option<u32> {
+            (self.state.load(Ordering::Relaxed) != 0).then_some(1)
+        }
     }
 }
 
