@@ -17,7 +17,8 @@
 //!
 //! Without a lock, two processes may read and write the same element at
 //! once. Every access is therefore a copy made of relaxed atomic loads or
-//! stores (8 bytes at a time where the address allows, bytes elsewhere): no
+//! stores (8 bytes at a time where the address allows, bytes elsewhere: the
+//! copies of [`SharedMemory::read_at`](crate::shm::SharedMemory::read_at)): no
 //! undefined behaviour, but, as in Python, a value wider than one atomic
 //! access may be read *torn* (half old, half new) while another process
 //! writes it. Coordinate with a [`Lock`](crate::lock::Lock),
@@ -25,13 +26,11 @@
 //! [`Value`](crate::value::Value) / [`Array`](crate::value::Array).
 
 use std::fmt;
-use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::shm::ShmError;
-use crate::value::{Pod, PodData};
+use crate::value::{Pod, PodData, data_offset};
 
 /// An index past the end of a [`RawArray`], or a slice of the wrong length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -43,84 +42,27 @@ pub struct OutOfRange {
     pub len: usize,
 }
 
-/// Copies `len` bytes out of shared memory at `src` into private memory.
-///
-/// # Safety
-/// `src` is valid for reads of `len` bytes for the duration of the call and
-/// only ever accessed atomically by others; `dst` is valid for writes of
-/// `len` bytes and not shared.
-unsafe fn load_bytes(src: *const u8, dst: *mut u8, len: usize) {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: `done < len`, so both addresses are in their ranges (per
-        // the contract); the 8-byte path is taken only for 8 aligned bytes
-        // that are all in range. Atomic views of shared bytes are what the
-        // contract promises everybody uses.
-        unsafe {
-            let at = src.add(done);
-            if len - done >= 8 && at.addr() % 8 == 0 {
-                let word = AtomicU64::from_ptr(at.cast_mut().cast()).load(Ordering::Relaxed);
-                dst.add(done).cast::<u64>().write_unaligned(word);
-                done += 8;
-            } else {
-                *dst.add(done) = AtomicU8::from_ptr(at.cast_mut()).load(Ordering::Relaxed);
-                done += 1;
-            }
-        }
-    }
-}
-
-/// Copies `len` bytes of private memory at `src` into shared memory at `dst`.
-///
-/// # Safety
-/// As for [`load_bytes`], with the roles swapped; `src` is initialised.
-unsafe fn store_bytes(src: *const u8, dst: *mut u8, len: usize) {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: as in `load_bytes`.
-        unsafe {
-            let at = dst.add(done);
-            if len - done >= 8 && at.addr() % 8 == 0 {
-                let word = src.add(done).cast::<u64>().read_unaligned();
-                AtomicU64::from_ptr(at.cast()).store(word, Ordering::Relaxed);
-                done += 8;
-            } else {
-                AtomicU8::from_ptr(at).store(*src.add(done), Ordering::Relaxed);
-                done += 1;
-            }
-        }
-    }
+/// Byte offset of element `index` in the segment.
+fn offset_of<T: Pod>(index: usize) -> usize {
+    data_offset::<T>() + index * size_of::<T>()
 }
 
 /// Reads element `index` of `data` (which has more than `index` elements).
 fn load<T: Pod>(data: &PodData<T>, index: usize) -> T {
-    debug_assert!(index < data.len());
-    let mut value = MaybeUninit::<T>::uninit();
-    // SAFETY: `index` is in range, so the source is `size_of::<T>()` bytes of
-    // the mapped segment, which only atomic copies touch; the destination is
-    // our local. Every byte is written, and any bytes are a valid T
-    // (`FromBytes`).
-    unsafe {
-        load_bytes(
-            data.ptr().as_ptr().add(index).cast(),
-            value.as_mut_ptr().cast(),
-            size_of::<T>(),
-        );
-        value.assume_init()
+    let mut value = T::new_zeroed();
+    // Cannot fail: `index` is in range, which was checked against the
+    // segment's size when `data` was made.
+    if let Err(error) = data.shm().read_at(offset_of::<T>(index), value.as_mut_bytes()) {
+        tracing::error!(%error, "RawArray element out of its segment");
     }
+    value
 }
 
 /// Writes element `index` of `data` (which has more than `index` elements).
 fn store<T: Pod>(data: &PodData<T>, index: usize, value: T) {
-    debug_assert!(index < data.len());
-    // SAFETY: as in `load`; `T: IntoBytes` has no padding, so all its bytes
-    // are initialised.
-    unsafe {
-        store_bytes(
-            (&raw const value).cast(),
-            data.ptr().as_ptr().add(index).cast(),
-            size_of::<T>(),
-        );
+    // Cannot fail, as in `load`.
+    if let Err(error) = data.shm().write_at(offset_of::<T>(index), value.as_bytes()) {
+        tracing::error!(%error, "RawArray element out of its segment");
     }
 }
 

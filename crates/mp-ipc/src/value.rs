@@ -94,7 +94,7 @@ unsafe impl ShmState for PodHeader {
 const LOCK_OFFSET: usize = size_of::<PodHeader>().next_multiple_of(8);
 
 /// Where the data starts for elements of type `T`.
-const fn data_offset<T>() -> usize {
+pub(crate) const fn data_offset<T>() -> usize {
     (LOCK_OFFSET + Lock::SIZE).next_multiple_of(align_of::<T>())
 }
 
