@@ -46,6 +46,7 @@
 
 // Base layer: shared memory, futex wake-ups, robust process-shared mutex.
 mod futex;
+mod presence;
 mod robust;
 pub mod shm;
 
@@ -62,9 +63,9 @@ pub use barrier::{Barrier, BarrierBuilder, BarrierError};
 pub use condition::{Condition, WaitError};
 pub use event::{Event, EventTimeout};
 pub use lock::{Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
+pub use raw_value::{RawArray, RawValue};
 pub use semaphore::{BoundedSemaphore, Semaphore, SemaphoreError, SemaphoreGuard};
 pub use shm::{SharedMemory, ShmError};
-pub use raw_value::{RawArray, RawValue};
 pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 
 // Data plane.

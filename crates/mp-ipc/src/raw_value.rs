@@ -52,7 +52,10 @@ fn load<T: Pod>(data: &PodData<T>, index: usize) -> T {
     let mut value = T::new_zeroed();
     // Cannot fail: `index` is in range, which was checked against the
     // segment's size when `data` was made.
-    if let Err(error) = data.shm().read_at(offset_of::<T>(index), value.as_mut_bytes()) {
+    if let Err(error) = data
+        .shm()
+        .read_at(offset_of::<T>(index), value.as_mut_bytes())
+    {
         tracing::error!(%error, "RawArray element out of its segment");
     }
     value
@@ -162,7 +165,9 @@ impl<T: Pod> RawArray<T> {
 
     /// A copy of every element.
     pub fn to_vec(&self) -> Vec<T> {
-        (0..self.len()).map(|index| load(&self.data, index)).collect()
+        (0..self.len())
+            .map(|index| load(&self.data, index))
+            .collect()
     }
 
     /// Overwrites every element with `items`, which must have [`len`](Self::len) elements.
