@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::futex::{self, AtomicU32, WaitOutcome};
-use crate::lock::{Guard, Lock, LockError, LockGuard, deadline_after};
+use crate::lock::sealed::{ConditionLock as _, Held};
+use crate::lock::{ConditionLock, Guard, Lock, LockError, RLock, deadline_after};
 use crate::robust::{Acquired, RobustMutex};
 use crate::shm::{Shared, ShmError, ShmState, tag};
 
@@ -57,10 +58,7 @@ pub enum WaitError<G> {
     #[error("the guard does not hold this condition's lock")]
     WrongLock(G),
     /// [`Condition::CAPACITY`] threads are already waiting; nothing waited.
-    #[error(
-        "too many waiters on one condition (at most {} at once)",
-        Condition::CAPACITY
-    )]
+    #[error("too many waiters on one condition (at most {SLOTS} at once)")]
     TooManyWaiters(G),
     /// Re-acquiring the lock failed; the lock is not held.
     #[error("re-acquiring the condition's lock failed: {0}")]
@@ -310,29 +308,24 @@ impl CondState {
 }
 
 /// A condition variable (Python's `multiprocessing.Condition`), bound to a
-/// [`Lock`].
+/// [`Lock`] (the default) or an [`RLock`] (Python's default; see
+/// [`Condition::with_rlock`]).
 ///
 /// Clones, and copies passed to child processes, are the same condition.
 /// Notifying does not require holding the lock (as with std's `Condvar`), but
 /// to avoid missing a wake-up, change the awaited state under the lock.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct Condition {
-    lock: Lock,
+#[serde(bound = "")]
+pub struct Condition<L: ConditionLock = Lock> {
+    lock: L,
     state: Shared<CondState>,
 }
 
-impl Condition {
+impl<L: ConditionLock> Condition<L> {
     /// How many threads may wait at once.
     pub const CAPACITY: usize = SLOTS;
 
-    /// A condition with a new lock of its own.
-    pub fn new() -> Result<Self, ShmError> {
-        Self::with_lock(&Lock::new()?)
-    }
-
-    /// A condition bound to `lock` (e.g. a [`Value`](crate::value::Value)'s
-    /// lock, to wait with the Value's guard).
-    pub fn with_lock(lock: &Lock) -> Result<Self, ShmError> {
+    fn bound_to(lock: &L) -> Result<Self, ShmError> {
         // SAFETY: init_at writes every field of the fresh state.
         let state = unsafe {
             Shared::create(|ptr| {
@@ -349,15 +342,40 @@ impl Condition {
             state,
         })
     }
+}
 
+impl Condition<Lock> {
+    /// A condition with a new lock of its own.
+    pub fn new() -> Result<Self, ShmError> {
+        Self::with_lock(&Lock::new()?)
+    }
+
+    /// A condition bound to `lock` (e.g. a [`Value`](crate::value::Value)'s
+    /// lock, to wait with the Value's guard).
+    pub fn with_lock(lock: &Lock) -> Result<Self, ShmError> {
+        Self::bound_to(lock)
+    }
+}
+
+impl Condition<RLock> {
+    /// A condition bound to `rlock`. Waiting releases *every* acquisition
+    /// the waiting thread holds and restores them all before returning, as
+    /// Python does.
+    pub fn with_rlock(rlock: &RLock) -> Result<Self, ShmError> {
+        Self::bound_to(rlock)
+    }
+}
+
+impl<L: ConditionLock> Condition<L> {
     /// The lock this condition is bound to.
-    pub fn get_lock(&self) -> &Lock {
+    pub fn get_lock(&self) -> &L {
         &self.lock
     }
 
-    /// Acquires the lock (see [`Lock::lock`]).
-    pub fn lock(&self) -> Result<LockGuard<'_>, LockError<LockGuard<'_>>> {
-        self.lock.lock()
+    /// Acquires the lock (see [`Lock::lock`] and [`RLock::lock`]).
+    #[allow(clippy::type_complexity)]
+    pub fn lock(&self) -> Result<L::Guard<'_>, LockError<L::Guard<'_>>> {
+        self.lock.lock_guard()
     }
 
     /// Releases the lock held by `guard`, sleeps until notified, and
@@ -408,7 +426,11 @@ impl Condition {
     }
 
     fn wait_until<G: Guard>(&self, guard: G, deadline: Option<Instant>) -> Result<G, WaitError<G>> {
-        if guard.held_lock().id() != self.lock.id() {
+        let held_id = match guard.held() {
+            Held::Lock(lock) => lock.id(),
+            Held::RLock(rlock) => rlock.lock_id(),
+        };
+        if held_id != self.lock.lock_id() {
             return Err(WaitError::WrongLock(guard));
         }
         let Some(slot) = self.state.enqueue() else {
@@ -416,10 +438,10 @@ impl Condition {
         };
         // Registered before the lock is released: a notifier that takes the
         // lock after us sees our slot.
-        let _ = guard.held_lock().raw().unlock();
+        let depth = release_all(&guard);
         self.state.sleep(slot, deadline);
         let notified = self.state.finish(slot);
-        match guard.held_lock().raw().lock(None) {
+        match reacquire(&guard, depth) {
             Ok(Acquired::Clean) if notified => Ok(guard),
             Ok(Acquired::Clean) => Err(WaitError::Timeout(guard)),
             Ok(Acquired::OwnerDied) => Err(WaitError::OwnerDied(guard)),
@@ -442,7 +464,43 @@ impl Condition {
     }
 }
 
-impl fmt::Debug for Condition {
+/// The mutex a guard holds.
+fn mutex_of<G: Guard>(guard: &G) -> &RobustMutex {
+    match guard.held() {
+        Held::Lock(lock) => lock.raw(),
+        Held::RLock(rlock) => rlock.raw(),
+    }
+}
+
+/// Releases the guard's lock completely (every acquisition of an RLock by
+/// this thread); returns how many acquisitions were released.
+fn release_all<G: Guard>(guard: &G) -> u32 {
+    let recursive = matches!(guard.held(), Held::RLock(_));
+    let mutex = mutex_of(guard);
+    let mut depth = 0;
+    // An unlock fails (EPERM) once this thread no longer holds it, also when
+    // another thread took it meanwhile.
+    while mutex.unlock().is_ok() {
+        depth += 1;
+        if !recursive {
+            break;
+        }
+    }
+    depth
+}
+
+/// Takes the lock again, `depth` times (at least once: the guard holds one).
+fn reacquire<G: Guard>(guard: &G, depth: u32) -> Result<Acquired, crate::robust::LockFailed> {
+    let mutex = mutex_of(guard);
+    let first = mutex.lock(None)?;
+    for _ in 1..depth {
+        // Recursive and held by this thread: returns at once.
+        mutex.lock(None)?;
+    }
+    Ok(first)
+}
+
+impl<L: ConditionLock> fmt::Debug for Condition<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Condition")
             .field("lock", &self.lock)
@@ -477,6 +535,44 @@ mod tests {
         let cond = Condition::new().unwrap();
         let other = Lock::new().unwrap();
         let guard = other.lock().unwrap();
+        assert!(matches!(cond.wait(guard), Err(WaitError::WrongLock(_))));
+    }
+
+    #[test]
+    fn an_rlock_condition_releases_every_level_while_waiting() {
+        use std::sync::atomic::AtomicU32;
+        let rlock = RLock::new().unwrap();
+        let cond = Condition::with_rlock(&rlock).unwrap();
+        let flag = AtomicU32::new(0);
+        let outer = cond.lock().unwrap();
+        let inner = rlock.lock().unwrap(); // held twice by this thread
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Free only once the waiter has released both levels.
+                let guard = rlock.lock_timeout(Duration::from_secs(20)).unwrap();
+                flag.store(1, Ordering::Relaxed);
+                assert_eq!(cond.notify_all(), 1);
+                drop(guard);
+            });
+            let inner = cond
+                .wait_for_timeout(inner, Duration::from_secs(20), |_| {
+                    flag.load(Ordering::Relaxed) == 1
+                })
+                .unwrap();
+            assert!(rlock.is_owned());
+            drop(inner);
+        });
+        // Both levels were restored: one is still held after dropping one.
+        assert!(rlock.is_owned());
+        drop(outer);
+        assert!(!rlock.locked());
+    }
+
+    #[test]
+    fn an_rlock_guard_is_not_a_lock_guard() {
+        let cond = Condition::new().unwrap();
+        let rlock = RLock::new().unwrap();
+        let guard = rlock.lock().unwrap();
         assert!(matches!(cond.wait(guard), Err(WaitError::WrongLock(_))));
     }
 

@@ -62,7 +62,7 @@ pub mod value;
 pub use barrier::{Barrier, BarrierBuilder, BarrierError};
 pub use condition::{Condition, WaitError};
 pub use event::{Event, EventTimeout};
-pub use lock::{Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
+pub use lock::{ConditionLock, Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
 pub use raw_value::{RawArray, RawValue};
 pub use semaphore::{BoundedSemaphore, Semaphore, SemaphoreError, SemaphoreGuard};
 pub use shm::{SharedMemory, ShmError};

@@ -461,8 +461,8 @@ impl<T: Pod + fmt::Debug> fmt::Debug for ValueGuard<'_, T> {
 }
 
 impl<T: Pod> sealed::HeldLock for ValueGuard<'_, T> {
-    fn held_lock(&self) -> &Lock {
-        self.0.guard.held_lock()
+    fn held(&self) -> sealed::Held<'_> {
+        self.0.guard.held()
     }
 }
 impl<T: Pod> Guard for ValueGuard<'_, T> {}
@@ -597,8 +597,8 @@ impl<T: Pod + fmt::Debug> fmt::Debug for ArrayGuard<'_, T> {
 }
 
 impl<T: Pod> sealed::HeldLock for ArrayGuard<'_, T> {
-    fn held_lock(&self) -> &Lock {
-        self.0.guard.held_lock()
+    fn held(&self) -> sealed::Held<'_> {
+        self.0.guard.held()
     }
 }
 impl<T: Pod> Guard for ArrayGuard<'_, T> {}
