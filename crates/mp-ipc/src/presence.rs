@@ -1,7 +1,8 @@
 //! Presence slots: how a waiting party lets the kernel report its death.
 //!
 //! A party that sleeps in a primitive (a [`Barrier`](crate::barrier::Barrier)
-//! wait) first *claims* a slot: it locks the slot's robust, process-shared
+//! wait; a thread holding [`Semaphore`](crate::semaphore::Semaphore) permits
+//! has a slot of the same kind) first *claims* a slot: it locks the slot's robust, process-shared
 //! mutex and keeps it locked while it waits. glibc links a held robust mutex
 //! into the thread's robust list; when the thread dies (SIGKILL included),
 //! the kernel walks that list, sets `FUTEX_OWNER_DIED` in the mutex word and,
@@ -28,7 +29,7 @@ use crate::robust::{Acquired, RobustMutex};
 
 /// Kernel robust-futex ABI bits of a mutex word.
 const FUTEX_WAITERS: u32 = 0x8000_0000;
-const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+pub(crate) const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 
 /// Most words `futex_waitv` accepts in one call.
@@ -152,21 +153,35 @@ impl<'a> Watch<'a> {
             {
                 continue;
             }
-            if self.more.len() + 1 >= WAITV_MAX {
-                break;
+            if !self.owner_of(&slot.mutex) {
+                return false;
             }
-            let word = slot.mutex.word();
+        }
+        true
+    }
+
+    /// Also wakes when the thread holding `mutex` dies (if it is held).
+    /// Returns false, watching nothing more, if its holder already died;
+    /// true also when there was no room left to watch it.
+    #[cfg_attr(loom, allow(unused_variables))]
+    pub(crate) fn owner_of(&mut self, mutex: &'a RobustMutex) -> bool {
+        #[cfg(not(loom))]
+        {
+            let word = mutex.word();
             let mut value = word.load(Ordering::Acquire);
+            if value & FUTEX_OWNER_DIED == 0 && self.more.len() + 1 >= WAITV_MAX {
+                return true;
+            }
             loop {
                 if value & FUTEX_OWNER_DIED != 0 {
                     return false;
                 }
                 if value & FUTEX_TID_MASK == 0 {
-                    break; // released meanwhile: nobody to watch
+                    return true; // not held: nobody to watch
                 }
                 if value & FUTEX_WAITERS != 0 {
                     self.more.push(wait_for(word, value));
-                    break;
+                    return true;
                 }
                 // Ask the kernel to wake a sleeper on this word when the
                 // owner dies (and the owner's unlock to wake one too).
@@ -181,6 +196,7 @@ impl<'a> Watch<'a> {
                 }
             }
         }
+        #[cfg(loom)]
         true
     }
 

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use mp_core::{Child, Process, ProcessError};
-use mp_ipc::{Barrier, BarrierError};
+use mp_ipc::{Barrier, BarrierError, BoundedSemaphore, Event, Semaphore};
 
 /// The longest any wait or join here may take before the test fails.
 const BOUND: Duration = Duration::from_secs(30);
@@ -179,4 +179,76 @@ fn a_death_is_never_counted_as_an_arrival() {
         Err(BarrierError::Broken)
     ));
     assert_recovers(&barrier);
+}
+
+#[test]
+fn permits_of_a_killed_holder_go_to_the_blocked_acquirers() {
+    let semaphore = Semaphore::new(2).unwrap();
+    let holding = Event::new().unwrap();
+    let holder = Killed(
+        Process::new(|(semaphore, holding): (Semaphore, Event)| {
+            let _a = semaphore.acquire();
+            let _b = semaphore.acquire();
+            holding.set();
+            // Hold both until killed (bounded, should the parent vanish).
+            let _ = Event::new().unwrap().wait_timeout(BOUND);
+        })
+        .args((semaphore.clone(), holding.clone()))
+        .start()
+        .unwrap(),
+    );
+    holding
+        .wait_timeout(BOUND)
+        .expect("the child took both permits");
+    assert_eq!(semaphore.value(), 0);
+    std::thread::scope(|s| {
+        let (report, results) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let (semaphore, report) = (semaphore.clone(), report.clone());
+            s.spawn(move || {
+                let outcome = semaphore.acquire_timeout(BOUND).map(|g| g.forget());
+                let _ = report.send((outcome, Instant::now()));
+            });
+        }
+        // Both acquirers asleep (a sleeper cannot be observed directly; the
+        // recovery is correct whether they sleep already or not).
+        let killed = holder.kill_now();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..2 {
+            let (outcome, when) = results
+                .recv_timeout(BOUND + BOUND)
+                .expect("an acquirer hung");
+            assert_eq!(outcome, Ok(()));
+            slowest = slowest.max(when.saturating_duration_since(killed));
+        }
+        eprintln!("acquirers got the dead holder's permits after {slowest:?}");
+        assert!(slowest < PROMPT, "only after {slowest:?}");
+    });
+    assert_eq!(semaphore.recovered(), 2);
+    assert_eq!(semaphore.value(), 0);
+}
+
+#[test]
+fn a_bounded_semaphore_recovers_up_to_its_bound() {
+    let semaphore = BoundedSemaphore::new(1).unwrap();
+    let holding = Event::new().unwrap();
+    let holder = Killed(
+        Process::new(|(semaphore, holding): (BoundedSemaphore, Event)| {
+            let _permit = semaphore.acquire();
+            holding.set();
+            let _ = Event::new().unwrap().wait_timeout(BOUND);
+        })
+        .args((semaphore.clone(), holding.clone()))
+        .start()
+        .unwrap(),
+    );
+    holding
+        .wait_timeout(BOUND)
+        .expect("the child took the permit");
+    holder.kill_now();
+    // No sleeper: the next try_acquire recovers it.
+    let permit = semaphore.try_acquire().expect("recovered");
+    drop(permit);
+    assert_eq!(semaphore.value(), 1);
+    assert!(semaphore.release().is_err(), "never above the bound");
 }
