@@ -261,7 +261,7 @@ mod holding {
     use super::{HOLDER_CACHE, Holder, SemState, Semaphore};
     use crate::robust::Acquired;
     use crate::shm::SharedMemory;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
     use std::sync::Once;
     use std::sync::atomic::Ordering;
 
@@ -291,6 +291,12 @@ mod holding {
 
     impl Drop for Kept {
         fn drop(&mut self) {
+            // `LAST` must never name a slot that is gone.
+            let _ = LAST.try_with(|last| {
+                if last.get().0 == self.state {
+                    last.set((std::ptr::null(), std::ptr::null()));
+                }
+            });
             let Some(holder) = self.holder() else { return };
             if holder.held.load(Ordering::Relaxed) == 0 {
                 // Dropped on the thread that locked it (thread-local).
@@ -306,6 +312,10 @@ mod holding {
 
     thread_local! {
         static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+        /// The entry of `KEPT` used last (state, holder): the uncontended
+        /// path reads only this (no destructor, so no lazy registration).
+        static LAST: Cell<(*const SemState, *const Holder)> =
+            const { Cell::new((std::ptr::null(), std::ptr::null())) };
     }
 
     /// In a forked child, the slots of the forking thread are not held by
@@ -316,12 +326,28 @@ mod holding {
                 kept.drain(..).for_each(std::mem::forget);
             }
         });
+        let _ = LAST.try_with(|last| last.set((std::ptr::null(), std::ptr::null())));
     }
 
     /// Adds `change` (+1 or -1) to this thread's guard count for `semaphore`.
     #[inline]
     pub(super) fn adjust(semaphore: &Semaphore, change: i32) {
         let state: *const SemState = &*semaphore.state;
+        let (last, holder) = LAST.with(Cell::get);
+        if last == state && !holder.is_null() {
+            // SAFETY: `LAST` names an entry of `KEPT` (cleared when that entry
+            // goes), whose mapping keeps the slot alive.
+            let held = unsafe { &(*holder).held };
+            // Only this thread writes its slot's count.
+            let count = held.load(Ordering::Relaxed);
+            held.store(count.saturating_add_signed(change), Ordering::Relaxed);
+            return;
+        }
+        adjust_slowly(semaphore, state, change);
+    }
+
+    #[cold]
+    fn adjust_slowly(semaphore: &Semaphore, state: *const SemState, change: i32) {
         // During thread teardown the cache is gone: the guard is untracked.
         let _ = KEPT.try_with(|kept| {
             let Ok(mut kept) = kept.try_borrow_mut() else {
@@ -332,6 +358,7 @@ mod holding {
                 None if change > 0 => keep(&mut kept, semaphore, state),
                 None => return,
             };
+            let _ = LAST.try_with(|last| last.set((state, kept[index].holder)));
             if let Some(holder) = kept[index].holder() {
                 let held = holder.held.load(Ordering::Relaxed);
                 // Only this thread writes its slot's count.
@@ -361,6 +388,7 @@ mod holding {
         if kept.len() >= HOLDER_CACHE
             && let Some(idle) = kept.iter().position(|k| k.held() == 0)
         {
+            // Its drop clears `LAST` if it names it.
             kept.swap_remove(idle);
         }
         let holder = semaphore
