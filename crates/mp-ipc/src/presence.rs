@@ -28,11 +28,14 @@ use crate::futex::{self, AtomicU32, WaitOutcome};
 use crate::robust::{Acquired, RobustMutex};
 
 /// Kernel robust-futex ABI bits of a mutex word.
+#[cfg_attr(loom, allow(dead_code))] // the loom model watches the main word only
 const FUTEX_WAITERS: u32 = 0x8000_0000;
 pub(crate) const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+#[cfg_attr(loom, allow(dead_code))]
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 
 /// Most words `futex_waitv` accepts in one call.
+#[cfg_attr(loom, allow(dead_code))]
 const WAITV_MAX: usize = 128;
 
 /// One presence slot, as laid out in shared memory.
