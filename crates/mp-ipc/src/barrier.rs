@@ -87,7 +87,7 @@ pub(crate) struct BarrierState {
     released: AtomicU32,
     parties: u32,
     /// Presence slots that follow the state in its segment (see
-    /// [`crate::presence`]).
+    /// `presence.rs`).
     slot_count: u32,
 }
 
@@ -172,7 +172,7 @@ impl BarrierState {
     /// Waits for the other parties; runs `action` if last. Returns the
     /// arrival index.
     ///
-    /// Each waiting party holds a presence slot (see [`crate::presence`])
+    /// Each waiting party holds a presence slot (see `presence.rs`)
     /// and watches the slots of the parties that arrived before it; the first
     /// party of a round also watches `count`, which every later arrival
     /// bumps, and re-arms to watch it too. So every waiting party is watched

@@ -21,7 +21,7 @@
 //! **A holder that dies.** Permits held through a [`SemaphoreGuard`] are
 //! *owned*: each thread holding guards of a semaphore holds a *holder slot*
 //! in its segment, a robust mutex plus the number of guards it holds (see
-//! [`crate::presence`]). When the thread dies (its process SIGKILLed, say),
+//! `presence.rs`). When the thread dies (its process SIGKILLed, say),
 //! the kernel marks the slot, and wakes an acquirer sleeping on it: the
 //! acquirer gives the dead holder's permits back, logs a warning and counts
 //! them in [`Semaphore::recovered`]. So `acquire()` never blocks forever
