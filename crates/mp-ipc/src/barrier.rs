@@ -531,6 +531,33 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_while_watching_other_parties_breaks_the_barrier() {
+        // Three parties, two come: the second watches the first (futex_waitv
+        // with a deadline); whoever times out first breaks the barrier.
+        let barrier = Barrier::new(3).unwrap();
+        let timeout = Duration::from_millis(50);
+        let start = Instant::now();
+        let outcomes: Vec<_> = std::thread::scope(|s| {
+            let waiters: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| barrier.wait_timeout(timeout)))
+                .collect();
+            waiters.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        assert!(start.elapsed() >= timeout);
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Err(BarrierError::Timeout(_))))
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Err(BarrierError::Timeout(_) | BarrierError::Broken)))
+        );
+        assert!(barrier.broken());
+    }
+
+    #[test]
     fn a_panicking_action_breaks_the_barrier() {
         let barrier = Barrier::builder(1)
             .action(|| panic!("action failed"))

@@ -228,18 +228,10 @@ impl<'a> Watch<'a> {
                     return WaitOutcome::TimedOut;
                 }
                 // futex_waitv takes an absolute CLOCK_MONOTONIC time.
-                let now = rustix::time::clock_gettime(ClockId::Monotonic);
-                let mut sec = now
-                    .tv_sec
-                    .saturating_add(left.as_secs().try_into().unwrap_or(i64::MAX));
-                let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
-                if nsec >= 1_000_000_000 {
-                    nsec -= 1_000_000_000;
-                    sec = sec.saturating_add(1);
-                }
+                let at = crate::robust::monotonic_deadline(deadline);
                 Some(rustix::thread::futex::Timespec {
-                    tv_sec: sec,
-                    tv_nsec: nsec,
+                    tv_sec: at.tv_sec,
+                    tv_nsec: at.tv_nsec,
                 })
             }
         };

@@ -207,7 +207,7 @@ mod imp {
     /// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
     /// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
     /// left).
-    fn monotonic_deadline(deadline: Instant) -> libc::timespec {
+    pub(crate) fn monotonic_deadline(deadline: Instant) -> libc::timespec {
         let left = deadline.saturating_duration_since(Instant::now());
         let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
         let mut sec = now
@@ -299,6 +299,8 @@ mod imp {
 }
 
 pub(crate) use imp::RobustMutex;
+#[cfg(not(loom))]
+pub(crate) use imp::monotonic_deadline;
 
 #[cfg(all(test, not(loom)))]
 mod tests {
