@@ -25,8 +25,18 @@
 //! `notify(n)` marks the `n` oldest waiting slots and wakes exactly those
 //! threads, so exactly `min(n, waiting)` waiters return, a waiter that arrives
 //! later cannot take a notification meant for an earlier one, and a waiter
-//! that times out never absorbs one. At most [`Condition::CAPACITY`] threads
-//! can wait at once; a slot left by a killed process is reclaimed.
+//! that times out never absorbs one. A slot left by a killed process is
+//! reclaimed.
+//!
+//! There is no limit on waiters: beyond the 256 slots, further waiters share
+//! an *overflow* count. `notify(n)` first serves the slots (oldest first),
+//! then hands what is left of `n` to the overflow as tokens, at most one per
+//! overflow waiter, and wakes that many; each token is taken by exactly one
+//! overflow waiter (a waiter timing out takes one if any is left, so none is
+//! absorbed), so the count stays exact. Among overflow waiters the order is
+//! unspecified, and they are served after the slot waiters. (An overflow
+//! waiter killed while waiting is not reclaimed: a later notification may be
+//! counted for it.)
 
 use std::fmt;
 use std::io;
@@ -57,9 +67,6 @@ pub enum WaitError<G> {
     /// The guard holds another lock than the condition's; nothing waited.
     #[error("the guard does not hold this condition's lock")]
     WrongLock(G),
-    /// [`Condition::CAPACITY`] threads are already waiting; nothing waited.
-    #[error("too many waiters on one condition (at most {SLOTS} at once)")]
-    TooManyWaiters(G),
     /// Re-acquiring the lock failed; the lock is not held.
     #[error("re-acquiring the condition's lock failed: {0}")]
     Os(#[source] io::Error),
@@ -69,10 +76,7 @@ impl<G> WaitError<G> {
     /// The guard, unless the lock could not be re-acquired.
     pub fn into_guard(self) -> Option<G> {
         match self {
-            WaitError::Timeout(g)
-            | WaitError::OwnerDied(g)
-            | WaitError::WrongLock(g)
-            | WaitError::TooManyWaiters(g) => Some(g),
+            WaitError::Timeout(g) | WaitError::OwnerDied(g) | WaitError::WrongLock(g) => Some(g),
             WaitError::Os(_) => None,
         }
     }
@@ -84,7 +88,6 @@ impl<G> fmt::Debug for WaitError<G> {
             WaitError::Timeout(_) => f.write_str("Timeout(..)"),
             WaitError::OwnerDied(_) => f.write_str("OwnerDied(..)"),
             WaitError::WrongLock(_) => f.write_str("WrongLock(..)"),
-            WaitError::TooManyWaiters(_) => f.write_str("TooManyWaiters(..)"),
             WaitError::Os(error) => f.debug_tuple("Os").field(error).finish(),
         }
     }
@@ -92,6 +95,15 @@ impl<G> fmt::Debug for WaitError<G> {
 
 /// Number of waiter slots (small under loom to keep the model tractable).
 const SLOTS: usize = if cfg!(loom) { 2 } else { 256 };
+
+/// Where a waiter waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ticket {
+    /// In slot `n`, with its own futex word.
+    Slot(usize),
+    /// In the overflow (every slot was taken).
+    Overflow,
+}
 
 /// Slot states; the state word is also the slot's futex word.
 const FREE: u32 = 0;
@@ -125,6 +137,12 @@ pub(crate) struct CondState {
     /// code or sleeps).
     mutex: RobustMutex,
     next_seq: AtomicU32,
+    /// Waiters without a slot (all were taken when they came).
+    overflow_waiting: AtomicU32,
+    /// Notifications handed to overflow waiters and not yet taken.
+    overflow_tokens: AtomicU32,
+    /// Futex word of the overflow waiters: bumped when tokens are handed out.
+    overflow_seq: AtomicU32,
     slots: [Slot; SLOTS],
 }
 
@@ -180,6 +198,9 @@ impl CondState {
         unsafe {
             RobustMutex::init_at(&raw mut (*ptr).mutex, false)?;
             (&raw mut (*ptr).next_seq).write(AtomicU32::new(0));
+            (&raw mut (*ptr).overflow_waiting).write(AtomicU32::new(0));
+            (&raw mut (*ptr).overflow_tokens).write(AtomicU32::new(0));
+            (&raw mut (*ptr).overflow_seq).write(AtomicU32::new(0));
             (&raw mut (*ptr).slots).write(std::array::from_fn(|_| Slot::new()));
             (&raw mut (*ptr).tag).write(Self::TAG);
         }
@@ -196,13 +217,17 @@ impl CondState {
         Bookkeeping(&self.mutex)
     }
 
-    /// Takes a slot for the calling thread; `None` if all are in use.
-    pub(crate) fn enqueue(&self) -> Option<usize> {
+    /// Registers the calling thread as a waiter: in a slot if one is free,
+    /// else in the overflow.
+    pub(crate) fn enqueue(&self) -> Ticket {
         let _held = self.bookkeeping();
-        let index = self.free_slot().or_else(|| {
+        let Some(index) = self.free_slot().or_else(|| {
             self.reclaim_dead();
             self.free_slot()
-        })?;
+        }) else {
+            self.overflow_waiting.fetch_add(1, Ordering::Relaxed);
+            return Ticket::Overflow;
+        };
         let slot = &self.slots[index];
         slot.pid.store(std::process::id(), Ordering::Relaxed);
         slot.seq.store(
@@ -210,7 +235,57 @@ impl CondState {
             Ordering::Relaxed,
         );
         slot.state.store(WAITING, Ordering::Release);
-        Some(index)
+        Ticket::Slot(index)
+    }
+
+    /// Sleeps until notified or `deadline`, then leaves; true if notified.
+    pub(crate) fn wait(&self, ticket: Ticket, deadline: Option<Instant>) -> bool {
+        match ticket {
+            Ticket::Slot(index) => {
+                self.sleep(index, deadline);
+                self.finish(index)
+            }
+            Ticket::Overflow => self.wait_in_overflow(deadline),
+        }
+    }
+
+    /// An overflow waiter: takes a token when one is handed out, or leaves at
+    /// `deadline` (taking a token if one is left, so none is absorbed).
+    fn wait_in_overflow(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            let seen = {
+                let _held = self.bookkeeping();
+                let tokens = self.overflow_tokens.load(Ordering::Relaxed);
+                let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+                if tokens > 0 || timed_out {
+                    if tokens > 0 {
+                        self.overflow_tokens.store(tokens - 1, Ordering::Relaxed);
+                    }
+                    self.overflow_waiting.fetch_sub(1, Ordering::Relaxed);
+                    return tokens > 0;
+                }
+                self.overflow_seq.load(Ordering::Relaxed)
+            };
+            // Tokens are handed out with the bookkeeping held and then the
+            // word bumped: a hand-out after our check changes the word, so
+            // this returns at once.
+            // Any outcome: the check above decides (a timeout included).
+            let _ = futex::wait(&self.overflow_seq, seen, deadline);
+        }
+    }
+
+    /// Hands up to `n` notifications to overflow waiters (bookkeeping held);
+    /// returns how many.
+    fn notify_overflow(&self, n: usize) -> usize {
+        let waiting = self.overflow_waiting.load(Ordering::Relaxed);
+        let tokens = self.overflow_tokens.load(Ordering::Relaxed);
+        let give = (waiting.saturating_sub(tokens) as usize).min(n) as u32;
+        if give > 0 {
+            self.overflow_tokens.store(tokens + give, Ordering::Relaxed);
+            self.overflow_seq.fetch_add(1, Ordering::Release);
+            futex::wake(&self.overflow_seq, give);
+        }
+        give as usize
     }
 
     fn free_slot(&self) -> Option<usize> {
@@ -273,17 +348,19 @@ impl CondState {
             let Some(slot) = oldest else { break };
             woken += usize::from(self.notify_slot(slot));
         }
-        woken
+        woken + self.notify_overflow(n - woken)
     }
 
     /// Notifies every waiter; returns how many.
     pub(crate) fn notify_all(&self) -> usize {
         let _held = self.bookkeeping();
-        self.slots
+        let slots: usize = self
+            .slots
             .iter()
             .filter(|slot| slot.state.load(Ordering::Acquire) == WAITING)
             .map(|slot| usize::from(self.notify_slot(slot)))
-            .sum()
+            .sum();
+        slots + self.notify_overflow(usize::MAX)
     }
 
     /// Marks a waiting slot notified and wakes its thread; false if the
@@ -322,9 +399,6 @@ pub struct Condition<L: ConditionLock = Lock> {
 }
 
 impl<L: ConditionLock> Condition<L> {
-    /// How many threads may wait at once.
-    pub const CAPACITY: usize = SLOTS;
-
     fn bound_to(lock: &L) -> Result<Self, ShmError> {
         // SAFETY: init_at writes every field of the fresh state.
         let state = unsafe {
@@ -433,14 +507,11 @@ impl<L: ConditionLock> Condition<L> {
         if held_id != self.lock.lock_id() {
             return Err(WaitError::WrongLock(guard));
         }
-        let Some(slot) = self.state.enqueue() else {
-            return Err(WaitError::TooManyWaiters(guard));
-        };
+        let ticket = self.state.enqueue();
         // Registered before the lock is released: a notifier that takes the
-        // lock after us sees our slot.
+        // lock after us sees us.
         let depth = release_all(&guard);
-        self.state.sleep(slot, deadline);
-        let notified = self.state.finish(slot);
+        let notified = self.state.wait(ticket, deadline);
         match reacquire(&guard, depth) {
             Ok(Acquired::Clean) if notified => Ok(guard),
             Ok(Acquired::Clean) => Err(WaitError::Timeout(guard)),
@@ -586,7 +657,7 @@ mod tests {
 
 #[cfg(all(test, loom))]
 mod loom_tests {
-    use super::{CondState, SLOTS};
+    use super::{CondState, SLOTS, Ticket};
     use loom::sync::Arc;
     use std::mem::MaybeUninit;
 
@@ -605,15 +676,13 @@ mod loom_tests {
         assert_eq!(SLOTS, 2);
         crate::futex::model(|| {
             let cond = state();
-            let slots = [cond.enqueue().unwrap(), cond.enqueue().unwrap()];
-            let waiters: Vec<_> = slots
+            let tickets = [cond.enqueue(), cond.enqueue()];
+            assert!(tickets.iter().all(|t| matches!(t, Ticket::Slot(_))));
+            let waiters: Vec<_> = tickets
                 .into_iter()
-                .map(|slot| {
+                .map(|ticket| {
                     let cond = Arc::clone(&cond);
-                    loom::thread::spawn(move || {
-                        cond.sleep(slot, None);
-                        assert!(cond.finish(slot));
-                    })
+                    loom::thread::spawn(move || assert!(cond.wait(ticket, None)))
                 })
                 .collect();
             assert_eq!(cond.notify(1), 1);
@@ -632,13 +701,50 @@ mod loom_tests {
     fn loom_condition_timeout_races_notify() {
         crate::futex::model(|| {
             let cond = state();
-            let slot = cond.enqueue().unwrap();
+            let ticket = cond.enqueue();
             let waiter = {
                 let cond = Arc::clone(&cond);
-                loom::thread::spawn(move || {
-                    cond.sleep(slot, Some(std::time::Instant::now()));
-                    cond.finish(slot)
-                })
+                loom::thread::spawn(move || cond.wait(ticket, Some(std::time::Instant::now())))
+            };
+            let woken = cond.notify(1);
+            let notified = waiter.join().unwrap();
+            assert_eq!(woken, usize::from(notified));
+        });
+    }
+
+    /// With the slots taken, a third waiter waits in the overflow: notify(3)
+    /// counts it, and it is woken (nobody sleeps through it).
+    #[test]
+    fn loom_condition_overflow_is_notified() {
+        crate::futex::model(|| {
+            let cond = state();
+            let _taken = [cond.enqueue(), cond.enqueue()];
+            let ticket = cond.enqueue();
+            assert_eq!(ticket, Ticket::Overflow);
+            let waiter = {
+                let cond = Arc::clone(&cond);
+                loom::thread::spawn(move || assert!(cond.wait(ticket, None)))
+            };
+            assert_eq!(cond.notify(3), 3);
+            assert_eq!(cond.notify_all(), 0, "everybody was notified already");
+            waiter.join().unwrap();
+        });
+    }
+
+    /// An overflow waiter timing out races notify(1) after the slots: the
+    /// count is exact either way.
+    #[test]
+    fn loom_condition_overflow_timeout_races_notify() {
+        crate::futex::model(|| {
+            let cond = state();
+            let _taken = [cond.enqueue(), cond.enqueue()];
+            // Both slot waiters notified (their slots stay taken until they
+            // leave): notify(1) can only go to the overflow.
+            assert_eq!(cond.notify(2), 2);
+            let ticket = cond.enqueue();
+            let waiter = {
+                let cond = Arc::clone(&cond);
+                loom::thread::spawn(move || cond.wait(ticket, Some(std::time::Instant::now())))
             };
             let woken = cond.notify(1);
             let notified = waiter.join().unwrap();

@@ -373,3 +373,40 @@ fn parties_watching_each_other_and_semaphore_sleepers_sleep_in_the_kernel() {
         }
     });
 }
+
+#[test]
+fn more_waiters_than_slots_are_all_served_and_counted_exactly() {
+    const WAITERS: u32 = 300; // beyond the 256 slots: some wait in the overflow
+    let cond = Condition::new().unwrap();
+    let registered = AtomicU32::new(0);
+    let notified = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..WAITERS {
+            s.spawn(|| {
+                let guard = cond.lock().unwrap();
+                registered.fetch_add(1, Ordering::Relaxed);
+                match cond.wait_timeout(guard, Duration::from_secs(30)) {
+                    Ok(_) => notified.fetch_add(1, Ordering::Relaxed),
+                    Err(error) => panic!("a waiter was not notified: {error}"),
+                };
+            });
+        }
+        // Registered under the lock, before the wait releases it: once we
+        // hold the lock and count them all, all of them wait.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let guard = cond.lock().unwrap();
+            if registered.load(Ordering::Relaxed) == WAITERS {
+                drop(guard);
+                break;
+            }
+            drop(guard);
+            assert!(Instant::now() < deadline, "waiters never came");
+            std::thread::yield_now();
+        }
+        assert_eq!(cond.notify(260), 260);
+        assert_eq!(cond.notify_all(), (WAITERS - 260) as usize);
+        assert_eq!(cond.notify_all(), 0);
+    });
+    assert_eq!(notified.load(Ordering::Relaxed), WAITERS);
+}
