@@ -486,8 +486,11 @@ impl Semaphore {
     /// Takes a permit, waiting as long as needed. The guard gives it back
     /// when dropped (or keep it with [`SemaphoreGuard::forget`]).
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
-        // Without a deadline the wait only ends with a permit.
-        while !self.state.acquire(self.holders(), None) {}
+        // The holder slots are looked up only when no permit is free.
+        if !self.state.try_acquire() {
+            // Without a deadline the wait only ends with a permit.
+            while !self.state.acquire(self.holders(), None) {}
+        }
         SemaphoreGuard::new(self)
     }
 
@@ -504,7 +507,7 @@ impl Semaphore {
 
     /// Takes a permit, waiting at most `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>, SemaphoreError> {
-        if self.state.acquire(self.holders(), deadline_after(timeout)) {
+        if self.state.try_acquire() || self.state.acquire(self.holders(), deadline_after(timeout)) {
             Ok(SemaphoreGuard::new(self))
         } else {
             Err(SemaphoreError::Timeout(timeout))
