@@ -35,8 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::futex::{self, AtomicU32, WaitOutcome};
 use crate::lock::deadline_after;
+use crate::presence::{self, Presence, Watch};
 use crate::robust::{Acquired, RobustMutex};
-use crate::shm::{Shared, ShmError, ShmState, tag};
+use crate::shm::{Shared, SharedMemory, ShmError, ShmState, tag};
 
 /// Errors of [`Barrier`].
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,9 @@ pub(crate) struct BarrierState {
     /// Bit `g % 32` set iff generation `g` was released (not reset).
     released: AtomicU32,
     parties: u32,
+    /// Presence slots that follow the state in its segment (see
+    /// `presence.rs`).
+    slot_count: u32,
 }
 
 // SAFETY: repr(C), starts with the tag; mutated only through atomics and the
@@ -93,6 +97,11 @@ unsafe impl ShmState for BarrierState {
     const TAG: u64 = tag(b"mp:Barr\0");
     const KIND: &'static str = "Barrier";
 }
+
+/// Where the presence slots start in a barrier's segment.
+const SLOTS_OFFSET: usize = size_of::<BarrierState>().next_multiple_of(align_of::<Presence>());
+/// The most presence slots a barrier gets (a waiter watches at most 126).
+const MAX_SLOTS: u32 = 1024;
 
 /// Holds the internal mutex.
 struct Held<'a>(&'a RobustMutex);
@@ -120,19 +129,26 @@ impl BarrierState {
             (&raw mut (*ptr).broken).write(AtomicU32::new(0));
             (&raw mut (*ptr).released).write(AtomicU32::new(0));
             (&raw mut (*ptr).parties).write(parties);
+            (&raw mut (*ptr).slot_count).write(0);
             (&raw mut (*ptr).tag).write(Self::TAG);
         }
         Ok(())
     }
 
-    fn hold(&self) -> Held<'_> {
-        match self.mutex.lock(None) {
-            // A party died inside the bookkeeping: every field is a single
-            // atomic store, so the state is still well-formed.
-            Ok(Acquired::Clean | Acquired::OwnerDied) => {}
-            Err(error) => tracing::error!(?error, "barrier bookkeeping lock failed; continuing"),
-        }
-        Held(&self.mutex)
+    /// Takes the bookkeeping mutex; true if its previous holder died
+    /// holding it (inside `wait` or in the action).
+    fn hold(&self) -> (Held<'_>, bool) {
+        let died = match self.mutex.lock(None) {
+            Ok(Acquired::Clean) => false,
+            // Every field is a single atomic store, so the state is still
+            // well-formed; the caller decides what the death means.
+            Ok(Acquired::OwnerDied) => true,
+            Err(error) => {
+                tracing::error!(?error, "barrier bookkeeping lock failed; continuing");
+                false
+            }
+        };
+        (Held(&self.mutex), died)
     }
 
     /// Records a change and wakes every sleeper (after the mutex is dropped
@@ -145,23 +161,54 @@ impl BarrierState {
         futex::wake_all(&self.word);
     }
 
+    /// Breaks the barrier (bookkeeping held by the caller, who wakes).
+    fn break_now(&self, why: &str) {
+        if self.broken.swap(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(why, "barrier broken");
+        }
+        self.bump();
+    }
+
     /// Waits for the other parties; runs `action` if last. Returns the
     /// arrival index.
+    ///
+    /// Each waiting party holds a presence slot (see `presence.rs`)
+    /// and watches the slots of the parties that arrived before it; the first
+    /// party of a round also watches `count`, which every later arrival
+    /// bumps, and re-arms to watch it too. So every waiting party is watched
+    /// by somebody asleep, and a party killed while waiting breaks the
+    /// barrier as soon as the kernel reports the death. The last party runs
+    /// the action with the bookkeeping mutex held, after waking the first
+    /// party, which then sleeps on that (robust) mutex: a death in the
+    /// action is reported the same way. The release itself checks every slot
+    /// of the round, so a death is never counted as an arrival.
     pub(crate) fn wait<E>(
         &self,
+        slots: &[Presence],
         deadline: Option<Instant>,
+        has_action: bool,
         action: impl FnOnce() -> Result<(), E>,
     ) -> Result<u32, Failure<E>> {
-        let held = self.hold();
+        let (held, died) = self.hold();
+        let generation = self.generation.load(Ordering::Relaxed);
+        if died || presence::any_died(slots, generation) {
+            self.break_now("a party died while waiting");
+            drop(held);
+            self.wake();
+            return Err(Failure::Broken);
+        }
         if self.broken.load(Ordering::Relaxed) != 0 {
             return Err(Failure::Broken);
         }
-        let generation = self.generation.load(Ordering::Relaxed);
         let index = self.count.fetch_add(1, Ordering::Relaxed);
         if index + 1 == self.parties {
+            if has_action && index > 0 {
+                // The first party sleeps on our (robust) bookkeeping mutex
+                // while the action runs: our death wakes it.
+                futex::wake_all(&self.count);
+            }
             if let Err(error) = action() {
-                self.broken.store(1, Ordering::Relaxed);
-                self.bump();
+                self.break_now("the action failed");
                 drop(held);
                 self.wake();
                 return Err(Failure::Action(error));
@@ -177,11 +224,23 @@ impl BarrierState {
             self.wake();
             return Ok(index);
         }
-        let mut word = self.word.load(Ordering::Acquire);
-        drop(held);
+        let mine = presence::claim(slots, generation);
+        if index > 0 {
+            // The first party re-arms to watch our slot too.
+            futex::wake_all(&self.count);
+        }
+        let mut held = Some(held);
         loop {
-            let outcome = futex::wait(&self.word, word, deadline);
-            let held = self.hold();
+            let held_now = match held.take() {
+                Some(held) => held,
+                None => {
+                    let (held, died) = self.hold();
+                    if died && self.generation.load(Ordering::Relaxed) == generation {
+                        self.break_now("a party died in the action or the bookkeeping");
+                    }
+                    held
+                }
+            };
             if self.generation.load(Ordering::Relaxed) != generation {
                 return if self.released.load(Ordering::Relaxed) & bit(generation) != 0 {
                     Ok(index)
@@ -190,21 +249,41 @@ impl BarrierState {
                 };
             }
             if self.broken.load(Ordering::Relaxed) != 0 {
+                drop(held_now);
+                self.wake();
                 return Err(Failure::Broken);
             }
-            if outcome == WaitOutcome::TimedOut {
-                self.broken.store(1, Ordering::Relaxed);
-                self.bump();
-                drop(held);
-                self.wake();
-                return Err(Failure::TimedOut);
+            // Watch the round's word, the other parties, and (first party
+            // only) new arrivals; all read under the mutex, so a change
+            // after this point makes the sleep return at once.
+            let mut watch = Watch::new(&self.word, self.word.load(Ordering::Acquire));
+            if index == 0 {
+                watch.also(&self.count, self.count.load(Ordering::Relaxed));
             }
-            word = self.word.load(Ordering::Acquire);
+            if !watch.parties(slots, generation, mine.as_ref()) {
+                self.break_now("a party died while waiting");
+                drop(held_now);
+                self.wake();
+                return Err(Failure::Broken);
+            }
+            drop(held_now);
+            if watch.sleep(deadline) == WaitOutcome::TimedOut {
+                let (held_again, _) = self.hold();
+                if self.generation.load(Ordering::Relaxed) == generation
+                    && self.broken.load(Ordering::Relaxed) == 0
+                {
+                    self.break_now("a party timed out");
+                    drop(held_again);
+                    self.wake();
+                    return Err(Failure::TimedOut);
+                }
+                held = Some(held_again);
+            }
         }
     }
 
     pub(crate) fn abort(&self) {
-        let held = self.hold();
+        let (held, _) = self.hold();
         self.broken.store(1, Ordering::Relaxed);
         self.bump();
         drop(held);
@@ -212,7 +291,7 @@ impl BarrierState {
     }
 
     pub(crate) fn reset(&self) {
-        let held = self.hold();
+        let (held, _) = self.hold();
         let generation = self.generation.load(Ordering::Relaxed);
         let next = generation.wrapping_add(1);
         // The current generation ends without release: its waiters get Broken.
@@ -281,13 +360,28 @@ impl BarrierBuilder {
         if self.parties == 0 {
             return Err(BarrierError::NoParties);
         }
-        // SAFETY: init_at writes every field of the fresh state.
+        // Room for every party of a round plus as many stragglers of the
+        // previous round still holding their slots.
+        let slot_count = self.parties.saturating_mul(2).min(MAX_SLOTS);
+        let shm = SharedMemory::new(SLOTS_OFFSET + slot_count as usize * size_of::<Presence>())?;
+        let mutex_error = |source| ShmError::Io {
+            op: "pthread_mutex_init",
+            source,
+        };
+        let slots = shm.region::<Presence>(SLOTS_OFFSET)?.as_ptr();
+        for i in 0..slot_count as usize {
+            // SAFETY: the slots lie inside the fresh segment (sized above),
+            // aligned (region checked the first; the size is a multiple of
+            // the alignment), and nobody else can see them yet.
+            unsafe { Presence::init_at(slots.add(i)).map_err(mutex_error)? };
+        }
+        // SAFETY: init_at writes every field of the fresh state; the slot
+        // count is written before the tag is published (by init_at's end).
         let state = unsafe {
-            Shared::create(|ptr| {
-                BarrierState::init_at(ptr, self.parties).map_err(|source| ShmError::Io {
-                    op: "pthread_mutex_init",
-                    source,
-                })
+            Shared::create_in(shm, 0, |ptr| {
+                BarrierState::init_at(ptr, self.parties).map_err(mutex_error)?;
+                (&raw mut (*ptr).slot_count).write(slot_count);
+                Ok(())
             })?
         };
         Ok(Barrier {
@@ -335,12 +429,33 @@ impl Barrier {
             Some(id) => unsafe { id.call_task(&[]) }.map(drop),
         };
         self.state
-            .wait(deadline, action)
+            .wait(self.slots(), deadline, self.action.is_some(), action)
             .map_err(|failure| match failure {
                 Failure::Broken => BarrierError::Broken,
                 Failure::TimedOut => BarrierError::Timeout(timeout.unwrap_or_default()),
                 Failure::Action(error) => BarrierError::ActionFailed(error),
             })
+    }
+
+    /// The presence slots after the state (none if the segment is too
+    /// small for the count it claims, which only a corrupted segment does).
+    fn slots(&self) -> &[Presence] {
+        let count = self.state.slot_count as usize;
+        let shm = self.state.shm();
+        let fits = count
+            .checked_mul(size_of::<Presence>())
+            .and_then(|bytes| bytes.checked_add(SLOTS_OFFSET))
+            .is_some_and(|end| end <= shm.len());
+        match shm.region::<Presence>(SLOTS_OFFSET) {
+            // SAFETY: the whole range is inside the mapping (checked) and
+            // aligned (region); the slots were initialised at creation and
+            // are only used through atomics and the pthread API; the mapping
+            // lives as long as `self.state`.
+            Ok(first) if fits && count > 0 => unsafe {
+                std::slice::from_raw_parts(first.as_ptr(), count)
+            },
+            _ => &[],
+        }
     }
 
     /// Breaks the barrier: current and future waiters get
@@ -416,6 +531,33 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_while_watching_other_parties_breaks_the_barrier() {
+        // Three parties, two come: the second watches the first (futex_waitv
+        // with a deadline); whoever times out first breaks the barrier.
+        let barrier = Barrier::new(3).unwrap();
+        let timeout = Duration::from_millis(50);
+        let start = Instant::now();
+        let outcomes: Vec<_> = std::thread::scope(|s| {
+            let waiters: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| barrier.wait_timeout(timeout)))
+                .collect();
+            waiters.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        assert!(start.elapsed() >= timeout);
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Err(BarrierError::Timeout(_))))
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Err(BarrierError::Timeout(_) | BarrierError::Broken)))
+        );
+        assert!(barrier.broken());
+    }
+
+    #[test]
     fn a_panicking_action_breaks_the_barrier() {
         let barrier = Barrier::builder(1)
             .action(|| panic!("action failed"))
@@ -454,13 +596,13 @@ mod loom_tests {
             let other = {
                 let barrier = Arc::clone(&barrier);
                 loom::thread::spawn(move || {
-                    let a = barrier.wait(None, || Ok::<(), ()>(())).unwrap();
-                    let b = barrier.wait(None, || Ok::<(), ()>(())).unwrap();
+                    let a = barrier.wait(&[], None, false, || Ok::<(), ()>(())).unwrap();
+                    let b = barrier.wait(&[], None, false, || Ok::<(), ()>(())).unwrap();
                     (a, b)
                 })
             };
-            let a = barrier.wait(None, || Ok::<(), ()>(())).unwrap();
-            let b = barrier.wait(None, || Ok::<(), ()>(())).unwrap();
+            let a = barrier.wait(&[], None, false, || Ok::<(), ()>(())).unwrap();
+            let b = barrier.wait(&[], None, false, || Ok::<(), ()>(())).unwrap();
             let (oa, ob) = other.join().unwrap();
             assert_eq!(a + oa, 1);
             assert_eq!(b + ob, 1);
@@ -474,7 +616,7 @@ mod loom_tests {
             let barrier = state(2);
             let waiter = {
                 let barrier = Arc::clone(&barrier);
-                loom::thread::spawn(move || barrier.wait(None, || Ok::<(), ()>(())))
+                loom::thread::spawn(move || barrier.wait(&[], None, false, || Ok::<(), ()>(())))
             };
             barrier.abort();
             assert_eq!(waiter.join().unwrap(), Err(Failure::Broken));

@@ -25,8 +25,18 @@
 //! `notify(n)` marks the `n` oldest waiting slots and wakes exactly those
 //! threads, so exactly `min(n, waiting)` waiters return, a waiter that arrives
 //! later cannot take a notification meant for an earlier one, and a waiter
-//! that times out never absorbs one. At most [`Condition::CAPACITY`] threads
-//! can wait at once; a slot left by a killed process is reclaimed.
+//! that times out never absorbs one. A slot left by a killed process is
+//! reclaimed.
+//!
+//! There is no limit on waiters: beyond the 256 slots, further waiters share
+//! an *overflow* count. `notify(n)` first serves the slots (oldest first),
+//! then hands what is left of `n` to the overflow as tokens, at most one per
+//! overflow waiter, and wakes that many; each token is taken by exactly one
+//! overflow waiter (a waiter timing out takes one if any is left, so none is
+//! absorbed), so the count stays exact. Among overflow waiters the order is
+//! unspecified, and they are served after the slot waiters. (An overflow
+//! waiter killed while waiting is not reclaimed: a later notification may be
+//! counted for it.)
 
 use std::fmt;
 use std::io;
@@ -36,7 +46,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::futex::{self, AtomicU32, WaitOutcome};
-use crate::lock::{Guard, Lock, LockError, LockGuard, deadline_after};
+use crate::lock::sealed::{ConditionLock as _, Held};
+use crate::lock::{ConditionLock, Guard, Lock, LockError, RLock, deadline_after};
 use crate::robust::{Acquired, RobustMutex};
 use crate::shm::{Shared, ShmError, ShmState, tag};
 
@@ -56,12 +67,6 @@ pub enum WaitError<G> {
     /// The guard holds another lock than the condition's; nothing waited.
     #[error("the guard does not hold this condition's lock")]
     WrongLock(G),
-    /// [`Condition::CAPACITY`] threads are already waiting; nothing waited.
-    #[error(
-        "too many waiters on one condition (at most {} at once)",
-        Condition::CAPACITY
-    )]
-    TooManyWaiters(G),
     /// Re-acquiring the lock failed; the lock is not held.
     #[error("re-acquiring the condition's lock failed: {0}")]
     Os(#[source] io::Error),
@@ -71,10 +76,7 @@ impl<G> WaitError<G> {
     /// The guard, unless the lock could not be re-acquired.
     pub fn into_guard(self) -> Option<G> {
         match self {
-            WaitError::Timeout(g)
-            | WaitError::OwnerDied(g)
-            | WaitError::WrongLock(g)
-            | WaitError::TooManyWaiters(g) => Some(g),
+            WaitError::Timeout(g) | WaitError::OwnerDied(g) | WaitError::WrongLock(g) => Some(g),
             WaitError::Os(_) => None,
         }
     }
@@ -86,7 +88,6 @@ impl<G> fmt::Debug for WaitError<G> {
             WaitError::Timeout(_) => f.write_str("Timeout(..)"),
             WaitError::OwnerDied(_) => f.write_str("OwnerDied(..)"),
             WaitError::WrongLock(_) => f.write_str("WrongLock(..)"),
-            WaitError::TooManyWaiters(_) => f.write_str("TooManyWaiters(..)"),
             WaitError::Os(error) => f.debug_tuple("Os").field(error).finish(),
         }
     }
@@ -94,6 +95,15 @@ impl<G> fmt::Debug for WaitError<G> {
 
 /// Number of waiter slots (small under loom to keep the model tractable).
 const SLOTS: usize = if cfg!(loom) { 2 } else { 256 };
+
+/// Where a waiter waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ticket {
+    /// In slot `n`, with its own futex word.
+    Slot(usize),
+    /// In the overflow (every slot was taken).
+    Overflow,
+}
 
 /// Slot states; the state word is also the slot's futex word.
 const FREE: u32 = 0;
@@ -127,6 +137,12 @@ pub(crate) struct CondState {
     /// code or sleeps).
     mutex: RobustMutex,
     next_seq: AtomicU32,
+    /// Waiters without a slot (all were taken when they came).
+    overflow_waiting: AtomicU32,
+    /// Notifications handed to overflow waiters and not yet taken.
+    overflow_tokens: AtomicU32,
+    /// Futex word of the overflow waiters: bumped when tokens are handed out.
+    overflow_seq: AtomicU32,
     slots: [Slot; SLOTS],
 }
 
@@ -182,6 +198,9 @@ impl CondState {
         unsafe {
             RobustMutex::init_at(&raw mut (*ptr).mutex, false)?;
             (&raw mut (*ptr).next_seq).write(AtomicU32::new(0));
+            (&raw mut (*ptr).overflow_waiting).write(AtomicU32::new(0));
+            (&raw mut (*ptr).overflow_tokens).write(AtomicU32::new(0));
+            (&raw mut (*ptr).overflow_seq).write(AtomicU32::new(0));
             (&raw mut (*ptr).slots).write(std::array::from_fn(|_| Slot::new()));
             (&raw mut (*ptr).tag).write(Self::TAG);
         }
@@ -198,13 +217,17 @@ impl CondState {
         Bookkeeping(&self.mutex)
     }
 
-    /// Takes a slot for the calling thread; `None` if all are in use.
-    pub(crate) fn enqueue(&self) -> Option<usize> {
+    /// Registers the calling thread as a waiter: in a slot if one is free,
+    /// else in the overflow.
+    pub(crate) fn enqueue(&self) -> Ticket {
         let _held = self.bookkeeping();
-        let index = self.free_slot().or_else(|| {
+        let Some(index) = self.free_slot().or_else(|| {
             self.reclaim_dead();
             self.free_slot()
-        })?;
+        }) else {
+            self.overflow_waiting.fetch_add(1, Ordering::Relaxed);
+            return Ticket::Overflow;
+        };
         let slot = &self.slots[index];
         slot.pid.store(std::process::id(), Ordering::Relaxed);
         slot.seq.store(
@@ -212,7 +235,57 @@ impl CondState {
             Ordering::Relaxed,
         );
         slot.state.store(WAITING, Ordering::Release);
-        Some(index)
+        Ticket::Slot(index)
+    }
+
+    /// Sleeps until notified or `deadline`, then leaves; true if notified.
+    pub(crate) fn wait(&self, ticket: Ticket, deadline: Option<Instant>) -> bool {
+        match ticket {
+            Ticket::Slot(index) => {
+                self.sleep(index, deadline);
+                self.finish(index)
+            }
+            Ticket::Overflow => self.wait_in_overflow(deadline),
+        }
+    }
+
+    /// An overflow waiter: takes a token when one is handed out, or leaves at
+    /// `deadline` (taking a token if one is left, so none is absorbed).
+    fn wait_in_overflow(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            let seen = {
+                let _held = self.bookkeeping();
+                let tokens = self.overflow_tokens.load(Ordering::Relaxed);
+                let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+                if tokens > 0 || timed_out {
+                    if tokens > 0 {
+                        self.overflow_tokens.store(tokens - 1, Ordering::Relaxed);
+                    }
+                    self.overflow_waiting.fetch_sub(1, Ordering::Relaxed);
+                    return tokens > 0;
+                }
+                self.overflow_seq.load(Ordering::Relaxed)
+            };
+            // Tokens are handed out with the bookkeeping held and then the
+            // word bumped: a hand-out after our check changes the word, so
+            // this returns at once.
+            // Any outcome: the check above decides (a timeout included).
+            let _ = futex::wait(&self.overflow_seq, seen, deadline);
+        }
+    }
+
+    /// Hands up to `n` notifications to overflow waiters (bookkeeping held);
+    /// returns how many.
+    fn notify_overflow(&self, n: usize) -> usize {
+        let waiting = self.overflow_waiting.load(Ordering::Relaxed);
+        let tokens = self.overflow_tokens.load(Ordering::Relaxed);
+        let give = (waiting.saturating_sub(tokens) as usize).min(n) as u32;
+        if give > 0 {
+            self.overflow_tokens.store(tokens + give, Ordering::Relaxed);
+            self.overflow_seq.fetch_add(1, Ordering::Release);
+            futex::wake(&self.overflow_seq, give);
+        }
+        give as usize
     }
 
     fn free_slot(&self) -> Option<usize> {
@@ -275,17 +348,19 @@ impl CondState {
             let Some(slot) = oldest else { break };
             woken += usize::from(self.notify_slot(slot));
         }
-        woken
+        woken + self.notify_overflow(n - woken)
     }
 
     /// Notifies every waiter; returns how many.
     pub(crate) fn notify_all(&self) -> usize {
         let _held = self.bookkeeping();
-        self.slots
+        let slots: usize = self
+            .slots
             .iter()
             .filter(|slot| slot.state.load(Ordering::Acquire) == WAITING)
             .map(|slot| usize::from(self.notify_slot(slot)))
-            .sum()
+            .sum();
+        slots + self.notify_overflow(usize::MAX)
     }
 
     /// Marks a waiting slot notified and wakes its thread; false if the
@@ -310,29 +385,21 @@ impl CondState {
 }
 
 /// A condition variable (Python's `multiprocessing.Condition`), bound to a
-/// [`Lock`].
+/// [`Lock`] (the default) or an [`RLock`] (Python's default; see
+/// [`Condition::with_rlock`]).
 ///
 /// Clones, and copies passed to child processes, are the same condition.
 /// Notifying does not require holding the lock (as with std's `Condvar`), but
 /// to avoid missing a wake-up, change the awaited state under the lock.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct Condition {
-    lock: Lock,
+#[serde(bound = "")]
+pub struct Condition<L: ConditionLock = Lock> {
+    lock: L,
     state: Shared<CondState>,
 }
 
-impl Condition {
-    /// How many threads may wait at once.
-    pub const CAPACITY: usize = SLOTS;
-
-    /// A condition with a new lock of its own.
-    pub fn new() -> Result<Self, ShmError> {
-        Self::with_lock(&Lock::new()?)
-    }
-
-    /// A condition bound to `lock` (e.g. a [`Value`](crate::value::Value)'s
-    /// lock, to wait with the Value's guard).
-    pub fn with_lock(lock: &Lock) -> Result<Self, ShmError> {
+impl<L: ConditionLock> Condition<L> {
+    fn bound_to(lock: &L) -> Result<Self, ShmError> {
         // SAFETY: init_at writes every field of the fresh state.
         let state = unsafe {
             Shared::create(|ptr| {
@@ -349,15 +416,40 @@ impl Condition {
             state,
         })
     }
+}
 
+impl Condition<Lock> {
+    /// A condition with a new lock of its own.
+    pub fn new() -> Result<Self, ShmError> {
+        Self::with_lock(&Lock::new()?)
+    }
+
+    /// A condition bound to `lock` (e.g. a [`Value`](crate::value::Value)'s
+    /// lock, to wait with the Value's guard).
+    pub fn with_lock(lock: &Lock) -> Result<Self, ShmError> {
+        Self::bound_to(lock)
+    }
+}
+
+impl Condition<RLock> {
+    /// A condition bound to `rlock`. Waiting releases *every* acquisition
+    /// the waiting thread holds and restores them all before returning, as
+    /// Python does.
+    pub fn with_rlock(rlock: &RLock) -> Result<Self, ShmError> {
+        Self::bound_to(rlock)
+    }
+}
+
+impl<L: ConditionLock> Condition<L> {
     /// The lock this condition is bound to.
-    pub fn get_lock(&self) -> &Lock {
+    pub fn get_lock(&self) -> &L {
         &self.lock
     }
 
-    /// Acquires the lock (see [`Lock::lock`]).
-    pub fn lock(&self) -> Result<LockGuard<'_>, LockError<LockGuard<'_>>> {
-        self.lock.lock()
+    /// Acquires the lock (see [`Lock::lock`] and [`RLock::lock`]).
+    #[allow(clippy::type_complexity)]
+    pub fn lock(&self) -> Result<L::Guard<'_>, LockError<L::Guard<'_>>> {
+        self.lock.lock_guard()
     }
 
     /// Releases the lock held by `guard`, sleeps until notified, and
@@ -408,18 +500,19 @@ impl Condition {
     }
 
     fn wait_until<G: Guard>(&self, guard: G, deadline: Option<Instant>) -> Result<G, WaitError<G>> {
-        if guard.held_lock().id() != self.lock.id() {
+        let held_id = match guard.held() {
+            Held::Lock(lock) => lock.id(),
+            Held::RLock(rlock) => rlock.lock_id(),
+        };
+        if held_id != self.lock.lock_id() {
             return Err(WaitError::WrongLock(guard));
         }
-        let Some(slot) = self.state.enqueue() else {
-            return Err(WaitError::TooManyWaiters(guard));
-        };
+        let ticket = self.state.enqueue();
         // Registered before the lock is released: a notifier that takes the
-        // lock after us sees our slot.
-        let _ = guard.held_lock().raw().unlock();
-        self.state.sleep(slot, deadline);
-        let notified = self.state.finish(slot);
-        match guard.held_lock().raw().lock(None) {
+        // lock after us sees us.
+        let depth = release_all(&guard);
+        let notified = self.state.wait(ticket, deadline);
+        match reacquire(&guard, depth) {
             Ok(Acquired::Clean) if notified => Ok(guard),
             Ok(Acquired::Clean) => Err(WaitError::Timeout(guard)),
             Ok(Acquired::OwnerDied) => Err(WaitError::OwnerDied(guard)),
@@ -442,7 +535,43 @@ impl Condition {
     }
 }
 
-impl fmt::Debug for Condition {
+/// The mutex a guard holds.
+fn mutex_of<G: Guard>(guard: &G) -> &RobustMutex {
+    match guard.held() {
+        Held::Lock(lock) => lock.raw(),
+        Held::RLock(rlock) => rlock.raw(),
+    }
+}
+
+/// Releases the guard's lock completely (every acquisition of an RLock by
+/// this thread); returns how many acquisitions were released.
+fn release_all<G: Guard>(guard: &G) -> u32 {
+    let recursive = matches!(guard.held(), Held::RLock(_));
+    let mutex = mutex_of(guard);
+    let mut depth = 0;
+    // An unlock fails (EPERM) once this thread no longer holds it, also when
+    // another thread took it meanwhile.
+    while mutex.unlock().is_ok() {
+        depth += 1;
+        if !recursive {
+            break;
+        }
+    }
+    depth
+}
+
+/// Takes the lock again, `depth` times (at least once: the guard holds one).
+fn reacquire<G: Guard>(guard: &G, depth: u32) -> Result<Acquired, crate::robust::LockFailed> {
+    let mutex = mutex_of(guard);
+    let first = mutex.lock(None)?;
+    for _ in 1..depth {
+        // Recursive and held by this thread: returns at once.
+        mutex.lock(None)?;
+    }
+    Ok(first)
+}
+
+impl<L: ConditionLock> fmt::Debug for Condition<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Condition")
             .field("lock", &self.lock)
@@ -481,6 +610,44 @@ mod tests {
     }
 
     #[test]
+    fn an_rlock_condition_releases_every_level_while_waiting() {
+        use std::sync::atomic::AtomicU32;
+        let rlock = RLock::new().unwrap();
+        let cond = Condition::with_rlock(&rlock).unwrap();
+        let flag = AtomicU32::new(0);
+        let outer = cond.lock().unwrap();
+        let inner = rlock.lock().unwrap(); // held twice by this thread
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Free only once the waiter has released both levels.
+                let guard = rlock.lock_timeout(Duration::from_secs(20)).unwrap();
+                flag.store(1, Ordering::Relaxed);
+                assert_eq!(cond.notify_all(), 1);
+                drop(guard);
+            });
+            let inner = cond
+                .wait_for_timeout(inner, Duration::from_secs(20), |_| {
+                    flag.load(Ordering::Relaxed) == 1
+                })
+                .unwrap();
+            assert!(rlock.is_owned());
+            drop(inner);
+        });
+        // Both levels were restored: one is still held after dropping one.
+        assert!(rlock.is_owned());
+        drop(outer);
+        assert!(!rlock.locked());
+    }
+
+    #[test]
+    fn an_rlock_guard_is_not_a_lock_guard() {
+        let cond = Condition::new().unwrap();
+        let rlock = RLock::new().unwrap();
+        let guard = rlock.lock().unwrap();
+        assert!(matches!(cond.wait(guard), Err(WaitError::WrongLock(_))));
+    }
+
+    #[test]
     fn notify_without_waiters_wakes_nobody() {
         let cond = Condition::new().unwrap();
         assert_eq!(cond.notify(3), 0);
@@ -490,7 +657,7 @@ mod tests {
 
 #[cfg(all(test, loom))]
 mod loom_tests {
-    use super::{CondState, SLOTS};
+    use super::{CondState, SLOTS, Ticket};
     use loom::sync::Arc;
     use std::mem::MaybeUninit;
 
@@ -509,15 +676,13 @@ mod loom_tests {
         assert_eq!(SLOTS, 2);
         crate::futex::model(|| {
             let cond = state();
-            let slots = [cond.enqueue().unwrap(), cond.enqueue().unwrap()];
-            let waiters: Vec<_> = slots
+            let tickets = [cond.enqueue(), cond.enqueue()];
+            assert!(tickets.iter().all(|t| matches!(t, Ticket::Slot(_))));
+            let waiters: Vec<_> = tickets
                 .into_iter()
-                .map(|slot| {
+                .map(|ticket| {
                     let cond = Arc::clone(&cond);
-                    loom::thread::spawn(move || {
-                        cond.sleep(slot, None);
-                        assert!(cond.finish(slot));
-                    })
+                    loom::thread::spawn(move || assert!(cond.wait(ticket, None)))
                 })
                 .collect();
             assert_eq!(cond.notify(1), 1);
@@ -536,13 +701,50 @@ mod loom_tests {
     fn loom_condition_timeout_races_notify() {
         crate::futex::model(|| {
             let cond = state();
-            let slot = cond.enqueue().unwrap();
+            let ticket = cond.enqueue();
             let waiter = {
                 let cond = Arc::clone(&cond);
-                loom::thread::spawn(move || {
-                    cond.sleep(slot, Some(std::time::Instant::now()));
-                    cond.finish(slot)
-                })
+                loom::thread::spawn(move || cond.wait(ticket, Some(std::time::Instant::now())))
+            };
+            let woken = cond.notify(1);
+            let notified = waiter.join().unwrap();
+            assert_eq!(woken, usize::from(notified));
+        });
+    }
+
+    /// With the slots taken, a third waiter waits in the overflow: notify(3)
+    /// counts it, and it is woken (nobody sleeps through it).
+    #[test]
+    fn loom_condition_overflow_is_notified() {
+        crate::futex::model(|| {
+            let cond = state();
+            let _taken = [cond.enqueue(), cond.enqueue()];
+            let ticket = cond.enqueue();
+            assert_eq!(ticket, Ticket::Overflow);
+            let waiter = {
+                let cond = Arc::clone(&cond);
+                loom::thread::spawn(move || assert!(cond.wait(ticket, None)))
+            };
+            assert_eq!(cond.notify(3), 3);
+            assert_eq!(cond.notify_all(), 0, "everybody was notified already");
+            waiter.join().unwrap();
+        });
+    }
+
+    /// An overflow waiter timing out races notify(1) after the slots: the
+    /// count is exact either way.
+    #[test]
+    fn loom_condition_overflow_timeout_races_notify() {
+        crate::futex::model(|| {
+            let cond = state();
+            let _taken = [cond.enqueue(), cond.enqueue()];
+            // Both slot waiters notified (their slots stay taken until they
+            // leave): notify(1) can only go to the overflow.
+            assert_eq!(cond.notify(2), 2);
+            let ticket = cond.enqueue();
+            let waiter = {
+                let cond = Arc::clone(&cond);
+                loom::thread::spawn(move || cond.wait(ticket, Some(std::time::Instant::now())))
             };
             let woken = cond.notify(1);
             let notified = waiter.join().unwrap();

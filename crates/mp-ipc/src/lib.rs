@@ -53,6 +53,7 @@
 
 // Base layer: shared memory, futex wake-ups, robust process-shared mutex.
 mod futex;
+mod presence;
 mod robust;
 pub mod shm;
 
@@ -61,13 +62,15 @@ pub mod barrier;
 pub mod condition;
 pub mod event;
 pub mod lock;
+pub mod raw_value;
 pub mod semaphore;
 pub mod value;
 
 pub use barrier::{Barrier, BarrierBuilder, BarrierError};
 pub use condition::{Condition, WaitError};
 pub use event::{Event, EventTimeout};
-pub use lock::{Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
+pub use lock::{ConditionLock, Guard, Lock, LockError, LockGuard, NotOwner, RLock, RLockGuard};
+pub use raw_value::{RawArray, RawValue};
 pub use semaphore::{BoundedSemaphore, Semaphore, SemaphoreError, SemaphoreGuard};
 pub use shm::{SharedMemory, ShmError};
 pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};

@@ -332,6 +332,19 @@ impl Lock {
         acquired(result, Some(timeout), || LockGuard::new(self))
     }
 
+    /// Whether some thread, in any process, holds the lock now (Python's
+    /// `locked()`); it may change at any moment.
+    pub fn locked(&self) -> bool {
+        self.handle.mutex().owner_tid().is_some()
+    }
+
+    /// The kernel thread id (TID) of the holder, if any. For a
+    /// single-threaded process, or the main thread of one, this is its pid.
+    /// A holder that died reads as `None` (the kernel cleared its claim).
+    pub fn owner_tid(&self) -> Option<u32> {
+        self.handle.mutex().owner_tid()
+    }
+
     #[inline]
     pub(crate) fn raw(&self) -> &RobustMutex {
         self.handle.mutex()
@@ -389,24 +402,87 @@ impl fmt::Debug for LockGuard<'_> {
 }
 
 pub(crate) mod sealed {
-    /// Guards that hold a [`Lock`](super::Lock), usable with a `Condition`.
+    /// The lock a guard holds.
+    pub enum Held<'a> {
+        Lock(&'a super::Lock),
+        RLock(&'a super::RLock),
+    }
+
+    /// Guards that hold a [`Lock`](super::Lock) or an
+    /// [`RLock`](super::RLock), usable with a `Condition`.
     pub trait HeldLock {
         /// The lock this guard holds.
-        fn held_lock(&self) -> &super::Lock;
+        fn held(&self) -> Held<'_>;
+    }
+
+    /// Locks a `Condition` can be bound to.
+    pub trait ConditionLock {
+        /// What locking it returns.
+        type Guard<'a>: super::Guard
+        where
+            Self: 'a;
+
+        /// Locks it (blocking).
+        fn lock_guard(&self) -> Result<Self::Guard<'_>, super::LockError<Self::Guard<'_>>>;
+
+        /// Its identity.
+        fn lock_id(&self) -> u64;
     }
 }
 
-/// A guard holding a [`Lock`]: [`LockGuard`] or the guards of
-/// [`Value`](crate::value::Value) and [`Array`](crate::value::Array). A
-/// [`Condition`](crate::condition::Condition) waits with any of them.
+/// A guard holding a [`Lock`] or an [`RLock`]: [`LockGuard`], [`RLockGuard`],
+/// or the guards of [`Value`](crate::value::Value) and
+/// [`Array`](crate::value::Array). A
+/// [`Condition`](crate::condition::Condition) waits with any of them that
+/// holds its lock.
 pub trait Guard: sealed::HeldLock {}
 
+/// A lock a [`Condition`](crate::condition::Condition) can be bound to:
+/// [`Lock`] or [`RLock`] (Python's default).
+pub trait ConditionLock:
+    sealed::ConditionLock + Clone + Serialize + for<'de> Deserialize<'de> + Send + Sync + fmt::Debug
+{
+}
+
 impl sealed::HeldLock for LockGuard<'_> {
-    fn held_lock(&self) -> &Lock {
-        self.lock
+    fn held(&self) -> sealed::Held<'_> {
+        sealed::Held::Lock(self.lock)
     }
 }
 impl Guard for LockGuard<'_> {}
+
+impl sealed::ConditionLock for Lock {
+    type Guard<'a> = LockGuard<'a>;
+
+    fn lock_guard(&self) -> Result<LockGuard<'_>, LockError<LockGuard<'_>>> {
+        self.lock()
+    }
+
+    fn lock_id(&self) -> u64 {
+        self.id()
+    }
+}
+impl ConditionLock for Lock {}
+
+impl sealed::HeldLock for RLockGuard<'_> {
+    fn held(&self) -> sealed::Held<'_> {
+        sealed::Held::RLock(self.lock)
+    }
+}
+impl Guard for RLockGuard<'_> {}
+
+impl sealed::ConditionLock for RLock {
+    type Guard<'a> = RLockGuard<'a>;
+
+    fn lock_guard(&self) -> Result<RLockGuard<'_>, LockError<RLockGuard<'_>>> {
+        self.lock()
+    }
+
+    fn lock_id(&self) -> u64 {
+        self.handle.id()
+    }
+}
+impl ConditionLock for RLock {}
 
 /// A re-entrant lock (Python's `multiprocessing.RLock`), robust against its
 /// holder dying.
@@ -460,6 +536,29 @@ impl RLock {
     /// if the calling thread does not hold the lock.
     pub fn release(&self) -> Result<(), NotOwner> {
         self.handle.mutex().unlock().map_err(|_| NotOwner)
+    }
+
+    /// Whether some thread, in any process, holds the lock now (Python's
+    /// `locked()`); it may change at any moment.
+    pub fn locked(&self) -> bool {
+        self.handle.mutex().owner_tid().is_some()
+    }
+
+    /// The kernel thread id (TID) of the holder, if any. For a
+    /// single-threaded process, or the main thread of one, this is its pid.
+    /// A holder that died reads as `None` (the kernel cleared its claim).
+    pub fn owner_tid(&self) -> Option<u32> {
+        self.handle.mutex().owner_tid()
+    }
+
+    #[inline]
+    pub(crate) fn raw(&self) -> &RobustMutex {
+        self.handle.mutex()
+    }
+
+    /// Whether the calling thread holds the lock (Python's `RLock._is_owned()`).
+    pub fn is_owned(&self) -> bool {
+        self.owner_tid() == Some(rustix::thread::gettid().as_raw_nonzero().get() as u32)
     }
 }
 
@@ -559,6 +658,28 @@ mod tests {
         let guard = lock.lock().or_else(LockError::recover).expect("recovered");
         drop(guard);
         assert!(lock.lock().is_ok(), "clean after recovery");
+    }
+
+    #[test]
+    fn locked_and_owner_follow_the_holder() {
+        let lock = Lock::new().unwrap();
+        assert!(!lock.locked());
+        assert_eq!(lock.owner_tid(), None);
+        let guard = lock.lock().unwrap();
+        let me = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        assert!(lock.locked());
+        assert_eq!(lock.owner_tid(), Some(me));
+        drop(guard);
+        assert!(!lock.locked());
+
+        let rlock = RLock::new().unwrap();
+        assert!(!rlock.locked() && !rlock.is_owned());
+        let _outer = rlock.lock().unwrap();
+        assert!(rlock.locked() && rlock.is_owned());
+        assert_eq!(rlock.owner_tid(), Some(me));
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(rlock.locked() && !rlock.is_owned()));
+        });
     }
 
     #[test]

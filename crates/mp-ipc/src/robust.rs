@@ -174,14 +174,19 @@ mod imp {
             }
         }
 
+        /// The mutex's futex word: owner TID and the `FUTEX_WAITERS` /
+        /// `FUTEX_OWNER_DIED` bits of the kernel's robust-futex ABI.
+        pub(crate) fn word(&self) -> &AtomicU32 {
+            // SAFETY: the first member of glibc's pthread_mutex_t is the 32-bit,
+            // 4-aligned futex word, which glibc and the kernel only access
+            // atomically (so must we); it lives as long as `self`.
+            unsafe { &*self.raw().cast::<AtomicU32>() }
+        }
+
         /// The TID of the thread holding the mutex, if any (read from the futex
         /// word, whose layout the kernel's robust-futex ABI fixes).
         pub(crate) fn owner_tid(&self) -> Option<u32> {
-            // SAFETY: the first member of glibc's pthread_mutex_t is the 32-bit,
-            // 4-aligned futex word, which glibc and the kernel only access
-            // atomically; reading it atomically here is race-free.
-            let word = unsafe { &*self.raw().cast::<AtomicU32>() };
-            match word.load(Ordering::Relaxed) & FUTEX_TID_MASK {
+            match self.word().load(Ordering::Relaxed) & FUTEX_TID_MASK {
                 0 => None,
                 tid => Some(tid),
             }
@@ -202,7 +207,7 @@ mod imp {
     /// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
     /// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
     /// left).
-    fn monotonic_deadline(deadline: Instant) -> libc::timespec {
+    pub(crate) fn monotonic_deadline(deadline: Instant) -> libc::timespec {
         let left = deadline.saturating_duration_since(Instant::now());
         let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
         let mut sec = now
@@ -282,10 +287,20 @@ mod imp {
         pub(crate) fn held_in_this_process(&self) -> bool {
             false
         }
+
+        pub(crate) fn owner_tid(&self) -> Option<u32> {
+            (self.state.load(Ordering::Relaxed) != 0).then_some(1)
+        }
+
+        pub(crate) fn word(&self) -> &AtomicU32 {
+            &self.state
+        }
     }
 }
 
 pub(crate) use imp::RobustMutex;
+#[cfg(not(loom))]
+pub(crate) use imp::monotonic_deadline;
 
 #[cfg(all(test, not(loom)))]
 mod tests {

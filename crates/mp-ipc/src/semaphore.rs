@@ -18,12 +18,31 @@
 //! Releasing wakes a sleeper only if one is registered, so the uncontended
 //! paths take no system call.
 //!
-//! Permits are not owned: [`SemaphoreGuard::forget`] keeps a permit taken, and
-//! any thread or process may [`release`](Semaphore::release), as in Python.
-//! For the same reason a permit held by a process that dies is not given back
-//! (use a robust [`Lock`](crate::lock::Lock) where that matters).
+//! **A holder that dies.** Permits held through a [`SemaphoreGuard`] are
+//! *owned*: each thread holding guards of a semaphore holds a *holder slot*
+//! in its segment, a robust mutex plus the number of guards it holds (see
+//! `presence.rs`). When the thread dies (its process SIGKILLed, say),
+//! the kernel marks the slot, and wakes an acquirer sleeping on it: the
+//! acquirer gives the dead holder's permits back, logs a warning and counts
+//! them in [`Semaphore::recovered`]. So `acquire()` never blocks forever
+//! because of a dead holder. The slot stays held by its thread between
+//! acquisitions (cached per thread, at most [`HOLDER_CACHE`] semaphores;
+//! released when the thread exits or the cache evicts it), so the
+//! uncontended path only adds a thread-local look-up and two plain stores to
+//! a counter only that thread writes: no system call, no extra atomic
+//! read-modify-write (measured: acquire + release 1–4 % slower than without
+//! tracking, about 1 ns; the slot is looked up only when no permit is free). (The guard count and the permit count are two words: a
+//! holder killed in the two instructions between them loses that one
+//! permit.)
+//!
+//! Permits taken out of a guard with [`SemaphoreGuard::forget`] are no
+//! longer owned: any thread or process may [`release`](Semaphore::release)
+//! them, as in Python, and they are not recovered if the process that took
+//! them dies. At most [`HOLDER_SLOTS`] threads are tracked at once; further
+//! threads hold permits untracked (logged).
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -31,7 +50,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::futex::{self, AtomicU32, WaitOutcome, fence};
 use crate::lock::deadline_after;
-use crate::shm::{Shared, ShmError, ShmState, tag};
+use crate::presence::{FUTEX_OWNER_DIED, Watch};
+use crate::robust::{Acquired, RobustMutex};
+use crate::shm::{Shared, SharedMemory, ShmError, ShmState, tag};
+
+/// Threads that may own permits of one semaphore at once (further ones hold
+/// permits untracked).
+pub const HOLDER_SLOTS: usize = if cfg!(loom) { 2 } else { 64 };
+
+/// Semaphores whose holder slot a thread keeps between acquisitions.
+pub const HOLDER_CACHE: usize = 8;
 
 /// Errors of semaphore operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -64,7 +92,36 @@ pub(crate) struct SemState {
     sleepers: AtomicU32,
     /// Largest value `release` may reach (`u32::MAX`: unbounded).
     bound: u32,
+    /// Permits given back on behalf of dead holders, ever.
+    recovered: AtomicU32,
 }
+
+/// A thread's holder slot, as laid out in shared memory (after the
+/// [`SemState`]).
+#[repr(C)]
+pub(crate) struct Holder {
+    /// Held by the thread for as long as it caches the slot.
+    mutex: RobustMutex,
+    /// Guards the thread holds; written only by it (and by the recoverer
+    /// after its death).
+    held: AtomicU32,
+}
+
+impl Holder {
+    /// # Safety
+    /// `ptr` is valid for writes of a `Holder` and not yet shared.
+    unsafe fn init_at(ptr: *mut Holder) -> std::io::Result<()> {
+        // SAFETY: per the contract.
+        unsafe {
+            RobustMutex::init_at(&raw mut (*ptr).mutex, false)?;
+            (&raw mut (*ptr).held).write(AtomicU32::new(0));
+        }
+        Ok(())
+    }
+}
+
+/// Where the holder slots start in a semaphore's segment.
+const HOLDERS_OFFSET: usize = size_of::<SemState>().next_multiple_of(align_of::<Holder>());
 
 // SAFETY: repr(C), starts with the tag, mutated only through atomics (`bound`
 // is written once before sharing).
@@ -80,6 +137,7 @@ impl SemState {
             count: AtomicU32::new(value),
             sleepers: AtomicU32::new(0),
             bound,
+            recovered: AtomicU32::new(0),
         }
     }
 
@@ -102,7 +160,9 @@ impl SemState {
     }
 
     /// Takes a permit, waiting until `deadline`; false if it passed first.
-    pub(crate) fn acquire(&self, deadline: Option<Instant>) -> bool {
+    /// While asleep, also wakes if a thread holding one of `holders` dies,
+    /// and gives its permits back.
+    pub(crate) fn acquire(&self, holders: &[Holder], deadline: Option<Instant>) -> bool {
         if self.try_acquire() {
             return true;
         }
@@ -121,13 +181,59 @@ impl SemState {
             if self.count.load(Ordering::Relaxed) > 0 && self.try_acquire() {
                 break true;
             }
-            if futex::wait(&self.count, 0, deadline) == WaitOutcome::TimedOut {
+            let mut watch = Watch::new(&self.count, 0);
+            let mut dead = false;
+            for holder in holders {
+                dead |= !watch.owner_of(&holder.mutex);
+            }
+            if dead {
+                self.recover(holders);
+                continue;
+            }
+            if watch.sleep(deadline) == WaitOutcome::TimedOut {
                 // A wake-up may have been meant for us: take its permit.
                 break self.try_acquire();
             }
         };
         self.sleepers.fetch_sub(1, Ordering::Relaxed);
         acquired
+    }
+
+    /// Gives back the permits of holders that died; returns how many.
+    pub(crate) fn recover(&self, holders: &[Holder]) -> u32 {
+        let mut recovered = 0;
+        for holder in holders {
+            if holder.mutex.word().load(Ordering::Acquire) & FUTEX_OWNER_DIED == 0 {
+                continue;
+            }
+            // EOWNERDEAD hands the slot to exactly one recoverer.
+            if let Ok(Acquired::OwnerDied) = holder.mutex.try_lock() {
+                recovered += self.give_back(holder);
+                let _ = holder.mutex.unlock();
+            }
+        }
+        recovered
+    }
+
+    /// Gives back the permits of a dead holder whose slot the caller now
+    /// holds (after `EOWNERDEAD`); returns how many.
+    pub(crate) fn give_back(&self, holder: &Holder) -> u32 {
+        let held = holder.held.swap(0, Ordering::AcqRel);
+        let mut recovered = 0;
+        for _ in 0..held {
+            if self.release().is_err() {
+                break; // a bounded semaphore is full: nothing was lost
+            }
+            recovered += 1;
+        }
+        if recovered > 0 {
+            self.recovered.fetch_add(recovered, Ordering::Relaxed);
+            tracing::warn!(
+                permits = recovered,
+                "semaphore: a holder died holding permits; they were given back"
+            );
+        }
+        recovered
     }
 
     /// Gives a permit back; `Err(bound)` if that would exceed the bound.
@@ -150,6 +256,168 @@ impl SemState {
     }
 }
 
+/// The holder slots this thread keeps, one per semaphore it holds guards of
+/// (see the module documentation).
+mod holding {
+    use super::{HOLDER_CACHE, Holder, SemState, Semaphore};
+    use crate::robust::Acquired;
+    use crate::shm::SharedMemory;
+    use std::cell::{Cell, RefCell};
+    use std::sync::Once;
+    use std::sync::atomic::Ordering;
+
+    /// A holder slot this thread holds.
+    struct Kept {
+        /// The semaphore's state in this process (its identity here).
+        state: *const SemState,
+        /// The slot; null when every slot was taken (guards untracked).
+        holder: *const Holder,
+        /// Keeps the mapping, and so the held slot, alive while kept: glibc's
+        /// robust list of this thread points into it.
+        shm: SharedMemory,
+    }
+
+    impl Kept {
+        fn holder(&self) -> Option<&Holder> {
+            // SAFETY: a non-null `holder` points into the mapping `shm` keeps
+            // alive, at a slot initialised when the semaphore was created.
+            unsafe { self.holder.as_ref() }
+        }
+
+        fn held(&self) -> u32 {
+            self.holder()
+                .map_or(0, |holder| holder.held.load(Ordering::Relaxed))
+        }
+    }
+
+    impl Drop for Kept {
+        fn drop(&mut self) {
+            // `LAST` must never name a slot that is gone.
+            let _ = LAST.try_with(|last| {
+                if last.get().0 == self.state {
+                    last.set((std::ptr::null(), std::ptr::null()));
+                }
+            });
+            let Some(holder) = self.holder() else { return };
+            if holder.held.load(Ordering::Relaxed) == 0 {
+                // Dropped on the thread that locked it (thread-local).
+                let _ = holder.mutex.unlock();
+            } else {
+                // Guards were leaked: keep the slot held (the kernel marks it
+                // when this thread exits, and the permits are recovered) and
+                // the mapping with it.
+                std::mem::forget(self.shm.clone());
+            }
+        }
+    }
+
+    thread_local! {
+        static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+        /// The entry of `KEPT` used last (state, holder): the uncontended
+        /// path reads only this (no destructor, so no lazy registration).
+        static LAST: Cell<(*const SemState, *const Holder)> =
+            const { Cell::new((std::ptr::null(), std::ptr::null())) };
+    }
+
+    /// In a forked child, the slots of the forking thread are not held by
+    /// the child (glibc starts it with an empty robust list): forget them.
+    extern "C" fn forget_after_fork() {
+        let _ = KEPT.try_with(|kept| {
+            if let Ok(mut kept) = kept.try_borrow_mut() {
+                kept.drain(..).for_each(std::mem::forget);
+            }
+        });
+        let _ = LAST.try_with(|last| last.set((std::ptr::null(), std::ptr::null())));
+    }
+
+    /// Adds `change` (+1 or -1) to this thread's guard count for `semaphore`.
+    #[inline]
+    pub(super) fn adjust(semaphore: &Semaphore, change: i32) {
+        let state: *const SemState = &*semaphore.state;
+        let (last, holder) = LAST.with(Cell::get);
+        if last == state && !holder.is_null() {
+            // SAFETY: `LAST` names an entry of `KEPT` (cleared when that entry
+            // goes), whose mapping keeps the slot alive.
+            let held = unsafe { &(*holder).held };
+            // Only this thread writes its slot's count.
+            let count = held.load(Ordering::Relaxed);
+            held.store(count.saturating_add_signed(change), Ordering::Relaxed);
+            return;
+        }
+        adjust_slowly(semaphore, state, change);
+    }
+
+    #[cold]
+    fn adjust_slowly(semaphore: &Semaphore, state: *const SemState, change: i32) {
+        // During thread teardown the cache is gone: the guard is untracked.
+        let _ = KEPT.try_with(|kept| {
+            let Ok(mut kept) = kept.try_borrow_mut() else {
+                return;
+            };
+            let index = match kept.iter().position(|k| k.state == state) {
+                Some(index) => index,
+                None if change > 0 => keep(&mut kept, semaphore, state),
+                None => return,
+            };
+            let _ = LAST.try_with(|last| last.set((state, kept[index].holder)));
+            if let Some(holder) = kept[index].holder() {
+                let held = holder.held.load(Ordering::Relaxed);
+                // Only this thread writes its slot's count.
+                holder
+                    .held
+                    .store(held.saturating_add_signed(change), Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Claims a slot of `semaphore` for this thread and keeps it; returns
+    /// its index in `kept`.
+    #[cold]
+    fn keep(kept: &mut Vec<Kept>, semaphore: &Semaphore, state: *const SemState) -> usize {
+        static AT_FORK: Once = Once::new();
+        AT_FORK.call_once(|| {
+            // SAFETY: registers a handler that only touches this crate's
+            // thread-local, which is valid in the child's single thread.
+            let code = unsafe { libc::pthread_atfork(None, None, Some(forget_after_fork)) };
+            if code != 0 {
+                tracing::warn!(
+                    code,
+                    "pthread_atfork failed; semaphore slots after fork may be miscounted"
+                );
+            }
+        });
+        if kept.len() >= HOLDER_CACHE
+            && let Some(idle) = kept.iter().position(|k| k.held() == 0)
+        {
+            // Its drop clears `LAST` if it names it.
+            kept.swap_remove(idle);
+        }
+        let holder = semaphore
+            .holders()
+            .iter()
+            .find(|holder| match holder.mutex.try_lock() {
+                Ok(Acquired::Clean) => true,
+                Ok(Acquired::OwnerDied) => {
+                    // A dead holder's slot: its permits go back first.
+                    semaphore.state.give_back(holder);
+                    true
+                }
+                Err(_) => false,
+            });
+        if holder.is_none() {
+            tracing::debug!(
+                "semaphore: every holder slot is taken; this thread's permits are untracked"
+            );
+        }
+        kept.push(Kept {
+            state,
+            holder: holder.map_or(std::ptr::null(), |h| h as *const Holder),
+            shm: semaphore.state.shm().clone(),
+        });
+        kept.len() - 1
+    }
+}
+
 /// A counting semaphore (Python's `multiprocessing.Semaphore`).
 ///
 /// Clones, and copies passed to child processes, are the same semaphore.
@@ -167,9 +435,20 @@ impl Semaphore {
     }
 
     fn with_bound(value: u32, bound: u32) -> Result<Self, ShmError> {
+        let shm = SharedMemory::new(HOLDERS_OFFSET + HOLDER_SLOTS * size_of::<Holder>())?;
+        let first = shm.region::<Holder>(HOLDERS_OFFSET)?.as_ptr();
+        for i in 0..HOLDER_SLOTS {
+            // SAFETY: inside the fresh segment (sized above), aligned (region
+            // checked the first; the size is a multiple of the alignment),
+            // not yet shared.
+            unsafe { Holder::init_at(first.add(i)) }.map_err(|source| ShmError::Io {
+                op: "pthread_mutex_init",
+                source,
+            })?;
+        }
         // SAFETY: the closure writes a complete SemState.
         let state = unsafe {
-            Shared::create(|ptr: *mut SemState| {
+            Shared::create_in(shm, 0, |ptr: *mut SemState| {
                 ptr.write(SemState::new(value, bound));
                 Ok(())
             })?
@@ -177,17 +456,50 @@ impl Semaphore {
         Ok(Self { state })
     }
 
+    /// The holder slots after the state (none if the segment is too small,
+    /// which only a corrupted one is).
+    fn holders(&self) -> &[Holder] {
+        let shm = self.state.shm();
+        match shm.region::<Holder>(HOLDERS_OFFSET) {
+            // SAFETY: the whole range is inside the mapping (checked) and
+            // aligned (region); the slots were initialised at creation and are
+            // used only through atomics and the pthread API; the mapping lives
+            // as long as `self.state`.
+            Ok(first) if HOLDERS_OFFSET + HOLDER_SLOTS * size_of::<Holder>() <= shm.len() => unsafe {
+                std::slice::from_raw_parts(first.as_ptr(), HOLDER_SLOTS)
+            },
+            _ => &[],
+        }
+    }
+
+    /// Counts a guard of this thread (+1) or one fewer (-1).
+    #[inline]
+    fn own(&self, change: i32) {
+        holding::adjust(self, change);
+    }
+
+    /// Permits given back on behalf of holders that died (ever, in any
+    /// process): each such recovery is also logged as a warning.
+    pub fn recovered(&self) -> u32 {
+        self.state.recovered.load(Ordering::Relaxed)
+    }
+
     /// Takes a permit, waiting as long as needed. The guard gives it back
     /// when dropped (or keep it with [`SemaphoreGuard::forget`]).
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
-        // Without a deadline the wait only ends with a permit.
-        while !self.state.acquire(None) {}
+        // The holder slots are looked up only when no permit is free.
+        if !self.state.try_acquire() {
+            // Without a deadline the wait only ends with a permit.
+            while !self.state.acquire(self.holders(), None) {}
+        }
         SemaphoreGuard::new(self)
     }
 
-    /// Takes a permit if one is free.
+    /// Takes a permit if one is free (or was held by a thread that died).
     pub fn try_acquire(&self) -> Result<SemaphoreGuard<'_>, SemaphoreError> {
-        if self.state.try_acquire() {
+        if self.state.try_acquire()
+            || (self.state.recover(self.holders()) > 0 && self.state.try_acquire())
+        {
             Ok(SemaphoreGuard::new(self))
         } else {
             Err(SemaphoreError::WouldBlock)
@@ -196,7 +508,7 @@ impl Semaphore {
 
     /// Takes a permit, waiting at most `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>, SemaphoreError> {
-        if self.state.acquire(deadline_after(timeout)) {
+        if self.state.try_acquire() || self.state.acquire(self.holders(), deadline_after(timeout)) {
             Ok(SemaphoreGuard::new(self))
         } else {
             Err(SemaphoreError::Timeout(timeout))
@@ -230,22 +542,37 @@ impl fmt::Debug for Semaphore {
 #[must_use = "dropping the guard releases the permit at once; use .forget() to keep it"]
 pub struct SemaphoreGuard<'a> {
     semaphore: &'a Semaphore,
+    /// Not `Send`: the permit is counted in this thread's holder slot.
+    _not_send: PhantomData<*const ()>,
 }
 
+// SAFETY: `&SemaphoreGuard` exposes only `&Semaphore`, which is Sync.
+unsafe impl Sync for SemaphoreGuard<'_> {}
+
 impl<'a> SemaphoreGuard<'a> {
+    #[inline]
     fn new(semaphore: &'a Semaphore) -> Self {
-        Self { semaphore }
+        semaphore.own(1);
+        Self {
+            semaphore,
+            _not_send: PhantomData,
+        }
     }
 
     /// Keeps the permit taken (Python's bare `acquire()`); give it back later
-    /// with [`Semaphore::release`], from any thread or process.
+    /// with [`Semaphore::release`], from any thread or process. A forgotten
+    /// permit is no longer owned by this thread: it is not recovered if this
+    /// process dies.
     pub fn forget(self) {
+        self.semaphore.own(-1);
         std::mem::forget(self);
     }
 }
 
 impl Drop for SemaphoreGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
+        self.semaphore.own(-1);
         // Only a bounded semaphore released behind the guard's back (an
         // explicit release beyond its own acquisitions) can refuse this.
         if let Err(error) = self.semaphore.release() {
@@ -301,6 +628,11 @@ impl BoundedSemaphore {
     pub fn value(&self) -> u32 {
         self.inner.value()
     }
+
+    /// See [`Semaphore::recovered`].
+    pub fn recovered(&self) -> u32 {
+        self.inner.recovered()
+    }
 }
 
 impl fmt::Debug for BoundedSemaphore {
@@ -343,6 +675,49 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_that_exits_holding_a_guard_gives_it_back_to_a_sleeper() {
+        let sem = Semaphore::new(1).unwrap();
+        std::thread::scope(|s| {
+            // Leaks the guard (not `forget()`, which disowns the permit): the
+            // permit is still owned when the thread ends.
+            s.spawn(|| std::mem::forget(sem.acquire()));
+        });
+        assert_eq!(sem.value(), 0);
+        let guard = sem
+            .acquire_timeout(Duration::from_secs(20))
+            .expect("the dead thread's permit is recovered");
+        assert_eq!(sem.recovered(), 1);
+        drop(guard);
+        assert_eq!(sem.value(), 1);
+    }
+
+    #[test]
+    fn forgotten_permits_are_not_recovered() {
+        let sem = Semaphore::new(1).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| sem.acquire().forget());
+        });
+        assert!(matches!(sem.try_acquire(), Err(SemaphoreError::WouldBlock)));
+        assert_eq!(sem.recovered(), 0);
+        sem.release().unwrap();
+        assert!(sem.try_acquire().is_ok());
+    }
+
+    #[test]
+    fn guards_of_many_semaphores_on_one_thread() {
+        let sems: Vec<_> = (0..3 * HOLDER_CACHE)
+            .map(|_| Semaphore::new(1).unwrap())
+            .collect();
+        let guards: Vec<_> = sems.iter().map(Semaphore::acquire).collect();
+        assert!(sems.iter().all(|s| s.value() == 0));
+        drop(guards);
+        for sem in &sems {
+            drop(sem.acquire());
+        }
+        assert!(sems.iter().all(|s| s.value() == 1 && s.recovered() == 0));
+    }
+
+    #[test]
     fn release_wakes_a_sleeper() {
         let sem = Semaphore::new(0).unwrap();
         std::thread::scope(|s| {
@@ -371,7 +746,7 @@ mod loom_tests {
             let waiters: Vec<_> = (0..2)
                 .map(|_| {
                     let sem = Arc::clone(&sem);
-                    loom::thread::spawn(move || assert!(sem.acquire(None)))
+                    loom::thread::spawn(move || assert!(sem.acquire(&[], None)))
                 })
                 .collect();
             sem.release().unwrap();
@@ -390,7 +765,7 @@ mod loom_tests {
             let sem = Arc::new(SemState::new(0, 1));
             let waiter = {
                 let sem = Arc::clone(&sem);
-                loom::thread::spawn(move || sem.acquire(Some(std::time::Instant::now())))
+                loom::thread::spawn(move || sem.acquire(&[], Some(std::time::Instant::now())))
             };
             sem.release().unwrap();
             let took = waiter.join().unwrap();

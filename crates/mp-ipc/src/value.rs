@@ -37,32 +37,46 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::lock::{Guard, Lock, LockError, LockGuard, sealed};
 use crate::shm::{Shared, SharedMemory, ShmError, ShmState, tag};
 
-/// Plain old data: `Copy` types for which every bit pattern, including all
-/// zeros, is a valid value, with no pointers or padding-dependent invariants.
+/// Plain old data that may live in shared memory: `Copy`, valid for every
+/// bit pattern (other processes write the bytes), without padding, pointers
+/// or interior mutability.
 ///
-/// # Safety
-/// Implement only for types that are valid for any bit pattern (the bytes
-/// come from shared memory other processes write) and contain no references
-/// or pointers.
-pub unsafe trait Pod: Copy + Send + Sync + 'static {}
+/// Implemented automatically for every type with zerocopy's [`FromBytes`],
+/// [`IntoBytes`] and [`Immutable`]: integers, floats, arrays of them, and
+/// your own `#[repr(C)]` structs through the derives, which check the layout
+/// at compile time (no `unsafe` on your side):
+///
+/// ```
+/// use mp_ipc::value::{FromBytes, Immutable, IntoBytes, Value};
+///
+/// #[derive(Clone, Copy, Debug, PartialEq, FromBytes, IntoBytes, Immutable)]
+/// #[zerocopy(crate = "mp_ipc::value::zerocopy")] // no direct zerocopy dependency needed
+/// #[repr(C)]
+/// struct Point {
+///     x: f64,
+///     y: f64,
+/// }
+///
+/// let p = Value::new(Point { x: 1.0, y: 2.0 })?;
+/// p.lock().unwrap().y = 5.0;
+/// assert_eq!(p.get()?, Point { x: 1.0, y: 5.0 });
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait Pod: FromBytes + IntoBytes + Immutable + Copy + Send + Sync + 'static {}
 
-macro_rules! pod {
-    ($($t:ty),*) => { $(
-        // SAFETY: primitive numbers are valid for every bit pattern.
-        unsafe impl Pod for $t {}
-    )* };
-}
-pod!(
-    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, f32, f64
-);
+impl<T: FromBytes + IntoBytes + Immutable + Copy + Send + Sync + 'static> Pod for T {}
 
-// SAFETY: an array of Pod is valid for every bit pattern (no padding between
-// elements of one type).
-unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
+#[doc(no_inline)]
+pub use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// The zerocopy crate, for `#[zerocopy(crate = "mp_ipc::value::zerocopy")]`
+/// on derived [`Pod`] types.
+#[doc(no_inline)]
+pub use zerocopy;
 
 /// The header of a Value or Array segment.
 #[repr(C)]
-struct PodHeader {
+pub(crate) struct PodHeader {
     tag: u64,
     len: u64,
     elem_size: u32,
@@ -80,38 +94,39 @@ unsafe impl ShmState for PodHeader {
 const LOCK_OFFSET: usize = size_of::<PodHeader>().next_multiple_of(8);
 
 /// Where the data starts for elements of type `T`.
-const fn data_offset<T>() -> usize {
+pub(crate) const fn data_offset<T>() -> usize {
     (LOCK_OFFSET + Lock::SIZE).next_multiple_of(align_of::<T>())
 }
 
-/// `len` elements of `T` and a lock, in one segment.
-struct PodBlock<T: Pod> {
+/// `len` elements of `T` after a [`PodHeader`], in one segment (room for an
+/// inline lock is always reserved, so every kind shares one layout).
+pub(crate) struct PodData<T: Pod> {
     header: Shared<PodHeader>,
-    lock: Lock,
     data: NonNull<T>,
     len: usize,
 }
 
-// SAFETY: the data is only reached through guards of the lock (exclusive
-// across threads and processes); `T: Send + Sync` (Pod); the pointer stays
-// valid while `header` keeps the segment mapped.
-unsafe impl<T: Pod> Send for PodBlock<T> {}
+// SAFETY: the pointer stays valid while `header` keeps the segment mapped;
+// `T: Send + Sync` (Pod). Who may touch the data when is up to the owners
+// (a lock for Value/Array, atomic copies for RawValue/RawArray).
+unsafe impl<T: Pod> Send for PodData<T> {}
 // SAFETY: as above.
-unsafe impl<T: Pod> Sync for PodBlock<T> {}
+unsafe impl<T: Pod> Sync for PodData<T> {}
 
-impl<T: Pod> Clone for PodBlock<T> {
+impl<T: Pod> Clone for PodData<T> {
     fn clone(&self) -> Self {
         Self {
             header: self.header.clone(),
-            lock: self.lock.clone(),
             data: self.data,
             len: self.len,
         }
     }
 }
 
-impl<T: Pod> PodBlock<T> {
-    fn new(len: usize, fill: impl FnOnce(*mut T)) -> Result<Self, ShmError> {
+impl<T: Pod> PodData<T> {
+    /// A fresh zeroed segment for `len` elements; `fill` may initialise them
+    /// before anybody else can see the segment.
+    pub(crate) fn new(len: usize, fill: impl FnOnce(*mut T)) -> Result<Self, ShmError> {
         let bytes = len
             .checked_mul(size_of::<T>())
             .and_then(|bytes| bytes.checked_add(data_offset::<T>()))
@@ -129,17 +144,11 @@ impl<T: Pod> PodBlock<T> {
                 Ok(())
             })?
         };
-        let lock = Lock::create_in(shm.clone(), LOCK_OFFSET)?;
         let data = Self::data(&shm, len)?;
         // The segment is zeroed (a valid T, as T is Pod); `fill` may
         // overwrite it before anybody else can see it.
         fill(data.as_ptr());
-        Ok(Self {
-            header,
-            lock,
-            data,
-            len,
-        })
+        Ok(Self { header, data, len })
     }
 
     fn data(shm: &SharedMemory, len: usize) -> Result<NonNull<T>, ShmError> {
@@ -161,7 +170,8 @@ impl<T: Pod> PodBlock<T> {
         shm.region::<T>(offset)
     }
 
-    fn attach(header: Shared<PodHeader>) -> Result<Self, ShmError> {
+    /// The data of a segment made by [`PodData::new`] for the same `T`.
+    pub(crate) fn attach(header: Shared<PodHeader>) -> Result<Self, ShmError> {
         let wrong = || ShmError::WrongKind {
             expected: std::any::type_name::<T>(),
             offset: data_offset::<T>(),
@@ -172,22 +182,93 @@ impl<T: Pod> PodBlock<T> {
             return Err(wrong());
         }
         let len = usize::try_from(header.len).map_err(|_| wrong())?;
-        let shm = header.shm().clone();
-        let lock = Lock::attach(shm.clone(), LOCK_OFFSET)?;
-        let data = Self::data(&shm, len)?;
-        Ok(Self {
-            header,
-            lock,
-            data,
-            len,
+        let data = Self::data(header.shm(), len)?;
+        Ok(Self { header, data, len })
+    }
+
+    pub(crate) fn shm(&self) -> &SharedMemory {
+        self.header.shm()
+    }
+
+    /// The first element (dangling, but aligned, if there are none).
+    pub(crate) fn ptr(&self) -> NonNull<T> {
+        self.data
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: Pod> Serialize for PodData<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.header.serialize(serializer)
+    }
+}
+
+impl<'de, T: Pod> Deserialize<'de> for PodData<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let header = Shared::<PodHeader>::deserialize(deserializer)?;
+        Self::attach(header).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `len` elements of `T` and the lock guarding them: the segment's own
+/// (inline) lock, or a [`Lock`] given by the user, shared with other data.
+struct PodBlock<T: Pod> {
+    data: PodData<T>,
+    lock: Lock,
+    inline_lock: bool,
+}
+
+impl<T: Pod> Clone for PodBlock<T> {
+    fn clone(&self) -> Self {
+        Self {
+            data: self.data.clone(),
+            lock: self.lock.clone(),
+            inline_lock: self.inline_lock,
+        }
+    }
+}
+
+impl<T: Pod> PodBlock<T> {
+    /// `lock: None`: a new lock inside the segment.
+    fn new(len: usize, lock: Option<&Lock>, fill: impl FnOnce(*mut T)) -> Result<Self, ShmError> {
+        let data = PodData::new(len, fill)?;
+        Ok(match lock {
+            Some(lock) => Self {
+                data,
+                lock: lock.clone(),
+                inline_lock: false,
+            },
+            None => Self {
+                lock: Lock::create_in(data.shm().clone(), LOCK_OFFSET)?,
+                data,
+                inline_lock: true,
+            },
+        })
+    }
+
+    fn attach(data: PodData<T>, lock: Option<Lock>) -> Result<Self, ShmError> {
+        Ok(match lock {
+            Some(lock) => Self {
+                data,
+                lock,
+                inline_lock: false,
+            },
+            None => Self {
+                lock: Lock::attach(data.shm().clone(), LOCK_OFFSET)?,
+                data,
+                inline_lock: true,
+            },
         })
     }
 
     fn guard<'a>(&'a self, guard: LockGuard<'a>) -> PodGuard<'a, T> {
         PodGuard {
             guard,
-            data: self.data,
-            len: self.len,
+            data: self.data.data,
+            len: self.data.len,
             _data: PhantomData,
         }
     }
@@ -219,14 +300,16 @@ impl<T: Pod> PodBlock<T> {
 
 impl<T: Pod> Serialize for PodBlock<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.header.serialize(serializer)
+        // The inline lock travels with the segment; a given lock separately.
+        let lock = (!self.inline_lock).then_some(&self.lock);
+        (&self.data, lock).serialize(serializer)
     }
 }
 
 impl<'de, T: Pod> Deserialize<'de> for PodBlock<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let header = Shared::<PodHeader>::deserialize(deserializer)?;
-        Self::attach(header).map_err(serde::de::Error::custom)
+        let (data, lock) = <(PodData<T>, Option<Lock>)>::deserialize(deserializer)?;
+        Self::attach(data, lock).map_err(serde::de::Error::custom)
     }
 }
 
@@ -282,7 +365,19 @@ impl<'de, T: Pod> Deserialize<'de> for Value<T> {
 impl<T: Pod> Value<T> {
     /// A new shared value.
     pub fn new(value: T) -> Result<Self, ShmError> {
-        let block = PodBlock::new(1, |ptr: *mut T| {
+        Self::create(value, None)
+    }
+
+    /// A new shared value guarded by `lock` (Python's `Value(..., lock=lock)`):
+    /// several values (and arrays) can share one lock, and a
+    /// [`Condition`](crate::condition::Condition) on that lock waits with
+    /// this value's guard.
+    pub fn with_lock(value: T, lock: &Lock) -> Result<Self, ShmError> {
+        Self::create(value, Some(lock))
+    }
+
+    fn create(value: T, lock: Option<&Lock>) -> Result<Self, ShmError> {
+        let block = PodBlock::new(1, lock, |ptr: *mut T| {
             // SAFETY: `ptr` points to one aligned, in-bounds, not yet shared T.
             unsafe { ptr.write(value) }
         })?;
@@ -382,8 +477,8 @@ impl<T: Pod + fmt::Debug> fmt::Debug for ValueGuard<'_, T> {
 }
 
 impl<T: Pod> sealed::HeldLock for ValueGuard<'_, T> {
-    fn held_lock(&self) -> &Lock {
-        self.0.guard.held_lock()
+    fn held(&self) -> sealed::Held<'_> {
+        self.0.guard.held()
     }
 }
 impl<T: Pod> Guard for ValueGuard<'_, T> {}
@@ -401,12 +496,27 @@ pub struct Array<T: Pod> {
 impl<T: Pod> Array<T> {
     /// `len` zeroed elements.
     pub fn new(len: usize) -> Result<Self, ShmError> {
-        PodBlock::new(len, |_| {}).map(|block| Self { block })
+        PodBlock::new(len, None, |_| {}).map(|block| Self { block })
     }
 
     /// A copy of `items`.
     pub fn from_slice(items: &[T]) -> Result<Self, ShmError> {
-        let block = PodBlock::new(items.len(), |ptr| {
+        Self::create(items, None)
+    }
+
+    /// `len` zeroed elements guarded by `lock` (Python's
+    /// `Array(..., lock=lock)`); see [`Value::with_lock`].
+    pub fn with_lock(len: usize, lock: &Lock) -> Result<Self, ShmError> {
+        PodBlock::new(len, Some(lock), |_| {}).map(|block| Self { block })
+    }
+
+    /// A copy of `items` guarded by `lock`.
+    pub fn from_slice_with_lock(items: &[T], lock: &Lock) -> Result<Self, ShmError> {
+        Self::create(items, Some(lock))
+    }
+
+    fn create(items: &[T], lock: Option<&Lock>) -> Result<Self, ShmError> {
+        let block = PodBlock::new(items.len(), lock, |ptr| {
             // SAFETY: `ptr` points to `items.len()` aligned, in-bounds,
             // not-yet-shared elements (or is dangling for an empty slice,
             // where nothing is copied).
@@ -417,12 +527,12 @@ impl<T: Pod> Array<T> {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.block.len
+        self.block.data.len
     }
 
     /// Whether the array has no elements.
     pub fn is_empty(&self) -> bool {
-        self.block.len == 0
+        self.block.data.len == 0
     }
 
     /// The lock guarding the array (Python's `get_lock()`).
@@ -503,8 +613,8 @@ impl<T: Pod + fmt::Debug> fmt::Debug for ArrayGuard<'_, T> {
 }
 
 impl<T: Pod> sealed::HeldLock for ArrayGuard<'_, T> {
-    fn held_lock(&self) -> &Lock {
-        self.0.guard.held_lock()
+    fn held(&self) -> sealed::Held<'_> {
+        self.0.guard.held()
     }
 }
 impl<T: Pod> Guard for ArrayGuard<'_, T> {}
@@ -539,6 +649,46 @@ mod tests {
     }
 
     #[test]
+    fn values_and_arrays_share_a_given_lock() {
+        let lock = Lock::new().unwrap();
+        let count = Value::with_lock(0u32, &lock).unwrap();
+        let items = Array::<u64>::with_lock(2, &lock).unwrap();
+        let copy = Array::from_slice_with_lock(&[7u8], &lock).unwrap();
+        let guard = count.lock().unwrap();
+        // One lock: holding it through the Value excludes the Array.
+        assert!(matches!(items.lock(), Err(LockError::Deadlock)));
+        assert!(matches!(copy.try_lock(), Err(LockError::Deadlock)));
+        assert!(matches!(lock.try_lock(), Err(LockError::Deadlock)));
+        drop(guard);
+        items.lock().unwrap()[1] = 3;
+        assert_eq!(items.to_vec().unwrap(), [0, 3]);
+        assert_eq!(copy.to_vec().unwrap(), [7]);
+        assert_eq!(count.get_lock().id(), lock.id());
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, FromBytes, IntoBytes, Immutable)]
+    #[repr(C)]
+    struct Particle {
+        position: [f32; 3],
+        mass: f32,
+        id: u64,
+    }
+
+    #[test]
+    fn derived_structs_are_pod() {
+        let p = Particle {
+            position: [1.0, 2.0, 3.0],
+            mass: 0.5,
+            id: 9,
+        };
+        let v = Value::new(p).unwrap();
+        v.lock().unwrap().id += 1;
+        assert_eq!(v.get().unwrap(), Particle { id: 10, ..p });
+        let a = Array::<Particle>::new(2).unwrap();
+        assert_eq!(a.to_vec().unwrap()[1].id, 0);
+    }
+
+    #[test]
     fn huge_arrays_are_an_error_not_a_panic() {
         assert!(matches!(
             Array::<u64>::new(usize::MAX),
@@ -549,9 +699,9 @@ mod tests {
     #[test]
     fn attach_checks_the_element_type() {
         let v = Value::new(1u32).unwrap();
-        let header = v.block.header.clone();
-        assert!(PodBlock::<u64>::attach(header.clone()).is_err());
-        assert!(PodBlock::<f32>::attach(header).is_ok());
+        let header = v.block.data.header.clone();
+        assert!(PodData::<u64>::attach(header.clone()).is_err());
+        assert!(PodData::<f32>::attach(header).is_ok());
     }
 
     #[test]

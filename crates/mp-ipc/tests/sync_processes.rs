@@ -228,3 +228,73 @@ fn semaphore_event_and_rlock_across_processes() {
     assert_eq!(permit, Ok(()));
     assert_eq!(semaphore.value(), 0, "the child kept the permit");
 }
+
+#[test]
+fn values_under_one_given_lock_and_raw_arrays_across_processes() {
+    let lock = Lock::new().unwrap();
+    let count = Value::with_lock(0u64, &lock).unwrap();
+    let total = mp_ipc::Array::<u64>::with_lock(1, &lock).unwrap();
+    let raw = mp_ipc::RawArray::<u32>::new(4).unwrap();
+    let children = Children::start((0..2u32).map(|me| {
+        Process::new(
+            |(count, total, raw, me): (
+                Value<u64>,
+                mp_ipc::Array<u64>,
+                mp_ipc::RawArray<u32>,
+                u32,
+            )| {
+                for _ in 0..10_000 {
+                    let mut c = count.lock().unwrap();
+                    *c += 1;
+                    // The same lock guards the array: held already, so
+                    // locking it through the array would deadlock.
+                    assert!(matches!(total.try_lock(), Err(LockError::Deadlock)));
+                    drop(c);
+                    total.lock().unwrap()[0] += 2;
+                }
+                raw.set(me as usize, me + 100).unwrap();
+            },
+        )
+        .args((count.clone(), total.clone(), raw.clone(), me))
+        .start()
+    }));
+    children.join_all();
+    assert_eq!(count.get().unwrap(), 20_000);
+    assert_eq!(total.to_vec().unwrap(), [40_000]);
+    assert_eq!(raw.to_vec(), [100, 101, 0, 0]);
+}
+
+#[test]
+fn a_condition_over_an_rlock_across_processes() {
+    let rlock = RLock::new().unwrap();
+    let cond = Condition::with_rlock(&rlock).unwrap();
+    let ready = mp_ipc::RawValue::new(0u32).unwrap();
+    let holding = Event::new().unwrap();
+    let children = Children::start([Process::new(
+        |(cond, ready, holding): (Condition<RLock>, mp_ipc::RawValue<u32>, Event)| -> Result<u32, String> {
+            let outer = cond.lock().map_err(|e| e.to_string())?;
+            let inner = cond.get_lock().lock().map_err(|e| e.to_string())?;
+            holding.set();
+            let inner = cond
+                .wait_for_timeout(inner, BOUND, |_| ready.get() == 1)
+                .map_err(|e| e.to_string())?;
+            drop(inner);
+            drop(outer);
+            Ok(ready.get())
+        },
+    )
+    .args((cond.clone(), ready.clone(), holding.clone()))
+    .start()]);
+    holding
+        .wait_timeout(BOUND)
+        .expect("the child holds the RLock twice");
+    // Free only once the child's wait released both levels.
+    let guard = cond
+        .get_lock()
+        .lock_timeout(BOUND)
+        .expect("the waiting child released every level");
+    ready.set(1);
+    assert_eq!(cond.notify_all(), 1);
+    drop(guard);
+    assert_eq!(children.join_all(), [Ok(1)]);
+}

@@ -313,3 +313,100 @@ fn malformed_bytes_are_an_error_not_a_panic() {
     assert!(postcard::from_bytes::<Value<u64>>(&[]).is_err());
     assert!(postcard::from_bytes::<Barrier>(&[3, 1, 2, 3]).is_err());
 }
+
+/// CPU time the calling thread has used (user + system).
+fn thread_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a valid place for a rusage, which getrusage fills.
+    let usage = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()), 0);
+        usage.assume_init()
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
+#[test]
+fn parties_watching_each_other_and_semaphore_sleepers_sleep_in_the_kernel() {
+    // Two of three barrier parties wait (the second watches the first with
+    // futex_waitv); a semaphore acquirer waits while a holder thread lives.
+    let barrier = Barrier::new(3).unwrap();
+    let semaphore = Semaphore::new(1).unwrap();
+    let wait = Duration::from_millis(400);
+    let (holding, held) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let semaphore = &semaphore;
+        s.spawn(move || {
+            let _permit = semaphore.acquire();
+            holding.send(()).unwrap();
+            let _ = released.recv_timeout(Duration::from_secs(30));
+        });
+        held.recv().unwrap();
+        let used: Vec<Duration> = [
+            s.spawn(|| {
+                let before = thread_cpu();
+                let _ = barrier.wait_timeout(wait);
+                thread_cpu() - before
+            }),
+            s.spawn(|| {
+                let before = thread_cpu();
+                let _ = barrier.wait_timeout(wait);
+                thread_cpu() - before
+            }),
+            s.spawn(|| {
+                let before = thread_cpu();
+                assert!(semaphore.acquire_timeout(wait).is_err());
+                thread_cpu() - before
+            }),
+        ]
+        .into_iter()
+        .map(|waiter| waiter.join().unwrap())
+        .collect();
+        release.send(()).unwrap();
+        for cpu in used {
+            // A spinning waiter would use most of the 400 ms.
+            assert!(
+                cpu < Duration::from_millis(40),
+                "a waiter used {cpu:?} of CPU"
+            );
+        }
+    });
+}
+
+#[test]
+fn more_waiters_than_slots_are_all_served_and_counted_exactly() {
+    const WAITERS: u32 = 300; // beyond the 256 slots: some wait in the overflow
+    let cond = Condition::new().unwrap();
+    let registered = AtomicU32::new(0);
+    let notified = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..WAITERS {
+            s.spawn(|| {
+                let guard = cond.lock().unwrap();
+                registered.fetch_add(1, Ordering::Relaxed);
+                match cond.wait_timeout(guard, Duration::from_secs(30)) {
+                    Ok(_) => notified.fetch_add(1, Ordering::Relaxed),
+                    Err(error) => panic!("a waiter was not notified: {error}"),
+                };
+            });
+        }
+        // Registered under the lock, before the wait releases it: once we
+        // hold the lock and count them all, all of them wait.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let guard = cond.lock().unwrap();
+            if registered.load(Ordering::Relaxed) == WAITERS {
+                drop(guard);
+                break;
+            }
+            drop(guard);
+            assert!(Instant::now() < deadline, "waiters never came");
+            std::thread::yield_now();
+        }
+        assert_eq!(cond.notify(260), 260);
+        assert_eq!(cond.notify_all(), (WAITERS - 260) as usize);
+        assert_eq!(cond.notify_all(), 0);
+    });
+    assert_eq!(notified.load(Ordering::Relaxed), WAITERS);
+}
