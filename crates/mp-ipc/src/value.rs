@@ -352,7 +352,7 @@ impl<'de, T: Pod> Deserialize<'de> for Value<T> {
         // A value is exactly one element: every access reads element 0, so a block of
         // another length (an `Array` received as a `Value`, or a corrupted header) would be
         // read out of bounds. Found by the `shm_attach` fuzz target.
-        if block.len != 1 {
+        if block.data.len() != 1 {
             return Err(serde::de::Error::custom(ShmError::WrongKind {
                 expected: std::any::type_name::<Value<T>>(),
                 offset: 0,
