@@ -46,20 +46,45 @@ pub(crate) fn deliver(deliveries: Vec<(Arc<dyn Job>, ChunkOutcome)>) {
     }
 }
 
-/// Decodes a chunk's results and checks there is one per item.
+/// Decodes a chunk's results and checks there is one per item. A failing decoder, or one
+/// that panics (a user's `Deserialize`), fails this chunk with [`PoolError::BadResult`]
+/// naming the type and the decoder's message; nothing else is affected.
 fn decode<R: DeserializeOwned>(outcome: ChunkOutcome) -> Result<Vec<R>, PoolError> {
     let (pid, bytes) = outcome.result?;
-    let values: Vec<R> = postcard::from_bytes(&bytes).map_err(|e| PoolError::BadResult {
+    let bad = |message: String| PoolError::BadResult {
         pid,
-        message: e.to_string(),
-    })?;
+        message: format!("decoding {}: {message}", std::any::type_name::<R>()),
+    };
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        postcard::from_bytes(&bytes)
+    }));
+    let values: Vec<R> = match decoded {
+        Ok(Ok(values)) => values,
+        Ok(Err(e)) => return Err(bad(e.to_string())),
+        Err(panic) => {
+            return Err(bad(format!(
+                "the decoder panicked: {}",
+                panic_message(&*panic)
+            )));
+        }
+    };
     if values.len() != outcome.items {
-        return Err(PoolError::BadResult {
-            pid,
-            message: format!("{} results for {} items", values.len(), outcome.items),
-        });
+        return Err(bad(format!(
+            "{} results for {} items",
+            values.len(),
+            outcome.items
+        )));
     }
     Ok(values)
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Collects every chunk into one value: `map` (a `Vec` in input order) and `apply` (the one

@@ -7,7 +7,7 @@
 //! processes ([`FunctionId::of_task`]) and run it with panics caught; one decode and one encode
 //! per chunk instead of per item is what makes small tasks cheap.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[cfg(test)]
 use mp_core::TaskFailure;
@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::transport::{
-    Bytes, ChunkResult, Progress, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
+    Bytes, ChunkResult, Claims, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
 };
 
 /// Everything a worker process is started with (besides its initializer's arguments).
@@ -25,8 +25,8 @@ pub(crate) struct WorkerArgs {
     pub id: WorkerId,
     pub tasks: TaskReceiver,
     pub reports: ReportSender,
-    /// Where it records the chunk it starts.
-    pub progress: Progress,
+    /// Where it claims each chunk before starting it.
+    pub claims: Claims,
     /// Chunks to run before exiting (`maxtasksperchild`); `None`: no limit.
     pub max_tasks: Option<usize>,
 }
@@ -100,19 +100,18 @@ fn serve_initialized<M, F: Entry<M>>((worker, args): (WorkerArgs, F::Args)) {
     serve(worker);
 }
 
-/// Results are sent at the end of each batch, and in between once this much time has passed
-/// since the last send (so a slow batch still streams its results)...
-const FLUSH_INTERVAL: Duration = Duration::from_micros(200);
-/// ...or once this many result bytes wait.
-const FLUSH_BYTES: usize = 64 * 1024;
-
 /// The worker's main loop (runs in the worker process).
+///
+/// Each chunk is claimed (see [`Claims`]) before it starts, and its result is sent the
+/// moment it ends: nothing finished waits behind the next chunk, however slow, and a worker
+/// that dies loses only the chunk it was running. Chunks the pool revoked are skipped, and
+/// the skip is reported so that the pool knows the message was read.
 pub(crate) fn serve(args: WorkerArgs) {
     let WorkerArgs {
         id,
         tasks,
         reports,
-        progress,
+        claims,
         max_tasks,
     } = args;
     let pid = std::process::id();
@@ -131,48 +130,33 @@ pub(crate) fn serve(args: WorkerArgs) {
                 return;
             }
         };
-        let mut results = Vec::with_capacity(batch.len());
-        let mut pending_bytes = 0;
-        let mut last_flush = Instant::now();
+        let mut skipped = None;
         for chunk in batch {
+            if !claims.claim(chunk.seq) {
+                skipped = Some(chunk.seq);
+                continue;
+            }
             let _chunk = tracing::trace_span!("chunk", seq = chunk.seq).entered();
-            progress.started(chunk.seq);
             let started = Instant::now();
             // SAFETY: the id was made by `FunctionId::of_task` (on a chunk trampoline) in the
             // parent, which runs this same executable.
             let outcome = unsafe { chunk.function.call_task(chunk.payload.as_bytes()) };
-            let finished = Instant::now();
-            pending_bytes += outcome.as_ref().map_or(0, Vec::len);
-            results.push(ChunkResult {
+            let elapsed = started.elapsed();
+            let result = ChunkResult {
                 seq: chunk.seq,
-                elapsed_ns: u64::try_from((finished - started).as_nanos()).unwrap_or(u64::MAX),
+                elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
                 outcome: outcome.map(Bytes),
-            });
-            done += 1;
-            if pending_bytes >= FLUSH_BYTES || finished - last_flush >= FLUSH_INTERVAL {
-                let results = std::mem::take(&mut results);
-                if reports
-                    .send(Report::Results {
-                        worker: id,
-                        results,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                pending_bytes = 0;
-                last_flush = Instant::now();
+            };
+            if reports.send(Report::Result { worker: id, result }).is_err() {
+                return;
             }
+            done += 1;
         }
-        if !results.is_empty()
-            && reports
-                .send(Report::Results {
-                    worker: id,
-                    results,
-                })
-                .is_err()
-        {
-            return;
+        if let Some(last) = skipped {
+            tracing::trace!(last, "skipped revoked chunks");
+            if reports.send(Report::Skipped { worker: id, last }).is_err() {
+                return;
+            }
         }
     }
     tracing::debug!(tasks = done, "pool worker exits");
