@@ -523,18 +523,25 @@ impl Scheduler {
             return;
         }
         let depth = self.depth();
+        // Once chunks were stolen, they go to idle workers only (not back behind the slow
+        // chunk they were taken from); what idle workers cannot take waits here.
+        let mut idle_only = false;
         loop {
             while self.pending.front().is_some_and(|c| c.job.is_cancelled()) {
                 self.pending.pop_front();
             }
-            if self.pending.is_empty() && !self.steal(depth) {
-                return;
+            if self.pending.is_empty() {
+                if !self.steal(depth) {
+                    return;
+                }
+                idle_only = true;
             }
-            let eligible = self.workers.iter().filter(|w| w.has_room(depth)).count();
+            let fits = |w: &Worker| w.has_room(depth) && (!idle_only || w.assigned.is_empty());
+            let eligible = self.workers.iter().filter(|w| fits(w)).count();
             let Some(worker) = self
                 .workers
                 .iter_mut()
-                .filter(|w| w.has_room(depth))
+                .filter(|w| fits(w))
                 .min_by_key(|w| w.assigned.len())
             else {
                 return;
@@ -665,6 +672,9 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::{Bytes, claim, revoke};
+    use parking_lot::Mutex;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     #[test]
     fn default_chunksize_follows_python() {
@@ -675,5 +685,446 @@ mod tests {
         assert_eq!(default_chunksize(17, 4), 2);
         assert_eq!(default_chunksize(5, 4), 1);
         assert_eq!(default_chunksize(0, 4), 1);
+    }
+
+    /// A worker's link as the tests see it: the messages sent, and the claim counter the
+    /// fake worker moves.
+    #[derive(Default)]
+    struct FakeWorker {
+        /// The sequence numbers of each `Run` message; `None` for `Stop`.
+        messages: Mutex<Vec<Option<Vec<u64>>>>,
+        claims: AtomicU64,
+    }
+
+    impl FakeWorker {
+        /// Every chunk sent, in order.
+        fn sent(&self) -> Vec<u64> {
+            self.messages
+                .lock()
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect()
+        }
+    }
+
+    struct FakeLink(Arc<FakeWorker>);
+
+    impl WorkerLink for FakeLink {
+        fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
+            let seqs = match message {
+                TaskMessage::Run(chunks) => Some(chunks.iter().map(|c| c.seq).collect()),
+                TaskMessage::Stop => None,
+            };
+            self.0.messages.lock().push(seqs);
+            Ok(())
+        }
+        fn revoke(&self, sent: u64) -> u64 {
+            revoke(&self.0.claims, sent)
+        }
+        fn claimed(&self) -> u64 {
+            self.0.claims.load(Ordering::Acquire)
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeSupervisor {
+        starts: AtomicUsize,
+        kills: Mutex<Vec<WorkerId>>,
+    }
+
+    impl Supervisor for FakeSupervisor {
+        fn start_worker(&self) {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+        }
+        fn kill(&self, id: WorkerId) {
+            self.kills.lock().push(id);
+        }
+    }
+
+    /// A job that records what it was given: chunk index → outcome (`Ok(pid)` or error).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(usize, Result<u32, PoolError>)>>);
+
+    impl Job for Recorder {
+        fn deliver(&self, outcome: ChunkOutcome) {
+            let result = outcome.result.map(|(pid, _)| pid);
+            self.0.lock().push((outcome.index, result));
+        }
+        fn is_cancelled(&self) -> bool {
+            false
+        }
+    }
+
+    fn chunks(job: &Arc<Recorder>, indices: std::ops::Range<usize>) -> Vec<Chunk> {
+        indices
+            .map(|index| Chunk {
+                job: job.clone(),
+                index,
+                items: 1,
+                function: FunctionId::of_task(&|x: u8| x),
+                types: TaskTypes {
+                    args: "u8",
+                    output: "u8",
+                },
+                payload: Payload::new(vec![index as u8]),
+            })
+            .collect()
+    }
+
+    fn done(seq: u64, elapsed_ns: u64) -> ChunkResult {
+        ChunkResult {
+            seq,
+            elapsed_ns,
+            outcome: Ok(Bytes(Vec::new())),
+        }
+    }
+
+    struct Fixture {
+        scheduler: Scheduler,
+        supervisor: Arc<FakeSupervisor>,
+        workers: Vec<Arc<FakeWorker>>,
+    }
+
+    /// A scheduler with `processes` ready workers (pids 100, 101...).
+    fn fixture(processes: usize, max_tasks: Option<usize>) -> Fixture {
+        let supervisor = Arc::new(FakeSupervisor::default());
+        let mut scheduler = Scheduler::new(processes, max_tasks, false, supervisor.clone());
+        scheduler.request_workers();
+        assert_eq!(supervisor.starts.load(Ordering::SeqCst), processes);
+        let mut workers = Vec::new();
+        for i in 0..processes {
+            let worker = Arc::new(FakeWorker::default());
+            let id = WorkerId(i as u64);
+            assert!(scheduler.register_worker(id, Box::new(FakeLink(worker.clone()))));
+            scheduler.worker_ready(id, 100 + i as u32);
+            workers.push(worker);
+        }
+        Fixture {
+            scheduler,
+            supervisor,
+            workers,
+        }
+    }
+
+    /// Makes the scheduler measure chunks as taking `ns`, through one chunk on worker 0.
+    fn measure(f: &mut Fixture, ns: u64) {
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..1)).unwrap();
+        let seq = *f.workers[0].sent().last().unwrap();
+        assert!(claim(&f.workers[0].claims, seq));
+        assert!(f.scheduler.result(WorkerId(0), done(seq, ns)).is_some());
+    }
+
+    #[test]
+    fn cheap_chunks_are_batched_and_an_idle_worker_steals_the_unclaimed_ones() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000); // cheap: deep batches
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..8)).unwrap();
+        let mut delivered = Vec::new();
+        let (first, second) = (f.workers[0].sent(), f.workers[1].sent());
+        assert_eq!(
+            (first.len(), second.len()),
+            (5, 4),
+            "fair shares, in batches"
+        );
+        // Worker 1 runs its four chunks; worker 0 is stuck in the first of its four.
+        for seq in second {
+            assert!(claim(&f.workers[1].claims, seq));
+            delivered.push(f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap());
+        }
+        assert!(claim(&f.workers[0].claims, 1));
+        f.scheduler.dispatch();
+        // The three chunks queued behind it were revoked and went to the idle worker.
+        assert_eq!(f.workers[0].claims.load(Ordering::SeqCst), 5);
+        for seq in 2..5 {
+            assert!(
+                !claim(&f.workers[0].claims, seq),
+                "revoked chunk {seq} was run"
+            );
+        }
+        assert_eq!(f.workers[1].sent(), [0, 1, 2, 3, 4, 5, 6]);
+        f.scheduler.skipped(WorkerId(0), 4);
+        for seq in 4..7 {
+            assert!(claim(&f.workers[1].claims, seq));
+            delivered.push(f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap());
+        }
+        delivered.push(f.scheduler.result(WorkerId(0), done(1, 5_000_000)).unwrap());
+        assert!(f.scheduler.is_idle());
+        deliver(delivered);
+        let mut delivered: Vec<usize> = job.0.lock().iter().map(|(index, _)| *index).collect();
+        delivered.sort_unstable();
+        assert_eq!(
+            delivered,
+            (0..8).collect::<Vec<_>>(),
+            "each chunk exactly once"
+        );
+    }
+
+    #[test]
+    fn a_dead_worker_fails_the_chunk_it_ran_and_the_others_run_elsewhere() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..6)).unwrap();
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1, 2, 3],
+            "0 was the measuring chunk"
+        );
+        // Worker 0 finished chunk 1 (reported), died running chunk 2; 3 never started.
+        assert!(claim(&f.workers[0].claims, 1));
+        let finished = f.scheduler.result(WorkerId(0), done(1, 1_000));
+        assert!(matches!(
+            finished,
+            Some((_, ChunkOutcome { result: Ok(_), .. }))
+        ));
+        assert!(claim(&f.workers[0].claims, 2));
+        let deliveries = f.scheduler.worker_exited(WorkerId(0), -9, None);
+        assert_eq!(deliveries.len(), 1, "only the running chunk fails");
+        match &deliveries[0].1.result {
+            Err(PoolError::WorkerDied { pid: 100, .. }) => {}
+            other => panic!("expected WorkerDied, got {:?}", other.as_ref().err()),
+        }
+        assert_eq!(
+            f.supervisor.starts.load(Ordering::SeqCst),
+            3,
+            "a replacement"
+        );
+        // The chunk that never started goes to the live worker once it has room.
+        for seq in f.workers[1].sent() {
+            assert!(claim(&f.workers[1].claims, seq));
+            f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap();
+        }
+        f.scheduler.dispatch();
+        assert_eq!(
+            f.workers[1].sent().len(),
+            4,
+            "three of its own and the orphan"
+        );
+    }
+
+    #[test]
+    fn a_retiring_worker_is_replaced_after_it_exits_not_before() {
+        let mut f = fixture(1, Some(2));
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..3)).unwrap();
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1],
+            "its budget: two chunks (0 measured)"
+        );
+        assert_eq!(
+            f.supervisor.starts.load(Ordering::SeqCst),
+            1,
+            "no early replacement"
+        );
+        assert!(claim(&f.workers[0].claims, 1));
+        f.scheduler.result(WorkerId(0), done(1, 1_000)).unwrap();
+        assert_eq!(f.supervisor.starts.load(Ordering::SeqCst), 1);
+        assert!(f.scheduler.worker_exited(WorkerId(0), 0, None).is_empty());
+        assert_eq!(
+            f.supervisor.starts.load(Ordering::SeqCst),
+            2,
+            "replaced on exit"
+        );
+        let next = Arc::new(FakeWorker::default());
+        assert!(
+            f.scheduler
+                .register_worker(WorkerId(9), Box::new(FakeLink(next.clone())))
+        );
+        f.scheduler.worker_ready(WorkerId(9), 200);
+        assert_eq!(
+            next.sent(),
+            [0, 1],
+            "the waiting chunks run on the replacement"
+        );
+    }
+
+    #[test]
+    fn join_waits_for_promised_workers_and_wait_ready_reports_start_failures() {
+        let supervisor = Arc::new(FakeSupervisor::default());
+        let mut scheduler = Scheduler::new(2, None, false, supervisor.clone());
+        scheduler.request_workers();
+        assert!(scheduler.is_idle());
+        assert!(!scheduler.is_settled(), "two workers were promised");
+        assert!(scheduler.readiness().is_none());
+        let worker = Arc::new(FakeWorker::default());
+        assert!(scheduler.register_worker(WorkerId(0), Box::new(FakeLink(worker))));
+        scheduler.worker_ready(WorkerId(0), 100);
+        assert!(scheduler.start_failed(None, "EMFILE".into()).is_empty());
+        assert!(scheduler.is_settled());
+        assert_eq!(
+            scheduler.readiness(),
+            Some(Err(PoolError::StartFailed("EMFILE".into())))
+        );
+        assert!(
+            matches!(scheduler.mode(), Mode::Open),
+            "it goes on with one worker"
+        );
+    }
+
+    type LiveWorker = (WorkerId, Arc<FakeWorker>, VecDeque<u64>, Option<usize>);
+
+    /// A small deterministic generator for the randomized test (no dependency needed).
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Random interleavings of submissions, claims, results, skips, deaths and steals:
+    /// every chunk is delivered exactly once, never more than `processes` workers exist,
+    /// and a chunk fails only if the worker that claimed it died.
+    #[test]
+    fn every_chunk_is_delivered_exactly_once_whatever_happens() {
+        for seed in 1..=40u64 {
+            let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let processes = 1 + rng.below(3) as usize;
+            let max_tasks = (rng.below(2) == 0).then(|| 1 + rng.below(4) as usize);
+            let supervisor = Arc::new(FakeSupervisor::default());
+            let mut scheduler = Scheduler::new(processes, max_tasks, false, supervisor.clone());
+            scheduler.request_workers();
+            let job = Arc::new(Recorder::default());
+            let mut next_index = 0;
+            let mut next_id = 0u64;
+            // Live workers: id, link, chunks claimed and not yet reported, budget left.
+            let mut live: Vec<LiveWorker> = Vec::new();
+            let mut read = vec![0usize; 0];
+            let mut deliveries = Vec::new();
+            for _ in 0..400 {
+                let started = supervisor.starts.load(Ordering::SeqCst);
+                match rng.below(6) {
+                    0 if next_index < 60 => {
+                        let n = 1 + rng.below(6) as usize;
+                        scheduler
+                            .enqueue(chunks(&job, next_index..next_index + n))
+                            .unwrap();
+                        next_index += n;
+                    }
+                    1 if (next_id as usize) < started => {
+                        // The supervisor starts a requested worker.
+                        let worker = Arc::new(FakeWorker::default());
+                        let id = WorkerId(next_id);
+                        next_id += 1;
+                        assert!(scheduler.register_worker(id, Box::new(FakeLink(worker.clone()))));
+                        scheduler.worker_ready(id, 100 + id.0 as u32);
+                        live.push((id, worker, VecDeque::new(), max_tasks));
+                        read.push(0);
+                        assert!(live.len() <= processes, "more workers than processes");
+                    }
+                    2 | 3 if !live.is_empty() => {
+                        // A worker reads its link and claims or skips the next chunk.
+                        let w = rng.below(live.len() as u64) as usize;
+                        let sent = live[w].1.sent();
+                        if let Some(&seq) = sent.get(read[w]) {
+                            read[w] += 1;
+                            if live[w].3 == Some(0) {
+                                continue; // it exits after its budget, unread
+                            }
+                            if claim(&live[w].1.claims, seq) {
+                                live[w].2.push_back(seq);
+                                if let Some(budget) = &mut live[w].3 {
+                                    *budget -= 1;
+                                }
+                            } else {
+                                scheduler.skipped(live[w].0, seq);
+                            }
+                        }
+                    }
+                    4 if !live.is_empty() => {
+                        // A worker finishes its oldest claimed chunk.
+                        let w = rng.below(live.len() as u64) as usize;
+                        if let Some(seq) = live[w].2.pop_front() {
+                            let ns = [1_000, 10_000_000][rng.below(2) as usize];
+                            deliveries.extend(scheduler.result(live[w].0, done(seq, ns)));
+                            scheduler.dispatch();
+                        }
+                    }
+                    5 if !live.is_empty() && rng.below(4) == 0 => {
+                        // A worker dies (or exits after its budget).
+                        let w = rng.below(live.len() as u64) as usize;
+                        let (id, _, claimed, _) = live.remove(w);
+                        read.remove(w);
+                        let failed = scheduler.worker_exited(id, -9, None);
+                        assert_eq!(failed.len(), claimed.len(), "only claimed chunks fail");
+                        deliveries.extend(failed);
+                    }
+                    _ => {}
+                }
+            }
+            // Drain: start what was asked for, run everything to the end.
+            for _ in 0..10_000 {
+                if scheduler.is_idle() {
+                    break;
+                }
+                let started = supervisor.starts.load(Ordering::SeqCst);
+                while (next_id as usize) < started {
+                    let worker = Arc::new(FakeWorker::default());
+                    let id = WorkerId(next_id);
+                    next_id += 1;
+                    assert!(scheduler.register_worker(id, Box::new(FakeLink(worker.clone()))));
+                    scheduler.worker_ready(id, 100 + id.0 as u32);
+                    live.push((id, worker, VecDeque::new(), max_tasks));
+                    read.push(0);
+                    assert!(live.len() <= processes, "more workers than processes");
+                }
+                for w in 0..live.len() {
+                    while let Some(seq) = live[w].2.pop_front() {
+                        deliveries.extend(scheduler.result(live[w].0, done(seq, 1_000)));
+                    }
+                    let sent = live[w].1.sent();
+                    while let Some(&seq) = sent.get(read[w]) {
+                        read[w] += 1;
+                        if live[w].3 == Some(0) {
+                            break;
+                        }
+                        if claim(&live[w].1.claims, seq) {
+                            live[w].2.push_back(seq);
+                            if let Some(budget) = &mut live[w].3 {
+                                *budget -= 1;
+                            }
+                        } else {
+                            scheduler.skipped(live[w].0, seq);
+                        }
+                    }
+                }
+                // Workers whose budget is spent and who have nothing left exit.
+                let mut w = 0;
+                while w < live.len() {
+                    if live[w].3 == Some(0) && live[w].2.is_empty() {
+                        let (id, ..) = live.remove(w);
+                        read.remove(w);
+                        deliveries.extend(scheduler.worker_exited(id, 0, None));
+                    } else {
+                        w += 1;
+                    }
+                }
+                scheduler.dispatch();
+            }
+            assert!(scheduler.is_idle(), "seed {seed}: work left over");
+            deliver(deliveries);
+            let mut delivered: Vec<usize> = job.0.lock().iter().map(|(i, _)| *i).collect();
+            delivered.sort_unstable();
+            assert_eq!(
+                delivered,
+                (0..next_index).collect::<Vec<_>>(),
+                "seed {seed}: each chunk exactly once"
+            );
+        }
+    }
+
+    fn deliver(deliveries: Vec<Delivery>) {
+        for (job, outcome) in deliveries {
+            job.deliver(outcome);
+        }
     }
 }

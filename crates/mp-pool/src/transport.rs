@@ -225,29 +225,38 @@ impl Claims {
     /// In the worker: claims chunk `seq` before starting it. `false`: the pool revoked it;
     /// it must be skipped.
     pub(crate) fn claim(&self, seq: u64) -> bool {
-        self.word()
-            .compare_exchange(seq, seq + 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        claim(self.word(), seq)
     }
 
     /// In the pool: revokes every chunk before `sent` that the worker has not claimed.
     /// Returns the first revoked sequence number (`sent` if none was left).
     pub(crate) fn revoke(&self, sent: u64) -> u64 {
-        let word = self.word();
-        let mut next = word.load(Ordering::Acquire);
-        while next < sent {
-            match word.compare_exchange(next, sent, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return next,
-                Err(now) => next = now,
-            }
-        }
-        sent
+        revoke(self.word(), sent)
     }
 
     /// In the pool: chunks below this were claimed (started) or revoked.
     pub(crate) fn claimed(&self) -> u64 {
         self.word().load(Ordering::Acquire)
     }
+}
+
+/// The claim protocol on a counter (see [`Claims`]): the worker claims chunk `seq`.
+pub(crate) fn claim(word: &AtomicU64, seq: u64) -> bool {
+    word.compare_exchange(seq, seq + 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// The claim protocol on a counter (see [`Claims`]): the pool revokes the unclaimed chunks
+/// before `sent`; returns the first one revoked (`sent` if none).
+pub(crate) fn revoke(word: &AtomicU64, sent: u64) -> u64 {
+    let mut next = word.load(Ordering::Acquire);
+    while next < sent {
+        match word.compare_exchange(next, sent, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return next,
+            Err(now) => next = now,
+        }
+    }
+    sent
 }
 
 /// The pool's end of one worker's task link: where its chunks go, and its claim counter.
