@@ -30,6 +30,7 @@
 //!   pool posts after reaping a worker therefore arrives after everything that worker sent.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -105,24 +106,37 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
-/// The encoded arguments of one chunk.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct Payload(Bytes);
+/// The encoded arguments of one chunk. Shared, not copied, between the scheduler (which
+/// keeps it to re-queue the chunk if its worker dies) and the message that carries it.
+#[derive(Clone, Debug)]
+pub(crate) struct Payload(Arc<Vec<u8>>);
 
 impl Payload {
     /// Wraps encoded bytes.
     pub(crate) fn new(bytes: Vec<u8>) -> Payload {
-        Payload(Bytes(bytes))
+        Payload(Arc::new(bytes))
     }
 
     /// The encoded bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.0.0
+        &self.0
     }
 
     /// How many bytes it adds to a message.
     pub(crate) fn len(&self) -> usize {
-        self.0.0.len()
+        self.0.len()
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Payload::new(Bytes::deserialize(deserializer)?.0))
     }
 }
 
