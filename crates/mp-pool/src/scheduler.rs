@@ -986,7 +986,7 @@ mod tests {
     /// and a chunk fails only if the worker that claimed it died.
     #[test]
     fn every_chunk_is_delivered_exactly_once_whatever_happens() {
-        let seeds = if cfg!(miri) { 2 } else { 40 };
+        let seeds: u64 = if cfg!(miri) { 2 } else { 40 };
         for seed in 1..=seeds {
             let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let processes = 1 + rng.below(3) as usize;
