@@ -171,8 +171,9 @@ pub(crate) struct Scheduler {
     /// Worker starts asked of the supervisor and not yet registered or failed.
     starts_requested: usize,
     startup_failures: usize,
-    /// Why the last worker start failed, if the pool went on without it.
-    start_error: Option<PoolError>,
+    /// Why the last worker start failed (and which worker it was), if the pool went on
+    /// without it; cleared when a worker started after it becomes ready.
+    start_error: Option<(WorkerId, PoolError)>,
     /// Running average of the time a worker spends on one chunk, in nanoseconds.
     chunk_ns: Option<f64>,
     supervisor: Arc<dyn Supervisor>,
@@ -255,7 +256,7 @@ impl Scheduler {
             Mode::Terminated => return Some(Err(PoolError::Terminated)),
             Mode::Open | Mode::Closed => {}
         }
-        if let Some(error) = &self.start_error {
+        if let Some((_, error)) = &self.start_error {
             return Some(Err(error.clone()));
         }
         let ready = self.workers.iter().filter(|w| w.ready).count();
@@ -340,11 +341,17 @@ impl Scheduler {
         }
     }
 
-    /// The supervisor could not start a worker (`id`: after registering it). The pool goes
-    /// on with the workers it has, and `wait_ready` reports the error; with no worker at
-    /// all, nothing could ever run, so the pool is broken.
-    pub(crate) fn start_failed(&mut self, id: Option<WorkerId>, message: String) -> Vec<Delivery> {
-        if let Some(id) = id {
+    /// The supervisor could not start worker `id` (`registered`: after registering it).
+    /// The pool goes on with the workers it has (a replacement is asked for when one of
+    /// them exits), and `wait_ready` reports the error; with no worker at all, nothing
+    /// could ever run, so the pool is broken.
+    pub(crate) fn start_failed(
+        &mut self,
+        id: WorkerId,
+        registered: bool,
+        message: String,
+    ) -> Vec<Delivery> {
+        if registered {
             self.workers.retain(|w| w.id != id);
         } else {
             self.starts_requested = self.starts_requested.saturating_sub(1);
@@ -354,7 +361,7 @@ impl Scheduler {
         if self.workers.is_empty() && self.starts_requested == 0 {
             self.break_pool(error)
         } else {
-            self.start_error = Some(error);
+            self.start_error = Some((id, error));
             Vec::new()
         }
     }
@@ -364,7 +371,13 @@ impl Scheduler {
             worker.pid = pid;
             worker.ready = true;
             self.startup_failures = 0;
-            self.start_error = None;
+            if self
+                .start_error
+                .as_ref()
+                .is_some_and(|(failed, _)| *failed < id)
+            {
+                self.start_error = None;
+            }
             tracing::debug!(worker = %id, pid, "pool worker ready");
         }
         self.dispatch();
@@ -954,8 +967,13 @@ mod tests {
         assert!(scheduler.readiness().is_none());
         let worker = Arc::new(FakeWorker::default());
         assert!(scheduler.register_worker(WorkerId(0), Box::new(FakeLink(worker))));
+        assert!(
+            scheduler
+                .start_failed(WorkerId(1), false, "EMFILE".into())
+                .is_empty()
+        );
+        // A worker started before the failure becoming ready does not hide it.
         scheduler.worker_ready(WorkerId(0), 100);
-        assert!(scheduler.start_failed(None, "EMFILE".into()).is_empty());
         assert!(scheduler.is_settled());
         assert_eq!(
             scheduler.readiness(),

@@ -154,8 +154,11 @@ fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
 /// end of this thread.
 fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
     let id = WorkerId(shared.next_worker.fetch_add(1, Ordering::Relaxed));
-    let failed = |id: Option<WorkerId>, message: String| {
-        let deliveries = shared.scheduler.lock().start_failed(id, message);
+    let failed = |registered: bool, message: String| {
+        let deliveries = shared
+            .scheduler
+            .lock()
+            .start_failed(id, registered, message);
         shared.idle.notify_all();
         deliver(deliveries);
         None
@@ -167,7 +170,7 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
     });
     let (sender, receiver, claims) = match link {
         Ok(link) => link,
-        Err(message) => return failed(None, message),
+        Err(message) => return failed(false, message),
     };
     if !shared.scheduler.lock().register_worker(
         id,
@@ -200,7 +203,7 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
             shared.scheduler.lock().worker_started(id, child.pid());
             Some((id, child))
         }
-        Err(message) => failed(Some(id), message),
+        Err(message) => failed(true, message),
     }
 }
 
