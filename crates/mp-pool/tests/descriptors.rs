@@ -57,7 +57,7 @@ fn running_out_of_descriptors_is_a_typed_error_never_a_panic_or_a_hang() {
         };
         setrlimit(Resource::Nofile, low).expect("lowering the descriptor limit");
         let outcome = std::panic::catch_unwind(start_and_use_a_pool);
-        setrlimit(Resource::Nofile, original.clone()).expect("restoring the limit");
+        setrlimit(Resource::Nofile, original).expect("restoring the limit");
         match outcome {
             Ok(outcome) => outcomes.push(format!("{extra:>2} spare: {outcome}")),
             Err(_) => panic!("with {extra} spare descriptors (see the panic above)"),
