@@ -147,13 +147,20 @@ impl Worker {
         }
     }
 
-    /// How many of its chunks it has not claimed yet, if it is busy with one (started and
-    /// not answered): those could run elsewhere sooner.
-    fn queued_behind_running(&self) -> usize {
+    /// How many of its chunks another worker could run sooner: those it has not claimed,
+    /// if it is busy with one (started and not answered), or if there are at least two (it
+    /// can start only one next). Zero otherwise.
+    fn stealable(&self) -> usize {
         let claimed = self.link.claimed();
-        match self.assigned.front() {
-            Some(first) if first.seq < claimed => self.sent.saturating_sub(claimed) as usize,
-            _ => 0,
+        let unclaimed = self.sent.saturating_sub(claimed) as usize;
+        let running = self
+            .assigned
+            .front()
+            .is_some_and(|first| first.seq < claimed);
+        if running || unclaimed >= 2 {
+            unclaimed
+        } else {
+            0
         }
     }
 }
@@ -537,7 +544,8 @@ impl Scheduler {
         }
         let depth = self.depth();
         // Once chunks were stolen, they go to idle workers only (not back behind the slow
-        // chunk they were taken from); what idle workers cannot take waits here.
+        // chunk they were taken from; the worker they came from counts as idle if it runs
+        // nothing); what idle workers cannot take waits here.
         let mut idle_only = false;
         loop {
             while self.pending.front().is_some_and(|c| c.job.is_cancelled()) {
@@ -626,9 +634,9 @@ impl Scheduler {
         }
     }
 
-    /// If a worker is idle, takes back the chunks queued behind the running one of the
-    /// busiest other worker (those it has not claimed) and queues them first. Whether any
-    /// were taken.
+    /// If a worker is idle, takes back the chunks the busiest other worker has queued and
+    /// not claimed (see `Worker::stealable`), and queues them first. Whether any were
+    /// taken.
     fn steal(&mut self, depth: usize) -> bool {
         let idle = self
             .workers
@@ -641,7 +649,7 @@ impl Scheduler {
             .workers
             .iter_mut()
             .filter(|w| !w.draining)
-            .map(|w| (w.queued_behind_running(), w))
+            .map(|w| (w.stealable(), w))
             .filter(|(queued, _)| *queued > 0)
             .max_by_key(|(queued, _)| *queued)
             .map(|(_, w)| w)
@@ -873,6 +881,38 @@ mod tests {
             delivered,
             (0..8).collect::<Vec<_>>(),
             "each chunk exactly once"
+        );
+    }
+
+    #[test]
+    fn a_batch_not_started_yet_is_shared_with_a_worker_that_becomes_idle() {
+        let mut f = fixture(1, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..4)).unwrap();
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1, 2, 3, 4],
+            "all four on the only worker"
+        );
+        // A second worker becomes ready before the first started any of them: they are
+        // revoked and shared between the two.
+        let second = Arc::new(FakeWorker::default());
+        assert!(
+            f.scheduler
+                .register_worker(WorkerId(1), Box::new(FakeLink(second.clone())))
+        );
+        f.scheduler.worker_ready(WorkerId(1), 101);
+        assert_eq!(
+            f.workers[0].claims.load(Ordering::SeqCst),
+            5,
+            "all four revoked"
+        );
+        assert_eq!(second.sent().len(), 2, "two of them moved");
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1, 2, 3, 4, 5, 6],
+            "and two sent back"
         );
     }
 
