@@ -51,8 +51,10 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
             let mut scheduler = shared.scheduler.lock();
             for report in batch {
                 match report {
-                    Report::Result { worker, result } => {
-                        deliveries.extend(scheduler.result(worker, result));
+                    Report::Results { worker, results } => {
+                        for result in results {
+                            deliveries.extend(scheduler.result(worker, result));
+                        }
                     }
                     Report::Skipped { worker, last } => scheduler.skipped(worker, last),
                     Report::Ready { worker, pid } => {

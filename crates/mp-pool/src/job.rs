@@ -32,6 +32,10 @@ pub(crate) trait Job: Send + Sync {
     /// Whether the chunks that have not started yet can be dropped (a failed `map`, a
     /// dropped iterator).
     fn is_cancelled(&self) -> bool;
+    /// Whether the successful results of its chunks are only observed together (a `map`:
+    /// nothing can be seen before the last chunk is in), so that a worker may send them
+    /// together while it runs the job's next chunk. Failures are sent at once regardless.
+    fn results_observed_together(&self) -> bool;
 }
 
 /// Hands outcomes to their jobs (outside the scheduler's lock). A panicking callback is
@@ -185,6 +189,10 @@ impl<R: DeserializeOwned + Send, T: Send> Job for CollectJob<R, T> {
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
+
+    fn results_observed_together(&self) -> bool {
+        true
+    }
 }
 
 /// The items of one chunk, or its error and how many items it stands for.
@@ -262,6 +270,10 @@ impl<R: DeserializeOwned + Send> Job for StreamJob<R> {
 
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn results_observed_together(&self) -> bool {
+        false
     }
 }
 

@@ -592,8 +592,15 @@ impl Scheduler {
                 };
                 bytes += size;
                 let seq = first_seq + batch.len() as u64;
+                let group = if chunk.job.results_observed_together() {
+                    // The job's address: unique while its chunks exist (they hold it).
+                    Arc::as_ptr(&chunk.job).cast::<()>() as usize as u64
+                } else {
+                    0
+                };
                 message.push(TaskChunk {
                     seq,
+                    group,
                     function: chunk.function,
                     payload: chunk.payload.clone(),
                 });
@@ -774,6 +781,9 @@ mod tests {
             self.0.lock().push((outcome.index, result));
         }
         fn is_cancelled(&self) -> bool {
+            false
+        }
+        fn results_observed_together(&self) -> bool {
             false
         }
     }

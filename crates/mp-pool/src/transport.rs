@@ -146,6 +146,10 @@ pub(crate) struct TaskChunk {
     /// Its sequence number on this worker's link (0, 1, 2...): what the worker claims
     /// (see [`Claims`]) and what its result is matched by.
     pub seq: u64,
+    /// Chunks of one job whose results are only observed together (a `map`) share a
+    /// nonzero group: the worker may send their successful results together (see the
+    /// worker loop). 0: send the result the moment the chunk ends.
+    pub group: u64,
     /// The chunk trampoline to run.
     pub function: FunctionId,
     /// The postcard-encoded `Vec` of arguments.
@@ -182,12 +186,13 @@ pub(crate) enum Report {
         /// Its pid.
         pid: u32,
     },
-    /// The result of one chunk, sent as soon as it ends.
-    Result {
+    /// Results of chunks, in the order the worker ran them: each sent as soon as it
+    /// ends, or with the next results of the same group (see [`TaskChunk::group`]).
+    Results {
         /// Who.
         worker: WorkerId,
-        /// The result.
-        result: ChunkResult,
+        /// The results.
+        results: Vec<ChunkResult>,
     },
     /// The worker skipped chunks the pool had revoked, up to and including `last`.
     Skipped {
@@ -422,6 +427,7 @@ mod tests {
     fn batch(seq: u64, bytes: usize) -> TaskMessage {
         TaskMessage::Run(vec![TaskChunk {
             seq,
+            group: 0,
             function: FunctionId::of_task(&|x: u8| x),
             payload: Payload::new(vec![7; bytes]),
         }])

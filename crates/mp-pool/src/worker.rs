@@ -7,7 +7,7 @@
 //! processes ([`FunctionId::of_task`]) and run it with panics caught; one decode and one encode
 //! per chunk instead of per item is what makes small tasks cheap.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[cfg(test)]
 use mp_core::TaskFailure;
@@ -100,12 +100,21 @@ fn serve_initialized<M, F: Entry<M>>((worker, args): (WorkerArgs, F::Args)) {
     serve(worker);
 }
 
+/// Results of one group (see [`TaskChunk::group`](crate::transport::TaskChunk)) wait for
+/// the group's next chunk at most this long...
+const HOLD_TIME: Duration = Duration::from_micros(200);
+/// ...or until this many result bytes wait.
+const HOLD_BYTES: usize = 64 * 1024;
+
 /// The worker's main loop (runs in the worker process).
 ///
 /// Each chunk is claimed (see [`Claims`]) before it starts, and its result is sent the
 /// moment it ends: nothing finished waits behind the next chunk, however slow, and a worker
-/// that dies loses only the chunk it was running. Chunks the pool revoked are skipped, and
-/// the skip is reported so that the pool knows the message was read.
+/// that dies loses only the chunk it was running. The one exception changes nothing anyone
+/// can see: successful results of a job that is only observed as a whole (a `map`) may be
+/// held while the same job's next chunk runs (at most [`HOLD_TIME`]), and sent with its
+/// result. If the worker dies meanwhile, that job fails anyway. Chunks the pool revoked
+/// are skipped, and the skip is reported so that the pool knows the message was read.
 pub(crate) fn serve(args: WorkerArgs) {
     let WorkerArgs {
         id,
@@ -120,6 +129,16 @@ pub(crate) fn serve(args: WorkerArgs) {
         return;
     }
     tracing::debug!("pool worker ready");
+    let send = |results: &mut Vec<ChunkResult>| {
+        let results = std::mem::take(results);
+        results.is_empty()
+            || reports
+                .send(Report::Results {
+                    worker: id,
+                    results,
+                })
+                .is_ok()
+    };
     let mut done = 0usize;
     while max_tasks.is_none_or(|max| done < max) {
         let batch = match tasks.recv() {
@@ -131,10 +150,20 @@ pub(crate) fn serve(args: WorkerArgs) {
             }
         };
         let mut skipped = None;
+        // Results held for their group: the group, since when, how many bytes.
+        let mut held = Vec::new();
+        let (mut held_group, mut held_since, mut held_bytes) = (0, Instant::now(), 0);
         for chunk in batch {
             if !claims.claim(chunk.seq) {
                 skipped = Some(chunk.seq);
                 continue;
+            }
+            let hold_on = chunk.group != 0
+                && chunk.group == held_group
+                && held_bytes < HOLD_BYTES
+                && held_since.elapsed() < HOLD_TIME;
+            if !hold_on && !send(&mut held) {
+                return;
             }
             let _chunk = tracing::trace_span!("chunk", seq = chunk.seq).entered();
             let started = Instant::now();
@@ -142,15 +171,26 @@ pub(crate) fn serve(args: WorkerArgs) {
             // parent, which runs this same executable.
             let outcome = unsafe { chunk.function.call_task(chunk.payload.as_bytes()) };
             let elapsed = started.elapsed();
-            let result = ChunkResult {
+            let may_hold = chunk.group != 0 && outcome.is_ok();
+            let bytes = outcome.as_ref().map_or(0, Vec::len);
+            held.push(ChunkResult {
                 seq: chunk.seq,
                 elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
                 outcome: outcome.map(Bytes),
-            };
-            if reports.send(Report::Result { worker: id, result }).is_err() {
-                return;
-            }
+            });
             done += 1;
+            if !may_hold {
+                if !send(&mut held) {
+                    return;
+                }
+            } else if held.len() == 1 {
+                (held_group, held_since, held_bytes) = (chunk.group, Instant::now(), bytes);
+            } else {
+                held_bytes += bytes;
+            }
+        }
+        if !send(&mut held) {
+            return;
         }
         if let Some(last) = skipped {
             tracing::trace!(last, "skipped revoked chunks");
