@@ -14,7 +14,10 @@ use multiproc::mp_pool::{Pool, PoolError};
 /// A task of a couple of milliseconds: is `n` prime?
 fn is_prime(n: u64) -> bool {
     std::thread::sleep(Duration::from_millis(2));
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn main() -> Result<(), PoolError> {

@@ -16,7 +16,8 @@
 //!   shared memory ([`Claims`](crate::transport::Claims)). After its death, the counter says
 //!   which chunk it was running (that one fails with `WorkerDied`) and which it never
 //!   started (re-queued for the others). Results are sent the moment each chunk ends, so
-//!   nothing else is lost with it.
+//!   nothing else is lost with it (a `map`'s successful results may ride with its next
+//!   chunk's: the map fails as a whole anyway; see `worker.rs`).
 //! * **Cheap links.** Each link has one producer and one consumer, the cheapest queue there
 //!   is; nothing is contended between workers, and tiny chunks travel in batches deep
 //!   enough to hide the wake-up latency (about `AHEAD_NS` of measured work per worker).
