@@ -1036,8 +1036,6 @@ mod tests {
         );
     }
 
-    type LiveWorker = (WorkerId, Arc<FakeWorker>, VecDeque<u64>, Option<usize>);
-
     /// A small deterministic generator for the randomized test (no dependency needed).
     struct XorShift(u64);
 
@@ -1050,9 +1048,101 @@ mod tests {
         }
     }
 
-    /// Random interleavings of submissions, claims, results, skips, deaths and steals:
-    /// every chunk is delivered exactly once, never more than `processes` workers exist,
-    /// and a chunk fails only if the worker that claimed it died.
+    /// A fake worker process of the randomized test.
+    struct Simulated {
+        id: WorkerId,
+        link: Arc<FakeWorker>,
+        /// Chunks it claimed and has not reported yet, in order.
+        running: VecDeque<u64>,
+        /// How many chunks of its link it has read.
+        read: usize,
+        /// Chunks it may still run (`maxtasksperchild`).
+        budget: Option<usize>,
+    }
+
+    /// A scheduler driven by simulated workers, recording every delivery.
+    struct Simulation {
+        scheduler: Scheduler,
+        supervisor: Arc<FakeSupervisor>,
+        processes: usize,
+        max_tasks: Option<usize>,
+        live: Vec<Simulated>,
+        next_id: u64,
+        deliveries: Vec<Delivery>,
+    }
+
+    impl Simulation {
+        /// Starts the workers the scheduler asked for.
+        fn start_requested(&mut self) {
+            while (self.next_id as usize) < self.supervisor.starts.load(Ordering::SeqCst) {
+                let link = Arc::new(FakeWorker::default());
+                let id = WorkerId(self.next_id);
+                self.next_id += 1;
+                assert!(
+                    self.scheduler
+                        .register_worker(id, Box::new(FakeLink(link.clone())))
+                );
+                self.scheduler.worker_ready(id, 100 + id.0 as u32);
+                self.live.push(Simulated {
+                    id,
+                    link,
+                    running: VecDeque::new(),
+                    read: 0,
+                    budget: self.max_tasks,
+                });
+                assert!(
+                    self.live.len() <= self.processes,
+                    "more workers than processes"
+                );
+            }
+        }
+
+        /// Worker `w` reads the next chunk of its link and claims (or skips) it. False if it
+        /// had nothing to read or its budget is spent (it exits without reading).
+        fn read_next(&mut self, w: usize) -> bool {
+            let worker = &mut self.live[w];
+            let Some(&seq) = worker.link.sent().get(worker.read) else {
+                return false;
+            };
+            if worker.budget == Some(0) {
+                return false;
+            }
+            worker.read += 1;
+            if claim(&worker.link.claims, seq) {
+                worker.running.push_back(seq);
+                if let Some(budget) = &mut worker.budget {
+                    *budget -= 1;
+                }
+            } else {
+                self.scheduler.skipped(worker.id, seq);
+            }
+            true
+        }
+
+        /// Worker `w` reports its oldest claimed chunk, taking `ns`.
+        fn finish_one(&mut self, w: usize, ns: u64) {
+            if let Some(seq) = self.live[w].running.pop_front() {
+                let id = self.live[w].id;
+                self.deliveries
+                    .extend(self.scheduler.result(id, done(seq, ns)));
+                self.scheduler.dispatch();
+            }
+        }
+
+        /// Worker `w` ends (dies, or retires): how many of its chunks failed, and how many
+        /// it had claimed and not reported.
+        fn exit(&mut self, w: usize, exitcode: i32) -> (usize, usize) {
+            let worker = self.live.remove(w);
+            let failed = self.scheduler.worker_exited(worker.id, exitcode, None);
+            let counts = (failed.len(), worker.running.len());
+            self.deliveries.extend(failed);
+            counts
+        }
+    }
+
+    /// Random interleavings of submissions, starts, claims, results, skips, deaths and
+    /// steals: every chunk is delivered exactly once, never more than `processes` workers
+    /// exist, and a worker's death fails exactly the chunks it had claimed and not reported.
     #[test]
     fn every_chunk_is_delivered_exactly_once_whatever_happens() {
         let seeds: u64 = if cfg!(miri) { 2 } else { 40 };
@@ -1063,130 +1153,71 @@ mod tests {
             let supervisor = Arc::new(FakeSupervisor::default());
             let mut scheduler = Scheduler::new(processes, max_tasks, false, supervisor.clone());
             scheduler.request_workers();
+            let mut sim = Simulation {
+                scheduler,
+                supervisor,
+                processes,
+                max_tasks,
+                live: Vec::new(),
+                next_id: 0,
+                deliveries: Vec::new(),
+            };
             let job = Arc::new(Recorder::default());
-            let mut next_index = 0;
-            let mut next_id = 0u64;
-            // Live workers: id, link, chunks claimed and not yet reported, budget left.
-            let mut live: Vec<LiveWorker> = Vec::new();
-            let mut read = vec![0usize; 0];
-            let mut deliveries = Vec::new();
+            let mut submitted = 0;
             for _ in 0..400 {
-                let started = supervisor.starts.load(Ordering::SeqCst);
-                match rng.below(6) {
-                    0 if next_index < 60 => {
+                let worker = (!sim.live.is_empty()).then(|| rng.below(sim.live.len() as u64));
+                match (rng.below(6), worker) {
+                    (0, _) if submitted < 60 => {
                         let n = 1 + rng.below(6) as usize;
-                        scheduler
-                            .enqueue(chunks(&job, next_index..next_index + n))
-                            .unwrap();
-                        next_index += n;
+                        let new = chunks(&job, submitted..submitted + n);
+                        sim.scheduler.enqueue(new).unwrap();
+                        submitted += n;
                     }
-                    1 if (next_id as usize) < started => {
-                        // The supervisor starts a requested worker.
-                        let worker = Arc::new(FakeWorker::default());
-                        let id = WorkerId(next_id);
-                        next_id += 1;
-                        assert!(scheduler.register_worker(id, Box::new(FakeLink(worker.clone()))));
-                        scheduler.worker_ready(id, 100 + id.0 as u32);
-                        live.push((id, worker, VecDeque::new(), max_tasks));
-                        read.push(0);
-                        assert!(live.len() <= processes, "more workers than processes");
+                    (1, _) => sim.start_requested(),
+                    (2 | 3, Some(w)) => {
+                        sim.read_next(w as usize);
                     }
-                    2 | 3 if !live.is_empty() => {
-                        // A worker reads its link and claims or skips the next chunk.
-                        let w = rng.below(live.len() as u64) as usize;
-                        let sent = live[w].1.sent();
-                        if let Some(&seq) = sent.get(read[w]) {
-                            read[w] += 1;
-                            if live[w].3 == Some(0) {
-                                continue; // it exits after its budget, unread
-                            }
-                            if claim(&live[w].1.claims, seq) {
-                                live[w].2.push_back(seq);
-                                if let Some(budget) = &mut live[w].3 {
-                                    *budget -= 1;
-                                }
-                            } else {
-                                scheduler.skipped(live[w].0, seq);
-                            }
-                        }
+                    (4, Some(w)) => {
+                        let ns = [1_000, 10_000_000][rng.below(2) as usize];
+                        sim.finish_one(w as usize, ns);
                     }
-                    4 if !live.is_empty() => {
-                        // A worker finishes its oldest claimed chunk.
-                        let w = rng.below(live.len() as u64) as usize;
-                        if let Some(seq) = live[w].2.pop_front() {
-                            let ns = [1_000, 10_000_000][rng.below(2) as usize];
-                            deliveries.extend(scheduler.result(live[w].0, done(seq, ns)));
-                            scheduler.dispatch();
-                        }
-                    }
-                    5 if !live.is_empty() && rng.below(4) == 0 => {
-                        // A worker dies (or exits after its budget).
-                        let w = rng.below(live.len() as u64) as usize;
-                        let (id, _, claimed, _) = live.remove(w);
-                        read.remove(w);
-                        let failed = scheduler.worker_exited(id, -9, None);
-                        assert_eq!(failed.len(), claimed.len(), "only claimed chunks fail");
-                        deliveries.extend(failed);
+                    (5, Some(w)) if rng.below(4) == 0 => {
+                        let (failed, claimed) = sim.exit(w as usize, -9);
+                        assert_eq!(failed, claimed, "seed {seed}: only claimed chunks fail");
                     }
                     _ => {}
                 }
             }
             // Drain: start what was asked for, run everything to the end.
             for _ in 0..10_000 {
-                if scheduler.is_idle() {
+                if sim.scheduler.is_idle() {
                     break;
                 }
-                let started = supervisor.starts.load(Ordering::SeqCst);
-                while (next_id as usize) < started {
-                    let worker = Arc::new(FakeWorker::default());
-                    let id = WorkerId(next_id);
-                    next_id += 1;
-                    assert!(scheduler.register_worker(id, Box::new(FakeLink(worker.clone()))));
-                    scheduler.worker_ready(id, 100 + id.0 as u32);
-                    live.push((id, worker, VecDeque::new(), max_tasks));
-                    read.push(0);
-                    assert!(live.len() <= processes, "more workers than processes");
-                }
-                for w in 0..live.len() {
-                    while let Some(seq) = live[w].2.pop_front() {
-                        deliveries.extend(scheduler.result(live[w].0, done(seq, 1_000)));
+                sim.start_requested();
+                for w in 0..sim.live.len() {
+                    while !sim.live[w].running.is_empty() {
+                        sim.finish_one(w, 1_000);
                     }
-                    let sent = live[w].1.sent();
-                    while let Some(&seq) = sent.get(read[w]) {
-                        read[w] += 1;
-                        if live[w].3 == Some(0) {
-                            break;
-                        }
-                        if claim(&live[w].1.claims, seq) {
-                            live[w].2.push_back(seq);
-                            if let Some(budget) = &mut live[w].3 {
-                                *budget -= 1;
-                            }
-                        } else {
-                            scheduler.skipped(live[w].0, seq);
-                        }
-                    }
+                    while sim.read_next(w) {}
                 }
-                // Workers whose budget is spent and who have nothing left exit.
+                // Workers whose budget is spent and who have nothing left retire.
                 let mut w = 0;
-                while w < live.len() {
-                    if live[w].3 == Some(0) && live[w].2.is_empty() {
-                        let (id, ..) = live.remove(w);
-                        read.remove(w);
-                        deliveries.extend(scheduler.worker_exited(id, 0, None));
+                while w < sim.live.len() {
+                    if sim.live[w].budget == Some(0) && sim.live[w].running.is_empty() {
+                        sim.exit(w, 0);
                     } else {
                         w += 1;
                     }
                 }
-                scheduler.dispatch();
+                sim.scheduler.dispatch();
             }
-            assert!(scheduler.is_idle(), "seed {seed}: work left over");
-            deliver(deliveries);
+            assert!(sim.scheduler.is_idle(), "seed {seed}: work left over");
+            deliver(std::mem::take(&mut sim.deliveries));
             let mut delivered: Vec<usize> = job.0.lock().iter().map(|(i, _)| *i).collect();
             delivered.sort_unstable();
             assert_eq!(
                 delivered,
-                (0..next_index).collect::<Vec<_>>(),
+                (0..submitted).collect::<Vec<_>>(),
                 "seed {seed}: each chunk exactly once"
             );
         }
