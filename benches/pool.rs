@@ -109,5 +109,48 @@ fn cpu_bound(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, create, map, cpu_bound);
+/// A byte buffer that travels as one byte string (as `serde_bytes::ByteBuf` does).
+#[derive(Clone)]
+struct Buffer(Vec<u8>);
+
+impl serde::Serialize for Buffer {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Buffer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Buffer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Buffer, E> {
+                Ok(Buffer(v.to_vec()))
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Buffer, E> {
+                Ok(Buffer(v))
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
+    }
+}
+
+/// A 1 MiB buffer to a worker of a warm Pool(2) and back (procspawn's 1 MiB echo).
+fn echo(c: &mut Criterion) {
+    let pool = Pool::new(2).unwrap();
+    let buffer = Buffer(vec![7; 1 << 20]);
+    pool.apply(|b: Buffer| b, buffer.clone()).unwrap();
+    let mut group = c.benchmark_group("pool2_echo");
+    short(&mut group);
+    group.throughput(Throughput::Bytes(1 << 20));
+    group.bench_function("1MiB", |b| {
+        b.iter(|| black_box(pool.apply(|b: Buffer| b, buffer.clone()).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, create, map, echo, cpu_bound);
 criterion_main!(benches);

@@ -10,6 +10,8 @@ use crate::transport::{Report, ReportReceiver};
 
 /// Receive errors in a row after which the link is considered gone.
 const MAX_CONSECUTIVE_ERRORS: usize = 100;
+/// Reports handled under one lock at most.
+const MAX_REPORTS_PER_ROUND: usize = 256;
 
 /// The result thread's body; returns on [`Report::Shutdown`].
 pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
@@ -33,26 +35,53 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
                 return;
             }
         };
-        let deliveries = {
+        // Take whatever else has arrived too, and handle it all under one lock: results
+        // come one message per chunk, and the lock and the dispatch are paid once.
+        let mut batch = vec![report];
+        while batch.len() < MAX_REPORTS_PER_ROUND {
+            match reports.try_recv() {
+                Ok(Some(report)) => batch.push(report),
+                Ok(None) => break,
+                Err(e) => tracing::warn!(%e, "pool report lost"),
+            }
+        }
+        let mut deliveries = Vec::with_capacity(batch.len());
+        let mut changed = false;
+        {
             let mut scheduler = shared.scheduler.lock();
-            let deliveries = match report {
-                Report::Results { worker, results } => scheduler.results(worker, results),
-                Report::Ready { worker, pid } => {
-                    scheduler.worker_ready(worker, pid);
-                    Vec::new()
+            for report in batch {
+                match report {
+                    Report::Results { worker, results } => {
+                        for result in results {
+                            deliveries.extend(scheduler.result(worker, result));
+                        }
+                    }
+                    Report::Skipped { worker, last } => scheduler.skipped(worker, last),
+                    Report::Ready { worker, pid } => {
+                        scheduler.worker_ready(worker, pid);
+                        changed = true;
+                    }
+                    Report::Exited {
+                        worker,
+                        exitcode,
+                        failure,
+                    } => {
+                        deliveries.extend(scheduler.worker_exited(worker, exitcode, failure));
+                        changed = true;
+                    }
+                    Report::Shutdown => {
+                        drop(scheduler);
+                        deliver(deliveries);
+                        return;
+                    }
                 }
-                Report::Exited {
-                    worker,
-                    exitcode,
-                    failure,
-                } => scheduler.worker_exited(worker, exitcode, failure),
-                Report::Shutdown => return,
-            };
-            if scheduler.is_idle() {
+            }
+            scheduler.dispatch();
+            // Woken: `join` (idle and settled) and `wait_ready` (workers came or went).
+            if changed || scheduler.is_idle() {
                 shared.idle.notify_all();
             }
-            deliveries
-        };
+        }
         deliver(deliveries);
     }
 }

@@ -67,6 +67,10 @@ pub enum PoolError {
     /// A `*_timeout` call ran out of time. Nothing was lost: the call can be repeated.
     #[error("timed out waiting for the pool")]
     Timeout,
+    /// The input iterator of `imap` panicked (with this message). What it yielded before
+    /// was computed; the chunk it was reading fails with this error.
+    #[error("the input iterator panicked: {0}")]
+    InputPanicked(String),
     /// A chunk size of 0 was asked for.
     #[error("chunksize must be at least 1")]
     InvalidChunksize,
@@ -86,12 +90,38 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    /// Turns what a worker reported about a task into an error.
-    pub(crate) fn from_task_failure(pid: u32, failure: TaskFailure) -> PoolError {
+    /// Turns what a worker reported about a task into an error, naming the Rust type the
+    /// worker could not decode or encode.
+    pub(crate) fn from_task_failure(pid: u32, failure: TaskFailure, types: TaskTypes) -> PoolError {
         match failure {
             TaskFailure::Panicked(report) => PoolError::Panicked { pid, report },
-            TaskFailure::BadArguments(message) => PoolError::BadArguments { pid, message },
-            TaskFailure::BadResult(message) => PoolError::BadResult { pid, message },
+            TaskFailure::BadArguments(message) => PoolError::BadArguments {
+                pid,
+                message: format!("decoding {}: {message}", types.args),
+            },
+            TaskFailure::BadResult(message) => PoolError::BadResult {
+                pid,
+                message: format!("encoding {}: {message}", types.output),
+            },
+        }
+    }
+}
+
+/// The Rust types a task's arguments and result travel as, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TaskTypes {
+    /// The type of one item's arguments.
+    pub args: &'static str,
+    /// The type of one item's result.
+    pub output: &'static str,
+}
+
+impl TaskTypes {
+    /// The types of the task function `F`.
+    pub(crate) fn of<M, F: mp_core::Entry<M>>() -> TaskTypes {
+        TaskTypes {
+            args: std::any::type_name::<F::Args>(),
+            output: std::any::type_name::<F::Output>(),
         }
     }
 }
@@ -146,10 +176,22 @@ mod tests {
             location: Some("src/x.rs:1:2".into()),
             backtrace: None,
         };
-        let error = PoolError::from_task_failure(5, TaskFailure::Panicked(report));
+        let types = TaskTypes {
+            args: "u32",
+            output: "alloc::string::String",
+        };
+        let error = PoolError::from_task_failure(5, TaskFailure::Panicked(report), types);
         assert_eq!(
             error.to_string(),
             "task panicked at src/x.rs:1:2: boom (in pool worker 5)"
+        );
+        let bad = PoolError::from_task_failure(5, TaskFailure::BadArguments("eof".into()), types);
+        assert!(bad.to_string().contains("decoding u32: eof"), "{bad}");
+        let bad = PoolError::from_task_failure(5, TaskFailure::BadResult("nope".into()), types);
+        assert!(
+            bad.to_string()
+                .contains("encoding alloc::string::String: nope"),
+            "{bad}"
         );
     }
 }

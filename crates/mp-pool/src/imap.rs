@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use mp_core::{Entry, FunctionId};
 
-use crate::error::PoolError;
-use crate::job::{ChunkItems, Job, StreamJob};
+use crate::error::{PoolError, TaskTypes};
+use crate::job::{ChunkItems, Job, StreamJob, panic_message};
 use crate::pool::{Pool, encode};
 use crate::scheduler::Chunk;
 use crate::transport::Payload;
@@ -36,12 +36,18 @@ const CHUNKS_IN_FLIGHT_PER_PROCESS: usize = 16;
 /// At most [`max_in_flight`](IMap::max_in_flight) chunks are submitted and not yet consumed
 /// (backpressure): memory stays bounded whatever the length of the input. A failed chunk
 /// yields one error per item it held, and iteration goes on with the next chunk. If the pool
-/// stops accepting tasks (closed, terminated, broken), the iterator yields the results
-/// already on their way, then that error once, then ends. Dropping the iterator drops the
-/// chunks that have not started.
+/// stops accepting tasks (closed, terminated, broken), or the input iterator panics
+/// ([`PoolError::InputPanicked`]), the iterator yields the results of everything read
+/// before (in order, for `imap`), then that error once, then ends; the pool stays usable.
+/// As in Python, the chunk being read when the input failed fails as a whole. Dropping the
+/// iterator drops the chunks that have not started.
+///
+/// Its `size_hint` is exact while the input's is, so progress bars know the length (see
+/// the `progress` example of the `multiproc` crate).
 pub struct IMap<'pool, M, F: Entry<M>, I> {
     pool: &'pool Pool,
     function: FunctionId,
+    types: TaskTypes,
     input: Option<I>,
     chunksize: usize,
     max_in_flight: usize,
@@ -49,6 +55,8 @@ pub struct IMap<'pool, M, F: Entry<M>, I> {
     /// Chunks submitted, and chunks consumed (the index of the next one, when ordered).
     submitted: usize,
     consumed: usize,
+    /// Items in the chunks submitted and not consumed.
+    items_in_flight: usize,
     current: std::vec::IntoIter<F::Output>,
     /// A failed chunk's error, and how many more of its items to report.
     failed: Option<(PoolError, usize)>,
@@ -69,12 +77,14 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
         IMap {
             pool,
             function: worker::chunk_function(function),
+            types: TaskTypes::of::<M, F>(),
             input: refused.is_none().then_some(input),
             chunksize,
             max_in_flight: CHUNKS_IN_FLIGHT_PER_PROCESS * pool.processes(),
             job: Arc::new(StreamJob::new(ordered)),
             submitted: 0,
             consumed: 0,
+            items_in_flight: 0,
             current: Vec::new().into_iter(),
             failed: None,
             refused,
@@ -118,8 +128,14 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
             };
             self.consumed += 1;
             match chunk {
-                Ok(values) => self.current = values.into_iter(),
-                Err((error, items)) => self.failed = Some((error, items)),
+                Ok(values) => {
+                    self.items_in_flight -= values.len();
+                    self.current = values.into_iter();
+                }
+                Err((error, items)) => {
+                    self.items_in_flight -= items;
+                    self.failed = Some((error, items));
+                }
             }
         }
     }
@@ -137,20 +153,38 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
         let sink: Arc<dyn Job> = self.job.clone();
         let mut chunks = Vec::new();
         let mut refused = None;
+        let mut items_read = 0;
         while outstanding + chunks.len() < self.max_in_flight {
-            let items: Vec<F::Args> = input.by_ref().take(self.chunksize).collect();
+            let chunksize = self.chunksize;
+            // The input is the caller's code: if it panics, what was read before is kept.
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                input.by_ref().take(chunksize).collect::<Vec<F::Args>>()
+            }));
+            let items = match read {
+                Ok(items) => items,
+                Err(panic) => {
+                    let message = panic_message(&*panic);
+                    tracing::debug!(%message, "imap input panicked");
+                    refused = Some(PoolError::InputPanicked(message));
+                    break;
+                }
+            };
             if items.is_empty() {
                 self.input = None;
                 break;
             }
             match encode(&items) {
-                Ok(bytes) => chunks.push(Chunk {
-                    job: sink.clone(),
-                    index: self.submitted + chunks.len(),
-                    items: items.len(),
-                    function: self.function,
-                    payload: Payload::new(bytes),
-                }),
+                Ok(bytes) => {
+                    items_read += items.len();
+                    chunks.push(Chunk {
+                        job: sink.clone(),
+                        index: self.submitted + chunks.len(),
+                        items: items.len(),
+                        function: self.function,
+                        types: self.types,
+                        payload: Payload::new(bytes),
+                    });
+                }
                 Err(error) => {
                     refused = Some(error);
                     break;
@@ -160,7 +194,10 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
         let count = chunks.len();
         if count > 0 {
             match self.pool.enqueue(chunks) {
-                Ok(()) => self.submitted += count,
+                Ok(()) => {
+                    self.submitted += count;
+                    self.items_in_flight += items_read;
+                }
                 Err(error) => refused = Some(error),
             }
         }
@@ -176,6 +213,24 @@ impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> Iterator for IMap<'_,
 
     fn next(&mut self) -> Option<Self::Item> {
         self.next_until(None)
+    }
+
+    /// Exact while the input's is: the results on their way plus the input's length.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let known = self.current.len()
+            + self.failed.as_ref().map_or(0, |(_, left)| *left)
+            + self.items_in_flight
+            + usize::from(self.refused.is_some());
+        match &self.input {
+            None => (known, Some(known)),
+            Some(input) => {
+                let (low, high) = input.size_hint();
+                (
+                    known.saturating_add(low),
+                    high.and_then(|high| known.checked_add(high)),
+                )
+            }
+        }
     }
 }
 

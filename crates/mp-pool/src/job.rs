@@ -32,6 +32,10 @@ pub(crate) trait Job: Send + Sync {
     /// Whether the chunks that have not started yet can be dropped (a failed `map`, a
     /// dropped iterator).
     fn is_cancelled(&self) -> bool;
+    /// Whether the successful results of its chunks are only observed together (a `map`:
+    /// nothing can be seen before the last chunk is in), so that a worker may send them
+    /// together while it runs the job's next chunk. Failures are sent at once regardless.
+    fn results_observed_together(&self) -> bool;
 }
 
 /// Hands outcomes to their jobs (outside the scheduler's lock). A panicking callback is
@@ -46,20 +50,45 @@ pub(crate) fn deliver(deliveries: Vec<(Arc<dyn Job>, ChunkOutcome)>) {
     }
 }
 
-/// Decodes a chunk's results and checks there is one per item.
+/// Decodes a chunk's results and checks there is one per item. A failing decoder, or one
+/// that panics (a user's `Deserialize`), fails this chunk with [`PoolError::BadResult`]
+/// naming the type and the decoder's message; nothing else is affected.
 fn decode<R: DeserializeOwned>(outcome: ChunkOutcome) -> Result<Vec<R>, PoolError> {
     let (pid, bytes) = outcome.result?;
-    let values: Vec<R> = postcard::from_bytes(&bytes).map_err(|e| PoolError::BadResult {
+    let bad = |message: String| PoolError::BadResult {
         pid,
-        message: e.to_string(),
-    })?;
+        message: format!("decoding {}: {message}", std::any::type_name::<R>()),
+    };
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        postcard::from_bytes(&bytes)
+    }));
+    let values: Vec<R> = match decoded {
+        Ok(Ok(values)) => values,
+        Ok(Err(e)) => return Err(bad(e.to_string())),
+        Err(panic) => {
+            return Err(bad(format!(
+                "the decoder panicked: {}",
+                panic_message(&*panic)
+            )));
+        }
+    };
     if values.len() != outcome.items {
-        return Err(PoolError::BadResult {
-            pid,
-            message: format!("{} results for {} items", values.len(), outcome.items),
-        });
+        return Err(bad(format!(
+            "{} results for {} items",
+            values.len(),
+            outcome.items
+        )));
     }
     Ok(values)
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Collects every chunk into one value: `map` (a `Vec` in input order) and `apply` (the one
@@ -160,6 +189,10 @@ impl<R: DeserializeOwned + Send, T: Send> Job for CollectJob<R, T> {
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
+
+    fn results_observed_together(&self) -> bool {
+        true
+    }
 }
 
 /// The items of one chunk, or its error and how many items it stands for.
@@ -237,6 +270,10 @@ impl<R: DeserializeOwned + Send> Job for StreamJob<R> {
 
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn results_observed_together(&self) -> bool {
+        false
     }
 }
 

@@ -23,7 +23,7 @@
 //! ```
 //!
 //! * [`Pool`] / [`PoolBuilder`]: `map`, `starmap`, `imap`, `imap_unordered`, `apply` and
-//!   the `_async` forms, `close`, `join`, `terminate`; `chunksize` through
+//!   the `_async` forms, `close`, `join`, `terminate`, `wait_ready`; `chunksize` through
 //!   [`Pool::chunksize`]; processes, initializer, `maxtasksperchild`, start method and
 //!   worker names through the builder.
 //! * [`AsyncResult`]: `get`, `get_timeout`, `wait`, `ready`, `successful`, and Python's
@@ -34,13 +34,16 @@
 //! Workers are processes started by mp-core (spawn, forkserver or fork) running the same
 //! executable; a task function is named by its address, its arguments and results travel
 //! postcard-encoded, grouped in chunks. The pool watches its workers' pidfds: a worker that
-//! dies mid-task (SIGKILL, abort, segfault, out of memory) fails the tasks it held with
+//! dies mid-task (SIGKILL, abort, segfault, out of memory) fails the task it was running with
 //! [`PoolError::WorkerDied`], naming its pid and signal, within milliseconds; a replacement
-//! starts, tasks it had not started run elsewhere, and the pool goes on.
+//! starts, tasks it had not started run elsewhere, and the pool goes on. Each result is
+//! delivered as soon as its task ends, and an idle worker takes over tasks queued behind a
+//! slow one.
 //!
 //! The pool runs two threads: a result thread (delivers results, runs callbacks) and a
-//! supervisor thread (starts, watches and replaces workers). Scheduling (per-worker queues
-//! fed by the parent, and why) is described in the `scheduler` module's source.
+//! supervisor thread (starts, watches and replaces workers). Scheduling (per-worker links
+//! fed by the parent, a claim protocol in shared memory, stealing for idle workers, and
+//! why) is described in the `scheduler` module's source.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("mp-pool supports Linux only for now (it relies on pidfds and mp-core)");

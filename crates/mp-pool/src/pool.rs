@@ -10,9 +10,9 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::collector;
-use crate::error::PoolError;
+use crate::error::{PoolError, TaskTypes};
 use crate::imap::IMap;
-use crate::job::{CollectJob, Job, deliver};
+use crate::job::{CollectJob, Job, deliver, panic_message};
 use crate::result::{AsyncResult, Completion};
 use crate::scheduler::{Chunk, Mode, Scheduler, default_chunksize};
 use crate::supervisor::{self, Commands};
@@ -35,7 +35,8 @@ pub(crate) struct WorkerConfig {
 /// State shared by the pool handle, its result thread and its supervisor thread.
 pub(crate) struct Shared {
     pub scheduler: Mutex<Scheduler>,
-    /// Notified (with `scheduler` locked) when no chunk waits or runs.
+    /// Notified (with `scheduler` locked) when no chunk waits or runs, and when workers
+    /// become ready or exit.
     pub idle: Condvar,
     pub commands: Arc<Commands>,
     /// The pool's own sender on the report link, for notices to the result thread.
@@ -285,6 +286,29 @@ impl Pool {
         self.shared.scheduler.lock().worker_pids()
     }
 
+    /// Waits until all [`processes`](Self::processes) workers have started and run their
+    /// initializer, at most `timeout`. Workers start in the background when the pool is
+    /// built; this is how to know they are up, or why not: a worker that could not start
+    /// ([`PoolError::StartFailed`], e.g. out of descriptors or memory), an initializer that
+    /// failed ([`PoolError::InitializerFailed`]), or [`PoolError::Timeout`].
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), PoolError> {
+        let deadline = Instant::now() + timeout;
+        let mut scheduler = self.shared.scheduler.lock();
+        loop {
+            if let Some(readiness) = scheduler.readiness() {
+                return readiness;
+            }
+            if self
+                .shared
+                .idle
+                .wait_until(&mut scheduler, deadline)
+                .timed_out()
+            {
+                return scheduler.readiness().unwrap_or(Err(PoolError::Timeout));
+            }
+        }
+    }
+
     /// The same operations with an explicit chunk size (Python's `chunksize=` argument):
     /// `pool.chunksize(10).map(f, items)`.
     pub fn chunksize(&self, chunksize: usize) -> WithChunksize<'_> {
@@ -411,7 +435,12 @@ impl Pool {
                 Mode::Open => return Err(PoolError::StillOpen),
                 Mode::Terminated => {}
                 Mode::Closed | Mode::Broken(_) => {
-                    while !scheduler.is_idle() && !matches!(scheduler.mode(), Mode::Terminated) {
+                    // Idle, and every worker the pool promised has started (and run its
+                    // initializer), even if `close` and `join` follow `build` at once.
+                    let done = |s: &Scheduler| {
+                        (s.is_idle() && s.is_settled()) || matches!(s.mode(), Mode::Terminated)
+                    };
+                    while !done(&scheduler) {
                         match deadline {
                             None => self.shared.idle.wait(&mut scheduler),
                             Some(deadline) => {
@@ -420,7 +449,7 @@ impl Pool {
                                     .idle
                                     .wait_until(&mut scheduler, deadline)
                                     .timed_out()
-                                    && !scheduler.is_idle()
+                                    && !done(&scheduler)
                                 {
                                     return Err(PoolError::Timeout);
                                 }
@@ -473,7 +502,7 @@ impl Pool {
         let completion = Completion::new();
         let job = Arc::new(CollectJob::new(completion.clone(), finish));
         let sink: Arc<dyn Job> = job.clone();
-        let function_id = worker::chunk_function(function);
+        let function_id = (worker::chunk_function(function), TaskTypes::of::<M, F>());
         let items = items.into_iter();
         let chunksize = |len| chunksize.unwrap_or_else(|| default_chunksize(len, self.processes));
         let fed = match items.size_hint() {
@@ -503,7 +532,7 @@ impl Pool {
     fn feed<A: Serialize>(
         &self,
         job: &Arc<dyn Job>,
-        function: mp_core::FunctionId,
+        (function, types): (mp_core::FunctionId, TaskTypes),
         mut items: impl Iterator<Item = A>,
         chunksize: usize,
     ) -> Result<usize, PoolError> {
@@ -522,6 +551,7 @@ impl Pool {
                 index,
                 items: chunk.len(),
                 function,
+                types,
                 payload: Payload::new(encoded),
             });
             index += 1;
@@ -549,7 +579,20 @@ impl Pool {
 /// Handles inside task arguments are refused here, before their descriptors are taken:
 /// they travel to workers only as initializer arguments.
 pub(crate) fn encode<A: Serialize>(items: &[A]) -> Result<Vec<u8>, PoolError> {
-    mp_ipc::queue::encode_item(items).map_err(|e| PoolError::EncodeArguments(e.to_string()))
+    let failed = |message: String| {
+        PoolError::EncodeArguments(format!(
+            "encoding {}: {message}",
+            std::any::type_name::<A>()
+        ))
+    };
+    // A user's `Serialize` may panic: that fails this submission, not the caller.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        mp_ipc::queue::encode_item(items)
+    })) {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(panic) => Err(failed(format!("it panicked: {}", panic_message(&*panic)))),
+    }
 }
 
 impl Drop for Pool {

@@ -1,43 +1,48 @@
 //! The pool's scheduler: which worker runs which chunk, what happens to a dead worker's
 //! chunks, and when workers are replaced. Everything here runs under one lock, held briefly;
-//! results are delivered to their jobs after it is released.
+//! results are delivered to their jobs after it is released. The bookkeeping is pure: it
+//! reaches the world only through a [`WorkerLink`] per worker and a [`Supervisor`], so the
+//! unit tests below drive it with fakes (and it runs under Miri).
 //!
-//! # Per-worker queues, fed by the parent
+//! # Per-worker links, fed by the parent, with stealing
 //!
 //! Every worker has its own task link, and chunks wait in the parent (`pending`) until a
-//! worker has room. Why not one shared queue that workers pull from (Python's design) or
-//! work stealing?
+//! worker has room. Why not one shared queue that workers pull from (Python's design)?
 //!
-//! * **Knowing who held what.** A worker can die at any instruction. With per-worker links
-//!   the parent knows exactly which chunks were on the dead worker's link; the worker runs
-//!   them in order and records the one it starts in a shared progress word, so the parent
-//!   knows which chunk it was running (that one fails), which ran before it, and which never
-//!   started (those are re-queued for the other workers). With a shared queue, a task taken
-//!   by a worker that dies before saying so is simply lost: that is how CPython's `Pool`
-//!   hangs forever.
-//! * **Cheap links.** Each link has exactly one producer and one consumer, the cheapest queue
-//!   there is, and nothing is contended between workers.
-//! * **Balance without stealing.** The parent keeps only about `AHEAD_NS` (0.5 ms) of
-//!   work, by the measured time per chunk, queued on each worker (at least one chunk, at
-//!   most `MAX_DEPTH`); the rest waits in the parent and goes to whichever worker frees up.
-//!   Slow chunks are therefore handed out one at a time (an idle worker never waits behind a
-//!   busy one's queue), while tiny chunks travel in batches deep enough to hide the wake-up
-//!   latency. The price: a chunk far slower than the running average holds up the chunks
-//!   queued behind it on its worker (about `AHEAD_NS` of expected work); they are not stolen
-//!   back, which would need a claim protocol with the worker on every chunk, for a case that
-//!   the measured average already keeps small.
+//! * **Knowing who holds what.** A worker can die at any instruction. With a shared queue, a
+//!   task taken by a worker that dies before saying so is simply lost: that is how CPython's
+//!   `Pool` hangs forever. Here every chunk on a worker's link has a sequence number, and
+//!   the worker *claims* each one before starting it by a compare-and-swap on a counter in
+//!   shared memory ([`Claims`](crate::transport::Claims)). After its death, the counter says
+//!   which chunk it was running (that one fails with `WorkerDied`) and which it never
+//!   started (re-queued for the others). Results are sent the moment each chunk ends, so
+//!   nothing else is lost with it (a `map`'s successful results may ride with its next
+//!   chunk's: the map fails as a whole anyway; see `worker.rs`).
+//! * **Cheap links.** Each link has one producer and one consumer, the cheapest queue there
+//!   is; nothing is contended between workers, and tiny chunks travel in batches deep
+//!   enough to hide the wake-up latency (about `AHEAD_NS` of measured work per worker).
+//! * **No idle worker while work waits: stealing.** Batching means chunks queue behind the
+//!   one running on a worker. When a worker becomes idle while nothing waits in the parent,
+//!   the parent revokes the chunks another worker has queued but not claimed (the same
+//!   compare-and-swap, from the other side: exactly one side wins each chunk) and hands
+//!   them out again, the idle worker first. The busy worker skips revoked chunks when it
+//!   reads them and says so, so that the parent knows its link has room again. Stealing
+//!   happens only when a worker idles, so it costs nothing while work flows.
+//!
+//! A shared queue with the same claim protocol would need a multi-consumer ring with
+//! per-slot ownership in shared memory; per-worker links plus stealing keep every link
+//! single-producer/single-consumer and need one word per worker.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use mp_core::FunctionId;
 
-use crate::error::{PoolError, describe_exit, status_of_exitcode};
+use crate::error::{PoolError, TaskTypes, describe_exit, status_of_exitcode};
 use crate::job::{ChunkOutcome, Job};
-use crate::supervisor::Commands;
 use crate::transport::{
-    BATCH_BYTES, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, Progress, TaskChunk, TaskMessage,
-    TaskSender, TransportError, WorkerId,
+    BATCH_BYTES, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, TaskChunk, TaskMessage,
+    TransportError, WorkerId,
 };
 
 /// How much work (by the running average of chunk times) to keep queued on each worker.
@@ -57,12 +62,32 @@ pub(crate) fn default_chunksize(items: usize, workers: usize) -> usize {
     (items / per + usize::from(!items.is_multiple_of(per))).max(1)
 }
 
+/// The pool's end of one worker's task link, as the scheduler uses it.
+pub(crate) trait WorkerLink: Send {
+    /// Sends a message without waiting.
+    fn send(&self, message: &TaskMessage) -> Result<(), TransportError>;
+    /// Revokes the chunks before `sent` the worker has not claimed; returns the first one
+    /// revoked (`sent` if none).
+    fn revoke(&self, sent: u64) -> u64;
+    /// Chunks below this were claimed by the worker or revoked.
+    fn claimed(&self) -> u64;
+}
+
+/// What the scheduler asks of the supervisor thread.
+pub(crate) trait Supervisor: Send + Sync {
+    /// Start one more worker (it registers with [`Scheduler::register_worker`]).
+    fn start_worker(&self);
+    /// Kill this worker (its exit is reported with [`Scheduler::worker_exited`]).
+    fn kill(&self, id: WorkerId);
+}
+
 /// A piece of a job: a few items' encoded arguments and where their results go.
 pub(crate) struct Chunk {
     pub job: Arc<dyn Job>,
     pub index: usize,
     pub items: usize,
     pub function: FunctionId,
+    pub types: TaskTypes,
     pub payload: Payload,
 }
 
@@ -75,7 +100,7 @@ pub(crate) enum Mode {
     Open,
     Closed,
     Terminated,
-    /// A worker could not be started or initialized: nothing more runs.
+    /// No worker could be started or initialized: nothing more runs.
     Broken(PoolError),
 }
 
@@ -89,19 +114,56 @@ struct Worker {
     id: WorkerId,
     /// Known once the worker reports ready (or the supervisor reports its start).
     pid: u32,
-    sender: TaskSender,
-    /// The chunk it last started, readable after its death.
-    progress: Progress,
+    link: Box<dyn WorkerLink>,
     ready: bool,
-    /// Unanswered batches, oldest first (the worker runs them in this order).
-    batches: VecDeque<VecDeque<Assigned>>,
-    in_flight: usize,
+    /// Chunks sent and not answered, in sequence order (the order the worker runs them).
+    assigned: VecDeque<Assigned>,
+    /// The sequence number of the next chunk sent.
+    sent: u64,
+    /// The first sequence number of each message the worker may not have read yet.
+    unread: VecDeque<u64>,
     /// Chunks it may still be given (`maxtasksperchild`).
     budget: Option<usize>,
-    /// No more chunks go to it: its budget is spent, the pool is stopping, or its link broke.
+    /// No more chunks go to it: the pool is stopping, or its link broke.
     draining: bool,
     /// Its link was found full: no more chunks until it answers.
     congested: bool,
+}
+
+impl Worker {
+    fn has_room(&self, depth: usize) -> bool {
+        self.ready
+            && !self.draining
+            && !self.congested
+            && self.budget != Some(0)
+            && self.assigned.len() < depth
+            && self.unread.len() < MAX_MESSAGES_IN_FLIGHT
+    }
+
+    /// The worker answered about chunk `seq`: it has read every message up to it.
+    fn read_up_to(&mut self, seq: u64) {
+        self.congested = false;
+        while self.unread.front().is_some_and(|&first| first <= seq) {
+            self.unread.pop_front();
+        }
+    }
+
+    /// How many of its chunks another worker could run sooner: those it has not claimed,
+    /// if it is busy with one (started and not answered), or if there are at least two (it
+    /// can start only one next). Zero otherwise.
+    fn stealable(&self) -> usize {
+        let claimed = self.link.claimed();
+        let unclaimed = self.sent.saturating_sub(claimed) as usize;
+        let running = self
+            .assigned
+            .front()
+            .is_some_and(|first| first.seq < claimed);
+        if running || unclaimed >= 2 {
+            unclaimed
+        } else {
+            0
+        }
+    }
 }
 
 /// The scheduler's state (behind the pool's lock).
@@ -114,13 +176,15 @@ pub(crate) struct Scheduler {
     processes: usize,
     max_tasks: Option<usize>,
     has_initializer: bool,
-    /// Worker starts asked of the supervisor and not yet registered.
+    /// Worker starts asked of the supervisor and not yet registered or failed.
     starts_requested: usize,
     startup_failures: usize,
-    next_seq: u64,
+    /// Why the last worker start failed (and which worker it was), if the pool went on
+    /// without it; cleared when a worker started after it becomes ready.
+    start_error: Option<(WorkerId, PoolError)>,
     /// Running average of the time a worker spends on one chunk, in nanoseconds.
     chunk_ns: Option<f64>,
-    commands: Arc<Commands>,
+    supervisor: Arc<dyn Supervisor>,
 }
 
 impl Scheduler {
@@ -128,7 +192,7 @@ impl Scheduler {
         processes: usize,
         max_tasks: Option<usize>,
         has_initializer: bool,
-        commands: Arc<Commands>,
+        supervisor: Arc<dyn Supervisor>,
     ) -> Self {
         Scheduler {
             mode: Mode::Open,
@@ -140,21 +204,23 @@ impl Scheduler {
             has_initializer,
             starts_requested: 0,
             startup_failures: 0,
-            next_seq: 0,
+            start_error: None,
             chunk_ns: None,
-            commands,
+            supervisor,
         }
     }
 
-    /// Asks the supervisor for as many workers as are missing.
+    /// Asks the supervisor for as many workers as are missing. Workers that are retiring
+    /// (`maxtasksperchild`) or being killed count until their exit is reported: the pool
+    /// never runs more than `processes` worker processes.
     pub(crate) fn request_workers(&mut self) {
         if !matches!(self.mode, Mode::Open | Mode::Closed) || self.stopping {
             return;
         }
-        let have = self.workers.iter().filter(|w| !w.draining).count() + self.starts_requested;
+        let have = self.workers.len() + self.starts_requested;
         for _ in have..self.processes {
             self.starts_requested += 1;
-            self.commands.start_worker();
+            self.supervisor.start_worker();
         }
     }
 
@@ -179,7 +245,30 @@ impl Scheduler {
 
     /// No chunk waits or runs.
     pub(crate) fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.workers.iter().all(|w| w.in_flight == 0)
+        self.pending.is_empty() && self.workers.iter().all(|w| w.assigned.is_empty())
+    }
+
+    /// Every worker asked for has started and is ready (or failed to start), or the pool
+    /// is not running any more: `join` waits for this, so that every worker the pool
+    /// promised runs its initializer.
+    pub(crate) fn is_settled(&self) -> bool {
+        !matches!(self.mode, Mode::Open | Mode::Closed)
+            || (self.starts_requested == 0 && self.workers.iter().all(|w| w.ready))
+    }
+
+    /// `wait_ready`'s question: `Some(Ok)` once `processes` workers are ready, `Some(Err)`
+    /// if the pool is broken or terminated or a worker failed to start, `None` meanwhile.
+    pub(crate) fn readiness(&self) -> Option<Result<(), PoolError>> {
+        match &self.mode {
+            Mode::Broken(error) => return Some(Err(error.clone())),
+            Mode::Terminated => return Some(Err(PoolError::Terminated)),
+            Mode::Open | Mode::Closed => {}
+        }
+        if let Some((_, error)) = &self.start_error {
+            return Some(Err(error.clone()));
+        }
+        let ready = self.workers.iter().filter(|w| w.ready).count();
+        (ready >= self.processes).then_some(Ok(()))
     }
 
     /// The pids of the workers that are running (started and not yet reported dead).
@@ -207,9 +296,9 @@ impl Scheduler {
         self.stopping = true;
         for worker in &mut self.workers {
             worker.draining = true;
-            if let Err(e) = worker.sender.send(&TaskMessage::Stop) {
+            if let Err(e) = worker.link.send(&TaskMessage::Stop) {
                 tracing::debug!(worker = %worker.id, %e, "could not tell a pool worker to stop");
-                self.commands.kill(worker.id);
+                self.supervisor.kill(worker.id);
             }
         }
     }
@@ -219,27 +308,21 @@ impl Scheduler {
     pub(crate) fn terminate(&mut self) -> Vec<Delivery> {
         self.mode = Mode::Terminated;
         self.stopping = true;
-        let mut deliveries = Vec::new();
         let running = self
             .workers
             .drain(..)
-            .flat_map(|w| w.batches)
-            .flatten()
+            .flat_map(|w| w.assigned)
             .map(|a| a.chunk);
-        for chunk in running.chain(self.pending.drain(..)).collect::<Vec<_>>() {
-            deliveries.push(fail(chunk, PoolError::Terminated));
-        }
-        deliveries
+        let chunks: Vec<Chunk> = running.chain(self.pending.drain(..)).collect();
+        chunks
+            .into_iter()
+            .map(|chunk| fail(chunk, PoolError::Terminated))
+            .collect()
     }
 
     /// The supervisor is about to start a worker: record its link. Refused (false) once the
     /// pool stops or breaks.
-    pub(crate) fn register_worker(
-        &mut self,
-        id: WorkerId,
-        sender: TaskSender,
-        progress: Progress,
-    ) -> bool {
+    pub(crate) fn register_worker(&mut self, id: WorkerId, link: Box<dyn WorkerLink>) -> bool {
         self.starts_requested = self.starts_requested.saturating_sub(1);
         if self.stopping || !matches!(self.mode, Mode::Open | Mode::Closed) {
             return false;
@@ -247,11 +330,11 @@ impl Scheduler {
         self.workers.push(Worker {
             id,
             pid: 0,
-            sender,
-            progress,
+            link,
             ready: false,
-            batches: VecDeque::new(),
-            in_flight: 0,
+            assigned: VecDeque::new(),
+            sent: 0,
+            unread: VecDeque::new(),
             budget: self.max_tasks,
             draining: false,
             congested: false,
@@ -266,15 +349,29 @@ impl Scheduler {
         }
     }
 
-    /// The supervisor could not start a worker: the pool is broken.
-    pub(crate) fn start_failed(&mut self, id: Option<WorkerId>, message: String) -> Vec<Delivery> {
-        if let Some(id) = id {
+    /// The supervisor could not start worker `id` (`registered`: after registering it).
+    /// The pool goes on with the workers it has (a replacement is asked for when one of
+    /// them exits), and `wait_ready` reports the error; with no worker at all, nothing
+    /// could ever run, so the pool is broken.
+    pub(crate) fn start_failed(
+        &mut self,
+        id: WorkerId,
+        registered: bool,
+        message: String,
+    ) -> Vec<Delivery> {
+        if registered {
             self.workers.retain(|w| w.id != id);
         } else {
             self.starts_requested = self.starts_requested.saturating_sub(1);
         }
         tracing::error!(%message, "could not start a pool worker");
-        self.break_pool(PoolError::StartFailed(message))
+        let error = PoolError::StartFailed(message);
+        if self.workers.is_empty() && self.starts_requested == 0 {
+            self.break_pool(error)
+        } else {
+            self.start_error = Some((id, error));
+            Vec::new()
+        }
     }
 
     pub(crate) fn worker_ready(&mut self, id: WorkerId, pid: u32) {
@@ -282,58 +379,62 @@ impl Scheduler {
             worker.pid = pid;
             worker.ready = true;
             self.startup_failures = 0;
+            if self
+                .start_error
+                .as_ref()
+                .is_some_and(|(failed, _)| *failed < id)
+            {
+                self.start_error = None;
+            }
             tracing::debug!(worker = %id, pid, "pool worker ready");
         }
         self.dispatch();
     }
 
-    /// Results from a worker: matches them with their chunks and hands out more work.
-    pub(crate) fn results(&mut self, id: WorkerId, results: Vec<ChunkResult>) -> Vec<Delivery> {
-        let mut deliveries = Vec::with_capacity(results.len());
-        let Some(worker) = self.workers.iter_mut().find(|w| w.id == id) else {
-            return deliveries; // terminated meanwhile
+    /// The result of one chunk: matches it with its chunk. Call [`dispatch`](Self::dispatch)
+    /// after a run of these to hand out more work.
+    pub(crate) fn result(&mut self, id: WorkerId, result: ChunkResult) -> Option<Delivery> {
+        let worker = self.workers.iter_mut().find(|w| w.id == id)?; // terminated meanwhile
+        worker.read_up_to(result.seq);
+        let Some(assigned) = take_assigned(worker, result.seq) else {
+            tracing::warn!(worker = %id, seq = result.seq, "result for an unknown chunk");
+            return None;
         };
         let pid = worker.pid;
-        worker.congested = false;
-        let mut total_ns = 0f64;
-        for result in results {
-            let Some(assigned) = take_assigned(worker, result.seq) else {
-                tracing::warn!(worker = %id, seq = result.seq, "result for an unknown chunk");
-                continue;
-            };
-            total_ns += result.elapsed_ns as f64;
-            let chunk = assigned.chunk;
-            tracing::trace!(worker = %id, seq = assigned.seq, index = chunk.index, "chunk done");
-            let result = match result.outcome {
-                Ok(bytes) => Ok((pid, bytes.0)),
-                Err(failure) => Err(PoolError::from_task_failure(pid, failure)),
-            };
-            deliveries.push((
-                chunk.job,
-                ChunkOutcome {
-                    index: chunk.index,
-                    items: chunk.items,
-                    result,
-                },
-            ));
+        let sample = result.elapsed_ns as f64;
+        self.chunk_ns = Some(match self.chunk_ns {
+            None => sample,
+            Some(average) => average + (sample - average) / 8.0,
+        });
+        let chunk = assigned.chunk;
+        tracing::trace!(worker = %id, seq = assigned.seq, index = chunk.index, "chunk done");
+        let result = match result.outcome {
+            Ok(bytes) => Ok((pid, bytes.0)),
+            Err(failure) => Err(PoolError::from_task_failure(pid, failure, chunk.types)),
+        };
+        Some((
+            chunk.job,
+            ChunkOutcome {
+                index: chunk.index,
+                items: chunk.items,
+                result,
+            },
+        ))
+    }
+
+    /// The worker skipped revoked chunks up to `last`: its link has room again.
+    pub(crate) fn skipped(&mut self, id: WorkerId, last: u64) {
+        if let Some(worker) = self.worker_mut(id) {
+            worker.read_up_to(last);
         }
-        if !deliveries.is_empty() {
-            let sample = total_ns / deliveries.len() as f64;
-            self.chunk_ns = Some(match self.chunk_ns {
-                None => sample,
-                Some(average) => average + (sample - average) / 8.0,
-            });
-        }
-        self.dispatch();
-        deliveries
     }
 
     /// A worker process ended (reported by the supervisor after everything it sent).
     ///
-    /// Of its unanswered chunks, those up to the last one it started (its progress word says
-    /// which) fail with [`PoolError::WorkerDied`]: it was running the last one, and the
-    /// results of the others died with it. The chunks after it never started: they go back
-    /// to the head of the queue, in order, for the other workers. A replacement is requested.
+    /// Of its unanswered chunks, those it claimed fail with [`PoolError::WorkerDied`]: the
+    /// one it was running (and any whose result died with it mid-send). Those it never
+    /// claimed go back to the head of the queue, in order, for the other workers. A
+    /// replacement is requested.
     ///
     /// A worker that dies before becoming ready failed its initializer, if there is one (the
     /// pool is then broken: no retry); otherwise repeated early deaths break the pool too.
@@ -349,10 +450,10 @@ impl Scheduler {
         };
         let worker = self.workers.remove(position);
         let (pid, status) = (worker.pid, status_of_exitcode(exitcode));
-        let started = worker.progress.last_started();
+        let claimed = worker.link.claimed();
         let mut not_started = Vec::new();
-        for assigned in worker.batches.into_iter().flatten() {
-            if started.is_some_and(|last| assigned.seq <= last) {
+        for assigned in worker.assigned {
+            if assigned.seq < claimed {
                 deliveries.push(fail(assigned.chunk, PoolError::WorkerDied { pid, status }));
             } else {
                 not_started.push(assigned.chunk);
@@ -367,7 +468,7 @@ impl Scheduler {
                 requeued = not_started.len(),
                 "pool worker died while running tasks"
             );
-        } else if worker.draining || self.stopping {
+        } else if worker.draining || self.stopping || worker.budget == Some(0) {
             tracing::debug!(worker = %id, pid, exitcode, "pool worker exited");
         } else {
             tracing::warn!(worker = %id, pid, exitcode, "idle pool worker died");
@@ -436,40 +537,43 @@ impl Scheduler {
     }
 
     /// Hands waiting chunks to workers with room, least loaded first, a fair share each,
-    /// batched into as few messages as the inline limit allows.
-    fn dispatch(&mut self) {
+    /// batched into as few messages as the inline limit allows. When nothing waits and a
+    /// worker is idle, steals the chunks queued behind another worker's running one.
+    pub(crate) fn dispatch(&mut self) {
         if !matches!(self.mode, Mode::Open | Mode::Closed) {
             return;
         }
         let depth = self.depth();
+        // Once chunks were stolen, they go to idle workers only (not back behind the slow
+        // chunk they were taken from; the worker they came from counts as idle if it runs
+        // nothing); what idle workers cannot take waits here.
+        let mut idle_only = false;
         loop {
             while self.pending.front().is_some_and(|c| c.job.is_cancelled()) {
                 self.pending.pop_front();
             }
             if self.pending.is_empty() {
-                return;
+                if !self.steal(depth) {
+                    return;
+                }
+                idle_only = true;
             }
-            let has_room = |w: &Worker| {
-                w.ready
-                    && !w.draining
-                    && !w.congested
-                    && w.in_flight < depth
-                    && w.batches.len() < MAX_MESSAGES_IN_FLIGHT
-            };
-            let eligible = self.workers.iter().filter(|w| has_room(w)).count();
+            let fits = |w: &Worker| w.has_room(depth) && (!idle_only || w.assigned.is_empty());
+            let eligible = self.workers.iter().filter(|w| fits(w)).count();
             let Some(worker) = self
                 .workers
                 .iter_mut()
-                .filter(|w| has_room(w))
-                .min_by_key(|w| w.in_flight)
+                .filter(|w| fits(w))
+                .min_by_key(|w| w.assigned.len())
             else {
                 return;
             };
             let share = self.pending.len().div_ceil(eligible);
-            let room = (depth - worker.in_flight)
+            let room = (depth - worker.assigned.len())
                 .min(share)
                 .min(worker.budget.unwrap_or(usize::MAX));
-            let mut batch = VecDeque::with_capacity(room);
+            let first_seq = worker.sent;
+            let mut batch = Vec::with_capacity(room);
             let mut message = Vec::with_capacity(room);
             let mut bytes = 0;
             while batch.len() < room {
@@ -488,25 +592,30 @@ impl Scheduler {
                     break;
                 };
                 bytes += size;
-                let seq = self.next_seq;
-                self.next_seq += 1;
+                let seq = first_seq + batch.len() as u64;
+                let group = if chunk.job.results_observed_together() {
+                    // The job's address: unique while its chunks exist (they hold it).
+                    Arc::as_ptr(&chunk.job).cast::<()>() as usize as u64
+                } else {
+                    0
+                };
                 message.push(TaskChunk {
                     seq,
+                    group,
                     function: chunk.function,
                     payload: chunk.payload.clone(),
                 });
-                batch.push_back(Assigned { seq, chunk });
+                batch.push(Assigned { seq, chunk });
             }
             if batch.is_empty() {
                 continue;
             }
             let count = batch.len();
-            match worker.sender.send(&TaskMessage::Run(message)) {
+            match worker.link.send(&TaskMessage::Run(message)) {
                 Ok(()) => {
-                    let first_seq = batch[0].seq;
                     tracing::trace!(worker = %worker.id, chunks = count, first_seq, "dispatch");
                 }
-                Err(TransportError::Full) if worker.in_flight > 0 => {
+                Err(TransportError::Full) if !worker.assigned.is_empty() => {
                     // Not expected (see the transport's contract): take the chunks back and
                     // give this worker nothing more until it answers.
                     tracing::warn!(worker = %worker.id, "pool worker's task link is full");
@@ -520,38 +629,62 @@ impl Scheduler {
                     // Its chunks stay assigned: they are settled when its exit is reported.
                     tracing::warn!(worker = %worker.id, %e, "pool worker link broke; killing it");
                     worker.draining = true;
-                    self.commands.kill(worker.id);
+                    self.supervisor.kill(worker.id);
                 }
             }
-            worker.in_flight += count;
-            worker.batches.push_back(batch);
-            let mut retiring = false;
+            worker.sent += count as u64;
+            worker.unread.push_back(first_seq);
+            worker.assigned.extend(batch);
             if let Some(budget) = &mut worker.budget {
+                // At zero it exits after these; its replacement starts when it has.
                 *budget -= count;
-                // It exits after these; its replacement can start now.
-                retiring = *budget == 0;
-                worker.draining |= retiring;
-            }
-            if retiring {
-                self.request_workers();
             }
         }
     }
+
+    /// If a worker is idle, takes back the chunks the busiest other worker has queued and
+    /// not claimed (see `Worker::stealable`), and queues them first. Whether any were
+    /// taken.
+    fn steal(&mut self, depth: usize) -> bool {
+        let idle = self
+            .workers
+            .iter()
+            .any(|w| w.assigned.is_empty() && w.has_room(depth));
+        if !idle {
+            return false;
+        }
+        let Some(victim) = self
+            .workers
+            .iter_mut()
+            .filter(|w| !w.draining)
+            .map(|w| (w.stealable(), w))
+            .filter(|(queued, _)| *queued > 0)
+            .max_by_key(|(queued, _)| *queued)
+            .map(|(_, w)| w)
+        else {
+            return false;
+        };
+        let first = victim.link.revoke(victim.sent);
+        let Some(split) = victim.assigned.iter().position(|a| a.seq >= first) else {
+            return false;
+        };
+        let taken: Vec<Assigned> = victim.assigned.drain(split..).collect();
+        tracing::trace!(worker = %victim.id, chunks = taken.len(), "chunks stolen for an idle worker");
+        if let Some(budget) = &mut victim.budget {
+            // It will not run them: they do not count towards its `maxtasksperchild`.
+            *budget += taken.len();
+        }
+        for assigned in taken.into_iter().rev() {
+            self.pending.push_front(assigned.chunk);
+        }
+        true
+    }
 }
 
-/// Removes the chunk `seq` from the worker's unanswered batches (normally the very first).
+/// Removes the chunk `seq` from the worker's unanswered chunks (normally the very first).
 fn take_assigned(worker: &mut Worker, seq: u64) -> Option<Assigned> {
-    let (b, i) = worker
-        .batches
-        .iter()
-        .enumerate()
-        .find_map(|(b, batch)| batch.iter().position(|a| a.seq == seq).map(|i| (b, i)))?;
-    let assigned = worker.batches[b].remove(i)?;
-    if worker.batches[b].is_empty() {
-        worker.batches.remove(b);
-    }
-    worker.in_flight -= 1;
-    Some(assigned)
+    let position = worker.assigned.iter().position(|a| a.seq == seq)?;
+    worker.assigned.remove(position)
 }
 
 fn fail(chunk: Chunk, error: PoolError) -> Delivery {
@@ -568,6 +701,9 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::{Bytes, claim, revoke};
+    use parking_lot::Mutex;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     #[test]
     fn default_chunksize_follows_python() {
@@ -578,5 +714,518 @@ mod tests {
         assert_eq!(default_chunksize(17, 4), 2);
         assert_eq!(default_chunksize(5, 4), 1);
         assert_eq!(default_chunksize(0, 4), 1);
+    }
+
+    /// A worker's link as the tests see it: the messages sent, and the claim counter the
+    /// fake worker moves.
+    #[derive(Default)]
+    struct FakeWorker {
+        /// The sequence numbers of each `Run` message; `None` for `Stop`.
+        messages: Mutex<Vec<Option<Vec<u64>>>>,
+        claims: AtomicU64,
+    }
+
+    impl FakeWorker {
+        /// Every chunk sent, in order.
+        fn sent(&self) -> Vec<u64> {
+            self.messages
+                .lock()
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect()
+        }
+    }
+
+    struct FakeLink(Arc<FakeWorker>);
+
+    impl WorkerLink for FakeLink {
+        fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
+            let seqs = match message {
+                TaskMessage::Run(chunks) => Some(chunks.iter().map(|c| c.seq).collect()),
+                TaskMessage::Stop => None,
+            };
+            self.0.messages.lock().push(seqs);
+            Ok(())
+        }
+        fn revoke(&self, sent: u64) -> u64 {
+            revoke(&self.0.claims, sent)
+        }
+        fn claimed(&self) -> u64 {
+            self.0.claims.load(Ordering::Acquire)
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeSupervisor {
+        starts: AtomicUsize,
+        kills: Mutex<Vec<WorkerId>>,
+    }
+
+    impl Supervisor for FakeSupervisor {
+        fn start_worker(&self) {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+        }
+        fn kill(&self, id: WorkerId) {
+            self.kills.lock().push(id);
+        }
+    }
+
+    /// A job that records what it was given: chunk index → outcome (`Ok(pid)` or error).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(usize, Result<u32, PoolError>)>>);
+
+    impl Job for Recorder {
+        fn deliver(&self, outcome: ChunkOutcome) {
+            let result = outcome.result.map(|(pid, _)| pid);
+            self.0.lock().push((outcome.index, result));
+        }
+        fn is_cancelled(&self) -> bool {
+            false
+        }
+        fn results_observed_together(&self) -> bool {
+            false
+        }
+    }
+
+    fn chunks(job: &Arc<Recorder>, indices: std::ops::Range<usize>) -> Vec<Chunk> {
+        indices
+            .map(|index| Chunk {
+                job: job.clone(),
+                index,
+                items: 1,
+                function: FunctionId::of_task(&|x: u8| x),
+                types: TaskTypes {
+                    args: "u8",
+                    output: "u8",
+                },
+                payload: Payload::new(vec![index as u8]),
+            })
+            .collect()
+    }
+
+    fn done(seq: u64, elapsed_ns: u64) -> ChunkResult {
+        ChunkResult {
+            seq,
+            elapsed_ns,
+            outcome: Ok(Bytes(Vec::new())),
+        }
+    }
+
+    struct Fixture {
+        scheduler: Scheduler,
+        supervisor: Arc<FakeSupervisor>,
+        workers: Vec<Arc<FakeWorker>>,
+    }
+
+    /// A scheduler with `processes` ready workers (pids 100, 101...).
+    fn fixture(processes: usize, max_tasks: Option<usize>) -> Fixture {
+        let supervisor = Arc::new(FakeSupervisor::default());
+        let mut scheduler = Scheduler::new(processes, max_tasks, false, supervisor.clone());
+        scheduler.request_workers();
+        assert_eq!(supervisor.starts.load(Ordering::SeqCst), processes);
+        let mut workers = Vec::new();
+        for i in 0..processes {
+            let worker = Arc::new(FakeWorker::default());
+            let id = WorkerId(i as u64);
+            assert!(scheduler.register_worker(id, Box::new(FakeLink(worker.clone()))));
+            scheduler.worker_ready(id, 100 + i as u32);
+            workers.push(worker);
+        }
+        Fixture {
+            scheduler,
+            supervisor,
+            workers,
+        }
+    }
+
+    /// Makes the scheduler measure chunks as taking `ns`, through one chunk on worker 0.
+    fn measure(f: &mut Fixture, ns: u64) {
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..1)).unwrap();
+        let seq = *f.workers[0].sent().last().unwrap();
+        assert!(claim(&f.workers[0].claims, seq));
+        assert!(f.scheduler.result(WorkerId(0), done(seq, ns)).is_some());
+    }
+
+    #[test]
+    fn cheap_chunks_are_batched_and_an_idle_worker_steals_the_unclaimed_ones() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000); // cheap: deep batches
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..8)).unwrap();
+        let mut delivered = Vec::new();
+        let (first, second) = (f.workers[0].sent(), f.workers[1].sent());
+        assert_eq!(
+            (first.len(), second.len()),
+            (5, 4),
+            "fair shares, in batches"
+        );
+        // Worker 1 runs its four chunks; worker 0 is stuck in the first of its four.
+        for seq in second {
+            assert!(claim(&f.workers[1].claims, seq));
+            delivered.push(f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap());
+        }
+        assert!(claim(&f.workers[0].claims, 1));
+        f.scheduler.dispatch();
+        // The three chunks queued behind it were revoked and went to the idle worker.
+        assert_eq!(f.workers[0].claims.load(Ordering::SeqCst), 5);
+        for seq in 2..5 {
+            assert!(
+                !claim(&f.workers[0].claims, seq),
+                "revoked chunk {seq} was run"
+            );
+        }
+        assert_eq!(f.workers[1].sent(), [0, 1, 2, 3, 4, 5, 6]);
+        f.scheduler.skipped(WorkerId(0), 4);
+        for seq in 4..7 {
+            assert!(claim(&f.workers[1].claims, seq));
+            delivered.push(f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap());
+        }
+        delivered.push(f.scheduler.result(WorkerId(0), done(1, 5_000_000)).unwrap());
+        assert!(f.scheduler.is_idle());
+        deliver(delivered);
+        let mut delivered: Vec<usize> = job.0.lock().iter().map(|(index, _)| *index).collect();
+        delivered.sort_unstable();
+        assert_eq!(
+            delivered,
+            (0..8).collect::<Vec<_>>(),
+            "each chunk exactly once"
+        );
+    }
+
+    #[test]
+    fn a_batch_not_started_yet_is_shared_with_a_worker_that_becomes_idle() {
+        let mut f = fixture(1, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..4)).unwrap();
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1, 2, 3, 4],
+            "all four on the only worker"
+        );
+        // A second worker becomes ready before the first started any of them: they are
+        // revoked and shared between the two.
+        let second = Arc::new(FakeWorker::default());
+        assert!(
+            f.scheduler
+                .register_worker(WorkerId(1), Box::new(FakeLink(second.clone())))
+        );
+        f.scheduler.worker_ready(WorkerId(1), 101);
+        assert_eq!(
+            f.workers[0].claims.load(Ordering::SeqCst),
+            5,
+            "all four revoked"
+        );
+        assert_eq!(second.sent().len(), 2, "two of them moved");
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1, 2, 3, 4, 5, 6],
+            "and two sent back"
+        );
+    }
+
+    #[test]
+    fn a_dead_worker_fails_the_chunk_it_ran_and_the_others_run_elsewhere() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..6)).unwrap();
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1, 2, 3],
+            "0 was the measuring chunk"
+        );
+        // Worker 0 finished chunk 1 (reported), died running chunk 2; 3 never started.
+        assert!(claim(&f.workers[0].claims, 1));
+        let finished = f.scheduler.result(WorkerId(0), done(1, 1_000));
+        assert!(matches!(
+            finished,
+            Some((_, ChunkOutcome { result: Ok(_), .. }))
+        ));
+        assert!(claim(&f.workers[0].claims, 2));
+        let deliveries = f.scheduler.worker_exited(WorkerId(0), -9, None);
+        assert_eq!(deliveries.len(), 1, "only the running chunk fails");
+        match &deliveries[0].1.result {
+            Err(PoolError::WorkerDied { pid: 100, .. }) => {}
+            other => panic!("expected WorkerDied, got {:?}", other.as_ref().err()),
+        }
+        assert_eq!(
+            f.supervisor.starts.load(Ordering::SeqCst),
+            3,
+            "a replacement"
+        );
+        // The chunk that never started goes to the live worker once it has room.
+        for seq in f.workers[1].sent() {
+            assert!(claim(&f.workers[1].claims, seq));
+            f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap();
+        }
+        f.scheduler.dispatch();
+        assert_eq!(
+            f.workers[1].sent().len(),
+            4,
+            "three of its own and the orphan"
+        );
+    }
+
+    #[test]
+    fn a_retiring_worker_is_replaced_after_it_exits_not_before() {
+        let mut f = fixture(1, Some(2));
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..3)).unwrap();
+        assert_eq!(
+            f.workers[0].sent(),
+            [0, 1],
+            "its budget: two chunks (0 measured)"
+        );
+        assert_eq!(
+            f.supervisor.starts.load(Ordering::SeqCst),
+            1,
+            "no early replacement"
+        );
+        assert!(claim(&f.workers[0].claims, 1));
+        f.scheduler.result(WorkerId(0), done(1, 1_000)).unwrap();
+        assert_eq!(f.supervisor.starts.load(Ordering::SeqCst), 1);
+        assert!(f.scheduler.worker_exited(WorkerId(0), 0, None).is_empty());
+        assert_eq!(
+            f.supervisor.starts.load(Ordering::SeqCst),
+            2,
+            "replaced on exit"
+        );
+        let next = Arc::new(FakeWorker::default());
+        assert!(
+            f.scheduler
+                .register_worker(WorkerId(9), Box::new(FakeLink(next.clone())))
+        );
+        f.scheduler.worker_ready(WorkerId(9), 200);
+        assert_eq!(
+            next.sent(),
+            [0, 1],
+            "the waiting chunks run on the replacement"
+        );
+    }
+
+    #[test]
+    fn join_waits_for_promised_workers_and_wait_ready_reports_start_failures() {
+        let supervisor = Arc::new(FakeSupervisor::default());
+        let mut scheduler = Scheduler::new(2, None, false, supervisor.clone());
+        scheduler.request_workers();
+        assert!(scheduler.is_idle());
+        assert!(!scheduler.is_settled(), "two workers were promised");
+        assert!(scheduler.readiness().is_none());
+        let worker = Arc::new(FakeWorker::default());
+        assert!(scheduler.register_worker(WorkerId(0), Box::new(FakeLink(worker))));
+        assert!(
+            scheduler
+                .start_failed(WorkerId(1), false, "EMFILE".into())
+                .is_empty()
+        );
+        // A worker started before the failure becoming ready does not hide it.
+        scheduler.worker_ready(WorkerId(0), 100);
+        assert!(scheduler.is_settled());
+        assert_eq!(
+            scheduler.readiness(),
+            Some(Err(PoolError::StartFailed("EMFILE".into())))
+        );
+        assert!(
+            matches!(scheduler.mode(), Mode::Open),
+            "it goes on with one worker"
+        );
+    }
+
+    /// A small deterministic generator for the randomized test (no dependency needed).
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A fake worker process of the randomized test.
+    struct Simulated {
+        id: WorkerId,
+        link: Arc<FakeWorker>,
+        /// Chunks it claimed and has not reported yet, in order.
+        running: VecDeque<u64>,
+        /// How many chunks of its link it has read.
+        read: usize,
+        /// Chunks it may still run (`maxtasksperchild`).
+        budget: Option<usize>,
+    }
+
+    /// A scheduler driven by simulated workers, recording every delivery.
+    struct Simulation {
+        scheduler: Scheduler,
+        supervisor: Arc<FakeSupervisor>,
+        processes: usize,
+        max_tasks: Option<usize>,
+        live: Vec<Simulated>,
+        next_id: u64,
+        deliveries: Vec<Delivery>,
+    }
+
+    impl Simulation {
+        /// Starts the workers the scheduler asked for.
+        fn start_requested(&mut self) {
+            while (self.next_id as usize) < self.supervisor.starts.load(Ordering::SeqCst) {
+                let link = Arc::new(FakeWorker::default());
+                let id = WorkerId(self.next_id);
+                self.next_id += 1;
+                assert!(
+                    self.scheduler
+                        .register_worker(id, Box::new(FakeLink(link.clone())))
+                );
+                self.scheduler.worker_ready(id, 100 + id.0 as u32);
+                self.live.push(Simulated {
+                    id,
+                    link,
+                    running: VecDeque::new(),
+                    read: 0,
+                    budget: self.max_tasks,
+                });
+                assert!(
+                    self.live.len() <= self.processes,
+                    "more workers than processes"
+                );
+            }
+        }
+
+        /// Worker `w` reads the next chunk of its link and claims (or skips) it. False if it
+        /// had nothing to read or its budget is spent (it exits without reading).
+        fn read_next(&mut self, w: usize) -> bool {
+            let worker = &mut self.live[w];
+            let Some(&seq) = worker.link.sent().get(worker.read) else {
+                return false;
+            };
+            if worker.budget == Some(0) {
+                return false;
+            }
+            worker.read += 1;
+            if claim(&worker.link.claims, seq) {
+                worker.running.push_back(seq);
+                if let Some(budget) = &mut worker.budget {
+                    *budget -= 1;
+                }
+            } else {
+                self.scheduler.skipped(worker.id, seq);
+            }
+            true
+        }
+
+        /// Worker `w` reports its oldest claimed chunk, taking `ns`.
+        fn finish_one(&mut self, w: usize, ns: u64) {
+            if let Some(seq) = self.live[w].running.pop_front() {
+                let id = self.live[w].id;
+                self.deliveries
+                    .extend(self.scheduler.result(id, done(seq, ns)));
+                self.scheduler.dispatch();
+            }
+        }
+
+        /// Worker `w` ends (dies, or retires): how many of its chunks failed, and how many
+        /// it had claimed and not reported.
+        fn exit(&mut self, w: usize, exitcode: i32) -> (usize, usize) {
+            let worker = self.live.remove(w);
+            let failed = self.scheduler.worker_exited(worker.id, exitcode, None);
+            let counts = (failed.len(), worker.running.len());
+            self.deliveries.extend(failed);
+            counts
+        }
+    }
+
+    /// Random interleavings of submissions, starts, claims, results, skips, deaths and
+    /// steals: every chunk is delivered exactly once, never more than `processes` workers
+    /// exist, and a worker's death fails exactly the chunks it had claimed and not reported.
+    #[test]
+    fn every_chunk_is_delivered_exactly_once_whatever_happens() {
+        let seeds: u64 = if cfg!(miri) { 2 } else { 40 };
+        for seed in 1..=seeds {
+            let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let processes = 1 + rng.below(3) as usize;
+            let max_tasks = (rng.below(2) == 0).then(|| 1 + rng.below(4) as usize);
+            let supervisor = Arc::new(FakeSupervisor::default());
+            let mut scheduler = Scheduler::new(processes, max_tasks, false, supervisor.clone());
+            scheduler.request_workers();
+            let mut sim = Simulation {
+                scheduler,
+                supervisor,
+                processes,
+                max_tasks,
+                live: Vec::new(),
+                next_id: 0,
+                deliveries: Vec::new(),
+            };
+            let job = Arc::new(Recorder::default());
+            let mut submitted = 0;
+            for _ in 0..400 {
+                let worker = (!sim.live.is_empty()).then(|| rng.below(sim.live.len() as u64));
+                match (rng.below(6), worker) {
+                    (0, _) if submitted < 60 => {
+                        let n = 1 + rng.below(6) as usize;
+                        let new = chunks(&job, submitted..submitted + n);
+                        sim.scheduler.enqueue(new).unwrap();
+                        submitted += n;
+                    }
+                    (1, _) => sim.start_requested(),
+                    (2 | 3, Some(w)) => {
+                        sim.read_next(w as usize);
+                    }
+                    (4, Some(w)) => {
+                        let ns = [1_000, 10_000_000][rng.below(2) as usize];
+                        sim.finish_one(w as usize, ns);
+                    }
+                    (5, Some(w)) if rng.below(4) == 0 => {
+                        let (failed, claimed) = sim.exit(w as usize, -9);
+                        assert_eq!(failed, claimed, "seed {seed}: only claimed chunks fail");
+                    }
+                    _ => {}
+                }
+            }
+            // Drain: start what was asked for, run everything to the end.
+            for _ in 0..10_000 {
+                if sim.scheduler.is_idle() {
+                    break;
+                }
+                sim.start_requested();
+                for w in 0..sim.live.len() {
+                    while !sim.live[w].running.is_empty() {
+                        sim.finish_one(w, 1_000);
+                    }
+                    while sim.read_next(w) {}
+                }
+                // Workers whose budget is spent and who have nothing left retire.
+                let mut w = 0;
+                while w < sim.live.len() {
+                    if sim.live[w].budget == Some(0) && sim.live[w].running.is_empty() {
+                        sim.exit(w, 0);
+                    } else {
+                        w += 1;
+                    }
+                }
+                sim.scheduler.dispatch();
+            }
+            assert!(sim.scheduler.is_idle(), "seed {seed}: work left over");
+            deliver(std::mem::take(&mut sim.deliveries));
+            let mut delivered: Vec<usize> = job.0.lock().iter().map(|(i, _)| *i).collect();
+            delivered.sort_unstable();
+            assert_eq!(
+                delivered,
+                (0..submitted).collect::<Vec<_>>(),
+                "seed {seed}: each chunk exactly once"
+            );
+        }
+    }
+
+    fn deliver(deliveries: Vec<Delivery>) {
+        for (job, outcome) in deliveries {
+            job.deliver(outcome);
+        }
     }
 }

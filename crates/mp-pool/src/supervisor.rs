@@ -13,9 +13,10 @@ use mp_core::{Child, ProcessError};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
-use crate::job::deliver;
+use crate::job::{deliver, panic_message};
 use crate::pool::Shared;
-use crate::transport::{Progress, Report, WorkerId, task_link};
+use crate::scheduler::Supervisor;
+use crate::transport::{Claims, Report, TaskLink, WorkerId, task_link};
 use crate::worker::WorkerArgs;
 
 enum Command {
@@ -42,16 +43,6 @@ impl Commands {
         }))
     }
 
-    /// Asks for one more worker.
-    pub(crate) fn start_worker(&self) {
-        self.push(Command::Start);
-    }
-
-    /// Asks for a worker to be killed.
-    pub(crate) fn kill(&self, id: WorkerId) {
-        self.push(Command::Kill(id));
-    }
-
     /// Asks the supervisor to finish once every worker is gone, killing them with `kill`.
     pub(crate) fn stop(&self, kill: bool) {
         self.push(Command::Stop { kill });
@@ -68,6 +59,16 @@ impl Commands {
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(&self.doorbell, &mut counter);
         std::mem::take(&mut *self.queue.lock())
+    }
+}
+
+impl Supervisor for Commands {
+    fn start_worker(&self) {
+        self.push(Command::Start);
+    }
+
+    fn kill(&self, id: WorkerId) {
+        self.push(Command::Kill(id));
     }
 }
 
@@ -146,36 +147,55 @@ fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
 
 /// Starts one worker: registers its link with the scheduler, then starts the process.
 /// `None` if the scheduler refused (stopping) or the start failed (reported to the pool).
+///
+/// Creating the link and starting the process can run out of descriptors or memory; some
+/// layers below report that by panicking (ipc-channel asserts on EMFILE). Either way it is a
+/// [`PoolError::StartFailed`](crate::PoolError::StartFailed) for this one worker, never the
+/// end of this thread.
 fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
     let id = WorkerId(shared.next_worker.fetch_add(1, Ordering::Relaxed));
-    let link = task_link().and_then(|(sender, receiver)| Ok((sender, receiver, Progress::new()?)));
-    let (sender, receiver, progress) = match link {
-        Ok(link) => link,
-        Err(e) => {
-            let deliveries = shared.scheduler.lock().start_failed(None, e.to_string());
-            deliver(deliveries);
-            return None;
-        }
+    let failed = |registered: bool, message: String| {
+        let deliveries = shared
+            .scheduler
+            .lock()
+            .start_failed(id, registered, message);
+        shared.idle.notify_all();
+        deliver(deliveries);
+        None
     };
-    if !shared
-        .scheduler
-        .lock()
-        .register_worker(id, sender, progress.clone())
-    {
+    let link = catch_panic(|| {
+        task_link()
+            .and_then(|(sender, receiver)| Ok((sender, receiver, Claims::new()?)))
+            .map_err(|e| e.to_string())
+    });
+    let (sender, receiver, claims) = match link {
+        Ok(link) => link,
+        Err(message) => return failed(false, message),
+    };
+    if !shared.scheduler.lock().register_worker(
+        id,
+        Box::new(TaskLink {
+            sender,
+            claims: claims.clone(),
+        }),
+    ) {
         return None;
     }
     let args = WorkerArgs {
         id,
         tasks: receiver,
         reports: shared.reports.clone(),
-        progress,
+        claims,
         max_tasks: shared.config.max_tasks,
     };
     let name = format!("{}-{}", shared.config.name_prefix, id.0);
-    let started = shared
-        .config
-        .launcher
-        .launch(args, name, shared.config.start_method);
+    let started = catch_panic(|| {
+        shared
+            .config
+            .launcher
+            .launch(args, name, shared.config.start_method)
+            .map_err(|e| e.to_string())
+    });
     match started {
         Ok(child) => {
             let (pid, name) = (child.pid(), child.name());
@@ -183,13 +203,12 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
             shared.scheduler.lock().worker_started(id, child.pid());
             Some((id, child))
         }
-        Err(e) => {
-            let deliveries = shared
-                .scheduler
-                .lock()
-                .start_failed(Some(id), e.to_string());
-            deliver(deliveries);
-            None
-        }
+        Err(message) => failed(true, message),
     }
+}
+
+/// Runs `f`, turning a panic into an error message.
+fn catch_panic<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&*panic))))
 }

@@ -30,6 +30,8 @@
 //!   pool posts after reaping a worker therefore arrives after everything that worker sent.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mp_core::{FunctionId, TaskFailure};
@@ -104,32 +106,50 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
-/// The encoded arguments of one chunk.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct Payload(Bytes);
+/// The encoded arguments of one chunk. Shared, not copied, between the scheduler (which
+/// keeps it to re-queue the chunk if its worker dies) and the message that carries it.
+#[derive(Clone, Debug)]
+pub(crate) struct Payload(Arc<Vec<u8>>);
 
 impl Payload {
     /// Wraps encoded bytes.
     pub(crate) fn new(bytes: Vec<u8>) -> Payload {
-        Payload(Bytes(bytes))
+        Payload(Arc::new(bytes))
     }
 
     /// The encoded bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.0.0
+        &self.0
     }
 
     /// How many bytes it adds to a message.
     pub(crate) fn len(&self) -> usize {
-        self.0.0.len()
+        self.0.len()
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Payload::new(Bytes::deserialize(deserializer)?.0))
     }
 }
 
 /// One chunk of a job, as a worker receives it.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct TaskChunk {
-    /// The pool-wide sequence number the result is matched by.
+    /// Its sequence number on this worker's link (0, 1, 2...): what the worker claims
+    /// (see [`Claims`]) and what its result is matched by.
     pub seq: u64,
+    /// Chunks of one job whose results are only observed together (a `map`) share a
+    /// nonzero group: the worker may send their successful results together (see the
+    /// worker loop). 0: send the result the moment the chunk ends.
+    pub group: u64,
     /// The chunk trampoline to run.
     pub function: FunctionId,
     /// The postcard-encoded `Vec` of arguments.
@@ -166,12 +186,20 @@ pub(crate) enum Report {
         /// Its pid.
         pid: u32,
     },
-    /// Results of chunks, in the order the worker ran them.
+    /// Results of chunks, in the order the worker ran them: each sent as soon as it
+    /// ends, or with the next results of the same group (see [`TaskChunk::group`]).
     Results {
         /// Who.
         worker: WorkerId,
         /// The results.
         results: Vec<ChunkResult>,
+    },
+    /// The worker skipped chunks the pool had revoked, up to and including `last`.
+    Skipped {
+        /// Who.
+        worker: WorkerId,
+        /// The last chunk it skipped.
+        last: u64,
     },
     /// Notice from the supervisor: the worker's process ended (posted after it was reaped,
     /// hence after everything it sent).
@@ -188,29 +216,85 @@ pub(crate) enum Report {
     Shutdown,
 }
 
-/// Where a worker records the chunk it is starting, in shared memory the pool reads after
-/// the worker died: chunks before it ran (their results may be lost), chunks after it never
-/// started and can run elsewhere. Only the worker writes and only after its death does the
-/// pool read, so plain copies suffice: nothing can tear.
+/// A worker's claim counter, in shared memory: the sequence number of the next chunk it
+/// may start. The worker *claims* chunk `n` by moving it from `n` to `n + 1`; the pool
+/// *revokes* the chunks the worker has not started by moving it past them. Both are one
+/// compare-and-swap on the same word, so exactly one side wins each chunk: a chunk either
+/// ran (or runs) on this worker, or it never will and can run elsewhere. After the worker's
+/// death the counter tells which of its chunks started (those below it) and which did not.
 #[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct Progress(SharedMemory);
+pub(crate) struct Claims(SharedMemory);
 
-impl Progress {
-    pub(crate) fn new() -> Result<Progress, TransportError> {
-        Ok(Progress(SharedMemory::new(8).map_err(QueueError::from)?))
+impl Claims {
+    pub(crate) fn new() -> Result<Claims, TransportError> {
+        Ok(Claims(SharedMemory::new(8).map_err(QueueError::from)?))
     }
 
-    /// In the worker: the chunk `seq` starts now.
-    pub(crate) fn started(&self, seq: u64) {
-        // Cannot fail: the segment has room for the 8 bytes.
-        let _ = self.0.write_at(0, &(seq + 1).to_le_bytes());
+    fn word(&self) -> &AtomicU64 {
+        let ptr = self.0.as_mut_ptr().cast::<u64>();
+        debug_assert!(ptr.is_aligned() && self.0.len() >= 8);
+        // SAFETY: the mapping starts on a page boundary (so `ptr` is aligned for a u64) and
+        // holds at least 8 bytes (`new`); it stays mapped while `self` (a handle to it)
+        // lives, which bounds the returned reference. Every process accesses these 8 bytes
+        // only through atomic operations on this same `AtomicU64` view, so there is no
+        // non-atomic access to race with.
+        unsafe { AtomicU64::from_ptr(ptr) }
     }
 
-    /// In the pool, once the worker is dead: the last chunk it started, if any.
-    pub(crate) fn last_started(&self) -> Option<u64> {
-        let mut bytes = [0; 8];
-        self.0.read_at(0, &mut bytes).ok()?;
-        u64::from_le_bytes(bytes).checked_sub(1)
+    /// In the worker: claims chunk `seq` before starting it. `false`: the pool revoked it;
+    /// it must be skipped.
+    pub(crate) fn claim(&self, seq: u64) -> bool {
+        claim(self.word(), seq)
+    }
+
+    /// In the pool: revokes every chunk before `sent` that the worker has not claimed.
+    /// Returns the first revoked sequence number (`sent` if none was left).
+    pub(crate) fn revoke(&self, sent: u64) -> u64 {
+        revoke(self.word(), sent)
+    }
+
+    /// In the pool: chunks below this were claimed (started) or revoked.
+    pub(crate) fn claimed(&self) -> u64 {
+        self.word().load(Ordering::Acquire)
+    }
+}
+
+/// The claim protocol on a counter (see [`Claims`]): the worker claims chunk `seq`.
+pub(crate) fn claim(word: &AtomicU64, seq: u64) -> bool {
+    word.compare_exchange(seq, seq + 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// The claim protocol on a counter (see [`Claims`]): the pool revokes the unclaimed chunks
+/// before `sent`; returns the first one revoked (`sent` if none).
+pub(crate) fn revoke(word: &AtomicU64, sent: u64) -> u64 {
+    let mut next = word.load(Ordering::Acquire);
+    while next < sent {
+        match word.compare_exchange(next, sent, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return next,
+            Err(now) => next = now,
+        }
+    }
+    sent
+}
+
+/// The pool's end of one worker's task link: where its chunks go, and its claim counter.
+pub(crate) struct TaskLink {
+    pub sender: TaskSender,
+    pub claims: Claims,
+}
+
+impl crate::scheduler::WorkerLink for TaskLink {
+    fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
+        self.sender.send(message)
+    }
+
+    fn revoke(&self, sent: u64) -> u64 {
+        self.claims.revoke(sent)
+    }
+
+    fn claimed(&self) -> u64 {
+        self.claims.claimed()
     }
 }
 
@@ -282,6 +366,15 @@ impl ReportReceiver {
     pub(crate) fn recv(&self) -> Result<Report, TransportError> {
         Ok(get_polling(&self.0)?)
     }
+
+    /// The next report if one has arrived (`None`: none yet).
+    pub(crate) fn try_recv(&self) -> Result<Option<Report>, TransportError> {
+        match self.0.try_get() {
+            Ok(report) => Ok(Some(report)),
+            Err(QueueError::Empty) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -289,13 +382,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn progress_remembers_the_last_chunk_started() {
-        let progress = Progress::new().unwrap();
-        assert_eq!(progress.last_started(), None);
-        progress.started(0);
-        assert_eq!(progress.last_started(), Some(0));
-        progress.clone().started(41);
-        assert_eq!(progress.last_started(), Some(41));
+    fn a_chunk_is_either_claimed_by_the_worker_or_revoked_by_the_pool() {
+        let claims = Claims::new().unwrap();
+        let worker = claims.clone();
+        assert_eq!(claims.claimed(), 0);
+        assert!(worker.claim(0));
+        assert!(!worker.claim(0), "a chunk is claimed once");
+        // Chunks 1..4 were sent; the worker started none of them: all are revoked.
+        assert_eq!(claims.revoke(4), 1);
+        for seq in 1..4 {
+            assert!(!worker.claim(seq), "revoked chunk {seq} was claimed");
+        }
+        assert_eq!(claims.claimed(), 4);
+        // Later chunks are claimed as usual; nothing left to revoke once all started.
+        assert!(worker.claim(4));
+        assert_eq!(claims.revoke(5), 5);
+        assert_eq!(claims.claimed(), 5);
+    }
+
+    #[test]
+    fn claims_race_and_exactly_one_side_wins_each_chunk() {
+        for _ in 0..200 {
+            let claims = Claims::new().unwrap();
+            let worker = claims.clone();
+            let claimer =
+                std::thread::spawn(move || (0..64).take_while(|&s| worker.claim(s)).count());
+            let first_revoked = claims.revoke(64);
+            let ran = claimer.join().unwrap() as u64;
+            assert_eq!(
+                ran, first_revoked,
+                "the worker ran exactly the chunks not revoked"
+            );
+        }
     }
 
     #[test]
@@ -309,6 +427,7 @@ mod tests {
     fn batch(seq: u64, bytes: usize) -> TaskMessage {
         TaskMessage::Run(vec![TaskChunk {
             seq,
+            group: 0,
             function: FunctionId::of_task(&|x: u8| x),
             payload: Payload::new(vec![7; bytes]),
         }])

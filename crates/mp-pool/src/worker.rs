@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::transport::{
-    Bytes, ChunkResult, Progress, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
+    Bytes, ChunkResult, Claims, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
 };
 
 /// Everything a worker process is started with (besides its initializer's arguments).
@@ -25,8 +25,8 @@ pub(crate) struct WorkerArgs {
     pub id: WorkerId,
     pub tasks: TaskReceiver,
     pub reports: ReportSender,
-    /// Where it records the chunk it starts.
-    pub progress: Progress,
+    /// Where it claims each chunk before starting it.
+    pub claims: Claims,
     /// Chunks to run before exiting (`maxtasksperchild`); `None`: no limit.
     pub max_tasks: Option<usize>,
 }
@@ -100,19 +100,27 @@ fn serve_initialized<M, F: Entry<M>>((worker, args): (WorkerArgs, F::Args)) {
     serve(worker);
 }
 
-/// Results are sent at the end of each batch, and in between once this much time has passed
-/// since the last send (so a slow batch still streams its results)...
-const FLUSH_INTERVAL: Duration = Duration::from_micros(200);
-/// ...or once this many result bytes wait.
-const FLUSH_BYTES: usize = 64 * 1024;
+/// Results of one group (see [`TaskChunk::group`](crate::transport::TaskChunk)) wait for
+/// the group's next chunk at most this long...
+const HOLD_TIME: Duration = Duration::from_micros(200);
+/// ...or until this many result bytes wait.
+const HOLD_BYTES: usize = 64 * 1024;
 
 /// The worker's main loop (runs in the worker process).
+///
+/// Each chunk is claimed (see [`Claims`]) before it starts, and its result is sent the
+/// moment it ends: nothing finished waits behind the next chunk, however slow, and a worker
+/// that dies loses only the chunk it was running. The one exception changes nothing anyone
+/// can see: successful results of a job that is only observed as a whole (a `map`) may be
+/// held while the same job's next chunk runs (at most [`HOLD_TIME`]), and sent with its
+/// result. If the worker dies meanwhile, that job fails anyway. Chunks the pool revoked
+/// are skipped, and the skip is reported so that the pool knows the message was read.
 pub(crate) fn serve(args: WorkerArgs) {
     let WorkerArgs {
         id,
         tasks,
         reports,
-        progress,
+        claims,
         max_tasks,
     } = args;
     let pid = std::process::id();
@@ -121,6 +129,16 @@ pub(crate) fn serve(args: WorkerArgs) {
         return;
     }
     tracing::debug!("pool worker ready");
+    let send = |results: &mut Vec<ChunkResult>| {
+        let results = std::mem::take(results);
+        results.is_empty()
+            || reports
+                .send(Report::Results {
+                    worker: id,
+                    results,
+                })
+                .is_ok()
+    };
     let mut done = 0usize;
     while max_tasks.is_none_or(|max| done < max) {
         let batch = match tasks.recv() {
@@ -131,48 +149,54 @@ pub(crate) fn serve(args: WorkerArgs) {
                 return;
             }
         };
-        let mut results = Vec::with_capacity(batch.len());
-        let mut pending_bytes = 0;
-        let mut last_flush = Instant::now();
+        let mut skipped = None;
+        // Results held for their group: the group, since when, how many bytes.
+        let mut held = Vec::new();
+        let (mut held_group, mut held_since, mut held_bytes) = (0, Instant::now(), 0);
         for chunk in batch {
+            if !claims.claim(chunk.seq) {
+                skipped = Some(chunk.seq);
+                continue;
+            }
+            let hold_on = chunk.group != 0
+                && chunk.group == held_group
+                && held_bytes < HOLD_BYTES
+                && held_since.elapsed() < HOLD_TIME;
+            if !hold_on && !send(&mut held) {
+                return;
+            }
             let _chunk = tracing::trace_span!("chunk", seq = chunk.seq).entered();
-            progress.started(chunk.seq);
             let started = Instant::now();
             // SAFETY: the id was made by `FunctionId::of_task` (on a chunk trampoline) in the
             // parent, which runs this same executable.
             let outcome = unsafe { chunk.function.call_task(chunk.payload.as_bytes()) };
-            let finished = Instant::now();
-            pending_bytes += outcome.as_ref().map_or(0, Vec::len);
-            results.push(ChunkResult {
+            let elapsed = started.elapsed();
+            let may_hold = chunk.group != 0 && outcome.is_ok();
+            let bytes = outcome.as_ref().map_or(0, Vec::len);
+            held.push(ChunkResult {
                 seq: chunk.seq,
-                elapsed_ns: u64::try_from((finished - started).as_nanos()).unwrap_or(u64::MAX),
+                elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
                 outcome: outcome.map(Bytes),
             });
             done += 1;
-            if pending_bytes >= FLUSH_BYTES || finished - last_flush >= FLUSH_INTERVAL {
-                let results = std::mem::take(&mut results);
-                if reports
-                    .send(Report::Results {
-                        worker: id,
-                        results,
-                    })
-                    .is_err()
-                {
+            if !may_hold {
+                if !send(&mut held) {
                     return;
                 }
-                pending_bytes = 0;
-                last_flush = Instant::now();
+            } else if held.len() == 1 {
+                (held_group, held_since, held_bytes) = (chunk.group, Instant::now(), bytes);
+            } else {
+                held_bytes += bytes;
             }
         }
-        if !results.is_empty()
-            && reports
-                .send(Report::Results {
-                    worker: id,
-                    results,
-                })
-                .is_err()
-        {
+        if !send(&mut held) {
             return;
+        }
+        if let Some(last) = skipped {
+            tracing::trace!(last, "skipped revoked chunks");
+            if reports.send(Report::Skipped { worker: id, last }).is_err() {
+                return;
+            }
         }
     }
     tracing::debug!(tasks = done, "pool worker exits");

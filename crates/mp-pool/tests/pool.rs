@@ -798,3 +798,342 @@ fn invalid_options_are_refused() {
     let default = Pool::builder().build().unwrap();
     assert_eq!(default.processes(), mp_core::cpu_count());
 }
+
+// ---- Issue 11: every result on time, none lost, no hang from user code ----
+
+/// Runs many tiny tasks so that the pool measures chunks as cheap and batches several on
+/// each worker: the situation in which results used to wait behind a slow chunk.
+fn warm_up(pool: &Pool) {
+    let squares = pool.chunksize(1).map_async(square, 0..3_000u64).unwrap();
+    assert_eq!(squares.get_timeout(LIMIT).unwrap().len(), 3_000);
+}
+
+/// `None`: returns at once; `Some(path)`: announces itself there, then runs "forever".
+fn quick_or_blocking(path: Option<String>) -> u32 {
+    match path {
+        None => std::process::id(),
+        Some(path) => announce_and_block(path),
+    }
+}
+
+#[test]
+fn a_quick_result_is_delivered_while_a_slow_task_follows_on_the_same_worker() {
+    let mut announcements = Announcements::new();
+    let pool = Pool::new(1).unwrap();
+    warm_up(&pool);
+    // One worker: both chunks go to it in one batch, the quick one first.
+    let mut results = pool.imap(quick_or_blocking, [None, Some(announcements.path())]);
+    let started = Instant::now();
+    let quick = results.next_timeout(LIMIT);
+    let waited = started.elapsed();
+    let pid = announcements.next_pid();
+    assert!(matches!(quick, Some(Ok(p)) if p == pid), "got {quick:?}");
+    // Issue 11 asks for 50 ms; the bound here only has to tell "delivered when it ended"
+    // from "held until the slow task ends" (60 s) on a loaded 2-CPU machine.
+    assert!(
+        waited < Duration::from_secs(5),
+        "the quick result took {waited:?}"
+    );
+    assert_eq!(
+        results.next_timeout(Duration::from_millis(50)),
+        Some(Err(PoolError::Timeout)),
+        "the slow task is still running"
+    );
+}
+
+#[test]
+fn callbacks_see_a_quick_result_while_a_slow_task_runs_on_the_same_worker() {
+    // `wait(FIRST_COMPLETED)` built on callbacks: the quick task's callback must fire.
+    let mut announcements = Announcements::new();
+    let pool = Pool::new(1).unwrap();
+    warm_up(&pool);
+    let (sender, receiver) = mpsc::channel();
+    let quick = pool
+        .apply_async(quick_or_blocking, None)
+        .unwrap()
+        .callback(move |pid| {
+            let _ = sender.send(*pid);
+        });
+    let slow = pool
+        .apply_async(quick_or_blocking, Some(announcements.path()))
+        .unwrap();
+    let pid = receiver
+        .recv_timeout(LIMIT)
+        .expect("the quick callback ran");
+    assert_eq!(announcements.next_pid(), pid);
+    assert_eq!(quick.get_timeout(LIMIT), Ok(pid));
+    assert!(!slow.ready());
+}
+
+#[test]
+fn an_idle_worker_takes_the_chunks_queued_behind_a_slow_one() {
+    let mut announcements = Announcements::new();
+    let pool = Pool::new(2).unwrap();
+    warm_up(&pool);
+    // Fair shares put the slow chunk and some quick ones on one worker, the rest on the
+    // other; once the other is idle it must take the quick ones still queued.
+    let mut inputs = vec![Some(announcements.path())];
+    inputs.extend(std::iter::repeat_n(None, 7));
+    let mut results = pool.imap_unordered(quick_or_blocking, inputs);
+    let mut pids = BTreeSet::new();
+    for _ in 0..7 {
+        match results.next_timeout(LIMIT) {
+            Some(Ok(pid)) => pids.insert(pid),
+            other => panic!("a quick task waited behind the slow one: {other:?}"),
+        };
+    }
+    let slow_pid = announcements.next_pid();
+    assert_eq!(
+        results.next_timeout(Duration::from_millis(50)),
+        Some(Err(PoolError::Timeout)),
+        "only the slow task is left"
+    );
+    assert!(
+        pids.iter().any(|p| *p != slow_pid),
+        "quick tasks ran on the idle worker"
+    );
+}
+
+#[test]
+fn a_dying_worker_fails_only_its_running_task_and_delivers_what_it_finished() {
+    let mut announcements = Announcements::new();
+    let pool = Pool::new(1).unwrap();
+    warm_up(&pool);
+    // Three chunks in one batch: a finished one, the one running when the worker dies, and
+    // one that never started.
+    let mut results = pool.imap(quick_or_blocking, [None, Some(announcements.path()), None]);
+    let finished = results.next_timeout(LIMIT);
+    let pid = announcements.next_pid();
+    kill(pid, Signal::KILL);
+    assert_eq!(finished, Some(Ok(pid)), "finished before the death");
+    match results.next_timeout(LIMIT) {
+        Some(Err(PoolError::WorkerDied { pid: dead, status })) => {
+            assert_eq!(dead, pid);
+            assert_eq!(status, ExitStatus::Signal(9));
+        }
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
+    match results.next_timeout(LIMIT) {
+        Some(Ok(replacement)) => assert_ne!(replacement, pid, "ran on the replacement"),
+        other => panic!("the chunk that never started must run elsewhere: {other:?}"),
+    }
+    assert!(results.next().is_none());
+}
+
+/// An input that panics at item `at`.
+fn failing_input(at: u64) -> impl Iterator<Item = u64> {
+    (0..10).inspect(move |&i| assert!(i != at, "input broke at {i}"))
+}
+
+#[test]
+fn imap_yields_what_it_read_before_the_input_failed() {
+    let pool = Pool::new(2).unwrap();
+    // Python: imap(f, gen) yields f(0), f(1), f(2), then raises.
+    let results: Vec<_> = pool.imap(square, failing_input(3)).collect();
+    assert_eq!(results[..3], [Ok(0), Ok(1), Ok(4)]);
+    match &results[3..] {
+        [Err(PoolError::InputPanicked(message))] => assert!(message.contains("input broke at 3")),
+        other => panic!("expected the input's failure last, got {other:?}"),
+    }
+    // With chunks of 2, the chunk being read ([2, 3]) fails as a whole, as in Python.
+    let results: Vec<_> = pool.chunksize(2).imap(square, failing_input(3)).collect();
+    assert_eq!(results[..2], [Ok(0), Ok(1)]);
+    assert!(
+        matches!(results[2..], [Err(PoolError::InputPanicked(_))]),
+        "{results:?}"
+    );
+    // Unordered: the same values, in any order, then the failure.
+    let mut results: Vec<_> = pool.imap_unordered(square, failing_input(3)).collect();
+    assert!(matches!(
+        results.pop(),
+        Some(Err(PoolError::InputPanicked(_)))
+    ));
+    results.sort_by_key(|r| *r.as_ref().unwrap());
+    assert_eq!(results, [Ok(0), Ok(1), Ok(4)]);
+    // The pool is unaffected.
+    assert_eq!(pool.apply(square, 12), Ok(144));
+}
+
+#[test]
+fn imap_reports_its_exact_length_when_the_input_knows_it() {
+    let pool = Pool::new(2).unwrap();
+    let mut results = pool.chunksize(3).imap(square, 0..100u64);
+    assert_eq!(results.size_hint(), (100, Some(100)));
+    for left in (0..100).rev() {
+        assert!(results.next().unwrap().is_ok());
+        assert_eq!(results.size_hint(), (left, Some(left)));
+    }
+    assert!(results.next().is_none());
+    let endless = pool.imap(square, 0..);
+    assert_eq!(endless.size_hint(), (usize::MAX, None));
+}
+
+#[test]
+fn close_and_join_right_after_build_still_run_every_initializer() {
+    let queue: Queue<u32> = Queue::unbounded().unwrap();
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(
+            |queue: Queue<u32>| queue.put(std::process::id()).unwrap(),
+            queue.clone(),
+        )
+        .build()
+        .unwrap();
+    pool.close();
+    pool.join_timeout(LIMIT).unwrap();
+    let first = queue.get_timeout(LIMIT).expect("the first initializer ran");
+    let second = queue
+        .get_timeout(LIMIT)
+        .expect("the second initializer ran");
+    assert_ne!(first, second);
+}
+
+#[test]
+fn wait_ready_reports_workers_up_or_why_not() {
+    let pool = Pool::new(2).unwrap();
+    pool.wait_ready(LIMIT).unwrap();
+    assert_eq!(pool.worker_pids().len(), 2);
+    for pid in pool.worker_pids() {
+        assert!(is_running(pid));
+    }
+
+    let broken = Pool::builder()
+        .processes(2)
+        .initializer(|_: ()| -> () { panic!("no database") }, ())
+        .build()
+        .unwrap();
+    match broken.wait_ready(LIMIT) {
+        Err(PoolError::InitializerFailed { message, .. }) => {
+            assert!(message.contains("no database"), "{message}")
+        }
+        other => panic!("expected InitializerFailed, got {other:?}"),
+    }
+}
+
+static LAST_WORKER: std::sync::OnceLock<(Queue<u32>, Queue<u32>)> = std::sync::OnceLock::new();
+
+/// Initializer: records its pid, and any earlier worker still alive (an overlap).
+fn record_overlap((pids, overlaps): (Queue<u32>, Queue<u32>)) {
+    while let Ok(earlier) = pids.try_get() {
+        if is_running(earlier) {
+            overlaps.put(earlier).unwrap();
+        }
+    }
+    pids.put(std::process::id()).unwrap();
+    let _ = LAST_WORKER.set((pids, overlaps));
+}
+
+#[test]
+fn a_retiring_worker_is_replaced_only_after_it_exits() {
+    let (pids, overlaps) = (Queue::unbounded().unwrap(), Queue::unbounded().unwrap());
+    let pool = Pool::builder()
+        .processes(1)
+        .max_tasks_per_child(1)
+        .initializer(record_overlap, (pids.clone(), overlaps.clone()))
+        .build()
+        .unwrap();
+    // Tasks long enough that a replacement started early would overlap its predecessor.
+    let slow_pid = |_: u32| {
+        std::thread::sleep(Duration::from_millis(20));
+        std::process::id()
+    };
+    let ran_on = pool
+        .chunksize(1)
+        .map_async(slow_pid, 0..8)
+        .unwrap()
+        .get_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(
+        ran_on.iter().collect::<BTreeSet<_>>().len(),
+        8,
+        "one worker per task"
+    );
+    pool.close();
+    pool.join_timeout(LIMIT).unwrap();
+    assert_eq!(
+        overlaps.try_get().ok(),
+        None,
+        "a worker started while another ran"
+    );
+}
+
+/// A type whose decoding panics (a user's buggy `Deserialize`).
+#[derive(Debug, serde::Serialize)]
+struct PanicsWhenDecoded(u32);
+
+impl<'de> serde::Deserialize<'de> for PanicsWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("my decoder is buggy")
+    }
+}
+
+/// A type that cannot be encoded.
+#[derive(Debug, serde::Deserialize)]
+struct Unencodable(u32);
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("no way to encode this"))
+    }
+}
+
+/// A type that decodes only from values below 10.
+#[derive(Debug, serde::Serialize)]
+struct Small(u32);
+
+impl<'de> serde::Deserialize<'de> for Small {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = <u32 as serde::Deserialize>::deserialize(d)?;
+        if value < 10 {
+            Ok(Small(value))
+        } else {
+            Err(serde::de::Error::custom(format!("{value} is not small")))
+        }
+    }
+}
+
+#[test]
+fn a_panicking_result_decoder_fails_its_task_only() {
+    let pool = Pool::new(1).unwrap();
+    let result = pool.apply_async(PanicsWhenDecoded, 7).unwrap();
+    match result.get_timeout(LIMIT) {
+        Err(PoolError::BadResult { message, .. }) => {
+            assert!(message.contains("PanicsWhenDecoded"), "{message}");
+            assert!(message.contains("my decoder is buggy"), "{message}");
+        }
+        other => panic!("expected BadResult, got {other:?}"),
+    }
+    assert_eq!(pool.apply(square, 5), Ok(25), "the pool goes on");
+}
+
+#[test]
+fn encode_and_decode_errors_name_the_type() {
+    // postcard reports a custom serde error without its text ("Serde Serialization
+    // Error"), so the type name is what tells the user which value failed.
+    let pool = Pool::new(1).unwrap();
+    match pool.apply(|u: Unencodable| u.0, Unencodable(1)) {
+        Err(PoolError::EncodeArguments(message)) => {
+            assert!(message.contains("Unencodable"), "{message}");
+        }
+        other => panic!("expected EncodeArguments, got {other:?}"),
+    }
+    match pool.apply(Unencodable, 1) {
+        Err(PoolError::BadResult { message, .. }) => {
+            assert!(message.contains("encoding pool::Unencodable"), "{message}");
+        }
+        other => panic!("expected BadResult from the worker, got {other:?}"),
+    }
+    match pool.apply(Small, 12) {
+        Err(PoolError::BadResult { message, .. }) => {
+            assert!(message.contains("decoding pool::Small"), "{message}");
+        }
+        other => panic!("expected BadResult, got {other:?}"),
+    }
+    match pool.apply(|s: Small| s.0, Small(12)) {
+        Err(PoolError::BadArguments { message, .. }) => {
+            assert!(message.contains("decoding pool::Small"), "{message}");
+        }
+        other => panic!("expected BadArguments from the worker, got {other:?}"),
+    }
+    assert_eq!(pool.apply(Small, 3).map(|s| s.0), Ok(3));
+}
