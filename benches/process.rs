@@ -45,7 +45,14 @@ impl<'de> Deserialize<'de> for ByteBuf {
 
 fn no_op() {}
 
+/// Lets the benches fork: criterion's threads hold no lock a forked child uses.
+fn allow_fork() {
+    // SAFETY: see above; the children only run the benched functions.
+    unsafe { multiproc::allow_fork() };
+}
+
 fn start_and_join(c: &mut Criterion) {
+    allow_fork();
     let mut group = c.benchmark_group("process_start_join");
     group
         .sample_size(30)
@@ -63,6 +70,7 @@ fn start_and_join(c: &mut Criterion) {
 }
 
 fn echo_one_mib(c: &mut Criterion) {
+    allow_fork();
     const SIZE: usize = 1 << 20;
     let mut group = c.benchmark_group("process_echo_1mib");
     group

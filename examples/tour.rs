@@ -531,6 +531,9 @@ fn pool() -> Vec<bool> {
 }
 
 fn main() {
+    // SAFETY: the tour's threads are multiproc's own (launcher, pools' supervisors) and hold
+    // no lock a forked child uses, so the fork start method is sound here.
+    unsafe { multiproc::allow_fork() };
     println!("multiproc tour: every capability, what it did and how long it took");
     let results: Vec<bool> = [processes(), synchronisation(), queues_and_pipes(), pool()].concat();
     let failed = results.iter().filter(|ok| !**ok).count();

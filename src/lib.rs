@@ -18,7 +18,7 @@
 
 pub use mp_core::{
     Child, Entry, ExitStatus, PanicReport, Process, ProcessError, ProcessInfo, StartMethod,
-    active_children, cpu_count, current_process, get_start_method, parent_process,
+    active_children, allow_fork, cpu_count, current_process, get_start_method, parent_process,
     set_start_method,
 };
 

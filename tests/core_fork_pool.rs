@@ -125,3 +125,12 @@ fn a_barrier_with_a_forged_action_is_refused() {
         );
     }
 }
+
+/// The tests of this binary fork from libtest's threads. SAFETY (of the `allow_fork` below):
+/// no test here holds a lock of its own, or of a library, that a forked child then uses; the
+/// locks the children touch are mp-core's, which are safe across `fork()`.
+#[ctor::ctor(unsafe)]
+fn allow_fork_in_these_tests() {
+    // SAFETY: see above: nothing a forked child uses is held by another thread of this binary.
+    unsafe { multiproc::allow_fork() };
+}

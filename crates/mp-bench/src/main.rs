@@ -117,6 +117,9 @@ fn main() -> ExitCode {
     // procspawn re-executes this binary for its children: they run their function here and
     // exit (multiproc's children are served before main, by its constructor).
     procspawn::init();
+    // SAFETY: the runner's only other threads are multiproc's own and the pools', which hold
+    // no lock a forked child uses: the fork start method is sound here (it is measured).
+    unsafe { multiproc::allow_fork() };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compare(args) => compare_command(args),

@@ -65,6 +65,14 @@ pub enum ProcessError {
         /// The child's pid.
         pid: u32,
     },
+    /// [`StartMethod::Fork`](crate::StartMethod::Fork) was chosen, but this program has not
+    /// declared with [`allow_fork`](crate::allow_fork) that forking it is sound.
+    #[error(
+        "the fork start method is not allowed in this program: a forked child inherits every \
+         lock another thread holds at that moment, held forever; use spawn or forkserver, or \
+         call `unsafe {{ mp_core::allow_fork() }}` once where that cannot happen"
+    )]
+    ForkNotAllowed,
     /// A function that takes an argument was started without `.args(..)`.
     #[error("the function takes an argument: call .args(..) before .start()")]
     MissingArgs,

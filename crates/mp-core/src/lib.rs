@@ -7,6 +7,8 @@
 //!     x * x
 //! }
 //!
+//! // SAFETY: this program has no threads of its own, so forking it is sound (see `allow_fork`).
+//! unsafe { mp_core::allow_fork() };
 //! for method in StartMethod::ALL {
 //!     let child = Process::new(square).args(12).start_method(method).start()?;
 //!     assert_eq!(child.join()?, 144);
@@ -63,5 +65,7 @@ pub use process::{Child, Process};
 pub use protocol::ProcessInfo;
 pub use protocol::{EXIT_BOOTSTRAP_FAILED, PanicReport, RunKey};
 pub use registry::{active_children, cpu_count, current_process, parent_process};
-pub use start_method::{StartMethod, UnknownStartMethod, get_start_method, set_start_method};
+pub use start_method::{
+    StartMethod, UnknownStartMethod, allow_fork, fork_allowed, get_start_method, set_start_method,
+};
 pub use sys::{ExitStatus, signal_name};

@@ -16,7 +16,7 @@ use crate::error::ProcessError;
 use crate::function::{Entry, assert_non_capturing, run_key};
 use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role};
 use crate::registry::{self, ExitWatch, Tracked};
-use crate::start_method::{StartMethod, get_start_method};
+use crate::start_method::{StartMethod, fork_allowed, get_start_method};
 use crate::sys::{self, ExitStatus};
 use crate::{child, fork, forkserver, launcher, spawn, transfer};
 
@@ -94,6 +94,9 @@ impl<M, F: Entry<M>> Process<M, F> {
         let (identity, default_name) = registry::next_child_identity();
         let name = self.name.unwrap_or(default_name);
         let method = self.start_method.unwrap_or_else(get_start_method);
+        if method == StartMethod::Fork && !fork_allowed() {
+            return Err(ProcessError::ForkNotAllowed);
+        }
         // No descriptor of ours may land on a closed stdio slot (a child would inherit it as
         // its stdout).
         sys::ensure_stdio_open();

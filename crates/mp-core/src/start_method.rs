@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,11 @@ pub enum StartMethod {
     /// forever in the child (the allocator's and stdio's are reset by glibc; a program's
     /// own `Mutex` or a logging library's are not): in a program with threads of its own,
     /// prefer spawn or forkserver, as Python 3.12+ warns and 3.14 made the default.
+    ///
+    /// Because that hazard cannot be checked (nothing tells a process, without `/proc`, how
+    /// many threads it has, let alone what they hold), forking is an explicit `unsafe` opt-in:
+    /// a start with `Fork` fails with [`ProcessError::ForkNotAllowed`](crate::ProcessError)
+    /// until the program has called [`allow_fork`].
     Fork,
 }
 
@@ -66,6 +71,41 @@ impl FromStr for StartMethod {
             .find(|m| m.name() == s)
             .ok_or_else(|| UnknownStartMethod(s.to_owned()))
     }
+}
+
+static FORK_ALLOWED: AtomicBool = AtomicBool::new(false);
+
+/// Allows [`StartMethod::Fork`] in this process (and in the children it forks) from now on.
+///
+/// Without it, starting a process or a pool with `Fork` fails with
+/// [`ProcessError::ForkNotAllowed`](crate::ProcessError::ForkNotAllowed).
+///
+/// # Safety
+///
+/// `fork()` copies only the calling thread. The caller promises that whenever this process
+/// forks a child, no *other* thread holds a lock, or is half-way through updating state, that
+/// the child will use: the child would find it held or torn forever (a deadlock at best,
+/// undefined behaviour in C libraries at worst). mp-core's own locks are safe (the forking
+/// thread holds them all across the `fork()`, and its threads are replaced in the child), and
+/// glibc resets the allocator's and stdio's; a program's own `Mutex`es, a logging library's,
+/// and any C library's are the caller's to vouch for. A program whose other threads are only
+/// those of multiproc itself, or that forks before starting any, meets this.
+///
+/// ```
+/// use mp_core::{Process, StartMethod};
+/// // SAFETY: this example has no threads of its own that hold locks.
+/// unsafe { mp_core::allow_fork() };
+/// let child = Process::new(|| 6 * 7).start_method(StartMethod::Fork).start()?;
+/// assert_eq!(child.join()?, 42);
+/// # Ok::<(), mp_core::ProcessError>(())
+/// ```
+pub unsafe fn allow_fork() {
+    FORK_ALLOWED.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`allow_fork`] was called in this process (or in the process it was forked from).
+pub fn fork_allowed() -> bool {
+    FORK_ALLOWED.load(Ordering::Relaxed)
 }
 
 static DEFAULT_START_METHOD: AtomicU8 = AtomicU8::new(0);

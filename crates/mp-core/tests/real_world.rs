@@ -658,3 +658,12 @@ fn exhausted_descriptors_give_typed_errors() {
     assert!(leaked.is_empty(), "descriptors {leaked:?} leaked");
     eprintln!("typed errors seen: {failures:#?}");
 }
+
+/// The tests of this binary fork from libtest's threads. SAFETY (of the `allow_fork` below):
+/// no test here holds a lock of its own, or of a library, that a forked child then uses; the
+/// locks the children touch are mp-core's, which are safe across `fork()`.
+#[ctor::ctor(unsafe)]
+fn allow_fork_in_these_tests() {
+    // SAFETY: see above: nothing a forked child uses is held by another thread of this binary.
+    unsafe { mp_core::allow_fork() };
+}
