@@ -737,7 +737,6 @@ impl Serialize for Connection {
 
 impl<'de> Deserialize<'de> for Connection {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
         let wire = Wire::deserialize(deserializer)?;
         let attach =
             |ticket: Option<Ticket>, side: Side| -> Result<Option<Endpoint>, ConnectionError> {
@@ -758,8 +757,8 @@ impl<'de> Deserialize<'de> for Connection {
                 }
                 Endpoint::new(ring, side, presence, peer).map(Some)
             };
-        let tx = attach(wire.tx, Side::Writer).map_err(D::Error::custom)?;
-        let rx = attach(wire.rx, Side::Reader).map_err(D::Error::custom)?;
+        let tx = attach(wire.tx, Side::Writer).map_err(crate::decode_error::custom)?;
+        let rx = attach(wire.rx, Side::Reader).map_err(crate::decode_error::custom)?;
         Ok(Connection::new(tx, rx))
     }
 }

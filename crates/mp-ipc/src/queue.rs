@@ -476,13 +476,12 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
 }
 
 fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Queue<T>, D::Error> {
-    use serde::de::Error;
     let wire = Wire::deserialize(deserializer)?;
     let fds = transport::claim(wire.ring).map_err(|error| {
         tracing::warn!(%error, "a received queue could not take its descriptors");
-        D::Error::custom(format!("receiving a queue's descriptors: {error}"))
+        crate::decode_error::custom(format!("receiving a queue's descriptors: {error}"))
     })?;
-    let ring = Ring::attach(fds.into_iter(), tag).map_err(D::Error::custom)?;
+    let ring = Ring::attach(fds.into_iter(), tag).map_err(crate::decode_error::custom)?;
     Ok(Queue {
         ring: Arc::new(ring),
         _item: PhantomData,

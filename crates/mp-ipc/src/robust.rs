@@ -11,6 +11,15 @@
 //! mutex it holds gets [`LockFailed::Deadlock`] instead of hanging forever) or
 //! `PTHREAD_MUTEX_RECURSIVE`.
 
+// The lock word's bits (owner tid, FUTEX_OWNER_DIED, FUTEX_WAITERS) are read straight from
+// glibc's `pthread_mutex_t` layout, and death detection relies on glibc registering held
+// robust mutexes in the thread's kernel robust list: other C libraries differ.
+#[cfg(not(target_env = "gnu"))]
+compile_error!(
+    "mp-ipc's robust locks are glibc's process-shared robust mutexes and read their layout: \
+     build for a *-linux-gnu target"
+);
+
 /// How a lock was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(loom, allow(dead_code))] // the loom model never reports OwnerDied

@@ -512,10 +512,11 @@ impl Serialize for SharedMemory {
 
 impl<'de> Deserialize<'de> for SharedMemory {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
         match Wire::deserialize(deserializer)? {
-            Wire::Anonymous(memory) => Self::from_anonymous(memory).map_err(D::Error::custom),
-            Wire::Named(name) => Self::open(&name).map_err(D::Error::custom),
+            Wire::Anonymous(memory) => {
+                Self::from_anonymous(memory).map_err(crate::decode_error::custom)
+            }
+            Wire::Named(name) => Self::open(&name).map_err(crate::decode_error::custom),
         }
     }
 }
@@ -640,10 +641,9 @@ impl<T: ShmState> Serialize for Shared<T> {
 
 impl<'de, T: ShmState> Deserialize<'de> for Shared<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
         let (shm, offset) = <(SharedMemory, u64)>::deserialize(deserializer)?;
-        let offset = usize::try_from(offset).map_err(D::Error::custom)?;
-        Self::attach(shm, offset).map_err(D::Error::custom)
+        let offset = usize::try_from(offset).map_err(crate::decode_error::custom)?;
+        Self::attach(shm, offset).map_err(crate::decode_error::custom)
     }
 }
 

@@ -209,7 +209,7 @@ impl<T: Pod> Serialize for PodData<T> {
 impl<'de, T: Pod> Deserialize<'de> for PodData<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let header = Shared::<PodHeader>::deserialize(deserializer)?;
-        Self::attach(header).map_err(serde::de::Error::custom)
+        Self::attach(header).map_err(crate::decode_error::custom)
     }
 }
 
@@ -309,7 +309,7 @@ impl<T: Pod> Serialize for PodBlock<T> {
 impl<'de, T: Pod> Deserialize<'de> for PodBlock<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let (data, lock) = <(PodData<T>, Option<Lock>)>::deserialize(deserializer)?;
-        Self::attach(data, lock).map_err(serde::de::Error::custom)
+        Self::attach(data, lock).map_err(crate::decode_error::custom)
     }
 }
 
@@ -353,7 +353,7 @@ impl<'de, T: Pod> Deserialize<'de> for Value<T> {
         // another length (an `Array` received as a `Value`, or a corrupted header) would be
         // read out of bounds. Found by the `shm_attach` fuzz target.
         if block.data.len() != 1 {
-            return Err(serde::de::Error::custom(ShmError::WrongKind {
+            return Err(crate::decode_error::custom(ShmError::WrongKind {
                 expected: std::any::type_name::<Value<T>>(),
                 offset: 0,
             }));

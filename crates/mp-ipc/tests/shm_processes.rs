@@ -66,3 +66,30 @@ fn a_named_segment_is_opened_by_name_and_unlinked_explicitly() {
     assert_eq!(&buf, b"named");
     assert!(!path.exists(), "unlink removed the name");
 }
+
+#[test]
+fn a_segment_that_cannot_be_attached_in_the_child_says_why_in_join() {
+    let name = format!("mp-ipc-shm-gone-{}", std::process::id());
+    let created = SharedMemory::create(&name, 4096).unwrap();
+    // A named segment travels by name: unlinked before the child opens it, it is not found.
+    created.unlink().unwrap();
+    let child = Process::new(|shm: SharedMemory| shm.len())
+        .args(created)
+        .start()
+        .unwrap();
+    match child.join_timeout(BOUND) {
+        Err(mp_core::ProcessError::BadArguments { message, .. }) => {
+            assert!(
+                message.contains("SharedMemory"),
+                "names the type: {message}"
+            );
+            assert!(message.contains(&name), "names the segment: {message}");
+            assert!(
+                message.contains("not found") || message.contains("no shared memory"),
+                "says it is missing: {message}"
+            );
+        }
+        Err(other) => panic!("expected BadArguments naming the segment, got {other}"),
+        Ok(len) => panic!("the child attached an unlinked segment of {len} bytes"),
+    }
+}
