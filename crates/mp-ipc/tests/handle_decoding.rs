@@ -47,3 +47,97 @@ fn a_lock_is_not_received_as_a_value() {
     let lock = Lock::new().unwrap();
     assert!(receive_as::<_, Value<u64>>(lock).is_err());
 }
+
+/// `object`'s segment, as another process receives it: a handle's wire form starts with
+/// `(SharedMemory, offset)`.
+fn segment_of<T: Serialize + DeserializeOwned>(object: T) -> mp_ipc::SharedMemory {
+    let (shm, _offset): (mp_ipc::SharedMemory, u64) = receive_as(object).unwrap();
+    shm
+}
+
+/// Opens offset 0 of a named copy of `template` with `patch` applied, as decoding a handle
+/// naming that segment does, and runs `exercise` on what attached; whether it attached.
+fn open_patched<T: DeserializeOwned>(
+    template: &mp_ipc::SharedMemory,
+    patch: impl FnOnce(&mut [u8]),
+    exercise: impl FnOnce(&T),
+) -> bool {
+    let mut bytes = vec![0u8; template.len()];
+    template.read_at(0, &mut bytes).unwrap();
+    patch(&mut bytes);
+    let name = format!("/mp-ipc-test-corrupt-{}", std::process::id());
+    let shm = mp_ipc::SharedMemory::create(&name, bytes.len()).unwrap();
+    shm.write_at(0, &bytes).unwrap();
+    // `(segment, offset)`, then a Value's `Option<Lock>` (None: its lock is in the segment);
+    // a Lock ignores the trailing byte.
+    let wire = postcard::to_allocvec(&(&shm, 0u64, None::<()>)).unwrap();
+    let attached = postcard::from_bytes::<T>(&wire);
+    shm.unlink().unwrap();
+    if let Ok(object) = &attached {
+        exercise(object);
+    }
+    attached.is_ok()
+}
+
+/// The corruption the shm_attach fuzz target found (fuzz/findings/): XORed into the low byte
+/// of a robust mutex's glibc `__kind` word (errorcheck | robust | process-shared), it makes a
+/// priority-protect, non-robust mutex, and `pthread_mutex_trylock` aborted the whole process
+/// (an assertion in `__pthread_tpp_change_priority`).
+const FINDING_XOR: u8 = 0xd1;
+
+/// Applies `FINDING_XOR` to each 4-byte word of the segment in turn (wherever the mutex's kind
+/// word is, one of them hits it): each copy either fails to attach or locks without aborting.
+#[test]
+fn a_lock_whose_mutex_kind_is_corrupted_does_not_abort() {
+    let template = segment_of(Lock::new().unwrap());
+    let mut rejected = 0;
+    for word in (0..template.len()).step_by(4) {
+        let attached = open_patched::<Lock>(
+            &template,
+            |bytes| bytes[word] ^= FINDING_XOR,
+            |lock| {
+                if let Ok(guard) = lock.try_lock() {
+                    drop(guard);
+                }
+            },
+        );
+        rejected += usize::from(!attached);
+    }
+    assert!(rejected > 0, "some corruption is caught at attach");
+    // The intact copy still attaches and locks.
+    assert!(open_patched::<Lock>(
+        &template,
+        |_| {},
+        |lock| {
+            assert!(lock.try_lock().is_ok(), "an intact copy locks");
+        }
+    ));
+}
+
+#[test]
+fn a_value_whose_mutex_kind_is_corrupted_does_not_abort() {
+    let template = segment_of(Value::new(7u64).unwrap());
+    assert!(
+        open_patched::<Value<u64>>(
+            &template,
+            |_| {},
+            |value| assert_eq!(value.get().ok(), Some(7))
+        ),
+        "an intact copy attaches"
+    );
+    let mut rejected = 0;
+    for word in (0..template.len()).step_by(4) {
+        let attached = open_patched::<Value<u64>>(
+            &template,
+            |bytes| bytes[word] ^= FINDING_XOR,
+            // Non-blocking: a corrupted owner TID may name a live thread, which is held.
+            |value| {
+                if let Ok(guard) = value.try_lock() {
+                    drop(guard);
+                }
+            },
+        );
+        rejected += usize::from(!attached);
+    }
+    assert!(rejected > 0, "some corruption is caught at attach");
+}
