@@ -34,7 +34,9 @@ fn segment_of<T: Clone + Serialize + DeserializeOwned>(object: &T) -> (SharedMem
 
 /// Opens `offset` of the named segment `shm` as a `T`, as decoding a received handle does.
 fn open_as<T: DeserializeOwned>(shm: &SharedMemory, offset: u64) -> Result<T, postcard::Error> {
-    let wire = postcard::to_allocvec(&(shm, offset)).expect("a named segment encodes");
+    // Then `None`: a `Value`/`Array` with its lock in its own segment (their wire form is
+    // `((segment, offset), Option<Lock>)`); the others stop reading before it.
+    let wire = postcard::to_allocvec(&(shm, offset, None::<()>)).expect("a named segment encodes");
     postcard::from_bytes(&wire)
 }
 

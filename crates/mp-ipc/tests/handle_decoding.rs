@@ -141,3 +141,36 @@ fn a_value_whose_mutex_kind_is_corrupted_does_not_abort() {
     }
     assert!(rejected > 0, "some corruption is caught at attach");
 }
+
+/// What a listener without an authkey does with a channel name a peer sends: a NUL in it made
+/// ipc-channel panic inside `accept` (found by the listener_handshake fuzz target); a name too
+/// long for a Unix socket path would be truncated into another path. Both are refused.
+#[test]
+fn a_listener_refuses_a_channel_name_that_is_not_a_socket_path() {
+    use mp_ipc::connection::ConnectionError;
+    use mp_ipc::listener::{Address, Listener};
+    use std::io::Write;
+    use std::net::{Shutdown, TcpStream};
+
+    let listener = Listener::bind(Address::tcp_loopback(0), None)
+        .unwrap()
+        .handshake_timeout(std::time::Duration::from_secs(5));
+    let Address::Tcp(address) = listener.address().clone() else {
+        unreachable!("bound to TCP")
+    };
+    let long = "/tmp/".to_owned() + &"a".repeat(200);
+    for name in [&b"/tmp/a\0b"[..], long.as_bytes()] {
+        let mut peer = TcpStream::connect(address).unwrap();
+        let len = u32::try_from(name.len()).unwrap().to_le_bytes();
+        peer.write_all(&len).unwrap();
+        peer.write_all(name).unwrap();
+        peer.shutdown(Shutdown::Write).unwrap();
+        match listener.accept() {
+            Err(ConnectionError::Authentication(reason)) => {
+                assert!(reason.contains("bad channel name"), "{reason}")
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("accepted a peer that named no channel"),
+        }
+    }
+}
