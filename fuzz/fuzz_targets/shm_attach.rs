@@ -34,7 +34,9 @@ fn segment_of<T: Clone + Serialize + DeserializeOwned>(object: &T) -> (SharedMem
 
 /// Opens `offset` of the named segment `shm` as a `T`, as decoding a received handle does.
 fn open_as<T: DeserializeOwned>(shm: &SharedMemory, offset: u64) -> Result<T, postcard::Error> {
-    let wire = postcard::to_allocvec(&(shm, offset)).expect("a named segment encodes");
+    // Then `None`: a `Value`/`Array` with its lock in its own segment (their wire form is
+    // `((segment, offset), Option<Lock>)`); the others stop reading before it.
+    let wire = postcard::to_allocvec(&(shm, offset, None::<()>)).expect("a named segment encodes");
     postcard::from_bytes(&wire)
 }
 
@@ -111,19 +113,30 @@ fuzz_target!(|data: &[u8]| {
     let patch = selector & 1 == 1;
     let no_wait = Duration::ZERO;
     match (selector >> 1) % 5 {
-        // Value, Array and Lock are attached but not locked: glibc aborts the process in
-        // pthread_mutex_trylock on a mutex whose type bits are corrupted (an assertion in
-        // __pthread_tpp_change_priority), and the library does not yet check the mutex's type
-        // on attach. TODO: lock here too once attach validates the robust mutex.
-        0 => fuzz_kind(Value::new(7u64).unwrap(), patch, rest, |_| {}),
+        // Locked without waiting: a corrupted owner TID may name a live thread, which holds it.
+        // (A mutex whose glibc type bits were corrupted used to make glibc abort the process
+        // here; attach now rejects it: fuzz/findings/ history, tests/handle_decoding.rs.)
+        0 => fuzz_kind(Value::new(7u64).unwrap(), patch, rest, |value| {
+            if let Ok(guard) = value.try_lock() {
+                drop(guard);
+            }
+        }),
         1 => fuzz_kind(Array::<u32>::new(4).unwrap(), patch, rest, |array| {
             // A corrupted length is accepted only if the elements fit in the segment.
             assert!(
                 array.len() <= 4,
                 "an attached array's length fits its segment"
             );
+            if let Ok(guard) = array.try_lock() {
+                drop(guard);
+            }
         }),
-        2 => fuzz_kind(Lock::new().unwrap(), patch, rest, |_| {}),
+        2 => fuzz_kind(Lock::new().unwrap(), patch, rest, |lock| {
+            let _ = lock.locked();
+            if let Ok(guard) = lock.try_lock() {
+                drop(guard);
+            }
+        }),
         3 => fuzz_kind(Event::new().unwrap(), patch, rest, |event| {
             let _ = event.is_set();
             let _ = event.wait_timeout(no_wait);

@@ -56,6 +56,18 @@ mod start_method;
 mod sys;
 mod transfer;
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`, which only that crate
+/// enables): not part of the API, no stability promise.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Parses a bootstrap marker (the `MULTIPROC_BOOTSTRAP` value a child is started with) as
+    /// the child does, and returns the role it names, re-encoded.
+    pub fn parse_role(marker: &str) -> Result<String, String> {
+        crate::protocol::Role::parse(marker).map(|role| role.encode())
+    }
+}
+
 pub use decode_error::note_decode_failure;
 pub use error::ProcessError;
 pub use function::{

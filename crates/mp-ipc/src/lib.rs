@@ -86,6 +86,59 @@ pub mod transport_design {}
 mod ring;
 mod transport;
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`, which only that crate
+/// enables): not part of the API, no stability promise.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod __fuzz {
+    use crate::ring::{RawBytes, Ring, RingConfig, Wait};
+    use std::os::fd::AsFd;
+
+    /// Makes a small ring, puts `items` in it (up to the first that does not fit), XORs each `(offset, byte)` of
+    /// `patches` into its shared memory (header, frames; offsets wrap), attaches the corrupted
+    /// ring as another process would, and takes up to `items.len() + 1` items from it without
+    /// waiting. Returns the attach error, or what each take gave (the bytes, or the error).
+    pub fn corrupted_ring(
+        items: &[&[u8]],
+        patches: &[(u32, u8)],
+    ) -> Result<Vec<Result<Vec<u8>, String>>, String> {
+        const TYPE_TAG: u64 = 0x6675_7a7a;
+        let config = RingConfig {
+            capacity: 4096,
+            max_items: None,
+            type_tag: TYPE_TAG,
+            doorbell: false,
+        };
+        let ring = Ring::create(config).map_err(|e| e.to_string())?;
+        // Stops at the first that does not fit: what is in the ring is a prefix of `items`.
+        for item in items {
+            if ring.push(&RawBytes(item), Wait::Never, None).is_err() {
+                break;
+            }
+        }
+        let fd = ring.descriptors()[0]
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())?;
+        let len = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?.st_size as u64;
+        for &(offset, xor) in patches {
+            let offset = u64::from(offset) % len;
+            let mut byte = [0u8];
+            rustix::io::pread(fd.as_fd(), &mut byte, offset).map_err(|e| e.to_string())?;
+            byte[0] ^= xor;
+            rustix::io::pwrite(fd.as_fd(), &byte, offset).map_err(|e| e.to_string())?;
+        }
+        let attached = Ring::attach(vec![fd].into_iter(), TYPE_TAG).map_err(|e| e.to_string())?;
+        Ok((0..=items.len())
+            .map(|_| {
+                attached
+                    .pop(Wait::Never, None, |payload| payload.to_vec())
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| bytes.map_err(|e| e.to_string()))
+            })
+            .collect())
+    }
+}
+
 pub use connection::{Connection, ConnectionError, Pipe, Waitable};
 pub use listener::{Client, Listener};
 pub use queue::{Bytes, JoinableQueue, Queue, QueueBuilder, QueueError, SimpleQueue};

@@ -394,8 +394,19 @@ impl Listener {
                 String::from_utf8_lossy(reason)
             )));
         }
+        // A Unix socket path (what ipc-channel names its servers by): no NUL (ipc-channel
+        // would panic) and short enough for `sun_path` (it would truncate, not refuse).
+        // Found by the `listener_handshake` fuzz target.
+        const SUN_PATH_MAX: usize = 107;
         let name = match String::from_utf8(name) {
-            Ok(name) if !name.is_empty() && !name.starts_with('#') => name,
+            Ok(name)
+                if !name.is_empty()
+                    && !name.starts_with('#')
+                    && !name.contains('\0')
+                    && name.len() <= SUN_PATH_MAX =>
+            {
+                name
+            }
             _ => return Err(refuse(&mut stream, "bad channel name from the client")),
         };
         let (ours, theirs) = self.pipe.clone().build_duplex()?;

@@ -237,7 +237,21 @@ where
     }
 
     fn attach(shm: SharedMemory, offset: usize) -> Result<Self, ShmError> {
-        Shared::attach(shm, offset).map(Self::tracked)
+        Self::checked(Shared::attach(shm, offset)?)
+    }
+
+    /// An attached cell, once its mutex is checked to be the robust,
+    /// process-shared mutex of this kind: glibc aborts the process on some
+    /// corrupted mutexes, so one another process wrote is checked first.
+    fn checked(cell: Shared<MutexCell<K>>) -> Result<Self, ShmError> {
+        let recursive = MutexCell::<K>::TAG == MutexCell::<Recursive>::TAG;
+        if !cell.mutex.is_intact(recursive) {
+            return Err(ShmError::WrongKind {
+                expected: MutexCell::<K>::KIND,
+                offset: cell.offset(),
+            });
+        }
+        Ok(Self::tracked(cell))
     }
 
     fn tracked(cell: Shared<MutexCell<K>>) -> Self {
@@ -270,7 +284,7 @@ where
     MutexCell<K>: ShmState,
 {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Shared::deserialize(deserializer).map(Self::tracked)
+        Self::checked(Shared::deserialize(deserializer)?).map_err(crate::decode_error::custom)
     }
 }
 

@@ -87,7 +87,75 @@ mod imp {
     /// Mask of the owner TID in a robust mutex word (kernel robust-futex ABI).
     const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 
+    /// Byte offset of glibc's `__kind` (type, robust, process-shared, PI/PP
+    /// bits) in `pthread_mutex_t`: after `__lock`, `__count`, `__owner` and, on
+    /// 64-bit targets, `__nusers`.
+    const KIND_OFFSET: usize = if cfg!(target_pointer_width = "64") {
+        16
+    } else {
+        12
+    };
+
+    /// The `__kind` words glibc writes for the two flavours `init_at` makes
+    /// (`[errorcheck, recursive]`), read from reference mutexes once rather than
+    /// hard-coding glibc's bit values.
+    ///
+    /// Why it matters: glibc trusts `__kind` to pick its lock algorithm, and
+    /// with foreign bits (priority-protect, priority-inheritance, another type)
+    /// it asserts and aborts the process (e.g. in
+    /// `__pthread_tpp_change_priority`) or issues PI futex calls on a word that
+    /// is not a PI futex. A segment another process wrote is therefore checked
+    /// before glibc sees it.
+    fn expected_kinds() -> [i32; 2] {
+        static KINDS: std::sync::OnceLock<[i32; 2]> = std::sync::OnceLock::new();
+        *KINDS.get_or_init(|| {
+            [false, true].map(|recursive| {
+                let mut slot = Box::new(std::mem::MaybeUninit::<RobustMutex>::zeroed());
+                // SAFETY: a fresh, aligned, exclusively owned allocation. The
+                // reference mutex is never locked, so dropping it (without
+                // pthread_mutex_destroy, a no-op for glibc) is sound.
+                match unsafe { RobustMutex::init_at(slot.as_mut_ptr(), recursive) } {
+                    // SAFETY: init_at initialised it.
+                    Ok(()) => unsafe { slot.assume_init_ref() }.kind(),
+                    // No mutex can be made: none attached matches either.
+                    Err(_) => i32::MIN,
+                }
+            })
+        })
+    }
+
     impl RobustMutex {
+        /// glibc's `__kind` word of this mutex.
+        fn kind(&self) -> i32 {
+            // SAFETY: `KIND_OFFSET` is inside the 4-aligned `pthread_mutex_t` and
+            // holds the 32-bit `__kind` (see `KIND_OFFSET`); glibc reads and
+            // writes it with plain or relaxed atomic accesses, and it lives as
+            // long as `self`.
+            let kind = unsafe {
+                &*self
+                    .raw()
+                    .cast::<u8>()
+                    .add(KIND_OFFSET)
+                    .cast::<std::sync::atomic::AtomicI32>()
+            };
+            kind.load(Ordering::Relaxed)
+        }
+
+        /// Whether this mutex (typically in memory another process wrote) is a
+        /// robust, process-shared mutex of the flavour `init_at(_, recursive)`
+        /// makes, so that glibc may be handed it. Check before first use of an
+        /// attached mutex.
+        pub(crate) fn is_intact(&self, recursive: bool) -> bool {
+            self.kind() == expected_kinds()[usize::from(recursive)]
+        }
+
+        /// Whether glibc may be handed this mutex: its kind is one `init_at`
+        /// makes. Checked on every lock (one load) because the segment is
+        /// shared: a peer may corrupt it after attach.
+        fn is_sane(&self) -> bool {
+            expected_kinds().contains(&self.kind())
+        }
+
         /// Initialises a robust, process-shared mutex at `ptr`.
         ///
         /// # Safety
@@ -131,6 +199,9 @@ mod imp {
 
         /// Locks, blocking until `deadline` (`None`: forever).
         pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockFailed> {
+            if !self.is_sane() {
+                return Err(LockFailed::Os(libc::EINVAL));
+            }
             let code = match deadline {
                 // SAFETY: `self.raw()` points to a mutex initialised by `init_at`
                 // (the only way to obtain a `&RobustMutex` in this crate).
@@ -146,6 +217,9 @@ mod imp {
 
         /// Locks if nobody holds the mutex, without waiting.
         pub(crate) fn try_lock(&self) -> Result<Acquired, LockFailed> {
+            if !self.is_sane() {
+                return Err(LockFailed::Os(libc::EINVAL));
+            }
             // SAFETY: `self.raw()` points to an initialised mutex (see `lock`).
             let code = unsafe { libc::pthread_mutex_trylock(self.raw()) };
             self.interpret(code)
@@ -295,6 +369,10 @@ mod imp {
 
         pub(crate) fn held_in_this_process(&self) -> bool {
             false
+        }
+
+        pub(crate) fn is_intact(&self, _recursive: bool) -> bool {
+            true
         }
 
         pub(crate) fn owner_tid(&self) -> Option<u32> {
