@@ -282,9 +282,20 @@ mod imp {
         /// one (possible after `mem::forget` of a guard) would leave a dangling
         /// list entry in this process.
         pub(crate) fn held_in_this_process(&self) -> bool {
-            self.owner_tid()
-                .is_some_and(|tid| std::path::Path::new(&format!("/proc/self/task/{tid}")).exists())
+            self.owner_tid().is_some_and(is_thread_of_this_process)
         }
+    }
+
+    /// Whether `tid` is a live thread of the calling process, asked of the kernel (no `/proc`):
+    /// `tgkill` with signal 0 delivers nothing and fails with ESRCH unless `tid` belongs to
+    /// this thread group.
+    pub(super) fn is_thread_of_this_process(tid: u32) -> bool {
+        let Ok(tid) = libc::pid_t::try_from(tid) else {
+            return false;
+        };
+        // SAFETY: tgkill only reads its three integer arguments; signal 0 sends nothing.
+        let result = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
+        result == 0
     }
 
     /// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
@@ -416,6 +427,18 @@ mod tests {
         assert_eq!(m.unlock(), Ok(()));
         assert_eq!(m.unlock(), Err(NotOwner));
         assert!(!m.held_in_this_process());
+    }
+
+    #[test]
+    fn only_live_threads_of_this_process_count_as_ours() {
+        let me = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        assert!(imp::is_thread_of_this_process(me));
+        let exited = std::thread::spawn(|| rustix::thread::gettid().as_raw_nonzero().get() as u32)
+            .join()
+            .unwrap();
+        assert!(!imp::is_thread_of_this_process(exited), "an exited thread");
+        let parent = rustix::process::getppid().map_or(1, |p| p.as_raw_nonzero().get() as u32);
+        assert!(!imp::is_thread_of_this_process(parent), "another process");
     }
 
     #[test]
