@@ -80,7 +80,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::liveness::{Watch, presence_pipe};
+use crate::liveness::{Watch, presence_pipe, presence_socket};
+use crate::message_handles;
 use crate::ring::{
     DEFAULT_CAPACITY, Liveness, Payload, Postcard, RawBytes, Ring, RingConfig, RingError, Wait,
 };
@@ -129,11 +130,12 @@ pub enum ConnectionError {
     /// The connection's shared memory does not hold what it should.
     #[error("the connection's shared memory is corrupted: {0}")]
     Corrupted(String),
-    /// The message contains a handle (a queue, a pipe end, shared
-    /// memory...): handles travel to other processes as process arguments,
-    /// not inside messages (nothing was sent).
+    /// The message contains a handle that cannot travel inside a message
+    /// (nothing was sent). Connections and queues can (see
+    /// [`send`](Connection::send)); a handle that cannot is passed as a
+    /// process argument.
     #[error(
-        "the message contains a handle (queue, connection...); pass handles as process arguments"
+        "the message contains a handle that cannot travel inside a message; pass it as a process argument"
     )]
     HandleInMessage,
     /// A [`Listener`](crate::listener::Listener) or
@@ -170,6 +172,10 @@ impl From<RingError> for ConnectionError {
             RingError::Incompatible(what) => ConnectionError::Incompatible(what),
             RingError::Reentrant => ConnectionError::Reentrant,
             RingError::HandleInItem => ConnectionError::HandleInMessage,
+            // Every reader is gone (seen when passing a handle's descriptors).
+            RingError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => {
+                ConnectionError::Closed
+            }
             RingError::Io { op, source } => ConnectionError::Io { op, source },
         }
     }
@@ -244,7 +250,7 @@ impl Pipe {
         let (watch_readers, readers_present) =
             presence_pipe().map_err(io_error("creating a presence pipe"))?;
         let (watch_writers, writers_present) =
-            presence_pipe().map_err(io_error("creating a presence pipe"))?;
+            presence_socket().map_err(io_error("creating a presence socket"))?;
         Ok((
             Endpoint::new(
                 Arc::clone(&ring),
@@ -376,6 +382,12 @@ impl Connection {
 
     /// Sends a value (any serde type, encoded with postcard). Accepts values
     /// and references: `send(42)`, `send(&data)`.
+    ///
+    /// Handles inside the value (a [`Connection`], a
+    /// [`Queue`](crate::queue::Queue)...) arrive as the same objects, like
+    /// Python's `conn.send(other_conn)`: their descriptors travel beside the
+    /// message (see [`transport_design`](crate::transport_design)), and are
+    /// closed by the kernel if the message is never received.
     pub fn send(&self, value: impl Serialize) -> Result<(), ConnectionError> {
         self.send_encoded(&Postcard(&value))
     }
@@ -390,12 +402,17 @@ impl Connection {
         if tx.peer.gone() {
             return Err(ConnectionError::Closed);
         }
-        Ok(tx.ring.push(message, Wait::Forever, Some(tx))?)
+        // Handles inside the message send their descriptors on the writers'
+        // presence socket (see `message_handles`).
+        message_handles::carrying(tx.presence.as_fd(), || {
+            tx.ring.push(message, Wait::Forever, Some(tx))
+        })?;
+        Ok(())
     }
 
     /// Receives the next message as a `T`, waiting for it.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<T, ConnectionError> {
-        self.recv_with(Wait::Forever, decode::<T>)?
+        self.recv_value(Wait::Forever)
     }
 
     /// Like [`recv`](Self::recv), giving up after `timeout` ([`ConnectionError::Timeout`]).
@@ -403,7 +420,16 @@ impl Connection {
         &self,
         timeout: Duration,
     ) -> Result<T, ConnectionError> {
-        self.recv_with(Wait::timeout(timeout), decode::<T>)?
+        self.recv_value(Wait::timeout(timeout))
+    }
+
+    /// Receives and decodes a value; handles inside it take their
+    /// descriptors from the writers' presence socket (see `message_handles`).
+    fn recv_value<T: DeserializeOwned>(&self, wait: Wait) -> Result<T, ConnectionError> {
+        let rx = self.rx()?;
+        rx.ring.pop(wait, Some(rx), |payload| {
+            message_handles::receiving(rx.peer.fd(), || decode::<T>(payload))
+        })?
     }
 
     /// Receives the next message as bytes, waiting for it.
@@ -726,7 +752,6 @@ fn lend<E: serde::ser::Error>(endpoint: &Option<Endpoint>) -> Result<Option<Tick
 
 impl Serialize for Connection {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        crate::transport::refuse_inside_item()?;
         Wire {
             tx: lend(&self.inner.tx)?,
             rx: lend(&self.inner.rx)?,
@@ -906,24 +931,52 @@ mod tests {
     }
 
     #[test]
-    fn a_handle_inside_a_message_is_refused() {
+    fn a_connection_inside_a_message_is_the_same_connection() {
         let (a, b) = Pipe::duplex().unwrap();
-        let (other, _keep) = Pipe::duplex().unwrap();
+        let (c, d) = Pipe::duplex().unwrap();
+        a.send((5u8, &d)).unwrap();
+        drop(d);
+        let (five, d) = b.recv::<(u8, Connection)>().unwrap();
+        assert_eq!(five, 5);
+        d.send("over the received end").unwrap();
+        assert_eq!(c.recv::<String>().unwrap(), "over the received end");
+        c.send(6u8).unwrap();
+        assert_eq!(d.recv::<u8>().unwrap(), 6);
+        drop(d);
+        assert!(matches!(c.recv::<u8>(), Err(ConnectionError::Closed)));
+    }
+
+    #[test]
+    fn a_handle_that_cannot_travel_in_a_message_is_refused() {
+        let (a, b) = Pipe::duplex().unwrap();
+        let shm = crate::SharedMemory::new(64).unwrap();
         assert!(matches!(
-            a.send(&other),
+            a.send((1u8, &shm)),
             Err(ConnectionError::HandleInMessage)
         ));
-        let queue: crate::queue::Queue<u8> = crate::queue::Queue::unbounded().unwrap();
-        assert!(matches!(
-            a.send((1u8, &queue)),
-            Err(ConnectionError::HandleInMessage)
-        ));
-        // Nothing was sent; the pipe works, and handles still travel through ipc-channel.
+        // Nothing was sent; the pipe works.
         a.send(2u8).unwrap();
         assert_eq!(b.recv::<u8>().unwrap(), 2);
-        let (tx, rx) = ipc_channel::ipc::channel().unwrap();
-        tx.send(other).unwrap();
-        drop(rx.recv().unwrap());
+    }
+
+    #[test]
+    fn a_parcel_left_by_a_message_read_as_bytes_is_closed_by_the_next_one() {
+        let (a, b) = Pipe::duplex().unwrap();
+        let (first, first_peer) = Pipe::duplex().unwrap();
+        let (second, second_peer) = Pipe::duplex().unwrap();
+        a.send(&first).unwrap();
+        a.send(&second).unwrap();
+        drop((first, second));
+        // Read as bytes: the handle is never decoded, its parcel stays queued.
+        b.recv_bytes().unwrap();
+        let second = b.recv::<Connection>().unwrap();
+        second.send(3u8).unwrap();
+        assert_eq!(second_peer.recv::<u8>().unwrap(), 3);
+        // The first handle's descriptors were closed on the way.
+        assert!(matches!(
+            first_peer.recv_timeout::<u8>(Duration::from_secs(10)),
+            Err(ConnectionError::Closed)
+        ));
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub use value::{Array, ArrayGuard, Pod, Value, ValueGuard};
 pub mod connection;
 pub mod listener;
 mod liveness;
+mod message_handles;
 pub mod queue;
 #[doc = include_str!("../TRANSPORT.md")]
 pub mod transport_design {}

@@ -29,6 +29,21 @@ pub(crate) fn presence_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
+/// A new presence socket for the writers of a connection direction:
+/// `(watch, presence)`, the receiving and the sending end of a
+/// `SOCK_SEQPACKET` pair. Its hang-up tells readers that every writer is
+/// gone, as a presence pipe's does; the descriptors of handles sent inside
+/// messages travel on it (see [`message_handles`](crate::message_handles)).
+pub(crate) fn presence_socket() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// What happens when an end is found gone.
 type OnGone = Box<dyn Fn() + Send + Sync>;
 

@@ -55,7 +55,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::futex::{self, WaitOutcome};
 use crate::ring::{DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait};
 use crate::shm::ShmError;
-use crate::transport::{self, Ticket, refuse_inside_item};
+use crate::transport::{self, Ticket};
 
 /// What can go wrong with a queue.
 #[derive(Debug, thiserror::Error)]
@@ -462,7 +462,6 @@ struct Wire {
 impl<T> Serialize for Queue<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error;
-        refuse_inside_item()?;
         let ring = transport::lend(&self.ring.descriptors())
             .map_err(|e| S::Error::custom(format!("lending a queue's descriptors: {e}")))?;
         Wire { ring }.serialize(serializer)

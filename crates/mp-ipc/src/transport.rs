@@ -44,6 +44,8 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::message_handles;
+
 /// How long a claim waits for the lender's courier to answer once the claim
 /// was handed to it (the lender is alive then: the ticket's channel was open).
 const CLAIM_PATIENCE: Duration = Duration::from_secs(10);
@@ -51,9 +53,19 @@ const CLAIM_PATIENCE: Duration = Duration::from_secs(10);
 /// Most descriptors one ticket carries (a connection end has the most).
 pub(crate) const MAX_FDS: usize = 8;
 
-/// What a handle serializes in place of its descriptors.
+/// What a handle serializes in place of its descriptors: a courier ticket
+/// when it travels through ipc-channel (a process argument or result), a
+/// slot in the message's parcel inside a connection message (see
+/// [`message_handles`]).
 #[derive(Serialize, Deserialize)]
-pub(crate) struct Ticket {
+pub(crate) enum Ticket {
+    Courier(CourierTicket),
+    InMessage(message_handles::Slot),
+}
+
+/// A ticket for descriptors held by the lender's courier.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct CourierTicket {
     /// The lending process.
     owner: u32,
     /// The entry in the lender's courier table.
@@ -61,7 +73,21 @@ pub(crate) struct Ticket {
     /// How many descriptors the entry holds.
     count: u32,
     /// Claims go here; the courier learns from its closing that the ticket is gone.
+    #[serde(deserialize_with = "claims_outside_messages")]
     claims: IpcSender<Claim>,
+}
+
+/// An ipc-channel sender is decoded only from an ipc-channel message: in
+/// the bytes of a connection message it would name no channel.
+fn claims_outside_messages<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<IpcSender<Claim>, D::Error> {
+    if message_handles::decoding_message() {
+        return Err(serde::de::Error::custom(
+            "a courier ticket inside a message (not sent by this library)",
+        ));
+    }
+    IpcSender::deserialize(deserializer)
 }
 
 /// A claim: "send the descriptors of this ticket to the socket named `reply_to`".
@@ -248,8 +274,21 @@ fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result
     }
 }
 
-/// Lends duplicates of `fds` to whoever decodes the returned ticket.
+/// Lends duplicates of `fds` to whoever decodes the returned ticket: inside
+/// a connection message, in the message's parcel; elsewhere, through the
+/// courier.
 pub(crate) fn lend(fds: &[BorrowedFd<'_>]) -> io::Result<Ticket> {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::other("a ticket carries 1 to 8 descriptors"));
+    }
+    if let Some(slot) = message_handles::collect(fds) {
+        return slot.map(Ticket::InMessage);
+    }
+    lend_to_courier(fds).map(Ticket::Courier)
+}
+
+/// Lends duplicates of `fds` through this process's courier.
+fn lend_to_courier(fds: &[BorrowedFd<'_>]) -> io::Result<CourierTicket> {
     if fds.is_empty() || fds.len() > MAX_FDS {
         return Err(io::Error::other("a ticket carries 1 to 8 descriptors"));
     }
@@ -277,7 +316,7 @@ pub(crate) fn lend(fds: &[BorrowedFd<'_>]) -> io::Result<Ticket> {
             "the descriptor courier's registrar is gone",
         ));
     }
-    Ok(Ticket {
+    Ok(CourierTicket {
         owner: std::process::id(),
         id,
         count: fds.len() as u32,
@@ -287,6 +326,14 @@ pub(crate) fn lend(fds: &[BorrowedFd<'_>]) -> io::Result<Ticket> {
 
 /// Takes the descriptors a ticket stands for.
 pub(crate) fn claim(ticket: Ticket) -> io::Result<Vec<OwnedFd>> {
+    match ticket {
+        Ticket::Courier(ticket) => claim_courier_ticket(ticket),
+        Ticket::InMessage(slot) => message_handles::take(slot),
+    }
+}
+
+/// Takes the descriptors of a courier ticket.
+fn claim_courier_ticket(ticket: CourierTicket) -> io::Result<Vec<OwnedFd>> {
     let count = ticket.count as usize;
     if count == 0 || count > MAX_FDS {
         return Err(io::Error::other(format!(
@@ -306,7 +353,7 @@ pub(crate) fn claim(ticket: Ticket) -> io::Result<Vec<OwnedFd>> {
 }
 
 /// Claims through the lender's courier thread (what another process does).
-fn claim_from_courier(ticket: Ticket, count: usize) -> io::Result<Vec<OwnedFd>> {
+fn claim_from_courier(ticket: CourierTicket, count: usize) -> io::Result<Vec<OwnedFd>> {
     let socket = datagram_socket()?;
     let random = random_bytes()?;
     let mut name = b"mp-ipc-claim-".to_vec();
@@ -410,51 +457,13 @@ pub(crate) fn random_bytes() -> io::Result<[u8; 16]> {
     Ok(bytes)
 }
 
-thread_local! {
-    /// Set while this thread encodes a queue item or a message; records
-    /// whether a handle refused to be encoded into it.
-    static ENCODING: std::cell::Cell<Encoding> = const { std::cell::Cell::new(Encoding::Idle) };
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Idle,
-    Item,
-    HandleRefused,
-}
-
-/// Runs `encode` (of a queue item or a message) with the thread marked as
-/// doing so; returns its result and whether a handle refused to be encoded.
-pub(crate) fn encoding_item<R>(encode: impl FnOnce() -> R) -> (R, bool) {
-    struct Reset(Encoding);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            ENCODING.with(|state| state.set(self.0));
-        }
-    }
-    let _reset = Reset(ENCODING.with(|state| state.replace(Encoding::Item)));
-    let result = encode();
-    let refused = ENCODING.with(|state| state.get()) == Encoding::HandleRefused;
-    (result, refused)
-}
-
-/// For the `Serialize` impls of handles (queues, connections): fails if
-/// the handle is being encoded into a queue item or a message.
-///
-/// A handle's descriptors travel only with a ticket carried by ipc-channel
-/// (as a process argument); a ticket encoded into an item would be plain
-/// bytes, its channel lost.
+/// For the `Serialize` impls of handles whose descriptors cannot travel in
+/// a message (not lent through [`lend`]): fails if the handle is being
+/// encoded into a queue item or a message.
 pub(crate) fn refuse_inside_item<E: serde::ser::Error>() -> Result<(), E> {
-    let inside = ENCODING.with(|state| {
-        let inside = state.get() != Encoding::Idle;
-        if inside {
-            state.set(Encoding::HandleRefused);
-        }
-        inside
-    });
-    if inside {
+    if message_handles::refuse() {
         Err(E::custom(
-            "handles cannot travel inside queue items or messages",
+            "this handle cannot travel inside queue items or messages",
         ))
     } else {
         Ok(())
@@ -495,7 +504,7 @@ mod tests {
     fn a_claim_through_the_courier_thread_delivers_every_descriptor() {
         let (mut first_reader, first) = pipe();
         let (mut second_reader, second) = pipe();
-        let ticket = lend(&[first.as_fd(), second.as_fd()]).unwrap();
+        let ticket = lend_to_courier(&[first.as_fd(), second.as_fd()]).unwrap();
         drop((first, second));
         let fds = claim_from_courier(ticket, 2).unwrap();
         for (fd, word) in fds.into_iter().zip(["one", "two"]) {

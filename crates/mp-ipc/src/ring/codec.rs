@@ -7,7 +7,7 @@ use std::io;
 
 use super::RingError;
 use super::memory::MemFile;
-use crate::transport;
+use crate::message_handles::encoding;
 
 /// Something a producer can write into the ring.
 pub(crate) trait Encode {
@@ -45,7 +45,7 @@ pub(crate) struct Postcard<'a, T: ?Sized>(pub(crate) &'a T);
 
 impl<T: serde::Serialize + ?Sized> Encode for Postcard<'_, T> {
     fn encode_into(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
-        match encoding_item(|| postcard::to_slice(self.0, buf)) {
+        match encoding(true, || postcard::to_slice(self.0, buf)) {
             Ok(written) => Ok(Some(written.len())),
             Err(RingError::Encode(postcard::Error::SerializeBufferFull)) => Ok(None),
             Err(error) => Err(error),
@@ -53,21 +53,11 @@ impl<T: serde::Serialize + ?Sized> Encode for Postcard<'_, T> {
     }
 
     fn encoded_len(&self) -> Result<usize, RingError> {
-        encoding_item(|| postcard::experimental::serialized_size(self.0))
+        encoding(false, || postcard::experimental::serialized_size(self.0))
     }
 
     fn encoded(&self) -> Result<Cow<'_, [u8]>, RingError> {
-        encoding_item(|| postcard::to_stdvec(self.0)).map(Cow::Owned)
-    }
-}
-
-/// Runs a postcard encoding of an item, marking the thread as doing so (a
-/// handle met on the way refuses, see [`transport::refuse_inside_item`]).
-fn encoding_item<R>(encode: impl FnOnce() -> postcard::Result<R>) -> Result<R, RingError> {
-    match transport::encoding_item(encode) {
-        (Ok(value), _) => Ok(value),
-        (Err(_), true) => Err(RingError::HandleInItem),
-        (Err(error), false) => Err(RingError::Encode(error)),
+        encoding(true, || postcard::to_stdvec(self.0)).map(Cow::Owned)
     }
 }
 
