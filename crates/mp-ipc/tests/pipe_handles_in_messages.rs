@@ -1,0 +1,191 @@
+//! Handles sent inside Pipe messages, between processes: they arrive as the
+//! same objects, and a handle whose receiver never reads it (dropped, killed)
+//! leaves nothing open.
+
+mod common;
+
+use std::time::Duration;
+
+use mp_core::Process;
+use mp_ipc::connection::{Connection, ConnectionError, Pipe};
+use mp_ipc::queue::{JoinableQueue, Queue, QueueError, SimpleQueue};
+
+/// Generous bound for anything that should happen "at once".
+const PATIENCE: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_connection_sent_over_a_connection_talks_to_the_same_peer() {
+    let (parent_end, child_end) = Pipe::duplex().unwrap();
+    let (near, far) = Pipe::duplex().unwrap();
+    let child = Process::new(|carrier: Connection| {
+        let (greeting, far) = carrier
+            .recv_timeout::<(String, Connection)>(PATIENCE)
+            .unwrap();
+        far.send(format!("{greeting} back")).unwrap();
+        let number: u64 = far.recv_timeout(PATIENCE).unwrap();
+        far.send(number * 2).unwrap();
+    })
+    .args(child_end)
+    .start()
+    .unwrap();
+    parent_end.send(("hello".to_string(), &far)).unwrap();
+    drop(far);
+    assert_eq!(near.recv_timeout::<String>(PATIENCE).unwrap(), "hello back");
+    near.send(21u64).unwrap();
+    assert_eq!(near.recv_timeout::<u64>(PATIENCE).unwrap(), 42);
+    child.join_timeout(PATIENCE).unwrap();
+    // The child's copy (received in the message) was the last handle of `far`.
+    assert!(matches!(
+        near.recv_timeout::<u64>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+}
+
+#[test]
+fn queues_sent_in_messages_are_the_same_queues() {
+    let (parent_end, child_end) = Pipe::simplex().unwrap();
+    let queue: Queue<u32> = Queue::bounded(8).unwrap();
+    let simple: SimpleQueue<String> = SimpleQueue::new().unwrap();
+    let joinable: JoinableQueue<u8> = JoinableQueue::unbounded().unwrap();
+    type Handles = (u32, Queue<u32>, SimpleQueue<String>, JoinableQueue<u8>);
+    let child = Process::new(|carrier: Connection| {
+        let (base, queue, simple, joinable) = carrier.recv_timeout::<Handles>(PATIENCE).unwrap();
+        queue.put(base + 1).unwrap();
+        simple.put(format!("item {base}")).unwrap();
+        let task = joinable.get_timeout(PATIENCE).unwrap();
+        joinable.put(task + 1).unwrap();
+        joinable.task_done().unwrap();
+    })
+    .args(parent_end)
+    .start()
+    .unwrap();
+    joinable.put(9).unwrap();
+    child_end.send((41u32, &queue, &simple, &joinable)).unwrap();
+    assert_eq!(queue.get_timeout(PATIENCE).unwrap(), 42);
+    assert_eq!(simple.get_timeout(PATIENCE).unwrap(), "item 41");
+    child.join_timeout(PATIENCE).unwrap();
+    assert_eq!(joinable.get_timeout(PATIENCE).unwrap(), 10);
+    joinable.task_done().unwrap();
+    joinable.join_timeout(PATIENCE).unwrap();
+}
+
+#[test]
+fn many_writers_sending_handles_at_once_each_arrive_with_their_message() {
+    const WRITERS: u32 = 4;
+    const EACH: u32 = 25;
+    let (reader, writer) = Pipe::simplex().unwrap();
+    let children: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            Process::new(|(writer, w): (Connection, u32)| {
+                for i in 0..EACH {
+                    let id = w * 1000 + i;
+                    let queue: Queue<u32> = Queue::bounded(1).unwrap();
+                    queue.put(id).unwrap();
+                    writer.send((id, queue)).unwrap();
+                }
+            })
+            .args((writer.clone(), w))
+            .start()
+            .unwrap()
+        })
+        .collect();
+    drop(writer);
+    for _ in 0..WRITERS * EACH {
+        let (id, queue) = reader.recv_timeout::<(u32, Queue<u32>)>(PATIENCE).unwrap();
+        assert_eq!(
+            queue.get_timeout(PATIENCE).unwrap(),
+            id,
+            "a handle arrived with another message"
+        );
+    }
+    for child in children {
+        child.join_timeout(PATIENCE).unwrap();
+    }
+    assert!(matches!(
+        reader.recv_timeout::<u8>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+}
+
+/// Sends one end of a fresh pipe, inside a message, to a reader that never
+/// reads it, then runs `lose_reader`; the kept end must then see `Closed`
+/// (every descriptor of the sent end is gone, the in-flight ones included)
+/// and the process holds no more descriptors than before. Twice: the first
+/// round starts what the library starts once per process (threads, their
+/// descriptors); the second is counted.
+fn a_sent_end_is_closed_when(lose_reader: impl Fn(Connection)) {
+    one_round(&lose_reader);
+    let before = common::open_descriptors();
+    one_round(&lose_reader);
+    assert!(
+        common::eventually(|| common::open_descriptors() <= before),
+        "{} descriptors open, {before} before",
+        common::open_descriptors()
+    );
+}
+
+fn one_round(lose_reader: &impl Fn(Connection)) {
+    let (reader, writer) = Pipe::simplex().unwrap();
+    let (kept, sent) = Pipe::duplex().unwrap();
+    writer.send((1u8, &sent)).unwrap();
+    drop(sent);
+    drop(writer);
+    lose_reader(reader);
+    assert!(matches!(
+        kept.recv_timeout::<u8>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+    // The other direction: told by the liveness thread (a send only looks
+    // at its flag), so soon rather than at once.
+    assert!(common::eventually(|| matches!(
+        kept.send(1u8),
+        Err(ConnectionError::Closed)
+    )));
+}
+
+#[test]
+fn a_handle_in_a_message_dropped_unread_leaks_nothing() {
+    a_sent_end_is_closed_when(drop);
+}
+
+#[test]
+fn a_handle_in_a_message_whose_reader_is_killed_leaks_nothing() {
+    a_sent_end_is_closed_when(|reader| {
+        let (ready_reader, ready_writer) = Pipe::simplex().unwrap();
+        let child = Process::new(|(reader, ready): (Connection, Connection)| {
+            let _hold = reader;
+            ready.send(()).unwrap();
+            // Hold the reader, never reading, until killed.
+            std::thread::sleep(PATIENCE * 2);
+        })
+        .args((reader, ready_writer))
+        .start()
+        .unwrap();
+        ready_reader.recv_timeout::<()>(PATIENCE).unwrap();
+        child.kill().unwrap();
+        assert!(
+            child.join_timeout(PATIENCE).is_err(),
+            "the child was killed"
+        );
+    });
+}
+
+#[test]
+fn a_handle_in_a_queue_item_is_refused_and_leaks_nothing() {
+    drop(Pipe::duplex().unwrap()); // starts the liveness watcher
+    let before = common::open_descriptors();
+    let queue: Queue<(u8, Connection)> = Queue::unbounded().unwrap();
+    let (kept, sent) = Pipe::duplex().unwrap();
+    assert!(matches!(
+        queue.put((1u8, sent.clone())),
+        Err(QueueError::HandleInItem)
+    ));
+    assert!(queue.is_empty());
+    drop(sent);
+    assert!(matches!(
+        kept.recv_timeout::<u8>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+    drop((kept, queue));
+    assert!(common::eventually(|| common::open_descriptors() <= before));
+}
