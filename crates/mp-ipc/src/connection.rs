@@ -80,7 +80,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::liveness::{Watch, presence_pipe, presence_socket};
+use crate::liveness::{Presence, Watch, presence_pipe, presence_socket};
 use crate::message_handles;
 use crate::ring::{
     DEFAULT_CAPACITY, Liveness, Payload, Postcard, RawBytes, Ring, RingConfig, RingError, Wait,
@@ -274,9 +274,10 @@ enum Side {
 /// (held, never written), and the watch on the other end's presence.
 struct Endpoint {
     ring: Arc<Ring>,
-    /// The write end of this end's presence pipe: held for as long as this
-    /// process has a handle of this end.
-    presence: OwnedFd,
+    /// The write end of this end's presence pipe (of a writer: the sending
+    /// end of its presence socket): held for as long as this process has a
+    /// handle of this end.
+    presence: Presence,
     /// The read end of the other end's presence pipe.
     peer: Watch,
 }
@@ -301,7 +302,7 @@ impl Endpoint {
         .map_err(io_error("watching the other end"))?;
         Ok(Endpoint {
             ring,
-            presence,
+            presence: Presence::new(presence),
             peer,
         })
     }

@@ -52,6 +52,7 @@
 //! `Cargo.toml`).
 
 // Base layer: shared memory, futex wake-ups, robust process-shared mutex.
+mod after_fork;
 mod decode_error;
 mod futex;
 mod presence;

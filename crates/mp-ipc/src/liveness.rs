@@ -15,12 +15,17 @@
 //! that readers or writers of the ring sleep on, and rings the doorbell).
 //! Nothing is polled periodically; nothing reads `/proc`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// Watch keys → the flags they raise (one map per process, leaked: a
+/// process has one watcher, a forked child its own).
+type Entries = &'static Mutex<HashMap<u64, Weak<Flag>>>;
 
 use rustix::event::epoll;
 
@@ -43,6 +48,47 @@ pub(crate) fn presence_socket() -> io::Result<(OwnedFd, OwnedFd)> {
         None,
     )?)
 }
+
+/// A descriptor whose being open in a process says "a handle of this end
+/// lives here": the write end of a presence pipe, or the sending end of a
+/// presence socket.
+///
+/// Every presence of the process is in a registry, so that a child forked
+/// from it does not count as a holder: [`after_fork`](crate::after_fork)
+/// replaces each inherited presence descriptor with a meaningless one in the
+/// child (a forked child gets the handles it needs as arguments, which carry
+/// their own presence; the copies of its parent's handles it inherited are
+/// not reachable from its function). Without this, a pipe end dropped by the
+/// parent would stay open for as long as any forked child lives.
+pub(crate) struct Presence(Option<OwnedFd>);
+
+impl Presence {
+    /// Registers `fd` as a presence of this process.
+    pub(crate) fn new(fd: OwnedFd) -> Presence {
+        crate::after_fork::register();
+        lock(&PRESENCES).insert(fd.as_raw_fd());
+        Presence(Some(fd))
+    }
+
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_ref().expect("present until dropped").as_fd()
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        // Closed and unregistered under the lock: a fork never sees a
+        // registered number that is closed (and maybe reused by now).
+        let mut presences = lock(&PRESENCES);
+        if let Some(fd) = self.0.take() {
+            presences.remove(&fd.as_raw_fd());
+            drop(fd);
+        }
+    }
+}
+
+/// The raw numbers of every [`Presence`] of this process.
+static PRESENCES: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
 
 /// What happens when an end is found gone.
 type OnGone = Box<dyn Fn() + Send + Sync>;
@@ -106,7 +152,7 @@ impl Watch {
             return Ok(());
         }
         let watcher = watcher()?;
-        lock(&watcher.entries).insert(self.key, Arc::downgrade(&self.flag));
+        lock(watcher.entries).insert(self.key, Arc::downgrade(&self.flag));
         let added = epoll::add(
             &*watcher.epoll,
             &self.fd,
@@ -114,7 +160,7 @@ impl Watch {
             epoll::EventFlags::ONESHOT,
         );
         if let Err(errno) = added {
-            lock(&watcher.entries).remove(&self.key);
+            lock(watcher.entries).remove(&self.key);
             return Err(errno.into());
         }
         self.registered_in.store(pid, Relaxed);
@@ -151,7 +197,7 @@ impl Drop for Watch {
             && let Some(watcher) = lock(&WATCHER).as_ref()
         {
             let _ = epoll::delete(&*watcher.epoll, &self.fd);
-            lock(&watcher.entries).remove(&self.key);
+            lock(watcher.entries).remove(&self.key);
         }
     }
 }
@@ -181,7 +227,7 @@ pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
 struct Watcher {
     pid: u32,
     epoll: Arc<OwnedFd>,
-    entries: Arc<Mutex<HashMap<u64, Weak<Flag>>>>,
+    entries: Entries,
 }
 
 static WATCHER: Mutex<Option<Watcher>> = Mutex::new(None);
@@ -199,31 +245,91 @@ fn watcher() -> io::Result<WatcherRef> {
     if let Some(w) = slot.as_ref().filter(|w| w.pid == pid) {
         return Ok(WatcherRef {
             epoll: Arc::clone(&w.epoll),
-            entries: Arc::clone(&w.entries),
+            entries: w.entries,
         });
     }
-    // After a fork, the slot holds the parent's watcher (whose thread did not
-    // survive the fork): replaced by this process's own.
-    drop(slot.take());
+    // After a fork (not through `fork(3)`, whose handler empties the slot),
+    // the slot holds the parent's watcher, whose thread did not survive the
+    // fork: forgotten (its parts belong to that thread), replaced by this
+    // process's own.
+    std::mem::forget(slot.take());
+    crate::after_fork::register();
     let epoll = Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?);
-    let entries = Arc::new(Mutex::new(HashMap::new()));
+    let entries: Entries = Box::leak(Box::new(Mutex::new(HashMap::new())));
     {
-        let (epoll, entries) = (Arc::clone(&epoll), Arc::clone(&entries));
+        let epoll = Arc::clone(&epoll);
         std::thread::Builder::new()
             .name("mp-ipc liveness".into())
-            .spawn(move || watch_forever(&epoll, &entries))?;
+            .spawn(move || watch_forever(&epoll, entries))?;
     }
     *slot = Some(Watcher {
         pid,
         epoll: Arc::clone(&epoll),
-        entries: Arc::clone(&entries),
+        entries,
     });
     Ok(WatcherRef { epoll, entries })
 }
 
 struct WatcherRef {
     epoll: Arc<OwnedFd>,
-    entries: Arc<Mutex<HashMap<u64, Weak<Flag>>>>,
+    entries: Entries,
+}
+
+/// This process's liveness locks, held by the forking thread across a
+/// `fork` (see [`after_fork`](crate::after_fork)), so that none is copied
+/// held by another thread.
+pub(crate) struct HeldAcrossFork {
+    watcher: MutexGuard<'static, Option<Watcher>>,
+    entries: Option<MutexGuard<'static, HashMap<u64, Weak<Flag>>>>,
+    presences: MutexGuard<'static, BTreeSet<RawFd>>,
+}
+
+/// Takes the locks, always in this order (no code path holds one of them
+/// while taking an earlier one).
+pub(crate) fn hold_across_fork() -> HeldAcrossFork {
+    let watcher = lock(&WATCHER);
+    let entries = watcher.as_ref().map(|w| lock(w.entries));
+    HeldAcrossFork {
+        watcher,
+        entries,
+        presences: lock(&PRESENCES),
+    }
+}
+
+impl HeldAcrossFork {
+    /// In the child: forgets the parent's watcher (its thread is not here)
+    /// and makes every inherited presence descriptor meaningless, then
+    /// releases the locks.
+    pub(crate) fn release_in_child(mut self) {
+        drop(self.entries.take());
+        std::mem::forget(self.watcher.take());
+        if self.presences.is_empty() {
+            return;
+        }
+        // One descriptor that stands for nothing, put in place of each
+        // presence (same number: the inherited handles still own it and close
+        // it if they are ever dropped).
+        let placeholder = match rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) {
+            Ok(fd) => fd,
+            Err(errno) => {
+                tracing::error!(%errno, "a forked child keeps its parent's pipe ends open");
+                return;
+            }
+        };
+        for &fd in self.presences.iter() {
+            // SAFETY: `fd` is registered, so a `Presence` (the child's copy of
+            // the parent's) owns it and it is open: presences are closed and
+            // unregistered under the lock held here. `ManuallyDrop`: this only
+            // borrows it; `dup3` replaces the file behind the number, which
+            // stays owned by that `Presence`.
+            let mut target = ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(fd) });
+            if let Err(errno) =
+                rustix::io::dup3(&placeholder, &mut target, rustix::io::DupFlags::CLOEXEC)
+            {
+                tracing::error!(%errno, fd, "a forked child keeps a pipe end of its parent open");
+            }
+        }
+    }
 }
 
 /// The watcher thread: sleeps in `epoll_wait` until a watched pipe hangs up.

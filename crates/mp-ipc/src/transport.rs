@@ -34,7 +34,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcReceiverSet, IpcSelectionResult, IpcSender};
@@ -104,8 +104,9 @@ struct Register {
     claims: IpcReceiver<Claim>,
 }
 
-/// Lent descriptors by ticket id.
-type Table = Arc<Mutex<HashMap<u64, Vec<OwnedFd>>>>;
+/// Lent descriptors by ticket id (one table per process, leaked: the
+/// courier thread and the lenders share it for the life of the process).
+type Table = &'static Mutex<HashMap<u64, Vec<OwnedFd>>>;
 
 /// This process's courier: the lent descriptors and the way to its thread.
 struct Courier {
@@ -132,22 +133,21 @@ fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
     let pid = std::process::id();
     let mut courier = lock(&COURIER);
     if let Some(c) = courier.as_ref().filter(|c| c.pid == pid) {
-        return Ok((Arc::clone(&c.table), c.register.clone()));
+        return Ok((c.table, c.register.clone()));
     }
-    if let Some(inherited) = courier.take() {
-        // A fork: the parent's table is the parent's business. Its copies
-        // here are closed, so that this child does not keep the parent's
-        // lent objects alive.
-        drop(inherited);
-    }
+    // After a fork through `fork(3)`, the slot is empty (see
+    // `hold_across_fork`); after another kind of fork it holds the parent's
+    // courier, whose threads are not here: forgotten, not dropped (its
+    // channel's state may be mid-update by a thread that no longer exists).
+    std::mem::forget(courier.take());
+    crate::after_fork::register();
     let (forward, registrations) = ipc::channel::<Register>()?;
-    let table = Arc::new(Mutex::new(HashMap::new()));
+    let table: Table = Box::leak(Box::new(Mutex::new(HashMap::new())));
     let mut set = IpcReceiverSet::new()?;
     let control = set.add(registrations)?;
-    let served = Arc::clone(&table);
     std::thread::Builder::new()
         .name("mp-ipc courier".into())
-        .spawn(move || serve(set, control, &served))?;
+        .spawn(move || serve(set, control, table))?;
     let (register, to_forward) = mpsc::channel::<Register>();
     std::thread::Builder::new()
         .name("mp-ipc registrar".into())
@@ -161,7 +161,7 @@ fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
         })?;
     *courier = Some(Courier {
         pid,
-        table: Arc::clone(&table),
+        table,
         register: register.clone(),
     });
     Ok((table, register))
@@ -221,6 +221,34 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: &Mutex<HashMap<u64, Vec<O
                 }
             }
         }
+    }
+}
+
+/// The courier's locks, held by the forking thread across a `fork` (see
+/// [`after_fork`](crate::after_fork)), so that none is copied held by the
+/// courier thread or a lender.
+pub(crate) struct HeldAcrossFork {
+    courier: MutexGuard<'static, Option<Courier>>,
+    table: Option<MutexGuard<'static, HashMap<u64, Vec<OwnedFd>>>>,
+}
+
+/// Takes the locks, in the order every code path takes them.
+pub(crate) fn hold_across_fork() -> HeldAcrossFork {
+    let courier = lock(&COURIER);
+    let table = courier.as_ref().map(|c| lock(c.table));
+    HeldAcrossFork { courier, table }
+}
+
+impl HeldAcrossFork {
+    /// In the child: closes the copies of the parent's lent descriptors (the
+    /// parent's courier serves its tickets; copies here would only keep the
+    /// parent's objects open) and forgets the parent's courier, whose threads
+    /// are not here; the child starts its own on first use.
+    pub(crate) fn release_in_child(mut self) {
+        if let Some(mut table) = self.table.take() {
+            table.clear();
+        }
+        std::mem::forget(self.courier.take());
     }
 }
 
@@ -299,7 +327,7 @@ fn lend_to_courier(fds: &[BorrowedFd<'_>]) -> io::Result<CourierTicket> {
     let (table, register) = courier()?;
     let (claims, watched) = ipc::channel::<Claim>()?;
     let id = NEXT_ID.fetch_add(1, Relaxed);
-    lock(&table).insert(id, copies);
+    lock(table).insert(id, copies);
     // The registration is an ipc-channel message; it must not be sent from
     // this thread, which may be inside ipc-channel's serialization of the
     // message that carries the ticket (ipc-channel collects the channels of
@@ -311,7 +339,7 @@ fn lend_to_courier(fds: &[BorrowedFd<'_>]) -> io::Result<CourierTicket> {
         claims: watched,
     };
     if register.send(registration).is_err() {
-        lock(&table).remove(&id);
+        lock(table).remove(&id);
         return Err(io::Error::other(
             "the descriptor courier's registrar is gone",
         ));
@@ -344,7 +372,7 @@ fn claim_courier_ticket(ticket: CourierTicket) -> io::Result<Vec<OwnedFd>> {
         let local = lock(&COURIER)
             .as_ref()
             .filter(|c| c.pid == ticket.owner)
-            .and_then(|c| lock(&c.table).remove(&ticket.id));
+            .and_then(|c| lock(c.table).remove(&ticket.id));
         if let Some(fds) = local {
             return Ok(fds);
         }
