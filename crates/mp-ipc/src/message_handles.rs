@@ -1,13 +1,18 @@
 //! Handles inside messages: how the descriptors of a handle sent inside a
-//! [`Connection`](crate::connection::Connection) message travel with it.
+//! [`Connection`](crate::connection::Connection) message or a
+//! [`Queue`](crate::queue::Queue) item travel with it.
 //!
 //! A message is postcard bytes in a shared-memory ring; bytes cannot carry a
-//! descriptor. So the descriptors travel in the kernel, beside the ring, on
-//! the *writers' presence socket* of the connection's direction: a
-//! `SOCK_SEQPACKET` socket pair whose sending end every writer handle holds
-//! (it is the writers' presence: its hang-up tells readers that every writer
-//! is gone, see [`liveness`](crate::liveness)) and whose receiving end every
-//! reader handle holds (its watch).
+//! descriptor. So the descriptors travel in the kernel, beside the ring, on a
+//! `SOCK_SEQPACKET` socket pair (the *parcel socket*):
+//!
+//! * for a connection, the *writers' presence socket* of the direction: its
+//!   sending end every writer handle holds (it is the writers' presence: its
+//!   hang-up tells readers that every writer is gone, see
+//!   [`liveness`](crate::liveness)), its receiving end every reader handle
+//!   holds (its watch);
+//! * for a queue, a socket pair of its ring whose two ends every handle holds
+//!   ([`Ring::with_parcels`](crate::ring::Ring::with_parcels)).
 //!
 //! * **Encode** ([`encoding`], on the producer's thread, under the ring's
 //!   producer lock): while a message is encoded, a handle's `Serialize`
@@ -15,7 +20,7 @@
 //!   descriptors into this thread's *parcel* and writes a [`Slot`] in their
 //!   place: the parcel's [`Key`] and the handle's range in it. When the
 //!   encoding that will be published succeeds, the parcel is sent on the
-//!   presence socket (`SCM_RIGHTS`, payload = key and count) *before* the
+//!   parcel socket (`SCM_RIGHTS`, payload = key and count) *before* the
 //!   frame is published. A message without handles collects nothing: no
 //!   system call, no allocation (two thread-local stores).
 //! * **Decode** ([`receiving`], on the consumer's thread, under the ring's
@@ -37,8 +42,11 @@
 //!   were dropped, exited or SIGKILLed (the kernel's garbage collector also
 //!   frees cycles, e.g. a reader end sent over its own connection).
 //!
-//! Queue items have no presence socket: a handle inside a queue item is
-//! refused ([`RingError::HandleInItem`](crate::ring::RingError)).
+//! Outside a connection's send or a queue's put (e.g. `queue::encode_item`),
+//! and for handles whose descriptors are not lent through the transport
+//! (`SharedMemory` and what lives in it, for now), a handle is refused
+//! ([`RingError::HandleInItem`](crate::ring::RingError)) before anything is
+//! duplicated.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -130,13 +138,13 @@ struct Inbox {
 }
 
 thread_local! {
-    /// The presence socket of the connection this thread sends on (-1: none).
+    /// The parcel socket of the ring this thread puts into (-1: none).
     static CARRIER: Cell<RawFd> = const { Cell::new(-1) };
     static ENCODING: RefCell<Encoding> = const { RefCell::new(Encoding::Idle) };
     static DECODING: RefCell<Option<Inbox>> = const { RefCell::new(None) };
 }
 
-/// Runs `send` with `socket` (a writer's presence socket) as where the
+/// Runs `send` with `socket` (the sending end of a parcel socket) as where the
 /// descriptors of handles in the message go.
 pub(crate) fn carrying<R>(socket: BorrowedFd<'_>, send: impl FnOnce() -> R) -> R {
     struct Restore(RawFd);
@@ -219,7 +227,7 @@ pub(crate) fn collect(fds: &[BorrowedFd<'_>]) -> Option<io::Result<Slot>> {
         if CARRIER.with(Cell::get) < 0 {
             *failure = Some(Failure::Refused);
             return Some(Err(io::Error::other(
-                "handles cannot travel inside queue items",
+                "handles travel only inside a connection's messages and a queue's items",
             )));
         }
         if *count + fds.len() > MAX_FDS_PER_MESSAGE {
@@ -294,8 +302,8 @@ fn send_parcel(key: Key, fds: &[OwnedFd]) -> io::Result<()> {
     }
 }
 
-/// Runs `decode` (of a message received on a connection whose writers'
-/// presence socket is `socket`) with the thread marked as doing so;
+/// Runs `decode` (of a message received from a ring whose parcel socket's
+/// receiving end is `socket`) with the thread marked as doing so;
 /// descriptors of the message's parcel that no handle took are closed after.
 pub(crate) fn receiving<R>(socket: BorrowedFd<'_>, decode: impl FnOnce() -> R) -> R {
     struct Restore(Option<Inbox>);

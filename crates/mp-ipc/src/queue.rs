@@ -80,10 +80,12 @@ pub enum QueueError {
     /// the queue (later items are unaffected).
     #[error("could not decode an item (it was removed from the queue): {0}")]
     Decode(#[source] postcard::Error),
-    /// The item contains a handle (a queue, a pipe end, shared memory...):
-    /// handles travel to other processes as process arguments, not inside
-    /// items (nothing was put).
-    #[error("the item contains a handle (queue, connection...); pass handles as process arguments")]
+    /// The item contains a handle that cannot travel inside an item (queues
+    /// and connections can; see `message_handles`); pass it as a process
+    /// argument (nothing was put).
+    #[error(
+        "the item contains a handle that cannot travel inside an item; pass it as a process argument"
+    )]
     HandleInItem,
     /// `JoinableQueue::task_done` was called more times than items were put.
     #[error("task_done() called more times than there were items")]
@@ -246,7 +248,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             type_tag,
             // For `connection::wait` over queues.
             doorbell: true,
-        })?;
+        })?
+        .with_parcels()?; // handles inside items (see `message_handles`)
         Ok(Queue {
             ring: Arc::new(ring),
             _item: PhantomData,
@@ -770,15 +773,17 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_inside_an_item_is_refused() {
+    fn a_queue_inside_an_item_is_the_same_queue() {
         let outer: Queue<Queue<u8>> = Queue::unbounded().unwrap();
         let inner: Queue<u8> = Queue::unbounded().unwrap();
-        assert!(matches!(outer.put(&inner), Err(QueueError::HandleInItem)));
-        assert!(outer.is_empty());
+        outer.put(&inner).unwrap();
+        outer.get().unwrap().put(1).unwrap();
+        assert_eq!(inner.get().unwrap(), 1);
         // The thread is back to normal: the inner queue still travels as an argument.
         let (tx, rx) = ipc_channel::ipc::channel().unwrap();
-        tx.send(inner).unwrap();
-        rx.recv().unwrap().put(1).unwrap();
+        tx.send(inner.clone()).unwrap();
+        rx.recv().unwrap().put(2).unwrap();
+        assert_eq!(inner.get().unwrap(), 2);
     }
 
     #[test]

@@ -171,21 +171,91 @@ fn a_handle_in_a_message_whose_reader_is_killed_leaks_nothing() {
 }
 
 #[test]
-fn a_handle_in_a_queue_item_is_refused_and_leaks_nothing() {
-    drop(Pipe::duplex().unwrap()); // starts the liveness watcher
-    let before = common::open_descriptors();
+fn a_connection_inside_a_queue_item_reaches_another_process() {
     let queue: Queue<(u8, Connection)> = Queue::unbounded().unwrap();
-    let (kept, sent) = Pipe::duplex().unwrap();
+    let (near, far) = Pipe::duplex().unwrap();
+    let child = Process::new(|queue: Queue<(u8, Connection)>| {
+        let (n, far) = queue.get_timeout(PATIENCE).unwrap();
+        far.send(n + 1).unwrap();
+    })
+    .args(queue.clone())
+    .start()
+    .unwrap();
+    queue.put((41u8, far)).unwrap();
+    assert_eq!(near.recv_timeout::<u8>(PATIENCE).unwrap(), 42);
+    child.join_timeout(PATIENCE).unwrap();
     assert!(matches!(
-        queue.put((1u8, sent.clone())),
+        near.recv_timeout::<u8>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+}
+
+/// Like [`a_sent_end_is_closed_when`], with the end sent inside a queue item.
+fn a_queued_end_is_closed_when(lose_queue: impl Fn(Queue<(u8, Connection)>)) {
+    let round = || {
+        let queue: Queue<(u8, Connection)> = Queue::unbounded().unwrap();
+        let (kept, sent) = Pipe::duplex().unwrap();
+        queue.put((1u8, sent)).unwrap();
+        lose_queue(queue);
+        assert!(matches!(
+            kept.recv_timeout::<u8>(PATIENCE),
+            Err(ConnectionError::Closed)
+        ));
+    };
+    round();
+    let before = common::open_descriptors();
+    round();
+    assert!(
+        common::eventually(|| common::open_descriptors() <= before),
+        "{} descriptors open, {before} before",
+        common::open_descriptors()
+    );
+}
+
+#[test]
+fn a_handle_in_a_queue_item_never_taken_leaks_nothing() {
+    a_queued_end_is_closed_when(drop);
+}
+
+#[test]
+fn a_handle_in_a_queue_item_whose_only_other_holder_is_killed_leaks_nothing() {
+    a_queued_end_is_closed_when(|queue| {
+        let (ready_reader, ready_writer) = Pipe::simplex().unwrap();
+        let child = Process::new(|(queue, ready): (Queue<(u8, Connection)>, Connection)| {
+            let _hold = queue;
+            ready.send(()).unwrap();
+            // Hold the queue, never taking the item, until killed.
+            std::thread::sleep(PATIENCE * 2);
+        })
+        .args((queue, ready_writer))
+        .start()
+        .unwrap();
+        ready_reader.recv_timeout::<()>(PATIENCE).unwrap();
+        child.kill().unwrap();
+        assert!(
+            child.join_timeout(PATIENCE).is_err(),
+            "the child was killed"
+        );
+    });
+}
+
+#[test]
+fn shared_memory_inside_a_message_or_item_is_refused_and_nothing_is_sent() {
+    // Until `SharedMemory` lends its descriptor through the transport, it
+    // (and the locks, events, values... that live in it) cannot travel in a
+    // message: refused before anything is sent.
+    let (reader, writer) = Pipe::simplex().unwrap();
+    let lock = mp_ipc::Lock::new().unwrap();
+    assert!(matches!(
+        writer.send((1u8, &lock)),
+        Err(ConnectionError::HandleInMessage)
+    ));
+    let queue: Queue<(u8, mp_ipc::Lock)> = Queue::unbounded().unwrap();
+    assert!(matches!(
+        queue.put((1u8, lock)),
         Err(QueueError::HandleInItem)
     ));
     assert!(queue.is_empty());
-    drop(sent);
-    assert!(matches!(
-        kept.recv_timeout::<u8>(PATIENCE),
-        Err(ConnectionError::Closed)
-    ));
-    drop((kept, queue));
-    assert!(common::eventually(|| common::open_descriptors() <= before));
+    writer.send(2u8).unwrap();
+    assert_eq!(reader.recv_timeout::<u8>(PATIENCE).unwrap(), 2);
 }

@@ -254,6 +254,9 @@ pub(crate) struct Ring {
     file: MemFile,
     /// An eventfd rung by a publish when a waiter armed it (connections).
     doorbell: Option<OwnedFd>,
+    /// Where the descriptors of handles inside items travel (queues; see
+    /// [`message_handles`](crate::message_handles)).
+    parcels: Option<Parcels>,
     header: NonNull<Header>,
     /// Twice `capacity` bytes: the ring, mapped twice back to back.
     data: NonNull<u8>,
@@ -263,6 +266,13 @@ pub(crate) struct Ring {
     max_items: u32,
     max_inline_frame: u32,
     spinner: Spinner,
+}
+
+/// The two ends of a ring's `SOCK_SEQPACKET` socket pair for the
+/// descriptors of handles inside items: every handle of the ring holds both.
+struct Parcels {
+    send: OwnedFd,
+    receive: OwnedFd,
 }
 
 // SAFETY: the mappings are owned by the Ring and live until it drops; all
@@ -332,6 +342,7 @@ impl Ring {
         let ring = Ring {
             file: MemFile::on_heap((HEADER_LEN + capacity) as u64),
             doorbell: None,
+            parcels: None,
             header: header.cast(),
             data,
             source: Source::Heap,
@@ -390,6 +401,11 @@ impl Ring {
                 .ok_or_else(|| RingError::Incompatible("no ring descriptor".into()))?,
         );
         let doorbell = fds.next();
+        let parcels = match (fds.next(), fds.next()) {
+            (Some(send), Some(receive)) => Some(Parcels { send, receive }),
+            (None, None) => None,
+            _ => return Err(RingError::Incompatible("half a parcel socket".into())),
+        };
         let mut magic = [0u8; 8];
         file.read_exact_at(&mut magic, 0)
             .map_err(io_error("pread"))?;
@@ -408,6 +424,7 @@ impl Ring {
             return Err(RingError::Corrupted("file shorter than the ring".into()));
         }
         let mut ring = Ring::map(file, doorbell, capacity)?;
+        ring.parcels = parcels;
         ring.load_config()?;
         if ring.header().config.0.type_tag.load(Relaxed) != type_tag {
             return Err(RingError::Incompatible(
@@ -481,6 +498,7 @@ impl Ring {
             Ok(Ring {
                 file,
                 doorbell,
+                parcels: None,
                 header: NonNull::new_unchecked(header.cast()),
                 data: NonNull::new_unchecked(reserve.cast()),
                 source: Source::Mapped,
@@ -507,12 +525,33 @@ impl Ring {
         &self.header().tasks.0
     }
 
-    /// What travels to another process: the memfd, then the doorbell if any.
+    /// Gives the ring a socket pair on which the descriptors of handles
+    /// inside its items travel (see [`message_handles`](crate::message_handles)).
+    pub(crate) fn with_parcels(mut self) -> Result<Ring, RingError> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let (send, receive) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| io_error("socketpair")(e.into()))?;
+        self.parcels = Some(Parcels { send, receive });
+        Ok(self)
+    }
+
+    /// What travels to another process: the memfd, then the doorbell and the
+    /// parcel sockets if any.
     pub(crate) fn descriptors(&self) -> Vec<BorrowedFd<'_>> {
         self.file
             .as_fd()
             .into_iter()
             .chain(self.doorbell.as_ref().map(AsFd::as_fd))
+            .chain(
+                self.parcels
+                    .iter()
+                    .flat_map(|p| [p.send.as_fd(), p.receive.as_fd()]),
+            )
             .collect()
     }
 
@@ -678,6 +717,20 @@ impl Ring {
         wait: Wait,
         liveness: Option<&dyn Liveness>,
     ) -> Result<(), RingError> {
+        match &self.parcels {
+            Some(parcels) => crate::message_handles::carrying(parcels.send.as_fd(), || {
+                self.push_frame(item, wait, liveness)
+            }),
+            None => self.push_frame(item, wait, liveness),
+        }
+    }
+
+    fn push_frame(
+        &self,
+        item: &dyn Encode,
+        wait: Wait,
+        liveness: Option<&dyn Liveness>,
+    ) -> Result<(), RingError> {
         let _held = self.lock_producer(wait)?;
         let indices = self.indices();
         let producer = &self.header().producer.0;
@@ -774,6 +827,20 @@ impl Ring {
     /// `liveness`, for connections, tells whether the writing end is
     /// gone; it is checked whenever the ring is found empty.
     pub(crate) fn pop<R>(
+        &self,
+        wait: Wait,
+        liveness: Option<&dyn Liveness>,
+        read: impl FnOnce(Payload<'_>) -> R,
+    ) -> Result<R, RingError> {
+        match &self.parcels {
+            Some(parcels) => self.pop_frame(wait, liveness, |payload| {
+                crate::message_handles::receiving(parcels.receive.as_fd(), || read(payload))
+            }),
+            None => self.pop_frame(wait, liveness, read),
+        }
+    }
+
+    fn pop_frame<R>(
         &self,
         wait: Wait,
         liveness: Option<&dyn Liveness>,
