@@ -28,8 +28,26 @@
 //! do not deadlock. (Like an OS pipe, a flood of small messages that nobody
 //! reads fills the ring, and then `send` waits.)
 //!
+//! **Handles inside messages.** A [`Connection`] or a
+//! [`Queue`](crate::queue::Queue) inside a sent value arrives as the same
+//! object (`conn.send((&other, &queue))`, as Python's `conn.send(other)`):
+//!
+//! ```
+//! use mp_ipc::connection::{Connection, Pipe};
+//!
+//! let (a, b) = Pipe::duplex()?;
+//! let (near, far) = Pipe::duplex()?;
+//! a.send(("take this", &far))?;
+//! let (_, far): (String, Connection) = b.recv()?;
+//! far.send(7u8)?;
+//! assert_eq!(near.recv::<u8>()?, 7);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! **End of the line.** Every handle of an end holds the write end of a
-//! *presence pipe* that nobody writes to; the other end watches the read end.
+//! *presence pipe* (a writer: the sending end of a *presence socket*, on which
+//! the descriptors of handles inside messages also travel) that nobody
+//! writes to; the other end watches the read end.
 //! When the last descriptor of the write end closes — in whichever process,
 //! also when the process is killed, and not while a message carrying a
 //! handle is in flight — the kernel reports a hang-up on the read end, which

@@ -41,8 +41,9 @@
 //!
 //! Every primitive is `Clone` (same object), `Send + Sync`, and `Serialize + Deserialize`
 //! for travelling as a process argument (through ipc-channel; the descriptors of queues and
-//! pipes travel beside it with `SCM_RIGHTS`); it is freed when the last handle in the last
-//! process is dropped. Every blocking call has `try_` and `_timeout` variants.
+//! pipes travel beside it with `SCM_RIGHTS`); connections and queues also travel inside
+//! `Connection::send` messages and `Queue::put` items. It is freed when the last handle in
+//! the last process is dropped. Every blocking call has `try_` and `_timeout` variants.
 //!
 //! Nothing reads `/proc`: descriptors are owned from creation, the end of a pipe is told by
 //! the kernel (a hang-up on a pipe every handle holds), blocking calls sleep in the kernel,
