@@ -341,7 +341,9 @@ pub(crate) fn take(slot: Slot) -> io::Result<Vec<OwnedFd>> {
             // the receive that borrows it (the reader endpoint's watch), and
             // this runs inside that receive.
             let socket = unsafe { BorrowedFd::borrow_raw(inbox.socket) };
-            let fds = receive_parcel(socket, slot.key)?;
+            let fds = receive_parcel(socket, slot.key).inspect_err(|error| {
+                tracing::warn!(%error, "a handle inside a message could not be received");
+            })?;
             inbox.parcel = Some((slot.key, fds.into_iter().map(Some).collect()));
         }
         let (_, fds) = inbox.parcel.as_mut().expect("just received");
