@@ -109,39 +109,49 @@ fn parcel_header(key: Key, count: usize) -> [u8; PARCEL_HEADER] {
     header
 }
 
-/// What this thread is encoding.
-enum Encoding {
+/// What this thread is encoding (a `Cell`: the fast path only swaps it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
     Idle,
-    Item {
-        /// Whether these bytes will be published (not a size pass).
-        publishes: bool,
-        key: Option<Key>,
-        /// The descriptors collected (empty during a size pass).
-        fds: Vec<OwnedFd>,
-        /// How many descriptors were collected (also in a size pass).
-        count: usize,
-        /// Why a handle could not be encoded.
-        failure: Option<Failure>,
-    },
+    /// A size pass: slots are counted, nothing is duplicated or sent.
+    Measure,
+    /// An encoding whose bytes are published if it succeeds.
+    Publish,
+}
+
+/// What the handles of the current encoding collected: touched only when
+/// a handle is met (`COLLECTING` says whether it belongs to this encoding).
+#[derive(Default)]
+struct Collected {
+    key: Option<Key>,
+    /// The descriptors collected (empty during a size pass).
+    fds: Vec<OwnedFd>,
+    /// How many descriptors were collected (also in a size pass).
+    count: usize,
+    /// Why a handle could not be encoded.
+    failure: Option<Failure>,
 }
 
 enum Failure {
-    /// Not in a connection message (a queue item).
+    /// Outside a ring's put (e.g. `queue::encode_item`), or a handle whose
+    /// descriptors are not lent through the transport.
     Refused,
     Io(io::Error),
-}
-
-/// The current parcel of the message this thread decodes.
-struct Inbox {
-    socket: RawFd,
-    parcel: Option<(Key, Vec<Option<OwnedFd>>)>,
 }
 
 thread_local! {
     /// The parcel socket of the ring this thread puts into (-1: none).
     static CARRIER: Cell<RawFd> = const { Cell::new(-1) };
-    static ENCODING: RefCell<Encoding> = const { RefCell::new(Encoding::Idle) };
-    static DECODING: RefCell<Option<Inbox>> = const { RefCell::new(None) };
+    static MODE: Cell<Mode> = const { Cell::new(Mode::Idle) };
+    /// Whether `COLLECTED` holds what the current encoding collected.
+    static COLLECTING: Cell<bool> = const { Cell::new(false) };
+    static COLLECTED: RefCell<Collected> = RefCell::new(Collected::default());
+    /// The receiving end of the parcel socket of the ring this thread takes
+    /// from (-1: none).
+    static INBOX: Cell<RawFd> = const { Cell::new(-1) };
+    /// Whether `PARCEL` holds the current decoding's parcel.
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+    static PARCEL: RefCell<Option<(Key, Vec<Option<OwnedFd>>)>> = const { RefCell::new(None) };
 }
 
 /// Runs `send` with `socket` (the sending end of a parcel socket) as where the
@@ -160,112 +170,129 @@ pub(crate) fn carrying<R>(socket: BorrowedFd<'_>, send: impl FnOnce() -> R) -> R
 /// Runs `encode` (of a queue item or a message) with the thread marked as
 /// doing so. `publishes`: the bytes will be published if this succeeds (a
 /// size pass does not publish). On success with handles, their parcel is
-/// sent.
+/// sent. Without handles: four thread-local `Cell` swaps, nothing else.
 pub(crate) fn encoding<R>(
     publishes: bool,
     encode: impl FnOnce() -> postcard::Result<R>,
 ) -> Result<R, RingError> {
-    struct Restore(Option<Encoding>);
+    /// Restores the enclosing encoding's state (also on a panic).
+    struct Restore {
+        mode: Mode,
+        collecting: bool,
+        /// The enclosing encoding's collection, set aside (nested encodings
+        /// only: an item's `Serialize` putting into another queue).
+        outer: Option<Collected>,
+    }
     impl Drop for Restore {
         fn drop(&mut self) {
-            if let Some(previous) = self.0.take() {
-                ENCODING.with(|state| *state.borrow_mut() = previous);
+            MODE.with(|mode| mode.set(self.mode));
+            if COLLECTING.with(|collecting| collecting.replace(self.collecting)) {
+                drop(COLLECTED.with(RefCell::take));
+            }
+            if let Some(outer) = self.outer.take() {
+                COLLECTED.with(|collected| *collected.borrow_mut() = outer);
             }
         }
     }
-    let item = Encoding::Item {
-        publishes,
-        key: None,
-        fds: Vec::new(),
-        count: 0,
-        failure: None,
+    let mode = if publishes {
+        Mode::Publish
+    } else {
+        Mode::Measure
     };
-    let mut restore = Restore(Some(ENCODING.with(|state| state.replace(item))));
+    let outer_collecting = COLLECTING.with(|collecting| collecting.replace(false));
+    let restore = Restore {
+        mode: MODE.with(|cell| cell.replace(mode)),
+        collecting: outer_collecting,
+        outer: outer_collecting.then(|| COLLECTED.with(RefCell::take)),
+    };
     let result = encode();
-    let done = ENCODING.with(|state| state.replace(restore.0.take().expect("restored once")));
-    let Encoding::Item {
-        key, fds, failure, ..
-    } = done
-    else {
-        unreachable!("the state set above");
+    let collected = COLLECTING
+        .with(|collecting| collecting.replace(false))
+        .then(|| COLLECTED.with(RefCell::take));
+    drop(restore);
+    let Some(collected) = collected else {
+        return result.map_err(RingError::Encode);
     };
-    match (result, failure) {
+    let passing = |source| RingError::Io {
+        op: "passing the descriptors of a handle in a message",
+        source,
+    };
+    match (result, collected.failure) {
         (_, Some(Failure::Refused)) => Err(RingError::HandleInItem),
-        (_, Some(Failure::Io(source))) => Err(RingError::Io {
-            op: "passing the descriptors of a handle in a message",
-            source,
-        }),
+        (_, Some(Failure::Io(source))) => Err(passing(source)),
         (Err(error), None) => Err(RingError::Encode(error)),
         (Ok(value), None) => {
-            if let Some(key) = key.filter(|_| publishes && !fds.is_empty()) {
-                send_parcel(key, &fds).map_err(|source| RingError::Io {
-                    op: "passing the descriptors of a handle in a message",
-                    source,
-                })?;
+            if let Some(key) = collected
+                .key
+                .filter(|_| publishes && !collected.fds.is_empty())
+            {
+                send_parcel(key, &collected.fds).map_err(passing)?;
             }
             Ok(value)
         }
     }
 }
 
+/// The collection of the current encoding (started at its first handle).
+fn with_collected<R>(f: impl FnOnce(&mut Collected) -> R) -> R {
+    if !COLLECTING.with(|collecting| collecting.replace(true)) {
+        // Whatever a panicked encoding left is not ours.
+        drop(COLLECTED.with(RefCell::take));
+    }
+    COLLECTED.with(|collected| f(&mut collected.borrow_mut()))
+}
+
 /// For a handle's `Serialize` ([`transport::lend`](crate::transport::lend)):
 /// `None` when no item or message is being encoded; else the slot of `fds`
 /// in the message's parcel, or why they cannot travel.
 pub(crate) fn collect(fds: &[BorrowedFd<'_>]) -> Option<io::Result<Slot>> {
-    ENCODING.with(|state| {
-        let mut state = state.borrow_mut();
-        let Encoding::Item {
-            publishes,
-            key,
-            fds: collected,
-            count,
-            failure,
-        } = &mut *state
-        else {
-            return None;
-        };
-        if CARRIER.with(Cell::get) < 0 {
-            *failure = Some(Failure::Refused);
-            return Some(Err(io::Error::other(
+    let mode = MODE.with(Cell::get);
+    if mode == Mode::Idle {
+        return None;
+    }
+    let carried = CARRIER.with(Cell::get) >= 0;
+    Some(with_collected(|collected| {
+        if !carried {
+            collected.failure = Some(Failure::Refused);
+            return Err(io::Error::other(
                 "handles travel only inside a connection's messages and a queue's items",
-            )));
+            ));
         }
-        if *count + fds.len() > MAX_FDS_PER_MESSAGE {
+        if collected.count + fds.len() > MAX_FDS_PER_MESSAGE {
             let error = format!("more than {MAX_FDS_PER_MESSAGE} descriptors in one message");
-            *failure = Some(Failure::Io(io::Error::other(error.clone())));
-            return Some(Err(io::Error::other(error)));
+            collected.failure = Some(Failure::Io(io::Error::other(error.clone())));
+            return Err(io::Error::other(error));
         }
-        if *publishes {
+        if mode == Mode::Publish {
             for fd in fds {
                 match rustix::io::fcntl_dupfd_cloexec(fd, 0) {
-                    Ok(copy) => collected.push(copy),
+                    Ok(copy) => collected.fds.push(copy),
                     Err(errno) => {
-                        *failure = Some(Failure::Io(errno.into()));
-                        return Some(Err(errno.into()));
+                        collected.failure = Some(Failure::Io(errno.into()));
+                        return Err(errno.into());
                     }
                 }
             }
         }
-        let first = *count as u32;
-        *count += fds.len();
-        Some(Ok(Slot {
-            key: *key.get_or_insert_with(Key::new),
+        let first = collected.count as u32;
+        collected.count += fds.len();
+        Ok(Slot {
+            key: *collected.key.get_or_insert_with(Key::new),
             first,
             count: fds.len() as u32,
-        }))
-    })
+        })
+    }))
 }
 
 /// Whether the thread is encoding a queue item or a message: a handle that
-/// cannot travel in one (see [`refuse`]) is refused.
+/// cannot travel in one is then refused (the encoding fails with
+/// [`RingError::HandleInItem`]).
 pub(crate) fn refuse() -> bool {
-    ENCODING.with(|state| match &mut *state.borrow_mut() {
-        Encoding::Idle => false,
-        Encoding::Item { failure, .. } => {
-            *failure = Some(Failure::Refused);
-            true
-        }
-    })
+    if MODE.with(Cell::get) == Mode::Idle {
+        return false;
+    }
+    with_collected(|collected| collected.failure = Some(Failure::Refused));
+    true
 }
 
 fn send_parcel(key: Key, fds: &[OwnedFd]) -> io::Result<()> {
@@ -305,57 +332,70 @@ fn send_parcel(key: Key, fds: &[OwnedFd]) -> io::Result<()> {
 /// Runs `decode` (of a message received from a ring whose parcel socket's
 /// receiving end is `socket`) with the thread marked as doing so;
 /// descriptors of the message's parcel that no handle took are closed after.
+/// Without handles: two thread-local `Cell` swaps.
 pub(crate) fn receiving<R>(socket: BorrowedFd<'_>, decode: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Inbox>);
+    /// Restores the enclosing decoding's state (also on a panic).
+    struct Restore {
+        inbox: RawFd,
+        holding: bool,
+        outer: Option<(Key, Vec<Option<OwnedFd>>)>,
+    }
     impl Drop for Restore {
         fn drop(&mut self) {
-            let previous = self.0.take();
-            let _unclaimed = DECODING.with(|state| state.replace(previous));
+            INBOX.with(|inbox| inbox.set(self.inbox));
+            if HOLDING.with(|holding| holding.replace(self.holding)) {
+                drop(PARCEL.with(RefCell::take)); // what no handle took
+            }
+            if let Some(outer) = self.outer.take() {
+                PARCEL.with(|parcel| *parcel.borrow_mut() = Some(outer));
+            }
         }
     }
-    let inbox = Inbox {
-        socket: socket.as_raw_fd(),
-        parcel: None,
+    let outer_holding = HOLDING.with(|holding| holding.replace(false));
+    let _restore = Restore {
+        inbox: INBOX.with(|inbox| inbox.replace(socket.as_raw_fd())),
+        holding: outer_holding,
+        outer: outer_holding.then(|| PARCEL.with(RefCell::take)).flatten(),
     };
-    let _restore = Restore(DECODING.with(|state| state.replace(Some(inbox))));
     decode()
 }
 
 /// Whether the thread decodes a message (where a courier ticket cannot be).
 pub(crate) fn decoding_message() -> bool {
-    DECODING.with(|state| state.borrow().is_some())
+    INBOX.with(Cell::get) >= 0
 }
 
 /// For a handle's `Deserialize` ([`transport::claim`](crate::transport::claim)):
 /// the descriptors of `slot`.
 pub(crate) fn take(slot: Slot) -> io::Result<Vec<OwnedFd>> {
-    DECODING.with(|state| {
-        let mut state = state.borrow_mut();
-        let Some(inbox) = state.as_mut() else {
-            return Err(io::Error::other(
-                "a handle sent inside a message must be received with `recv`",
-            ));
-        };
-        if inbox.parcel.as_ref().map(|(key, _)| *key) != Some(slot.key) {
-            // SAFETY: `socket` is set only by `receiving`, for the duration of
-            // the receive that borrows it (the reader endpoint's watch), and
-            // this runs inside that receive.
-            let socket = unsafe { BorrowedFd::borrow_raw(inbox.socket) };
+    let socket = INBOX.with(Cell::get);
+    if socket < 0 {
+        return Err(io::Error::other(
+            "a handle sent inside a message must be received with `recv` or `get`",
+        ));
+    }
+    if !HOLDING.with(|holding| holding.replace(true)) {
+        drop(PARCEL.with(RefCell::take)); // left by a panicked decoding
+    }
+    PARCEL.with(|parcel| {
+        let mut parcel = parcel.borrow_mut();
+        if parcel.as_ref().map(|(key, _)| *key) != Some(slot.key) {
+            // SAFETY: `INBOX` is set only by `receiving`, for the duration of
+            // the receive that borrows the socket, and this runs inside it.
+            let socket = unsafe { BorrowedFd::borrow_raw(socket) };
             let fds = receive_parcel(socket, slot.key).inspect_err(|error| {
                 tracing::warn!(%error, "a handle inside a message could not be received");
             })?;
-            inbox.parcel = Some((slot.key, fds.into_iter().map(Some).collect()));
+            *parcel = Some((slot.key, fds.into_iter().map(Some).collect()));
         }
-        let (_, fds) = inbox.parcel.as_mut().expect("just received");
+        let (_, fds) = parcel.as_mut().expect("just received");
         let range = slot.first as usize..slot.first as usize + slot.count as usize;
-        let taken = fds
-            .get_mut(range)
+        fds.get_mut(range)
             .ok_or_else(|| io::Error::other("a handle's descriptors are not in its message"))?
             .iter_mut()
             .map(Option::take)
             .collect::<Option<Vec<OwnedFd>>>()
-            .ok_or_else(|| io::Error::other("a handle's descriptors were taken twice"))?;
-        Ok(taken)
+            .ok_or_else(|| io::Error::other("a handle's descriptors were taken twice"))
     })
 }
 
