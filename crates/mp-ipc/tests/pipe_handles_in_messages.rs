@@ -259,3 +259,45 @@ fn shared_memory_inside_a_message_or_item_is_refused_and_nothing_is_sent() {
     writer.send(2u8).unwrap();
     assert_eq!(reader.recv_timeout::<u8>(PATIENCE).unwrap(), 2);
 }
+
+#[test]
+fn a_handle_in_a_message_received_with_no_descriptor_left_is_an_error_and_the_pipe_goes_on() {
+    let (reader, writer) = Pipe::simplex().unwrap();
+    let (ready, ready_writer) = Pipe::simplex().unwrap();
+    let child = Process::new(|(reader, ready): (Connection, Connection)| {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let original = getrlimit(Resource::Nofile);
+        // No descriptor left: the lowest free number is the open count.
+        let probe = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0).unwrap();
+        let open = std::os::fd::AsRawFd::as_raw_fd(&probe) as u64;
+        drop(probe);
+        let mut limit = original.clone();
+        limit.current = Some(open);
+        setrlimit(Resource::Nofile, limit).unwrap();
+        ready.send(()).unwrap();
+        let refused = reader.recv_timeout::<(u8, Connection)>(PATIENCE);
+        setrlimit(Resource::Nofile, original).unwrap();
+        let next = reader.recv_timeout::<u8>(PATIENCE);
+        (
+            matches!(refused, Err(ConnectionError::Decode(_))),
+            format!("{refused:?}"),
+            next.ok(),
+        )
+    })
+    .args((reader, ready_writer))
+    .start()
+    .unwrap();
+    ready.recv_timeout::<()>(PATIENCE).unwrap();
+    let (kept, sent) = Pipe::duplex().unwrap();
+    writer.send((1u8, &sent)).unwrap();
+    drop(sent);
+    writer.send(2u8).unwrap();
+    let (decode_failed, error, next) = child.join_timeout(PATIENCE).unwrap();
+    assert!(decode_failed, "{error}");
+    assert_eq!(next, Some(2), "the message after the refused one arrives");
+    // No half handle survived anywhere: the sent end is closed.
+    assert!(matches!(
+        kept.recv_timeout::<u8>(PATIENCE),
+        Err(ConnectionError::Closed)
+    ));
+}
