@@ -271,7 +271,7 @@ fn a_handle_in_a_message_received_with_no_descriptor_left_is_an_error_and_the_pi
         let probe = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0).unwrap();
         let open = std::os::fd::AsRawFd::as_raw_fd(&probe) as u64;
         drop(probe);
-        let mut limit = original.clone();
+        let mut limit = original;
         limit.current = Some(open);
         setrlimit(Resource::Nofile, limit).unwrap();
         ready.send(()).unwrap();
