@@ -40,13 +40,8 @@ pub(crate) fn presence_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// gone, as a presence pipe's does; the descriptors of handles sent inside
 /// messages travel on it (see [`message_handles`](crate::message_handles)).
 pub(crate) fn presence_socket() -> io::Result<(OwnedFd, OwnedFd)> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType};
-    Ok(rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?)
+    let (send, receive) = crate::message_handles::parcel_socket()?;
+    Ok((receive, send))
 }
 
 /// A descriptor whose being open in a process says "a handle of this end

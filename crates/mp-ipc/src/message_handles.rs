@@ -60,6 +60,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use crate::ring::RingError;
+use crate::transport::retry_eintr;
 
 /// Most descriptors one message carries (the kernel's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
@@ -152,6 +153,18 @@ thread_local! {
     /// Whether `PARCEL` holds the current decoding's parcel.
     static HOLDING: Cell<bool> = const { Cell::new(false) };
     static PARCEL: RefCell<Option<(Key, Vec<Option<OwnedFd>>)>> = const { RefCell::new(None) };
+}
+
+/// A new parcel socket: `(send, receive)`, a `SOCK_SEQPACKET` pair
+/// (close-on-exec).
+pub(crate) fn parcel_socket() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Runs `send` with `socket` (the sending end of a parcel socket) as where the
@@ -456,14 +469,5 @@ fn receive_parcel(socket: BorrowedFd<'_>, key: Key) -> io::Result<Vec<OwnedFd>> 
             )));
         }
         return Ok(fds);
-    }
-}
-
-fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
-    loop {
-        match call() {
-            Err(rustix::io::Errno::INTR) => continue,
-            other => return other.map_err(io::Error::from),
-        }
     }
 }

@@ -293,7 +293,8 @@ fn deliver(claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
     Ok(())
 }
 
-fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+/// Runs a system call until it is not interrupted (EINTR).
+pub(crate) fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
     loop {
         match call() {
             Err(rustix::io::Errno::INTR) => continue,

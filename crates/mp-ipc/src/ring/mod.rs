@@ -528,14 +528,8 @@ impl Ring {
     /// Gives the ring a socket pair on which the descriptors of handles
     /// inside its items travel (see [`message_handles`](crate::message_handles)).
     pub(crate) fn with_parcels(mut self) -> Result<Ring, RingError> {
-        use rustix::net::{AddressFamily, SocketFlags, SocketType};
-        let (send, receive) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|e| io_error("socketpair")(e.into()))?;
+        let (send, receive) =
+            crate::message_handles::parcel_socket().map_err(io_error("socketpair"))?;
         self.parcels = Some(Parcels { send, receive });
         Ok(self)
     }
