@@ -23,11 +23,11 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use rustix::event::epoll;
+
 /// Watch keys → the flags they raise (one map per process, leaked: a
 /// process has one watcher, a forked child its own).
 type Entries = &'static Mutex<HashMap<u64, Weak<Flag>>>;
-
-use rustix::event::epoll;
 
 /// A new presence pipe: `(watch, presence)`, the read and the write end.
 pub(crate) fn presence_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
