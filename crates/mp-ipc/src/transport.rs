@@ -98,11 +98,17 @@ struct Claim {
 }
 
 /// A new ticket for the courier thread to watch.
-#[derive(Serialize, Deserialize)]
 struct Register {
     id: u64,
     claims: IpcReceiver<Claim>,
 }
+
+/// Registrations the courier thread has not taken yet (one list per
+/// process, leaked like the table). They reach it in memory; over
+/// ipc-channel goes only a wake-up without descriptors, which a full
+/// descriptor table cannot truncate (a receiver inside an ipc-channel
+/// message received with no descriptor left would make ipc-channel panic).
+type Pending = &'static Mutex<Vec<Register>>;
 
 /// Lent descriptors by ticket id (one table per process, leaked: the
 /// courier thread and the lenders share it for the life of the process).
@@ -141,19 +147,21 @@ fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
     // channel's state may be mid-update by a thread that no longer exists).
     std::mem::forget(courier.take());
     crate::after_fork::register();
-    let (forward, registrations) = ipc::channel::<Register>()?;
+    let (wake, wakes) = ipc::channel::<()>()?;
     let table: Table = Box::leak(Box::new(Mutex::new(HashMap::new())));
+    let pending: Pending = Box::leak(Box::new(Mutex::new(Vec::new())));
     let mut set = IpcReceiverSet::new()?;
-    let control = set.add(registrations)?;
+    let control = set.add(wakes)?;
     std::thread::Builder::new()
         .name("mp-ipc courier".into())
-        .spawn(move || serve(set, control, table))?;
+        .spawn(move || serve(set, control, table, pending))?;
     let (register, to_forward) = mpsc::channel::<Register>();
     std::thread::Builder::new()
         .name("mp-ipc registrar".into())
         .spawn(move || {
             for registration in to_forward {
-                if let Err(error) = forward.send(registration) {
+                lock(pending).push(registration);
+                if let Err(error) = wake.send(()) {
                     tracing::error!(%error, "the descriptor courier is gone; lent handles cannot be claimed");
                     return;
                 }
@@ -168,7 +176,7 @@ fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
 }
 
 /// The courier thread: registers tickets, answers claims, drops what expired.
-fn serve(mut set: IpcReceiverSet, control: u64, table: &Mutex<HashMap<u64, Vec<OwnedFd>>>) {
+fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) {
     // The receiver-set id of each watched ticket → its table id.
     let mut tickets: HashMap<u64, u64> = HashMap::new();
     loop {
@@ -182,9 +190,10 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: &Mutex<HashMap<u64, Vec<O
         };
         for event in events {
             match event {
-                IpcSelectionResult::MessageReceived(from, message) if from == control => {
-                    match message.to::<Register>() {
-                        Ok(Register { id, claims }) => match set.add(claims) {
+                IpcSelectionResult::MessageReceived(from, _wake) if from == control => {
+                    let registrations = std::mem::take(&mut *lock(pending));
+                    for Register { id, claims } in registrations {
+                        match set.add(claims) {
                             Ok(watch) => {
                                 tickets.insert(watch, id);
                             }
@@ -192,8 +201,7 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: &Mutex<HashMap<u64, Vec<O
                                 tracing::error!(%error, "cannot watch a ticket; its descriptors are dropped");
                                 lock(table).remove(&id);
                             }
-                        },
-                        Err(error) => tracing::error!(%error, "bad courier registration"),
+                        }
                     }
                 }
                 IpcSelectionResult::MessageReceived(from, message) => {
