@@ -301,3 +301,25 @@ fn a_handle_in_a_message_received_with_no_descriptor_left_is_an_error_and_the_pi
         Err(ConnectionError::Closed)
     ));
 }
+
+#[test]
+fn pipe_ends_sent_over_their_own_pipe_leak_nothing_once_dropped() {
+    let round = || {
+        // Each end of a pipe sent over the pipe itself: cycles of
+        // descriptors in flight (each socket queues a copy of itself), which
+        // the kernel collects once nothing outside refers to them.
+        let (a, b) = Pipe::duplex().unwrap();
+        a.send(&b).unwrap();
+        b.send(&a).unwrap();
+        a.send(&a).unwrap();
+        drop((a, b));
+    };
+    round();
+    let before = common::open_descriptors();
+    round();
+    assert!(
+        common::eventually(|| common::open_descriptors() <= before),
+        "{} descriptors open, {before} before",
+        common::open_descriptors()
+    );
+}
