@@ -1,6 +1,7 @@
 //! Helpers shared by the leak tests.
 
 /// Open memfd descriptors and memfd mappings of this process.
+#[allow(dead_code)] // not every test binary that includes this module uses it
 pub fn memfd_resources() -> (usize, usize) {
     let descriptors = std::fs::read_dir("/proc/self/fd")
         .unwrap()

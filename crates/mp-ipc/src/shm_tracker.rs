@@ -1,0 +1,333 @@
+//! The shared memory tracker: unlinks the named segments a process created
+//! when that process dies, however it dies (SIGKILL included).
+//!
+//! # Design
+//!
+//! A process that dies cannot clean up after itself, so another process must.
+//! At its first [`SharedMemory::create`](crate::SharedMemory::create), a
+//! process (the *creator*) starts a *tracker*: a fresh copy of the program
+//! (mp-core's [`executable`](mp_core::executable), the same file the `spawn`
+//! start method runs), which a constructor in this module turns into the
+//! tracker before `main`, exactly as mp-core turns a copy into a child. It is
+//! a clean process: it holds no mapping and no descriptor of the creator's
+//! except the two it is given:
+//!
+//! * a **pidfd of the creator**, opened by the creator itself (so it cannot
+//!   name a recycled pid). It becomes readable when the creator has exited:
+//!   that is the death notice, from the kernel, for every way of dying.
+//! * a **`SOCK_SEQPACKET` socket** on which the creator reports each segment
+//!   it creates (`+`, with the segment's device and inode) and each it
+//!   unlinks or asks to [`persist`](crate::SharedMemory::persist) (`-`). A
+//!   packet is queued in the tracker's socket once `send` returns, so a
+//!   creator killed right after reporting loses nothing.
+//!
+//! The tracker sleeps in `poll` on those two descriptors (no timer, no
+//! polling). When the pidfd fires it reads what is still queued, unlinks every
+//! segment still reported whose name still refers to the *same* inode (a name
+//! unlinked meanwhile and created again by someone else is left alone), and
+//! exits. So the tracker outlives its creator by one `poll` wake-up.
+//!
+//! **Attachers are not creators.** [`open`](crate::SharedMemory::open) reports
+//! nothing: a process that merely attached a segment never causes its unlink
+//! when it dies (CPython's `resource_tracker` registers attachers too, and so
+//! unlinks segments that other processes still use).
+//!
+//! **Costs.** Reading and writing a segment costs nothing extra. `create`
+//! and `unlink` of a named segment send one packet; the first `create` of a
+//! process also starts the tracker (one `posix_spawn`-like fork + exec, about
+//! what starting a `spawn` child costs). The tracker is in its own session,
+//! so a terminal's Ctrl-C, which kills the creator's process group, does not
+//! kill the tracker first.
+//!
+//! **Windows left open, on purpose.** A creator killed between `shm_open` and
+//! the `send` of its report (a few hundred nanoseconds) leaves the segment
+//! behind; reporting *before* creating would instead risk unlinking a segment
+//! of the same name that someone else created first. An unlink reports `-`
+//! before unlinking, for the same reason. If the tracker itself is killed,
+//! the creator's next report fails (`EPIPE`), and the creator starts a new
+//! tracker and reports every segment it still owns again. A forked child is
+//! a new creator: it starts its own tracker at its own first `create`.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+
+/// The environment variable that makes a copy of the program a tracker.
+const MARKER: &str = "MP_IPC_SHM_TRACKER";
+/// Where the tracker finds its end of the socket.
+const SOCKET_FD: RawFd = 3;
+/// Where the tracker finds the creator's pidfd.
+const CREATOR_FD: RawFd = 4;
+
+/// A report: operation, device, inode, name (at most 250 bytes).
+const REPORT_MAX: usize = 1 + 8 + 8 + 256;
+const ADD: u8 = b'+';
+const REMOVE: u8 = b'-';
+
+/// Which file a name referred to when it was created.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Identity {
+    device: u64,
+    inode: u64,
+}
+
+/// This process's tracker, as seen from the creator.
+struct Tracker {
+    /// The process that started it (a forked child must start its own).
+    creator: u32,
+    socket: OwnedFd,
+    process: std::process::Child,
+    /// What the tracker was told is owned (to tell a new one, should it die).
+    owned: HashMap<String, Identity>,
+}
+
+static TRACKER: Mutex<Option<Tracker>> = Mutex::new(None);
+
+fn lock() -> MutexGuard<'static, Option<Tracker>> {
+    TRACKER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reports that this process created the segment `name`, open as `fd`: it
+/// is unlinked when this process dies, unless [`untrack`]ed first.
+pub(crate) fn track(name: &str, fd: &OwnedFd) -> io::Result<()> {
+    let stat = rustix::fs::fstat(fd)?;
+    let identity = Identity {
+        device: stat.st_dev,
+        inode: stat.st_ino,
+    };
+    let mut tracker = lock();
+    let pid = std::process::id();
+    if tracker.as_ref().is_some_and(|t| t.creator != pid) {
+        // Inherited through fork: the parent's tracker is the parent's. Only
+        // our copy of its socket is closed; nothing is sent on it.
+        if let Some(inherited) = tracker.take() {
+            drop(inherited.socket);
+            std::mem::forget(inherited.process);
+        }
+    }
+    if let Some(current) = tracker.as_mut() {
+        current.owned.insert(name.to_owned(), identity);
+        if report(&current.socket, ADD, name, identity).is_ok() {
+            return Ok(());
+        }
+        tracing::warn!("the shared memory tracker died; starting another");
+    }
+    let mut owned = tracker.take().map(reap).unwrap_or_default();
+    owned.insert(name.to_owned(), identity);
+    let started = start(owned)?;
+    *tracker = Some(started);
+    Ok(())
+}
+
+/// Reports that the segment `name` is no longer this process's to clean up
+/// (unlinked, or asked to persist). Nothing happens if it was not tracked.
+pub(crate) fn untrack(name: &str) {
+    let mut tracker = lock();
+    let Some(current) = tracker.as_mut().filter(|t| t.creator == std::process::id()) else {
+        return;
+    };
+    let Some(identity) = current.owned.remove(name) else {
+        return;
+    };
+    if report(&current.socket, REMOVE, name, identity).is_err() {
+        tracing::warn!("the shared memory tracker died; starting another");
+        let owned = tracker.take().map(reap).unwrap_or_default();
+        match start(owned) {
+            Ok(started) => *tracker = Some(started),
+            Err(error) => tracing::error!(
+                %error,
+                "cannot restart the shared memory tracker; named segments of this process are no longer unlinked at its death"
+            ),
+        }
+    }
+}
+
+/// Collects a dead tracker; returns what it had been told.
+fn reap(mut tracker: Tracker) -> HashMap<String, Identity> {
+    // Its end of the socket is closed: it is gone, or about to be.
+    let _ = tracker.process.wait();
+    tracker.owned
+}
+
+fn report(socket: &OwnedFd, operation: u8, name: &str, identity: Identity) -> io::Result<()> {
+    let mut packet = Vec::with_capacity(REPORT_MAX);
+    packet.push(operation);
+    packet.extend_from_slice(&identity.device.to_le_bytes());
+    packet.extend_from_slice(&identity.inode.to_le_bytes());
+    packet.extend_from_slice(name.as_bytes());
+    loop {
+        match rustix::net::send(socket, &packet, SendFlags::NOSIGNAL) {
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+}
+
+/// Starts a tracker for this process and tells it about `owned`.
+fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let creator = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )?;
+    let mut command = Command::new(std::ffi::OsStr::from_bytes(
+        mp_core::executable()?.to_bytes(),
+    ));
+    command
+        .env(MARKER, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let (socket_raw, creator_raw) = (theirs.as_raw_fd(), creator.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (fcntl, dup2, setsid) on descriptors that
+    // are open in it (inherited from this process, which keeps them open
+    // until `spawn` returns).
+    unsafe {
+        command.pre_exec(move || {
+            // Move both out of the way first, so that neither dup2 below
+            // overwrites the other; dup2 clears close-on-exec on the copy.
+            let socket = libc::fcntl(socket_raw, libc::F_DUPFD_CLOEXEC, 10);
+            let creator = libc::fcntl(creator_raw, libc::F_DUPFD_CLOEXEC, 10);
+            if socket < 0
+                || creator < 0
+                || libc::dup2(socket, SOCKET_FD) < 0
+                || libc::dup2(creator, CREATOR_FD) < 0
+                || libc::setsid() < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let process = command.spawn()?;
+    drop((theirs, creator));
+    for (name, identity) in &owned {
+        report(&ours, ADD, name, *identity)?;
+    }
+    tracing::debug!(tracker = process.id(), "shared memory tracker started");
+    Ok(Tracker {
+        creator: std::process::id(),
+        socket: ours,
+        process,
+        owned,
+    })
+}
+
+/// Turns a copy of the program started by [`start`] into the tracker, before
+/// `main` (and before libtest's).
+#[ctor::ctor(unsafe)]
+fn serve_as_tracker_before_main() {
+    if std::env::var_os(MARKER).is_none() {
+        return;
+    }
+    // Nothing but the two descriptors it was given is the tracker's business.
+    // SAFETY: close_range only closes descriptors; this runs before main, in
+    // a single thread, before anything in this process owns one above 4.
+    unsafe { libc::syscall(libc::SYS_close_range, CREATOR_FD + 1, u32::MAX, 0) };
+    // SAFETY: `start` placed the two descriptors at these numbers with dup2;
+    // nothing else in this fresh process owns them.
+    let (socket, creator) = unsafe {
+        (
+            OwnedFd::from_raw_fd(SOCKET_FD),
+            OwnedFd::from_raw_fd(CREATOR_FD),
+        )
+    };
+    std::process::exit(watch(&socket, &creator));
+}
+
+/// The tracker: records reports until the creator exits, then unlinks what
+/// it still owns. Returns the exit code.
+fn watch(socket: &OwnedFd, creator: &OwnedFd) -> i32 {
+    let mut owned: HashMap<Vec<u8>, Identity> = HashMap::new();
+    let mut socket_open = true;
+    loop {
+        let mut fds = vec![PollFd::new(creator, PollFlags::IN)];
+        if socket_open {
+            fds.push(PollFd::new(socket, PollFlags::IN));
+        }
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(_) => return 1, // the creator's next report fails; it starts another
+        }
+        let creator_gone = !fds[0].revents().is_empty();
+        let socket_ready = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
+        if socket_ready || (creator_gone && socket_open) {
+            // Every copy of the creator's end closed (it exec'd, say): only
+            // the pidfd is left to wait on.
+            socket_open = read_reports(socket, &mut owned);
+        }
+        if creator_gone {
+            for (name, identity) in &owned {
+                unlink_if_same(name, *identity);
+            }
+            return 0;
+        }
+    }
+}
+
+/// Applies every report queued; false once the creator's end is closed.
+fn read_reports(socket: &OwnedFd, owned: &mut HashMap<Vec<u8>, Identity>) -> bool {
+    let mut packet = [0u8; REPORT_MAX];
+    loop {
+        let length = match rustix::net::recv(socket, &mut packet, RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return false,
+            Ok((length, _)) => length,
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => return true,
+            Err(_) => return false,
+        };
+        let packet = &packet[..length];
+        if packet.len() <= 17 {
+            continue; // malformed: nothing to apply
+        }
+        let word = |at: usize| u64::from_le_bytes(packet[at..at + 8].try_into().expect("8 bytes"));
+        let identity = Identity {
+            device: word(1),
+            inode: word(9),
+        };
+        let name = packet[17..].to_vec();
+        match packet[0] {
+            ADD => {
+                owned.insert(name, identity);
+            }
+            REMOVE => {
+                owned.remove(&name);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Unlinks `/dev/shm/<name>` if it is still the file that was created.
+fn unlink_if_same(name: &[u8], identity: Identity) {
+    let Ok(name) = std::str::from_utf8(name) else {
+        return;
+    };
+    if name.contains('/') {
+        return;
+    }
+    let Ok(stat) = rustix::fs::lstat(format!("/dev/shm/{name}").as_str()) else {
+        return; // unlinked already
+    };
+    if stat.st_dev == identity.device && stat.st_ino == identity.inode {
+        let _ = rustix::shm::unlink(format!("/{name}").as_str());
+    }
+}
