@@ -207,3 +207,56 @@ fn unique_names_and_unlink_by_name() {
         Err(mp_ipc::shm::ShmError::Anonymous)
     ));
 }
+
+/// The pid of this process's tracker: its child started with the tracker's
+/// marker in its environment (tests may read /proc; the library does not).
+fn tracker_of_this_process() -> Option<i32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let parent = stat.rsplit_once(") ")?.1.split(' ').nth(1)?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let marked = environ
+            .split(|&b| b == 0)
+            .any(|var| var == b"MP_IPC_SHM_TRACKER=1");
+        (parent == me && marked).then_some(pid)
+    })
+}
+
+/// Whether `pid` has exited (gone, or a zombie whose descriptors are closed).
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    })
+}
+
+#[test]
+fn a_killed_tracker_is_replaced_and_told_everything_again() {
+    let (before, after) = (
+        unique("before-tracker-death"),
+        unique("after-tracker-death"),
+    );
+    let _cleanup = Cleanup(vec![before.clone(), after.clone()]);
+    let child = Process::new(|(before, after): (String, String)| {
+        SharedMemory::create(&before, 4096).unwrap();
+        let tracker = tracker_of_this_process().expect("a tracker was started");
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(tracker, libc::SIGKILL) };
+        assert!(common::eventually(|| exited(tracker)), "the tracker died");
+        // This report fails; a new tracker is started and told both.
+        SharedMemory::create(&after, 4096).unwrap();
+        let replacement = tracker_of_this_process().expect("a new tracker");
+        assert_ne!(replacement, tracker);
+        die_by_sigkill()
+    })
+    .args((before.clone(), after.clone()))
+    .start()
+    .unwrap();
+    join_killed(child);
+    assert!(
+        common::eventually(|| !path(&before).exists() && !path(&after).exists()),
+        "the replacement tracker unlinked both"
+    );
+}
