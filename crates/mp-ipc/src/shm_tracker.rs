@@ -45,8 +45,16 @@
 //! of the same name that someone else created first. An unlink reports `-`
 //! before unlinking, for the same reason. If the tracker itself is killed,
 //! the creator's next report fails (`EPIPE`), and the creator starts a new
-//! tracker and reports every segment it still owns again. A forked child is
-//! a new creator: it starts its own tracker at its own first `create`.
+//! tracker and reports every segment it still owns again (a report accepted
+//! by a tracker in the instant before it died is lost with it: that segment
+//! is then left behind). A forked child is a new creator: it starts its own
+//! tracker at its own first `create`. Like mp-core's `spawn`, this needs the
+//! program to be a Rust executable linking this crate (not, say, a Python
+//! extension module).
+//!
+//! The tracker ignores SIGINT, SIGTERM and SIGHUP (as CPython's does): a
+//! signal meant for the whole program reaches it, but it must outlive the
+//! creator to clean up after it, and it exits by itself right after.
 
 use std::collections::HashMap;
 use std::io;
@@ -108,12 +116,10 @@ pub(crate) fn track(name: &str, fd: &OwnedFd) -> io::Result<()> {
     let mut tracker = lock();
     let pid = std::process::id();
     if tracker.as_ref().is_some_and(|t| t.creator != pid) {
-        // Inherited through fork: the parent's tracker is the parent's. Only
-        // our copy of its socket is closed; nothing is sent on it.
-        if let Some(inherited) = tracker.take() {
-            drop(inherited.socket);
-            std::mem::forget(inherited.process);
-        }
+        // Inherited through fork: the parent's tracker is the parent's (and
+        // not this process's child). Only our copy of its socket is closed;
+        // nothing is sent on it.
+        drop(tracker.take());
     }
     if let Some(current) = tracker.as_mut() {
         current.owned.insert(name.to_owned(), identity);
@@ -216,10 +222,15 @@ fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
             Ok(())
         });
     }
-    let process = command.spawn()?;
+    let mut process = command.spawn()?;
     drop((theirs, creator));
     for (name, identity) in &owned {
-        report(&ours, ADD, name, *identity)?;
+        if let Err(error) = report(&ours, ADD, name, *identity) {
+            // Leave no half-told tracker (nor its zombie) behind.
+            let _ = process.kill();
+            let _ = process.wait();
+            return Err(error);
+        }
     }
     tracing::debug!(tracker = process.id(), "shared memory tracker started");
     Ok(Tracker {
@@ -236,6 +247,12 @@ fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
 fn serve_as_tracker_before_main() {
     if std::env::var_os(MARKER).is_none() {
         return;
+    }
+    // The creator's death ends the tracker, not signals meant for the program.
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: ignoring a signal installs no handler; nothing else in this
+        // fresh, single-threaded process depends on its disposition.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
     // Nothing but the two descriptors it was given is the tracker's business.
     // SAFETY: close_range only closes descriptors; this runs before main, in

@@ -260,3 +260,24 @@ fn a_killed_tracker_is_replaced_and_told_everything_again() {
         "the replacement tracker unlinked both"
     );
 }
+
+#[test]
+fn the_tracker_outlives_a_sigterm_meant_for_the_program() {
+    let name = unique("sigterm");
+    let _cleanup = Cleanup(vec![name.clone()]);
+    let child = Process::new(|name: String| {
+        SharedMemory::create(&name, 4096).unwrap();
+        let tracker = tracker_of_this_process().expect("a tracker was started");
+        // SAFETY: kill takes plain integers.
+        assert_eq!(unsafe { libc::kill(tracker, libc::SIGTERM) }, 0);
+        die_by_sigkill()
+    })
+    .args(name.clone())
+    .start()
+    .unwrap();
+    join_killed(child);
+    assert!(
+        common::eventually(|| !path(&name).exists()),
+        "a SIGTERMed tracker left the segment behind"
+    );
+}
