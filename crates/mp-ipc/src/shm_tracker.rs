@@ -20,8 +20,12 @@
 //!   unlinks or asks to [`persist`](crate::SharedMemory::persist) (`-`). A
 //!   packet is queued in the tracker's socket once `send` returns, so a
 //!   creator killed right after reporting loses nothing.
+//! * a **doorbell** (an eventfd), rung by the creator only when the socket's
+//!   queue is full (the kernel queues a few packets per socket pair): the
+//!   tracker then reads the queue. So a report costs one `send` and wakes
+//!   nobody; the tracker reads reports in batches.
 //!
-//! The tracker sleeps in `poll` on those two descriptors (no timer, no
+//! The tracker sleeps in `poll` on the pidfd and the doorbell (no timer, no
 //! polling). When the pidfd fires it reads what is still queued, unlinks every
 //! segment still reported whose name still refers to the *same* inode (a name
 //! unlinked meanwhile and created again by someone else is left alone), and
@@ -33,7 +37,8 @@
 //! unlinks segments that other processes still use).
 //!
 //! **Costs.** Reading and writing a segment costs nothing extra. `create`
-//! and `unlink` of a named segment send one packet; the first `create` of a
+//! and `unlink` of a named segment send one packet (no wake-up, except the
+//! doorbell once per full queue); the first `create` of a
 //! process also starts the tracker (one `posix_spawn`-like fork + exec, about
 //! what starting a `spawn` child costs). The tracker is in its own session,
 //! so a terminal's Ctrl-C, which kills the creator's process group, does not
@@ -74,6 +79,11 @@ const MARKER: &str = "MP_IPC_SHM_TRACKER";
 const SOCKET_FD: RawFd = 3;
 /// Where the tracker finds the creator's pidfd.
 const CREATOR_FD: RawFd = 4;
+/// Where the tracker finds the doorbell.
+const DOORBELL_FD: RawFd = 5;
+/// Signals meant for the whole program (a terminal's Ctrl-C, a service
+/// manager's stop): the creator's death ends the tracker, not these.
+const IGNORED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// A report: operation, device, inode, name (at most 250 bytes).
 const REPORT_MAX: usize = 1 + 8 + 8 + 256;
@@ -92,6 +102,8 @@ struct Tracker {
     /// The process that started it (a forked child must start its own).
     creator: u32,
     socket: OwnedFd,
+    /// Rung when `socket`'s queue is full, so that the tracker reads it.
+    doorbell: OwnedFd,
     process: std::process::Child,
     /// What the tracker was told is owned (to tell a new one, should it die).
     owned: HashMap<String, Identity>,
@@ -123,7 +135,7 @@ pub(crate) fn track(name: &str, fd: &OwnedFd) -> io::Result<()> {
     }
     if let Some(current) = tracker.as_mut() {
         current.owned.insert(name.to_owned(), identity);
-        if report(&current.socket, ADD, name, identity).is_ok() {
+        if current.report(ADD, name, identity).is_ok() {
             return Ok(());
         }
         tracing::warn!("the shared memory tracker died; starting another");
@@ -145,7 +157,7 @@ pub(crate) fn untrack(name: &str) {
     let Some(identity) = current.owned.remove(name) else {
         return;
     };
-    if report(&current.socket, REMOVE, name, identity).is_err() {
+    if current.report(REMOVE, name, identity).is_err() {
         tracing::warn!("the shared memory tracker died; starting another");
         let owned = tracker.take().map(reap).unwrap_or_default();
         match start(owned) {
@@ -165,17 +177,28 @@ fn reap(mut tracker: Tracker) -> HashMap<String, Identity> {
     tracker.owned
 }
 
-fn report(socket: &OwnedFd, operation: u8, name: &str, identity: Identity) -> io::Result<()> {
-    let mut packet = Vec::with_capacity(REPORT_MAX);
-    packet.push(operation);
-    packet.extend_from_slice(&identity.device.to_le_bytes());
-    packet.extend_from_slice(&identity.inode.to_le_bytes());
-    packet.extend_from_slice(name.as_bytes());
-    loop {
-        match rustix::net::send(socket, &packet, SendFlags::NOSIGNAL) {
-            Ok(_) => return Ok(()),
-            Err(Errno::INTR) => continue,
-            Err(errno) => return Err(errno.into()),
+impl Tracker {
+    /// Queues a report; rings the doorbell (and then waits for room) only if
+    /// the queue is full. An error means the tracker is gone.
+    fn report(&self, operation: u8, name: &str, identity: Identity) -> io::Result<()> {
+        let mut packet = Vec::with_capacity(REPORT_MAX);
+        packet.push(operation);
+        packet.extend_from_slice(&identity.device.to_le_bytes());
+        packet.extend_from_slice(&identity.inode.to_le_bytes());
+        packet.extend_from_slice(name.as_bytes());
+        let mut flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+        loop {
+            match rustix::net::send(&self.socket, &packet, flags) {
+                Ok(_) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) if flags.contains(SendFlags::DONTWAIT) => {
+                    rustix::io::write(&self.doorbell, &1u64.to_ne_bytes())?;
+                    // The tracker drains the queue; wait for room (or for its
+                    // death, which fails the send).
+                    flags = SendFlags::NOSIGNAL;
+                }
+                Err(errno) => return Err(errno.into()),
+            }
         }
     }
 }
@@ -192,6 +215,7 @@ fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
         rustix::process::getpid(),
         rustix::process::PidfdFlags::empty(),
     )?;
+    let doorbell = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
     let mut command = Command::new(std::ffi::OsStr::from_bytes(
         mp_core::executable()?.to_bytes(),
     ));
@@ -200,45 +224,64 @@ fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let (socket_raw, creator_raw) = (theirs.as_raw_fd(), creator.as_raw_fd());
+    let (socket_raw, creator_raw, doorbell_raw) = (
+        theirs.as_raw_fd(),
+        creator.as_raw_fd(),
+        doorbell.as_raw_fd(),
+    );
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (fcntl, dup2, setsid) on descriptors that
+    // async-signal-safe functions (fcntl, dup2, setsid, signal to SIG_IGN,
+    // which installs no handler) on descriptors that
     // are open in it (inherited from this process, which keeps them open
     // until `spawn` returns).
     unsafe {
         command.pre_exec(move || {
-            // Move both out of the way first, so that neither dup2 below
-            // overwrites the other; dup2 clears close-on-exec on the copy.
+            // Move all out of the way first, so that no dup2 below
+            // overwrites another; dup2 clears close-on-exec on the copy.
             let socket = libc::fcntl(socket_raw, libc::F_DUPFD_CLOEXEC, 10);
             let creator = libc::fcntl(creator_raw, libc::F_DUPFD_CLOEXEC, 10);
+            let doorbell = libc::fcntl(doorbell_raw, libc::F_DUPFD_CLOEXEC, 10);
             if socket < 0
                 || creator < 0
+                || doorbell < 0
                 || libc::dup2(socket, SOCKET_FD) < 0
                 || libc::dup2(creator, CREATOR_FD) < 0
+                || libc::dup2(doorbell, DOORBELL_FD) < 0
                 || libc::setsid() < 0
             {
                 return Err(io::Error::last_os_error());
             }
+            // Ignored from before the exec (dispositions to ignore survive
+            // it), so no window remains where these would kill the tracker.
+            for signal in IGNORED_SIGNALS {
+                libc::signal(signal, libc::SIG_IGN);
+            }
             Ok(())
         });
     }
-    let mut process = command.spawn()?;
+    let process = command.spawn()?;
     drop((theirs, creator));
+    let mut tracker = Tracker {
+        creator: std::process::id(),
+        socket: ours,
+        doorbell,
+        process,
+        owned: HashMap::new(),
+    };
     for (name, identity) in &owned {
-        if let Err(error) = report(&ours, ADD, name, *identity) {
+        if let Err(error) = tracker.report(ADD, name, *identity) {
             // Leave no half-told tracker (nor its zombie) behind.
-            let _ = process.kill();
-            let _ = process.wait();
+            let _ = tracker.process.kill();
+            let _ = tracker.process.wait();
             return Err(error);
         }
     }
-    tracing::debug!(tracker = process.id(), "shared memory tracker started");
-    Ok(Tracker {
-        creator: std::process::id(),
-        socket: ours,
-        process,
-        owned,
-    })
+    tracker.owned = owned;
+    tracing::debug!(
+        tracker = tracker.process.id(),
+        "shared memory tracker started"
+    );
+    Ok(tracker)
 }
 
 /// Turns a copy of the program started by [`start`] into the tracker, before
@@ -248,49 +291,46 @@ fn serve_as_tracker_before_main() {
     if std::env::var_os(MARKER).is_none() {
         return;
     }
-    // The creator's death ends the tracker, not signals meant for the program.
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: ignoring a signal installs no handler; nothing else in this
-        // fresh, single-threaded process depends on its disposition.
-        unsafe { libc::signal(signal, libc::SIG_IGN) };
-    }
-    // Nothing but the two descriptors it was given is the tracker's business.
+    // Nothing but the descriptors it was given is the tracker's business.
     // SAFETY: close_range only closes descriptors; this runs before main, in
-    // a single thread, before anything in this process owns one above 4.
-    unsafe { libc::syscall(libc::SYS_close_range, CREATOR_FD + 1, u32::MAX, 0) };
-    // SAFETY: `start` placed the two descriptors at these numbers with dup2;
-    // nothing else in this fresh process owns them.
-    let (socket, creator) = unsafe {
+    // a single thread, before anything in this process owns one above 5.
+    unsafe { libc::syscall(libc::SYS_close_range, DOORBELL_FD + 1, u32::MAX, 0) };
+    // SAFETY: `start` placed the three descriptors at these numbers with
+    // dup2; nothing else in this fresh process owns them.
+    let (socket, creator, doorbell) = unsafe {
         (
             OwnedFd::from_raw_fd(SOCKET_FD),
             OwnedFd::from_raw_fd(CREATOR_FD),
+            OwnedFd::from_raw_fd(DOORBELL_FD),
         )
     };
-    std::process::exit(watch(&socket, &creator));
+    std::process::exit(watch(&socket, &creator, &doorbell));
 }
 
 /// The tracker: records reports until the creator exits, then unlinks what
 /// it still owns. Returns the exit code.
-fn watch(socket: &OwnedFd, creator: &OwnedFd) -> i32 {
+fn watch(socket: &OwnedFd, creator: &OwnedFd, doorbell: &OwnedFd) -> i32 {
     let mut owned: HashMap<Vec<u8>, Identity> = HashMap::new();
-    let mut socket_open = true;
     loop {
-        let mut fds = vec![PollFd::new(creator, PollFlags::IN)];
-        if socket_open {
-            fds.push(PollFd::new(socket, PollFlags::IN));
-        }
+        let mut fds = [
+            PollFd::new(creator, PollFlags::IN),
+            PollFd::new(doorbell, PollFlags::IN),
+        ];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) => {}
             Err(Errno::INTR) => continue,
             Err(_) => return 1, // the creator's next report fails; it starts another
         }
         let creator_gone = !fds[0].revents().is_empty();
-        let socket_ready = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
-        if socket_ready || (creator_gone && socket_open) {
-            // Every copy of the creator's end closed (it exec'd, say): only
-            // the pidfd is left to wait on.
-            socket_open = read_reports(socket, &mut owned);
+        if !fds[1].revents().is_empty() {
+            // Reset the doorbell before reading, so that a ring after the
+            // read is not lost.
+            let mut count = [0u8; 8];
+            let _ = rustix::io::read(doorbell, &mut count);
         }
+        // On either event: what is queued (a closed socket, from an exec of
+        // the creator, just reads as nothing more).
+        read_reports(socket, &mut owned);
         if creator_gone {
             for (name, identity) in &owned {
                 unlink_if_same(name, *identity);
@@ -300,16 +340,15 @@ fn watch(socket: &OwnedFd, creator: &OwnedFd) -> i32 {
     }
 }
 
-/// Applies every report queued; false once the creator's end is closed.
-fn read_reports(socket: &OwnedFd, owned: &mut HashMap<Vec<u8>, Identity>) -> bool {
+/// Applies every report queued.
+fn read_reports(socket: &OwnedFd, owned: &mut HashMap<Vec<u8>, Identity>) {
     let mut packet = [0u8; REPORT_MAX];
     loop {
         let length = match rustix::net::recv(socket, &mut packet, RecvFlags::DONTWAIT) {
-            Ok((0, _)) => return false,
+            Ok((0, _)) => return,
             Ok((length, _)) => length,
             Err(Errno::INTR) => continue,
-            Err(Errno::AGAIN) => return true,
-            Err(_) => return false,
+            Err(_) => return,
         };
         let packet = &packet[..length];
         if packet.len() <= 17 {

@@ -281,3 +281,33 @@ fn the_tracker_outlives_a_sigterm_meant_for_the_program() {
         "a SIGTERMed tracker left the segment behind"
     );
 }
+
+#[test]
+fn many_reports_more_than_the_socket_queues_are_all_applied() {
+    // Far more reports than a socket pair queues (10 by default), so the
+    // creator rings the tracker's doorbell and waits for room many times.
+    let prefix = unique("many");
+    let names: Vec<String> = (0..120).map(|i| format!("{prefix}-{i}")).collect();
+    let _cleanup = Cleanup(names.clone());
+    let child = Process::new(|names: Vec<String>| {
+        for name in &names {
+            SharedMemory::create(name, 4096).unwrap();
+        }
+        // Half unlinked (and reported so) by the creator, half left to the tracker.
+        for name in names.iter().step_by(2) {
+            SharedMemory::unlink_name(name).unwrap();
+        }
+        // Recreated by someone else after its unlink: must survive.
+        std::fs::write(path(&names[0]), b"someone else's").unwrap();
+        die_by_sigkill()
+    })
+    .args(names.clone())
+    .start()
+    .unwrap();
+    join_killed(child);
+    assert!(
+        common::eventually(|| names[1..].iter().all(|name| !path(name).exists())),
+        "every segment the creator still owned was unlinked"
+    );
+    assert_eq!(std::fs::read(path(&names[0])).unwrap(), b"someone else's");
+}
