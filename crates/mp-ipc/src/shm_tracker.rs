@@ -15,15 +15,18 @@
 //! * a **pidfd of the creator**, opened by the creator itself (so it cannot
 //!   name a recycled pid). It becomes readable when the creator has exited:
 //!   that is the death notice, from the kernel, for every way of dying.
-//! * a **`SOCK_SEQPACKET` socket** on which the creator reports each segment
-//!   it creates (`+`, with the segment's device and inode) and each it
-//!   unlinks or asks to [`persist`](crate::SharedMemory::persist) (`-`). A
-//!   packet is queued in the tracker's socket once `send` returns, so a
-//!   creator killed right after reporting loses nothing.
+//! * a **stream socket** on which the creator reports each segment it
+//!   creates (`+`, with the segment's device and inode) and each it unlinks
+//!   or asks to [`persist`](crate::SharedMemory::persist) (`-`), as
+//!   length-prefixed records. A record is queued in the tracker's socket
+//!   once `send` returns, so a creator killed right after reporting loses
+//!   nothing (one killed in the middle of a record leaves a truncated last
+//!   record, which the tracker ignores).
 //! * a **doorbell** (an eventfd), rung by the creator only when the socket's
-//!   queue is full (the kernel queues a few packets per socket pair): the
-//!   tracker then reads the queue. So a report costs one `send` and wakes
-//!   nobody; the tracker reads reports in batches.
+//!   buffer is full (hundreds of records): the tracker then reads it. So a
+//!   report costs one `send` and wakes nobody; the tracker reads reports in
+//!   batches. (A `SOCK_SEQPACKET` pair would keep record boundaries, but
+//!   queues only `net.unix.max_dgram_qlen`, 10, records.)
 //!
 //! The tracker sleeps in `poll` on the pidfd and the doorbell (no timer, no
 //! polling). When the pidfd fires it reads what is still queued, unlinks every
@@ -85,8 +88,9 @@ const DOORBELL_FD: RawFd = 5;
 /// manager's stop): the creator's death ends the tracker, not these.
 const IGNORED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// A report: operation, device, inode, name (at most 250 bytes).
-const REPORT_MAX: usize = 1 + 8 + 8 + 256;
+/// A report: its length (u16, little-endian, of what follows), operation,
+/// device, inode, name (at most 250 bytes).
+const REPORT_MAX: usize = 2 + 1 + 8 + 8 + 256;
 const ADD: u8 = b'+';
 const REMOVE: u8 = b'-';
 
@@ -181,15 +185,18 @@ impl Tracker {
     /// Queues a report; rings the doorbell (and then waits for room) only if
     /// the queue is full. An error means the tracker is gone.
     fn report(&self, operation: u8, name: &str, identity: Identity) -> io::Result<()> {
-        let mut packet = Vec::with_capacity(REPORT_MAX);
-        packet.push(operation);
-        packet.extend_from_slice(&identity.device.to_le_bytes());
-        packet.extend_from_slice(&identity.inode.to_le_bytes());
-        packet.extend_from_slice(name.as_bytes());
+        let mut record = Vec::with_capacity(REPORT_MAX);
+        let length = (1 + 8 + 8 + name.len()) as u16; // names are at most 250 bytes
+        record.extend_from_slice(&length.to_le_bytes());
+        record.push(operation);
+        record.extend_from_slice(&identity.device.to_le_bytes());
+        record.extend_from_slice(&identity.inode.to_le_bytes());
+        record.extend_from_slice(name.as_bytes());
         let mut flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
-        loop {
-            match rustix::net::send(&self.socket, &packet, flags) {
-                Ok(_) => return Ok(()),
+        let mut sent = 0;
+        while sent < record.len() {
+            match rustix::net::send(&self.socket, &record[sent..], flags) {
+                Ok(count) => sent += count,
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) if flags.contains(SendFlags::DONTWAIT) => {
                     rustix::io::write(&self.doorbell, &1u64.to_ne_bytes())?;
@@ -200,6 +207,7 @@ impl Tracker {
                 Err(errno) => return Err(errno.into()),
             }
         }
+        Ok(())
     }
 }
 
@@ -207,7 +215,7 @@ impl Tracker {
 fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
     let (ours, theirs) = rustix::net::socketpair(
         AddressFamily::UNIX,
-        SocketType::SEQPACKET,
+        SocketType::STREAM,
         SocketFlags::CLOEXEC,
         None,
     )?;
@@ -311,6 +319,8 @@ fn serve_as_tracker_before_main() {
 /// it still owns. Returns the exit code.
 fn watch(socket: &OwnedFd, creator: &OwnedFd, doorbell: &OwnedFd) -> i32 {
     let mut owned: HashMap<Vec<u8>, Identity> = HashMap::new();
+    // Bytes of a record not yet whole.
+    let mut partial = Vec::new();
     loop {
         let mut fds = [
             PollFd::new(creator, PollFlags::IN),
@@ -330,7 +340,7 @@ fn watch(socket: &OwnedFd, creator: &OwnedFd, doorbell: &OwnedFd) -> i32 {
         }
         // On either event: what is queued (a closed socket, from an exec of
         // the creator, just reads as nothing more).
-        read_reports(socket, &mut owned);
+        read_reports(socket, &mut partial, &mut owned);
         if creator_gone {
             for (name, identity) in &owned {
                 unlink_if_same(name, *identity);
@@ -340,35 +350,49 @@ fn watch(socket: &OwnedFd, creator: &OwnedFd, doorbell: &OwnedFd) -> i32 {
     }
 }
 
-/// Applies every report queued.
-fn read_reports(socket: &OwnedFd, owned: &mut HashMap<Vec<u8>, Identity>) {
-    let mut packet = [0u8; REPORT_MAX];
+/// Applies every whole report queued; keeps an incomplete one in `partial`.
+fn read_reports(socket: &OwnedFd, partial: &mut Vec<u8>, owned: &mut HashMap<Vec<u8>, Identity>) {
+    let mut chunk = vec![0u8; 1 << 16];
     loop {
-        let length = match rustix::net::recv(socket, &mut packet, RecvFlags::DONTWAIT) {
+        let length = match rustix::net::recv(socket, &mut chunk, RecvFlags::DONTWAIT) {
             Ok((0, _)) => return,
             Ok((length, _)) => length,
             Err(Errno::INTR) => continue,
             Err(_) => return,
         };
-        let packet = &packet[..length];
-        if packet.len() <= 17 {
-            continue; // malformed: nothing to apply
+        partial.extend_from_slice(&chunk[..length]);
+        let mut at = 0;
+        while let Some(header) = partial.get(at..at + 2) {
+            let length = usize::from(u16::from_le_bytes([header[0], header[1]]));
+            let Some(record) = partial.get(at + 2..at + 2 + length) else {
+                break; // the rest is still on its way
+            };
+            apply(record, owned);
+            at += 2 + length;
         }
-        let word = |at: usize| u64::from_le_bytes(packet[at..at + 8].try_into().expect("8 bytes"));
-        let identity = Identity {
-            device: word(1),
-            inode: word(9),
-        };
-        let name = packet[17..].to_vec();
-        match packet[0] {
-            ADD => {
-                owned.insert(name, identity);
-            }
-            REMOVE => {
-                owned.remove(&name);
-            }
-            _ => {}
+        partial.drain(..at);
+    }
+}
+
+/// Applies one report (operation, device, inode, name).
+fn apply(record: &[u8], owned: &mut HashMap<Vec<u8>, Identity>) {
+    if record.len() <= 17 {
+        return; // malformed: nothing to apply
+    }
+    let word = |at: usize| u64::from_le_bytes(record[at..at + 8].try_into().expect("8 bytes"));
+    let identity = Identity {
+        device: word(1),
+        inode: word(9),
+    };
+    let name = record[17..].to_vec();
+    match record[0] {
+        ADD => {
+            owned.insert(name, identity);
         }
+        REMOVE => {
+            owned.remove(&name);
+        }
+        _ => {}
     }
 }
 
