@@ -10,7 +10,7 @@
 //! start method runs), which a constructor in this module turns into the
 //! tracker before `main`, exactly as mp-core turns a copy into a child. It is
 //! a clean process: it holds no mapping and no descriptor of the creator's
-//! except the two it is given:
+//! except the three it is given:
 //!
 //! * a **pidfd of the creator**, opened by the creator itself (so it cannot
 //!   name a recycled pid). It becomes readable when the creator has exited:
@@ -40,22 +40,23 @@
 //! unlinks segments that other processes still use).
 //!
 //! **Costs.** Reading and writing a segment costs nothing extra. `create`
-//! and `unlink` of a named segment send one packet (no wake-up, except the
-//! doorbell once per full queue); the first `create` of a
-//! process also starts the tracker (one `posix_spawn`-like fork + exec, about
-//! what starting a `spawn` child costs). The tracker is in its own session,
+//! and `unlink` of a named segment send one record (no wake-up, except the
+//! doorbell once per full socket buffer); the first `create` of a process
+//! also starts the tracker (a fork + exec, about what starting a `spawn`
+//! child costs). The creator keeps two descriptors (socket, doorbell). The tracker is in its own session,
 //! so a terminal's Ctrl-C, which kills the creator's process group, does not
 //! kill the tracker first.
 //!
 //! **Windows left open, on purpose.** A creator killed between `shm_open` and
-//! the `send` of its report (a few hundred nanoseconds) leaves the segment
-//! behind; reporting *before* creating would instead risk unlinking a segment
+//! the `send` of its report (`ftruncate`, `mmap`, `fstat`: microseconds)
+//! leaves the segment behind; reporting *before* creating would instead risk unlinking a segment
 //! of the same name that someone else created first. An unlink reports `-`
 //! before unlinking, for the same reason. If the tracker itself is killed,
-//! the creator's next report fails (`EPIPE`), and the creator starts a new
-//! tracker and reports every segment it still owns again (a report accepted
-//! by a tracker in the instant before it died is lost with it: that segment
-//! is then left behind). A forked child is a new creator: it starts its own
+//! the creator learns it at its next report (`EPIPE`) and starts a new
+//! tracker, which it tells every segment it still owns; a creator that dies
+//! after its tracker and before another report leaves its segments behind
+//! (nothing tells a process that a child in another session died, short of
+//! watching it, which would cost a thread). A forked child is a new creator: it starts its own
 //! tracker at its own first `create`. Like mp-core's `spawn`, this needs the
 //! program to be a Rust executable linking this crate (not, say, a Python
 //! extension module).
