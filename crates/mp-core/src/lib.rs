@@ -77,6 +77,7 @@ pub use process::{Child, Process};
 pub use protocol::ProcessInfo;
 pub use protocol::{EXIT_BOOTSTRAP_FAILED, PanicReport, RunKey};
 pub use registry::{active_children, cpu_count, current_process, parent_process};
+pub use spawn::executable;
 pub use start_method::{
     StartMethod, UnknownStartMethod, allow_fork, fork_allowed, get_start_method, set_start_method,
 };

@@ -175,7 +175,8 @@ pub(crate) fn remember_executable() {
 
 /// The file to re-execute: `/proc/self/exe` (the running image, even if its path was
 /// replaced), or where `/proc` is hidden, the path the program was started from.
-fn executable() -> io::Result<&'static std::ffi::CStr> {
+/// (Public for mp-ipc's shared memory tracker, which starts a copy of the program too.)
+pub fn executable() -> io::Result<&'static std::ffi::CStr> {
     static PROC_SELF_EXE: &std::ffi::CStr = c"/proc/self/exe";
     if rustix::fs::access(PROC_SELF_EXE, rustix::fs::Access::EXISTS).is_ok() {
         return Ok(PROC_SELF_EXE);

@@ -59,6 +59,7 @@ mod futex;
 mod presence;
 mod robust;
 pub mod shm;
+mod shm_tracker;
 
 // Synchronisation primitives.
 pub mod barrier;

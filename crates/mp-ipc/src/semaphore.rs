@@ -31,15 +31,34 @@
 //! uncontended path only adds a thread-local look-up and two plain stores to
 //! a counter only that thread writes: no system call, no extra atomic
 //! read-modify-write (measured: acquire + release 1–4 % slower than without
-//! tracking, about 1 ns; the slot is looked up only when no permit is free). (The guard count and the permit count are two words: a
-//! holder killed in the two instructions between them loses that one
-//! permit.)
+//! tracking, about 1 ns; the slot is looked up only when no permit is free).
 //!
 //! Permits taken out of a guard with [`SemaphoreGuard::forget`] are no
 //! longer owned: any thread or process may [`release`](Semaphore::release)
 //! them, as in Python, and they are not recovered if the process that took
-//! them dies. At most [`HOLDER_SLOTS`] threads are tracked at once; further
-//! threads hold permits untracked (logged).
+//! them dies.
+//!
+//! **Limits, exactly.**
+//!
+//! * *Holder slots.* A semaphore has [`HOLDER_SLOTS`] (1,024) slots, one per
+//!   thread holding (or having recently held) its guards; slots of dead
+//!   threads are reclaimed when the next thread claims one. When all are
+//!   held by live threads, the next thread's
+//!   [`try_acquire`](Semaphore::try_acquire) and
+//!   [`acquire_timeout`](Semaphore::acquire_timeout) fail with
+//!   [`SemaphoreError::HolderSlotsFull`] without taking a permit, and its
+//!   [`acquire`](Semaphore::acquire) (which cannot fail) takes the permit
+//!   unowned and logs a warning. Nothing is lost silently, nothing blocks.
+//! * *The kill window.* Taking a permit (a compare-and-swap of the count)
+//!   and counting it in the holder slot (a store to another word) are two
+//!   steps, a few tens of instructions apart on the uncontended path. A
+//!   thread SIGKILLed exactly between them loses that one permit. Counting
+//!   first instead would make such a death *add* a permit (two holders
+//!   admitted where one was allowed), which is worse; making both one
+//!   atomic step would need the count and every holder's record in one
+//!   word, i.e. a lock around every acquisition, which the ≤ 20 ns budget
+//!   excludes. Signals other than SIGKILL/SIGSTOP are harmless here (the
+//!   handler returns into the same thread, which then counts the permit).
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -54,9 +73,9 @@ use crate::presence::{FUTEX_OWNER_DIED, Watch};
 use crate::robust::{Acquired, RobustMutex};
 use crate::shm::{Shared, SharedMemory, ShmError, ShmState, tag};
 
-/// Threads that may own permits of one semaphore at once (further ones hold
-/// permits untracked).
-pub const HOLDER_SLOTS: usize = if cfg!(loom) { 2 } else { 64 };
+/// Threads that may own permits of one semaphore at once (see
+/// [`SemaphoreError::HolderSlotsFull`] for what the next one gets).
+pub const HOLDER_SLOTS: usize = if cfg!(loom) { 2 } else { 1024 };
 
 /// Semaphores whose holder slot a thread keeps between acquisitions.
 pub const HOLDER_CACHE: usize = 8;
@@ -70,6 +89,16 @@ pub enum SemaphoreError {
     /// `acquire_timeout`: no permit became free in time.
     #[error("timed out after {0:?} waiting for a permit")]
     Timeout(Duration),
+    /// `try_acquire` / `acquire_timeout` by a thread when [`HOLDER_SLOTS`]
+    /// other live threads each hold a holder slot of this semaphore: the
+    /// permit it would take could not be recovered if it died, so none is
+    /// taken. (A slot is freed when its thread exits, or evicts the
+    /// semaphore from its cache of [`HOLDER_CACHE`].)
+    #[error("all {slots} holder slots of the semaphore are held by live threads")]
+    HolderSlotsFull {
+        /// [`HOLDER_SLOTS`].
+        slots: usize,
+    },
     /// `release` of a [`BoundedSemaphore`] already at its initial value.
     #[error("semaphore released too many times (its bound is {bound})")]
     OverRelease {
@@ -270,7 +299,7 @@ mod holding {
     struct Kept {
         /// The semaphore's state in this process (its identity here).
         state: *const SemState,
-        /// The slot; null when every slot was taken (guards untracked).
+        /// The slot (in the mapping `shm` keeps alive).
         holder: *const Holder,
         /// Keeps the mapping, and so the held slot, alive while kept: glibc's
         /// robust list of this thread points into it.
@@ -278,15 +307,14 @@ mod holding {
     }
 
     impl Kept {
-        fn holder(&self) -> Option<&Holder> {
-            // SAFETY: a non-null `holder` points into the mapping `shm` keeps
-            // alive, at a slot initialised when the semaphore was created.
-            unsafe { self.holder.as_ref() }
+        fn holder(&self) -> &Holder {
+            // SAFETY: `holder` points into the mapping `shm` keeps alive, at a
+            // slot initialised when the semaphore was created.
+            unsafe { &*self.holder }
         }
 
         fn held(&self) -> u32 {
-            self.holder()
-                .map_or(0, |holder| holder.held.load(Ordering::Relaxed))
+            self.holder().held.load(Ordering::Relaxed)
         }
     }
 
@@ -298,7 +326,7 @@ mod holding {
                     last.set((std::ptr::null(), std::ptr::null()));
                 }
             });
-            let Some(holder) = self.holder() else { return };
+            let holder = self.holder();
             if holder.held.load(Ordering::Relaxed) == 0 {
                 // Dropped on the thread that locked it (thread-local).
                 let _ = holder.mutex.unlock();
@@ -330,9 +358,10 @@ mod holding {
         let _ = LAST.try_with(|last| last.set((std::ptr::null(), std::ptr::null())));
     }
 
-    /// Adds `change` (+1 or -1) to this thread's guard count for `semaphore`.
+    /// Adds `change` (+1 or -1) to this thread's guard count for `semaphore`;
+    /// false if this thread has no holder slot there (every slot is taken).
     #[inline]
-    pub(super) fn adjust(semaphore: &Semaphore, change: i32) {
+    pub(super) fn adjust(semaphore: &Semaphore, change: i32) -> bool {
         let state: *const SemState = &*semaphore.state;
         let (last, holder) = LAST.with(Cell::get);
         if last == state && !holder.is_null() {
@@ -342,38 +371,42 @@ mod holding {
             // Only this thread writes its slot's count.
             let count = held.load(Ordering::Relaxed);
             held.store(count.saturating_add_signed(change), Ordering::Relaxed);
-            return;
+            return true;
         }
-        adjust_slowly(semaphore, state, change);
+        adjust_slowly(semaphore, state, change)
     }
 
     #[cold]
-    fn adjust_slowly(semaphore: &Semaphore, state: *const SemState, change: i32) {
+    fn adjust_slowly(semaphore: &Semaphore, state: *const SemState, change: i32) -> bool {
         // During thread teardown the cache is gone: the guard is untracked.
-        let _ = KEPT.try_with(|kept| {
+        KEPT.try_with(|kept| {
             let Ok(mut kept) = kept.try_borrow_mut() else {
-                return;
+                return false;
             };
             let index = match kept.iter().position(|k| k.state == state) {
                 Some(index) => index,
-                None if change > 0 => keep(&mut kept, semaphore, state),
-                None => return,
+                None if change > 0 => match keep(&mut kept, semaphore, state) {
+                    Some(index) => index,
+                    None => return false,
+                },
+                None => return false,
             };
             let _ = LAST.try_with(|last| last.set((state, kept[index].holder)));
-            if let Some(holder) = kept[index].holder() {
-                let held = holder.held.load(Ordering::Relaxed);
-                // Only this thread writes its slot's count.
-                holder
-                    .held
-                    .store(held.saturating_add_signed(change), Ordering::Relaxed);
-            }
-        });
+            let holder = kept[index].holder();
+            // Only this thread writes its slot's count.
+            let held = holder.held.load(Ordering::Relaxed);
+            holder
+                .held
+                .store(held.saturating_add_signed(change), Ordering::Relaxed);
+            true
+        })
+        .unwrap_or(false)
     }
 
     /// Claims a slot of `semaphore` for this thread and keeps it; returns
-    /// its index in `kept`.
+    /// its index in `kept`, or `None` if every slot is held by a live thread.
     #[cold]
-    fn keep(kept: &mut Vec<Kept>, semaphore: &Semaphore, state: *const SemState) -> usize {
+    fn keep(kept: &mut Vec<Kept>, semaphore: &Semaphore, state: *const SemState) -> Option<usize> {
         static AT_FORK: Once = Once::new();
         AT_FORK.call_once(|| {
             // SAFETY: registers a handler that only touches this crate's
@@ -396,25 +429,33 @@ mod holding {
             .holders()
             .iter()
             .find(|holder| match holder.mutex.try_lock() {
-                Ok(Acquired::Clean) => true,
+                Ok(Acquired::Clean) => {
+                    // A free slot counts no guards. A count found here was
+                    // written by a corrupted (or hostile) segment: were it
+                    // kept, this thread's exit would take it for leaked
+                    // guards (keeping the mapping, "recovering" permits).
+                    let stale = holder.held.swap(0, Ordering::Relaxed);
+                    if stale != 0 {
+                        tracing::warn!(
+                            stale,
+                            "semaphore: a free holder slot counted guards; reset"
+                        );
+                    }
+                    true
+                }
                 Ok(Acquired::OwnerDied) => {
                     // A dead holder's slot: its permits go back first.
                     semaphore.state.give_back(holder);
                     true
                 }
                 Err(_) => false,
-            });
-        if holder.is_none() {
-            tracing::debug!(
-                "semaphore: every holder slot is taken; this thread's permits are untracked"
-            );
-        }
+            })?;
         kept.push(Kept {
             state,
-            holder: holder.map_or(std::ptr::null(), |h| h as *const Holder),
+            holder,
             shm: semaphore.state.shm().clone(),
         });
-        kept.len() - 1
+        Some(kept.len() - 1)
     }
 }
 
@@ -472,10 +513,25 @@ impl Semaphore {
         }
     }
 
-    /// Counts a guard of this thread (+1) or one fewer (-1).
+    /// Counts a guard of this thread (+1) or one fewer (-1); false if this
+    /// thread has no holder slot (every slot is taken).
     #[inline]
-    fn own(&self, change: i32) {
-        holding::adjust(self, change);
+    fn own(&self, change: i32) -> bool {
+        holding::adjust(self, change)
+    }
+
+    /// A guard for a permit just taken, if it can be owned; otherwise the
+    /// permit goes back and the error says why.
+    #[inline]
+    fn owned_guard(&self) -> Result<SemaphoreGuard<'_>, SemaphoreError> {
+        let guard = SemaphoreGuard::new(self);
+        if guard.tracked {
+            return Ok(guard);
+        }
+        drop(guard); // gives the permit back
+        Err(SemaphoreError::HolderSlotsFull {
+            slots: HOLDER_SLOTS,
+        })
     }
 
     /// Permits given back on behalf of holders that died (ever, in any
@@ -486,13 +542,26 @@ impl Semaphore {
 
     /// Takes a permit, waiting as long as needed. The guard gives it back
     /// when dropped (or keep it with [`SemaphoreGuard::forget`]).
+    ///
+    /// When [`HOLDER_SLOTS`] other live threads hold slots of this semaphore
+    /// (see [`SemaphoreError::HolderSlotsFull`]), the permit is still taken
+    /// but not owned: it is not recovered if this thread dies (logged as a
+    /// warning). Use [`acquire_timeout`](Self::acquire_timeout) to get the
+    /// error instead.
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
         // The holder slots are looked up only when no permit is free.
         if !self.state.try_acquire() {
             // Without a deadline the wait only ends with a permit.
             while !self.state.acquire(self.holders(), None) {}
         }
-        SemaphoreGuard::new(self)
+        let guard = SemaphoreGuard::new(self);
+        if !guard.tracked {
+            tracing::warn!(
+                slots = HOLDER_SLOTS,
+                "semaphore: every holder slot is held by a live thread; this permit is not recovered if its thread dies"
+            );
+        }
+        guard
     }
 
     /// Takes a permit if one is free (or was held by a thread that died).
@@ -500,7 +569,7 @@ impl Semaphore {
         if self.state.try_acquire()
             || (self.state.recover(self.holders()) > 0 && self.state.try_acquire())
         {
-            Ok(SemaphoreGuard::new(self))
+            self.owned_guard()
         } else {
             Err(SemaphoreError::WouldBlock)
         }
@@ -509,7 +578,7 @@ impl Semaphore {
     /// Takes a permit, waiting at most `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>, SemaphoreError> {
         if self.state.try_acquire() || self.state.acquire(self.holders(), deadline_after(timeout)) {
-            Ok(SemaphoreGuard::new(self))
+            self.owned_guard()
         } else {
             Err(SemaphoreError::Timeout(timeout))
         }
@@ -542,6 +611,9 @@ impl fmt::Debug for Semaphore {
 #[must_use = "dropping the guard releases the permit at once; use .forget() to keep it"]
 pub struct SemaphoreGuard<'a> {
     semaphore: &'a Semaphore,
+    /// Counted in this thread's holder slot (false only when every slot was
+    /// taken): only then is it uncounted when it goes.
+    tracked: bool,
     /// Not `Send`: the permit is counted in this thread's holder slot.
     _not_send: PhantomData<*const ()>,
 }
@@ -552,9 +624,9 @@ unsafe impl Sync for SemaphoreGuard<'_> {}
 impl<'a> SemaphoreGuard<'a> {
     #[inline]
     fn new(semaphore: &'a Semaphore) -> Self {
-        semaphore.own(1);
         Self {
             semaphore,
+            tracked: semaphore.own(1),
             _not_send: PhantomData,
         }
     }
@@ -564,7 +636,9 @@ impl<'a> SemaphoreGuard<'a> {
     /// permit is no longer owned by this thread: it is not recovered if this
     /// process dies.
     pub fn forget(self) {
-        self.semaphore.own(-1);
+        if self.tracked {
+            self.semaphore.own(-1);
+        }
         std::mem::forget(self);
     }
 }
@@ -572,7 +646,9 @@ impl<'a> SemaphoreGuard<'a> {
 impl Drop for SemaphoreGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.semaphore.own(-1);
+        if self.tracked {
+            self.semaphore.own(-1);
+        }
         // Only a bounded semaphore released behind the guard's back (an
         // explicit release beyond its own acquisitions) can refuse this.
         if let Err(error) = self.semaphore.release() {
@@ -715,6 +791,65 @@ mod tests {
             drop(sem.acquire());
         }
         assert!(sems.iter().all(|s| s.value() == 1 && s.recovered() == 0));
+    }
+
+    #[test]
+    fn when_every_holder_slot_is_held_fallible_acquires_say_so_and_take_nothing() {
+        let sem = Semaphore::new(2).unwrap();
+        // This thread holds every slot's mutex, as HOLDER_SLOTS live threads would.
+        for holder in sem.holders() {
+            assert_eq!(holder.mutex.try_lock(), Ok(Acquired::Clean));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let full = Err(SemaphoreError::HolderSlotsFull {
+                    slots: HOLDER_SLOTS,
+                });
+                assert_eq!(sem.try_acquire().map(drop), full);
+                assert_eq!(sem.acquire_timeout(Duration::ZERO).map(drop), full);
+                assert_eq!(sem.value(), 2, "no permit taken, none lost");
+                // `acquire` cannot fail: the permit is taken, unowned.
+                let guard = sem.acquire();
+                assert_eq!(sem.value(), 1);
+                drop(guard);
+                assert_eq!(sem.value(), 2);
+            });
+        });
+        for holder in sem.holders() {
+            holder.mutex.unlock().unwrap();
+        }
+        // Slots free again: a new thread owns its permit (joined, not
+        // scoped: a scope ends before the thread's exit has run).
+        let owner = sem.clone();
+        std::thread::spawn(move || std::mem::forget(owner.try_acquire().unwrap()))
+            .join()
+            .unwrap();
+        let guard = sem.try_acquire().unwrap();
+        assert_eq!(sem.recovered(), 1, "the dead thread's permit came back");
+        drop(guard);
+        assert_eq!(sem.value(), 2);
+    }
+
+    #[test]
+    fn a_free_slot_with_a_corrupted_count_is_reset_when_claimed() {
+        let sem = Semaphore::new(1).unwrap();
+        // What a corrupted (or hostile) segment may hold in a free slot.
+        for holder in sem.holders() {
+            holder.held.store(5, Ordering::Relaxed);
+        }
+        let user = sem.clone();
+        std::thread::spawn(move || drop(user.acquire()))
+            .join()
+            .unwrap();
+        // The thread that claimed a slot exited with no guard: its slot was
+        // unlocked (not kept, with its mapping, as if it leaked guards), and
+        // nothing was "recovered".
+        for holder in sem.holders() {
+            assert_eq!(holder.mutex.try_lock(), Ok(Acquired::Clean));
+            holder.mutex.unlock().unwrap();
+        }
+        assert_eq!(sem.recovered(), 0);
+        assert_eq!(sem.value(), 1);
     }
 
     #[test]

@@ -12,15 +12,31 @@
 //! # Ok::<(), mp_ipc::shm::ShmError>(())
 //! ```
 //!
-//! An anonymous segment is a memfd: passing a [`SharedMemory`] as an argument
-//! to a child process (arguments travel over ipc-channel, which passes the
-//! file descriptor) maps the very same memory there. The segment is freed when
-//! the last handle in the last process is gone.
+//! An anonymous segment is a memfd this crate creates and owns: passing a
+//! [`SharedMemory`] as an argument to a child process hands the descriptor
+//! over (see the [transport](crate::transport_design)) and maps the very same memory
+//! there. The segment is freed when the last handle in the last process is
+//! gone.
 //!
 //! A named segment ([`SharedMemory::create`] / [`SharedMemory::open`]) lives
-//! in `/dev/shm` until [`SharedMemory::unlink`] is called, as in Python:
-//! dropping handles never unlinks it. It travels to a child by name (so the
-//! child's copy fails to decode if the name was unlinked meanwhile).
+//! in `/dev/shm`; dropping handles never unlinks it. It travels to a child by
+//! name (so the child's copy fails to decode if the name was unlinked
+//! meanwhile). As with Python's resource tracker, a segment is unlinked when
+//! the process that *created* it dies (exit, panic, SIGKILL: a tracker
+//! process watches it, see `shm_tracker.rs`), unless it was unlinked before
+//! ([`SharedMemory::unlink`], [`SharedMemory::unlink_name`]) or the creator
+//! asked it to outlive it ([`SharedMemory::persist`]). Processes that only
+//! [`open`](SharedMemory::open) a segment never cause its unlink.
+//!
+//! ```
+//! use mp_ipc::shm::SharedMemory;
+//!
+//! let shm = SharedMemory::create_unique(4096)?; // a fresh name
+//! let name = shm.name().unwrap().to_owned();
+//! SharedMemory::open(&name)?.write_at(0, b"by name")?;
+//! SharedMemory::unlink_name(&name)?;
+//! # Ok::<(), mp_ipc::shm::ShmError>(())
+//! ```
 
 use std::fmt;
 use std::io;
@@ -28,11 +44,12 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use ipc_channel::ipc::IpcSharedMemory;
-use rustix::fd::OwnedFd;
+use rustix::fd::{AsFd, OwnedFd};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::robust::RobustMutex;
+use crate::shm_tracker;
+use crate::transport::{self, Ticket};
 
 /// Errors of [`SharedMemory`].
 #[derive(Debug, thiserror::Error)]
@@ -129,9 +146,9 @@ struct Segment {
 }
 
 enum Backing {
-    /// memfd owned by ipc-channel's wrapper (which unmaps and closes on drop).
-    Anonymous(IpcSharedMemory),
-    /// A POSIX shm object we mapped ourselves; `name` is without the slash.
+    /// A memfd (created here, or received from another process).
+    Anonymous(OwnedFd),
+    /// A POSIX shm object; `name` is without the slash.
     Named { name: String, _fd: OwnedFd },
 }
 
@@ -149,25 +166,27 @@ impl SharedMemory {
     pub fn new(size: usize) -> Result<Self, ShmError> {
         check_size(size)?;
         check_fits_in_memory(size)?;
-        let memory = IpcSharedMemory::from_byte(0, size);
-        Self::from_anonymous(memory)
+        let fd = rustix::fs::memfd_create("mp-ipc-shm", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(io_err("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, size as u64).map_err(io_err("ftruncate"))?;
+        let ptr = map(&fd, size, rustix::mm::MapFlags::POPULATE)?;
+        Ok(Self::anonymous(fd, ptr, size))
     }
 
-    fn from_anonymous(mut memory: IpcSharedMemory) -> Result<Self, ShmError> {
-        // SAFETY: `memory` is exclusively ours here; the mutable slice is only
-        // used to take its pointer once (it is not kept), and all later access
-        // goes through that pointer, never through `Deref`.
-        let bytes = unsafe { memory.deref_mut() };
-        let len = bytes.len();
-        let ptr = NonNull::new(bytes.as_mut_ptr())
-            .filter(|_| len > 0)
-            .ok_or(ShmError::InvalidSize(len))?;
-        Ok(Self::from_segment(Segment {
+    fn anonymous(fd: OwnedFd, ptr: NonNull<u8>, len: usize) -> Self {
+        Self::from_segment(Segment {
             ptr,
             len,
-            backing: Backing::Anonymous(memory),
+            backing: Backing::Anonymous(fd),
             robust_mutexes: parking_lot::Mutex::new(Vec::new()),
-        }))
+        })
+    }
+
+    /// Maps an anonymous segment received from another process.
+    fn attach_anonymous(fd: OwnedFd) -> Result<Self, ShmError> {
+        let size = size_of_file(&fd)?;
+        let ptr = map(&fd, size, rustix::mm::MapFlags::empty())?;
+        Ok(Self::anonymous(fd, ptr, size))
     }
 
     fn from_segment(segment: Segment) -> Self {
@@ -178,7 +197,8 @@ impl SharedMemory {
 
     /// Creates a named segment of `size` zeroed bytes (Python's
     /// `SharedMemory(name, create=True, size=size)`). It stays in `/dev/shm`
-    /// until [`unlink`](Self::unlink) is called, even after every handle is gone.
+    /// after every handle is gone, until [`unlink`](Self::unlink)ed or until
+    /// this process dies (unless [`persist`](Self::persist) is called).
     pub fn create(name: &str, size: usize) -> Result<Self, ShmError> {
         check_size(size)?;
         let name = check_name(name)?;
@@ -194,7 +214,15 @@ impl SharedMemory {
         })?;
         let mapped = rustix::fs::ftruncate(&fd, size as u64)
             .map_err(io_err("ftruncate"))
-            .and_then(|()| map(&fd, size));
+            .and_then(|()| map(&fd, size, rustix::mm::MapFlags::empty()))
+            .and_then(|ptr| {
+                shm_tracker::track(name, &fd)
+                    .map(|()| ptr)
+                    .map_err(|source| ShmError::Io {
+                        op: "report the segment to the shared memory tracker",
+                        source,
+                    })
+            });
         match mapped {
             Ok(ptr) => Ok(Self::named(name, fd, ptr, size)),
             Err(error) => {
@@ -217,11 +245,50 @@ impl SharedMemory {
             rustix::io::Errno::NOENT => ShmError::NotFound(name.to_owned()),
             errno => io_err("shm_open")(errno),
         })?;
-        let size = rustix::fs::fstat(&fd).map_err(io_err("fstat"))?.st_size;
-        let size = usize::try_from(size).map_err(|_| ShmError::InvalidSize(0))?;
-        check_size(size)?;
-        let ptr = map(&fd, size)?;
+        let size = size_of_file(&fd)?;
+        let ptr = map(&fd, size, rustix::mm::MapFlags::empty())?;
         Ok(Self::named(name, fd, ptr, size))
+    }
+
+    /// Creates a named segment under a fresh name (`mp-<pid>-<random>`);
+    /// [`name`](Self::name) reports it. Otherwise as [`create`](Self::create).
+    pub fn create_unique(size: usize) -> Result<Self, ShmError> {
+        loop {
+            let random = transport::random_bytes().map_err(|source| ShmError::Io {
+                op: "getrandom",
+                source,
+            })?;
+            let suffix: String = random[..8].iter().map(|b| format!("{b:02x}")).collect();
+            let name = format!("mp-{}-{suffix}", std::process::id());
+            match Self::create(&name, size) {
+                Err(ShmError::AlreadyExists(_)) => continue, // 2^-64: try another
+                other => return other,
+            }
+        }
+    }
+
+    /// Removes the segment called `name` from `/dev/shm` (Python's
+    /// `SharedMemory(name).unlink()` without attaching it). Existing
+    /// mappings stay valid until dropped.
+    pub fn unlink_name(name: &str) -> Result<(), ShmError> {
+        let name = check_name(name)?;
+        // Untracked first: were this process killed in between, a segment of
+        // the same name created later by someone else must not be unlinked.
+        shm_tracker::untrack(name);
+        rustix::shm::unlink(format!("/{name}").as_str()).map_err(|errno| match errno {
+            rustix::io::Errno::NOENT => ShmError::NotFound(name.to_owned()),
+            errno => io_err("shm_unlink")(errno),
+        })
+    }
+
+    /// Keeps a segment this process created in `/dev/shm` after this process
+    /// dies (by default the tracker unlinks it then; see the module docs).
+    /// Someone must then [`unlink_name`](Self::unlink_name) it. Nothing
+    /// changes for a segment this process only opened.
+    pub fn persist(&self) -> Result<(), ShmError> {
+        let name = self.name().ok_or(ShmError::Anonymous)?;
+        shm_tracker::untrack(name);
+        Ok(())
     }
 
     fn named(name: &str, fd: OwnedFd, ptr: NonNull<u8>, len: usize) -> Self {
@@ -239,11 +306,7 @@ impl SharedMemory {
     /// Removes the name of a named segment (Python's `unlink()`): later
     /// `open`s fail; existing mappings stay valid until dropped.
     pub fn unlink(&self) -> Result<(), ShmError> {
-        let name = self.name().ok_or(ShmError::Anonymous)?;
-        rustix::shm::unlink(format!("/{name}").as_str()).map_err(|errno| match errno {
-            rustix::io::Errno::NOENT => ShmError::NotFound(name.to_owned()),
-            errno => io_err("shm_unlink")(errno),
-        })
+        Self::unlink_name(self.name().ok_or(ShmError::Anonymous)?)
     }
 
     /// The name of a named segment (without a leading `/`), `None` if anonymous.
@@ -339,25 +402,18 @@ impl Drop for Segment {
         if held {
             // A guard was leaked (mem::forget): glibc's robust list of the
             // holding thread points into this mapping. Keep it mapped.
+            // (The descriptor may be closed: the mapping keeps the memory.)
             tracing::warn!(
                 len = self.len,
                 "shared memory holding a locked robust mutex kept mapped until exit"
             );
-            let backing = std::mem::replace(
-                &mut self.backing,
-                Backing::Anonymous(IpcSharedMemory::from_bytes(&[])),
-            );
-            std::mem::forget(backing);
             return;
         }
-        if let Backing::Named { .. } = self.backing {
-            // SAFETY: the mapping was created by `map` with this pointer and
-            // length and is unmapped exactly once, here; no handle remains.
-            if let Err(errno) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
-                tracing::warn!(%errno, "munmap of a named shared memory segment failed");
-            }
+        // SAFETY: the mapping was created by `map` with this pointer and
+        // length and is unmapped exactly once, here; no handle remains.
+        if let Err(errno) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            tracing::warn!(%errno, "munmap of a shared memory segment failed");
         }
-        // Anonymous: IpcSharedMemory unmaps and closes on drop.
     }
 }
 
@@ -395,10 +451,19 @@ fn check_name(name: &str) -> Result<&str, ShmError> {
     Ok(bare)
 }
 
-/// Maps `len` bytes of `fd`, shared. Named segments are not pre-faulted (as
-/// in Python, pages are allocated on first touch), so creating or opening a
-/// large one costs no more than a small one.
-fn map(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, ShmError> {
+/// The size of the file behind a segment, checked.
+fn size_of_file(fd: &OwnedFd) -> Result<usize, ShmError> {
+    let size = rustix::fs::fstat(fd).map_err(io_err("fstat"))?.st_size;
+    let size = usize::try_from(size).map_err(|_| ShmError::InvalidSize(0))?;
+    check_size(size)?;
+    Ok(size)
+}
+
+/// Maps `len` bytes of `fd`, shared, with `extra` flags. Named segments are
+/// not pre-faulted (as in Python, pages are allocated on first touch), so
+/// creating or opening a large one costs no more than a small one; a new
+/// anonymous one is (`MAP_POPULATE`), as it always was.
+fn map(fd: &OwnedFd, len: usize, extra: rustix::mm::MapFlags) -> Result<NonNull<u8>, ShmError> {
     use rustix::mm::{MapFlags, ProtFlags};
     // SAFETY: a fresh mapping at an address the kernel chooses; it aliases no
     // Rust object.
@@ -407,7 +472,7 @@ fn map(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, ShmError> {
             std::ptr::null_mut(),
             len,
             ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED,
+            MapFlags::SHARED | extra,
             fd,
             0,
         )
@@ -486,11 +551,11 @@ impl fmt::Debug for SharedMemory {
     }
 }
 
-/// How a segment travels: the memfd itself (ipc-channel passes the file
-/// descriptor), or the name of a named segment.
+/// How a segment travels: a ticket for its memfd (see the
+/// [transport](crate::transport)), or the name of a named segment.
 #[derive(Serialize, Deserialize)]
 enum Wire {
-    Anonymous(IpcSharedMemory),
+    Anonymous(Ticket),
     Named(String),
 }
 
@@ -499,9 +564,12 @@ impl Serialize for SharedMemory {
         // Inside a queue item or a pipe message the descriptor could not travel.
         crate::transport::refuse_inside_item::<S::Error>()?;
         match &self.segment.backing {
-            // IpcSharedMemory's serializer hands the fd to ipc-channel.
-            Backing::Anonymous(memory) => {
-                serializer.serialize_newtype_variant("Wire", 0, "Anonymous", memory)
+            Backing::Anonymous(fd) => {
+                use serde::ser::Error;
+                let ticket = transport::lend(&[fd.as_fd()]).map_err(|e| {
+                    S::Error::custom(format!("lending a shared memory descriptor: {e}"))
+                })?;
+                serializer.serialize_newtype_variant("Wire", 0, "Anonymous", &ticket)
             }
             Backing::Named { name, .. } => {
                 serializer.serialize_newtype_variant("Wire", 1, "Named", name)
@@ -513,8 +581,22 @@ impl Serialize for SharedMemory {
 impl<'de> Deserialize<'de> for SharedMemory {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         match Wire::deserialize(deserializer)? {
-            Wire::Anonymous(memory) => {
-                Self::from_anonymous(memory).map_err(crate::decode_error::custom)
+            Wire::Anonymous(ticket) => {
+                let fds = transport::claim(ticket).map_err(|error| {
+                    crate::decode_error::custom(format!(
+                        "receiving a shared memory descriptor: {error}"
+                    ))
+                })?;
+                let fd = match <[OwnedFd; 1]>::try_from(fds) {
+                    Ok([fd]) => fd,
+                    Err(fds) => {
+                        return Err(crate::decode_error::custom(format!(
+                            "a shared memory ticket carried {} descriptors, not 1",
+                            fds.len()
+                        )));
+                    }
+                };
+                Self::attach_anonymous(fd).map_err(crate::decode_error::custom)
             }
             Wire::Named(name) => Self::open(&name).map_err(crate::decode_error::custom),
         }

@@ -93,3 +93,26 @@ fn a_segment_that_cannot_be_attached_in_the_child_says_why_in_join() {
         Ok(len) => panic!("the child attached an unlinked segment of {len} bytes"),
     }
 }
+
+/// Known gap (about 1 run in 10 here): the child exits right after sending
+/// its result, and a descriptor lent through the transport can only be
+/// claimed while its lender lives (as for a Queue or Connection result);
+/// the parent then gets a typed error after the claim patience (10 s). Needs
+/// the transport to hold a lender's exit until its tickets are claimed or
+/// dropped (transport.rs + mp-core's child), so it is not run by default.
+#[test]
+#[ignore = "a handle in a child's result needs the child alive to be claimed (transport gap)"]
+fn an_anonymous_segment_made_by_a_child_comes_back_as_its_result() {
+    let child = Process::new(|size: usize| -> SharedMemory {
+        let shm = SharedMemory::new(size).unwrap();
+        shm.write_at(0, b"made by the child").unwrap();
+        shm
+    })
+    .args(4096)
+    .start()
+    .unwrap();
+    let shm = join(child);
+    let mut buf = [0u8; 17];
+    shm.read_at(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"made by the child");
+}

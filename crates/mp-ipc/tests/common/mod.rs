@@ -36,3 +36,47 @@ pub fn eventually(condition: impl Fn() -> bool) -> bool {
     }
     true
 }
+
+/// Runs `body` in a copy of this test binary inside a mount namespace where
+/// `/proc` is an empty tmpfs (`unshare --mount`, as root or in a user
+/// namespace); where namespaces are not permitted, says so and returns.
+/// `test` is the full name of the calling test, which the copy runs alone.
+#[allow(dead_code)]
+pub fn with_proc_hidden(test: &str, body: fn()) {
+    use std::process::Command;
+    const INSIDE: &str = "MP_IPC_TEST_PROC_HIDDEN";
+    /// Mounts an empty tmpfs over `/proc`, then runs `$0 "$@"`.
+    const HIDE_PROC: &str = "mount -t tmpfs mp-ipc-no-proc /proc && exec \"$0\" \"$@\"";
+    if std::env::var_os(INSIDE).is_some() {
+        assert!(
+            !std::path::Path::new("/proc/self").exists(),
+            "/proc is still visible inside the namespace"
+        );
+        return body();
+    }
+    let unshare = ["--mount", "--propagation", "private", "sh", "-c", HIDE_PROC];
+    match Command::new("unshare").args(unshare).arg("true").output() {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => {
+            return eprintln!(
+                "SKIPPED: cannot hide /proc in a mount namespace here ({})",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Err(error) => return eprintln!("SKIPPED: `unshare` is not available ({error})"),
+    }
+    let output = Command::new("unshare")
+        .args(unshare)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(INSIDE, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "inside the namespace: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
