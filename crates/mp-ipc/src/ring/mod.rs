@@ -55,6 +55,8 @@ mod frames;
 mod heap;
 mod indices;
 mod memory;
+#[cfg(all(test, not(loom)))]
+mod miri_tests;
 mod spinner;
 
 /// 16 random bytes (the listener's challenges use it too).
