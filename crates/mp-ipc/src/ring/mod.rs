@@ -57,6 +57,8 @@ mod indices;
 mod memory;
 #[cfg(all(test, not(loom)))]
 mod miri_tests;
+#[cfg(all(test, not(loom)))]
+mod proptests;
 mod spinner;
 
 /// 16 random bytes (the listener's challenges use it too).
@@ -90,6 +92,15 @@ pub(crate) const MAX_CAPACITY: usize = 1 << 31;
 /// Default ring size: 8 MiB of address space (faulted in as used), so
 /// items up to 2 MiB travel inline.
 pub(crate) const DEFAULT_CAPACITY: usize = 8 << 20;
+
+/// The capacity a ring asked for `requested` bytes gets: a power of two
+/// (so that it divides 2^32 and offsets follow positions across their
+/// wrap) between [`MIN_CAPACITY`] and [`MAX_CAPACITY`].
+fn rounded_capacity(requested: usize) -> usize {
+    requested
+        .clamp(MIN_CAPACITY, MAX_CAPACITY)
+        .next_power_of_two()
+}
 
 /// What went wrong in the ring; the public types map it to their errors.
 #[derive(Debug, thiserror::Error)]
@@ -288,10 +299,7 @@ impl std::fmt::Debug for Ring {
 impl Ring {
     /// Creates a ring.
     pub(crate) fn create(config: RingConfig) -> Result<Ring, RingError> {
-        let capacity = config
-            .capacity
-            .clamp(MIN_CAPACITY, MAX_CAPACITY)
-            .next_power_of_two();
+        let capacity = rounded_capacity(config.capacity);
         let file = MemFile::create("mp-ipc-ring", (HEADER_LEN + capacity) as u64)
             .map_err(io_error("memfd_create"))?;
         let doorbell = if config.doorbell {
@@ -310,10 +318,7 @@ impl Ring {
     #[cfg(test)]
     pub(crate) fn create_on_heap(config: RingConfig) -> Result<Ring, RingError> {
         use std::alloc::{Layout, alloc_zeroed, dealloc};
-        let capacity = config
-            .capacity
-            .clamp(MIN_CAPACITY, MAX_CAPACITY)
-            .next_power_of_two();
+        let capacity = rounded_capacity(config.capacity);
         let header_layout = Layout::from_size_align(HEADER_LEN, PAGE as usize).expect("layout");
         let data_layout =
             Layout::from_size_align(2 * capacity, PAGE as usize).expect("ring layout");
@@ -697,7 +702,9 @@ impl Ring {
             }
             let free = self.capacity - used;
             let slot_free = self.max_items == 0 || head.used_items(tail) < self.max_items;
-            if slot_free && free > FRAME_HEADER {
+            // `>=`: with exactly a header of room an empty item still fits
+            // (the wait for room below agrees, so `>` spun forever there).
+            if slot_free && free >= FRAME_HEADER {
                 let window = free.min(self.max_inline_frame) - FRAME_HEADER;
                 let payload_at = tail.advance(FRAME_HEADER, 0);
                 // SAFETY: we hold the producer lock and the window lies in
