@@ -54,6 +54,8 @@ mod codec;
 mod frames;
 mod heap;
 mod indices;
+#[cfg(all(test, loom))]
+mod loom_models;
 mod memory;
 #[cfg(all(test, not(loom)))]
 mod miri_tests;
