@@ -391,7 +391,7 @@ mod imp {
 ///
 /// The word follows the kernel's robust-futex layout, so the code reading it
 /// (`presence`, `semaphore`) sees the same bits: owner in the low 30 bits,
-/// [`WAITERS`](imp::WAITERS) in the top bit, `FUTEX_OWNER_DIED` never set.
+/// `WAITERS` in the top bit, `FUTEX_OWNER_DIED` never set.
 #[cfg(all(miri, not(loom)))]
 mod imp {
     use super::{Acquired, LockFailed, NotOwner};
