@@ -4,7 +4,7 @@
 //! racing. Under Miri the side locks are the atomic mutex of
 //! [`robust`](crate::robust) and the futex waits are Miri's, so Miri checks
 //! every access to the ring bytes and the header for undefined behaviour and
-//! data races. The same tests run natively (with glibc's mutexes).
+//! data races. The same tests run natively (with glibc's mutexes), longer.
 
 use super::*;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ fn item(len: usize, salt: u32) -> Vec<u8> {
 fn miri_ring_frames_keep_their_boundaries_across_the_wrap() {
     let ring = heap_ring(MIN_CAPACITY, None);
     let mut carried = 0u64;
-    for round in 0..24u32 {
+    for round in 0..if cfg!(miri) { 24u32 } else { 400 } {
         let item = item((round * 137 % 700) as usize, round);
         carried += frame_len(item.len() as u64) + frame_len(0);
         push_bytes(&ring, &item, Wait::Never).unwrap();
@@ -139,13 +139,13 @@ fn miri_ring_item_limit_byte_limit_and_close() {
 /// head store).
 #[test]
 fn miri_ring_threads_lose_and_duplicate_nothing() {
-    const PER: u32 = 40;
+    let per: u32 = if cfg!(miri) { 40 } else { 4000 };
     let ring = heap_ring(MIN_CAPACITY, Some(4));
     let producers: Vec<_> = (0..2u32)
         .map(|p| {
             let ring = Arc::clone(&ring);
             std::thread::spawn(move || {
-                for i in 0..PER {
+                for i in 0..per {
                     // Every fifth item out of band: its region is written by
                     // the producer and read, then punched, by the consumer.
                     let len = if i % 5 == 0 { 1500 } else { 8 };
@@ -157,7 +157,7 @@ fn miri_ring_threads_lose_and_duplicate_nothing() {
         })
         .collect();
     let mut seen = Vec::new();
-    while seen.len() < 2 * PER as usize {
+    while seen.len() < 2 * per as usize {
         let item = pop_bytes(&ring, patient()).unwrap();
         let id = |at: usize| u32::from_le_bytes(item[at..at + 4].try_into().unwrap());
         seen.push((id(0), id(4)));
@@ -167,7 +167,7 @@ fn miri_ring_threads_lose_and_duplicate_nothing() {
     }
     for p in 0..2 {
         let mine: Vec<u32> = seen.iter().filter(|s| s.0 == p).map(|s| s.1).collect();
-        assert_eq!(mine, (0..PER).collect::<Vec<_>>(), "producer {p}");
+        assert_eq!(mine, (0..per).collect::<Vec<_>>(), "producer {p}");
     }
     assert!(matches!(
         pop_bytes(&ring, Wait::Never),
