@@ -84,6 +84,8 @@ impl Simulation {
 }
 
 proptest! {
+    // 64 cases of up to 300 events: a few seconds in a debug build.
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     /// Whatever happens: every submitted chunk is delivered exactly once;
     /// a death fails exactly the chunks the worker had claimed and not
