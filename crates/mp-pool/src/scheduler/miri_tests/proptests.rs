@@ -39,6 +39,7 @@ fn events() -> impl Strategy<Value = Vec<Event>> {
 }
 
 impl Simulation {
+    /// A simulation of `processes` workers, each running at most `max_tasks` chunks.
     fn new(processes: usize, max_tasks: Option<usize>) -> Simulation {
         let supervisor = Arc::new(FakeSupervisor::default());
         let mut scheduler = Scheduler::new(processes, max_tasks, false, supervisor.clone());
