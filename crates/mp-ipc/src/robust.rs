@@ -22,7 +22,7 @@ compile_error!(
 
 /// How a lock was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(loom, allow(dead_code))] // the loom model never reports OwnerDied
+#[cfg_attr(any(loom, miri), allow(dead_code))] // the loom and Miri models never report OwnerDied
 pub(crate) enum Acquired {
     /// The mutex was free or released normally.
     Clean,
@@ -51,9 +51,9 @@ pub(crate) enum LockFailed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NotOwner;
 
-#[cfg(not(loom))]
+#[cfg(not(any(loom, miri)))]
 mod imp {
-    use super::{Acquired, LockFailed, NotOwner};
+    use super::{Acquired, LockFailed, NotOwner, monotonic_deadline};
     use std::cell::UnsafeCell;
     use std::io;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -298,26 +298,6 @@ mod imp {
         result == 0
     }
 
-    /// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
-    /// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
-    /// left).
-    pub(crate) fn monotonic_deadline(deadline: Instant) -> libc::timespec {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let mut sec = now
-            .tv_sec
-            .saturating_add(left.as_secs().try_into().unwrap_or(i64::MAX));
-        let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
-        if nsec >= 1_000_000_000 {
-            nsec -= 1_000_000_000;
-            sec = sec.saturating_add(1);
-        }
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        }
-    }
-
     fn check(code: libc::c_int) -> io::Result<()> {
         if code == 0 {
             Ok(())
@@ -396,11 +376,208 @@ mod imp {
     }
 }
 
-pub(crate) use imp::RobustMutex;
-#[cfg(not(loom))]
-pub(crate) use imp::monotonic_deadline;
+/// Under Miri: a futex mutex on std atomics with the interface and the owner
+/// checks of the glibc one, so that Miri can run the ring protocol on the
+/// heap (it cannot run glibc's process-shared robust mutexes: their pthread
+/// calls and the kernel's robust list are outside what it interprets).
+///
+/// What it keeps: mutual exclusion with acquire/release ordering (what Miri
+/// checks the protocol against), a sleeping `lock` with a deadline on the
+/// futex word, `try_lock`, errorcheck semantics (re-locking by the holder is
+/// [`LockFailed::Deadlock`], unlocking by another thread is [`NotOwner`])
+/// and the recursive flavour. What it drops: owner death (Miri runs one
+/// process; [`Acquired::OwnerDied`] is never reported) and TIDs (the owner
+/// recorded in the word is a per-thread token from 1 up, not a kernel TID).
+///
+/// The word follows the kernel's robust-futex layout, so the code reading it
+/// (`presence`, `semaphore`) sees the same bits: owner in the low 30 bits,
+/// `WAITERS` in the top bit, `FUTEX_OWNER_DIED` never set.
+#[cfg(all(miri, not(loom)))]
+mod imp {
+    use super::{Acquired, LockFailed, NotOwner};
+    use crate::futex::{self, AtomicU32, WaitOutcome};
+    use std::io;
+    use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+    use std::time::Instant;
 
-#[cfg(all(test, not(loom)))]
+    /// Owner token bits of the word (the kernel's `FUTEX_TID_MASK`).
+    const OWNER_MASK: u32 = 0x3fff_ffff;
+    /// Somebody sleeps (or is about to) on the word: unlock must wake one.
+    pub(super) const WAITERS: u32 = 0x8000_0000;
+
+    /// The calling thread's owner token: distinct for every thread of the
+    /// process (1, 2, ...; wraps after 2^30 threads, far beyond what Miri runs).
+    fn me() -> u32 {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        thread_local! {
+            static TOKEN: u32 = (NEXT.fetch_add(1, Relaxed) & OWNER_MASK).max(1);
+        }
+        TOKEN.with(|token| *token)
+    }
+
+    #[repr(C)]
+    pub(crate) struct RobustMutex {
+        /// Owner token | [`WAITERS`]; 0 when free.
+        word: AtomicU32,
+        /// 1 for the recursive flavour.
+        recursive: AtomicU32,
+        /// Times the owner locked it (recursive flavour); only the owner
+        /// touches it, so relaxed accesses suffice.
+        depth: AtomicU32,
+    }
+
+    impl RobustMutex {
+        /// Initialises a free mutex at `ptr`.
+        ///
+        /// # Safety
+        /// As the glibc version: `ptr` valid for writes, aligned, not in use.
+        pub(crate) unsafe fn init_at(ptr: *mut RobustMutex, recursive: bool) -> io::Result<()> {
+            // SAFETY: the caller guarantees `ptr` is valid for writes, aligned
+            // and unused.
+            unsafe {
+                ptr.write(RobustMutex {
+                    word: AtomicU32::new(0),
+                    recursive: AtomicU32::new(u32::from(recursive)),
+                    depth: AtomicU32::new(0),
+                })
+            };
+            Ok(())
+        }
+
+        fn owner(&self) -> u32 {
+            self.word.load(Relaxed) & OWNER_MASK
+        }
+
+        /// Re-locking by the holder: counted (recursive) or refused.
+        fn relock(&self) -> Result<Acquired, LockFailed> {
+            if self.recursive.load(Relaxed) == 0 {
+                return Err(LockFailed::Deadlock);
+            }
+            let depth = self.depth.load(Relaxed);
+            let depth = depth.checked_add(1).ok_or(LockFailed::Os(libc::EAGAIN))?;
+            self.depth.store(depth, Relaxed);
+            Ok(Acquired::Clean)
+        }
+
+        /// Takes the free mutex with `bits` (the owner, plus `WAITERS` for a
+        /// thread that slept: others may still sleep behind it).
+        fn acquire(&self, bits: u32) -> bool {
+            let won = self
+                .word
+                .compare_exchange(0, bits, Acquire, Relaxed)
+                .is_ok();
+            if won {
+                self.depth.store(1, Relaxed);
+            }
+            won
+        }
+
+        /// Locks, sleeping on the word until `deadline` (`None`: forever).
+        pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<Acquired, LockFailed> {
+            let me = me();
+            if self.owner() == me {
+                return self.relock();
+            }
+            let mut bits = me;
+            loop {
+                if self.acquire(bits) {
+                    return Ok(Acquired::Clean);
+                }
+                let seen = self.word.load(Relaxed);
+                if seen == 0 {
+                    continue;
+                }
+                if seen & WAITERS == 0
+                    && self
+                        .word
+                        .compare_exchange(seen, seen | WAITERS, Relaxed, Relaxed)
+                        .is_err()
+                {
+                    continue;
+                }
+                if futex::wait(&self.word, seen | WAITERS, deadline) == WaitOutcome::TimedOut {
+                    return Err(LockFailed::TimedOut);
+                }
+                bits = me | WAITERS;
+            }
+        }
+
+        /// Locks if nobody holds the mutex, without waiting.
+        pub(crate) fn try_lock(&self) -> Result<Acquired, LockFailed> {
+            let me = me();
+            if self.owner() == me {
+                return self.relock();
+            }
+            if self.acquire(me) {
+                Ok(Acquired::Clean)
+            } else {
+                Err(LockFailed::WouldBlock)
+            }
+        }
+
+        /// Unlocks; fails if the calling thread does not hold the mutex.
+        pub(crate) fn unlock(&self) -> Result<(), NotOwner> {
+            if self.owner() != me() {
+                return Err(NotOwner);
+            }
+            let depth = self.depth.load(Relaxed);
+            if depth > 1 {
+                self.depth.store(depth - 1, Relaxed);
+                return Ok(());
+            }
+            self.depth.store(0, Relaxed);
+            if self.word.swap(0, Release) & WAITERS != 0 {
+                futex::wake(&self.word, 1);
+            }
+            Ok(())
+        }
+
+        /// The futex word (owner token and `WAITERS`).
+        pub(crate) fn word(&self) -> &AtomicU32 {
+            &self.word
+        }
+
+        /// The owner's token, if held.
+        pub(crate) fn owner_tid(&self) -> Option<u32> {
+            Some(self.owner()).filter(|&owner| owner != 0)
+        }
+
+        /// Whether a thread holds it (Miri runs a single process).
+        pub(crate) fn held_in_this_process(&self) -> bool {
+            self.owner_tid().is_some()
+        }
+
+        /// Whether it is of the flavour `init_at(_, recursive)` makes.
+        pub(crate) fn is_intact(&self, recursive: bool) -> bool {
+            self.recursive.load(Relaxed) == u32::from(recursive)
+        }
+    }
+}
+
+pub(crate) use imp::RobustMutex;
+
+/// `deadline` as an absolute CLOCK_MONOTONIC timespec (`Instant` is
+/// CLOCK_MONOTONIC on Linux, but its value is not exposed, so go by the time
+/// left).
+#[cfg(not(loom))]
+pub(crate) fn monotonic_deadline(deadline: std::time::Instant) -> libc::timespec {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let mut sec = now
+        .tv_sec
+        .saturating_add(left.as_secs().try_into().unwrap_or(i64::MAX));
+    let mut nsec = now.tv_nsec + i64::from(left.subsec_nanos());
+    if nsec >= 1_000_000_000 {
+        nsec -= 1_000_000_000;
+        sec = sec.saturating_add(1);
+    }
+    libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    }
+}
+
+#[cfg(all(test, not(any(loom, miri))))]
 mod tests {
     use super::*;
     use std::mem::MaybeUninit;
@@ -489,5 +666,95 @@ mod tests {
         m.unlock().unwrap();
         assert_eq!(m.try_lock(), Ok(Acquired::Clean));
         m.unlock().unwrap();
+    }
+}
+
+/// The mutex Miri runs in place of glibc's (see the `cfg(miri)` `imp`):
+/// its owner checks, and exclusion Miri's race detector can confirm.
+#[cfg(all(test, miri))]
+mod miri_tests {
+    use super::*;
+    use std::cell::UnsafeCell;
+    use std::mem::MaybeUninit;
+    use std::time::{Duration, Instant};
+
+    fn boxed(recursive: bool) -> Box<RobustMutex> {
+        let mut slot = Box::new(MaybeUninit::<RobustMutex>::uninit());
+        // SAFETY: the box is a fresh, aligned, exclusively owned allocation.
+        unsafe { RobustMutex::init_at(slot.as_mut_ptr(), recursive).unwrap() };
+        // SAFETY: init_at initialised the mutex.
+        unsafe { slot.assume_init() }
+    }
+
+    #[test]
+    fn miri_mutex_checks_its_owner() {
+        let m = boxed(false);
+        assert!(m.is_intact(false) && !m.is_intact(true));
+        assert_eq!(m.owner_tid(), None);
+        assert_eq!(m.lock(None), Ok(Acquired::Clean));
+        assert!(m.held_in_this_process());
+        assert_eq!(m.lock(None), Err(LockFailed::Deadlock));
+        assert_eq!(m.try_lock(), Err(LockFailed::Deadlock));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert_eq!(m.try_lock(), Err(LockFailed::WouldBlock));
+                assert_eq!(m.unlock(), Err(NotOwner));
+                let start = Instant::now();
+                let timeout = Duration::from_millis(50);
+                assert_eq!(m.lock(Some(start + timeout)), Err(LockFailed::TimedOut));
+                assert!(start.elapsed() >= timeout);
+            });
+        });
+        assert_eq!(m.unlock(), Ok(()));
+        assert_eq!(m.unlock(), Err(NotOwner));
+        assert_eq!(m.owner_tid(), None);
+    }
+
+    #[test]
+    fn miri_mutex_recursive_counts() {
+        let m = boxed(true);
+        m.lock(None).unwrap();
+        m.try_lock().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(m.try_lock(), Err(LockFailed::WouldBlock)));
+        });
+        m.unlock().unwrap();
+        assert!(m.owner_tid().is_some(), "still held once");
+        m.unlock().unwrap();
+        assert_eq!(m.unlock(), Err(NotOwner));
+    }
+
+    /// Threads increment a plain (non-atomic) counter under the mutex,
+    /// sleeping on it when contended: Miri reports a data race if the
+    /// mutex fails to order them, and a deadlock if a wake-up is lost.
+    #[test]
+    fn miri_mutex_excludes_and_wakes_sleepers() {
+        struct Counter(UnsafeCell<u64>);
+        // SAFETY: only accessed while holding the mutex (what the test checks).
+        unsafe impl Sync for Counter {}
+        impl Counter {
+            /// # Safety
+            /// The caller holds the mutex.
+            unsafe fn bump(&self) {
+                // SAFETY: the caller holds the mutex: no other access.
+                unsafe { *self.0.get() += 1 };
+            }
+        }
+        let m = boxed(false);
+        let counter = Counter(UnsafeCell::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    for _ in 0..20 {
+                        m.lock(None).unwrap();
+                        // SAFETY: the mutex is held.
+                        unsafe { counter.bump() };
+                        std::thread::yield_now();
+                        m.unlock().unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(counter.0.into_inner(), 60);
     }
 }

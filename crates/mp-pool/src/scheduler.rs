@@ -701,6 +701,7 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
 /// Pure bookkeeping, no syscall: `.ci/miri` runs this whole module under Miri (its name).
 #[cfg(test)]
 mod miri_tests {
+    mod proptests;
     use super::*;
     use crate::transport::{Bytes, claim, revoke};
     use parking_lot::Mutex;

@@ -247,48 +247,7 @@ impl Indices {
     }
 }
 
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    /// Positions near the 2^32 wrap of both halves, and amounts up to a
-    /// ring's worth: the distance from a head to the tail it was advanced to
-    /// is the amount advanced, whatever wraps.
-    #[test]
-    fn positions_measure_distances_across_the_wrap() {
-        let starts = [
-            0u32,
-            1,
-            4095,
-            u32::MAX - 4096,
-            u32::MAX - 8,
-            u32::MAX - 1,
-            u32::MAX,
-        ];
-        let amounts = [0u32, 1, 8, 4095, 4096, 1 << 20, (1 << 31) - 8, 1 << 31];
-        for &bytes in &starts {
-            for &items in &starts {
-                let head = Pos(u64::from(items) << 32 | u64::from(bytes));
-                assert_eq!((head.bytes(), head.items()), (bytes, items));
-                for &db in &amounts {
-                    for &di in &[0u32, 1, 7, u32::MAX / 2] {
-                        let tail = head.advance(db, di);
-                        assert_eq!(head.used_bytes(tail), db, "{head:?} + {db}");
-                        assert_eq!(head.used_items(tail), di, "{head:?} + {di} items");
-                        // Advancing in two steps lands on the same position.
-                        let half = head
-                            .advance(db / 2, di / 2)
-                            .advance(db - db / 2, di - di / 2);
-                        assert_eq!(half, tail);
-                        // Bytes never carry into the item count, nor back.
-                        assert_eq!(tail.items(), items.wrapping_add(di));
-                        assert_eq!(tail.bytes(), bytes.wrapping_add(db));
-                    }
-                }
-            }
-        }
-    }
-}
+// The position arithmetic's property tests are in `ring/proptests.rs`.
 
 #[cfg(all(test, loom))]
 mod loom_models {
