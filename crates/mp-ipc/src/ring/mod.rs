@@ -69,6 +69,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::time::{Duration, Instant};
@@ -77,7 +78,7 @@ use crate::robust::{Acquired, LockFailed, RobustMutex};
 use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
 
 /// Bytes of the header page at the start of the file.
-const HEADER_LEN: usize = 4096;
+pub(crate) const HEADER_LEN: usize = 4096;
 /// Page size the ring and the out-of-band regions are aligned to.
 const PAGE: u64 = 4096;
 /// "mp-ring2" in ASCII: identifies an initialised ring header.
@@ -251,9 +252,13 @@ impl Drop for Held<'_> {
 /// through an `Arc`.
 pub(crate) struct Ring {
     /// The memfd holding header, ring and heap: what travels to other processes.
-    file: MemFile,
+    /// Shared with the other segments of a growing queue (`queue/segments.rs`).
+    file: Arc<MemFile>,
     /// An eventfd rung by a publish when a waiter armed it (connections).
-    doorbell: Option<OwnedFd>,
+    doorbell: Option<Arc<OwnedFd>>,
+    /// Where this ring's header starts in `file` (0 but for the later
+    /// segments of a growing queue); its heap starts after its ring.
+    base: u64,
     header: NonNull<Header>,
     /// Twice `capacity` bytes: the ring, mapped twice back to back.
     data: NonNull<u8>,
@@ -299,8 +304,55 @@ impl Ring {
         } else {
             None
         };
-        let ring = Ring::map(file, doorbell, capacity)?;
+        let ring = Ring::map(Arc::new(file), doorbell.map(Arc::new), 0, capacity)?;
         ring.initialise(config)
+    }
+
+    /// Creates a ring whose header starts at `base` in `file` (a later
+    /// segment of a growing queue, see `queue/segments.rs`), sharing the
+    /// file and the doorbell of the first. Whatever `[base, base + header +
+    /// capacity)` held is discarded. The caller makes sure nobody else uses
+    /// that range.
+    pub(crate) fn create_at(
+        file: &Arc<MemFile>,
+        doorbell: Option<&Arc<OwnedFd>>,
+        base: u64,
+        config: RingConfig,
+    ) -> Result<Ring, RingError> {
+        let capacity = config
+            .capacity
+            .clamp(MIN_CAPACITY, MAX_CAPACITY)
+            .next_power_of_two();
+        let end = base + (HEADER_LEN + capacity) as u64;
+        if file.len().map_err(io_error("fstat"))? < end {
+            file.set_len(end).map_err(io_error("ftruncate"))?;
+        }
+        // A grower that died half-way may have left a partial header.
+        file.punch(base, (HEADER_LEN + capacity) as u64)
+            .map_err(io_error("fallocate"))?;
+        let ring = Ring::map(Arc::clone(file), doorbell.cloned(), base, capacity)?;
+        ring.initialise(config)
+    }
+
+    /// Opens the ring whose header starts at `base` in `file` (made by
+    /// [`create_at`](Self::create_at), here or in another process).
+    pub(crate) fn attach_at(
+        file: &Arc<MemFile>,
+        doorbell: Option<&Arc<OwnedFd>>,
+        base: u64,
+        type_tag: u64,
+    ) -> Result<Ring, RingError> {
+        Ring::open(Arc::clone(file), doorbell.cloned(), base, type_tag)
+    }
+
+    /// The memfd and the doorbell, for the other segments of a growing queue.
+    pub(crate) fn shared_descriptors(&self) -> (&Arc<MemFile>, Option<&Arc<OwnedFd>>) {
+        (&self.file, self.doorbell.as_ref())
+    }
+
+    /// Where this ring's header starts in its file.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
     }
 
     /// A ring whose memory comes from the heap (no memfd, no mapping, no
@@ -330,8 +382,9 @@ impl Ring {
             return Err(io_error("alloc")(io::ErrorKind::OutOfMemory.into()));
         };
         let ring = Ring {
-            file: MemFile::on_heap((HEADER_LEN + capacity) as u64),
+            file: Arc::new(MemFile::on_heap((HEADER_LEN + capacity) as u64)),
             doorbell: None,
+            base: 0,
             header: header.cast(),
             data,
             source: Source::Heap,
@@ -371,7 +424,7 @@ impl Ring {
             .producer
             .0
             .heap_next
-            .store((HEADER_LEN + capacity) as u64, Relaxed);
+            .store(ring.base + (HEADER_LEN + capacity) as u64, Relaxed);
         header.producer.0.next_region_id.store(1, Relaxed);
         settings.magic.store(MAGIC, Release);
         ring.load_config()?;
@@ -390,24 +443,37 @@ impl Ring {
                 .ok_or_else(|| RingError::Incompatible("no ring descriptor".into()))?,
         );
         let doorbell = fds.next();
+        Ring::open(Arc::new(file), doorbell.map(Arc::new), 0, type_tag)
+    }
+
+    /// Checks and maps the ring whose header starts at `base` in `file`.
+    fn open(
+        file: Arc<MemFile>,
+        doorbell: Option<Arc<OwnedFd>>,
+        base: u64,
+        type_tag: u64,
+    ) -> Result<Ring, RingError> {
         let mut magic = [0u8; 8];
-        file.read_exact_at(&mut magic, 0)
+        file.read_exact_at(&mut magic, base)
             .map_err(io_error("pread"))?;
         if u64::from_ne_bytes(magic) != MAGIC {
             return Err(RingError::Incompatible("not a ring (bad magic)".into()));
         }
         let mut capacity = [0u8; 8];
-        file.read_exact_at(&mut capacity, std::mem::offset_of!(Config, capacity) as u64)
-            .map_err(io_error("pread"))?;
+        file.read_exact_at(
+            &mut capacity,
+            base + std::mem::offset_of!(Config, capacity) as u64,
+        )
+        .map_err(io_error("pread"))?;
         let capacity = u64::from_ne_bytes(capacity);
         let capacity = usize::try_from(capacity)
             .ok()
             .filter(|c| c.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(c))
             .ok_or_else(|| RingError::Corrupted(format!("capacity {capacity}")))?;
-        if file.len().map_err(io_error("fstat"))? < (HEADER_LEN + capacity) as u64 {
+        if file.len().map_err(io_error("fstat"))? < base + (HEADER_LEN + capacity) as u64 {
             return Err(RingError::Corrupted("file shorter than the ring".into()));
         }
-        let mut ring = Ring::map(file, doorbell, capacity)?;
+        let mut ring = Ring::map(file, doorbell, base, capacity)?;
         ring.load_config()?;
         if ring.header().config.0.type_tag.load(Relaxed) != type_tag {
             return Err(RingError::Incompatible(
@@ -433,7 +499,12 @@ impl Ring {
     }
 
     /// Maps the header and the ring (twice, back to back).
-    fn map(file: MemFile, doorbell: Option<OwnedFd>, capacity: usize) -> Result<Ring, RingError> {
+    fn map(
+        file: Arc<MemFile>,
+        doorbell: Option<Arc<OwnedFd>>,
+        base: u64,
+        capacity: usize,
+    ) -> Result<Ring, RingError> {
         use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
         let rw = ProtFlags::READ | ProtFlags::WRITE;
         let fd = file
@@ -448,7 +519,7 @@ impl Ring {
                 rw,
                 MapFlags::SHARED,
                 fd,
-                0,
+                base,
             )
             .map_err(|e| io_error("mmap")(e.into()))?;
             let reserve = match mmap_anonymous(
@@ -471,7 +542,7 @@ impl Ring {
                     rw,
                     MapFlags::SHARED | MapFlags::FIXED,
                     fd,
-                    HEADER_LEN as u64,
+                    base + HEADER_LEN as u64,
                 ) {
                     let _ = munmap(header, HEADER_LEN);
                     let _ = munmap(reserve, 2 * capacity);
@@ -481,6 +552,7 @@ impl Ring {
             Ok(Ring {
                 file,
                 doorbell,
+                base,
                 header: NonNull::new_unchecked(header.cast()),
                 data: NonNull::new_unchecked(reserve.cast()),
                 source: Source::Mapped,
@@ -512,7 +584,7 @@ impl Ring {
         self.file
             .as_fd()
             .into_iter()
-            .chain(self.doorbell.as_ref().map(AsFd::as_fd))
+            .chain(self.doorbell.as_deref().map(AsFd::as_fd))
             .collect()
     }
 
@@ -520,12 +592,12 @@ impl Ring {
     /// published after [`arm_doorbell`](Self::arm_doorbell), or when the
     /// ring closes. `None` for rings created without one.
     pub(crate) fn doorbell(&self) -> Option<BorrowedFd<'_>> {
-        self.doorbell.as_ref().map(AsFd::as_fd)
+        self.doorbell.as_deref().map(AsFd::as_fd)
     }
 
     /// Rings the doorbell (wakes whoever polls it).
     pub(crate) fn ring_doorbell(&self) {
-        if let Some(doorbell) = &self.doorbell {
+        if let Some(doorbell) = self.doorbell.as_deref() {
             // A full counter (never in practice) is as readable as can be.
             let _ = rustix::io::write(doorbell, &1u64.to_ne_bytes());
         }
@@ -533,7 +605,7 @@ impl Ring {
 
     /// Empties the doorbell's counter (before arming it again).
     pub(crate) fn drain_doorbell(&self) {
-        if let Some(doorbell) = &self.doorbell {
+        if let Some(doorbell) = self.doorbell.as_deref() {
             let mut counter = [0u8; 8];
             let _ = rustix::io::read(doorbell, &mut counter);
         }
@@ -678,7 +750,24 @@ impl Ring {
         wait: Wait,
         liveness: Option<&dyn Liveness>,
     ) -> Result<(), RingError> {
-        let _held = self.lock_producer(wait)?;
+        self.push_waiting(item, wait, wait, liveness)
+    }
+
+    /// Puts one item if there is room now: waits (per `lock_wait`) only for
+    /// the producer lock, never for room ([`RingError::Full`] then). For a
+    /// growing queue, which moves on to a new segment instead.
+    pub(crate) fn push_if_room(&self, item: &dyn Encode, lock_wait: Wait) -> Result<(), RingError> {
+        self.push_waiting(item, lock_wait, Wait::Never, None)
+    }
+
+    fn push_waiting(
+        &self,
+        item: &dyn Encode,
+        lock_wait: Wait,
+        wait: Wait,
+        liveness: Option<&dyn Liveness>,
+    ) -> Result<(), RingError> {
+        let _held = self.lock_producer(lock_wait)?;
         let indices = self.indices();
         let producer = &self.header().producer.0;
         let tail = Pos(indices.tail.0.load(Relaxed));
@@ -856,11 +945,6 @@ impl Ring {
         self.ring_doorbell();
         tracing::debug!("ring closed");
         Ok(())
-    }
-
-    /// Whether `close` was called (puts fail).
-    pub(crate) fn is_closing(&self) -> bool {
-        !self.indices().is_open()
     }
 
     /// Spins then sleeps until the ring has data, is closed, or
