@@ -50,6 +50,7 @@
 //! shared memory...) inside an item do not carry their file descriptors; pass
 //! them as process arguments instead.
 
+mod holders;
 mod joinable;
 mod segments;
 mod simple;
@@ -95,6 +96,13 @@ pub enum QueueError {
     /// This handle was closed with [`Queue::close`]; other handles are unaffected.
     #[error("this handle of the queue was closed")]
     HandleClosed,
+    /// A get found the queue empty (or a put found a bounded queue full) and
+    /// every other handle of the queue is gone: dropped, closed, or its
+    /// process ended (SIGKILL included), handles in flight counted. Nothing
+    /// can ever arrive (or make room), so the call fails instead of waiting
+    /// forever as Python's does. `try_` calls report `Empty`/`Full` instead.
+    #[error("every other handle of the queue is gone: nothing can arrive or make room")]
+    Abandoned,
     /// The item could not be encoded (nothing was put).
     #[error("could not encode the item: {0}")]
     Encode(#[source] postcard::Error),
@@ -266,7 +274,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     fn with_tag(builder: QueueBuilder<T>, type_tag: u64) -> Result<Self, QueueError> {
         let segments = Segments::create(builder.capacity_bytes, builder.maxsize, type_tag)?;
-        Ok(Queue::from_segments(Arc::new(segments)))
+        Ok(Queue::from_segments(segments))
     }
 
     /// Puts an item, waiting for room if the queue is full.
@@ -288,7 +296,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     fn put_with(&self, item: &T, wait: Wait) -> Result<(), QueueError> {
         self.check_open()?;
-        Ok(self.segments.put(&Postcard(item), wait)?)
+        self.segments.put(&Postcard(item), wait)
     }
 
     /// Takes the next item, waiting for one.
@@ -315,6 +323,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
 impl<T> Queue<T> {
     fn from_segments(segments: Arc<Segments>) -> Self {
+        segments.handle_made();
         Queue {
             segments,
             closed: AtomicBool::new(false),
@@ -357,7 +366,9 @@ impl<T> Queue<T> {
     /// item put. Dropping a handle does the same. To stop the queue for
     /// everybody, use [`shutdown`](Self::shutdown).
     pub fn close(&self) -> Result<(), QueueError> {
-        self.closed.store(true, Relaxed);
+        if !self.closed.swap(true, Relaxed) {
+            self.segments.handle_gone();
+        }
         Ok(())
     }
 
@@ -390,6 +401,14 @@ impl<T> Queue<T> {
     /// [`shutdown_immediate`](Self::shutdown_immediate), by any handle).
     pub fn is_shut_down(&self) -> bool {
         self.segments.is_shut_down()
+    }
+}
+
+impl<T> Drop for Queue<T> {
+    fn drop(&mut self) {
+        if !*self.closed.get_mut() {
+            self.segments.handle_gone();
+        }
     }
 }
 
@@ -517,10 +536,12 @@ fn type_tag<H: ?Sized>() -> u64 {
 }
 
 /// The wire form of every queue handle: a ticket for its ring's memfd
-/// (see the [transport](crate::transport)).
+/// (see the [transport](crate::transport)), and the lending process, which
+/// counts the handle in flight until it is claimed (see `holders.rs`).
 #[derive(Serialize, Deserialize)]
 struct Wire {
     ring: Ticket,
+    lender: u32,
 }
 
 impl<T> Serialize for Queue<T> {
@@ -529,7 +550,13 @@ impl<T> Serialize for Queue<T> {
         refuse_inside_item()?;
         let ring = transport::lend(&self.segments.first().descriptors())
             .map_err(|e| S::Error::custom(format!("lending a queue's descriptors: {e}")))?;
-        Wire { ring }.serialize(serializer)
+        // Counted for the lender until the receiver claims it.
+        self.segments.handle_made();
+        Wire {
+            ring,
+            lender: self.segments.lender(),
+        }
+        .serialize(serializer)
     }
 }
 
@@ -547,7 +574,9 @@ fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Que
     })?;
     let ring = Ring::attach(fds.into_iter(), tag).map_err(crate::decode_error::custom)?;
     let segments = Segments::attach(ring, tag).map_err(crate::decode_error::custom)?;
-    Ok(Queue::from_segments(Arc::new(segments)))
+    let queue = Queue::from_segments(segments);
+    queue.segments.claimed_from(wire.lender);
+    Ok(queue)
 }
 
 #[cfg(all(test, not(loom)))]

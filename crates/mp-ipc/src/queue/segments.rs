@@ -48,15 +48,20 @@
 //! space, no memory once punched) until its last handle of the queue drops, so
 //! that the current-segment pointers need no reclamation scheme.
 
+use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicPtr, AtomicU64};
+use std::sync::{Arc, Weak};
 
+use super::QueueError;
+use super::holders::Holders;
 use crate::futex::{self, AtomicU32};
+use crate::liveness::Watch;
 use crate::ring::{
-    DEFAULT_CAPACITY, Encode, Payload, Ring, RingConfig, RingError, Tasks, Wait, io_error,
+    DEFAULT_CAPACITY, Encode, Liveness, Payload, Ring, RingConfig, RingError, Tasks, Wait, io_error,
 };
 use crate::robust::{Acquired, LockFailed, RobustMutex};
 
@@ -101,6 +106,8 @@ struct Directory {
     floor: AtomicU64,
     /// Whether the queue grows (unbounded) or its one segment waits for room.
     grows: AtomicU32,
+    /// Which processes hold handles (see `holders.rs`).
+    holders: Holders,
 }
 
 const _: () = assert!(size_of::<Directory>() <= DIRECTORY_LEN);
@@ -117,6 +124,37 @@ pub(crate) struct Segments {
     consumer: AtomicPtr<Ring>,
     /// Every segment this process mapped, kept until it drops (see the module docs).
     mapped: parking_lot::Mutex<Vec<Arc<Ring>>>,
+    /// The process that made this view (a bare `fork` copies it into another).
+    pid: u32,
+    /// `FORKS` when this view was last checked against a fork.
+    forks_seen: AtomicU32,
+    /// The other holders' pidfds, watched while a call waits (`holders.rs`).
+    watches: parking_lot::Mutex<HashMap<u32, Option<Watch>>>,
+    /// For the watcher's wake-ups.
+    myself: Weak<Segments>,
+}
+
+/// Bare `fork`s this process went through (counted in the child).
+static FORKS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn count_fork_in_child() {
+    FORKS.fetch_add(1, Relaxed);
+}
+
+/// Counts forks from now on (once per process image).
+fn count_forks() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: registers a handler that only touches an atomic
+        // (async-signal-safe, as a fork child handler must be).
+        let code = unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+        if code != 0 {
+            tracing::warn!(
+                code,
+                "pthread_atfork failed: forked queue handles go unnoticed"
+            );
+        }
+    });
 }
 
 // SAFETY: the directory mapping is owned by `Segments` and lives until it
@@ -166,7 +204,7 @@ impl Segments {
         capacity: usize,
         max_items: Option<u32>,
         type_tag: u64,
-    ) -> Result<Segments, RingError> {
+    ) -> Result<Arc<Segments>, RingError> {
         let first = Ring::create(RingConfig {
             capacity,
             max_items,
@@ -193,8 +231,15 @@ impl Segments {
         Ok(segments)
     }
 
+    /// The lender of a received handle no longer counts it (see `holders.rs`).
+    pub(crate) fn claimed_from(&self, lender: u32) {
+        if self.directory().holders.remove(lender) {
+            self.wake_waiters();
+        }
+    }
+
     /// A queue received from another process: `first` is its segment 0.
-    pub(crate) fn attach(first: Ring, type_tag: u64) -> Result<Segments, RingError> {
+    pub(crate) fn attach(first: Ring, type_tag: u64) -> Result<Arc<Segments>, RingError> {
         let (file, _) = first.shared_descriptors();
         if file.len().map_err(io_error("fstat"))? < DIRECTORY_AT + DIRECTORY_LEN as u64 {
             return Err(RingError::Incompatible(
@@ -202,12 +247,21 @@ impl Segments {
             ));
         }
         let directory = map_directory(&first)?;
-        let mut segments = Segments::new(Arc::new(first), directory, false, type_tag);
-        let dir = segments.directory();
-        if dir.magic.load(Acquire) != DIRECTORY_MAGIC {
+        // SAFETY: a mapping of a whole page of the memfd, which holds a
+        // `Directory` (atomics and a mutex, valid for any bytes to be read
+        // as atomics) if the magic says so; only atomic words are read here.
+        let (magic, grows) = unsafe {
+            let page = &*directory.as_ptr();
+            (page.magic.load(Acquire), page.grows.load(Relaxed) != 0)
+        };
+        if magic != DIRECTORY_MAGIC {
+            // SAFETY: mapped just above with this length; nothing refers to it.
+            unsafe {
+                let _ = rustix::mm::munmap(directory.as_ptr().cast(), DIRECTORY_LEN);
+            }
             return Err(RingError::Incompatible("bad queue directory".into()));
         }
-        segments.grows = dir.grows.load(Relaxed) != 0;
+        let segments = Segments::new(Arc::new(first), directory, grows, type_tag);
         let floor = segments.floor().0;
         let consumer = segments.segment(floor)?;
         segments.consumer.store(consumer.cast_mut(), Release);
@@ -215,9 +269,15 @@ impl Segments {
         Ok(segments)
     }
 
-    fn new(first: Arc<Ring>, directory: NonNull<Directory>, grows: bool, type_tag: u64) -> Self {
+    fn new(
+        first: Arc<Ring>,
+        directory: NonNull<Directory>,
+        grows: bool,
+        type_tag: u64,
+    ) -> Arc<Self> {
+        count_forks();
         let ptr = Arc::as_ptr(&first).cast_mut();
-        Segments {
+        Arc::new_cyclic(|myself| Segments {
             first: Arc::clone(&first),
             directory,
             grows,
@@ -225,7 +285,61 @@ impl Segments {
             producer: AtomicPtr::new(ptr),
             consumer: AtomicPtr::new(ptr),
             mapped: parking_lot::Mutex::new(vec![first]),
+            pid: std::process::id(),
+            forks_seen: AtomicU32::new(FORKS.load(Relaxed)),
+            watches: parking_lot::Mutex::new(HashMap::new()),
+            myself: Weak::clone(myself),
+        })
+    }
+
+    /// This process, if this view is its own; after a bare `fork` the
+    /// copied handles are not counted, so tracking is given up.
+    fn pid_here(&self) -> Option<u32> {
+        if FORKS.load(Relaxed) == self.forks_seen.load(Relaxed) {
+            return Some(self.pid);
         }
+        if std::process::id() == self.pid {
+            self.forks_seen.store(FORKS.load(Relaxed), Relaxed);
+            return Some(self.pid);
+        }
+        self.directory().holders.give_up_tracking();
+        None
+    }
+
+    /// One more handle of this view (made, or lent in a message).
+    pub(crate) fn handle_made(&self) {
+        if let Some(pid) = self.pid_here() {
+            self.directory().holders.add(pid);
+        }
+    }
+
+    /// One handle of this view fewer (closed or dropped); wakes waiters,
+    /// which may now be alone.
+    pub(crate) fn handle_gone(&self) {
+        if let Some(pid) = self.pid_here()
+            && self.directory().holders.remove(pid)
+        {
+            self.wake_waiters();
+        }
+    }
+
+    /// Wakes every get and put sleeping on the queue (in any process), to
+    /// look at the holders again.
+    fn wake_waiters(&self) {
+        let last = self.directory().producer_segment.load(SeqCst);
+        for index in self.floor().0..=last {
+            if let Ok(ring) = self.segment(index) {
+                // SAFETY: from `segment` (see `load`).
+                let ring = unsafe { &*ring };
+                ring.indices().wake_consumers();
+                ring.indices().wake_producers();
+            }
+        }
+    }
+
+    /// The process that made this view (what a lent handle names).
+    pub(crate) fn lender(&self) -> u32 {
+        self.pid
     }
 
     fn directory(&self) -> &Directory {
@@ -292,24 +406,28 @@ impl Segments {
 
     /// Puts one item: into the producer segment, growing when it is full
     /// (unbounded), or waiting for room (bounded).
-    pub(crate) fn put(&self, item: &dyn Encode, wait: Wait) -> Result<(), RingError> {
+    pub(crate) fn put(&self, item: &dyn Encode, wait: Wait) -> Result<(), QueueError> {
         loop {
             let ring = self.load(&self.producer);
+            let alone = Abandonment::new(self);
             let result = if self.grows {
                 ring.push_if_room(item, wait)
             } else {
-                ring.push(item, wait, None)
+                ring.push(item, wait, alone.for_wait(wait))
             };
             match result {
+                Err(RingError::Closed) if ring.indices().is_open() => {
+                    return Err(QueueError::Abandoned);
+                }
                 Err(RingError::Full) if self.grows => self.grow(ring)?,
                 Err(RingError::Closed) => {
                     let now = self.directory().producer_segment.load(SeqCst);
                     if now <= segment_index(ring.base()) {
-                        return Err(RingError::Closed); // shut down
+                        return Err(QueueError::Closed); // shut down
                     }
                     self.use_for_puts(now)?;
                 }
-                other => return other,
+                other => return Ok(other?),
             }
         }
     }
@@ -357,16 +475,20 @@ impl Segments {
         &self,
         wait: Wait,
         read: impl Fn(Payload<'_>) -> R + Copy,
-    ) -> Result<R, RingError> {
+    ) -> Result<R, QueueError> {
         loop {
             let ring = self.load(&self.consumer);
-            match ring.pop(wait, None, read) {
+            let alone = Abandonment::new(self);
+            match ring.pop(wait, alone.for_wait(wait), read) {
+                Err(RingError::Closed) if !ring.indices().is_closed() => {
+                    return Err(QueueError::Abandoned);
+                }
                 Err(RingError::Closed) => {
                     if !self.move_consumer_on(ring)? {
-                        return Err(RingError::Closed);
+                        return Err(QueueError::Closed);
                     }
                 }
-                other => return other,
+                other => return Ok(other?),
             }
         }
     }
@@ -458,7 +580,7 @@ impl Segments {
     /// Python 3.13's `shutdown`: puts fail; gets drain, then fail; blocked
     /// callers wake. With `immediate`, the items left are discarded (returns
     /// how many this call discarded).
-    pub(crate) fn shut_down(&self, immediate: bool) -> Result<u32, RingError> {
+    pub(crate) fn shut_down(&self, immediate: bool) -> Result<u32, QueueError> {
         let directory = self.directory();
         directory
             .shutdown
@@ -475,9 +597,9 @@ impl Segments {
         let mut discarded = 0u32;
         if immediate {
             loop {
-                match self.get(Wait::Never, |_| ()) {
-                    Ok(()) | Err(RingError::Corrupted(_)) => discarded += 1,
-                    Err(RingError::Closed | RingError::Empty) => break,
+                match self.get(Wait::Forever, |_| ()) {
+                    Ok(()) | Err(QueueError::Corrupted(_)) => discarded += 1,
+                    Err(QueueError::Closed | QueueError::Empty) => break,
                     Err(other) => return Err(other),
                 }
             }
@@ -546,5 +668,98 @@ pub(crate) fn count_done(tasks: &Tasks, count: u32) {
         tasks.done.fetch_add(count, SeqCst);
         tasks.seq.fetch_add(1, SeqCst);
         futex::wake_all(&tasks.seq);
+    }
+}
+
+/// Whether every other handle of the queue is gone, for a call about to
+/// wait (see `holders.rs`).
+struct Abandonment<'a> {
+    segments: &'a Segments,
+    /// Set by `before_sleep`: until the call is about to sleep (while it
+    /// spins), `peer_gone` costs nothing.
+    armed: AtomicBool,
+}
+
+impl<'a> Abandonment<'a> {
+    fn new(segments: &'a Segments) -> Self {
+        Abandonment {
+            segments,
+            armed: AtomicBool::new(false),
+        }
+    }
+
+    /// Consulted only by calls that may wait: a `try_` call reports
+    /// `Empty`/`Full` as Python does.
+    fn for_wait(&self, wait: Wait) -> Option<&dyn Liveness> {
+        match wait {
+            Wait::Never => None,
+            _ => Some(self),
+        }
+    }
+}
+
+impl Liveness for Abandonment<'_> {
+    fn peer_gone(&self) -> bool {
+        if !self.armed.load(Relaxed) {
+            return false;
+        }
+        let segments = self.segments;
+        let Some(me) = segments.pid_here() else {
+            return false;
+        };
+        let watches = segments.watches.lock();
+        let ended = |pid: u32| match watches.get(&pid) {
+            Some(Some(watch)) => watch.gone(),
+            Some(None) => true, // no pidfd could be opened: it had ended
+            None => false,      // not watched yet: assume alive
+        };
+        !segments.directory().holders.others_alive(me, ended)
+    }
+
+    fn before_sleep(&self) {
+        self.armed.store(true, Relaxed);
+        let segments = self.segments;
+        let Some(me) = segments.pid_here() else {
+            return;
+        };
+        let mut watches = segments.watches.lock();
+        for pid in segments.directory().holders.other_pids(me) {
+            if let Some(Some(watch)) = watches.get(&pid) {
+                if let Err(error) = watch.ensure_watched() {
+                    tracing::warn!(%error, pid, "could not watch a queue holder");
+                }
+                continue;
+            }
+            if watches.contains_key(&pid) {
+                continue;
+            }
+            let watch = match rustix::process::Pid::from_raw(pid as i32)
+                .map(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
+            {
+                Some(Ok(pidfd)) => {
+                    let myself = Weak::clone(&segments.myself);
+                    match Watch::process(pidfd, move || {
+                        if let Some(segments) = myself.upgrade() {
+                            segments.wake_waiters();
+                        }
+                    }) {
+                        Ok(watch) => Some(watch),
+                        Err(error) => {
+                            // Unwatched: assumed alive for good.
+                            tracing::warn!(%error, pid, "could not watch a queue holder");
+                            segments.directory().holders.give_up_tracking();
+                            continue;
+                        }
+                    }
+                }
+                Some(Err(rustix::io::Errno::SRCH)) | None => None,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, pid, "could not open a pidfd of a queue holder");
+                    segments.directory().holders.give_up_tracking();
+                    continue;
+                }
+            };
+            watches.insert(pid, watch);
+        }
     }
 }
