@@ -30,10 +30,12 @@
 //! or consumer is told by a robust lock and carries on (see the `ring`
 //! module docs for the protocol).
 //!
-//! An unbounded queue never makes `put` wait: when its ring (8 MiB by
-//! default, [`QueueBuilder::capacity_bytes`]) is full, the queue grows into a
-//! further segment of the same memory file, and a drained segment's memory is
-//! given back (see `queue/segments.rs` for the design). So a producer can
+//! An unbounded queue never makes `put` block: when its ring (8 MiB by
+//! default, [`QueueBuilder::capacity_bytes`]) is full, a put waits at most
+//! 1 ms for a consumer to make room (so a queue whose consumers keep up stays
+//! in its warm pages), then the queue grows into a further segment of the
+//! same memory file; a drained segment's memory is given back (see
+//! `queue/segments.rs` for the design). So a producer can
 //! always put everything and exit before anybody reads, which in CPython
 //! deadlocks a `join()` made before draining. A bounded queue has one ring and
 //! waits for room.
@@ -41,6 +43,16 @@
 //! Closing and shutting down follow Python 3.13: [`Queue::close`] (and
 //! dropping) releases only that handle; [`Queue::shutdown`] and
 //! [`Queue::shutdown_immediate`] act on the queue, for every process.
+//!
+//! A `get` that finds the queue empty when every other handle is gone
+//! (dropped, closed, or its process ended, SIGKILL included; handles in
+//! flight count) fails with [`QueueError::Abandoned`] instead of waiting
+//! forever; so does a `put` on a full bounded queue. The kernel tells
+//! (pidfds of the other holders, see `queue/holders.rs`); nothing is polled.
+//! Handles copied by a bare `fork` (not passed as process arguments) are
+//! not counted: once the child clones, drops, closes or waits on one, the
+//! queue stops failing waits this way (they then wait as Python's do); a
+//! child that only puts through such a copy goes unnoticed.
 //!
 //! Differences from Python: there is no feeder thread (put writes straight
 //! into shared memory, so `close` needs no `join_thread` and a process can
@@ -257,7 +269,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         Self::builder().maxsize(maxsize).build()
     }
 
-    /// A queue with no item limit (Python's `Queue()`): `put` never waits,
+    /// A queue with no item limit (Python's `Queue()`): `put` never blocks,
     /// the queue grows (see the [module docs](self)).
     pub fn unbounded() -> Result<Self, QueueError> {
         Self::builder().build()

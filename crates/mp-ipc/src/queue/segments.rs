@@ -17,8 +17,9 @@
 //!
 //! # Growing
 //!
-//! A put into an unbounded queue never waits for room: when the producer
-//! segment `p` is full, the producer takes the directory's robust `grow_lock`,
+//! A put into an unbounded queue never waits for room longer than
+//! [`GROWTH_GRACE`] (1 ms, for consumers that keep up: growing costs fresh
+//! pages): when the producer segment `p` is still full, the producer takes the directory's robust `grow_lock`,
 //! creates segment `p + 1` (twice the size of `p`, at most [`GROWTH_LIMIT`]),
 //! publishes `producer_segment = p + 1`, then *seals* `p` by closing its ring
 //! (which waits for a put in flight in `p` and wakes its sleepers). A put that
@@ -55,6 +56,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicPtr, AtomicU64};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use super::QueueError;
 use super::holders::Holders;
@@ -74,6 +76,11 @@ const DIRECTORY_LEN: usize = 4096;
 const DIRECTORY_MAGIC: u64 = u64::from_le_bytes(*b"mp-qdir1");
 /// Largest segment made by growing (the first may be larger if asked).
 pub(crate) const GROWTH_LIMIT: usize = 64 << 20;
+/// How long a put into a full segment waits for a consumer to make room
+/// before the queue grows: consumers that keep up keep the queue in its
+/// warm pages (fresh pages cost a fault and zeroing each); a put never waits
+/// longer for room, however long consumers stall.
+const GROWTH_GRACE: Duration = Duration::from_millis(1);
 
 /// Where segment `index` starts in the memfd.
 fn segment_base(index: u32) -> u64 {
@@ -411,7 +418,10 @@ impl Segments {
             let ring = self.load(&self.producer);
             let alone = Abandonment::new(self);
             let result = if self.grows {
-                ring.push_if_room(item, wait)
+                match ring.push_waiting(item, wait, Wait::Never, None) {
+                    Err(RingError::Full) => self.push_with_grace(ring, item, wait),
+                    other => other,
+                }
             } else {
                 ring.push(item, wait, alone.for_wait(wait))
             };
@@ -429,6 +439,26 @@ impl Segments {
                 }
                 other => return Ok(other?),
             }
+        }
+    }
+
+    /// A full segment of a growing queue: waits at most [`GROWTH_GRACE`]
+    /// (within the caller's own deadline) for a consumer to make room, so
+    /// that a queue whose consumers keep up stays in its warm pages instead
+    /// of growing into fresh ones; `Full` if none was made.
+    fn push_with_grace(&self, ring: &Ring, item: &dyn Encode, wait: Wait) -> Result<(), RingError> {
+        let grace = Instant::now() + GROWTH_GRACE;
+        let room_wait = match wait {
+            Wait::Never => return Err(RingError::Full),
+            Wait::Until(deadline) => Wait::Until(deadline.min(grace)),
+            Wait::Forever => Wait::Until(grace),
+        };
+        match ring.push_waiting(item, wait, room_wait, None) {
+            Err(RingError::Timeout) => match wait {
+                Wait::Until(deadline) if Instant::now() >= deadline => Err(RingError::Timeout),
+                _ => Err(RingError::Full),
+            },
+            other => other,
         }
     }
 

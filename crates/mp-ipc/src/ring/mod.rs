@@ -753,14 +753,10 @@ impl Ring {
         self.push_waiting(item, wait, wait, liveness)
     }
 
-    /// Puts one item if there is room now: waits (per `lock_wait`) only for
-    /// the producer lock, never for room ([`RingError::Full`] then). For a
-    /// growing queue, which moves on to a new segment instead.
-    pub(crate) fn push_if_room(&self, item: &dyn Encode, lock_wait: Wait) -> Result<(), RingError> {
-        self.push_waiting(item, lock_wait, Wait::Never, None)
-    }
-
-    fn push_waiting(
+    /// Puts one item, waiting for the producer lock per `lock_wait` but for
+    /// room only per `room_wait` ([`RingError::Full`] or `Timeout` then). For
+    /// a growing queue, which moves on to a new segment instead.
+    pub(crate) fn push_waiting(
         &self,
         item: &dyn Encode,
         lock_wait: Wait,
