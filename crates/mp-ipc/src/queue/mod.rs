@@ -32,7 +32,7 @@
 //!
 //! An unbounded queue never makes `put` block: when its ring (8 MiB by
 //! default, [`QueueBuilder::capacity_bytes`]) is full, a put waits at most
-//! 1 ms for a consumer to make room (so a queue whose consumers keep up stays
+//! 10 ms for a consumer to make room (so a queue whose consumers keep up stays
 //! in its warm pages), then the queue grows into a further segment of the
 //! same memory file; a drained segment's memory is given back (see
 //! `queue/segments.rs` for the design). So a producer can

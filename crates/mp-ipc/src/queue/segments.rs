@@ -18,7 +18,7 @@
 //! # Growing
 //!
 //! A put into an unbounded queue never waits for room longer than
-//! [`GROWTH_GRACE`] (1 ms, for consumers that keep up: growing costs fresh
+//! [`GROWTH_GRACE`] (10 ms, for consumers that keep up: growing costs fresh
 //! pages): when the producer segment `p` is still full, the producer takes the directory's robust `grow_lock`,
 //! creates segment `p + 1` (twice the size of `p`, at most [`GROWTH_LIMIT`]),
 //! publishes `producer_segment = p + 1`, then *seals* `p` by closing its ring
@@ -80,11 +80,17 @@ pub(crate) const GROWTH_LIMIT: usize = 64 << 20;
 /// before the queue grows: consumers that keep up keep the queue in its
 /// warm pages (fresh pages cost a fault and zeroing each); a put never waits
 /// longer for room, however long consumers stall.
-const GROWTH_GRACE: Duration = Duration::from_millis(1);
+const GROWTH_GRACE: Duration = Duration::from_millis(10);
 
-/// Where segment `index` starts in the memfd.
+/// Most segments between the floor and the producer segment that a
+/// directory can honestly name (a larger span is a corrupted directory).
+const MAX_LIVE_SEGMENTS: u32 = 1 << 16;
+/// Most segments a queue can have: their slots fit a file offset.
+const MAX_SEGMENTS: u32 = (1 << 22) - 2;
+
+/// Where segment `index` (at most [`MAX_SEGMENTS`]) starts in the memfd.
 fn segment_base(index: u32) -> u64 {
-    match index {
+    match index.min(MAX_SEGMENTS) {
         0 => 0,
         k => (u64::from(k) + 1) * SLOT,
     }
@@ -333,8 +339,7 @@ impl Segments {
     /// Wakes every get and put sleeping on the queue (in any process), to
     /// look at the holders again.
     fn wake_waiters(&self) {
-        let last = self.directory().producer_segment.load(SeqCst);
-        for index in self.floor().0..=last {
+        for index in self.live().unwrap_or(0..=0) {
             if let Ok(ring) = self.segment(index) {
                 // SAFETY: from `segment` (see `load`).
                 let ring = unsafe { &*ring };
@@ -363,6 +368,18 @@ impl Segments {
     /// The `Tasks` of a `JoinableQueue`.
     pub(crate) fn tasks(&self) -> &Tasks {
         self.first.tasks()
+    }
+
+    /// The segments that may hold items, floor to producer segment.
+    fn live(&self) -> Result<std::ops::RangeInclusive<u32>, RingError> {
+        let first = self.floor().0;
+        let last = self.directory().producer_segment.load(SeqCst);
+        if last < first || last - first > MAX_LIVE_SEGMENTS || last > MAX_SEGMENTS {
+            return Err(RingError::Corrupted(format!(
+                "queue directory names segments {first}..={last}"
+            )));
+        }
+        Ok(first..=last)
     }
 
     /// `(floor, items put into the segments below it)`.
@@ -474,9 +491,8 @@ impl Segments {
         if directory.shutdown.load(SeqCst) != 0 {
             return Err(RingError::Closed);
         }
-        let next = index
-            .checked_add(1)
-            .filter(|&next| segment_base(next).checked_add(SLOT).is_some())
+        let next = Some(index + 1)
+            .filter(|&next| next <= MAX_SEGMENTS)
             .ok_or_else(|| RingError::Io {
                 op: "growing the queue",
                 source: std::io::ErrorKind::OutOfMemory.into(),
@@ -578,7 +594,7 @@ impl Segments {
     pub(crate) fn items_put(&self) -> u32 {
         let (floor, retired) = self.floor();
         let mut total = retired;
-        let last = self.directory().producer_segment.load(SeqCst);
+        let last = self.live().map_or(floor, |live| *live.end());
         for index in floor..=last {
             match self.segment(index) {
                 // SAFETY: from `segment` (see `load`).
@@ -590,12 +606,13 @@ impl Segments {
     }
 
     fn fold_live<A>(&self, init: A, f: impl Fn(A, &Ring) -> A) -> A {
-        let first = self.floor().0;
-        let last = self.directory().producer_segment.load(SeqCst);
-        if first == last {
+        let Ok(live) = self.live() else {
+            return init;
+        };
+        if live.start() == live.end() {
             return f(init, self.load(&self.producer));
         }
-        (first..=last).fold(init, |acc, index| match self.segment(index) {
+        live.fold(init, |acc, index| match self.segment(index) {
             // SAFETY: from `segment` (see `load`).
             Ok(ring) => f(acc, unsafe { &*ring }),
             Err(_) => acc,
@@ -617,8 +634,7 @@ impl Segments {
             .fetch_max(1 + u32::from(immediate), SeqCst);
         {
             let _held = GrowLock::take(&directory.grow_lock)?;
-            let last = directory.producer_segment.load(SeqCst);
-            for index in self.floor().0..=last {
+            for index in self.live()? {
                 let ring = self.segment(index)?;
                 // SAFETY: from `segment` (see `load`).
                 unsafe { &*ring }.close()?;
