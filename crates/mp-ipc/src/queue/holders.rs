@@ -40,6 +40,9 @@ pub(super) const HOLDERS: usize = 192;
 pub(super) struct Holders {
     /// Non-zero: some handle is not counted; waits never give up.
     untracked: AtomicU32,
+    /// Bumped by every change of a word: a waiter that found others alive
+    /// looks again only when it moved (or a watched process ended).
+    changes: AtomicU32,
     words: [AtomicU64; HOLDERS],
 }
 
@@ -64,7 +67,7 @@ impl Holders {
             while pid_of(current) == pid && count_of(current) > 0 {
                 let new = word(pid, count_of(current).saturating_add(1));
                 match slot.compare_exchange(current, new, SeqCst, SeqCst) {
-                    Ok(_) => return,
+                    Ok(_) => return self.changed(),
                     Err(now) => current = now,
                 }
             }
@@ -79,7 +82,7 @@ impl Holders {
                         .compare_exchange(current, word(pid, 1), SeqCst, SeqCst)
                         .is_ok()
                 {
-                    return;
+                    return self.changed();
                 }
             }
         }
@@ -97,12 +100,24 @@ impl Holders {
                     n => word(pid, n),
                 };
                 match slot.compare_exchange(current, new, SeqCst, SeqCst) {
-                    Ok(_) => return true,
+                    Ok(_) => {
+                        self.changed();
+                        return true;
+                    }
                     Err(now) => current = now,
                 }
             }
         }
         false
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, SeqCst);
+    }
+
+    /// How many times the table changed (mod 2^32).
+    pub(super) fn changes(&self) -> u32 {
+        self.changes.load(SeqCst)
     }
 
     /// Marks the queue untracked (a handle outside the count exists).

@@ -143,6 +143,13 @@ pub(crate) struct Segments {
     forks_seen: AtomicU32,
     /// The other holders' pidfds, watched while a call waits (`holders.rs`).
     watches: parking_lot::Mutex<HashMap<u32, Option<Watch>>>,
+    /// Watched processes that ended (bumped by the watcher).
+    deaths: AtomicU32,
+    /// `changes << 32 | deaths` when a waiter last found other handles
+    /// alive (`u64::MAX`: never): until either moves, the answer stands.
+    alive_at: AtomicU64,
+    /// `changes + 1` when every holder was last watched (0: never).
+    watched_at: AtomicU32,
     /// For the watcher's wake-ups.
     myself: Weak<Segments>,
 }
@@ -301,6 +308,9 @@ impl Segments {
             pid: std::process::id(),
             forks_seen: AtomicU32::new(FORKS.load(Relaxed)),
             watches: parking_lot::Mutex::new(HashMap::new()),
+            deaths: AtomicU32::new(0),
+            alive_at: AtomicU64::new(u64::MAX),
+            watched_at: AtomicU32::new(0),
             myself: Weak::clone(myself),
         })
     }
@@ -753,13 +763,22 @@ impl Liveness for Abandonment<'_> {
         let Some(me) = segments.pid_here() else {
             return false;
         };
+        let holders = &segments.directory().holders;
+        let now = (u64::from(holders.changes()) << 32) | u64::from(segments.deaths.load(SeqCst));
+        if segments.alive_at.load(Relaxed) == now {
+            return false; // nothing changed since others were found alive
+        }
         let watches = segments.watches.lock();
         let ended = |pid: u32| match watches.get(&pid) {
             Some(Some(watch)) => watch.gone(),
             Some(None) => true, // no pidfd could be opened: it had ended
             None => false,      // not watched yet: assume alive
         };
-        !segments.directory().holders.others_alive(me, ended)
+        let alive = holders.others_alive(me, ended);
+        if alive {
+            segments.alive_at.store(now, Relaxed);
+        }
+        !alive
     }
 
     fn before_sleep(&self) {
@@ -768,8 +787,13 @@ impl Liveness for Abandonment<'_> {
         let Some(me) = segments.pid_here() else {
             return;
         };
+        let holders = &segments.directory().holders;
+        let changes = holders.changes();
+        if segments.watched_at.load(Relaxed) == changes.wrapping_add(1) {
+            return; // every holder of that table is watched already
+        }
         let mut watches = segments.watches.lock();
-        for pid in segments.directory().holders.other_pids(me) {
+        for pid in holders.other_pids(me) {
             if let Some(Some(watch)) = watches.get(&pid) {
                 if let Err(error) = watch.ensure_watched() {
                     tracing::warn!(%error, pid, "could not watch a queue holder");
@@ -786,6 +810,7 @@ impl Liveness for Abandonment<'_> {
                     let myself = Weak::clone(&segments.myself);
                     match Watch::process(pidfd, move || {
                         if let Some(segments) = myself.upgrade() {
+                            segments.deaths.fetch_add(1, SeqCst);
                             segments.wake_waiters();
                         }
                     }) {
@@ -798,7 +823,11 @@ impl Liveness for Abandonment<'_> {
                         }
                     }
                 }
-                Some(Err(rustix::io::Errno::SRCH)) | None => None,
+                Some(Err(rustix::io::Errno::SRCH)) | None => {
+                    // Ended before it could be watched: a death all the same.
+                    segments.deaths.fetch_add(1, SeqCst);
+                    None
+                }
                 Some(Err(error)) => {
                     tracing::warn!(%error, pid, "could not open a pidfd of a queue holder");
                     segments.directory().holders.give_up_tracking();
@@ -807,5 +836,6 @@ impl Liveness for Abandonment<'_> {
             };
             watches.insert(pid, watch);
         }
+        segments.watched_at.store(changes.wrapping_add(1), Relaxed);
     }
 }
