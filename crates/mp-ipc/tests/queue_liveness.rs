@@ -189,3 +189,23 @@ fn an_idle_get_with_a_holder_in_another_process_sleeps() {
     ));
     let _ = child.join_timeout(PATIENCE);
 }
+
+#[test]
+fn a_holder_killed_and_reaped_before_the_get_is_not_waited_for() {
+    let queue: Queue<u64> = Queue::unbounded().unwrap();
+    let ready: Queue<u64> = Queue::unbounded().unwrap();
+    let child = holder(&queue, &ready);
+    // Seen alive first (cached), then killed and reaped: no pidfd can be
+    // opened for it any more.
+    assert!(matches!(
+        queue.get_timeout(Duration::from_millis(50)),
+        Err(QueueError::Timeout)
+    ));
+    child.kill().unwrap();
+    let _ = child.join_timeout(PATIENCE);
+    let got = on_a_thread(move || queue.get());
+    assert!(matches!(
+        got.recv_timeout(PATIENCE).unwrap(),
+        Err(QueueError::Abandoned)
+    ));
+}
