@@ -197,3 +197,24 @@ fn a_hundred_million_small_items() {
     assert!(queue.is_empty());
     assert!(queue_memory() <= 130 << 20, "{}", queue_memory());
 }
+
+#[test]
+fn a_queue_told_not_to_grow_is_bounded_by_its_ring() {
+    let queue: Queue<Bytes> = Queue::builder()
+        .capacity_bytes(64 << 10)
+        .grow(false)
+        .build()
+        .unwrap();
+    let _other = queue.clone();
+    let mut sent = 0;
+    while queue.try_put(Bytes(vec![1; 4000])).is_ok() {
+        sent += 1;
+        assert!(sent < 100, "a 64 KiB ring took {sent} items of 4 kB");
+    }
+    assert!(sent >= 10);
+    assert!(matches!(
+        queue.put_timeout(Bytes(vec![2; 4000]), Duration::from_millis(20)),
+        Err(QueueError::Timeout)
+    ));
+    assert_eq!(queue.len(), sent);
+}

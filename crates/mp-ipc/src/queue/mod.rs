@@ -185,6 +185,7 @@ impl From<RingError> for QueueError {
 pub struct QueueBuilder<T> {
     maxsize: Option<u32>,
     capacity_bytes: usize,
+    grow: bool,
     _item: PhantomData<fn(T) -> T>,
 }
 
@@ -193,6 +194,7 @@ impl<T> Clone for QueueBuilder<T> {
         QueueBuilder {
             maxsize: self.maxsize,
             capacity_bytes: self.capacity_bytes,
+            grow: self.grow,
             _item: PhantomData,
         }
     }
@@ -203,6 +205,7 @@ impl<T> fmt::Debug for QueueBuilder<T> {
         f.debug_struct("QueueBuilder")
             .field("maxsize", &self.maxsize)
             .field("capacity_bytes", &self.capacity_bytes)
+            .field("grow", &self.grow)
             .finish()
     }
 }
@@ -222,6 +225,15 @@ impl<T: Serialize + DeserializeOwned> QueueBuilder<T> {
     /// as the one before, at most 64 MiB or this size).
     pub fn capacity_bytes(mut self, bytes: usize) -> Self {
         self.capacity_bytes = bytes;
+        self
+    }
+
+    /// Whether a queue with no item limit grows when its ring is full
+    /// (default: yes). With `false`, its ring's size in bytes bounds it: a
+    /// put into a full ring waits for room (`try_put`: [`QueueError::Full`]),
+    /// as in a bounded queue.
+    pub fn grow(mut self, grow: bool) -> Self {
+        self.grow = grow;
         self
     }
 
@@ -280,12 +292,18 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         QueueBuilder {
             maxsize: None,
             capacity_bytes: segments::FIRST_CAPACITY,
+            grow: true,
             _item: PhantomData,
         }
     }
 
     fn with_tag(builder: QueueBuilder<T>, type_tag: u64) -> Result<Self, QueueError> {
-        let segments = Segments::create(builder.capacity_bytes, builder.maxsize, type_tag)?;
+        let segments = Segments::create(
+            builder.capacity_bytes,
+            builder.maxsize,
+            builder.grow,
+            type_tag,
+        )?;
         Ok(Queue::from_segments(segments))
     }
 

@@ -223,6 +223,7 @@ impl Segments {
     pub(crate) fn create(
         capacity: usize,
         max_items: Option<u32>,
+        may_grow: bool,
         type_tag: u64,
     ) -> Result<Arc<Segments>, RingError> {
         let first = Ring::create(RingConfig {
@@ -236,7 +237,7 @@ impl Segments {
         file.set_len(DIRECTORY_AT + DIRECTORY_LEN as u64)
             .map_err(io_error("ftruncate"))?;
         let directory = map_directory(&first)?;
-        let grows = max_items.is_none();
+        let grows = may_grow && max_items.is_none();
         let raw = directory.as_ptr();
         // SAFETY: the page is fresh and zeroed, and nobody else can see it
         // yet; the pointer comes from the mapping.
