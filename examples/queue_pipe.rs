@@ -73,8 +73,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for producer in &producers {
         put += producer.join()?;
     }
-    // Every put has returned: close, and the consumers drain what is left.
-    jobs.close()?;
+    // Every put has returned: shut the queue down, and the consumers drain what is left.
+    jobs.shutdown()?;
     let (mut taken, mut checksum) = (0, 0);
     for (i, consumer) in consumers.iter().enumerate() {
         let (count, sum) = consumer.join()?;

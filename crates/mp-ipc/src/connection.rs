@@ -1062,7 +1062,7 @@ mod tests {
         assert_eq!(queue.get().unwrap(), 5);
         let closer = {
             let closing = closing.clone();
-            std::thread::spawn(move || closing.close().unwrap())
+            std::thread::spawn(move || closing.shutdown().unwrap())
         };
         assert_eq!(wait(&objects, Some(Duration::from_secs(20))).unwrap(), [2]);
         closer.join().unwrap();

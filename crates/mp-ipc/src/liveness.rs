@@ -109,6 +109,8 @@ pub(crate) struct Watch {
     key: u64,
     /// The process whose watcher has this watch registered (0: none).
     registered_in: AtomicU32,
+    /// Also gone when `fd` turns readable (a pidfd of a process that ended).
+    readable_means_gone: bool,
 }
 
 impl Watch {
@@ -119,6 +121,23 @@ impl Watch {
         fd: OwnedFd,
         on_gone: impl Fn() + Send + Sync + 'static,
     ) -> io::Result<Watch> {
+        Watch::with_interest(fd, on_gone, false)
+    }
+
+    /// Watches a pidfd: `on_gone` runs once the process has ended (the
+    /// pidfd turns readable; a hang-up alone comes only once it is reaped).
+    pub(crate) fn process(
+        pidfd: OwnedFd,
+        on_gone: impl Fn() + Send + Sync + 'static,
+    ) -> io::Result<Watch> {
+        Watch::with_interest(pidfd, on_gone, true)
+    }
+
+    fn with_interest(
+        fd: OwnedFd,
+        on_gone: impl Fn() + Send + Sync + 'static,
+        readable_means_gone: bool,
+    ) -> io::Result<Watch> {
         static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
         let watch = Watch {
             flag: Arc::new(Flag {
@@ -128,6 +147,7 @@ impl Watch {
             fd,
             key: NEXT_KEY.fetch_add(1, Relaxed),
             registered_in: AtomicU32::new(0),
+            readable_means_gone,
         };
         watch.ensure_watched()?;
         Ok(watch)
@@ -152,7 +172,11 @@ impl Watch {
             &*watcher.epoll,
             &self.fd,
             epoll::EventData::new_u64(self.key),
-            epoll::EventFlags::ONESHOT,
+            if self.readable_means_gone {
+                epoll::EventFlags::ONESHOT | epoll::EventFlags::IN
+            } else {
+                epoll::EventFlags::ONESHOT
+            },
         );
         if let Err(errno) = added {
             lock(watcher.entries).remove(&self.key);

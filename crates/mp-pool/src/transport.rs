@@ -318,7 +318,10 @@ pub(crate) struct TaskReceiver(Queue<TaskMessage>);
 
 /// Creates a task link for a new worker.
 pub(crate) fn task_link() -> Result<(TaskSender, TaskReceiver), TransportError> {
-    let queue = Queue::builder().capacity_bytes(TASK_RING_BYTES).build()?;
+    let queue = Queue::builder()
+        .capacity_bytes(TASK_RING_BYTES)
+        .grow(false)
+        .build()?;
     Ok((TaskSender(queue.clone()), TaskReceiver(queue)))
 }
 

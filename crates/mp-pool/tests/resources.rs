@@ -53,10 +53,13 @@ fn ten_thousand_tasks_leave_no_descriptor_or_process_behind() {
     let (descriptors, children) = (open_descriptors(), mp_core::active_children().len());
     for _ in 0..2 {
         workload(&pool);
-        assert_eq!(
-            open_descriptors(),
-            descriptors,
-            "descriptors grew while running tasks"
+        // A leak per task would be thousands. What may appear late is bounded: a queue
+        // caches a pidfd per other holder process the first time one of its calls sleeps
+        // (mp-ipc `queue/holders.rs`), which on a loaded machine can happen in any round.
+        let now = open_descriptors();
+        assert!(
+            now <= descriptors + 8,
+            "descriptors grew while running tasks: {descriptors} after the warm-up, {now} now"
         );
         assert_eq!(mp_core::active_children().len(), children, "processes grew");
     }

@@ -63,7 +63,7 @@ impl Ring {
         // The heap restarts at its beginning when no region is in use:
         // when none is counted live, or when the ring is empty (consumers
         // punch a region before they advance past its frame).
-        let heap_start = u64::from(self.capacity) + HEADER_LEN as u64;
+        let heap_start = self.base + u64::from(self.capacity) + HEADER_LEN as u64;
         if producer.live_regions.load(SeqCst) == 0 || indices.head() == tail {
             producer.heap_next.store(heap_start, Relaxed);
         }

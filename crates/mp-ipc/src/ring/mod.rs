@@ -75,6 +75,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::time::{Duration, Instant};
@@ -83,7 +84,7 @@ use crate::robust::{Acquired, LockFailed, RobustMutex};
 use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
 
 /// Bytes of the header page at the start of the file.
-const HEADER_LEN: usize = 4096;
+pub(crate) const HEADER_LEN: usize = 4096;
 /// Page size the ring and the out-of-band regions are aligned to.
 const PAGE: u64 = 4096;
 /// "mp-ring2" in ASCII: identifies an initialised ring header.
@@ -266,12 +267,17 @@ impl Drop for Held<'_> {
 /// through an `Arc`.
 pub(crate) struct Ring {
     /// The memfd holding header, ring and heap: what travels to other processes.
-    file: MemFile,
+    /// Shared with the other segments of a growing queue (`queue/segments.rs`).
+    file: Arc<MemFile>,
     /// An eventfd rung by a publish when a waiter armed it (connections).
-    doorbell: Option<OwnedFd>,
+    doorbell: Option<Arc<OwnedFd>>,
     /// Where the descriptors of handles inside items travel (queues; see
-    /// [`message_handles`](crate::message_handles)).
-    parcels: Option<Parcels>,
+    /// [`message_handles`](crate::message_handles)); shared by the segments
+    /// of a growing queue, so that parcels queue in item order.
+    parcels: Option<Arc<Parcels>>,
+    /// Where this ring's header starts in `file` (0 but for the later
+    /// segments of a growing queue); its heap starts after its ring.
+    base: u64,
     header: NonNull<Header>,
     /// Twice `capacity` bytes: the ring, mapped twice back to back.
     data: NonNull<u8>,
@@ -321,8 +327,49 @@ impl Ring {
         } else {
             None
         };
-        let ring = Ring::map(file, doorbell, capacity)?;
+        let ring = Ring::map(Arc::new(file), doorbell.map(Arc::new), 0, capacity)?;
         ring.initialise(config)
+    }
+
+    /// Creates a ring whose header starts at `base` in `file` (a later
+    /// segment of a growing queue, see `queue/segments.rs`), sharing the
+    /// file, the doorbell and the parcel sockets of the `first`. Whatever
+    /// `[base, base + header + capacity)` held is discarded. The caller makes
+    /// sure nobody else uses that range.
+    pub(crate) fn create_at(first: &Ring, base: u64, config: RingConfig) -> Result<Ring, RingError> {
+        let file = &first.file;
+        let capacity = config
+            .capacity
+            .clamp(MIN_CAPACITY, MAX_CAPACITY)
+            .next_power_of_two();
+        let end = base + (HEADER_LEN + capacity) as u64;
+        if file.len().map_err(io_error("fstat"))? < end {
+            file.set_len(end).map_err(io_error("ftruncate"))?;
+        }
+        // A grower that died half-way may have left a partial header.
+        file.punch(base, (HEADER_LEN + capacity) as u64)
+            .map_err(io_error("fallocate"))?;
+        let mut ring = Ring::map(Arc::clone(file), first.doorbell.clone(), base, capacity)?;
+        ring.parcels = first.parcels.clone();
+        ring.initialise(config)
+    }
+
+    /// Opens the ring whose header starts at `base` in `file` (made by
+    /// [`create_at`](Self::create_at), here or in another process).
+    pub(crate) fn attach_at(first: &Ring, base: u64, type_tag: u64) -> Result<Ring, RingError> {
+        let mut ring = Ring::open(Arc::clone(&first.file), first.doorbell.clone(), base, type_tag)?;
+        ring.parcels = first.parcels.clone();
+        Ok(ring)
+    }
+
+    /// The memfd (shared by every segment of a growing queue).
+    pub(crate) fn file(&self) -> &Arc<MemFile> {
+        &self.file
+    }
+
+    /// Where this ring's header starts in its file.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
     }
 
     /// A ring whose memory comes from the heap (no memfd, no mapping, no
@@ -349,9 +396,10 @@ impl Ring {
             return Err(io_error("alloc")(io::ErrorKind::OutOfMemory.into()));
         };
         let ring = Ring {
-            file: MemFile::on_heap((HEADER_LEN + capacity) as u64),
+            file: Arc::new(MemFile::on_heap((HEADER_LEN + capacity) as u64)),
             doorbell: None,
             parcels: None,
+            base: 0,
             header: header.cast(),
             data,
             source: Source::Heap,
@@ -391,7 +439,7 @@ impl Ring {
             .producer
             .0
             .heap_next
-            .store((HEADER_LEN + capacity) as u64, Relaxed);
+            .store(ring.base + (HEADER_LEN + capacity) as u64, Relaxed);
         header.producer.0.next_region_id.store(1, Relaxed);
         settings.magic.store(MAGIC, Release);
         ring.load_config()?;
@@ -411,29 +459,43 @@ impl Ring {
         );
         let doorbell = fds.next();
         let parcels = match (fds.next(), fds.next()) {
-            (Some(send), Some(receive)) => Some(Parcels { send, receive }),
+            (Some(send), Some(receive)) => Some(Arc::new(Parcels { send, receive })),
             (None, None) => None,
             _ => return Err(RingError::Incompatible("half a parcel socket".into())),
         };
+        let mut ring = Ring::open(Arc::new(file), doorbell.map(Arc::new), 0, type_tag)?;
+        ring.parcels = parcels;
+        Ok(ring)
+    }
+
+    /// Checks and maps the ring whose header starts at `base` in `file`.
+    fn open(
+        file: Arc<MemFile>,
+        doorbell: Option<Arc<OwnedFd>>,
+        base: u64,
+        type_tag: u64,
+    ) -> Result<Ring, RingError> {
         let mut magic = [0u8; 8];
-        file.read_exact_at(&mut magic, 0)
+        file.read_exact_at(&mut magic, base)
             .map_err(io_error("pread"))?;
         if u64::from_ne_bytes(magic) != MAGIC {
             return Err(RingError::Incompatible("not a ring (bad magic)".into()));
         }
         let mut capacity = [0u8; 8];
-        file.read_exact_at(&mut capacity, std::mem::offset_of!(Config, capacity) as u64)
-            .map_err(io_error("pread"))?;
+        file.read_exact_at(
+            &mut capacity,
+            base + std::mem::offset_of!(Config, capacity) as u64,
+        )
+        .map_err(io_error("pread"))?;
         let capacity = u64::from_ne_bytes(capacity);
         let capacity = usize::try_from(capacity)
             .ok()
             .filter(|c| c.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(c))
             .ok_or_else(|| RingError::Corrupted(format!("capacity {capacity}")))?;
-        if file.len().map_err(io_error("fstat"))? < (HEADER_LEN + capacity) as u64 {
+        if file.len().map_err(io_error("fstat"))? < base + (HEADER_LEN + capacity) as u64 {
             return Err(RingError::Corrupted("file shorter than the ring".into()));
         }
-        let mut ring = Ring::map(file, doorbell, capacity)?;
-        ring.parcels = parcels;
+        let mut ring = Ring::map(file, doorbell, base, capacity)?;
         ring.load_config()?;
         if ring.header().config.0.type_tag.load(Relaxed) != type_tag {
             return Err(RingError::Incompatible(
@@ -459,7 +521,12 @@ impl Ring {
     }
 
     /// Maps the header and the ring (twice, back to back).
-    fn map(file: MemFile, doorbell: Option<OwnedFd>, capacity: usize) -> Result<Ring, RingError> {
+    fn map(
+        file: Arc<MemFile>,
+        doorbell: Option<Arc<OwnedFd>>,
+        base: u64,
+        capacity: usize,
+    ) -> Result<Ring, RingError> {
         use rustix::mm::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
         let rw = ProtFlags::READ | ProtFlags::WRITE;
         let fd = file
@@ -474,7 +541,7 @@ impl Ring {
                 rw,
                 MapFlags::SHARED,
                 fd,
-                0,
+                base,
             )
             .map_err(|e| io_error("mmap")(e.into()))?;
             let reserve = match mmap_anonymous(
@@ -497,7 +564,7 @@ impl Ring {
                     rw,
                     MapFlags::SHARED | MapFlags::FIXED,
                     fd,
-                    HEADER_LEN as u64,
+                    base + HEADER_LEN as u64,
                 ) {
                     let _ = munmap(header, HEADER_LEN);
                     let _ = munmap(reserve, 2 * capacity);
@@ -508,6 +575,7 @@ impl Ring {
                 file,
                 doorbell,
                 parcels: None,
+                base,
                 header: NonNull::new_unchecked(header.cast()),
                 data: NonNull::new_unchecked(reserve.cast()),
                 source: Source::Mapped,
@@ -539,7 +607,7 @@ impl Ring {
     pub(crate) fn with_parcels(mut self) -> Result<Ring, RingError> {
         let (send, receive) =
             crate::message_handles::parcel_socket().map_err(io_error("socketpair"))?;
-        self.parcels = Some(Parcels { send, receive });
+        self.parcels = Some(Arc::new(Parcels { send, receive }));
         Ok(self)
     }
 
@@ -549,7 +617,7 @@ impl Ring {
         self.file
             .as_fd()
             .into_iter()
-            .chain(self.doorbell.as_ref().map(AsFd::as_fd))
+            .chain(self.doorbell.as_deref().map(AsFd::as_fd))
             .chain(
                 self.parcels
                     .iter()
@@ -562,12 +630,12 @@ impl Ring {
     /// published after [`arm_doorbell`](Self::arm_doorbell), or when the
     /// ring closes. `None` for rings created without one.
     pub(crate) fn doorbell(&self) -> Option<BorrowedFd<'_>> {
-        self.doorbell.as_ref().map(AsFd::as_fd)
+        self.doorbell.as_deref().map(AsFd::as_fd)
     }
 
     /// Rings the doorbell (wakes whoever polls it).
     pub(crate) fn ring_doorbell(&self) {
-        if let Some(doorbell) = &self.doorbell {
+        if let Some(doorbell) = self.doorbell.as_deref() {
             // A full counter (never in practice) is as readable as can be.
             let _ = rustix::io::write(doorbell, &1u64.to_ne_bytes());
         }
@@ -575,7 +643,7 @@ impl Ring {
 
     /// Empties the doorbell's counter (before arming it again).
     pub(crate) fn drain_doorbell(&self) {
-        if let Some(doorbell) = &self.doorbell {
+        if let Some(doorbell) = self.doorbell.as_deref() {
             let mut counter = [0u8; 8];
             let _ = rustix::io::read(doorbell, &mut counter);
         }
@@ -720,21 +788,35 @@ impl Ring {
         wait: Wait,
         liveness: Option<&dyn Liveness>,
     ) -> Result<(), RingError> {
+        self.push_waiting(item, wait, wait, liveness)
+    }
+
+    /// Puts one item, waiting for the producer lock per `lock_wait` but for
+    /// room only per `room_wait` ([`RingError::Full`] or `Timeout` then). For
+    /// a growing queue, which moves on to a new segment instead.
+    pub(crate) fn push_waiting(
+        &self,
+        item: &dyn Encode,
+        lock_wait: Wait,
+        wait: Wait,
+        liveness: Option<&dyn Liveness>,
+    ) -> Result<(), RingError> {
         match &self.parcels {
             Some(parcels) => crate::message_handles::carrying(parcels.send.as_fd(), || {
-                self.push_frame(item, wait, liveness)
+                self.push_frame(item, lock_wait, wait, liveness)
             }),
-            None => self.push_frame(item, wait, liveness),
+            None => self.push_frame(item, lock_wait, wait, liveness),
         }
     }
 
     fn push_frame(
         &self,
         item: &dyn Encode,
+        lock_wait: Wait,
         wait: Wait,
         liveness: Option<&dyn Liveness>,
     ) -> Result<(), RingError> {
-        let _held = self.lock_producer(wait)?;
+        let _held = self.lock_producer(lock_wait)?;
         let indices = self.indices();
         let producer = &self.header().producer.0;
         let tail = Pos(indices.tail.0.load(Relaxed));
@@ -928,11 +1010,6 @@ impl Ring {
         self.ring_doorbell();
         tracing::debug!("ring closed");
         Ok(())
-    }
-
-    /// Whether `close` was called (puts fail).
-    pub(crate) fn is_closing(&self) -> bool {
-        !self.indices().is_open()
     }
 
     /// Spins then sleeps until the ring has data, is closed, or

@@ -30,32 +30,61 @@
 //! or consumer is told by a robust lock and carries on (see the `ring`
 //! module docs for the protocol).
 //!
+//! An unbounded queue never makes `put` block: when its ring (8 MiB by
+//! default, [`QueueBuilder::capacity_bytes`]) is full, a put waits at most
+//! 10 ms for a consumer to make room (so a queue whose consumers keep up stays
+//! in its warm pages), then the queue grows into a further segment of the
+//! same memory file; a drained segment's memory is given back (see
+//! `queue/segments.rs` for the design). So a producer can
+//! always put everything and exit before anybody reads, which in CPython
+//! deadlocks a `join()` made before draining. A bounded queue has one ring and
+//! waits for room.
+//!
+//! Closing and shutting down follow Python 3.13: [`Queue::close`] (and
+//! dropping) releases only that handle; [`Queue::shutdown`] and
+//! [`Queue::shutdown_immediate`] act on the queue, for every process.
+//!
+//! A `get` that finds the queue empty when every other handle is gone
+//! (dropped, closed, or its process ended, SIGKILL included; handles in
+//! flight count) fails with [`QueueError::Abandoned`] instead of waiting
+//! forever; so does a `put` on a full bounded queue. The kernel tells
+//! (pidfds of the other holders, see `queue/holders.rs`); nothing is polled.
+//! Handles copied by a bare `fork` (not passed as process arguments) are
+//! not counted: once the child clones, drops, closes or waits on one, the
+//! queue stops failing waits this way (they then wait as Python's do); a
+//! child that only puts through such a copy goes unnoticed.
+//!
 //! Differences from Python: there is no feeder thread (put writes straight
 //! into shared memory, so `close` needs no `join_thread` and a process can
-//! exit right after a put without losing the item); an "unbounded" queue has
-//! no item limit but a ring of fixed size in bytes ([`QueueBuilder::capacity_bytes`],
-//! 8 MiB by default — address space, faulted in as used): a put that finds
-//! it full waits like a bounded one. Items larger than a quarter of the ring
-//! travel out of band (in their own pages of the same memory file), so any
-//! size works. Items must be plain data: handles (queues, pipes, shared
-//! memory...) inside an item do not carry their file descriptors; pass them
-//! as process arguments instead.
+//! exit right after a put without losing the item). Items larger than a
+//! quarter of a ring travel out of band (in their own pages of the same memory
+//! file), so any size works. Handles inside an item (queues, connections)
+//! travel with it and are the same objects on arrival (see `message_handles`).
+
+mod holders;
+mod joinable;
+mod segments;
+mod simple;
+
+pub use joinable::JoinableQueue;
+pub use simple::SimpleQueue;
 
 use std::borrow::Borrow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::SeqCst;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::futex::{self, WaitOutcome};
-use crate::ring::{DEFAULT_CAPACITY, Payload, Postcard, Ring, RingConfig, RingError, Wait};
+use crate::ring::{Payload, Postcard, Ring, RingError, Wait};
 use crate::shm::ShmError;
 use crate::transport::{self, Ticket};
+use segments::Segments;
 
 /// What can go wrong with a queue.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +99,21 @@ pub enum QueueError {
     /// A `*_timeout` call gave up.
     #[error("timed out")]
     Timeout,
-    /// The queue was closed: puts fail; gets fail once it is drained.
-    #[error("the queue is closed")]
+    /// The queue was shut down ([`Queue::shutdown`], Python's `ShutDown`):
+    /// puts fail; gets fail once it is drained (at once after
+    /// [`Queue::shutdown_immediate`]).
+    #[error("the queue is shut down")]
     Closed,
+    /// This handle was closed with [`Queue::close`]; other handles are unaffected.
+    #[error("this handle of the queue was closed")]
+    HandleClosed,
+    /// A get found the queue empty (or a put found a bounded queue full) and
+    /// every other handle of the queue is gone: dropped, closed, or its
+    /// process ended (SIGKILL included), handles in flight counted. Nothing
+    /// can ever arrive (or make room), so the call fails instead of waiting
+    /// forever as Python's does. `try_` calls report `Empty`/`Full` instead.
+    #[error("every other handle of the queue is gone: nothing can arrive or make room")]
+    Abandoned,
     /// The item could not be encoded (nothing was put).
     #[error("could not encode the item: {0}")]
     Encode(#[source] postcard::Error),
@@ -145,6 +186,7 @@ impl From<RingError> for QueueError {
 pub struct QueueBuilder<T> {
     maxsize: Option<u32>,
     capacity_bytes: usize,
+    grow: bool,
     _item: PhantomData<fn(T) -> T>,
 }
 
@@ -153,6 +195,7 @@ impl<T> Clone for QueueBuilder<T> {
         QueueBuilder {
             maxsize: self.maxsize,
             capacity_bytes: self.capacity_bytes,
+            grow: self.grow,
             _item: PhantomData,
         }
     }
@@ -163,6 +206,7 @@ impl<T> fmt::Debug for QueueBuilder<T> {
         f.debug_struct("QueueBuilder")
             .field("maxsize", &self.maxsize)
             .field("capacity_bytes", &self.capacity_bytes)
+            .field("grow", &self.grow)
             .finish()
     }
 }
@@ -177,9 +221,20 @@ impl<T: Serialize + DeserializeOwned> QueueBuilder<T> {
 
     /// Size of the shared ring in bytes (rounded up to a power of two,
     /// between 4 KiB and 2 GiB; default 8 MiB). Items larger than a quarter
-    /// of it travel out of band. The ring is address space until used.
+    /// of it travel out of band. The ring is address space until used. An
+    /// unbounded queue grows beyond it (into segments up to twice as large
+    /// as the one before, at most 64 MiB or this size).
     pub fn capacity_bytes(mut self, bytes: usize) -> Self {
         self.capacity_bytes = bytes;
+        self
+    }
+
+    /// Whether a queue with no item limit grows when its ring is full
+    /// (default: yes). With `false`, its ring's size in bytes bounds it: a
+    /// put into a full ring waits for room (`try_put`: [`QueueError::Full`]),
+    /// as in a bounded queue.
+    pub fn grow(mut self, grow: bool) -> Self {
+        self.grow = grow;
         self
     }
 
@@ -196,26 +251,27 @@ impl<T: Serialize + DeserializeOwned> QueueBuilder<T> {
 /// queue; its memory is freed when the last handle in the last process is
 /// dropped.
 pub struct Queue<T> {
-    ring: Arc<Ring>,
+    segments: Arc<Segments>,
+    /// This handle's `close` (Python's `Queue.close`): only this handle fails.
+    closed: AtomicBool,
     _item: PhantomData<fn(T) -> T>,
 }
 
 impl<T> Clone for Queue<T> {
+    /// Another handle to the same queue (open, even if this one was closed).
     fn clone(&self) -> Self {
-        Queue {
-            ring: Arc::clone(&self.ring),
-            _item: PhantomData,
-        }
+        Queue::from_segments(Arc::clone(&self.segments))
     }
 }
 
 impl<T> fmt::Debug for Queue<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Queue")
-            .field("len", &self.ring.len())
-            .field("maxsize", &self.ring.max_items())
-            .field("capacity_bytes", &self.ring.capacity())
-            .field("closed", &self.ring.is_closing())
+            .field("len", &self.segments.len())
+            .field("maxsize", &self.segments.max_items())
+            .field("capacity_bytes", &self.segments.first_capacity())
+            .field("closed", &self.is_closed())
+            .field("shut_down", &self.segments.is_shut_down())
             .finish()
     }
 }
@@ -226,8 +282,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         Self::builder().maxsize(maxsize).build()
     }
 
-    /// A queue with no item limit (Python's `Queue()`); see the
-    /// [module docs](self) for how its ring bounds the bytes in flight.
+    /// A queue with no item limit (Python's `Queue()`): `put` never blocks,
+    /// the queue grows (see the [module docs](self)).
     pub fn unbounded() -> Result<Self, QueueError> {
         Self::builder().build()
     }
@@ -236,24 +292,20 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     pub fn builder() -> QueueBuilder<T> {
         QueueBuilder {
             maxsize: None,
-            capacity_bytes: DEFAULT_CAPACITY,
+            capacity_bytes: segments::FIRST_CAPACITY,
+            grow: true,
             _item: PhantomData,
         }
     }
 
     fn with_tag(builder: QueueBuilder<T>, type_tag: u64) -> Result<Self, QueueError> {
-        let ring = Ring::create(RingConfig {
-            capacity: builder.capacity_bytes,
-            max_items: builder.maxsize,
+        let segments = Segments::create(
+            builder.capacity_bytes,
+            builder.maxsize,
+            builder.grow,
             type_tag,
-            // For `connection::wait` over queues.
-            doorbell: true,
-        })?
-        .with_parcels()?; // handles inside items (see `message_handles`)
-        Ok(Queue {
-            ring: Arc::new(ring),
-            _item: PhantomData,
-        })
+        )?;
+        Ok(Queue::from_segments(segments))
     }
 
     /// Puts an item, waiting for room if the queue is full.
@@ -274,7 +326,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     fn put_with(&self, item: &T, wait: Wait) -> Result<(), QueueError> {
-        Ok(self.ring.push(&Postcard(item), wait, None)?)
+        self.check_open()?;
+        self.segments.put(&Postcard(item), wait)
     }
 
     /// Takes the next item, waiting for one.
@@ -294,50 +347,108 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     fn get_with(&self, wait: Wait) -> Result<T, QueueError> {
-        self.ring.pop(wait, None, decode::<T>)?
+        self.check_open()?;
+        self.segments.get(wait, decode::<T>)?
     }
 }
 
 impl<T> Queue<T> {
+    fn from_segments(segments: Arc<Segments>) -> Self {
+        segments.handle_made();
+        Queue {
+            segments,
+            closed: AtomicBool::new(false),
+            _item: PhantomData,
+        }
+    }
+
+    fn check_open(&self) -> Result<(), QueueError> {
+        if self.closed.load(Relaxed) {
+            return Err(QueueError::HandleClosed);
+        }
+        Ok(())
+    }
+
     /// The number of items in the queue now (Python's `qsize`; a snapshot
     /// that other processes may change at once).
     pub fn len(&self) -> usize {
-        self.ring.len()
+        self.segments.len()
     }
 
     /// Whether the queue is empty now (a snapshot).
     pub fn is_empty(&self) -> bool {
-        !self.ring.has_data()
+        !self.segments.has_data()
     }
 
-    /// Whether a put would have to wait now (a snapshot).
+    /// Whether a put would have to wait now (a snapshot; never for an
+    /// unbounded queue).
     pub fn is_full(&self) -> bool {
-        self.ring.is_full()
+        self.segments.is_full()
     }
 
     /// The item limit, if any (Python's `maxsize`).
     pub fn maxsize(&self) -> Option<usize> {
-        self.ring.max_items().map(|n| n as usize)
+        self.segments.max_items().map(|n| n as usize)
     }
 
-    /// Closes the queue for everyone: puts fail with [`QueueError::Closed`]
-    /// from now on (a put waiting for room wakes up and fails); gets return
-    /// what is left, then fail with `Closed`. A put that had already
-    /// returned is never lost.
+    /// Releases this handle (Python's `Queue.close`): its puts and gets fail
+    /// with [`QueueError::HandleClosed`] from now on. Other handles, clones
+    /// included, in this process or another, are unaffected, and so is every
+    /// item put. Dropping a handle does the same. To stop the queue for
+    /// everybody, use [`shutdown`](Self::shutdown).
     pub fn close(&self) -> Result<(), QueueError> {
-        Ok(self.ring.close()?)
+        if !self.closed.swap(true, Relaxed) {
+            self.segments.handle_gone();
+        }
+        Ok(())
     }
 
-    /// Whether [`close`](Self::close) was called.
+    /// Whether [`close`](Self::close) was called on this handle.
     pub fn is_closed(&self) -> bool {
-        self.ring.is_closing()
+        self.closed.load(Relaxed)
+    }
+
+    /// Shuts the queue down for every handle in every process (Python
+    /// 3.13's `shutdown()`): puts fail with [`QueueError::Closed`] from now
+    /// on (a put waiting for room wakes up and fails); gets return what is
+    /// left, then fail with `Closed` (a get waiting for an item wakes up
+    /// and fails). A put that had already returned is never lost.
+    pub fn shutdown(&self) -> Result<(), QueueError> {
+        self.segments.shut_down(false)?;
+        Ok(())
+    }
+
+    /// Shuts the queue down and discards the items in it (Python 3.13's
+    /// `shutdown(immediate=True)`): gets fail with [`QueueError::Closed`] at
+    /// once. A [`JoinableQueue`] counts the discarded items done. An item
+    /// taken by a get running at the same moment counts as taken before.
+    pub fn shutdown_immediate(&self) -> Result<(), QueueError> {
+        let discarded = self.segments.shut_down(true)?;
+        segments::count_done(self.segments.tasks(), discarded);
+        Ok(())
+    }
+
+    /// Whether the queue was shut down ([`shutdown`](Self::shutdown) or
+    /// [`shutdown_immediate`](Self::shutdown_immediate), by any handle).
+    pub fn is_shut_down(&self) -> bool {
+        self.segments.is_shut_down()
+    }
+}
+
+impl<T> Drop for Queue<T> {
+    fn drop(&mut self) {
+        if !*self.closed.get_mut() {
+            self.segments.handle_gone();
+        }
     }
 }
 
 impl<'a, T> From<&'a Queue<T>> for crate::connection::Waitable<'a> {
     /// For [`wait`](crate::connection::wait): ready when the queue has an item or is closed.
     fn from(queue: &'a Queue<T>) -> Self {
-        crate::connection::Waitable::Queue(crate::connection::QueueReadiness { ring: &queue.ring })
+        crate::connection::Waitable::Queue(crate::connection::QueueReadiness {
+            ring: queue.segments.consumer_ring(),
+        })
     }
 }
 
@@ -456,18 +567,26 @@ fn type_tag<H: ?Sized>() -> u64 {
 }
 
 /// The wire form of every queue handle: a ticket for its ring's memfd
-/// (see the [transport](crate::transport)).
+/// (see the [transport](crate::transport)), and the lending process, which
+/// counts the handle in flight until it is claimed (see `holders.rs`).
 #[derive(Serialize, Deserialize)]
 struct Wire {
     ring: Ticket,
+    lender: u32,
 }
 
 impl<T> Serialize for Queue<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error;
-        let ring = transport::lend(&self.ring.descriptors())
+        let ring = transport::lend(&self.segments.first().descriptors())
             .map_err(|e| S::Error::custom(format!("lending a queue's descriptors: {e}")))?;
-        Wire { ring }.serialize(serializer)
+        // Counted for the lender until the receiver claims it.
+        self.segments.handle_made();
+        Wire {
+            ring,
+            lender: self.segments.lender(),
+        }
+        .serialize(serializer)
     }
 }
 
@@ -484,261 +603,10 @@ fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Que
         crate::decode_error::custom(format!("receiving a queue's descriptors: {error}"))
     })?;
     let ring = Ring::attach(fds.into_iter(), tag).map_err(crate::decode_error::custom)?;
-    Ok(Queue {
-        ring: Arc::new(ring),
-        _item: PhantomData,
-    })
-}
-
-/// Python's `SimpleQueue`: an unbounded [`Queue`] with just put, get and
-/// close.
-///
-/// ```
-/// use mp_ipc::queue::SimpleQueue;
-///
-/// let queue: SimpleQueue<[u8; 3]> = SimpleQueue::new()?;
-/// queue.put([1u8, 2, 3])?;
-/// assert_eq!(queue.get()?, [1, 2, 3]);
-/// assert!(queue.is_empty());
-/// # Ok::<(), mp_ipc::queue::QueueError>(())
-/// ```
-pub struct SimpleQueue<T> {
-    queue: Queue<T>,
-}
-
-impl<T> Clone for SimpleQueue<T> {
-    fn clone(&self) -> Self {
-        SimpleQueue {
-            queue: self.queue.clone(),
-        }
-    }
-}
-
-impl<T> fmt::Debug for SimpleQueue<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SimpleQueue")
-            .field("len", &self.queue.len())
-            .finish()
-    }
-}
-
-impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
-    /// Creates an empty queue.
-    pub fn new() -> Result<Self, QueueError> {
-        let queue = Queue::with_tag(Queue::<T>::builder(), type_tag::<SimpleQueue<T>>())?;
-        Ok(SimpleQueue { queue })
-    }
-
-    /// Puts an item.
-    pub fn put(&self, item: impl Borrow<T>) -> Result<(), QueueError> {
-        self.queue.put(item)
-    }
-
-    /// Takes the next item, waiting for one.
-    pub fn get(&self) -> Result<T, QueueError> {
-        self.queue.get()
-    }
-
-    /// Takes the next item, waiting at most `timeout`.
-    pub fn get_timeout(&self, timeout: Duration) -> Result<T, QueueError> {
-        self.queue.get_timeout(timeout)
-    }
-}
-
-impl<T> SimpleQueue<T> {
-    /// Whether the queue is empty now (Python's `empty()`).
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    /// Closes the queue (see [`Queue::close`]).
-    pub fn close(&self) -> Result<(), QueueError> {
-        self.queue.close()
-    }
-}
-
-impl<T> Serialize for SimpleQueue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.queue.serialize(serializer)
-    }
-}
-
-impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(SimpleQueue {
-            queue: attach(deserializer, type_tag::<SimpleQueue<T>>())?,
-        })
-    }
-}
-
-/// Python's `JoinableQueue`: a [`Queue`] (all of its methods are available
-/// through `Deref`) that counts unfinished tasks. Every item put is a task;
-/// a consumer calls [`task_done`](Self::task_done) when it has processed one;
-/// [`join`](Self::join) waits until every task is done.
-///
-/// ```
-/// use mp_ipc::queue::JoinableQueue;
-/// use std::time::Duration;
-///
-/// let tasks = JoinableQueue::unbounded()?;
-/// tasks.put(21u64)?;
-/// let worker = {
-///     let tasks = tasks.clone();
-///     std::thread::spawn(move || {
-///         let n = tasks.get().unwrap();
-///         assert_eq!(n * 2, 42);
-///         tasks.task_done().unwrap();
-///     })
-/// };
-/// tasks.join_timeout(Duration::from_secs(10))?;
-/// worker.join().unwrap();
-/// # Ok::<(), mp_ipc::queue::QueueError>(())
-/// ```
-///
-/// An item lost with a consumer killed in the middle of a get is never
-/// `task_done`; use [`join_timeout`](Self::join_timeout) when that can
-/// happen. Items that could not be decoded count as done.
-pub struct JoinableQueue<T> {
-    queue: Queue<T>,
-}
-
-impl<T> Clone for JoinableQueue<T> {
-    fn clone(&self) -> Self {
-        JoinableQueue {
-            queue: self.queue.clone(),
-        }
-    }
-}
-
-impl<T> fmt::Debug for JoinableQueue<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinableQueue")
-            .field("len", &self.queue.len())
-            .field("unfinished_tasks", &self.unfinished_tasks())
-            .finish()
-    }
-}
-
-impl<T> Deref for JoinableQueue<T> {
-    type Target = Queue<T>;
-    fn deref(&self) -> &Queue<T> {
-        &self.queue
-    }
-}
-
-impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
-    /// A joinable queue holding at most `maxsize` items.
-    pub fn bounded(maxsize: usize) -> Result<Self, QueueError> {
-        Self::from_builder(Queue::<T>::builder().maxsize(maxsize))
-    }
-
-    /// A joinable queue with no item limit.
-    pub fn unbounded() -> Result<Self, QueueError> {
-        Self::from_builder(Queue::<T>::builder())
-    }
-
-    /// A joinable queue with the options of `builder`.
-    pub fn from_builder(builder: QueueBuilder<T>) -> Result<Self, QueueError> {
-        Ok(JoinableQueue {
-            queue: Queue::with_tag(builder, type_tag::<JoinableQueue<T>>())?,
-        })
-    }
-
-    /// Takes the next item (see [`Queue::get`]); an item that fails to
-    /// decode is counted as done.
-    pub fn get(&self) -> Result<T, QueueError> {
-        self.count_undecodable(self.queue.get())
-    }
-
-    /// See [`Queue::try_get`].
-    pub fn try_get(&self) -> Result<T, QueueError> {
-        self.count_undecodable(self.queue.try_get())
-    }
-
-    /// See [`Queue::get_timeout`].
-    pub fn get_timeout(&self, timeout: Duration) -> Result<T, QueueError> {
-        self.count_undecodable(self.queue.get_timeout(timeout))
-    }
-
-    fn count_undecodable(&self, result: Result<T, QueueError>) -> Result<T, QueueError> {
-        if let Err(QueueError::Decode(_)) = &result {
-            let _ = self.task_done();
-        }
-        result
-    }
-}
-
-impl<T> JoinableQueue<T> {
-    /// Items put and not yet marked done (a snapshot).
-    pub fn unfinished_tasks(&self) -> usize {
-        let put = self.queue.ring.indices().tail().items();
-        put.wrapping_sub(self.queue.ring.tasks().done.load(SeqCst)) as usize
-    }
-
-    /// Marks one task done; wakes the joiners when none is left.
-    pub fn task_done(&self) -> Result<(), QueueError> {
-        let tasks = self.queue.ring.tasks();
-        let mut done = tasks.done.load(SeqCst);
-        loop {
-            let put = self.queue.ring.indices().tail().items();
-            if put.wrapping_sub(done) == 0 {
-                return Err(QueueError::TaskDoneTooMany);
-            }
-            match tasks
-                .done
-                .compare_exchange(done, done.wrapping_add(1), SeqCst, SeqCst)
-            {
-                Ok(_) => {
-                    if put.wrapping_sub(done) == 1 {
-                        tasks.seq.fetch_add(1, SeqCst);
-                        futex::wake_all(&tasks.seq);
-                    }
-                    return Ok(());
-                }
-                Err(now) => done = now,
-            }
-        }
-    }
-
-    /// Waits until every item put has been marked done.
-    pub fn join(&self) -> Result<(), QueueError> {
-        self.join_until(None)
-    }
-
-    /// Like [`join`](Self::join), giving up after `timeout` ([`QueueError::Timeout`]).
-    pub fn join_timeout(&self, timeout: Duration) -> Result<(), QueueError> {
-        self.join_until(Instant::now().checked_add(timeout))
-    }
-
-    fn join_until(&self, deadline: Option<Instant>) -> Result<(), QueueError> {
-        let tasks = self.queue.ring.tasks();
-        loop {
-            let seq = tasks.seq.load(SeqCst);
-            std::sync::atomic::fence(SeqCst);
-            if self.unfinished_tasks() == 0 {
-                return Ok(());
-            }
-            if futex::wait(&tasks.seq, seq, deadline) == WaitOutcome::TimedOut
-                && self.unfinished_tasks() != 0
-            {
-                return Err(QueueError::Timeout);
-            }
-        }
-    }
-}
-
-impl<T> Serialize for JoinableQueue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.queue.serialize(serializer)
-    }
-}
-
-impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(JoinableQueue {
-            queue: attach(deserializer, type_tag::<JoinableQueue<T>>())?,
-        })
-    }
+    let segments = Segments::attach(ring, tag).map_err(crate::decode_error::custom)?;
+    let queue = Queue::from_segments(segments);
+    queue.segments.claimed_from(wire.lender);
+    Ok(queue)
 }
 
 #[cfg(all(test, not(loom)))]
@@ -764,10 +632,7 @@ mod tests {
         // The same ring read as another type: bytes that are not a valid u64 varint.
         queue.put("\u{ff}\u{ff}".to_owned()).unwrap();
         queue.put("ok".to_owned()).unwrap();
-        let as_u16: Queue<u16> = Queue {
-            ring: Arc::clone(&queue.ring),
-            _item: PhantomData,
-        };
+        let as_u16: Queue<u16> = Queue::from_segments(Arc::clone(&queue.segments));
         assert!(matches!(as_u16.get(), Err(QueueError::Decode(_))));
         assert_eq!(queue.get().unwrap(), "ok");
     }
