@@ -1,7 +1,9 @@
 //! [`IMap`]: the lazy iterator of `imap` and `imap_unordered`.
 
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mp_core::{Entry, FunctionId};
@@ -9,7 +11,7 @@ use mp_core::{Entry, FunctionId};
 use crate::error::{PoolError, TaskTypes};
 use crate::job::{ChunkItems, Job, StreamJob, panic_message};
 use crate::pool::{Pool, encode};
-use crate::scheduler::Chunk;
+use crate::scheduler::{Chunk, Limits};
 use crate::transport::Payload;
 use crate::worker;
 
@@ -50,6 +52,7 @@ pub struct IMap<'pool, M, F: Entry<M>, I> {
     types: TaskTypes,
     input: Option<I>,
     chunksize: usize,
+    limits: Limits,
     max_in_flight: usize,
     job: Arc<StreamJob<F::Output>>,
     /// Chunks submitted, and chunks consumed (the index of the next one, when ordered).
@@ -71,6 +74,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
         function: &F,
         input: I,
         chunksize: usize,
+        limits: Limits,
         ordered: bool,
     ) -> Self {
         let refused = (chunksize == 0).then_some(PoolError::InvalidChunksize);
@@ -80,6 +84,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
             types: TaskTypes::of::<M, F>(),
             input: refused.is_none().then_some(input),
             chunksize,
+            limits,
             max_in_flight: CHUNKS_IN_FLIGHT_PER_PROCESS * pool.processes(),
             job: Arc::new(StreamJob::new(ordered)),
             submitted: 0,
@@ -108,24 +113,32 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
     }
 
     fn next_until(&mut self, deadline: Option<Instant>) -> Option<Result<F::Output, PoolError>> {
+        self.step(|job, index| job.next(index, deadline))
+            .unwrap_or(Some(Err(PoolError::Timeout)))
+    }
+
+    /// The next item, getting the chunk it needs from `fetch`: `None` if `fetch` has
+    /// nothing yet (a timeout, or a stream not ready), `Some(None)` at the end.
+    #[allow(clippy::option_option)]
+    fn step(
+        &mut self,
+        mut fetch: impl FnMut(&StreamJob<F::Output>, usize) -> Option<ChunkItems<F::Output>>,
+    ) -> Option<Option<Result<F::Output, PoolError>>> {
         loop {
             if let Some(value) = self.current.next() {
-                return Some(Ok(value));
+                return Some(Some(Ok(value)));
             }
             if let Some((error, left)) = self.failed.take() {
                 if left > 1 {
                     self.failed = Some((error.clone(), left - 1));
                 }
-                return Some(Err(error));
+                return Some(Some(Err(error)));
             }
             self.top_up();
             if self.consumed == self.submitted {
-                return self.refused.take().map(Err);
+                return Some(self.refused.take().map(Err));
             }
-            let chunk: ChunkItems<F::Output> = match self.job.next(self.consumed, deadline) {
-                Some(chunk) => chunk,
-                None => return Some(Err(PoolError::Timeout)),
-            };
+            let chunk: ChunkItems<F::Output> = fetch(&self.job, self.consumed)?;
             self.consumed += 1;
             match chunk {
                 Ok(values) => {
@@ -183,6 +196,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
                         function: self.function,
                         types: self.types,
                         payload: Payload::new(bytes),
+                        limits: self.limits,
                     });
                 }
                 Err(error) => {
@@ -233,6 +247,34 @@ impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> Iterator for IMap<'_,
         }
     }
 }
+
+/// `IMap` as a [`Stream`](futures_core::Stream), for async code (`while let Some(x) =
+/// stream.next().await`). Runtime-agnostic: the pool's result thread wakes the task when a
+/// result arrives. Reading the input iterator (to keep `max_in_flight` chunks submitted)
+/// happens inside `poll_next`, so it should not block.
+impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> futures_core::Stream
+    for IMap<'_, M, F, I>
+{
+    type Item = Result<F::Output, PoolError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let waker = cx.waker();
+        match self
+            .get_mut()
+            .step(|job, index| job.poll_next(index, waker))
+        {
+            Some(item) => Poll::Ready(item),
+            None => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        Iterator::size_hint(self)
+    }
+}
+
+// Nothing in an `IMap` is pinned structurally: moving it between polls is fine.
+impl<M, F: Entry<M>, I> Unpin for IMap<'_, M, F, I> {}
 
 impl<M, F: Entry<M>, I> Drop for IMap<'_, M, F, I> {
     fn drop(&mut self) {

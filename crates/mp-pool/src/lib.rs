@@ -57,9 +57,11 @@ mod result;
 mod scheduler;
 mod supervisor;
 mod transport;
+mod wait;
 mod worker;
 
-pub use error::PoolError;
+pub use error::{PoolError, ResultError, TryError};
 pub use imap::IMap;
-pub use pool::{Pool, PoolBuilder, WithChunksize};
-pub use result::AsyncResult;
+pub use pool::{Pool, PoolBuilder, TaskOptions, WithChunksize};
+pub use result::{AsyncResult, ResultFuture};
+pub use wait::{AsCompleted, ReturnWhen, Waited, as_completed, wait};

@@ -35,6 +35,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mp_core::FunctionId;
 
@@ -79,6 +80,24 @@ pub(crate) trait Supervisor: Send + Sync {
     fn start_worker(&self);
     /// Kill this worker (its exit is reported with [`Scheduler::worker_exited`]).
     fn kill(&self, id: WorkerId);
+    /// Call [`Scheduler::expire`] for chunk `seq` of worker `id` at `deadline`.
+    fn watch(&self, id: WorkerId, seq: u64, deadline: Instant);
+}
+
+/// How long a chunk may run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// From the moment a worker starts it (per-task timeout).
+    pub timeout: Option<Duration>,
+    /// The whole call's deadline (`map_timeout`).
+    pub deadline: Option<Instant>,
+}
+
+impl Limits {
+    /// Whether the worker must report when it starts the chunk.
+    fn any(&self) -> bool {
+        self.timeout.is_some() || self.deadline.is_some()
+    }
 }
 
 /// A piece of a job: a few items' encoded arguments and where their results go.
@@ -89,6 +108,7 @@ pub(crate) struct Chunk {
     pub function: FunctionId,
     pub types: TaskTypes,
     pub payload: Payload,
+    pub limits: Limits,
 }
 
 /// A delivery to make once the lock is released.
@@ -602,6 +622,7 @@ impl Scheduler {
                 message.push(TaskChunk {
                     seq,
                     group,
+                    report_start: chunk.limits.any(),
                     function: chunk.function,
                     payload: chunk.payload.clone(),
                 });
@@ -640,6 +661,138 @@ impl Scheduler {
                 *budget -= count;
             }
         }
+    }
+
+    /// Worker `id` started chunk `seq`, which has a time limit: the supervisor is asked to
+    /// call [`expire`](Self::expire) at its deadline.
+    pub(crate) fn started(&mut self, id: WorkerId, seq: u64) {
+        let Some(worker) = self.workers.iter().find(|w| w.id == id) else {
+            return;
+        };
+        let Some(assigned) = worker.assigned.iter().find(|a| a.seq == seq) else {
+            return; // answered meanwhile
+        };
+        let limits = assigned.chunk.limits;
+        let now = Instant::now();
+        let by_timeout = limits.timeout.map(|timeout| now + timeout);
+        let deadline = match (by_timeout, limits.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(deadline) = deadline {
+            self.supervisor.watch(id, seq, deadline);
+        }
+    }
+
+    /// The deadline of chunk `seq` of worker `id` passed. If the worker is still on it
+    /// (it has not answered and has not started a later chunk), the chunk fails with
+    /// [`PoolError::TaskTimedOut`] (or [`PoolError::Timeout`], for a whole call's
+    /// deadline), and the worker gets no more work and is killed: its other unanswered
+    /// chunks are settled when its exit is reported (those it never started run elsewhere),
+    /// and a replacement starts then.
+    ///
+    /// There is one race, and it is benign: a chunk that ended just before its deadline but
+    /// whose result was not read yet still counts as timed out (its result is ignored).
+    pub(crate) fn expire(&mut self, id: WorkerId, seq: u64) -> Option<Delivery> {
+        let worker = self.workers.iter_mut().find(|w| w.id == id)?;
+        let position = worker.assigned.iter().position(|a| a.seq == seq)?;
+        let claimed = worker.link.claimed();
+        let moved_on = worker
+            .assigned
+            .iter()
+            .any(|a| a.seq > seq && a.seq < claimed);
+        if moved_on {
+            return None; // it finished the chunk: its result is on the way
+        }
+        let assigned = worker.assigned.remove(position)?;
+        worker.draining = true;
+        let pid = worker.pid;
+        self.supervisor.kill(id);
+        let chunk = assigned.chunk;
+        let error = match chunk.limits.timeout {
+            Some(timeout) => PoolError::TaskTimedOut {
+                function: chunk.types.function,
+                index: chunk.index,
+                timeout,
+                pid,
+            },
+            None => PoolError::Timeout,
+        };
+        tracing::warn!(worker = %id, pid, %error, "pool task timed out; killing its worker");
+        Some(fail(chunk, error))
+    }
+
+    /// Withdraws `job`'s chunks that have not started: waiting ones are dropped, those
+    /// queued on workers revoked (the same claim protocol as stealing: exactly one side wins
+    /// each chunk). With `all_or_nothing`, only if none of its chunks has started; if a
+    /// worker claimed one first, nothing changes. Returns whether the job was withdrawn.
+    pub(crate) fn cancel_job(&mut self, job: &Arc<dyn Job>, all_or_nothing: bool) -> bool {
+        let ours = |chunk: &Chunk| same_job(&chunk.job, job);
+        let started = |w: &Worker| {
+            let claimed = w.link.claimed();
+            w.assigned.iter().any(|a| a.seq < claimed && ours(&a.chunk))
+        };
+        if all_or_nothing && self.workers.iter().any(started) {
+            return false;
+        }
+        let mut revoked = Vec::new();
+        let mut lost_race = false;
+        for worker in &mut self.workers {
+            if !worker.assigned.iter().any(|a| ours(&a.chunk)) {
+                continue;
+            }
+            let first = worker.link.revoke(worker.sent);
+            lost_race |= all_or_nothing
+                && worker
+                    .assigned
+                    .iter()
+                    .any(|a| a.seq < first && ours(&a.chunk));
+            let split = worker
+                .assigned
+                .iter()
+                .position(|a| a.seq >= first)
+                .unwrap_or(worker.assigned.len());
+            let taken: Vec<Assigned> = worker.assigned.drain(split..).collect();
+            if let Some(budget) = &mut worker.budget {
+                *budget += taken.len();
+            }
+            revoked.extend(taken.into_iter().map(|a| a.chunk));
+        }
+        if !lost_race {
+            job.cancel();
+            revoked.retain(|c| !ours(c));
+            self.pending.retain(|c| !ours(c));
+        }
+        for chunk in revoked.into_iter().rev() {
+            self.pending.push_front(chunk);
+        }
+        self.dispatch();
+        !lost_race
+    }
+
+    /// `shutdown(cancel_pending)`: every chunk no worker has started fails with
+    /// [`PoolError::Cancelled`] (waiting ones, and those queued on workers, revoked);
+    /// running chunks finish.
+    pub(crate) fn cancel_pending(&mut self) -> Vec<Delivery> {
+        let mut chunks: Vec<Chunk> = Vec::new();
+        for worker in &mut self.workers {
+            let first = worker.link.revoke(worker.sent);
+            let split = worker
+                .assigned
+                .iter()
+                .position(|a| a.seq >= first)
+                .unwrap_or(worker.assigned.len());
+            let taken: Vec<Assigned> = worker.assigned.drain(split..).collect();
+            if let Some(budget) = &mut worker.budget {
+                *budget += taken.len();
+            }
+            chunks.extend(taken.into_iter().map(|a| a.chunk));
+        }
+        chunks.extend(self.pending.drain(..));
+        chunks
+            .into_iter()
+            .map(|chunk| fail(chunk, PoolError::Cancelled))
+            .collect()
     }
 
     /// If a worker is idle, takes back the chunks the busiest other worker has queued and
@@ -685,6 +838,11 @@ impl Scheduler {
 fn take_assigned(worker: &mut Worker, seq: u64) -> Option<Assigned> {
     let position = worker.assigned.iter().position(|a| a.seq == seq)?;
     worker.assigned.remove(position)
+}
+
+/// Whether two chunks belong to the same job (the same allocation; vtables may differ).
+fn same_job(a: &Arc<dyn Job>, b: &Arc<dyn Job>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
 fn fail(chunk: Chunk, error: PoolError) -> Delivery {
@@ -762,6 +920,7 @@ mod miri_tests {
     struct FakeSupervisor {
         starts: AtomicUsize,
         kills: Mutex<Vec<WorkerId>>,
+        watches: Mutex<Vec<(WorkerId, u64)>>,
     }
 
     impl Supervisor for FakeSupervisor {
@@ -770,6 +929,9 @@ mod miri_tests {
         }
         fn kill(&self, id: WorkerId) {
             self.kills.lock().push(id);
+        }
+        fn watch(&self, id: WorkerId, seq: u64, _deadline: Instant) {
+            self.watches.lock().push((id, seq));
         }
     }
 
@@ -782,6 +944,7 @@ mod miri_tests {
             let result = outcome.result.map(|(pid, _)| pid);
             self.0.lock().push((outcome.index, result));
         }
+        fn cancel(&self) {}
         fn is_cancelled(&self) -> bool {
             false
         }
@@ -798,10 +961,12 @@ mod miri_tests {
                 items: 1,
                 function: FunctionId::of_task(&|x: u8| x),
                 types: TaskTypes {
+                    function: "f",
                     args: "u8",
                     output: "u8",
                 },
                 payload: Payload::new(vec![index as u8]),
+                limits: Limits::default(),
             })
             .collect()
     }

@@ -3,11 +3,16 @@
 //! sentinels (pidfds) so that a worker's death is noticed at once, whatever killed it. Each
 //! exit is posted to the result thread as a [`Report::Exited`] notice, after the worker was
 //! reaped, hence after everything the worker sent.
+//!
+//! It also keeps the deadlines of running tasks that have a time limit: its wait in the
+//! kernel (`poll`) ends at the earliest one, and an expired task's worker is killed (see
+//! [`Scheduler::expire`](crate::scheduler::Scheduler::expire)). There is no polling loop: with
+//! no deadline, it sleeps until a command or a worker's exit wakes it.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mp_core::{Child, ProcessError};
 use parking_lot::Mutex;
@@ -26,6 +31,12 @@ enum Command {
     Kill(WorkerId),
     /// Stop supervising once every worker has exited; with `kill`, kill them now.
     Stop { kill: bool },
+    /// Expire chunk `seq` of `worker` at `deadline`.
+    Watch {
+        worker: WorkerId,
+        seq: u64,
+        deadline: Instant,
+    },
 }
 
 /// The supervisor's mailbox: commands, and an eventfd that wakes it.
@@ -70,14 +81,40 @@ impl Supervisor for Commands {
     fn kill(&self, id: WorkerId) {
         self.push(Command::Kill(id));
     }
+
+    fn watch(&self, worker: WorkerId, seq: u64, deadline: Instant) {
+        self.push(Command::Watch {
+            worker,
+            seq,
+            deadline,
+        });
+    }
 }
 
 /// The supervisor thread's body.
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut workers: Vec<(WorkerId, Child<()>)> = Vec::new();
     let mut stopping = false;
+    // Deadlines of running chunks: (when, worker, chunk).
+    let mut deadlines: Vec<(Instant, WorkerId, u64)> = Vec::new();
     loop {
-        wait_for_events(&shared.commands, &workers);
+        let earliest = deadlines.iter().map(|(at, _, _)| *at).min();
+        wait_for_events(&shared.commands, &workers, earliest);
+        let now = Instant::now();
+        let (expired, waiting): (Vec<_>, Vec<_>) =
+            deadlines.into_iter().partition(|(at, _, _)| *at <= now);
+        deadlines = waiting;
+        if !expired.is_empty() {
+            let deliveries: Vec<_> = {
+                let mut scheduler = shared.scheduler.lock();
+                expired
+                    .into_iter()
+                    .filter_map(|(_, worker, seq)| scheduler.expire(worker, seq))
+                    .collect()
+            };
+            shared.idle.notify_all();
+            deliver(deliveries);
+        }
         for command in shared.commands.take() {
             match command {
                 Command::Start if !stopping => {
@@ -91,6 +128,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
                         let _ = child.kill();
                     }
                 }
+                Command::Watch {
+                    worker,
+                    seq,
+                    deadline,
+                } => deadlines.push((deadline, worker, seq)),
                 Command::Stop { kill } => {
                     stopping = true;
                     if kill {
@@ -120,14 +162,19 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 false
             }
         });
+        deadlines.retain(|(_, worker, _)| workers.iter().any(|(id, _)| id == worker));
         if stopping && workers.is_empty() {
             return;
         }
     }
 }
 
-/// Sleeps until a command arrives or a worker ends.
-fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
+/// Sleeps until a command arrives, a worker ends, or `deadline` passes.
+fn wait_for_events(
+    commands: &Commands,
+    workers: &[(WorkerId, Child<()>)],
+    deadline: Option<Instant>,
+) {
     let mut fds = Vec::with_capacity(workers.len() + 1);
     fds.push(PollFd::new(&commands.doorbell, PollFlags::IN));
     fds.extend(
@@ -136,7 +183,17 @@ fn wait_for_events(commands: &Commands, workers: &[(WorkerId, Child<()>)]) {
             .map(|(_, child)| PollFd::from_borrowed_fd(child.sentinel(), PollFlags::IN)),
     );
     loop {
-        match rustix::event::poll(&mut fds, None) {
+        // Recomputed on every retry: an interrupted wait goes on with the time left.
+        let timeout = deadline.map(|deadline| {
+            // Rounded up, so that the wait does not end just before the deadline.
+            let left =
+                deadline.saturating_duration_since(Instant::now()) + Duration::from_micros(1);
+            rustix::event::Timespec {
+                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: left.subsec_nanos().into(),
+            }
+        });
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
             Err(rustix::io::Errno::INTR) => continue,
             // Anything else (ENOMEM) is retried by the caller's loop, which re-checks the
             // workers without sleeping.

@@ -1087,7 +1087,10 @@ impl<'de> serde::Deserialize<'de> for Small {
         if value < 10 {
             Ok(Small(value))
         } else {
-            Err(serde::de::Error::custom(format!("{value} is not small")))
+            // postcard drops the custom message; the note keeps it (see mp-core).
+            let message = format!("{value} is not small");
+            mp_core::note_decode_failure(&message);
+            Err(serde::de::Error::custom(message))
         }
     }
 }
@@ -1126,12 +1129,14 @@ fn encode_and_decode_errors_name_the_type() {
     match pool.apply(Small, 12) {
         Err(PoolError::BadResult { message, .. }) => {
             assert!(message.contains("decoding pool::Small"), "{message}");
+            assert!(message.contains("12 is not small"), "{message}");
         }
         other => panic!("expected BadResult, got {other:?}"),
     }
     match pool.apply(|s: Small| s.0, Small(12)) {
         Err(PoolError::BadArguments { message, .. }) => {
             assert!(message.contains("decoding pool::Small"), "{message}");
+            assert!(message.contains("12 is not small"), "{message}");
         }
         other => panic!("expected BadArguments from the worker, got {other:?}"),
     }
