@@ -616,7 +616,7 @@ impl Pool {
         (chunksize, limits): (Option<usize>, Limits),
         finish: fn(Vec<F::Output>) -> Option<T>,
         check: fn(&[F::Output]) -> Option<E>,
-    ) -> Result<(AsyncResult<T, E>, Arc<dyn Job>), PoolError>
+    ) -> Result<Submitted<T, E>, PoolError>
     where
         M: 'static,
         F: Entry<M>,
@@ -717,6 +717,9 @@ impl Pool {
     }
 }
 
+/// A job's handle, and the job itself (to withdraw it).
+type Submitted<T, E> = (AsyncResult<T, E>, Arc<dyn Job>);
+
 /// Encodes a chunk's arguments.
 /// Handles inside task arguments are refused here, before their descriptors are taken:
 /// they travel to workers only as initializer arguments.
@@ -754,9 +757,12 @@ impl Drop for Pool {
 /// let pool = Pool::new(1)?;
 /// let quick = pool.timeout(Duration::from_secs(5)).apply_async(|x: u32| x + 1, 1)?;
 /// assert_eq!(quick.get()?, 2);
-/// let stuck = pool
-///     .timeout(Duration::from_millis(100))
-///     .apply_async(|()| loop { std::thread::park() }, ())?;
+/// fn stuck(_: ()) -> u32 {
+///     loop {
+///         std::thread::park();
+///     }
+/// }
+/// let stuck = pool.timeout(Duration::from_millis(100)).apply_async(stuck, ())?;
 /// assert!(matches!(stuck.get(), Err(PoolError::TaskTimedOut { .. })));
 /// // The worker running it was killed and replaced: the pool goes on.
 /// assert_eq!(pool.apply(|x: u32| x * 2, 21)?, 42);
