@@ -1389,6 +1389,128 @@ mod miri_tests {
         }
     }
 
+    fn timed_chunks(job: &Arc<Recorder>, indices: std::ops::Range<usize>) -> Vec<Chunk> {
+        let mut chunks = chunks(job, indices);
+        for chunk in &mut chunks {
+            chunk.limits.timeout = Some(Duration::from_secs(1));
+        }
+        chunks
+    }
+
+    #[test]
+    fn an_expired_chunk_fails_and_its_worker_is_killed_and_replaced() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(timed_chunks(&job, 0..4)).unwrap();
+        let sent = f.workers[0].sent();
+        assert_eq!(sent.len(), 3, "the measuring chunk and two timed ones");
+        let running = sent[1];
+        assert!(claim(&f.workers[0].claims, running));
+        f.scheduler.started(WorkerId(0), running);
+        assert_eq!(*f.supervisor.watches.lock(), [(WorkerId(0), running)]);
+        let (_, failed) = f.scheduler.expire(WorkerId(0), running).expect("expired");
+        match failed.result {
+            Err(PoolError::TaskTimedOut {
+                function: "f",
+                pid: 100,
+                index,
+                ..
+            }) => assert_eq!(index, failed.index),
+            other => panic!("expected TaskTimedOut, got {:?}", other.err()),
+        }
+        assert_eq!(*f.supervisor.kills.lock(), [WorkerId(0)]);
+        assert!(f.scheduler.expire(WorkerId(0), running).is_none(), "once");
+        // It gets nothing more; at its exit the chunk it never started is re-queued.
+        assert!(f.scheduler.worker_exited(WorkerId(0), -9, None).is_empty());
+        assert_eq!(f.supervisor.starts.load(Ordering::SeqCst), 3, "replaced");
+        for seq in f.workers[1].sent() {
+            assert!(claim(&f.workers[1].claims, seq));
+            f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap();
+        }
+        f.scheduler.dispatch();
+        assert_eq!(f.workers[1].sent().len(), 3, "its two, and the orphan");
+    }
+
+    #[test]
+    fn a_chunk_whose_worker_moved_on_is_not_expired() {
+        let mut f = fixture(1, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(timed_chunks(&job, 0..2)).unwrap();
+        let sent = f.workers[0].sent();
+        assert!(claim(&f.workers[0].claims, sent[1]));
+        f.scheduler.started(WorkerId(0), sent[1]);
+        // It finished that chunk (the result is on its way) and started the next.
+        assert!(claim(&f.workers[0].claims, sent[2]));
+        assert!(f.scheduler.expire(WorkerId(0), sent[1]).is_none());
+        assert!(f.supervisor.kills.lock().is_empty(), "nobody killed");
+        // A chunk without limits is never watched.
+        let plain = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&plain, 0..1)).unwrap();
+        f.scheduler.started(WorkerId(0), 99);
+        assert_eq!(f.supervisor.watches.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_job_is_cancelled_only_while_none_of_its_chunks_started() {
+        let mut f = fixture(1, None);
+        measure(&mut f, 1_000);
+        let (first, second) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        f.scheduler.enqueue(chunks(&first, 0..2)).unwrap();
+        f.scheduler.enqueue(chunks(&second, 0..2)).unwrap();
+        let sent = f.workers[0].sent();
+        assert_eq!(sent.len(), 5, "all queued on the one worker");
+        let first_job: Arc<dyn Job> = first.clone();
+        let second_job: Arc<dyn Job> = second.clone();
+        assert!(claim(&f.workers[0].claims, sent[1]), "the first job runs");
+        assert!(!f.scheduler.cancel_job(&first_job, true), "it started");
+        // The worker skips what was revoked; the first job's other chunk was sent again.
+        assert!(f.scheduler.cancel_job(&second_job, true));
+        let resent = &f.workers[0].sent()[5..];
+        assert_eq!(
+            resent.len(),
+            1,
+            "only the first job's waiting chunk: {resent:?}"
+        );
+        for seq in 2..5 {
+            assert!(!claim(&f.workers[0].claims, seq), "revoked chunk {seq} ran");
+        }
+        f.scheduler.skipped(WorkerId(0), 4);
+        f.scheduler
+            .result(WorkerId(0), done(sent[1], 1_000))
+            .unwrap();
+        assert!(claim(&f.workers[0].claims, resent[0]));
+        f.scheduler
+            .result(WorkerId(0), done(resent[0], 1_000))
+            .unwrap();
+        assert!(
+            f.scheduler.is_idle(),
+            "the cancelled job left nothing behind"
+        );
+    }
+
+    #[test]
+    fn cancel_pending_fails_every_chunk_not_started() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..40)).unwrap();
+        let running = f.workers[1].sent()[0];
+        assert!(claim(&f.workers[1].claims, running));
+        let cancelled = f.scheduler.cancel_pending();
+        assert_eq!(cancelled.len(), 39, "all but the running one");
+        assert!(
+            cancelled
+                .iter()
+                .all(|(_, o)| o.result == Err(PoolError::Cancelled))
+        );
+        f.scheduler
+            .result(WorkerId(1), done(running, 1_000))
+            .unwrap();
+        assert!(f.scheduler.is_idle());
+    }
+
     fn deliver(deliveries: Vec<Delivery>) {
         for (job, outcome) in deliveries {
             job.deliver(outcome);

@@ -9,6 +9,8 @@
 //! [`Scheduler::expire`](crate::scheduler::Scheduler::expire)). There is no polling loop: with
 //! no deadline, it sleeps until a command or a worker's exit wakes it.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -95,25 +97,33 @@ impl Supervisor for Commands {
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut workers: Vec<(WorkerId, Child<()>)> = Vec::new();
     let mut stopping = false;
-    // Deadlines of running chunks: (when, worker, chunk).
-    let mut deadlines: Vec<(Instant, WorkerId, u64)> = Vec::new();
+    // Deadlines of running chunks, earliest first. An entry whose chunk has been answered
+    // meanwhile stays until its time comes, and then changes nothing.
+    let mut deadlines: BinaryHeap<Reverse<(Instant, WorkerId, u64)>> = BinaryHeap::new();
     loop {
-        let earliest = deadlines.iter().map(|(at, _, _)| *at).min();
+        let earliest = deadlines.peek().map(|Reverse((at, _, _))| *at);
         wait_for_events(&shared.commands, &workers, earliest);
         let now = Instant::now();
-        let (expired, waiting): (Vec<_>, Vec<_>) =
-            deadlines.into_iter().partition(|(at, _, _)| *at <= now);
-        deadlines = waiting;
+        let mut expired = Vec::new();
+        while let Some(Reverse((at, worker, seq))) = deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            deadlines.pop();
+            expired.push((worker, seq));
+        }
         if !expired.is_empty() {
             let deliveries: Vec<_> = {
                 let mut scheduler = shared.scheduler.lock();
                 expired
                     .into_iter()
-                    .filter_map(|(_, worker, seq)| scheduler.expire(worker, seq))
+                    .filter_map(|(worker, seq)| scheduler.expire(worker, seq))
                     .collect()
             };
-            shared.idle.notify_all();
-            deliver(deliveries);
+            if !deliveries.is_empty() {
+                shared.idle.notify_all();
+                deliver(deliveries);
+            }
         }
         for command in shared.commands.take() {
             match command {
@@ -132,7 +142,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     worker,
                     seq,
                     deadline,
-                } => deadlines.push((deadline, worker, seq)),
+                } => deadlines.push(Reverse((deadline, worker, seq))),
                 Command::Stop { kill } => {
                     stopping = true;
                     if kill {
@@ -162,7 +172,6 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 false
             }
         });
-        deadlines.retain(|(_, worker, _)| workers.iter().any(|(id, _)| id == worker));
         if stopping && workers.is_empty() {
             return;
         }
