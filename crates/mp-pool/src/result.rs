@@ -277,7 +277,8 @@ impl<T, E: ResultError> AsyncResult<T, E> {
     /// it then fails with [`PoolError::Cancelled`] (its error callback runs) and never runs.
     /// Returns whether it was cancelled: `false` once it runs or has finished (as in
     /// Python, a running task is not interrupted; give it a timeout for that). For a
-    /// `map_async`, the whole map is withdrawn only if none of its chunks has started.
+    /// `map_async`, the map is withdrawn only if none of its chunks is running at that
+    /// moment (results of chunks already finished are then dropped with it).
     pub fn cancel(&self) -> bool {
         if self.ready() {
             return self.cancelled();
