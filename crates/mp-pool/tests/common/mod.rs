@@ -128,6 +128,35 @@ pub fn is_running(pid: u32) -> bool {
     rustix::process::test_kill_process(pid).is_ok()
 }
 
+/// Waits until process `pid` has ended (a zombie counts: the kernel says so through a
+/// pidfd), at most `LIMIT`; panics if it has not.
+pub fn assert_ends(pid: u32) {
+    let pid = Pid::from_raw(pid as i32).expect("nonzero pid");
+    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(pidfd) => pidfd,
+        Err(rustix::io::Errno::SRCH) => return, // already reaped
+        Err(e) => panic!("pidfd_open: {e}"),
+    };
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "process {pid:?} still runs after {LIMIT:?}"
+        );
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) if n > 0 => return,
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => panic!("poll: {e}"),
+        }
+    }
+}
+
 pub fn kill(pid: u32, signal: Signal) {
     let pid = Pid::from_raw(pid as i32).expect("nonzero pid");
     rustix::process::kill_process(pid, signal).expect("kill");
