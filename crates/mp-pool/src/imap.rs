@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mp_core::{Entry, FunctionId};
 
-use crate::error::{PoolError, TaskTypes};
+use crate::error::{PoolError, TaskTypes, TryError};
 use crate::job::{ChunkItems, Job, StreamJob, panic_message};
 use crate::pool::{Pool, encode};
 use crate::scheduler::{Chunk, Limits};
@@ -279,6 +279,84 @@ impl<M, F: Entry<M>, I> Unpin for IMap<'_, M, F, I> {}
 impl<M, F: Entry<M>, I> Drop for IMap<'_, M, F, I> {
     fn drop(&mut self) {
         self.job.cancel();
+    }
+}
+
+/// The results of [`Pool::try_imap`] / [`Pool::try_imap_unordered`]: an [`IMap`] over a
+/// function returning `Result<T, E>`, whose `Err`s come as [`TryError::Task`] (carrying `E`
+/// itself) and the pool's failures as [`TryError::Pool`]. As with `imap`, iteration goes on
+/// after an error.
+pub struct TryIMap<'pool, M, F: Entry<M>, I> {
+    inner: IMap<'pool, M, F, I>,
+}
+
+impl<'pool, M, F: Entry<M>, I> TryIMap<'pool, M, F, I> {
+    pub(crate) fn new(inner: IMap<'pool, M, F, I>) -> Self {
+        TryIMap { inner }
+    }
+}
+
+/// `Result<Result<T, E>, PoolError>` as one `Result`.
+fn flatten<T, E>(item: Result<Result<T, E>, PoolError>) -> Result<T, TryError<E>> {
+    match item {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(TryError::Task(error)),
+        Err(error) => Err(TryError::Pool(error)),
+    }
+}
+
+impl<'pool, M: 'static, F, I, T, E> TryIMap<'pool, M, F, I>
+where
+    F: Entry<M, Output = Result<T, E>>,
+    I: Iterator<Item = F::Args>,
+{
+    /// See [`IMap::max_in_flight`].
+    #[must_use]
+    pub fn max_in_flight(self, chunks: usize) -> Self {
+        TryIMap {
+            inner: self.inner.max_in_flight(chunks),
+        }
+    }
+
+    /// See [`IMap::next_timeout`] (a timeout is `TryError::Pool(PoolError::Timeout)`).
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<T, TryError<E>>> {
+        self.inner.next_timeout(timeout).map(flatten)
+    }
+}
+
+impl<M: 'static, F, I, T, E> Iterator for TryIMap<'_, M, F, I>
+where
+    F: Entry<M, Output = Result<T, E>>,
+    I: Iterator<Item = F::Args>,
+{
+    type Item = Result<T, TryError<E>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.inner.next().map(flatten)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl<M: 'static, F, I, T, E> futures_core::Stream for TryIMap<'_, M, F, I>
+where
+    F: Entry<M, Output = Result<T, E>>,
+    I: Iterator<Item = F::Args>,
+{
+    type Item = Result<T, TryError<E>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.get_mut().inner)
+            .poll_next(cx)
+            .map(|item| item.map(flatten))
+    }
+}
+
+impl<M, F: Entry<M>, I> std::fmt::Debug for TryIMap<'_, M, F, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
     }
 }
 

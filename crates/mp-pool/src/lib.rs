@@ -70,7 +70,7 @@ mod wait;
 mod worker;
 
 pub use error::{PoolError, ResultError, TryError};
-pub use imap::IMap;
+pub use imap::{IMap, TryIMap};
 pub use pool::{Pool, PoolBuilder, TaskOptions, WithChunksize};
 pub use result::{AsyncResult, ResultFuture};
 pub use wait::{AsCompleted, ReturnWhen, Waited, as_completed, wait};

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::collector;
 use crate::error::{PoolError, ResultError, TaskTypes, TryError};
-use crate::imap::IMap;
+use crate::imap::{IMap, TryIMap};
 use crate::job::{CollectJob, Job, deliver, no_task_errors, panic_message};
 use crate::result::{AsyncResult, Completion};
 use crate::scheduler::{Chunk, Limits, Mode, Scheduler, default_chunksize};
@@ -510,6 +510,33 @@ impl Pool {
         items: I,
     ) -> IMap<'_, M, F, I::IntoIter> {
         self.options().imap_unordered(function, items)
+    }
+
+    /// [`imap`](Self::imap) for a function returning `Result<T, E>`: yields `Ok(value)`,
+    /// or `Err(TryError::Task(e))` with the task's own error (and goes on, as `imap` does).
+    pub fn try_imap<M: 'static, F, T, E, I>(
+        &self,
+        function: F,
+        items: I,
+    ) -> TryIMap<'_, M, F, I::IntoIter>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        I: IntoIterator<Item = F::Args>,
+    {
+        TryIMap::new(self.imap(function, items))
+    }
+
+    /// [`try_imap`](Self::try_imap) in completion order.
+    pub fn try_imap_unordered<M: 'static, F, T, E, I>(
+        &self,
+        function: F,
+        items: I,
+    ) -> TryIMap<'_, M, F, I::IntoIter>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        I: IntoIterator<Item = F::Args>,
+    {
+        TryIMap::new(self.imap_unordered(function, items))
     }
 
     /// Accepts no more tasks; those submitted still run (Python's `close`).
@@ -1016,6 +1043,19 @@ impl<'pool> TaskOptions<'pool> {
             self.limits(),
             true,
         )
+    }
+
+    /// [`Pool::try_imap`] with these options.
+    pub fn try_imap<M: 'static, F, T, E, I>(
+        self,
+        function: F,
+        items: I,
+    ) -> TryIMap<'pool, M, F, I::IntoIter>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        I: IntoIterator<Item = F::Args>,
+    {
+        TryIMap::new(self.imap(function, items))
     }
 
     /// [`Pool::imap_unordered`] with these options.

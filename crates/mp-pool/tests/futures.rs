@@ -82,6 +82,31 @@ fn try_map_collects_the_values_or_fails_fast_with_the_first_err() {
     assert_eq!(pool.apply(square, 3), Ok(9), "the pool goes on");
 }
 
+#[test]
+fn try_imap_yields_values_and_the_task_s_errors_and_goes_on() {
+    let pool = Pool::new(2).unwrap();
+    let inputs = ["1".to_string(), "x".into(), String::new(), "4".into()];
+    let results: Vec<_> = pool.chunksize(1).try_imap(parse, inputs.clone()).collect();
+    assert_eq!(
+        results,
+        [
+            Ok(1),
+            Err(TryError::Task(ParseError::NotANumber("x".into()))),
+            Err(TryError::Task(ParseError::Empty)),
+            Ok(4),
+        ]
+    );
+    let mut unordered: Vec<_> = pool
+        .try_imap_unordered(parse, inputs)
+        .filter_map(Result::ok)
+        .collect();
+    unordered.sort_unstable();
+    assert_eq!(unordered, [1, 4]);
+    let mut stream = pool.try_imap(parse, ["7".to_string()]);
+    assert_eq!(block_on(next(&mut stream)), Some(Ok(7)));
+    assert_eq!(block_on(next(&mut stream)), None);
+}
+
 /// A minimal executor: polls on this thread, parks until woken, at most `LIMIT`.
 fn block_on<F: Future>(future: F) -> F::Output {
     struct Unpark(std::thread::Thread);
