@@ -73,12 +73,13 @@ pub enum PoolError {
     /// [`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout)): the worker running
     /// it was killed (and replaced), the task failed with this.
     #[error(
-        "task {function} (item {index}) ran longer than its timeout of {timeout:?}; pool worker {pid} was killed"
+        "task {function} (item {index} of its call) ran longer than its timeout of {timeout:?}; pool worker {pid} was killed"
     )]
     TaskTimedOut {
         /// The task function's Rust name (`std::any::type_name`).
         function: &'static str,
-        /// The position of the task's first item in its call (its chunk's first item).
+        /// The position of the task's item in its call (`map`, `imap`; 0 for `apply`). With a
+        /// chunk size above 1 the limit applies to the chunk: this is its first item.
         index: usize,
         /// The timeout it exceeded.
         timeout: std::time::Duration,

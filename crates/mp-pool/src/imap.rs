@@ -192,6 +192,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
                     chunks.push(Chunk {
                         job: sink.clone(),
                         index: self.submitted + chunks.len(),
+                        first_item: (self.submitted + chunks.len()) * chunksize,
                         items: items.len(),
                         function: self.function,
                         types: self.types,

@@ -717,6 +717,7 @@ impl Pool {
             group.push(Chunk {
                 job: job.clone(),
                 index,
+                first_item: index * chunksize,
                 items: chunk.len(),
                 function,
                 types,

@@ -104,6 +104,8 @@ impl Limits {
 pub(crate) struct Chunk {
     pub job: Arc<dyn Job>,
     pub index: usize,
+    /// The position of its first item in the job's input.
+    pub first_item: usize,
     pub items: usize,
     pub function: FunctionId,
     pub types: TaskTypes,
@@ -712,7 +714,7 @@ impl Scheduler {
         let error = match chunk.limits.timeout {
             Some(timeout) => PoolError::TaskTimedOut {
                 function: chunk.types.function,
-                index: chunk.index,
+                index: chunk.first_item,
                 timeout,
                 pid,
             },
@@ -720,6 +722,14 @@ impl Scheduler {
         };
         tracing::warn!(worker = %id, pid, %error, "pool task timed out; killing its worker");
         Some(fail(chunk, error))
+    }
+
+    /// Whether worker `id` has not answered chunk `seq` yet (a deadline for it still counts).
+    pub(crate) fn is_unanswered(&self, id: WorkerId, seq: u64) -> bool {
+        self.workers
+            .iter()
+            .find(|w| w.id == id)
+            .is_some_and(|w| w.assigned.iter().any(|a| a.seq == seq))
     }
 
     /// Withdraws `job`'s chunks that have not started: waiting ones are dropped, those
@@ -958,6 +968,7 @@ mod miri_tests {
             .map(|index| Chunk {
                 job: job.clone(),
                 index,
+                first_item: index,
                 items: 1,
                 function: FunctionId::of_task(&|x: u8| x),
                 types: TaskTypes {

@@ -26,6 +26,9 @@ use crate::scheduler::Supervisor;
 use crate::transport::{Claims, Report, TaskLink, WorkerId, task_link};
 use crate::worker::WorkerArgs;
 
+/// The size of the deadline heap below which it is never pruned.
+const MIN_PRUNE: usize = 1024;
+
 enum Command {
     /// Start one worker.
     Start,
@@ -100,6 +103,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
     // Deadlines of running chunks, earliest first. An entry whose chunk has been answered
     // meanwhile stays until its time comes, and then changes nothing.
     let mut deadlines: BinaryHeap<Reverse<(Instant, WorkerId, u64)>> = BinaryHeap::new();
+    // When the heap reaches this size, entries of answered chunks are dropped (amortised: the
+    // threshold doubles with what remains), so that many quick tasks with a long timeout do
+    // not pile up.
+    let mut prune_at = MIN_PRUNE;
     loop {
         let earliest = deadlines.peek().map(|Reverse((at, _, _))| *at);
         wait_for_events(&shared.commands, &workers, earliest);
@@ -152,6 +159,12 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     }
                 }
             }
+        }
+        if deadlines.len() >= prune_at {
+            let scheduler = shared.scheduler.lock();
+            deadlines.retain(|Reverse((_, worker, seq))| scheduler.is_unanswered(*worker, *seq));
+            drop(scheduler);
+            prune_at = (2 * deadlines.len()).max(MIN_PRUNE);
         }
         workers.retain(|(id, child)| match child.exitcode() {
             None => true,

@@ -124,9 +124,33 @@ fn map_with_a_task_timeout_fails_with_the_task_that_ran_too_long() {
         PoolError::TaskTimedOut { index, .. } => assert_eq!(index, 3),
         other => panic!("expected TaskTimedOut, got {other:?}"),
     }
-    // Tasks that end in time are not affected by a limit.
-    let squares = pool.timeout(LIMIT).map(square, 0..100u64).unwrap();
-    assert_eq!(squares[99], 99 * 99);
+    // With chunks of two, the limit is the chunk's, named by its first item.
+    let items: Vec<(u64, String)> = (0..6).map(|x| (x, path.clone())).collect();
+    let chunked = pool
+        .chunksize(2)
+        .timeout(SHORT)
+        .map(
+            |(x, path): (u64, String)| {
+                if x == 3 {
+                    announce_and_block(path);
+                }
+                x
+            },
+            items,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(chunked, PoolError::TaskTimedOut { index: 2, .. }),
+        "{chunked:?}"
+    );
+    // Tasks that end in time are not affected by a limit; thousands of them (more
+    // deadlines than the supervisor keeps before pruning answered ones).
+    let squares = pool
+        .timeout(LIMIT)
+        .chunksize(1)
+        .map(square, 0..3_000u64)
+        .unwrap();
+    assert_eq!(squares[2_999], 2_999 * 2_999);
     close(pool);
 }
 
