@@ -170,6 +170,23 @@ impl Worker {
         }
     }
 
+    /// Revokes every chunk it has not claimed and takes them back, in order (the worker
+    /// skips them). It will not run them: they no longer count towards its
+    /// `maxtasksperchild`.
+    fn revoke_unclaimed(&mut self) -> Vec<Assigned> {
+        let first = self.link.revoke(self.sent);
+        let split = self
+            .assigned
+            .iter()
+            .position(|a| a.seq >= first)
+            .unwrap_or(self.assigned.len());
+        let taken: Vec<Assigned> = self.assigned.drain(split..).collect();
+        if let Some(budget) = &mut self.budget {
+            *budget += taken.len();
+        }
+        taken
+    }
+
     /// How many of its chunks another worker could run sooner: those it has not claimed,
     /// if it is busy with one (started and not answered), or if there are at least two (it
     /// can start only one next). Zero otherwise.
@@ -751,21 +768,9 @@ impl Scheduler {
             if !worker.assigned.iter().any(|a| ours(&a.chunk)) {
                 continue;
             }
-            let first = worker.link.revoke(worker.sent);
-            lost_race |= all_or_nothing
-                && worker
-                    .assigned
-                    .iter()
-                    .any(|a| a.seq < first && ours(&a.chunk));
-            let split = worker
-                .assigned
-                .iter()
-                .position(|a| a.seq >= first)
-                .unwrap_or(worker.assigned.len());
-            let taken: Vec<Assigned> = worker.assigned.drain(split..).collect();
-            if let Some(budget) = &mut worker.budget {
-                *budget += taken.len();
-            }
+            let taken = worker.revoke_unclaimed();
+            // What is left it had claimed, possibly since the check above.
+            lost_race |= all_or_nothing && worker.assigned.iter().any(|a| ours(&a.chunk));
             revoked.extend(taken.into_iter().map(|a| a.chunk));
         }
         if !lost_race {
@@ -786,17 +791,7 @@ impl Scheduler {
     pub(crate) fn cancel_pending(&mut self) -> Vec<Delivery> {
         let mut chunks: Vec<Chunk> = Vec::new();
         for worker in &mut self.workers {
-            let first = worker.link.revoke(worker.sent);
-            let split = worker
-                .assigned
-                .iter()
-                .position(|a| a.seq >= first)
-                .unwrap_or(worker.assigned.len());
-            let taken: Vec<Assigned> = worker.assigned.drain(split..).collect();
-            if let Some(budget) = &mut worker.budget {
-                *budget += taken.len();
-            }
-            chunks.extend(taken.into_iter().map(|a| a.chunk));
+            chunks.extend(worker.revoke_unclaimed().into_iter().map(|a| a.chunk));
         }
         chunks.extend(self.pending.drain(..));
         chunks
@@ -827,16 +822,11 @@ impl Scheduler {
         else {
             return false;
         };
-        let first = victim.link.revoke(victim.sent);
-        let Some(split) = victim.assigned.iter().position(|a| a.seq >= first) else {
+        let taken = victim.revoke_unclaimed();
+        if taken.is_empty() {
             return false;
-        };
-        let taken: Vec<Assigned> = victim.assigned.drain(split..).collect();
-        tracing::trace!(worker = %victim.id, chunks = taken.len(), "chunks stolen for an idle worker");
-        if let Some(budget) = &mut victim.budget {
-            // It will not run them: they do not count towards its `maxtasksperchild`.
-            *budget += taken.len();
         }
+        tracing::trace!(worker = %victim.id, chunks = taken.len(), "chunks stolen for an idle worker");
         for assigned in taken.into_iter().rev() {
             self.pending.push_front(assigned.chunk);
         }
