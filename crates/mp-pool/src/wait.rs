@@ -169,8 +169,8 @@ impl<T, E> std::fmt::Debug for AsCompleted<T, E> {
 pub enum ReturnWhen {
     /// As soon as any result is known.
     FirstCompleted,
-    /// As soon as any task failed, or all are known.
-    FirstException,
+    /// As soon as any task failed, or all are known (Python's `FIRST_EXCEPTION`).
+    FirstError,
     /// When all results are known.
     AllCompleted,
 }
@@ -215,7 +215,7 @@ pub fn wait<T, E>(
     while done.len() < results.len() {
         let finished = match return_when {
             ReturnWhen::FirstCompleted => !done.is_empty(),
-            ReturnWhen::FirstException => done
+            ReturnWhen::FirstError => done
                 .iter()
                 .any(|&index| results[index].successful() == Some(false)),
             ReturnWhen::AllCompleted => false,

@@ -278,7 +278,7 @@ fn wait_returns_on_the_first_completion_the_first_failure_or_all() {
     assert_eq!(all.done.len(), 2);
     assert!(all.not_done.is_empty());
 
-    // FirstException: returns at the failure, not waiting for the held task.
+    // FirstError: returns at the failure, not waiting for the held task.
     let gate = Gate::new();
     let results = [
         pool.apply_async(announce_and_wait, (announcements.path(), gate.path()))
@@ -288,7 +288,7 @@ fn wait_returns_on_the_first_completion_the_first_failure_or_all() {
             .unwrap(),
     ];
     announcements.next_pid();
-    let failed = wait(&results, ReturnWhen::FirstException, Some(LIMIT));
+    let failed = wait(&results, ReturnWhen::FirstError, Some(LIMIT));
     assert!(failed.done.contains(&2), "{failed:?}");
     assert_eq!(failed.not_done, vec![0]);
     gate.open();
