@@ -221,7 +221,7 @@ impl<T, E> AsyncResult<T, E> {
         self.wait_until(Some(Instant::now() + timeout))
     }
 
-    pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
         // Poll before sleeping, as the pool's links do (see `transport::SPIN`): waking from a
         // sleep costs more than the usual wait for a result while work flows.
         let start = Instant::now();
@@ -321,7 +321,8 @@ impl<T, E: ResultError> AsyncResult<T, E> {
             pending @ State::Pending { .. } => {
                 *state = pending;
                 drop(state);
-                // Only reachable through `poll` racing nothing: callers check readiness first.
+                // Not reached: every caller waits for (or checks) the outcome first. Should
+                // that change, "not there yet" is what the caller would need to hear.
                 Err(PoolError::Timeout.into())
             }
         }
@@ -368,6 +369,7 @@ impl<T, E: ResultError> IntoFuture for AsyncResult<T, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::TryError;
     use std::sync::atomic::AtomicUsize;
 
     #[test]
@@ -408,6 +410,75 @@ mod tests {
         assert_eq!(result.successful(), Some(false));
         assert_eq!(result.get(), Err(PoolError::Terminated));
         assert_eq!(result.get(), Err(PoolError::Terminated));
+    }
+
+    /// Counts its wake-ups.
+    struct Counter(AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_registered_waker_is_woken_once_with_the_outcome() {
+        let completion = Completion::<u32>::new();
+        let counter = Arc::new(Counter(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        assert!(completion.register(&waker));
+        assert!(
+            completion.register(&waker),
+            "re-registered: replaced, not added"
+        );
+        completion.complete(Ok(3));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert!(!completion.register(&waker), "the outcome is known");
+        let mut context = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(AsyncResult::new(completion).into_future());
+        assert_eq!(future.as_mut().poll(&mut context), Poll::Ready(Ok(3)));
+    }
+
+    #[test]
+    fn cancel_asks_the_pool_and_the_first_outcome_stands() {
+        let withdrawn = Completion::<u32>::new();
+        withdrawn.set_canceller(Box::new(|| true));
+        let result = AsyncResult::new(withdrawn);
+        assert!(result.cancel());
+        assert!(result.cancelled());
+        assert_eq!(result.get(), Err(PoolError::Cancelled));
+
+        let running = Completion::<u32>::new();
+        running.set_canceller(Box::new(|| false));
+        let result = AsyncResult::new(running.clone());
+        assert!(!result.cancel(), "the pool could not withdraw it");
+        running.complete(Ok(1));
+        assert!(!result.cancel() && !result.cancelled());
+        assert_eq!(result.get(), Ok(1));
+
+        // Finished just before the pool withdrew it (nothing left to withdraw): not cancelled.
+        let raced = Completion::<u32>::new();
+        let late = raced.clone();
+        raced.set_canceller(Box::new(move || {
+            late.complete(Ok(2));
+            true
+        }));
+        let result = AsyncResult::new(raced);
+        assert!(!result.cancel());
+        assert_eq!(result.get(), Ok(2));
+    }
+
+    #[test]
+    fn results_of_the_try_family_carry_pool_errors_as_such() {
+        let completion = Completion::<u32, TryError<String>>::new();
+        let result = AsyncResult::new(completion.clone());
+        assert_eq!(
+            result.get_timeout(Duration::from_millis(1)),
+            Err(TryError::Pool(PoolError::Timeout))
+        );
+        completion.complete(Err(TryError::Task("bad".into())));
+        assert_eq!(result.get(), Err(TryError::Task("bad".into())));
+        assert!(!result.cancelled());
     }
 
     #[test]
