@@ -310,7 +310,9 @@ impl<R: DeserializeOwned + Send> Job for StreamJob<R> {
             Streaming::Unordered(chunks) => chunks.push_back(chunk),
         }
         self.arrived.notify_all();
-        if let Some(waker) = self.waker.lock().take() {
+        // Taken out first: the waker runs with no lock of ours held.
+        let waker = self.waker.lock().take();
+        if let Some(waker) = waker {
             waker.wake();
         }
     }
