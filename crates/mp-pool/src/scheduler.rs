@@ -1307,8 +1307,8 @@ mod miri_tests {
         }
     }
 
-    /// Random interleavings of submissions, starts, claims, results, skips, deaths and
-    /// steals: every chunk is delivered exactly once, never more than `processes` workers
+    /// Random interleavings of submissions, starts, claims, results, skips, deaths, expired
+    /// deadlines and steals: every chunk is delivered exactly once, never more than `processes` workers
     /// exist, and a worker's death fails exactly the chunks it had claimed and not reported.
     #[test]
     fn every_chunk_is_delivered_exactly_once_whatever_happens() {
@@ -1351,6 +1351,21 @@ mod miri_tests {
                     (5, Some(w)) if rng.below(4) == 0 => {
                         let (failed, claimed) = sim.exit(w as usize, -9);
                         assert_eq!(failed, claimed, "seed {seed}: only claimed chunks fail");
+                    }
+                    (5, Some(w)) if rng.below(3) == 0 => {
+                        // The deadline of the chunk it runs now passes: that chunk fails,
+                        // the worker is killed and exits.
+                        let w = w as usize;
+                        let Some(&seq) = sim.live[w].running.back() else {
+                            continue;
+                        };
+                        let id = sim.live[w].id;
+                        let expired = sim.scheduler.expire(id, seq);
+                        assert!(expired.is_some(), "seed {seed}: it was running");
+                        sim.deliveries.extend(expired);
+                        assert_eq!(sim.supervisor.kills.lock().pop(), Some(id));
+                        let (failed, claimed) = sim.exit(w, -9);
+                        assert_eq!(failed + 1, claimed, "seed {seed}: the others it claimed");
                     }
                     _ => {}
                 }
