@@ -1308,7 +1308,8 @@ mod miri_tests {
     }
 
     /// Random interleavings of submissions, starts, claims, results, skips, deaths, expired
-    /// deadlines and steals: every chunk is delivered exactly once, never more than `processes` workers
+    /// deadlines, cancellations and steals: every chunk is delivered exactly once (none of a
+    /// cancelled job after its cancellation), never more than `processes` workers
     /// exist, and a worker's death fails exactly the chunks it had claimed and not reported.
     #[test]
     fn every_chunk_is_delivered_exactly_once_whatever_happens() {
@@ -1331,9 +1332,31 @@ mod miri_tests {
             };
             let job = Arc::new(Recorder::default());
             let mut submitted = 0;
+            // A second job, submitted in bursts and cancelled at some point: once cancelled,
+            // none of its chunks is delivered any more.
+            let victim = Arc::new(Recorder::default());
+            let victim_job: Arc<dyn Job> = victim.clone();
+            let mut victim_submitted = 0;
+            let mut cancelled_after: Option<usize> = None;
             for _ in 0..400 {
                 let worker = (!sim.live.is_empty()).then(|| rng.below(sim.live.len() as u64));
-                match (rng.below(6), worker) {
+                match (rng.below(7), worker) {
+                    (6, _) if cancelled_after.is_none() && rng.below(3) > 0 => {
+                        let n = 1 + rng.below(4) as usize;
+                        let new = chunks(&victim, victim_submitted..victim_submitted + n);
+                        sim.scheduler.enqueue(new).unwrap();
+                        victim_submitted += n;
+                    }
+                    (6, _) if cancelled_after.is_none() => {
+                        if sim.scheduler.cancel_job(&victim_job, true) {
+                            let so_far = sim
+                                .deliveries
+                                .iter()
+                                .filter(|(j, _)| same_job(j, &victim_job))
+                                .count();
+                            cancelled_after = Some(so_far);
+                        }
+                    }
                     (0, _) if submitted < 60 => {
                         let n = 1 + rng.below(6) as usize;
                         let new = chunks(&job, submitted..submitted + n);
@@ -1395,6 +1418,14 @@ mod miri_tests {
             }
             assert!(sim.scheduler.is_idle(), "seed {seed}: work left over");
             deliver(std::mem::take(&mut sim.deliveries));
+            let mut victims: Vec<usize> = victim.0.lock().iter().map(|(i, _)| *i).collect();
+            match cancelled_after {
+                Some(count) => assert_eq!(victims.len(), count, "seed {seed}: ran after cancel"),
+                None => assert_eq!(victims.len(), victim_submitted, "seed {seed}: lost"),
+            }
+            victims.sort_unstable();
+            victims.dedup();
+            assert_eq!(victims.len(), victim.0.lock().len(), "seed {seed}: twice");
             let mut delivered: Vec<usize> = job.0.lock().iter().map(|(i, _)| *i).collect();
             delivered.sort_unstable();
             assert_eq!(
