@@ -204,31 +204,50 @@ impl<E> From<PoolError> for TryError<E> {
 }
 
 /// The error type of an [`AsyncResult`](crate::AsyncResult): [`PoolError`], or
-/// [`TryError<E>`] for the `try_` family. Sealed.
-pub trait ResultError: Clone + From<PoolError> + sealed::Sealed {
-    /// The pool's failure, if this is one.
-    fn pool_error(&self) -> Option<&PoolError>;
+/// [`TryError<E>`] for the `try_` family; other executors that hand out `AsyncResult`s
+/// (mp-mpi's `MpiPool`, through [`AsyncResult::pending`](crate::AsyncResult::pending))
+/// implement it for their own error type.
+///
+/// It names the failures an `AsyncResult` reports by itself, whatever runs the task.
+pub trait ResultError: Clone {
+    /// `get_timeout` ran out of time ([`PoolError::Timeout`]).
+    fn timeout() -> Self;
+    /// The value was already moved out by an earlier `get` ([`PoolError::AlreadyTaken`]).
+    fn already_taken() -> Self;
+    /// The task was withdrawn before it ran ([`PoolError::Cancelled`]).
+    fn cancelled() -> Self;
+    /// Whether this is the error of [`cancelled`](Self::cancelled).
+    fn is_cancelled(&self) -> bool;
 }
 
 impl ResultError for PoolError {
-    fn pool_error(&self) -> Option<&PoolError> {
-        Some(self)
+    fn timeout() -> Self {
+        PoolError::Timeout
+    }
+    fn already_taken() -> Self {
+        PoolError::AlreadyTaken
+    }
+    fn cancelled() -> Self {
+        PoolError::Cancelled
+    }
+    fn is_cancelled(&self) -> bool {
+        *self == PoolError::Cancelled
     }
 }
 
 impl<E: Clone> ResultError for TryError<E> {
-    fn pool_error(&self) -> Option<&PoolError> {
-        match self {
-            TryError::Task(_) => None,
-            TryError::Pool(error) => Some(error),
-        }
+    fn timeout() -> Self {
+        TryError::Pool(PoolError::Timeout)
     }
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::PoolError {}
-    impl<E> Sealed for super::TryError<E> {}
+    fn already_taken() -> Self {
+        TryError::Pool(PoolError::AlreadyTaken)
+    }
+    fn cancelled() -> Self {
+        TryError::Pool(PoolError::Cancelled)
+    }
+    fn is_cancelled(&self) -> bool {
+        matches!(self, TryError::Pool(PoolError::Cancelled))
+    }
 }
 
 /// "was killed by signal 9 (SIGKILL)" / "exited with code 3".

@@ -72,5 +72,5 @@ mod worker;
 pub use error::{PoolError, ResultError, TryError};
 pub use imap::{IMap, TryIMap};
 pub use pool::{Pool, PoolBuilder, TaskOptions, WithChunksize};
-pub use result::{AsyncResult, ResultFuture};
+pub use result::{AsyncResult, ResultFuture, ResultSender};
 pub use wait::{AsCompleted, ReturnWhen, Waited, as_completed, wait};

@@ -649,7 +649,7 @@ impl Pool {
         F: Entry<M>,
         I: IntoIterator<Item = F::Args>,
         T: Send + 'static,
-        E: ResultError + Send + 'static,
+        E: ResultError + From<PoolError> + Send + 'static,
     {
         if chunksize == Some(0) {
             return Err(PoolError::InvalidChunksize);

@@ -161,6 +161,28 @@ impl<T, E> AsyncResult<T, E> {
         AsyncResult { completion }
     }
 
+    /// A result not known yet, and the sender that completes it: for executors other than
+    /// [`Pool`](crate::Pool) built on these results (mp-mpi's `MpiPool`), which then give
+    /// their users `get`, `wait`, callbacks, `.await`, [`as_completed`](crate::as_completed)
+    /// and [`wait`](crate::wait) as the pool does.
+    ///
+    /// ```
+    /// use mp_pool::{AsyncResult, PoolError};
+    ///
+    /// let (sender, result) = AsyncResult::<u32, PoolError>::pending();
+    /// std::thread::spawn(move || sender.complete(Ok(7)));
+    /// assert_eq!(result.get(), Ok(7));
+    /// ```
+    pub fn pending() -> (ResultSender<T, E>, AsyncResult<T, E>) {
+        let completion = Completion::new();
+        (
+            ResultSender {
+                completion: completion.clone(),
+            },
+            AsyncResult { completion },
+        )
+    }
+
     /// Calls `callback` with the value when the task succeeds (Python's `callback=`).
     ///
     /// It runs on the pool's result thread as soon as the result arrives, before `get`
@@ -268,7 +290,7 @@ impl<T, E: ResultError> AsyncResult<T, E> {
     /// goes on; `get` can be called again).
     pub fn get_timeout(&self, timeout: Duration) -> Result<T, E> {
         if !self.wait_timeout(timeout) {
-            return Err(PoolError::Timeout.into());
+            return Err(E::timeout());
         }
         self.take()
     }
@@ -289,7 +311,7 @@ impl<T, E: ResultError> AsyncResult<T, E> {
             .get()
             .is_some_and(|cancel| cancel());
         if withdrawn {
-            self.completion.complete(Err(PoolError::Cancelled.into()));
+            self.completion.complete(Err(E::cancelled()));
         }
         // It may have finished just before it was withdrawn: the first outcome stands.
         self.cancelled()
@@ -299,14 +321,9 @@ impl<T, E: ResultError> AsyncResult<T, E> {
     /// [`Pool::shutdown`](crate::Pool::shutdown) with `cancel_pending`).
     pub fn cancelled(&self) -> bool {
         match &*self.completion.state.lock() {
-            State::Ready(Err(error)) => error.pool_error() == Some(&PoolError::Cancelled),
+            State::Ready(Err(error)) => error.is_cancelled(),
             _ => false,
         }
-    }
-
-    /// Fails the task with `error` unless its outcome is known.
-    pub(crate) fn fail(&self, error: PoolError) {
-        self.completion.complete(Err(error.into()));
     }
 
     pub(crate) fn take(&self) -> Result<T, E> {
@@ -317,15 +334,69 @@ impl<T, E: ResultError> AsyncResult<T, E> {
                 *state = State::Ready(Err(error.clone()));
                 Err(error)
             }
-            State::Taken => Err(PoolError::AlreadyTaken.into()),
+            State::Taken => Err(E::already_taken()),
             pending @ State::Pending { .. } => {
                 *state = pending;
                 drop(state);
                 // Not reached: every caller waits for (or checks) the outcome first. Should
                 // that change, "not there yet" is what the caller would need to hear.
-                Err(PoolError::Timeout.into())
+                Err(E::timeout())
             }
         }
+    }
+}
+
+impl<T, E: From<PoolError>> AsyncResult<T, E> {
+    /// Fails the task with `error` unless its outcome is known.
+    pub(crate) fn fail(&self, error: PoolError) {
+        self.completion.complete(Err(error.into()));
+    }
+}
+
+/// The producer's side of an [`AsyncResult`] from [`AsyncResult::pending`]: for executors
+/// other than [`Pool`](crate::Pool) that hand out `AsyncResult`s (mp-mpi's `MpiPool`).
+/// A pool's users never need it.
+///
+/// The first [`complete`](Self::complete) stands. Dropping every sender without completing
+/// leaves the result pending: an executor completes (or fails) each of its results.
+pub struct ResultSender<T, E = PoolError> {
+    completion: Arc<Completion<T, E>>,
+}
+
+impl<T, E> Clone for ResultSender<T, E> {
+    fn clone(&self) -> Self {
+        ResultSender {
+            completion: self.completion.clone(),
+        }
+    }
+}
+
+impl<T, E> fmt::Debug for ResultSender<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResultSender")
+            .field("ready", &self.completion.is_ready())
+            .finish()
+    }
+}
+
+impl<T, E> ResultSender<T, E> {
+    /// Stores the outcome unless one is known, runs the result's callback (on this thread,
+    /// with no other lock needed) and wakes whoever waits for it (threads and tasks).
+    pub fn complete(&self, outcome: Result<T, E>) {
+        self.completion.complete(outcome);
+    }
+
+    /// Whether the outcome is known (completed here, or cancelled).
+    pub fn is_complete(&self) -> bool {
+        self.completion.is_ready()
+    }
+
+    /// Lets [`AsyncResult::cancel`] withdraw the task: `withdraw` returns whether the
+    /// task was withdrawn before it started (the result then fails with
+    /// [`ResultError::cancelled`]). Without one, `cancel` returns `false`. Only the first
+    /// call counts.
+    pub fn on_cancel(&self, withdraw: impl Fn() -> bool + Send + Sync + 'static) {
+        self.completion.set_canceller(Box::new(withdraw));
     }
 }
 
@@ -479,6 +550,29 @@ mod tests {
         completion.complete(Err(TryError::Task("bad".into())));
         assert_eq!(result.get(), Err(TryError::Task("bad".into())));
         assert!(!result.cancelled());
+    }
+
+    #[test]
+    fn a_sender_completes_wakes_and_withdraws_as_the_pool_does() {
+        let (sender, result) = AsyncResult::<u32, TryError<String>>::pending();
+        assert!(!result.cancel(), "no way to withdraw it was given");
+        sender.on_cancel(|| true);
+        assert!(result.cancel());
+        assert!(sender.is_complete());
+        sender.complete(Ok(1)); // too late: the first outcome stands
+        assert_eq!(result.get(), Err(TryError::Pool(PoolError::Cancelled)));
+
+        let (sender, result) = AsyncResult::<u32>::pending();
+        let counter = Arc::new(Counter(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut future = std::pin::pin!(result.into_future());
+        let mut context = Context::from_waker(&waker);
+        assert_eq!(future.as_mut().poll(&mut context), Poll::Pending);
+        std::thread::spawn(move || sender.complete(Ok(4)))
+            .join()
+            .unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert_eq!(future.as_mut().poll(&mut context), Poll::Ready(Ok(4)));
     }
 
     #[test]
