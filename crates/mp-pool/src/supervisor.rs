@@ -132,13 +132,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 deliver(deliveries);
             }
         }
+        // Starts asked for in one batch (the pool's first workers) run in parallel.
+        let mut starts = 0;
         for command in shared.commands.take() {
             match command {
-                Command::Start if !stopping => {
-                    if let Some(worker) = start_worker(&shared) {
-                        workers.push(worker);
-                    }
-                }
+                Command::Start if !stopping => starts += 1,
                 Command::Start => {}
                 Command::Kill(id) => {
                     if let Some((_, child)) = workers.iter().find(|(w, _)| *w == id) {
@@ -151,6 +149,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     deadline,
                 } => deadlines.push(Reverse((deadline, worker, seq))),
                 Command::Stop { kill } => {
+                    // Those asked for before the stop start first, as they would have.
+                    workers.extend(start_workers(&shared, std::mem::take(&mut starts)));
                     stopping = true;
                     if kill {
                         for (_, child) in &workers {
@@ -160,6 +160,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 }
             }
         }
+        workers.extend(start_workers(&shared, starts));
         if deadlines.len() >= prune_at {
             let scheduler = shared.scheduler.lock();
             deadlines.retain(|Reverse((_, worker, seq))| scheduler.is_unanswered(*worker, *seq));
@@ -222,6 +223,36 @@ fn wait_for_events(
             _ => return,
         }
     }
+}
+
+/// Starts `count` workers at once, each on its own short-lived thread (the processes are
+/// created on mp-core's launcher thread, one after another, but each thread waits for its
+/// own child to connect back, which is most of the time a start takes): the pool's first
+/// workers are ready in about the time of one start, not `count` of them. The scheduler
+/// asks for one start per missing worker, so this never exceeds the pool's size.
+fn start_workers(shared: &Shared, count: usize) -> Vec<(WorkerId, Child<()>)> {
+    if count <= 1 {
+        return (0..count).filter_map(|_| start_worker(shared)).collect();
+    }
+    std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..count)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .name("mp-pool-start".into())
+                    .spawn_scoped(scope, || start_worker(shared))
+                    // No thread to spare (EAGAIN): start this one here.
+                    .map_err(|_| start_worker(shared))
+            })
+            .collect();
+        starting
+            .into_iter()
+            .filter_map(|started| match started {
+                // `start_worker` turns the failures it can meet into errors it reports.
+                Ok(thread) => thread.join().ok().flatten(),
+                Err(inline) => inline,
+            })
+            .collect()
+    })
 }
 
 /// Starts one worker: registers its link with the scheduler, then starts the process.

@@ -899,6 +899,25 @@ fn wait_ready_reports_workers_up_or_why_not() {
     }
 }
 
+#[test]
+fn the_first_workers_start_together_and_are_exactly_the_pools_size() {
+    // The supervisor starts them on parallel threads: each still gets its own process.
+    let pool = Pool::new(6).unwrap();
+    pool.wait_ready(LIMIT).unwrap();
+    let pids: BTreeSet<u32> = pool.worker_pids().into_iter().collect();
+    assert_eq!(pids.len(), 6, "{pids:?}");
+    assert!(pids.iter().all(|&pid| is_running(pid)));
+    let ran: BTreeSet<u32> = pool
+        .chunksize(1)
+        .map(|_: u32| std::process::id(), 0..60)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(ran.is_subset(&pids), "{ran:?} ran outside {pids:?}");
+    pool.close();
+    pool.join_timeout(LIMIT).unwrap();
+}
+
 static LAST_WORKER: std::sync::OnceLock<(Queue<u32>, Queue<u32>)> = std::sync::OnceLock::new();
 
 /// Initializer: records its pid, and any earlier worker still alive (an overlap).
