@@ -530,12 +530,150 @@ fn pool() -> Vec<bool> {
     results
 }
 
+/// Pool timeouts, cancellation and `Result`-returning tasks (mp-pool).
+fn pool_timeouts() -> Vec<bool> {
+    use multiproc::mp_pool::TryError;
+    println!("\nPool: timeouts, cancellation, tasks returning Result (mp-pool)");
+    let pool = match Pool::new(2) {
+        Ok(pool) => pool,
+        Err(error) => {
+            println!("  FAIL could not create a pool: {error}");
+            return vec![false];
+        }
+    };
+    let mut results = vec![step(
+        "a task over its timeout: its worker is killed, the pool goes on",
+        || {
+            let started = Instant::now();
+            let stuck = pool
+                .timeout(Duration::from_millis(200))
+                .apply_async(|()| park_forever(), ())?;
+            let error = match stuck.get_timeout(Duration::from_secs(10)) {
+                Err(error @ PoolError::TaskTimedOut { .. }) => error,
+                other => return Err(format!("unexpected {other:?}").into()),
+            };
+            let failed_after = started.elapsed();
+            let after = pool.map(square, 0..100u64)?;
+            Ok(format!(
+                "failed after {}: {error}; then map of 100 gave {} results",
+                format_duration(failed_after),
+                after.len()
+            ))
+        },
+    )];
+    results.push(step(
+        "cancel a queued task; try_map carries the task's Err",
+        || {
+            let single = Pool::new(1)?;
+            let busy = single
+                .timeout(Duration::from_millis(200))
+                .apply_async(|()| park_forever(), ())?;
+            let queued = single.apply_async(square, 3)?;
+            let cancelled = queued.cancel();
+            let _ = busy.get_timeout(Duration::from_secs(10));
+            let parse = |s: String| s.parse::<u32>().map_err(|e| format!("{s:?}: {e}"));
+            let outcome = single.try_map(parse, ["1".to_string(), "two".into()]);
+            match (cancelled, queued.get(), outcome) {
+                (true, Err(PoolError::Cancelled), Err(TryError::Task(message))) => Ok(format!(
+                    "cancelled before it ran; try_map failed with Err({message})"
+                )),
+                other => Err(format!("unexpected {other:?}").into()),
+            }
+        },
+    ));
+    results
+}
+
+/// Awaiting pool results from async code, with no runtime (mp-pool).
+fn pool_await() -> Vec<bool> {
+    use multiproc::mp_pool::{ReturnWhen, as_completed, wait};
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    println!("\nPool: await, as_completed, wait (mp-pool)");
+
+    /// The smallest executor: poll, park until the pool's result thread wakes us.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut context = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                return output;
+            }
+            std::thread::park();
+        }
+    }
+
+    let pool = match Pool::new(2) {
+        Ok(pool) => pool,
+        Err(error) => {
+            println!("  FAIL could not create a pool: {error}");
+            return vec![false];
+        }
+    };
+    let mut results = vec![step(
+        "await an AsyncResult (any executor, no runtime)",
+        || {
+            let handles = (1..=4u64)
+                .map(|x| pool.apply_async(square, x))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sum = block_on(async {
+                let mut sum = 0;
+                for handle in handles {
+                    sum += handle.await?;
+                }
+                Ok::<u64, PoolError>(sum)
+            })?;
+            Ok(format!("1² + 2² + 3² + 4² = {sum}, awaited"))
+        },
+    )];
+    results.push(step("as_completed and wait(FirstCompleted)", || {
+        let slow = pool.apply_async(
+            |ms: u64| {
+                std::thread::sleep(Duration::from_millis(ms));
+                ms
+            },
+            300,
+        )?;
+        let quick = pool.apply_async(square, 9)?;
+        let first = wait(
+            &[slow, quick],
+            ReturnWhen::FirstCompleted,
+            Some(Duration::from_secs(10)),
+        );
+        let handles = (0..8u64)
+            .map(|x| pool.apply_async(square, x))
+            .collect::<Result<Vec<_>, _>>()?;
+        let completed = as_completed(handles).filter(|h| h.get().is_ok()).count();
+        Ok(format!(
+            "wait returned with {:?} done, {:?} pending; as_completed yielded {completed} of 8",
+            first.done, first.not_done
+        ))
+    }));
+    results
+}
+
 fn main() {
     // SAFETY: the tour's threads are multiproc's own (launcher, pools' supervisors) and hold
     // no lock a forked child uses, so the fork start method is sound here.
     unsafe { multiproc::allow_fork() };
     println!("multiproc tour: every capability, what it did and how long it took");
-    let results: Vec<bool> = [processes(), synchronisation(), queues_and_pipes(), pool()].concat();
+    let results: Vec<bool> = [
+        processes(),
+        synchronisation(),
+        queues_and_pipes(),
+        pool(),
+        pool_timeouts(),
+        pool_await(),
+    ]
+    .concat();
     let failed = results.iter().filter(|ok| !**ok).count();
     println!("\n{} steps, {} failed", results.len(), failed);
     if failed > 0 {

@@ -34,3 +34,11 @@ pub(crate) fn describe<T>(error: impl Display) -> String {
         None => format!("{ty}: {error}"),
     }
 }
+
+/// Decodes a postcard-encoded `T`, describing a failure as mp-core describes those of task
+/// arguments and results: the Rust type, postcard's error, and the message the failing
+/// `Deserialize` noted with [`note_decode_failure`] (which postcard itself drops).
+pub fn decode_described<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    clear();
+    postcard::from_bytes(bytes).map_err(describe::<T>)
+}

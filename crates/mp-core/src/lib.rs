@@ -68,7 +68,7 @@ pub mod __fuzz {
     }
 }
 
-pub use decode_error::note_decode_failure;
+pub use decode_error::{decode_described, note_decode_failure};
 pub use error::ProcessError;
 pub use function::{
     Entry, ForgedFunctionId, FunctionId, RunKeyConflict, TaskFailure, adopt_run_key, run_key,

@@ -107,7 +107,11 @@ impl<M, F: Entry<M>> Process<M, F> {
         // Made before any fork: a forked child must not find it half-initialised.
         let run_key = run_key();
 
-        let launched = launcher::on_long_lived_thread(move || launch(method, bell_for_child))?;
+        // Only the creation runs on the launcher thread; the wait for a spawned child to
+        // connect back runs here, so that children started from several threads start
+        // in parallel.
+        let launched =
+            launcher::on_long_lived_thread(move || launch(method, bell_for_child))?.connect()?;
         let tracked = registry::track(
             launched.pid,
             name.clone(),
@@ -166,29 +170,46 @@ struct Launched {
     channel: IpcSender<Header>,
 }
 
-fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launched, ProcessError> {
+/// A child created on the launcher thread: connected already, or (spawned) still to be
+/// connected to by the caller.
+enum Launching {
+    Spawned(spawn::Started),
+    Connected(Launched),
+}
+
+impl Launching {
+    fn connect(self) -> Result<Launched, ProcessError> {
+        match self {
+            Launching::Connected(launched) => Ok(launched),
+            Launching::Spawned(started) => {
+                let spawned = started.connect::<Header>()?;
+                Ok(Launched {
+                    pid: spawned.pid,
+                    pidfd: spawned.pidfd,
+                    watch: ExitWatch::Direct,
+                    channel: spawned.channel,
+                })
+            }
+        }
+    }
+}
+
+fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {
             let parent = std::process::id();
-            let spawned = spawn::spawn_self::<Header>(
-                Role::Child { parent },
-                &[(bell.as_fd(), OUTCOME_BELL_FD)],
-            )?;
-            Ok(Launched {
-                pid: spawned.pid,
-                pidfd: spawned.pidfd,
-                watch: ExitWatch::Direct,
-                channel: spawned.channel,
-            })
+            let started =
+                spawn::start_self(Role::Child { parent }, &[(bell.as_fd(), OUTCOME_BELL_FD)])?;
+            Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
             let (pid, pidfd, channel) = fork::fork_child(bell)?;
-            Ok(Launched {
+            Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
                 watch: ExitWatch::Direct,
                 channel,
-            })
+            }))
         }
         StartMethod::ForkServer => {
             let child = forkserver::fork_child(bell)?;
@@ -196,12 +217,12 @@ fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launched, ProcessError> 
             let pidfd = sys::pidfd_open(child.pid)
                 .or_else(|_| sys::always_ready_fd())
                 .map_err(ProcessError::io("opening a pidfd"))?;
-            Ok(Launched {
+            Ok(Launching::Connected(Launched {
                 pid: child.pid,
                 pidfd,
                 watch: ExitWatch::ForkServer(child.status),
                 channel: child.channel,
-            })
+            }))
         }
     }
 }

@@ -28,9 +28,20 @@ pub(crate) struct Spawned<T> {
     pub channel: IpcSender<T>,
 }
 
-/// Starts this executable again in `role`, handing it each `(descriptor, number)` of `give`
-/// at that number (besides the handshake pipe at [`HANDSHAKE_FD`]); it gets no other
-/// descriptor but stdio.
+/// A re-executed child that has not connected back yet: [`Started::connect`] waits for it.
+///
+/// Creating the child ([`start_self`]) must happen on a long-lived thread (its parent-death
+/// signal follows the creating thread, see `launcher`); waiting for it to connect back does
+/// not, so several callers can wait for their children at once: children start in
+/// parallel, not one after another.
+pub(crate) struct Started {
+    pid: u32,
+    pidfd: OwnedFd,
+    handshake: OwnedFd,
+}
+
+/// Starts this executable again in `role` and connects to it: [`start_self`], then
+/// [`Started::connect`].
 pub(crate) fn spawn_self<T>(
     role: Role,
     give: &[(BorrowedFd<'_>, i32)],
@@ -38,6 +49,16 @@ pub(crate) fn spawn_self<T>(
 where
     T: for<'de> Deserialize<'de> + Serialize,
 {
+    start_self(role, give)?.connect()
+}
+
+/// Starts this executable again in `role`, handing it each `(descriptor, number)` of `give`
+/// at that number (besides the handshake pipe at [`HANDSHAKE_FD`]); it gets no other
+/// descriptor but stdio.
+pub(crate) fn start_self(
+    role: Role,
+    give: &[(BorrowedFd<'_>, i32)],
+) -> Result<Started, ProcessError> {
     let (handshake_read, handshake_write) =
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| ProcessError::io("creating the handshake pipe")(e.into()))?;
@@ -73,7 +94,37 @@ where
         }
     };
     tracing::debug!(pid, ?role, "spawned");
+    Ok(Started {
+        pid,
+        pidfd,
+        handshake: handshake_read,
+    })
+}
 
+impl Started {
+    /// Waits (at most [`HANDSHAKE_TIMEOUT`]) for the child to connect back; on failure the
+    /// child is killed and reaped.
+    pub(crate) fn connect<T>(self) -> Result<Spawned<T>, ProcessError>
+    where
+        T: for<'de> Deserialize<'de> + Serialize,
+    {
+        let Started {
+            pid,
+            pidfd,
+            handshake,
+        } = self;
+        connect_to(pid, pidfd, handshake)
+    }
+}
+
+fn connect_to<T>(
+    pid: u32,
+    pidfd: OwnedFd,
+    handshake_read: OwnedFd,
+) -> Result<Spawned<T>, ProcessError>
+where
+    T: for<'de> Deserialize<'de> + Serialize,
+{
     let connected = read_rendezvous_name(handshake_read).and_then(|name| {
         let channel = sys::without_signals(|| IpcSender::connect(name.clone()))
             .map_err(|e| format!("cannot connect to the child's rendezvous: {e}"));

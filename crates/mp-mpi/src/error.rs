@@ -81,6 +81,26 @@ pub enum MpiPoolError {
     /// The result was already taken by an earlier `get`.
     #[error("the result was already taken by an earlier get")]
     AlreadyTaken,
+    /// The task was withdrawn before it ran. An [`MpiPool`](crate::MpiPool) does not
+    /// withdraw tasks today (`cancel` returns `false`); the variant exists because
+    /// [`MpiAsyncResult`](crate::MpiAsyncResult) is mp-pool's result type, which can.
+    #[error("the task was cancelled before it ran")]
+    Cancelled,
+}
+
+impl mp_pool::ResultError for MpiPoolError {
+    fn timeout() -> Self {
+        MpiPoolError::Timeout
+    }
+    fn already_taken() -> Self {
+        MpiPoolError::AlreadyTaken
+    }
+    fn cancelled() -> Self {
+        MpiPoolError::Cancelled
+    }
+    fn is_cancelled(&self) -> bool {
+        *self == MpiPoolError::Cancelled
+    }
 }
 
 impl MpiPoolError {

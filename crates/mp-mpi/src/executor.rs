@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use mp_core::Entry;
-use mp_pool::{AsyncResult, IMap, Pool, PoolError};
+use mp_pool::{AsyncResult, IMap, Pool, PoolError, ResultError};
 
+use crate::MpiAsyncResult;
 use crate::error::MpiPoolError;
 use crate::imap::MpiIMap;
 use crate::pool::MpiPool;
-use crate::result::MpiAsyncResult;
 
 /// A pool of workers: `map`, `imap`, `imap_unordered`, `starmap`, `apply`, `apply_async`,
 /// `submit`, chunk sizes, callbacks, `close`/`join`/`terminate` and the `_timeout` variants,
@@ -170,7 +170,8 @@ pub trait Executor: Sized {
     }
 }
 
-/// The handle of a submitted task: [`mp_pool::AsyncResult`] or [`MpiAsyncResult`].
+/// The handle of a submitted task: [`mp_pool::AsyncResult`] (of a [`Pool`] or, as
+/// [`MpiAsyncResult`], of an [`MpiPool`]).
 pub trait Pending<T>: Sized {
     /// Why the task failed.
     type Error;
@@ -335,12 +336,12 @@ impl Executor for Pool {
     }
 }
 
-impl<T> Pending<T> for AsyncResult<T> {
-    type Error = PoolError;
-    fn get(&self) -> Result<T, PoolError> {
+impl<T, E: ResultError> Pending<T> for AsyncResult<T, E> {
+    type Error = E;
+    fn get(&self) -> Result<T, E> {
         AsyncResult::get(self)
     }
-    fn get_timeout(&self, timeout: Duration) -> Result<T, PoolError> {
+    fn get_timeout(&self, timeout: Duration) -> Result<T, E> {
         AsyncResult::get_timeout(self, timeout)
     }
     fn wait(&self) {
@@ -358,7 +359,7 @@ impl<T> Pending<T> for AsyncResult<T> {
     fn callback(self, callback: impl FnOnce(&T) + Send + 'static) -> Self {
         AsyncResult::callback(self, callback)
     }
-    fn error_callback(self, callback: impl FnOnce(&PoolError) + Send + 'static) -> Self {
+    fn error_callback(self, callback: impl FnOnce(&E) + Send + 'static) -> Self {
         AsyncResult::error_callback(self, callback)
     }
 }
@@ -422,34 +423,6 @@ impl Executor for MpiPool {
 
     fn terminate(&self) {
         MpiPool::terminate(self);
-    }
-}
-
-impl<T> Pending<T> for MpiAsyncResult<T> {
-    type Error = MpiPoolError;
-    fn get(&self) -> Result<T, MpiPoolError> {
-        MpiAsyncResult::get(self)
-    }
-    fn get_timeout(&self, timeout: Duration) -> Result<T, MpiPoolError> {
-        MpiAsyncResult::get_timeout(self, timeout)
-    }
-    fn wait(&self) {
-        MpiAsyncResult::wait(self);
-    }
-    fn wait_timeout(&self, timeout: Duration) -> bool {
-        MpiAsyncResult::wait_timeout(self, timeout)
-    }
-    fn ready(&self) -> bool {
-        MpiAsyncResult::ready(self)
-    }
-    fn successful(&self) -> Option<bool> {
-        MpiAsyncResult::successful(self)
-    }
-    fn callback(self, callback: impl FnOnce(&T) + Send + 'static) -> Self {
-        MpiAsyncResult::callback(self, callback)
-    }
-    fn error_callback(self, callback: impl FnOnce(&MpiPoolError) + Send + 'static) -> Self {
-        MpiAsyncResult::error_callback(self, callback)
     }
 }
 

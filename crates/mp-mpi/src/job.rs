@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::backoff;
 use crate::error::MpiPoolError;
-use crate::result::Completion;
+use mp_pool::ResultSender;
 
 /// A receiver of chunk outcomes.
 pub(crate) trait Sink: Send + Sync {
@@ -42,7 +42,7 @@ fn decode<R: DeserializeOwned>(bytes: &[u8], rank: i32) -> Result<Vec<R>, MpiPoo
 /// as one fails.
 pub(crate) struct CollectJob<R, T> {
     parts: Mutex<(Vec<Option<Vec<R>>>, usize)>,
-    completion: Arc<Completion<T>>,
+    completion: ResultSender<T, MpiPoolError>,
     finish: fn(Vec<R>) -> Option<T>,
     failed: AtomicBool,
 }
@@ -51,7 +51,7 @@ impl<R: DeserializeOwned + Send, T: Send> CollectJob<R, T> {
     /// A job of `chunks` chunks; `finish` turns the results, in input order, into the value.
     pub(crate) fn new(
         chunks: usize,
-        completion: Arc<Completion<T>>,
+        completion: ResultSender<T, MpiPoolError>,
         finish: fn(Vec<R>) -> Option<T>,
     ) -> Arc<Self> {
         let job = Arc::new(CollectJob {
@@ -188,7 +188,7 @@ impl<R: DeserializeOwned + Send> Sink for StreamJob<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::result::MpiAsyncResult;
+    use crate::MpiAsyncResult;
 
     fn encoded(values: &[u32]) -> Vec<u8> {
         postcard::to_allocvec(values).unwrap()
@@ -196,17 +196,17 @@ mod tests {
 
     #[test]
     fn a_collect_job_orders_its_chunks_and_fails_fast() {
-        let completion = Completion::new();
-        let job = CollectJob::<u32, Vec<u32>>::new(2, completion.clone(), Some);
+        let (sender, result) = MpiAsyncResult::pending();
+        let job = CollectJob::<u32, Vec<u32>>::new(2, sender, Some);
         job.deliver(1, 2, Ok(&encoded(&[3, 4])));
         job.deliver(0, 1, Ok(&encoded(&[1, 2])));
-        assert_eq!(MpiAsyncResult::new(completion).get(), Ok(vec![1, 2, 3, 4]));
+        assert_eq!(result.get(), Ok(vec![1, 2, 3, 4]));
 
-        let completion = Completion::new();
-        let job = CollectJob::<u32, Vec<u32>>::new(3, completion.clone(), Some);
+        let (sender, result) = MpiAsyncResult::pending();
+        let job = CollectJob::<u32, Vec<u32>>::new(3, sender, Some);
         job.deliver(0, 1, Ok(&[0xff, 0xff]));
         assert!(job.is_cancelled());
-        match MpiAsyncResult::new(completion).get() {
+        match result.get() {
             Err(MpiPoolError::BadResult { rank: 1, message }) => {
                 assert!(message.contains("u32"), "{message}");
             }
@@ -216,9 +216,9 @@ mod tests {
 
     #[test]
     fn an_empty_job_is_complete_at_once() {
-        let completion = Completion::new();
-        let _job = CollectJob::<u32, Vec<u32>>::new(0, completion.clone(), Some);
-        assert_eq!(MpiAsyncResult::new(completion).get(), Ok(vec![]));
+        let (sender, result) = MpiAsyncResult::pending();
+        let _job = CollectJob::<u32, Vec<u32>>::new(0, sender, Some);
+        assert_eq!(result.get(), Ok(vec![]));
     }
 
     #[test]

@@ -87,7 +87,6 @@ mod executor;
 mod imap;
 mod job;
 mod pool;
-mod result;
 mod session;
 mod task;
 mod wire;
@@ -102,5 +101,11 @@ pub use error::MpiPoolError;
 pub use executor::{Chunked, Executor, Pending, ResultStream};
 pub use imap::MpiIMap;
 pub use pool::{MpiPool, MpiPoolBuilder};
-pub use result::MpiAsyncResult;
+/// The eventual outcome of a task or a whole `map_async` on an [`MpiPool`]: mp-pool's
+/// [`AsyncResult`](mp_pool::AsyncResult), with its `get`, `get_timeout`, `wait`, callbacks,
+/// `.await`, and [`mp_pool::as_completed`] / [`mp_pool::wait`] over several. It does not
+/// keep the pool alive: if the pool is terminated or dropped first, the result becomes
+/// [`MpiPoolError::Terminated`]. `cancel` returns `false`: a task submitted to an MPI pool
+/// is not withdrawn.
+pub type MpiAsyncResult<T> = mp_pool::AsyncResult<T, MpiPoolError>;
 pub use worker::current_rank;

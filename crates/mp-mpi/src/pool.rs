@@ -9,10 +9,10 @@ use mp_core::{Entry, FunctionId};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::MpiAsyncResult;
 use crate::dispatcher::{Mode, Shared};
 use crate::error::MpiPoolError;
 use crate::job::{Chunk, CollectJob, Sink};
-use crate::result::{Completion, MpiAsyncResult};
 use crate::session::{self, Role};
 use crate::{task, wire};
 
@@ -233,17 +233,13 @@ impl MpiPool {
         }
         let items: Vec<F::Args> = items.into_iter().collect();
         let chunksize = chunksize.unwrap_or_else(|| default_chunksize(items.len(), self.workers));
-        let completion = Completion::new();
-        let job = CollectJob::<F::Output, T>::new(
-            items.len().div_ceil(chunksize),
-            completion.clone(),
-            finish,
-        );
+        let (sender, result) = MpiAsyncResult::pending();
+        let job = CollectJob::<F::Output, T>::new(items.len().div_ceil(chunksize), sender, finish);
         let sink: Arc<dyn Sink> = job;
         let chunks =
             self.encode_chunks(task::chunk_function(function), &items, chunksize, 0, &sink)?;
         self.enqueue(chunks)?;
-        Ok(MpiAsyncResult::new(completion))
+        Ok(result)
     }
 }
 

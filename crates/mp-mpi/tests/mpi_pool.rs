@@ -6,6 +6,7 @@
 //! behaviour only. A failed check panics on rank 0, which makes `mpirun` end the whole job
 //! with a non-zero status; `.ci/mpi` also bounds the run with `timeout`.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -128,6 +129,55 @@ fn callbacks_timeouts_and_errors(pool: &MpiPool) {
         MpiPoolError::InvalidChunksize
     );
     assert_eq!(pool.join_timeout(LONG), Err(MpiPoolError::StillOpen));
+}
+
+/// Drives `future` on this thread, parked until its waker is called (bounded by `LONG`).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the future was never woken");
+        std::thread::park_timeout(left);
+    }
+}
+
+/// mp-pool's result type brings `.await`, `as_completed` and `wait` to the MPI pool.
+fn await_as_completed_and_wait(pool: &MpiPool) {
+    assert_eq!(
+        block_on(pool.apply_async(square, 9).unwrap().into_future()),
+        Ok(81)
+    );
+    let slow = pool.apply_async(rank_after, 400).unwrap();
+    let failed = pool
+        .apply_async(|_: ()| -> i32 { panic!("first error") }, ())
+        .unwrap();
+    let results = [slow, failed];
+    let waited = mp_pool::wait(&results, mp_pool::ReturnWhen::FirstError, Some(LONG));
+    // The failure ends the wait (it may queue behind the slow task on one rank: then both).
+    assert!(waited.done.contains(&1), "{waited:?}");
+    assert_eq!(waited.done.len() + waited.not_done.len(), 2, "{waited:?}");
+    assert!(results[1].ready());
+    let [slow, failed] = results;
+    assert!(matches!(failed.get(), Err(MpiPoolError::Panicked { .. })));
+    assert!(!slow.cancel(), "an MPI pool does not withdraw a task");
+    let fast = pool.apply_async(rank_after, 0).unwrap();
+    let order: Vec<i32> = mp_pool::as_completed([slow, fast])
+        .map(|done| done.get().unwrap())
+        .collect();
+    assert_eq!(order.len(), 2);
+    assert!(order.iter().all(|&rank| rank >= 1), "{order:?}");
 }
 
 fn large_messages_and_bounded_read_ahead(pool: &MpiPool) {
@@ -259,7 +309,7 @@ fn main() {
         Err(error) => panic!("the MPI pool did not start: {error}"),
     };
     assert_eq!(current_rank(), None, "rank 0 is not a worker");
-    let checks: [Check; 6] = [
+    let checks: [Check; 7] = [
         ("same_api", |pool| same_api(pool).unwrap()),
         (
             "every_rank_works_and_results_come_as_tasks_end",
@@ -270,6 +320,7 @@ fn main() {
             "callbacks_timeouts_and_errors",
             callbacks_timeouts_and_errors,
         ),
+        ("await_as_completed_and_wait", await_as_completed_and_wait),
         (
             "large_messages_and_bounded_read_ahead",
             large_messages_and_bounded_read_ahead,

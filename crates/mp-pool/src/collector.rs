@@ -56,6 +56,7 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
                             deliveries.extend(scheduler.result(worker, result));
                         }
                     }
+                    Report::Started { worker, seq } => scheduler.started(worker, seq),
                     Report::Skipped { worker, last } => scheduler.skipped(worker, last),
                     Report::Ready { worker, pid } => {
                         scheduler.worker_ready(worker, pid);

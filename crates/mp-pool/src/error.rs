@@ -64,9 +64,32 @@ pub enum PoolError {
     /// The pool was terminated (explicitly or by being dropped) before the task finished.
     #[error("the pool was terminated before the task finished")]
     Terminated,
-    /// A `*_timeout` call ran out of time. Nothing was lost: the call can be repeated.
+    /// A `*_timeout` call ran out of time (for `get_timeout`, `next_timeout`,
+    /// `join_timeout`: nothing was lost, the call can be repeated; for
+    /// [`Pool::map_timeout`](crate::Pool::map_timeout): the map was given up).
     #[error("timed out waiting for the pool")]
     Timeout,
+    /// The task ran longer than its timeout ([`TaskOptions::timeout`](crate::TaskOptions::timeout),
+    /// [`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout)): the worker running
+    /// it was killed (and replaced), the task failed with this.
+    #[error(
+        "task {function} (item {index} of its call) ran longer than its timeout of {timeout:?}; pool worker {pid} was killed"
+    )]
+    TaskTimedOut {
+        /// The task function's Rust name (`std::any::type_name`).
+        function: &'static str,
+        /// The position of the task's item in its call (`map`, `imap`; 0 for `apply`). With a
+        /// chunk size above 1 the limit applies to the chunk: this is its first item.
+        index: usize,
+        /// The timeout it exceeded.
+        timeout: std::time::Duration,
+        /// The pid of the worker that was killed.
+        pid: u32,
+    },
+    /// The task was withdrawn before it started: [`AsyncResult::cancel`](crate::AsyncResult::cancel),
+    /// or [`Pool::shutdown`](crate::Pool::shutdown) with `cancel_pending`.
+    #[error("the task was cancelled before it started")]
+    Cancelled,
     /// The input iterator of `imap` panicked (with this message). What it yielded before
     /// was computed; the chunk it was reading fails with this error.
     #[error("the input iterator panicked: {0}")]
@@ -110,6 +133,8 @@ impl PoolError {
 /// The Rust types a task's arguments and result travel as, for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TaskTypes {
+    /// The task function's type.
+    pub function: &'static str,
     /// The type of one item's arguments.
     pub args: &'static str,
     /// The type of one item's result.
@@ -120,9 +145,108 @@ impl TaskTypes {
     /// The types of the task function `F`.
     pub(crate) fn of<M, F: mp_core::Entry<M>>() -> TaskTypes {
         TaskTypes {
+            function: std::any::type_name::<F>(),
             args: std::any::type_name::<F::Args>(),
             output: std::any::type_name::<F::Output>(),
         }
+    }
+}
+
+/// The failure of a task from the `try_` family ([`Pool::try_apply`](crate::Pool::try_apply),
+/// [`Pool::try_map`](crate::Pool::try_map), ...): the `Err` the task returned, carried as
+/// itself, or a failure of the pool.
+///
+/// ```
+/// use mp_pool::{Pool, TryError};
+///
+/// fn parse(s: String) -> Result<u32, String> {
+///     s.parse().map_err(|_| format!("not a number: {s}"))
+/// }
+///
+/// let pool = Pool::new(1)?;
+/// assert_eq!(pool.try_apply(parse, "12".into()), Ok(12));
+/// assert_eq!(
+///     pool.try_apply(parse, "x".into()),
+///     Err(TryError::Task("not a number: x".to_string()))
+/// );
+/// # Ok::<(), mp_pool::PoolError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TryError<E> {
+    /// The task returned `Err(error)`.
+    Task(E),
+    /// The pool could not run the task, or it failed (panic, worker death, timeout...).
+    Pool(PoolError),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for TryError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TryError::Task(error) => write!(f, "the task failed: {error}"),
+            TryError::Pool(error) => error.fmt(f),
+        }
+    }
+}
+
+impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for TryError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TryError::Task(_) => None,
+            TryError::Pool(error) => Some(error),
+        }
+    }
+}
+
+impl<E> From<PoolError> for TryError<E> {
+    fn from(error: PoolError) -> Self {
+        TryError::Pool(error)
+    }
+}
+
+/// The error type of an [`AsyncResult`](crate::AsyncResult): [`PoolError`], or
+/// [`TryError<E>`] for the `try_` family; other executors that hand out `AsyncResult`s
+/// (mp-mpi's `MpiPool`, through [`AsyncResult::pending`](crate::AsyncResult::pending))
+/// implement it for their own error type.
+///
+/// It names the failures an `AsyncResult` reports by itself, whatever runs the task.
+pub trait ResultError: Clone {
+    /// `get_timeout` ran out of time ([`PoolError::Timeout`]).
+    fn timeout() -> Self;
+    /// The value was already moved out by an earlier `get` ([`PoolError::AlreadyTaken`]).
+    fn already_taken() -> Self;
+    /// The task was withdrawn before it ran ([`PoolError::Cancelled`]).
+    fn cancelled() -> Self;
+    /// Whether this is the error of [`cancelled`](Self::cancelled).
+    fn is_cancelled(&self) -> bool;
+}
+
+impl ResultError for PoolError {
+    fn timeout() -> Self {
+        PoolError::Timeout
+    }
+    fn already_taken() -> Self {
+        PoolError::AlreadyTaken
+    }
+    fn cancelled() -> Self {
+        PoolError::Cancelled
+    }
+    fn is_cancelled(&self) -> bool {
+        *self == PoolError::Cancelled
+    }
+}
+
+impl<E: Clone> ResultError for TryError<E> {
+    fn timeout() -> Self {
+        TryError::Pool(PoolError::Timeout)
+    }
+    fn already_taken() -> Self {
+        TryError::Pool(PoolError::AlreadyTaken)
+    }
+    fn cancelled() -> Self {
+        TryError::Pool(PoolError::Cancelled)
+    }
+    fn is_cancelled(&self) -> bool {
+        matches!(self, TryError::Pool(PoolError::Cancelled))
     }
 }
 
@@ -177,6 +301,7 @@ mod tests {
             backtrace: None,
         };
         let types = TaskTypes {
+            function: "f",
             args: "u32",
             output: "alloc::string::String",
         };

@@ -1,15 +1,17 @@
 //! [`IMap`]: the lazy iterator of `imap` and `imap_unordered`.
 
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mp_core::{Entry, FunctionId};
 
-use crate::error::{PoolError, TaskTypes};
+use crate::error::{PoolError, TaskTypes, TryError};
 use crate::job::{ChunkItems, Job, StreamJob, panic_message};
 use crate::pool::{Pool, encode};
-use crate::scheduler::Chunk;
+use crate::scheduler::{Chunk, Limits};
 use crate::transport::Payload;
 use crate::worker;
 
@@ -50,6 +52,7 @@ pub struct IMap<'pool, M, F: Entry<M>, I> {
     types: TaskTypes,
     input: Option<I>,
     chunksize: usize,
+    limits: Limits,
     max_in_flight: usize,
     job: Arc<StreamJob<F::Output>>,
     /// Chunks submitted, and chunks consumed (the index of the next one, when ordered).
@@ -71,6 +74,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
         function: &F,
         input: I,
         chunksize: usize,
+        limits: Limits,
         ordered: bool,
     ) -> Self {
         let refused = (chunksize == 0).then_some(PoolError::InvalidChunksize);
@@ -80,6 +84,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
             types: TaskTypes::of::<M, F>(),
             input: refused.is_none().then_some(input),
             chunksize,
+            limits,
             max_in_flight: CHUNKS_IN_FLIGHT_PER_PROCESS * pool.processes(),
             job: Arc::new(StreamJob::new(ordered)),
             submitted: 0,
@@ -108,24 +113,32 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
     }
 
     fn next_until(&mut self, deadline: Option<Instant>) -> Option<Result<F::Output, PoolError>> {
+        self.step(|job, index| job.next(index, deadline))
+            .unwrap_or(Some(Err(PoolError::Timeout)))
+    }
+
+    /// The next item, getting the chunk it needs from `fetch`: `None` if `fetch` has
+    /// nothing yet (a timeout, or a stream not ready), `Some(None)` at the end.
+    #[allow(clippy::option_option)]
+    fn step(
+        &mut self,
+        mut fetch: impl FnMut(&StreamJob<F::Output>, usize) -> Option<ChunkItems<F::Output>>,
+    ) -> Option<Option<Result<F::Output, PoolError>>> {
         loop {
             if let Some(value) = self.current.next() {
-                return Some(Ok(value));
+                return Some(Some(Ok(value)));
             }
             if let Some((error, left)) = self.failed.take() {
                 if left > 1 {
                     self.failed = Some((error.clone(), left - 1));
                 }
-                return Some(Err(error));
+                return Some(Some(Err(error)));
             }
             self.top_up();
             if self.consumed == self.submitted {
-                return self.refused.take().map(Err);
+                return Some(self.refused.take().map(Err));
             }
-            let chunk: ChunkItems<F::Output> = match self.job.next(self.consumed, deadline) {
-                Some(chunk) => chunk,
-                None => return Some(Err(PoolError::Timeout)),
-            };
+            let chunk: ChunkItems<F::Output> = fetch(&self.job, self.consumed)?;
             self.consumed += 1;
             match chunk {
                 Ok(values) => {
@@ -179,10 +192,12 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
                     chunks.push(Chunk {
                         job: sink.clone(),
                         index: self.submitted + chunks.len(),
+                        first_item: (self.submitted + chunks.len()) * chunksize,
                         items: items.len(),
                         function: self.function,
                         types: self.types,
                         payload: Payload::new(bytes),
+                        limits: self.limits,
                     });
                 }
                 Err(error) => {
@@ -234,9 +249,115 @@ impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> Iterator for IMap<'_,
     }
 }
 
+/// `IMap` as a [`Stream`](futures_core::Stream), for async code (`while let Some(x) =
+/// stream.next().await`). Runtime-agnostic: the pool's result thread wakes the task when a
+/// result arrives. Reading the input iterator (to keep `max_in_flight` chunks submitted)
+/// happens inside `poll_next`, so it should not block.
+impl<M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> futures_core::Stream
+    for IMap<'_, M, F, I>
+{
+    type Item = Result<F::Output, PoolError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let waker = cx.waker();
+        match self
+            .get_mut()
+            .step(|job, index| job.poll_next(index, waker))
+        {
+            Some(item) => Poll::Ready(item),
+            None => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        Iterator::size_hint(self)
+    }
+}
+
+// Nothing in an `IMap` is pinned structurally: moving it between polls is fine.
+impl<M, F: Entry<M>, I> Unpin for IMap<'_, M, F, I> {}
+
 impl<M, F: Entry<M>, I> Drop for IMap<'_, M, F, I> {
     fn drop(&mut self) {
         self.job.cancel();
+    }
+}
+
+/// The results of [`Pool::try_imap`] / [`Pool::try_imap_unordered`]: an [`IMap`] over a
+/// function returning `Result<T, E>`, whose `Err`s come as [`TryError::Task`] (carrying `E`
+/// itself) and the pool's failures as [`TryError::Pool`]. As with `imap`, iteration goes on
+/// after an error.
+pub struct TryIMap<'pool, M, F: Entry<M>, I> {
+    inner: IMap<'pool, M, F, I>,
+}
+
+impl<'pool, M, F: Entry<M>, I> TryIMap<'pool, M, F, I> {
+    pub(crate) fn new(inner: IMap<'pool, M, F, I>) -> Self {
+        TryIMap { inner }
+    }
+}
+
+/// `Result<Result<T, E>, PoolError>` as one `Result`.
+fn flatten<T, E>(item: Result<Result<T, E>, PoolError>) -> Result<T, TryError<E>> {
+    match item {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(TryError::Task(error)),
+        Err(error) => Err(TryError::Pool(error)),
+    }
+}
+
+impl<'pool, M: 'static, F, I, T, E> TryIMap<'pool, M, F, I>
+where
+    F: Entry<M, Output = Result<T, E>>,
+    I: Iterator<Item = F::Args>,
+{
+    /// See [`IMap::max_in_flight`].
+    #[must_use]
+    pub fn max_in_flight(self, chunks: usize) -> Self {
+        TryIMap {
+            inner: self.inner.max_in_flight(chunks),
+        }
+    }
+
+    /// See [`IMap::next_timeout`] (a timeout is `TryError::Pool(PoolError::Timeout)`).
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<T, TryError<E>>> {
+        self.inner.next_timeout(timeout).map(flatten)
+    }
+}
+
+impl<M: 'static, F, I, T, E> Iterator for TryIMap<'_, M, F, I>
+where
+    F: Entry<M, Output = Result<T, E>>,
+    I: Iterator<Item = F::Args>,
+{
+    type Item = Result<T, TryError<E>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.inner.next().map(flatten)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl<M: 'static, F, I, T, E> futures_core::Stream for TryIMap<'_, M, F, I>
+where
+    F: Entry<M, Output = Result<T, E>>,
+    I: Iterator<Item = F::Args>,
+{
+    type Item = Result<T, TryError<E>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.get_mut().inner)
+            .poll_next(cx)
+            .map(|item| item.map(flatten))
+    }
+}
+
+impl<M, F: Entry<M>, I> std::fmt::Debug for TryIMap<'_, M, F, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Waker;
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
@@ -29,6 +30,8 @@ pub(crate) struct ChunkOutcome {
 pub(crate) trait Job: Send + Sync {
     /// Receives the outcome of one chunk.
     fn deliver(&self, outcome: ChunkOutcome);
+    /// Drops its chunks that have not started (their outcomes are ignored from now on).
+    fn cancel(&self);
     /// Whether the chunks that have not started yet can be dropped (a failed `map`, a
     /// dropped iterator).
     fn is_cancelled(&self) -> bool;
@@ -59,12 +62,14 @@ fn decode<R: DeserializeOwned>(outcome: ChunkOutcome) -> Result<Vec<R>, PoolErro
         pid,
         message: format!("decoding {}: {message}", std::any::type_name::<R>()),
     };
+    // mp-core's decoder names the type and keeps the message a failing `Deserialize`
+    // noted (postcard drops it).
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        postcard::from_bytes(&bytes)
+        mp_core::decode_described::<Vec<R>>(&bytes)
     }));
     let values: Vec<R> = match decoded {
         Ok(Ok(values)) => values,
-        Ok(Err(e)) => return Err(bad(e.to_string())),
+        Ok(Err(message)) => return Err(bad(message)),
         Err(panic) => {
             return Err(bad(format!(
                 "the decoder panicked: {}",
@@ -93,12 +98,20 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Collects every chunk into one value: `map` (a `Vec` in input order) and `apply` (the one
 /// value). Fails fast: the first failing chunk (in completion order) completes the job with
-/// its error and cancels the chunks that have not started.
-pub(crate) struct CollectJob<R, T> {
+/// its error and cancels the chunks that have not started. A chunk fails if the pool fails
+/// it, or if `check` finds an error among its values (an `Err` returned by a task of the
+/// `try_` family).
+pub(crate) struct CollectJob<R, T, E = PoolError> {
     state: Mutex<Collecting<R>>,
-    completion: Arc<Completion<T>>,
+    completion: Arc<Completion<T, E>>,
     finish: fn(Vec<R>) -> Option<T>,
+    check: fn(&[R]) -> Option<E>,
     cancelled: AtomicBool,
+}
+
+/// The `check` of jobs whose values are never errors.
+pub(crate) fn no_task_errors<R, E>(_: &[R]) -> Option<E> {
+    None
 }
 
 struct Collecting<R> {
@@ -109,10 +122,15 @@ struct Collecting<R> {
     done: bool,
 }
 
-impl<R: DeserializeOwned + Send, T: Send> CollectJob<R, T> {
+impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> CollectJob<R, T, E> {
     /// A job whose results are turned into the final value by `finish` (`None`: the worker
-    /// sent something that does not fit, reported as [`PoolError::BadResult`]).
-    pub(crate) fn new(completion: Arc<Completion<T>>, finish: fn(Vec<R>) -> Option<T>) -> Self {
+    /// sent something that does not fit, reported as [`PoolError::BadResult`]), failing
+    /// with the first error `check` finds in a chunk's values.
+    pub(crate) fn new(
+        completion: Arc<Completion<T, E>>,
+        finish: fn(Vec<R>) -> Option<T>,
+        check: fn(&[R]) -> Option<E>,
+    ) -> Self {
         CollectJob {
             state: Mutex::new(Collecting {
                 chunks: Vec::new(),
@@ -122,6 +140,7 @@ impl<R: DeserializeOwned + Send, T: Send> CollectJob<R, T> {
             }),
             completion,
             finish,
+            check,
             cancelled: AtomicBool::new(false),
         }
     }
@@ -133,11 +152,6 @@ impl<R: DeserializeOwned + Send, T: Send> CollectJob<R, T> {
         self.finish_if_complete(state);
     }
 
-    /// Gives up on the job (submission failed): drops its chunks that have not started.
-    pub(crate) fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
     fn finish_if_complete(&self, mut state: parking_lot::MutexGuard<'_, Collecting<R>>) {
         if state.done || Some(state.received) != state.expected {
             return;
@@ -146,21 +160,31 @@ impl<R: DeserializeOwned + Send, T: Send> CollectJob<R, T> {
         let chunks = std::mem::take(&mut state.chunks);
         drop(state);
         let values: Vec<R> = chunks.into_iter().flatten().flatten().collect();
-        let outcome = (self.finish)(values).ok_or_else(|| PoolError::BadResult {
-            pid: 0,
-            message: "the worker's results do not make up the expected value".into(),
+        let outcome = (self.finish)(values).ok_or_else(|| {
+            PoolError::BadResult {
+                pid: 0,
+                message: "the worker's results do not make up the expected value".into(),
+            }
+            .into()
         });
         self.completion.complete(outcome);
     }
 }
 
-impl<R: DeserializeOwned + Send, T: Send> Job for CollectJob<R, T> {
+impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for CollectJob<R, T, E> {
     fn deliver(&self, outcome: ChunkOutcome) {
         if self.is_cancelled() {
             return;
         }
         let index = outcome.index;
-        match decode::<R>(outcome) {
+        let checked =
+            decode::<R>(outcome)
+                .map_err(E::from)
+                .and_then(|values| match (self.check)(&values) {
+                    Some(error) => Err(error),
+                    None => Ok(values),
+                });
+        match checked {
             Ok(values) => {
                 let mut state = self.state.lock();
                 if state.done {
@@ -186,6 +210,10 @@ impl<R: DeserializeOwned + Send, T: Send> Job for CollectJob<R, T> {
         }
     }
 
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
@@ -201,6 +229,8 @@ pub(crate) type ChunkItems<R> = Result<Vec<R>, (PoolError, usize)>;
 /// Streams chunk results to an iterator, in input order or in completion order.
 pub(crate) struct StreamJob<R> {
     state: Mutex<Streaming<R>>,
+    /// The task polling the stream (`IMap` as a `Stream`), woken when a chunk arrives.
+    waker: Mutex<Option<Waker>>,
     arrived: Condvar,
     cancelled: AtomicBool,
 }
@@ -218,8 +248,27 @@ impl<R: DeserializeOwned + Send> StreamJob<R> {
             } else {
                 Streaming::Unordered(VecDeque::new())
             }),
+            waker: Mutex::new(None),
             arrived: Condvar::new(),
             cancelled: AtomicBool::new(false),
+        }
+    }
+
+    /// The chunk at `index` (ordered) or any chunk (unordered) if it is there; otherwise
+    /// `waker` is woken when one arrives.
+    pub(crate) fn poll_next(&self, index: usize, waker: &Waker) -> Option<ChunkItems<R>> {
+        // The waker is registered before looking, so that a chunk delivered in between
+        // wakes it.
+        {
+            let mut slot = self.waker.lock();
+            match &mut *slot {
+                Some(old) => old.clone_from(waker),
+                None => *slot = Some(waker.clone()),
+            }
+        }
+        match &mut *self.state.lock() {
+            Streaming::Ordered(chunks) => chunks.remove(&index),
+            Streaming::Unordered(chunks) => chunks.pop_front(),
         }
     }
 
@@ -245,11 +294,6 @@ impl<R: DeserializeOwned + Send> StreamJob<R> {
             }
         }
     }
-
-    /// The iterator is gone: its remaining chunks need not run.
-    pub(crate) fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
 }
 
 impl<R: DeserializeOwned + Send> Job for StreamJob<R> {
@@ -266,6 +310,15 @@ impl<R: DeserializeOwned + Send> Job for StreamJob<R> {
             Streaming::Unordered(chunks) => chunks.push_back(chunk),
         }
         self.arrived.notify_all();
+        // Taken out first: the waker runs with no lock of ours held.
+        let waker = self.waker.lock().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
     }
 
     fn is_cancelled(&self) -> bool {
@@ -293,7 +346,7 @@ mod tests {
     #[test]
     fn collect_orders_chunks_by_index_whatever_the_arrival_order() {
         let completion = Completion::new();
-        let job = CollectJob::<u32, Vec<u32>>::new(completion.clone(), Some);
+        let job = CollectJob::<u32, Vec<u32>>::new(completion.clone(), Some, no_task_errors);
         job.deliver(ok(1, &[3, 4]));
         job.deliver(ok(0, &[1, 2]));
         assert!(!completion.is_ready(), "not sealed yet");
@@ -304,11 +357,11 @@ mod tests {
     #[test]
     fn collect_of_nothing_is_empty_and_a_failure_wins_at_once() {
         let empty = Completion::new();
-        CollectJob::<u32, Vec<u32>>::new(empty.clone(), Some).seal(0);
+        CollectJob::<u32, Vec<u32>>::new(empty.clone(), Some, no_task_errors).seal(0);
         assert_eq!(AsyncResult::new(empty).get(), Ok(vec![]));
 
         let failed = Completion::new();
-        let job = CollectJob::<u32, Vec<u32>>::new(failed.clone(), Some);
+        let job = CollectJob::<u32, Vec<u32>>::new(failed.clone(), Some, no_task_errors);
         job.deliver(ChunkOutcome {
             index: 1,
             items: 2,
@@ -322,7 +375,7 @@ mod tests {
     #[test]
     fn a_wrong_number_of_results_is_a_typed_error() {
         let completion = Completion::new();
-        let job = CollectJob::<u32, Vec<u32>>::new(completion.clone(), Some);
+        let job = CollectJob::<u32, Vec<u32>>::new(completion.clone(), Some, no_task_errors);
         job.deliver(ChunkOutcome {
             index: 0,
             items: 3,

@@ -17,18 +17,27 @@
 //! // A panic fails its task only; the worker lives on.
 //! let err = pool.apply(|x: u32| -> u32 { panic!("bad input {x}") }, 7).unwrap_err();
 //! assert!(err.to_string().contains("bad input 7"));
+//!
+//! // Tasks returning `Result` keep their own error type; results can be awaited too.
+//! let parsed = pool.try_apply(|s: String| s.parse::<u8>().map_err(|e| e.to_string()), "x".into());
+//! assert!(matches!(parsed, Err(mp_pool::TryError::Task(_))));
 //! pool.close();
 //! pool.join()?;
 //! # Ok::<(), mp_pool::PoolError>(())
 //! ```
 //!
 //! * [`Pool`] / [`PoolBuilder`]: `map`, `starmap`, `imap`, `imap_unordered`, `apply` and
-//!   the `_async` forms, `close`, `join`, `terminate`, `wait_ready`; `chunksize` through
-//!   [`Pool::chunksize`]; processes, initializer, `maxtasksperchild`, start method and
-//!   worker names through the builder.
-//! * [`AsyncResult`]: `get`, `get_timeout`, `wait`, `ready`, `successful`, and Python's
-//!   `callback` / `error_callback`.
-//! * [`IMap`]: the lazy, bounded-memory iterator of `imap` and `imap_unordered`.
+//!   the `_async` forms, `close`, `join`, `terminate`, `shutdown`, `wait_ready`; the `try_`
+//!   family (`try_apply`, `try_map`, ...) for functions returning `Result<T, E>`, whose `Err`
+//!   arrives as itself ([`TryError`]); `map_timeout` (a deadline for the whole call).
+//! * [`TaskOptions`]: `chunksize` and per-task `timeout` (pebble's `schedule(timeout=)`)
+//!   through [`Pool::chunksize`] and [`Pool::timeout`]; a task over its limit fails with
+//!   [`PoolError::TaskTimedOut`], its worker is killed and replaced.
+//! * [`AsyncResult`]: `get`, `get_timeout`, `wait`, `ready`, `successful`, `cancel`,
+//!   Python's `callback` / `error_callback`, and `.await` (runtime-agnostic).
+//! * [`IMap`]: the lazy, bounded-memory iterator of `imap` and `imap_unordered`, also a
+//!   `futures_core::Stream`.
+//! * [`as_completed`] and [`wait`]: `concurrent.futures`' helpers over several results.
 //! * [`PoolError`]: every way a task can fail, typed.
 //!
 //! Workers are processes started by mp-core (spawn, forkserver or fork) running the same
@@ -57,9 +66,11 @@ mod result;
 mod scheduler;
 mod supervisor;
 mod transport;
+mod wait;
 mod worker;
 
-pub use error::PoolError;
-pub use imap::IMap;
-pub use pool::{Pool, PoolBuilder, WithChunksize};
-pub use result::AsyncResult;
+pub use error::{PoolError, ResultError, TryError};
+pub use imap::{IMap, TryIMap};
+pub use pool::{Pool, PoolBuilder, TaskOptions, WithChunksize};
+pub use result::{AsyncResult, ResultFuture, ResultSender};
+pub use wait::{AsCompleted, ReturnWhen, Waited, as_completed, wait};

@@ -10,11 +10,11 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::collector;
-use crate::error::{PoolError, TaskTypes};
-use crate::imap::IMap;
-use crate::job::{CollectJob, Job, deliver, panic_message};
+use crate::error::{PoolError, ResultError, TaskTypes, TryError};
+use crate::imap::{IMap, TryIMap};
+use crate::job::{CollectJob, Job, deliver, no_task_errors, panic_message};
 use crate::result::{AsyncResult, Completion};
-use crate::scheduler::{Chunk, Mode, Scheduler, default_chunksize};
+use crate::scheduler::{Chunk, Limits, Mode, Scheduler, default_chunksize};
 use crate::supervisor::{self, Commands};
 use crate::transport::{Payload, Report, ReportSender, report_link};
 use crate::worker::{self, Launcher};
@@ -98,6 +98,7 @@ pub struct PoolBuilder {
     max_tasks: Option<usize>,
     start_method: Option<StartMethod>,
     name_prefix: String,
+    task_timeout: Option<Duration>,
 }
 
 impl Default for PoolBuilder {
@@ -108,6 +109,7 @@ impl Default for PoolBuilder {
             max_tasks: None,
             start_method: None,
             name_prefix: "PoolWorker".into(),
+            task_timeout: None,
         }
     }
 }
@@ -149,6 +151,16 @@ impl PoolBuilder {
     /// Workers are named `<prefix>-<n>` (default prefix: `PoolWorker`).
     pub fn name_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.name_prefix = prefix.into();
+        self
+    }
+
+    /// The pool-wide time limit of every task (pebble's `schedule(timeout=)` and
+    /// `map(timeout=)`), counted from the moment a worker starts it; override it per call
+    /// with [`Pool::timeout`]. A task running longer fails with
+    /// [`PoolError::TaskTimedOut`]: its worker is killed and replaced, and the pool goes
+    /// on. For `map`, the limit is per chunk of tasks (per task with `chunksize(1)`).
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.task_timeout = Some(timeout);
         self
     }
 
@@ -211,6 +223,7 @@ impl PoolBuilder {
         Ok(Pool {
             shared,
             processes,
+            task_timeout: self.task_timeout,
             threads: Mutex::new(Some(Threads {
                 supervisor,
                 collector,
@@ -254,6 +267,7 @@ impl PoolBuilder {
 pub struct Pool {
     shared: Arc<Shared>,
     processes: usize,
+    task_timeout: Option<Duration>,
     threads: Mutex<Option<Threads>>,
 }
 
@@ -311,10 +325,23 @@ impl Pool {
 
     /// The same operations with an explicit chunk size (Python's `chunksize=` argument):
     /// `pool.chunksize(10).map(f, items)`.
-    pub fn chunksize(&self, chunksize: usize) -> WithChunksize<'_> {
-        WithChunksize {
+    pub fn chunksize(&self, chunksize: usize) -> TaskOptions<'_> {
+        self.options().chunksize(chunksize)
+    }
+
+    /// The same operations with a time limit per task (pebble's `schedule(timeout=)`):
+    /// `pool.timeout(Duration::from_secs(1)).apply_async(f, x)`. See
+    /// [`TaskOptions::timeout`].
+    pub fn timeout(&self, timeout: Duration) -> TaskOptions<'_> {
+        self.options().timeout(timeout)
+    }
+
+    /// The pool's operations with its default options, to adjust.
+    fn options(&self) -> TaskOptions<'_> {
+        TaskOptions {
             pool: self,
-            chunksize,
+            chunksize: None,
+            timeout: self.task_timeout,
         }
     }
 
@@ -333,9 +360,83 @@ impl Pool {
         function: F,
         args: F::Args,
     ) -> Result<AsyncResult<F::Output>, PoolError> {
-        self.collect(&function, std::iter::once(args), Some(1), |values| {
-            values.into_iter().next()
-        })
+        self.options().apply_async(function, args)
+    }
+
+    /// [`apply`](Self::apply) for a function returning `Result<T, E>`: an `Err` is the
+    /// task's error, carried as itself ([`TryError::Task`]).
+    pub fn try_apply<M: 'static, F, T, E>(
+        &self,
+        function: F,
+        args: F::Args,
+    ) -> Result<T, TryError<E>>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+    {
+        self.options().try_apply(function, args)
+    }
+
+    /// [`apply_async`](Self::apply_async) for a function returning `Result<T, E>`: an `Err`
+    /// fails the task with [`TryError::Task`] (its `error_callback` sees it).
+    pub fn try_apply_async<M: 'static, F, T, E>(
+        &self,
+        function: F,
+        args: F::Args,
+    ) -> Result<AsyncResult<T, TryError<E>>, PoolError>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+    {
+        self.options().try_apply_async(function, args)
+    }
+
+    /// [`map`](Self::map) for a function returning `Result<T, E>`: the first `Err` (in
+    /// completion order) fails the whole map at once, carried as itself
+    /// ([`TryError::Task`]); chunks that have not started are dropped.
+    pub fn try_map<M: 'static, F, T, E, I>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<Vec<T>, TryError<E>>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+        I: IntoIterator<Item = F::Args>,
+    {
+        self.options().try_map(function, items)
+    }
+
+    /// [`try_map`](Self::try_map) without waiting (the `try_` form of
+    /// [`map_async`](Self::map_async)).
+    pub fn try_map_async<M: 'static, F, T, E, I>(
+        &self,
+        function: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<T>, TryError<E>>, PoolError>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+        I: IntoIterator<Item = F::Args>,
+    {
+        self.options().try_map_async(function, items)
+    }
+
+    /// [`map`](Self::map) with a deadline for the whole call: if the results are not all in
+    /// after `timeout`, it fails with [`PoolError::Timeout`], its tasks that have not
+    /// started are dropped and the workers still running its tasks are killed (and
+    /// replaced); the pool goes on.
+    pub fn map_timeout<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        &self,
+        function: F,
+        items: I,
+        timeout: Duration,
+    ) -> Result<Vec<F::Output>, PoolError> {
+        self.options().map_timeout(function, items, timeout)
     }
 
     /// `concurrent.futures.ProcessPoolExecutor.submit`: the same as
@@ -346,7 +447,7 @@ impl Pool {
         function: F,
         args: F::Args,
     ) -> Result<AsyncResult<F::Output>, PoolError> {
-        self.apply_async(function, args)
+        self.options().apply_async(function, args)
     }
 
     /// Applies `function` to every item and returns the results in input order (Python's
@@ -369,7 +470,7 @@ impl Pool {
         function: F,
         items: I,
     ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
-        self.collect(&function, items, None, Some)
+        self.options().map_async(function, items)
     }
 
     /// Python's `starmap`. A Rust function of several values takes one tuple, so this is
@@ -399,7 +500,7 @@ impl Pool {
         function: F,
         items: I,
     ) -> IMap<'_, M, F, I::IntoIter> {
-        IMap::new(self, &function, items.into_iter(), 1, true)
+        self.options().imap(function, items)
     }
 
     /// [`imap`](Self::imap), yielding results as they complete (Python's `imap_unordered`).
@@ -408,12 +509,58 @@ impl Pool {
         function: F,
         items: I,
     ) -> IMap<'_, M, F, I::IntoIter> {
-        IMap::new(self, &function, items.into_iter(), 1, false)
+        self.options().imap_unordered(function, items)
+    }
+
+    /// [`imap`](Self::imap) for a function returning `Result<T, E>`: yields `Ok(value)`,
+    /// or `Err(TryError::Task(e))` with the task's own error (and goes on, as `imap` does).
+    pub fn try_imap<M: 'static, F, T, E, I>(
+        &self,
+        function: F,
+        items: I,
+    ) -> TryIMap<'_, M, F, I::IntoIter>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        I: IntoIterator<Item = F::Args>,
+    {
+        TryIMap::new(self.imap(function, items))
+    }
+
+    /// [`try_imap`](Self::try_imap) in completion order.
+    pub fn try_imap_unordered<M: 'static, F, T, E, I>(
+        &self,
+        function: F,
+        items: I,
+    ) -> TryIMap<'_, M, F, I::IntoIter>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        I: IntoIterator<Item = F::Args>,
+    {
+        TryIMap::new(self.imap_unordered(function, items))
     }
 
     /// Accepts no more tasks; those submitted still run (Python's `close`).
     pub fn close(&self) {
         self.shared.scheduler.lock().close();
+    }
+
+    /// Closes the pool and waits for it to finish (`concurrent.futures`'
+    /// `shutdown(wait=True, cancel_futures=cancel_pending)`). With `cancel_pending`, every
+    /// task no worker has started fails at once with [`PoolError::Cancelled`] (its error
+    /// callback runs; a `map` with such a task fails with it); tasks already running
+    /// finish (as in Python; give them a [`timeout`](Self::timeout) to bound that).
+    pub fn shutdown(&self, cancel_pending: bool) -> Result<(), PoolError> {
+        self.close();
+        if cancel_pending {
+            let deliveries = self.shared.scheduler.lock().cancel_pending();
+            tracing::debug!(
+                cancelled = deliveries.len(),
+                "pool shutdown cancels pending tasks"
+            );
+            self.shared.idle.notify_all();
+            deliver(deliveries);
+        }
+        self.join()
     }
 
     /// Waits for every submitted task to finish, then for the workers to exit (Python's
@@ -487,39 +634,59 @@ impl Pool {
         tracing::debug!("pool shut down");
     }
 
-    /// Encodes `items` in chunks and submits them as one collecting job.
-    fn collect<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>, T: Send + 'static>(
+    /// Encodes `items` in chunks and submits them as one collecting job; returns its
+    /// handle, and the job (to withdraw it).
+    fn collect<M, F, I, T, E>(
         &self,
         function: &F,
         items: I,
-        chunksize: Option<usize>,
+        (chunksize, limits): (Option<usize>, Limits),
         finish: fn(Vec<F::Output>) -> Option<T>,
-    ) -> Result<AsyncResult<T>, PoolError> {
+        check: fn(&[F::Output]) -> Option<E>,
+    ) -> Result<Submitted<T, E>, PoolError>
+    where
+        M: 'static,
+        F: Entry<M>,
+        I: IntoIterator<Item = F::Args>,
+        T: Send + 'static,
+        E: ResultError + From<PoolError> + Send + 'static,
+    {
         if chunksize == Some(0) {
             return Err(PoolError::InvalidChunksize);
         }
         self.shared.scheduler.lock().accepting()?;
         let completion = Completion::new();
-        let job = Arc::new(CollectJob::new(completion.clone(), finish));
+        let job = Arc::new(CollectJob::new(completion.clone(), finish, check));
         let sink: Arc<dyn Job> = job.clone();
+        // Weak on both sides: the job holds the completion, which holds this.
+        let (shared, weak_job) = (Arc::downgrade(&self.shared), Arc::downgrade(&sink));
+        completion.set_canceller(Box::new(move || {
+            let (Some(shared), Some(job)) = (shared.upgrade(), weak_job.upgrade()) else {
+                return false;
+            };
+            let withdrawn = shared.scheduler.lock().cancel_job(&job, true);
+            // `join` waits for the pool to be idle, which this may have made it.
+            shared.idle.notify_all();
+            withdrawn
+        }));
         let function_id = (worker::chunk_function(function), TaskTypes::of::<M, F>());
         let items = items.into_iter();
         let chunksize = |len| chunksize.unwrap_or_else(|| default_chunksize(len, self.processes));
         let fed = match items.size_hint() {
             (low, Some(high)) if low == high => {
-                self.feed(&sink, function_id, items, chunksize(low))
+                self.feed(&sink, function_id, items, chunksize(low), limits)
             }
             _ => {
                 let items: Vec<_> = items.collect();
                 let size = chunksize(items.len());
-                self.feed(&sink, function_id, items.into_iter(), size)
+                self.feed(&sink, function_id, items.into_iter(), size, limits)
             }
         };
         match fed {
             Ok(chunks) => {
                 tracing::debug!(chunks, "pool job submitted");
                 job.seal(chunks);
-                Ok(AsyncResult::new(completion))
+                Ok((AsyncResult::new(completion), sink))
             }
             Err(error) => {
                 job.cancel();
@@ -535,6 +702,7 @@ impl Pool {
         (function, types): (mp_core::FunctionId, TaskTypes),
         mut items: impl Iterator<Item = A>,
         chunksize: usize,
+        limits: Limits,
     ) -> Result<usize, PoolError> {
         let mut group = Vec::new();
         let mut group_bytes = 0;
@@ -549,10 +717,12 @@ impl Pool {
             group.push(Chunk {
                 job: job.clone(),
                 index,
+                first_item: index * chunksize,
                 items: chunk.len(),
                 function,
                 types,
                 payload: Payload::new(encoded),
+                limits,
             });
             index += 1;
             if group_bytes >= SUBMIT_BYTES || group.len() >= SUBMIT_CHUNKS {
@@ -574,6 +744,9 @@ impl Pool {
         self.shared.scheduler.lock().enqueue(chunks)
     }
 }
+
+/// A job's handle, and the job itself (to withdraw it).
+type Submitted<T, E> = (AsyncResult<T, E>, Arc<dyn Job>);
 
 /// Encodes a chunk's arguments.
 /// Handles inside task arguments are refused here, before their descriptors are taken:
@@ -601,16 +774,153 @@ impl Drop for Pool {
     }
 }
 
-/// A [`Pool`] with an explicit chunk size, from [`Pool::chunksize`]: the operations that
-/// take one in Python.
+/// The pool's operations with options of their own (Python's `chunksize=`, pebble's
+/// `timeout=`), from [`Pool::chunksize`] or [`Pool::timeout`]:
+/// `pool.chunksize(10).timeout(Duration::from_secs(1)).map(f, items)`.
+///
+/// ```
+/// use std::time::Duration;
+/// use mp_pool::{Pool, PoolError};
+///
+/// let pool = Pool::new(1)?;
+/// let quick = pool.timeout(Duration::from_secs(5)).apply_async(|x: u32| x + 1, 1)?;
+/// assert_eq!(quick.get()?, 2);
+/// fn stuck(_: ()) -> u32 {
+///     loop {
+///         std::thread::park();
+///     }
+/// }
+/// let stuck = pool.timeout(Duration::from_millis(100)).apply_async(stuck, ())?;
+/// assert!(matches!(stuck.get(), Err(PoolError::TaskTimedOut { .. })));
+/// // The worker running it was killed and replaced: the pool goes on.
+/// assert_eq!(pool.apply(|x: u32| x * 2, 21)?, 42);
+/// # Ok::<(), PoolError>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
-pub struct WithChunksize<'pool> {
+pub struct TaskOptions<'pool> {
     pool: &'pool Pool,
-    chunksize: usize,
+    chunksize: Option<usize>,
+    timeout: Option<Duration>,
 }
 
-impl<'pool> WithChunksize<'pool> {
-    /// [`Pool::map`] with this chunk size.
+/// The former name of [`TaskOptions`].
+pub type WithChunksize<'pool> = TaskOptions<'pool>;
+
+/// `finish` of one-value jobs (`apply`).
+fn first<T>(values: Vec<T>) -> Option<T> {
+    values.into_iter().next()
+}
+
+/// `check` of the `try_` family: the first `Err` among a chunk's values.
+fn first_error<T, E: Clone>(values: &[Result<T, E>]) -> Option<TryError<E>> {
+    values.iter().find_map(|value| match value {
+        Ok(_) => None,
+        Err(error) => Some(TryError::Task(error.clone())),
+    })
+}
+
+/// `finish` of `try_map` (run once `first_error` found no error).
+fn all_ok<T, E>(values: Vec<Result<T, E>>) -> Option<Vec<T>> {
+    values.into_iter().map(Result::ok).collect()
+}
+
+/// `finish` of `try_apply`.
+fn first_ok<T, E>(values: Vec<Result<T, E>>) -> Option<T> {
+    values.into_iter().next()?.ok()
+}
+
+impl<'pool> TaskOptions<'pool> {
+    /// The chunk size (Python's `chunksize=`; default: about four chunks per worker for
+    /// `map`, 1 for `imap`).
+    pub fn chunksize(mut self, chunksize: usize) -> Self {
+        self.chunksize = Some(chunksize);
+        self
+    }
+
+    /// The time limit of each task (each chunk, for `map`/`imap` with a chunk size above
+    /// 1), counted from the moment a worker starts it (pebble's `schedule(timeout=)`;
+    /// default: the pool's [`task_timeout`](PoolBuilder::task_timeout)). A task running
+    /// longer fails with [`PoolError::TaskTimedOut`] naming it: the worker running it is
+    /// killed, a replacement starts, the other tasks go on. The pool learns of a deadline
+    /// from a timer its supervisor thread sleeps on; a task without a limit costs nothing.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            timeout: self.timeout,
+            deadline: None,
+        }
+    }
+
+    /// [`Pool::apply`] with these options.
+    pub fn apply<M: 'static, F: Entry<M>>(
+        self,
+        function: F,
+        args: F::Args,
+    ) -> Result<F::Output, PoolError> {
+        self.apply_async(function, args)?.get()
+    }
+
+    /// [`Pool::apply_async`] with these options.
+    pub fn apply_async<M: 'static, F: Entry<M>>(
+        self,
+        function: F,
+        args: F::Args,
+    ) -> Result<AsyncResult<F::Output>, PoolError> {
+        let options = (Some(1), self.limits());
+        let items = std::iter::once(args);
+        let (result, _) = self
+            .pool
+            .collect(&function, items, options, first, no_task_errors)?;
+        Ok(result)
+    }
+
+    /// [`Pool::submit`] with these options.
+    pub fn submit<M: 'static, F: Entry<M>>(
+        self,
+        function: F,
+        args: F::Args,
+    ) -> Result<AsyncResult<F::Output>, PoolError> {
+        self.apply_async(function, args)
+    }
+
+    /// [`Pool::try_apply`] with these options.
+    pub fn try_apply<M: 'static, F, T, E>(
+        self,
+        function: F,
+        args: F::Args,
+    ) -> Result<T, TryError<E>>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+    {
+        self.try_apply_async(function, args)?.get()
+    }
+
+    /// [`Pool::try_apply_async`] with these options.
+    pub fn try_apply_async<M: 'static, F, T, E>(
+        self,
+        function: F,
+        args: F::Args,
+    ) -> Result<AsyncResult<T, TryError<E>>, PoolError>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+    {
+        let options = (Some(1), self.limits());
+        let items = std::iter::once(args);
+        let (result, _) = self
+            .pool
+            .collect(&function, items, options, first_ok, first_error)?;
+        Ok(result)
+    }
+
+    /// [`Pool::map`] with these options.
     pub fn map<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         self,
         function: F,
@@ -619,17 +929,88 @@ impl<'pool> WithChunksize<'pool> {
         self.map_async(function, items)?.get()
     }
 
-    /// [`Pool::map_async`] with this chunk size.
+    /// [`Pool::map_async`] with these options.
     pub fn map_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         self,
         function: F,
         items: I,
     ) -> Result<AsyncResult<Vec<F::Output>>, PoolError> {
-        self.pool
-            .collect(&function, items, Some(self.chunksize), Some)
+        let options = (self.chunksize, self.limits());
+        let (result, _) = self
+            .pool
+            .collect(&function, items, options, Some, no_task_errors)?;
+        Ok(result)
     }
 
-    /// [`Pool::starmap`] with this chunk size.
+    /// [`Pool::map_timeout`] with these options.
+    pub fn map_timeout<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
+        self,
+        function: F,
+        items: I,
+        timeout: Duration,
+    ) -> Result<Vec<F::Output>, PoolError> {
+        let deadline = Instant::now() + timeout;
+        let limits = Limits {
+            timeout: self.timeout,
+            deadline: Some(deadline),
+        };
+        let (result, job) = self.pool.collect(
+            &function,
+            items,
+            (self.chunksize, limits),
+            Some,
+            no_task_errors,
+        )?;
+        match result.get_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Err(PoolError::Timeout) => {
+                // Its waiting chunks are dropped; the running ones reach the same deadline
+                // in the supervisor, which kills their workers.
+                let shared = &self.pool.shared;
+                shared.scheduler.lock().cancel_job(&job, false);
+                shared.idle.notify_all();
+                job.cancel();
+                result.fail(PoolError::Timeout);
+                Err(PoolError::Timeout)
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// [`Pool::try_map`] with these options.
+    pub fn try_map<M: 'static, F, T, E, I>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<Vec<T>, TryError<E>>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+        I: IntoIterator<Item = F::Args>,
+    {
+        self.try_map_async(function, items)?.get()
+    }
+
+    /// [`Pool::try_map_async`] with these options.
+    pub fn try_map_async<M: 'static, F, T, E, I>(
+        self,
+        function: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<T>, TryError<E>>, PoolError>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        T: Send + 'static,
+        E: Clone + Send + 'static,
+        I: IntoIterator<Item = F::Args>,
+    {
+        let options = (self.chunksize, self.limits());
+        let (result, _) = self
+            .pool
+            .collect(&function, items, options, all_ok, first_error)?;
+        Ok(result)
+    }
+
+    /// [`Pool::starmap`] with these options.
     pub fn starmap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         self,
         function: F,
@@ -638,7 +1019,7 @@ impl<'pool> WithChunksize<'pool> {
         self.map(function, items)
     }
 
-    /// [`Pool::starmap_async`] with this chunk size.
+    /// [`Pool::starmap_async`] with these options.
     pub fn starmap_async<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         self,
         function: F,
@@ -647,33 +1028,50 @@ impl<'pool> WithChunksize<'pool> {
         self.map_async(function, items)
     }
 
-    /// [`Pool::imap`] with this chunk size (0 makes the iterator yield one
+    /// [`Pool::imap`] with these options (chunk size 0 makes the iterator yield one
     /// [`PoolError::InvalidChunksize`]).
     pub fn imap<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         self,
         function: F,
         items: I,
     ) -> IMap<'pool, M, F, I::IntoIter> {
+        let chunksize = self.chunksize.unwrap_or(1);
         IMap::new(
             self.pool,
             &function,
             items.into_iter(),
-            self.chunksize,
+            chunksize,
+            self.limits(),
             true,
         )
     }
 
-    /// [`Pool::imap_unordered`] with this chunk size.
+    /// [`Pool::try_imap`] with these options.
+    pub fn try_imap<M: 'static, F, T, E, I>(
+        self,
+        function: F,
+        items: I,
+    ) -> TryIMap<'pool, M, F, I::IntoIter>
+    where
+        F: Entry<M, Output = Result<T, E>>,
+        I: IntoIterator<Item = F::Args>,
+    {
+        TryIMap::new(self.imap(function, items))
+    }
+
+    /// [`Pool::imap_unordered`] with these options.
     pub fn imap_unordered<M: 'static, F: Entry<M>, I: IntoIterator<Item = F::Args>>(
         self,
         function: F,
         items: I,
     ) -> IMap<'pool, M, F, I::IntoIter> {
+        let chunksize = self.chunksize.unwrap_or(1);
         IMap::new(
             self.pool,
             &function,
             items.into_iter(),
-            self.chunksize,
+            chunksize,
+            self.limits(),
             false,
         )
     }

@@ -35,6 +35,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mp_core::FunctionId;
 
@@ -79,16 +80,37 @@ pub(crate) trait Supervisor: Send + Sync {
     fn start_worker(&self);
     /// Kill this worker (its exit is reported with [`Scheduler::worker_exited`]).
     fn kill(&self, id: WorkerId);
+    /// Call [`Scheduler::expire`] for chunk `seq` of worker `id` at `deadline`.
+    fn watch(&self, id: WorkerId, seq: u64, deadline: Instant);
+}
+
+/// How long a chunk may run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// From the moment a worker starts it (per-task timeout).
+    pub timeout: Option<Duration>,
+    /// The whole call's deadline (`map_timeout`).
+    pub deadline: Option<Instant>,
+}
+
+impl Limits {
+    /// Whether the worker must report when it starts the chunk.
+    fn any(&self) -> bool {
+        self.timeout.is_some() || self.deadline.is_some()
+    }
 }
 
 /// A piece of a job: a few items' encoded arguments and where their results go.
 pub(crate) struct Chunk {
     pub job: Arc<dyn Job>,
     pub index: usize,
+    /// The position of its first item in the job's input.
+    pub first_item: usize,
     pub items: usize,
     pub function: FunctionId,
     pub types: TaskTypes,
     pub payload: Payload,
+    pub limits: Limits,
 }
 
 /// A delivery to make once the lock is released.
@@ -146,6 +168,23 @@ impl Worker {
         while self.unread.front().is_some_and(|&first| first <= seq) {
             self.unread.pop_front();
         }
+    }
+
+    /// Revokes every chunk it has not claimed and takes them back, in order (the worker
+    /// skips them). It will not run them: they no longer count towards its
+    /// `maxtasksperchild`.
+    fn revoke_unclaimed(&mut self) -> Vec<Assigned> {
+        let first = self.link.revoke(self.sent);
+        let split = self
+            .assigned
+            .iter()
+            .position(|a| a.seq >= first)
+            .unwrap_or(self.assigned.len());
+        let taken: Vec<Assigned> = self.assigned.drain(split..).collect();
+        if let Some(budget) = &mut self.budget {
+            *budget += taken.len();
+        }
+        taken
     }
 
     /// How many of its chunks another worker could run sooner: those it has not claimed,
@@ -602,6 +641,7 @@ impl Scheduler {
                 message.push(TaskChunk {
                     seq,
                     group,
+                    report_start: chunk.limits.any(),
                     function: chunk.function,
                     payload: chunk.payload.clone(),
                 });
@@ -642,6 +682,124 @@ impl Scheduler {
         }
     }
 
+    /// Worker `id` started chunk `seq`, which has a time limit: the supervisor is asked to
+    /// call [`expire`](Self::expire) at its deadline.
+    pub(crate) fn started(&mut self, id: WorkerId, seq: u64) {
+        let Some(worker) = self.workers.iter().find(|w| w.id == id) else {
+            return;
+        };
+        let Some(assigned) = worker.assigned.iter().find(|a| a.seq == seq) else {
+            return; // answered meanwhile
+        };
+        let limits = assigned.chunk.limits;
+        let now = Instant::now();
+        let by_timeout = limits.timeout.map(|timeout| now + timeout);
+        let deadline = match (by_timeout, limits.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(deadline) = deadline {
+            self.supervisor.watch(id, seq, deadline);
+        }
+    }
+
+    /// The deadline of chunk `seq` of worker `id` passed. If the worker is still on it
+    /// (it has not answered and has not started a later chunk), the chunk fails with
+    /// [`PoolError::TaskTimedOut`] (or [`PoolError::Timeout`], for a whole call's
+    /// deadline), and the worker gets no more work and is killed: its other unanswered
+    /// chunks are settled when its exit is reported (those it never started run elsewhere),
+    /// and a replacement starts then.
+    ///
+    /// There is one race, and it is benign: a chunk that ended just before its deadline but
+    /// whose result was not read yet still counts as timed out (its result is ignored).
+    pub(crate) fn expire(&mut self, id: WorkerId, seq: u64) -> Option<Delivery> {
+        let worker = self.workers.iter_mut().find(|w| w.id == id)?;
+        let position = worker.assigned.iter().position(|a| a.seq == seq)?;
+        let claimed = worker.link.claimed();
+        let moved_on = worker
+            .assigned
+            .iter()
+            .any(|a| a.seq > seq && a.seq < claimed);
+        if moved_on {
+            return None; // it finished the chunk: its result is on the way
+        }
+        let assigned = worker.assigned.remove(position)?;
+        worker.draining = true;
+        let pid = worker.pid;
+        self.supervisor.kill(id);
+        let chunk = assigned.chunk;
+        let error = match chunk.limits.timeout {
+            Some(timeout) => PoolError::TaskTimedOut {
+                function: chunk.types.function,
+                index: chunk.first_item,
+                timeout,
+                pid,
+            },
+            None => PoolError::Timeout,
+        };
+        tracing::warn!(worker = %id, pid, %error, "pool task timed out; killing its worker");
+        Some(fail(chunk, error))
+    }
+
+    /// Whether worker `id` has not answered chunk `seq` yet (a deadline for it still counts).
+    pub(crate) fn is_unanswered(&self, id: WorkerId, seq: u64) -> bool {
+        self.workers
+            .iter()
+            .find(|w| w.id == id)
+            .is_some_and(|w| w.assigned.iter().any(|a| a.seq == seq))
+    }
+
+    /// Withdraws `job`'s chunks that have not started: waiting ones are dropped, those
+    /// queued on workers revoked (the same claim protocol as stealing: exactly one side wins
+    /// each chunk). With `all_or_nothing`, only if none of its chunks has started; if a
+    /// worker claimed one first, nothing changes. Returns whether the job was withdrawn.
+    pub(crate) fn cancel_job(&mut self, job: &Arc<dyn Job>, all_or_nothing: bool) -> bool {
+        let ours = |chunk: &Chunk| same_job(&chunk.job, job);
+        let started = |w: &Worker| {
+            let claimed = w.link.claimed();
+            w.assigned.iter().any(|a| a.seq < claimed && ours(&a.chunk))
+        };
+        if all_or_nothing && self.workers.iter().any(started) {
+            return false;
+        }
+        let mut revoked = Vec::new();
+        let mut lost_race = false;
+        for worker in &mut self.workers {
+            if !worker.assigned.iter().any(|a| ours(&a.chunk)) {
+                continue;
+            }
+            let taken = worker.revoke_unclaimed();
+            // What is left it had claimed, possibly since the check above.
+            lost_race |= all_or_nothing && worker.assigned.iter().any(|a| ours(&a.chunk));
+            revoked.extend(taken.into_iter().map(|a| a.chunk));
+        }
+        if !lost_race {
+            job.cancel();
+            revoked.retain(|c| !ours(c));
+            self.pending.retain(|c| !ours(c));
+        }
+        for chunk in revoked.into_iter().rev() {
+            self.pending.push_front(chunk);
+        }
+        self.dispatch();
+        !lost_race
+    }
+
+    /// `shutdown(cancel_pending)`: every chunk no worker has started fails with
+    /// [`PoolError::Cancelled`] (waiting ones, and those queued on workers, revoked);
+    /// running chunks finish.
+    pub(crate) fn cancel_pending(&mut self) -> Vec<Delivery> {
+        let mut chunks: Vec<Chunk> = Vec::new();
+        for worker in &mut self.workers {
+            chunks.extend(worker.revoke_unclaimed().into_iter().map(|a| a.chunk));
+        }
+        chunks.extend(self.pending.drain(..));
+        chunks
+            .into_iter()
+            .map(|chunk| fail(chunk, PoolError::Cancelled))
+            .collect()
+    }
+
     /// If a worker is idle, takes back the chunks the busiest other worker has queued and
     /// not claimed (see `Worker::stealable`), and queues them first. Whether any were
     /// taken.
@@ -664,16 +822,11 @@ impl Scheduler {
         else {
             return false;
         };
-        let first = victim.link.revoke(victim.sent);
-        let Some(split) = victim.assigned.iter().position(|a| a.seq >= first) else {
+        let taken = victim.revoke_unclaimed();
+        if taken.is_empty() {
             return false;
-        };
-        let taken: Vec<Assigned> = victim.assigned.drain(split..).collect();
-        tracing::trace!(worker = %victim.id, chunks = taken.len(), "chunks stolen for an idle worker");
-        if let Some(budget) = &mut victim.budget {
-            // It will not run them: they do not count towards its `maxtasksperchild`.
-            *budget += taken.len();
         }
+        tracing::trace!(worker = %victim.id, chunks = taken.len(), "chunks stolen for an idle worker");
         for assigned in taken.into_iter().rev() {
             self.pending.push_front(assigned.chunk);
         }
@@ -685,6 +838,11 @@ impl Scheduler {
 fn take_assigned(worker: &mut Worker, seq: u64) -> Option<Assigned> {
     let position = worker.assigned.iter().position(|a| a.seq == seq)?;
     worker.assigned.remove(position)
+}
+
+/// Whether two chunks belong to the same job (the same allocation; vtables may differ).
+fn same_job(a: &Arc<dyn Job>, b: &Arc<dyn Job>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
 fn fail(chunk: Chunk, error: PoolError) -> Delivery {
@@ -763,6 +921,7 @@ mod miri_tests {
     struct FakeSupervisor {
         starts: AtomicUsize,
         kills: Mutex<Vec<WorkerId>>,
+        watches: Mutex<Vec<(WorkerId, u64)>>,
     }
 
     impl Supervisor for FakeSupervisor {
@@ -771,6 +930,9 @@ mod miri_tests {
         }
         fn kill(&self, id: WorkerId) {
             self.kills.lock().push(id);
+        }
+        fn watch(&self, id: WorkerId, seq: u64, _deadline: Instant) {
+            self.watches.lock().push((id, seq));
         }
     }
 
@@ -783,6 +945,7 @@ mod miri_tests {
             let result = outcome.result.map(|(pid, _)| pid);
             self.0.lock().push((outcome.index, result));
         }
+        fn cancel(&self) {}
         fn is_cancelled(&self) -> bool {
             false
         }
@@ -796,13 +959,16 @@ mod miri_tests {
             .map(|index| Chunk {
                 job: job.clone(),
                 index,
+                first_item: index,
                 items: 1,
                 function: FunctionId::of_task(&|x: u8| x),
                 types: TaskTypes {
+                    function: "f",
                     args: "u8",
                     output: "u8",
                 },
                 payload: Payload::new(vec![index as u8]),
+                limits: Limits::default(),
             })
             .collect()
     }
@@ -1142,8 +1308,9 @@ mod miri_tests {
         }
     }
 
-    /// Random interleavings of submissions, starts, claims, results, skips, deaths and
-    /// steals: every chunk is delivered exactly once, never more than `processes` workers
+    /// Random interleavings of submissions, starts, claims, results, skips, deaths, expired
+    /// deadlines, cancellations and steals: every chunk is delivered exactly once (none of a
+    /// cancelled job after its cancellation), never more than `processes` workers
     /// exist, and a worker's death fails exactly the chunks it had claimed and not reported.
     #[test]
     fn every_chunk_is_delivered_exactly_once_whatever_happens() {
@@ -1166,9 +1333,33 @@ mod miri_tests {
             };
             let job = Arc::new(Recorder::default());
             let mut submitted = 0;
+            // A second job, submitted in bursts and cancelled at some point: once cancelled,
+            // none of its chunks is delivered any more.
+            let victim = Arc::new(Recorder::default());
+            let victim_job: Arc<dyn Job> = victim.clone();
+            let mut victim_submitted = 0;
+            let mut cancelled_after: Option<usize> = None;
             for _ in 0..400 {
                 let worker = (!sim.live.is_empty()).then(|| rng.below(sim.live.len() as u64));
-                match (rng.below(6), worker) {
+                match (rng.below(7), worker) {
+                    (6, _) if cancelled_after.is_none() && rng.below(3) > 0 => {
+                        let n = 1 + rng.below(4) as usize;
+                        let new = chunks(&victim, victim_submitted..victim_submitted + n);
+                        sim.scheduler.enqueue(new).unwrap();
+                        victim_submitted += n;
+                    }
+                    // A failed cancellation (one of its chunks runs) changes nothing.
+                    (6, _)
+                        if cancelled_after.is_none()
+                            && sim.scheduler.cancel_job(&victim_job, true) =>
+                    {
+                        let so_far = sim
+                            .deliveries
+                            .iter()
+                            .filter(|(j, _)| same_job(j, &victim_job))
+                            .count();
+                        cancelled_after = Some(so_far);
+                    }
                     (0, _) if submitted < 60 => {
                         let n = 1 + rng.below(6) as usize;
                         let new = chunks(&job, submitted..submitted + n);
@@ -1186,6 +1377,21 @@ mod miri_tests {
                     (5, Some(w)) if rng.below(4) == 0 => {
                         let (failed, claimed) = sim.exit(w as usize, -9);
                         assert_eq!(failed, claimed, "seed {seed}: only claimed chunks fail");
+                    }
+                    (5, Some(w)) if rng.below(3) == 0 => {
+                        // The deadline of the chunk it runs now passes: that chunk fails,
+                        // the worker is killed and exits.
+                        let w = w as usize;
+                        let Some(&seq) = sim.live[w].running.back() else {
+                            continue;
+                        };
+                        let id = sim.live[w].id;
+                        let expired = sim.scheduler.expire(id, seq);
+                        assert!(expired.is_some(), "seed {seed}: it was running");
+                        sim.deliveries.extend(expired);
+                        assert_eq!(sim.supervisor.kills.lock().pop(), Some(id));
+                        let (failed, claimed) = sim.exit(w, -9);
+                        assert_eq!(failed + 1, claimed, "seed {seed}: the others it claimed");
                     }
                     _ => {}
                 }
@@ -1215,6 +1421,14 @@ mod miri_tests {
             }
             assert!(sim.scheduler.is_idle(), "seed {seed}: work left over");
             deliver(std::mem::take(&mut sim.deliveries));
+            let mut victims: Vec<usize> = victim.0.lock().iter().map(|(i, _)| *i).collect();
+            match cancelled_after {
+                Some(count) => assert_eq!(victims.len(), count, "seed {seed}: ran after cancel"),
+                None => assert_eq!(victims.len(), victim_submitted, "seed {seed}: lost"),
+            }
+            victims.sort_unstable();
+            victims.dedup();
+            assert_eq!(victims.len(), victim.0.lock().len(), "seed {seed}: twice");
             let mut delivered: Vec<usize> = job.0.lock().iter().map(|(i, _)| *i).collect();
             delivered.sort_unstable();
             assert_eq!(
@@ -1223,6 +1437,128 @@ mod miri_tests {
                 "seed {seed}: each chunk exactly once"
             );
         }
+    }
+
+    fn timed_chunks(job: &Arc<Recorder>, indices: std::ops::Range<usize>) -> Vec<Chunk> {
+        let mut chunks = chunks(job, indices);
+        for chunk in &mut chunks {
+            chunk.limits.timeout = Some(Duration::from_secs(1));
+        }
+        chunks
+    }
+
+    #[test]
+    fn an_expired_chunk_fails_and_its_worker_is_killed_and_replaced() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(timed_chunks(&job, 0..4)).unwrap();
+        let sent = f.workers[0].sent();
+        assert_eq!(sent.len(), 3, "the measuring chunk and two timed ones");
+        let running = sent[1];
+        assert!(claim(&f.workers[0].claims, running));
+        f.scheduler.started(WorkerId(0), running);
+        assert_eq!(*f.supervisor.watches.lock(), [(WorkerId(0), running)]);
+        let (_, failed) = f.scheduler.expire(WorkerId(0), running).expect("expired");
+        match failed.result {
+            Err(PoolError::TaskTimedOut {
+                function: "f",
+                pid: 100,
+                index,
+                ..
+            }) => assert_eq!(index, failed.index),
+            other => panic!("expected TaskTimedOut, got {:?}", other.err()),
+        }
+        assert_eq!(*f.supervisor.kills.lock(), [WorkerId(0)]);
+        assert!(f.scheduler.expire(WorkerId(0), running).is_none(), "once");
+        // It gets nothing more; at its exit the chunk it never started is re-queued.
+        assert!(f.scheduler.worker_exited(WorkerId(0), -9, None).is_empty());
+        assert_eq!(f.supervisor.starts.load(Ordering::SeqCst), 3, "replaced");
+        for seq in f.workers[1].sent() {
+            assert!(claim(&f.workers[1].claims, seq));
+            f.scheduler.result(WorkerId(1), done(seq, 1_000)).unwrap();
+        }
+        f.scheduler.dispatch();
+        assert_eq!(f.workers[1].sent().len(), 3, "its two, and the orphan");
+    }
+
+    #[test]
+    fn a_chunk_whose_worker_moved_on_is_not_expired() {
+        let mut f = fixture(1, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(timed_chunks(&job, 0..2)).unwrap();
+        let sent = f.workers[0].sent();
+        assert!(claim(&f.workers[0].claims, sent[1]));
+        f.scheduler.started(WorkerId(0), sent[1]);
+        // It finished that chunk (the result is on its way) and started the next.
+        assert!(claim(&f.workers[0].claims, sent[2]));
+        assert!(f.scheduler.expire(WorkerId(0), sent[1]).is_none());
+        assert!(f.supervisor.kills.lock().is_empty(), "nobody killed");
+        // A chunk without limits is never watched.
+        let plain = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&plain, 0..1)).unwrap();
+        f.scheduler.started(WorkerId(0), 99);
+        assert_eq!(f.supervisor.watches.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_job_is_cancelled_only_while_none_of_its_chunks_started() {
+        let mut f = fixture(1, None);
+        measure(&mut f, 1_000);
+        let (first, second) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        f.scheduler.enqueue(chunks(&first, 0..2)).unwrap();
+        f.scheduler.enqueue(chunks(&second, 0..2)).unwrap();
+        let sent = f.workers[0].sent();
+        assert_eq!(sent.len(), 5, "all queued on the one worker");
+        let first_job: Arc<dyn Job> = first.clone();
+        let second_job: Arc<dyn Job> = second.clone();
+        assert!(claim(&f.workers[0].claims, sent[1]), "the first job runs");
+        assert!(!f.scheduler.cancel_job(&first_job, true), "it started");
+        // The worker skips what was revoked; the first job's other chunk was sent again.
+        assert!(f.scheduler.cancel_job(&second_job, true));
+        let resent = &f.workers[0].sent()[5..];
+        assert_eq!(
+            resent.len(),
+            1,
+            "only the first job's waiting chunk: {resent:?}"
+        );
+        for seq in 2..5 {
+            assert!(!claim(&f.workers[0].claims, seq), "revoked chunk {seq} ran");
+        }
+        f.scheduler.skipped(WorkerId(0), 4);
+        f.scheduler
+            .result(WorkerId(0), done(sent[1], 1_000))
+            .unwrap();
+        assert!(claim(&f.workers[0].claims, resent[0]));
+        f.scheduler
+            .result(WorkerId(0), done(resent[0], 1_000))
+            .unwrap();
+        assert!(
+            f.scheduler.is_idle(),
+            "the cancelled job left nothing behind"
+        );
+    }
+
+    #[test]
+    fn cancel_pending_fails_every_chunk_not_started() {
+        let mut f = fixture(2, None);
+        measure(&mut f, 1_000);
+        let job = Arc::new(Recorder::default());
+        f.scheduler.enqueue(chunks(&job, 0..40)).unwrap();
+        let running = f.workers[1].sent()[0];
+        assert!(claim(&f.workers[1].claims, running));
+        let cancelled = f.scheduler.cancel_pending();
+        assert_eq!(cancelled.len(), 39, "all but the running one");
+        assert!(
+            cancelled
+                .iter()
+                .all(|(_, o)| o.result == Err(PoolError::Cancelled))
+        );
+        f.scheduler
+            .result(WorkerId(1), done(running, 1_000))
+            .unwrap();
+        assert!(f.scheduler.is_idle());
     }
 
     fn deliver(deliveries: Vec<Delivery>) {

@@ -150,6 +150,9 @@ pub(crate) struct TaskChunk {
     /// nonzero group: the worker may send their successful results together (see the
     /// worker loop). 0: send the result the moment the chunk ends.
     pub group: u64,
+    /// It has a time limit: the worker reports when it starts it ([`Report::Started`]),
+    /// and sends its result at once.
+    pub report_start: bool,
     /// The chunk trampoline to run.
     pub function: FunctionId,
     /// The postcard-encoded `Vec` of arguments.
@@ -193,6 +196,13 @@ pub(crate) enum Report {
         worker: WorkerId,
         /// The results.
         results: Vec<ChunkResult>,
+    },
+    /// The worker claimed and starts chunk `seq`, which has a time limit.
+    Started {
+        /// Who.
+        worker: WorkerId,
+        /// The chunk.
+        seq: u64,
     },
     /// The worker skipped chunks the pool had revoked, up to and including `last`.
     Skipped {
@@ -431,6 +441,7 @@ mod tests {
         TaskMessage::Run(vec![TaskChunk {
             seq,
             group: 0,
+            report_start: false,
             function: FunctionId::of_task(&|x: u8| x),
             payload: Payload::new(vec![7; bytes]),
         }])

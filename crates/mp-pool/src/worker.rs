@@ -159,11 +159,22 @@ pub(crate) fn serve(args: WorkerArgs) {
                 continue;
             }
             let hold_on = chunk.group != 0
+                && !chunk.report_start
                 && chunk.group == held_group
                 && held_bytes < HOLD_BYTES
                 && held_since.elapsed() < HOLD_TIME;
             if !hold_on && !send(&mut held) {
                 return;
+            }
+            if chunk.report_start {
+                // Its deadline starts now: the pool kills this process if it passes.
+                let started = Report::Started {
+                    worker: id,
+                    seq: chunk.seq,
+                };
+                if reports.send(started).is_err() {
+                    return;
+                }
             }
             let _chunk = tracing::trace_span!("chunk", seq = chunk.seq).entered();
             let started = Instant::now();
@@ -171,7 +182,7 @@ pub(crate) fn serve(args: WorkerArgs) {
             // parent, which runs this same executable.
             let outcome = unsafe { chunk.function.call_task(chunk.payload.as_bytes()) };
             let elapsed = started.elapsed();
-            let may_hold = chunk.group != 0 && outcome.is_ok();
+            let may_hold = chunk.group != 0 && !chunk.report_start && outcome.is_ok();
             let bytes = outcome.as_ref().map_or(0, Vec::len);
             held.push(ChunkResult {
                 seq: chunk.seq,

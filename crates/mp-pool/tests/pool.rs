@@ -5,24 +5,18 @@
 //! a FIFO the test reads with a timeout; nothing synchronises by sleeping.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mp_core::{ExitStatus, StartMethod};
 use mp_ipc::queue::Queue;
 use mp_pool::{AsyncResult, Pool, PoolError};
-use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, Signal};
 
-/// The longest any test waits for the pool.
-const LIMIT: Duration = Duration::from_secs(20);
-/// How long a "long" task runs: far longer than any test, so it is always interrupted.
-const LONG_TASK: Duration = Duration::from_secs(60);
+mod common;
+use common::*;
 
 fn square(x: u64) -> u64 {
     x * x
@@ -36,111 +30,6 @@ fn uneven_square(x: u64) -> u64 {
     }
     std::hint::black_box(acc);
     x * x
-}
-
-/// A FIFO on which running tasks announce their worker's pid.
-struct Announcements {
-    path: PathBuf,
-    reader: std::fs::File,
-    /// Kept open so that the FIFO never reports end-of-file between announcements.
-    _writer: std::fs::File,
-}
-
-impl Announcements {
-    fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "mp-pool-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&path);
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-            0,
-        )
-        .expect("mkfifo");
-        // Opened before any writer, non-blocking, so that writers never block on open.
-        let reader = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-            .expect("open fifo");
-        let writer = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open fifo");
-        Announcements {
-            path,
-            reader,
-            _writer: writer,
-        }
-    }
-
-    fn path(&self) -> String {
-        self.path.to_string_lossy().into_owned()
-    }
-
-    /// The pid of the next task to announce itself, waiting at most `LIMIT`.
-    fn next_pid(&mut self) -> u32 {
-        let deadline = Instant::now() + LIMIT;
-        let mut buf = [0u8; 4];
-        let mut filled = 0;
-        while filled < 4 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no task announced itself within {LIMIT:?}");
-            let timeout = Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: left.subsec_nanos() as i64,
-            };
-            let mut fds = [PollFd::new(&self.reader, PollFlags::IN)];
-            if rustix::event::poll(&mut fds, Some(&timeout)).expect("poll") == 0 {
-                continue;
-            }
-            match self.reader.read(&mut buf[filled..]) {
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("reading the fifo: {e}"),
-            }
-        }
-        u32::from_le_bytes(buf)
-    }
-}
-
-impl Drop for Announcements {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// In a task: tells the test which worker runs it.
-fn announce(path: &str) {
-    let mut fifo = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open fifo");
-    fifo.write_all(&std::process::id().to_le_bytes())
-        .expect("write fifo");
-}
-
-/// A task that announces itself, then runs "forever".
-fn announce_and_block(path: String) -> u32 {
-    announce(&path);
-    std::thread::sleep(LONG_TASK);
-    0
-}
-
-fn is_running(pid: u32) -> bool {
-    let pid = Pid::from_raw(pid as i32).expect("nonzero pid");
-    rustix::process::test_kill_process(pid).is_ok()
-}
-
-fn kill(pid: u32, signal: Signal) {
-    let pid = Pid::from_raw(pid as i32).expect("nonzero pid");
-    rustix::process::kill_process(pid, signal).expect("kill");
 }
 
 #[test]
@@ -1010,6 +899,25 @@ fn wait_ready_reports_workers_up_or_why_not() {
     }
 }
 
+#[test]
+fn the_first_workers_start_together_and_are_exactly_the_pools_size() {
+    // The supervisor starts them on parallel threads: each still gets its own process.
+    let pool = Pool::new(6).unwrap();
+    pool.wait_ready(LIMIT).unwrap();
+    let pids: BTreeSet<u32> = pool.worker_pids().into_iter().collect();
+    assert_eq!(pids.len(), 6, "{pids:?}");
+    assert!(pids.iter().all(|&pid| is_running(pid)));
+    let ran: BTreeSet<u32> = pool
+        .chunksize(1)
+        .map(|_: u32| std::process::id(), 0..60)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(ran.is_subset(&pids), "{ran:?} ran outside {pids:?}");
+    pool.close();
+    pool.join_timeout(LIMIT).unwrap();
+}
+
 static LAST_WORKER: std::sync::OnceLock<(Queue<u32>, Queue<u32>)> = std::sync::OnceLock::new();
 
 /// Initializer: records its pid, and any earlier worker still alive (an overlap).
@@ -1087,7 +995,10 @@ impl<'de> serde::Deserialize<'de> for Small {
         if value < 10 {
             Ok(Small(value))
         } else {
-            Err(serde::de::Error::custom(format!("{value} is not small")))
+            // postcard drops the custom message; the note keeps it (see mp-core).
+            let message = format!("{value} is not small");
+            mp_core::note_decode_failure(&message);
+            Err(serde::de::Error::custom(message))
         }
     }
 }
@@ -1126,12 +1037,14 @@ fn encode_and_decode_errors_name_the_type() {
     match pool.apply(Small, 12) {
         Err(PoolError::BadResult { message, .. }) => {
             assert!(message.contains("decoding pool::Small"), "{message}");
+            assert!(message.contains("12 is not small"), "{message}");
         }
         other => panic!("expected BadResult, got {other:?}"),
     }
     match pool.apply(|s: Small| s.0, Small(12)) {
         Err(PoolError::BadArguments { message, .. }) => {
             assert!(message.contains("decoding pool::Small"), "{message}");
+            assert!(message.contains("12 is not small"), "{message}");
         }
         other => panic!("expected BadArguments from the worker, got {other:?}"),
     }
