@@ -652,6 +652,29 @@ mod tests {
     }
 
     #[test]
+    fn handles_inside_items_keep_their_order_across_the_growth_of_the_queue() {
+        // A 4 KiB first segment: the plain items around the handles make the queue grow
+        // several times, and every segment shares the one parcel socket pair.
+        let outer: Queue<(u32, Option<Queue<u32>>)> =
+            Queue::builder().capacity_bytes(4096).build().unwrap();
+        let inners: Vec<Queue<u32>> = (0..20).map(|_| Queue::unbounded().unwrap()).collect();
+        for i in 0..4_000u32 {
+            let handle = (i % 200 == 0).then(|| inners[(i / 200) as usize].clone());
+            outer.put((i, handle)).unwrap();
+        }
+        for i in 0..4_000u32 {
+            let (got, handle) = outer.get().unwrap();
+            assert_eq!(got, i);
+            assert_eq!(handle.is_some(), i % 200 == 0, "item {i}");
+            if let Some(handle) = handle {
+                handle.put(i).unwrap();
+                assert_eq!(inners[(i / 200) as usize].get().unwrap(), i);
+            }
+        }
+        assert!(outer.is_empty());
+    }
+
+    #[test]
     fn type_tags_differ_between_types_and_kinds() {
         assert_ne!(type_tag::<Queue<u8>>(), type_tag::<Queue<u16>>());
         assert_ne!(type_tag::<Queue<u8>>(), type_tag::<JoinableQueue<u8>>());

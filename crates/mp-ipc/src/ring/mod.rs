@@ -336,7 +336,11 @@ impl Ring {
     /// file, the doorbell and the parcel sockets of the `first`. Whatever
     /// `[base, base + header + capacity)` held is discarded. The caller makes
     /// sure nobody else uses that range.
-    pub(crate) fn create_at(first: &Ring, base: u64, config: RingConfig) -> Result<Ring, RingError> {
+    pub(crate) fn create_at(
+        first: &Ring,
+        base: u64,
+        config: RingConfig,
+    ) -> Result<Ring, RingError> {
         let file = &first.file;
         let capacity = config
             .capacity
@@ -357,7 +361,12 @@ impl Ring {
     /// Opens the ring whose header starts at `base` in `file` (made by
     /// [`create_at`](Self::create_at), here or in another process).
     pub(crate) fn attach_at(first: &Ring, base: u64, type_tag: u64) -> Result<Ring, RingError> {
-        let mut ring = Ring::open(Arc::clone(&first.file), first.doorbell.clone(), base, type_tag)?;
+        let mut ring = Ring::open(
+            Arc::clone(&first.file),
+            first.doorbell.clone(),
+            base,
+            type_tag,
+        )?;
         ring.parcels = first.parcels.clone();
         Ok(ring)
     }
