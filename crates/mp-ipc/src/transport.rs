@@ -572,19 +572,6 @@ pub(crate) fn random_bytes() -> io::Result<[u8; 16]> {
     Ok(bytes)
 }
 
-/// For the `Serialize` impls of handles whose descriptors cannot travel in
-/// a message (not lent through [`lend`]): fails if the handle is being
-/// encoded into a queue item or a message.
-pub(crate) fn refuse_inside_item<E: serde::ser::Error>() -> Result<(), E> {
-    if message_handles::refuse() {
-        Err(E::custom(
-            "this handle cannot travel inside queue items or messages",
-        ))
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
