@@ -240,6 +240,25 @@ fn a_handle_in_a_queue_item_whose_only_other_holder_is_killed_leaks_nothing() {
     });
 }
 
+/// A connection and a queue returned as a child's result arrive (the child
+/// waits for the claim before exiting): 20 runs.
+#[test]
+fn a_connection_and_a_queue_returned_by_a_child_arrive() {
+    fn make_handles() -> (Connection, Queue<u32>) {
+        let (kept, returned) = Pipe::duplex().unwrap();
+        kept.send(7u32).unwrap();
+        let queue = Queue::unbounded().unwrap();
+        queue.put(3u32).unwrap();
+        (returned, queue)
+    }
+    for run in 0..20 {
+        let child = Process::new(make_handles).start().unwrap();
+        let (conn, queue) = child.join_timeout(PATIENCE).unwrap();
+        assert_eq!(conn.recv_timeout::<u32>(PATIENCE).unwrap(), 7, "run {run}");
+        assert_eq!(queue.get_timeout(PATIENCE).unwrap(), 3, "run {run}");
+    }
+}
+
 /// What a child receives in a message and in a queue item.
 type InMessage = (u8, Lock, Event, Value<u64>);
 type InItem = (Lock, Event, Value<u64>);

@@ -165,6 +165,39 @@ fn a_child_whose_result_is_never_read_still_exits() {
     }
 }
 
+/// A child dropped unjoined closes its outcome channel: the ticket in its
+/// result expires and it exits at once, not after the linger bound.
+#[test]
+fn a_child_dropped_unjoined_does_not_wait_the_bound() {
+    let child = start_segment_maker(StartMethod::Spawn);
+    let pidfd = child.sentinel().try_clone_to_owned().unwrap();
+    // Dropped before or after the result is sent (either order is possible
+    // here): a send to a closed channel fails, a message in flight is freed
+    // with the closed channel; either way the ticket expires.
+    let started = Instant::now();
+    drop(child);
+    let mut poll = [PollFd::new(&pidfd, PollFlags::IN)];
+    // Half the 10 s bound: generous for an exit that takes milliseconds.
+    let deadline = started + Duration::from_secs(5);
+    let exited = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rustix::event::poll(&mut poll, Some(&Timespec::try_from(left).unwrap())) {
+            Ok(0) => break false,
+            Ok(_) => break true,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => panic!("poll: {error}"),
+        }
+    };
+    if !exited {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+    }
+    assert!(
+        exited,
+        "the dropped child still ran after {:?}",
+        started.elapsed()
+    );
+}
+
 /// Starts a child that makes a 4096-byte anonymous segment, writes to it
 /// and returns it.
 fn start_segment_maker(method: StartMethod) -> Child<SharedMemory> {
