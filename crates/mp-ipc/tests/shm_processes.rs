@@ -2,6 +2,7 @@
 //! is the same memory in the child; a named one is opened by name and leaves
 //! /dev/shm when unlinked. Every join is bounded and every child reaped.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use mp_core::{Child, Process, StartMethod};
@@ -131,20 +132,7 @@ fn a_segment_returned_by_a_forked_or_forkserver_child_arrives() {
 fn a_child_whose_result_is_never_read_still_exits() {
     let child = start_segment_maker(StartMethod::Spawn);
     let started = Instant::now();
-    let sentinel = child.sentinel();
-    let mut poll = [PollFd::new(&sentinel, PollFlags::IN)];
-    let deadline = Instant::now() + BOUND;
-    let exited = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let timeout = Timespec::try_from(left).unwrap();
-        match rustix::event::poll(&mut poll, Some(&timeout)) {
-            Ok(0) => break false,
-            Ok(_) => break true,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(error) => panic!("poll: {error}"),
-        }
-    };
-    if !exited {
+    if !ends_by(child.sentinel(), started + BOUND) {
         let _ = child.kill();
         let _ = child.join_timeout(BOUND);
         panic!(
@@ -176,18 +164,8 @@ fn a_child_dropped_unjoined_does_not_wait_the_bound() {
     // with the closed channel; either way the ticket expires.
     let started = Instant::now();
     drop(child);
-    let mut poll = [PollFd::new(&pidfd, PollFlags::IN)];
     // Half the 10 s bound: generous for an exit that takes milliseconds.
-    let deadline = started + Duration::from_secs(5);
-    let exited = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rustix::event::poll(&mut poll, Some(&Timespec::try_from(left).unwrap())) {
-            Ok(0) => break false,
-            Ok(_) => break true,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(error) => panic!("poll: {error}"),
-        }
-    };
+    let exited = ends_by(pidfd.as_fd(), started + Duration::from_secs(5));
     if !exited {
         let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
     }
@@ -196,6 +174,20 @@ fn a_child_dropped_unjoined_does_not_wait_the_bound() {
         "the dropped child still ran after {:?}",
         started.elapsed()
     );
+}
+
+/// Whether the process of `pidfd` ends by `deadline` (a poll on the pidfd).
+fn ends_by(pidfd: BorrowedFd<'_>, deadline: Instant) -> bool {
+    let mut poll = [PollFd::new(&pidfd, PollFlags::IN)];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rustix::event::poll(&mut poll, Some(&Timespec::try_from(left).unwrap())) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => panic!("poll: {error}"),
+        }
+    }
 }
 
 /// Starts a child that makes a 4096-byte anonymous segment, writes to it
