@@ -9,6 +9,7 @@
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
 
 use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, OpaqueIpcReceiver, OpaqueIpcSender};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,51 @@ pub(crate) struct ChildLink {
 }
 
 type ProcessTrampoline = fn(ChildLink) -> i32;
+
+/// Most hooks [`before_child_exit`] keeps.
+const MAX_EXIT_HOOKS: usize = 8;
+
+/// The hooks a child runs before it exits. `OnceLock` slots, not a mutex: a slot is never
+/// locked by a reader, so a fork while another thread registers cannot leave the child stuck
+/// (a slot being set then simply reads as empty in the child).
+static EXIT_HOOKS: [OnceLock<fn()>; MAX_EXIT_HOOKS] = [const { OnceLock::new() }; MAX_EXIT_HOOKS];
+
+/// Registers `hook` to run in a multiproc child after its function's outcome was sent to the
+/// parent and before the child exits; registering the same function again does nothing.
+///
+/// This is for libraries whose objects in the outcome need the child alive a little longer:
+/// mp-ipc registers a hook that waits (bounded) until the parent has claimed the handles
+/// lent in a child's result. A hook must return in bounded time: the parent's `join` waits
+/// for the exit. In a process that is not a multiproc child (the main program) hooks never
+/// run. Hooks run in registration order, on the child's main thread; a forked child inherits
+/// the hooks its parent had registered. Returns false if the table of hooks is full (8).
+pub fn before_child_exit(hook: fn()) -> bool {
+    for slot in &EXIT_HOOKS {
+        match slot.get() {
+            Some(existing) if std::ptr::fn_addr_eq(*existing, hook) => return true,
+            Some(_) => continue,
+            None => {
+                if slot.set(hook).is_ok() {
+                    return true;
+                }
+                // Another thread filled this slot meanwhile: maybe with the same hook.
+                if slot.get().is_some_and(|f| std::ptr::fn_addr_eq(*f, hook)) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Runs the registered [`before_child_exit`] hooks; a panicking hook is logged, not fatal.
+fn run_exit_hooks() {
+    for hook in EXIT_HOOKS.iter().filter_map(OnceLock::get) {
+        if std::panic::catch_unwind(hook).is_err() {
+            tracing::error!("a before-exit hook of this child panicked");
+        }
+    }
+}
 
 /// The raw id of the process trampoline of `F`, for a [`Header`].
 pub(crate) fn process_entry<M, F: Entry<M>>() -> RawFunctionId {
@@ -103,11 +149,13 @@ pub(crate) fn serve(channel: IpcReceiver<Header>, header: Header, bell: OwnedFd)
     // provenance the parent's `as usize` cast exposed (same image, same layout).
     let trampoline: ProcessTrampoline =
         unsafe { std::mem::transmute(std::ptr::with_exposed_provenance::<()>(address)) };
-    trampoline(ChildLink {
+    let code = trampoline(ChildLink {
         args: channel.to_opaque(),
         outcome: header.outcome,
         bell,
-    })
+    });
+    run_exit_hooks();
+    code
 }
 
 fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {

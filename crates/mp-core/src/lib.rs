@@ -68,6 +68,7 @@ pub mod __fuzz {
     }
 }
 
+pub use child::before_child_exit;
 pub use decode_error::{decode_described, note_decode_failure};
 pub use error::ProcessError;
 pub use function::{

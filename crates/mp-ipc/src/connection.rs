@@ -28,9 +28,9 @@
 //! do not deadlock. (Like an OS pipe, a flood of small messages that nobody
 //! reads fills the ring, and then `send` waits.)
 //!
-//! **Handles inside messages.** A [`Connection`] or a
-//! [`Queue`](crate::queue::Queue) inside a sent value arrives as the same
-//! object (`conn.send((&other, &queue))`, as Python's `conn.send(other)`):
+//! **Handles inside messages.** A [`Connection`], a
+//! [`Queue`](crate::queue::Queue), a [`Lock`](crate::Lock) or any other
+//! primitive inside a sent value arrives as the same object (`conn.send((&other, &queue))`, as Python's `conn.send(other)`):
 //!
 //! ```
 //! use mp_ipc::connection::{Connection, Pipe};
@@ -148,10 +148,11 @@ pub enum ConnectionError {
     /// The connection's shared memory does not hold what it should.
     #[error("the connection's shared memory is corrupted: {0}")]
     Corrupted(String),
-    /// The message contains a handle that cannot travel inside a message
-    /// (nothing was sent). Connections and queues can (see
-    /// [`send`](Connection::send)); a handle that cannot is passed as a
-    /// process argument.
+    /// The message contains a handle but is not being carried by a
+    /// connection that can pass its descriptors (nothing was sent). Every
+    /// handle of this crate travels inside [`send`](Connection::send)'s
+    /// messages; a handle nested in another transport is passed as a process
+    /// argument.
     #[error(
         "the message contains a handle that cannot travel inside a message; pass it as a process argument"
     )]
@@ -403,7 +404,8 @@ impl Connection {
     /// and references: `send(42)`, `send(&data)`.
     ///
     /// Handles inside the value (a [`Connection`], a
-    /// [`Queue`](crate::queue::Queue)...) arrive as the same objects, like
+    /// [`Queue`](crate::queue::Queue), a [`SharedMemory`](crate::SharedMemory)
+    /// and what lives in it...) arrive as the same objects, like
     /// Python's `conn.send(other_conn)`: their descriptors travel beside the
     /// message (see [`transport_design`](crate::transport_design)), and are
     /// closed by the kernel if the message is never received.
@@ -966,16 +968,16 @@ mod tests {
     }
 
     #[test]
-    fn a_handle_that_cannot_travel_in_a_message_is_refused() {
+    fn shared_memory_in_a_message_is_the_same_memory() {
         let (a, b) = Pipe::duplex().unwrap();
         let shm = crate::SharedMemory::new(64).unwrap();
-        assert!(matches!(
-            a.send((1u8, &shm)),
-            Err(ConnectionError::HandleInMessage)
-        ));
-        // Nothing was sent; the pipe works.
-        a.send(2u8).unwrap();
-        assert_eq!(b.recv::<u8>().unwrap(), 2);
+        a.send((1u8, &shm)).unwrap();
+        let (one, arrived) = b.recv::<(u8, crate::SharedMemory)>().unwrap();
+        assert_eq!(one, 1);
+        arrived.write_at(0, b"through").unwrap();
+        let mut seen = [0u8; 7];
+        shm.read_at(0, &mut seen).unwrap();
+        assert_eq!(&seen, b"through");
     }
 
     #[test]

@@ -41,7 +41,7 @@
 //!
 //! Every primitive is `Clone` (same object), `Send + Sync`, and `Serialize + Deserialize`
 //! for travelling as a process argument (through ipc-channel; the descriptors of queues and
-//! pipes travel beside it with `SCM_RIGHTS`); connections and queues also travel inside
+//! pipes travel beside it with `SCM_RIGHTS`); every primitive also travels inside
 //! `Connection::send` messages and `Queue::put` items. It is freed when the last handle in
 //! the last process is dropped. Every blocking call has `try_` and `_timeout` variants.
 //!

@@ -42,11 +42,12 @@
 //!   were dropped, exited or SIGKILLed (the kernel's garbage collector also
 //!   frees cycles, e.g. a reader end sent over its own connection).
 //!
-//! Outside a connection's send or a queue's put (e.g. `queue::encode_item`),
-//! and for handles whose descriptors are not lent through the transport
-//! (`SharedMemory` and what lives in it, for now), a handle is refused
-//! ([`RingError::HandleInItem`](crate::ring::RingError)) before anything is
-//! duplicated.
+//! Every handle of this crate (connections, queues, `SharedMemory` and what
+//! lives in it: locks, events, values...) lends its descriptors through
+//! [`transport::lend`](crate::transport::lend), so it travels this way.
+//! Outside a connection's send or a queue's put (e.g. `queue::encode_item`)
+//! a handle is refused ([`RingError::HandleInItem`](crate::ring::RingError))
+//! before anything is duplicated.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -134,8 +135,7 @@ struct Collected {
 }
 
 enum Failure {
-    /// Outside a ring's put (e.g. `queue::encode_item`), or a handle whose
-    /// descriptors are not lent through the transport.
+    /// Outside a ring's put (e.g. `queue::encode_item`).
     Refused,
     Io(io::Error),
 }
@@ -295,17 +295,6 @@ pub(crate) fn collect(fds: &[BorrowedFd<'_>]) -> Option<io::Result<Slot>> {
             count: fds.len() as u32,
         })
     }))
-}
-
-/// Whether the thread is encoding a queue item or a message: a handle that
-/// cannot travel in one is then refused (the encoding fails with
-/// [`RingError::HandleInItem`]).
-pub(crate) fn refuse() -> bool {
-    if MODE.with(Cell::get) == Mode::Idle {
-        return false;
-    }
-    with_collected(|collected| collected.failure = Some(Failure::Refused));
-    true
 }
 
 fn send_parcel(key: Key, fds: &[OwnedFd]) -> io::Result<()> {

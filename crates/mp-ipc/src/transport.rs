@@ -26,15 +26,24 @@
 //!   a liveness pipe never stays open because of a message nobody will read.
 //!
 //! A lent handle can be claimed while its lender lives (as Python's
-//! `resource_sharer`): a process that exits right after sending a handle in a
-//! message makes that handle undecodable (a typed error, never a hang).
+//! `resource_sharer`). A multiproc child therefore does not exit while a
+//! ticket it lent is unclaimed and still exists (its result carries one, or a
+//! message it sent does): after sending its outcome it waits, sleeping on the
+//! table's condition variable, until every entry was claimed or expired, at
+//! most [`LENDER_LINGER`] (a hook registered with mp-core's
+//! `before_child_exit` on first lend). The parent's `join` claims while it
+//! receives the result, so a child returning a handle exits at once; a child
+//! whose parent never reads its result exits after the bound, and one whose
+//! parent died is killed by its parent-death signal. Any other process that
+//! exits right after sending a handle makes that handle undecodable (a typed
+//! error, never a hang).
 
 use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard, mpsc};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcReceiverSet, IpcSelectionResult, IpcSender};
@@ -49,6 +58,11 @@ use crate::message_handles;
 /// How long a claim waits for the lender's courier to answer once the claim
 /// was handed to it (the lender is alive then: the ticket's channel was open).
 const CLAIM_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long a multiproc child, its function done, waits at most for its lent
+/// tickets to be claimed or dropped before it exits anyway (the claim
+/// patience: a claim already under way is served).
+pub(crate) const LENDER_LINGER: Duration = CLAIM_PATIENCE;
 
 /// Most descriptors one ticket carries (a connection end has the most).
 pub(crate) const MAX_FDS: usize = 8;
@@ -124,6 +138,13 @@ struct Courier {
 }
 
 static COURIER: Mutex<Option<Courier>> = Mutex::new(None);
+/// Notified (with the table's lock) whenever an entry leaves a table: what
+/// [`wait_until_claimed`] sleeps on.
+static TABLE_SHRANK: Condvar = Condvar::new();
+/// Entries the courier thread took from the table and is still handing to a
+/// claimant (changed only with the table's lock held, so a waiter on
+/// [`TABLE_SHRANK`] misses no change).
+static DELIVERING: AtomicUsize = AtomicUsize::new(0);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +196,42 @@ fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
     Ok((table, register))
 }
 
+/// Removes the entry `id` from `table` and wakes [`wait_until_claimed`].
+fn take_entry(table: Table, id: u64) -> Option<Vec<OwnedFd>> {
+    let taken = lock(table).remove(&id);
+    TABLE_SHRANK.notify_all();
+    taken
+}
+
+/// The before-exit hook of a multiproc child (see the module docs): sleeps
+/// until this process's courier table is empty, at most [`LENDER_LINGER`].
+fn wait_until_claimed() {
+    let table = match lock(&COURIER).as_ref() {
+        Some(c) if c.pid == std::process::id() => c.table,
+        _ => return, // this process lent nothing (a fork copy is not ours)
+    };
+    let unclaimed = |entries: &mut HashMap<u64, Vec<OwnedFd>>| {
+        !entries.is_empty() || DELIVERING.load(Relaxed) > 0
+    };
+    let mut entries = lock(table);
+    if !unclaimed(&mut entries) {
+        return;
+    }
+    tracing::debug!(
+        unclaimed = entries.len(),
+        "waiting for lent handles to be claimed before exit"
+    );
+    let (entries, waited) = TABLE_SHRANK
+        .wait_timeout_while(entries, LENDER_LINGER, unclaimed)
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if waited.timed_out() {
+        tracing::warn!(
+            unclaimed = entries.len(),
+            "exiting with lent handles nobody claimed"
+        );
+    }
+}
+
 /// The courier thread: registers tickets, answers claims, drops what expired.
 fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) {
     // The receiver-set id of each watched ticket → its table id.
@@ -199,7 +256,7 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) 
                             }
                             Err(error) => {
                                 tracing::error!(%error, "cannot watch a ticket; its descriptors are dropped");
-                                lock(table).remove(&id);
+                                take_entry(table, id);
                             }
                         }
                     }
@@ -208,7 +265,15 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) 
                     let Some(&id) = tickets.get(&from) else {
                         continue;
                     };
-                    let Some(fds) = lock(table).remove(&id) else {
+                    let taken = {
+                        let mut entries = lock(table);
+                        let taken = entries.remove(&id);
+                        if taken.is_some() {
+                            DELIVERING.fetch_add(1, Relaxed);
+                        }
+                        taken
+                    };
+                    let Some(fds) = taken else {
                         continue; // claimed already (in-process shortcut)
                     };
                     match message.to::<Claim>() {
@@ -219,12 +284,20 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) 
                         }
                         Err(error) => tracing::warn!(%error, "malformed claim"),
                     }
+                    // Only now, the descriptors being in the claimant's socket,
+                    // may a lender waiting to exit go.
+                    drop(fds);
+                    {
+                        let _entries = lock(table);
+                        DELIVERING.fetch_sub(1, Relaxed);
+                    }
+                    TABLE_SHRANK.notify_all();
                 }
                 IpcSelectionResult::ChannelClosed(from) if from == control => return,
                 IpcSelectionResult::ChannelClosed(from) => {
                     if let Some(id) = tickets.remove(&from) {
                         // Every copy of the ticket is gone: nobody can claim it.
-                        lock(table).remove(&id);
+                        take_entry(table, id);
                     }
                 }
             }
@@ -334,6 +407,11 @@ fn lend_to_courier(fds: &[BorrowedFd<'_>]) -> io::Result<CourierTicket> {
         .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(io::Error::from))
         .collect::<io::Result<Vec<OwnedFd>>>()?;
     let (table, register) = courier()?;
+    if !mp_core::before_child_exit(wait_until_claimed) {
+        tracing::warn!(
+            "no room for mp-ipc's before-exit hook: a child may exit before its lent handles are claimed"
+        );
+    }
     let (claims, watched) = ipc::channel::<Claim>()?;
     let id = NEXT_ID.fetch_add(1, Relaxed);
     lock(table).insert(id, copies);
@@ -348,7 +426,7 @@ fn lend_to_courier(fds: &[BorrowedFd<'_>]) -> io::Result<CourierTicket> {
         claims: watched,
     };
     if register.send(registration).is_err() {
-        lock(table).remove(&id);
+        take_entry(table, id);
         return Err(io::Error::other(
             "the descriptor courier's registrar is gone",
         ));
@@ -381,7 +459,7 @@ fn claim_courier_ticket(ticket: CourierTicket) -> io::Result<Vec<OwnedFd>> {
         let local = lock(&COURIER)
             .as_ref()
             .filter(|c| c.pid == ticket.owner)
-            .and_then(|c| lock(c.table).remove(&ticket.id));
+            .and_then(|c| take_entry(c.table, ticket.id));
         if let Some(fds) = local {
             return Ok(fds);
         }
@@ -492,19 +570,6 @@ pub(crate) fn random_bytes() -> io::Result<[u8; 16]> {
         }
     }
     Ok(bytes)
-}
-
-/// For the `Serialize` impls of handles whose descriptors cannot travel in
-/// a message (not lent through [`lend`]): fails if the handle is being
-/// encoded into a queue item or a message.
-pub(crate) fn refuse_inside_item<E: serde::ser::Error>() -> Result<(), E> {
-    if message_handles::refuse() {
-        Err(E::custom(
-            "this handle cannot travel inside queue items or messages",
-        ))
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(all(test, not(loom)))]

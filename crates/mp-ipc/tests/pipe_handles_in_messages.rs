@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use mp_core::Process;
 use mp_ipc::connection::{Connection, ConnectionError, Pipe};
-use mp_ipc::queue::{JoinableQueue, Queue, QueueError, SimpleQueue};
+use mp_ipc::queue::{JoinableQueue, Queue, SimpleQueue};
+use mp_ipc::{Event, Lock, Value};
 
 /// Generous bound for anything that should happen "at once".
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -239,25 +240,75 @@ fn a_handle_in_a_queue_item_whose_only_other_holder_is_killed_leaks_nothing() {
     });
 }
 
+/// A connection and a queue returned as a child's result arrive (the child
+/// waits for the claim before exiting): 20 runs.
 #[test]
-fn shared_memory_inside_a_message_or_item_is_refused_and_nothing_is_sent() {
-    // Until `SharedMemory` lends its descriptor through the transport, it
-    // (and the locks, events, values... that live in it) cannot travel in a
-    // message: refused before anything is sent.
+fn a_connection_and_a_queue_returned_by_a_child_arrive() {
+    fn make_handles() -> (Connection, Queue<u32>) {
+        let (kept, returned) = Pipe::duplex().unwrap();
+        kept.send(7u32).unwrap();
+        let queue = Queue::unbounded().unwrap();
+        queue.put(3u32).unwrap();
+        (returned, queue)
+    }
+    for run in 0..20 {
+        let child = Process::new(make_handles).start().unwrap();
+        let (conn, queue) = child.join_timeout(PATIENCE).unwrap();
+        assert_eq!(conn.recv_timeout::<u32>(PATIENCE).unwrap(), 7, "run {run}");
+        assert_eq!(queue.get_timeout(PATIENCE).unwrap(), 3, "run {run}");
+    }
+}
+
+/// What a child receives in a message and in a queue item.
+type InMessage = (u8, Lock, Event, Value<u64>);
+type InItem = (Lock, Event, Value<u64>);
+
+#[test]
+fn locks_events_and_values_in_a_message_or_item_are_the_same_objects_in_a_child() {
     let (reader, writer) = Pipe::simplex().unwrap();
-    let lock = mp_ipc::Lock::new().unwrap();
-    assert!(matches!(
-        writer.send((1u8, &lock)),
-        Err(ConnectionError::HandleInMessage)
-    ));
-    let queue: Queue<(u8, mp_ipc::Lock)> = Queue::unbounded().unwrap();
-    assert!(matches!(
-        queue.put((1u8, lock)),
-        Err(QueueError::HandleInItem)
-    ));
-    assert!(queue.is_empty());
-    writer.send(2u8).unwrap();
-    assert_eq!(reader.recv_timeout::<u8>(PATIENCE).unwrap(), 2);
+    let queue: Queue<InItem> = Queue::unbounded().unwrap();
+    let (lock, event, value) = (
+        Lock::new().unwrap(),
+        Event::new().unwrap(),
+        Value::new(0u64).unwrap(),
+    );
+    let (item_lock, item_event, item_value) = (
+        Lock::new().unwrap(),
+        Event::new().unwrap(),
+        Value::new(5u64).unwrap(),
+    );
+    let child = Process::new(|(reader, queue): (Connection, Queue<InItem>)| {
+        let (n, lock, event, value) = reader.recv_timeout::<InMessage>(PATIENCE).unwrap();
+        let locked_by_parent = lock.locked();
+        value.set(u64::from(n) * 10).unwrap();
+        event.set();
+        let (item_lock, item_event, item_value) = queue.get_timeout(PATIENCE).unwrap();
+        item_value.set(item_value.get().unwrap() + 1).unwrap();
+        item_event.set();
+        (locked_by_parent, item_lock.locked())
+    })
+    .args((reader, queue.clone()))
+    .start()
+    .unwrap();
+    // Both locks held by the parent throughout: the child must see them taken.
+    let guard = lock.lock().unwrap();
+    let item_guard = item_lock.lock().unwrap();
+    writer.send((7u8, &lock, &event, &value)).unwrap();
+    event.wait_timeout(PATIENCE).unwrap();
+    assert_eq!(
+        value.get().unwrap(),
+        70,
+        "the child wrote the parent's value"
+    );
+    queue
+        .put((item_lock.clone(), item_event.clone(), item_value.clone()))
+        .unwrap();
+    item_event.wait_timeout(PATIENCE).unwrap();
+    assert_eq!(item_value.get().unwrap(), 6);
+    let (locked, item_locked) = child.join_timeout(PATIENCE).unwrap();
+    assert!(locked, "the child saw the lock the parent holds");
+    assert!(item_locked, "the child saw the item lock the parent holds");
+    drop((guard, item_guard));
 }
 
 #[test]

@@ -6,8 +6,8 @@
 //! Children are forked (`StartMethod::Fork`): mp-core's spawn method
 //! re-executes `/proc/self/exe`, which is mp-core's business, not this one's.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use mp_core::{Process, StartMethod};
@@ -15,61 +15,12 @@ use mp_ipc::connection::{Connection, ConnectionError, Pipe, Waitable, wait};
 use mp_ipc::queue::Queue;
 
 const PATIENCE: Duration = Duration::from_secs(20);
-const INSIDE: &str = "MP_IPC_TEST_PROC_HIDDEN";
-const NAME: &str = "pipes_queues_peer_death_and_wait_work_with_proc_hidden";
-
-/// Mounts an empty tmpfs over `/proc`, then runs `command` (in `$0 "$@"`).
-const HIDE_PROC: &str = "mount -t tmpfs mp-ipc-no-proc /proc && exec \"$0\" \"$@\"";
 
 #[test]
 fn pipes_queues_peer_death_and_wait_work_with_proc_hidden() {
-    if std::env::var_os(INSIDE).is_some() {
-        assert!(
-            !Path::new("/proc/self").exists(),
-            "/proc is still visible inside the namespace"
-        );
-        body();
-        return;
-    }
-    let probe = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            HIDE_PROC,
-            "true",
-        ])
-        .output();
-    match probe {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => {
-            eprintln!(
-                "SKIPPED: cannot hide /proc in a mount namespace here ({})",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-            return;
-        }
-        Err(error) => {
-            eprintln!("SKIPPED: `unshare` is not available ({error})");
-            return;
-        }
-    }
-    let exe = std::env::current_exe().unwrap();
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", HIDE_PROC])
-        .arg(&exe)
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(INSIDE, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "inside the namespace: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    common::with_proc_hidden(
+        "pipes_queues_peer_death_and_wait_work_with_proc_hidden",
+        body,
     );
 }
 

@@ -121,9 +121,9 @@ pub enum QueueError {
     /// the queue (later items are unaffected).
     #[error("could not decode an item (it was removed from the queue): {0}")]
     Decode(#[source] postcard::Error),
-    /// The item contains a handle that cannot travel inside an item (queues
-    /// and connections can; see `message_handles`); pass it as a process
-    /// argument (nothing was put).
+    /// The item contains a handle but is not being carried by a queue that
+    /// can pass its descriptors (e.g. [`encode_item`], a handle nested in
+    /// another transport); pass it as a process argument (nothing was put).
     #[error(
         "the item contains a handle that cannot travel inside an item; pass it as a process argument"
     )]
@@ -612,6 +612,21 @@ fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Que
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handle_encoded_outside_a_queue_is_refused_and_stays_usable() {
+        let lock = crate::Lock::new().unwrap();
+        assert!(matches!(
+            encode_item(&(1u8, &lock)),
+            Err(QueueError::HandleInItem)
+        ));
+        let queue: Queue<(u8, crate::Lock)> = Queue::unbounded().unwrap();
+        queue.put((2u8, lock.clone())).unwrap();
+        let (two, arrived) = queue.get().unwrap();
+        assert_eq!(two, 2);
+        let _guard = arrived.lock().unwrap();
+        assert!(lock.locked(), "the item's lock is the same lock");
+    }
 
     #[test]
     fn put_accepts_values_and_references() {
