@@ -136,14 +136,17 @@ impl<M, F: Entry<M>> Process<M, F> {
             outcome: outcome_tx.to_opaque(),
         };
         let channel = launched.channel.to_opaque();
+        decode_error::clear();
         let sent = transfer::send(&channel.clone().to::<Header>(), header)
             .and_then(|()| transfer::send(&channel.to::<F::Args>(), args));
         if let Err(e) = sent {
             let _ = child.kill();
             child.tracked.wait_exit(Some(Duration::from_secs(5)));
+            // The type, ipc-channel's error, and what a failing handle noted (postcard drops
+            // serde's custom messages).
             return Err(ProcessError::StartFailed(format!(
-                "could not send the function and its argument ({}) to the child: {e:?}",
-                std::any::type_name::<F::Args>()
+                "could not send the function and its argument to the child: {}",
+                decode_error::describe::<F::Args>(format!("{e:?}"))
             )));
         }
         tracing::debug!(pid = child.pid(), name = child.name(), %method, "process started");

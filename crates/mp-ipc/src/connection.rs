@@ -768,7 +768,9 @@ fn lend<E: serde::ser::Error>(endpoint: &Option<Endpoint>) -> Result<Option<Tick
         .as_ref()
         .map(|e| transport::lend(&e.descriptors()))
         .transpose()
-        .map_err(|e| E::custom(format!("lending a connection's descriptors: {e}")))
+        .map_err(|e| {
+            crate::decode_error::custom_encode(format!("lending a connection's descriptors: {e}"))
+        })
 }
 
 impl Serialize for Connection {

@@ -563,9 +563,10 @@ impl Serialize for SharedMemory {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match &self.segment.backing {
             Backing::Anonymous(fd) => {
-                use serde::ser::Error;
                 let ticket = transport::lend(&[fd.as_fd()]).map_err(|e| {
-                    S::Error::custom(format!("lending a shared memory descriptor: {e}"))
+                    crate::decode_error::custom_encode::<S::Error>(format!(
+                        "lending a shared memory descriptor: {e}"
+                    ))
                 })?;
                 serializer.serialize_newtype_variant("Wire", 0, "Anonymous", &ticket)
             }

@@ -43,6 +43,52 @@ fn creating_pipes_and_queues_with_no_descriptor_left_is_an_error() {
     assert!(errors.contains("Too many open files"), "{errors}");
 }
 
+/// Raises this process's descriptor limit back to its hard limit.
+fn restore_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).unwrap();
+}
+
+#[test]
+fn a_handle_argument_that_cannot_be_lent_says_why_in_the_start_error() {
+    // In a child (the limit is its own): start a grandchild with a queue as its argument
+    // under ever fewer spare descriptors, until it starts. On the way, some start fails after
+    // the grandchild exists but while the queue's descriptors are lent: that error must say
+    // so (postcard alone would only say "SerdeSerCustom").
+    let child = Process::new(|()| {
+        let queue = Queue::<u8>::unbounded().unwrap();
+        let mut errors = Vec::new();
+        for spare in 0..128 {
+            leave_spare_descriptors(spare);
+            let started = Process::new(|queue: Queue<u8>| queue.put(7).is_ok())
+                .args(queue.clone())
+                .start();
+            restore_descriptor_limit();
+            match started {
+                Err(error) => errors.push(error.to_string()),
+                Ok(grandchild) => {
+                    let put = grandchild.join_timeout(PATIENCE).unwrap();
+                    return (put && queue.get().unwrap() == 7, errors);
+                }
+            }
+        }
+        (false, errors)
+    })
+    .args(())
+    .start()
+    .unwrap();
+    let (started_at_last, errors) = child.join_timeout(PATIENCE).unwrap();
+    assert!(started_at_last, "never started: {errors:#?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("lending a queue's descriptors") && e.contains("Queue<u8>")),
+        "no start failed while lending the queue, or it did not say so: {errors:#?}"
+    );
+}
+
 #[test]
 fn receiving_a_handle_with_no_descriptor_left_is_an_error() {
     let (reader, writer) = Pipe::simplex().unwrap();

@@ -577,9 +577,11 @@ struct Wire {
 
 impl<T> Serialize for Queue<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error;
-        let ring = transport::lend(&self.segments.first().descriptors())
-            .map_err(|e| S::Error::custom(format!("lending a queue's descriptors: {e}")))?;
+        let ring = transport::lend(&self.segments.first().descriptors()).map_err(|e| {
+            crate::decode_error::custom_encode::<S::Error>(format!(
+                "lending a queue's descriptors: {e}"
+            ))
+        })?;
         // Counted for the lender until the receiver claims it.
         self.segments.handle_made();
         Wire {

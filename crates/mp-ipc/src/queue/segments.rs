@@ -154,8 +154,9 @@ pub(crate) struct Segments {
     myself: Weak<Segments>,
 }
 
-/// Bare `fork`s this process went through (counted in the child).
-static FORKS: AtomicU32 = AtomicU32::new(0);
+/// Bare `fork`s this process went through (counted in the child). Process-local, never in
+/// shared memory: std's atomic even under `cfg(loom)`, whose atomics cannot be in a static.
+static FORKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 extern "C" fn count_fork_in_child() {
     FORKS.fetch_add(1, Relaxed);
