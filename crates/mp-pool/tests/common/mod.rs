@@ -26,21 +26,7 @@ pub struct Announcements {
 
 impl Announcements {
     pub fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "mp-pool-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&path);
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-            0,
-        )
-        .expect("mkfifo");
+        let path = fresh_fifo("mp-pool-test");
         // Opened before any writer, non-blocking, so that writers never block on open.
         let reader = std::fs::OpenOptions::new()
             .read(true)
@@ -162,6 +148,26 @@ pub fn kill(pid: u32, signal: Signal) {
     rustix::process::kill_process(pid, signal).expect("kill");
 }
 
+/// Makes a FIFO with a name no other test of this process uses, in the temporary directory.
+fn fresh_fifo(prefix: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&path);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .expect("mkfifo");
+    path
+}
+
 /// A FIFO a task blocks on until the test opens it: holds a task running for as long as
 /// the test needs, with no sleep on either side.
 pub struct Gate {
@@ -170,21 +176,7 @@ pub struct Gate {
 
 impl Gate {
     pub fn new() -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "mp-pool-gate-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&path);
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-            0,
-        )
-        .expect("mkfifo");
+        let path = fresh_fifo("mp-pool-gate");
         Gate { path }
     }
 
