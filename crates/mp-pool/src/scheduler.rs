@@ -1240,6 +1240,34 @@ mod miri_tests {
     }
 
     impl Simulation {
+        /// Runs everything left to the end: starts what was asked for, workers
+        /// report and read all they have, spent workers retire. Whether the
+        /// scheduler became idle.
+        fn drain(&mut self) -> bool {
+            for _ in 0..10_000 {
+                if self.scheduler.is_idle() {
+                    return true;
+                }
+                self.start_requested();
+                for w in 0..self.live.len() {
+                    while !self.live[w].running.is_empty() {
+                        self.finish_one(w, 1_000);
+                    }
+                    while self.read_next(w) {}
+                }
+                let mut w = 0;
+                while w < self.live.len() {
+                    if self.live[w].budget == Some(0) && self.live[w].running.is_empty() {
+                        self.exit(w, 0);
+                    } else {
+                        w += 1;
+                    }
+                }
+                self.scheduler.dispatch();
+            }
+            self.scheduler.is_idle()
+        }
+
         /// Starts the workers the scheduler asked for.
         fn start_requested(&mut self) {
             while (self.next_id as usize) < self.supervisor.starts.load(Ordering::SeqCst) {
@@ -1396,30 +1424,7 @@ mod miri_tests {
                     _ => {}
                 }
             }
-            // Drain: start what was asked for, run everything to the end.
-            for _ in 0..10_000 {
-                if sim.scheduler.is_idle() {
-                    break;
-                }
-                sim.start_requested();
-                for w in 0..sim.live.len() {
-                    while !sim.live[w].running.is_empty() {
-                        sim.finish_one(w, 1_000);
-                    }
-                    while sim.read_next(w) {}
-                }
-                // Workers whose budget is spent and who have nothing left retire.
-                let mut w = 0;
-                while w < sim.live.len() {
-                    if sim.live[w].budget == Some(0) && sim.live[w].running.is_empty() {
-                        sim.exit(w, 0);
-                    } else {
-                        w += 1;
-                    }
-                }
-                sim.scheduler.dispatch();
-            }
-            assert!(sim.scheduler.is_idle(), "seed {seed}: work left over");
+            assert!(sim.drain(), "seed {seed}: work left over");
             deliver(std::mem::take(&mut sim.deliveries));
             let mut victims: Vec<usize> = victim.0.lock().iter().map(|(i, _)| *i).collect();
             match cancelled_after {

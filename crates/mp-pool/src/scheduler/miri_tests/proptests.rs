@@ -54,34 +54,6 @@ impl Simulation {
             deliveries: Vec::new(),
         }
     }
-
-    /// Runs everything left to the end: starts what was asked for, workers
-    /// report and read all they have, spent workers retire. Whether the
-    /// scheduler became idle.
-    fn drain(&mut self) -> bool {
-        for _ in 0..10_000 {
-            if self.scheduler.is_idle() {
-                return true;
-            }
-            self.start_requested();
-            for w in 0..self.live.len() {
-                while !self.live[w].running.is_empty() {
-                    self.finish_one(w, 1_000);
-                }
-                while self.read_next(w) {}
-            }
-            let mut w = 0;
-            while w < self.live.len() {
-                if self.live[w].budget == Some(0) && self.live[w].running.is_empty() {
-                    self.exit(w, 0);
-                } else {
-                    w += 1;
-                }
-            }
-            self.scheduler.dispatch();
-        }
-        self.scheduler.is_idle()
-    }
 }
 
 proptest! {
