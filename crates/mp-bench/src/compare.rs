@@ -27,6 +27,9 @@ pub struct Options {
     pub python: String,
     /// The CPython benchmark program.
     pub script: PathBuf,
+    /// Another build of this runner (an earlier commit's `mp-bench`): its multiproc side is
+    /// measured interleaved with this one's, as the `baseline` column.
+    pub baseline: Option<PathBuf>,
 }
 
 /// The measured columns of a row.
@@ -40,6 +43,8 @@ pub enum Side {
     CPython,
     /// The OS floor, measured by this binary in a child.
     Floor,
+    /// The multiproc side of another build of the runner (`--baseline`).
+    Baseline,
 }
 
 impl Side {
@@ -50,6 +55,7 @@ impl Side {
             Side::Procspawn => "procspawn",
             Side::CPython => "cpython",
             Side::Floor => "floor",
+            Side::Baseline => "baseline",
         }
     }
 }
@@ -68,6 +74,8 @@ pub enum Cell {
     NoFloor,
     /// procspawn has no counterpart of this workload.
     NoProcspawn,
+    /// No `--baseline` was given.
+    NoBaseline,
     /// The Python interpreter or program is missing.
     PythonMissing(String),
     /// The side failed; the message says why.
@@ -91,6 +99,7 @@ impl Cell {
             Cell::Value { .. } => "ok".to_owned(),
             Cell::NoFloor => "no floor applies".to_owned(),
             Cell::NoProcspawn => "procspawn has no counterpart".to_owned(),
+            Cell::NoBaseline => "no baseline given".to_owned(),
             Cell::PythonMissing(what) => format!("{what} not found"),
             Cell::Failed(why) => format!("failed: {why}"),
             Cell::TimedOut(after) => format!("timed out after {} s", after.as_secs_f64()),
@@ -111,6 +120,8 @@ pub struct Row {
     pub cpython: Cell,
     /// The floor's cell.
     pub floor: Cell,
+    /// The baseline build's multiproc cell.
+    pub baseline: Cell,
 }
 
 impl Row {
@@ -127,6 +138,14 @@ impl Row {
         Some(
             self.workload
                 .advantage(self.multiproc.value()?, self.procspawn.value()?),
+        )
+    }
+
+    /// How many times better this build does than the baseline build (> 1: ahead).
+    pub fn ratio_vs_baseline(&self) -> Option<f64> {
+        Some(
+            self.workload
+                .advantage(self.multiproc.value()?, self.baseline.value()?),
         )
     }
 
@@ -193,12 +212,17 @@ pub fn run(
             SideRun::new(workload.procspawn.is_none().then_some(Cell::NoProcspawn)),
             SideRun::new(python.as_ref().err().cloned()),
             SideRun::new(workload.floor.is_none().then_some(Cell::NoFloor)),
+            SideRun::new(options.baseline.is_none().then_some(Cell::NoBaseline)),
+        ];
+        let order = [
+            Side::Multiproc,
+            Side::Procspawn,
+            Side::CPython,
+            Side::Floor,
+            Side::Baseline,
         ];
         for _ in 0..options.reps {
-            for (side, run) in [Side::Multiproc, Side::Procspawn, Side::CPython, Side::Floor]
-                .into_iter()
-                .zip(sides.iter_mut())
-            {
+            for (side, run) in order.into_iter().zip(sides.iter_mut()) {
                 if run.settled.is_some() {
                     continue;
                 }
@@ -207,17 +231,22 @@ pub fn run(
                     Side::Multiproc | Side::Procspawn | Side::Floor => {
                         measure_command(&exe, options, workload, side)
                     }
+                    Side::Baseline => match &options.baseline {
+                        Some(baseline) => measure_command(baseline, options, workload, side),
+                        None => continue,
+                    },
                 };
                 run.record(workload, run_bounded(cmd, options.timeout));
             }
         }
-        let [multiproc, procspawn, cpython, floor] = sides.map(SideRun::finish);
+        let [multiproc, procspawn, cpython, floor, baseline] = sides.map(SideRun::finish);
         let row = Row {
             workload,
             multiproc,
             procspawn,
             cpython,
             floor,
+            baseline,
         };
         progress(i, &row);
         rows.push(row);
@@ -249,6 +278,11 @@ fn measure_command(
     workload: &Workload,
     side: Side,
 ) -> Command {
+    // The baseline is another build's multiproc side.
+    let side = match side {
+        Side::Baseline => Side::Multiproc,
+        other => other,
+    };
     let mut cmd = Command::new(exe);
     cmd.args(["measure", workload.name, "--side", side.as_str()]);
     common_args(&mut cmd, options);

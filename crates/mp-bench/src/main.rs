@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p mp-bench -- compare [--quick] [--json | --csv] [--filter NAME]...
+//!                                           [--baseline OTHER_MP_BENCH]
 //! ```
 //!
 //! For every workload named in the benchmark targets of the mp-core, mp-ipc
@@ -13,7 +14,9 @@
 //! ping-pong, memcpy, fork/posix_spawn). The sides run interleaved, each
 //! repetition in a fresh child process under a time bound, and the table
 //! reports medians: absolute figures drift 20-45 % between runs on a shared
-//! VM, ratios measured in the same run do not.
+//! VM, ratios measured in the same run do not. `--baseline` adds another
+//! build of the runner (an earlier commit's) as one more interleaved side, so
+//! that a change is judged against its predecessor in the same run.
 
 mod child;
 mod compare;
@@ -81,6 +84,12 @@ struct CompareArgs {
     /// The CPython program [default: benches/python/mp_bench.py].
     #[arg(long, value_name = "PATH")]
     script: Option<PathBuf>,
+    /// Another build of this runner (say, the previous commit's
+    /// `target/release/mp-bench`): its multiproc side is measured interleaved with this
+    /// build's, as a `baseline` column with `vs baseline` ratios, so that a change is judged
+    /// against its predecessor in one run.
+    #[arg(long, value_name = "MP_BENCH")]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -159,7 +168,14 @@ fn compare_command(args: CompareArgs) -> Result<(), String> {
                 "/../../benches/python/mp_bench.py"
             ))
         }),
+        baseline: args.baseline,
     };
+    if let Some(baseline) = options.baseline.as_ref().filter(|path| !path.is_file()) {
+        return Err(format!(
+            "--baseline {}: no such file (give another build's mp-bench executable)",
+            baseline.display()
+        ));
+    }
     let workloads = compare::select(&options.filters);
     if workloads.is_empty() {
         return Err(format!(
@@ -185,6 +201,10 @@ fn compare_command(args: CompareArgs) -> Result<(), String> {
             Err(cell) => cell.status(),
         },
         machine: machine(),
+        baseline: options
+            .baseline
+            .as_ref()
+            .map(|path| path.display().to_string()),
     };
     let total = workloads.len();
     let rows = compare::run(&options, &workloads, &python, |i, row| {
@@ -192,8 +212,12 @@ fn compare_command(args: CompareArgs) -> Result<(), String> {
             Some(v) => report::figure(v),
             None => cell.status(),
         };
+        let baseline = match row.baseline {
+            Cell::NoBaseline => String::new(),
+            ref cell => format!(" | baseline {}", show(cell)),
+        };
         eprintln!(
-            "[{}/{total}] {}: multiproc {} | procspawn {} | cpython {} | floor {} ({})",
+            "[{}/{total}] {}: multiproc {} | procspawn {} | cpython {} | floor {}{baseline} ({})",
             i + 1,
             row.workload.name,
             show(&row.multiproc),

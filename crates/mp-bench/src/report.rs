@@ -26,6 +26,8 @@ pub struct Meta {
     pub python: String,
     /// `Linux 6.x` and the number of CPUs.
     pub machine: String,
+    /// The baseline build's path (`--baseline`), when one was measured.
+    pub baseline: Option<String>,
 }
 
 /// A figure with three significant digits (`0.123`, `12.3`, `1234`).
@@ -45,7 +47,7 @@ pub fn figure(x: f64) -> String {
 fn cell_text(cell: &Cell, notes: &mut Vec<String>, note: impl FnOnce() -> String) -> String {
     match cell {
         Cell::Value { median, .. } => figure(*median),
-        Cell::NoFloor | Cell::NoProcspawn => "-".to_owned(),
+        Cell::NoFloor | Cell::NoProcspawn | Cell::NoBaseline => "-".to_owned(),
         Cell::PythonMissing(what) if what.ends_with("python3") => "python3 missing".to_owned(),
         Cell::PythonMissing(_) => "script missing".to_owned(),
         Cell::TimedOut(after) => format!("timeout {}s", after.as_secs_f64()),
@@ -70,7 +72,8 @@ fn advantage_text(ratio: Option<f64>) -> String {
 /// The readable table, with its legend and notes.
 pub fn table(meta: &Meta, rows: &[Row]) -> String {
     let mut notes = Vec::new();
-    let header = [
+    let with_baseline = meta.baseline.is_some();
+    let mut header = vec![
         "workload",
         "unit",
         "multiproc",
@@ -81,14 +84,17 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
         "vs cpython",
         "vs floor",
     ];
-    let mut lines: Vec<[String; 9]> = vec![header.map(str::to_owned)];
+    if with_baseline {
+        header.extend(["baseline", "vs baseline"]);
+    }
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for row in rows {
         let name = row.workload.name;
         let unit = match row.workload.better {
             Better::Lower => format!("{} (lower)", row.workload.unit),
             Better::Higher => format!("{} (higher)", row.workload.unit),
         };
-        lines.push([
+        let mut line = vec![
             name.to_owned(),
             unit,
             cell_text(&row.multiproc, &mut notes, || format!("{name}, multiproc")),
@@ -99,9 +105,16 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
             advantage_text(row.ratio_vs_cpython()),
             row.ratio_vs_floor()
                 .map_or("-".to_owned(), |r| format!("{}x", figure(r))),
-        ]);
+        ];
+        if with_baseline {
+            line.push(cell_text(&row.baseline, &mut notes, || {
+                format!("{name}, baseline")
+            }));
+            line.push(advantage_text(row.ratio_vs_baseline()));
+        }
+        lines.push(line);
     }
-    let mut widths = [0; 9];
+    let mut widths = vec![0; header.len()];
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
@@ -120,7 +133,7 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
     out.push('\n');
     for (i, line) in lines.iter().enumerate() {
         let mut text = String::new();
-        for (col, (cell, w)) in line.iter().zip(widths).enumerate() {
+        for (col, (cell, &w)) in line.iter().zip(&widths).enumerate() {
             if col < 2 {
                 let _ = write!(text, "{cell:<w$}  ");
             } else {
@@ -142,6 +155,13 @@ pub fn table(meta: &Meta, rows: &[Row]) -> String {
          vs floor: multiproc's cost as a multiple of the OS floor's (1.00x = at the floor; the \
          floor is measured in the same run).\n",
     );
+    if let Some(baseline) = &meta.baseline {
+        let _ = writeln!(
+            out,
+            "baseline: the multiproc side of {baseline}, interleaved with this build's; vs \
+             baseline: how many times faster this build is."
+        );
+    }
     let mut floors: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for row in rows {
         if let Some(floor) = row.workload.floor {
@@ -179,6 +199,7 @@ pub fn row_json(row: &Row) -> Value {
     let (procspawn, procspawn_reps) = cell_json(&row.procspawn);
     let (cpython, cpython_reps) = cell_json(&row.cpython);
     let (floor, floor_reps) = cell_json(&row.floor);
+    let (baseline, baseline_reps) = cell_json(&row.baseline);
     json!({
         "workload": row.workload.name,
         "what": row.workload.what,
@@ -188,19 +209,23 @@ pub fn row_json(row: &Row) -> Value {
         "procspawn": procspawn,
         "cpython": cpython,
         "floor": floor,
+        "baseline": baseline,
         "floor_kind": row.workload.floor.map(|f| f.describe()),
         "ratio_vs_procspawn": row.ratio_vs_procspawn(),
         "ratio_vs_cpython": row.ratio_vs_cpython(),
         "ratio_vs_floor": row.ratio_vs_floor(),
+        "ratio_vs_baseline": row.ratio_vs_baseline(),
         "multiproc_status": row.multiproc.status(),
         "procspawn_status": row.procspawn.status(),
         "cpython_status": row.cpython.status(),
         "floor_status": row.floor.status(),
+        "baseline_status": row.baseline.status(),
         "reps": {
             "multiproc": multiproc_reps,
             "procspawn": procspawn_reps,
             "cpython": cpython_reps,
             "floor": floor_reps,
+            "baseline": baseline_reps,
         },
     })
 }
@@ -215,6 +240,8 @@ pub fn json(meta: &Meta, rows: &[Row]) -> Value {
             "budget_s": meta.budget_s,
             "python": meta.python,
             "machine": meta.machine,
+            "baseline": meta.baseline,
+            "ratio_vs_baseline": "how many times faster this build is than the baseline build (> 1: ahead)",
             "ratio_vs_procspawn": "how many times faster multiproc is than procspawn (> 1: ahead)",
             "ratio_vs_cpython": "how many times faster multiproc is than CPython (> 1: ahead)",
             "ratio_vs_floor": "multiproc's cost as a multiple of the OS floor's (1.0: at the floor)",
@@ -224,7 +251,7 @@ pub fn json(meta: &Meta, rows: &[Row]) -> Value {
 }
 
 /// The columns of [`csv`], in order.
-pub const CSV_COLUMNS: [&str; 14] = [
+pub const CSV_COLUMNS: [&str; 17] = [
     "workload",
     "unit",
     "better",
@@ -232,13 +259,16 @@ pub const CSV_COLUMNS: [&str; 14] = [
     "procspawn",
     "cpython",
     "floor",
+    "baseline",
     "ratio_vs_procspawn",
     "ratio_vs_cpython",
     "ratio_vs_floor",
+    "ratio_vs_baseline",
     "multiproc_status",
     "procspawn_status",
     "cpython_status",
     "floor_status",
+    "baseline_status",
 ];
 
 /// One CSV line per row after a header line (RFC 4180: text fields quoted, `"` doubled);
@@ -257,13 +287,16 @@ pub fn csv(rows: &[Row]) -> String {
             number(row.procspawn.value()),
             number(row.cpython.value()),
             number(row.floor.value()),
+            number(row.baseline.value()),
             number(row.ratio_vs_procspawn()),
             number(row.ratio_vs_cpython()),
             number(row.ratio_vs_floor()),
+            number(row.ratio_vs_baseline()),
             quote(&row.multiproc.status()),
             quote(&row.procspawn.status()),
             quote(&row.cpython.status()),
             quote(&row.floor.status()),
+            quote(&row.baseline.status()),
         ];
         out.push_str(&fields.join(","));
         out.push('\n');
@@ -285,6 +318,7 @@ mod tests {
             budget_s: 0.15,
             python: "3.11.7".into(),
             machine: "Linux, 2 CPUs".into(),
+            baseline: None,
         }
     }
 
@@ -312,6 +346,7 @@ mod tests {
                 procspawn: value(5.0),
                 cpython: value(10.0),
                 floor: value(10.0),
+                baseline: Cell::NoBaseline,
             },
             Row {
                 workload: find("lock_uncontended").unwrap(),
@@ -319,6 +354,7 @@ mod tests {
                 procspawn: Cell::NoProcspawn,
                 cpython: Cell::Failed("boom".into()),
                 floor: Cell::NoFloor,
+                baseline: Cell::NoBaseline,
             },
             Row {
                 workload: find("pool_map_1m").unwrap(),
@@ -326,6 +362,7 @@ mod tests {
                 procspawn: value(1.0),
                 cpython: Cell::PythonMissing("python3".into()),
                 floor: Cell::NoFloor,
+                baseline: Cell::NoBaseline,
             },
         ];
         let text = table(&meta(), &rows);
@@ -384,15 +421,65 @@ mod tests {
             procspawn: value(4.0),
             cpython: Cell::Failed("said \"no\", twice".into()),
             floor: value(1.0),
+            baseline: value(4.0),
         }];
         let text = csv(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], CSV_COLUMNS.join(","));
         assert_eq!(
             lines[1],
-            "\"pool_apply\",\"us\",\"lower\",2,4,,1,2,,2,\"ok\",\"ok\",\
-             \"failed: said \"\"no\"\", twice\",\"ok\""
+            "\"pool_apply\",\"us\",\"lower\",2,4,,1,4,2,,2,2,\"ok\",\"ok\",\
+             \"failed: said \"\"no\"\", twice\",\"ok\",\"ok\""
         );
         assert_eq!(lines.len(), 2);
+    }
+
+    #[test]
+    fn a_baseline_adds_its_column_and_ratio_only_when_given() {
+        let rows = [
+            Row {
+                workload: find("queue_1to1_8b").unwrap(),
+                multiproc: value(12.0),
+                procspawn: Cell::NoProcspawn,
+                cpython: value(0.3),
+                floor: Cell::NoFloor,
+                baseline: value(8.0),
+            },
+            Row {
+                workload: find("pool_apply").unwrap(),
+                multiproc: value(4.0),
+                procspawn: value(60.0),
+                cpython: value(150.0),
+                floor: value(13.0),
+                baseline: Cell::Failed("no workload \"pool_apply\"".into()),
+            },
+        ];
+        let plain = table(&meta(), &rows);
+        assert!(!plain.contains("vs baseline"), "{plain}");
+
+        let with = Meta {
+            baseline: Some("/tmp/mp-bench-old".into()),
+            ..meta()
+        };
+        let text = table(&with, &rows);
+        let last_words = |start: &str, n: usize| {
+            let line = text.lines().find(|l| l.starts_with(start)).unwrap();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words[words.len() - n..].join(" ")
+        };
+        assert_eq!(last_words("workload", 5), "vs floor baseline vs baseline");
+        assert_eq!(last_words("queue_1to1_8b", 3), "8.00 1.50x faster");
+        assert_eq!(last_words("pool_apply", 3), "failed [1] -");
+        assert!(
+            text.contains("[1] pool_apply, baseline: no workload")
+                && text.contains("the multiproc side of /tmp/mp-bench-old"),
+            "{text}"
+        );
+
+        let doc = json(&with, &rows);
+        assert_eq!(doc["meta"]["baseline"], "/tmp/mp-bench-old");
+        assert_eq!(doc["rows"][0]["baseline"], json!(8.0));
+        assert_eq!(doc["rows"][0]["ratio_vs_baseline"], json!(1.5));
+        assert_eq!(doc["rows"][1]["ratio_vs_baseline"], Value::Null);
     }
 }

@@ -251,3 +251,49 @@ fn the_cpython_program_has_exactly_the_runner_workloads() {
     runner_names.sort();
     assert_eq!(python_names, runner_names);
 }
+
+#[test]
+fn a_baseline_build_is_measured_interleaved_as_its_own_column() {
+    // The runner is its own baseline here: the column and its ratio must be filled, and the
+    // ratio must be what the two medians say.
+    let exe = env!("CARGO_BIN_EXE_mp-bench");
+    let text = stdout(&mp_bench(&[
+        "compare",
+        "--quick",
+        "--json",
+        "--reps",
+        "2",
+        "--filter",
+        CHEAP,
+        "--python",
+        "/nonexistent/python3",
+        "--baseline",
+        exe,
+    ]));
+    let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    assert_eq!(doc["meta"]["baseline"], exe);
+    let row = &doc["rows"][0];
+    assert_eq!(row["baseline_status"], "ok", "{row}");
+    assert_eq!(
+        row["reps"]["baseline"].as_array().map(Vec::len),
+        Some(2),
+        "{row}"
+    );
+    let baseline = row["baseline"].as_f64().expect("baseline figure");
+    let multiproc = row["multiproc"].as_f64().expect("multiproc figure");
+    let ratio = row["ratio_vs_baseline"].as_f64().expect("a ratio");
+    // Lower is better for ns: the ratio is the baseline's time over this build's.
+    assert!((ratio - baseline / multiproc).abs() < 1e-9 * ratio, "{row}");
+
+    let output = Command::new(exe)
+        .args(["compare", "--baseline", "/nonexistent/mp-bench"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mp-bench");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--baseline /nonexistent/mp-bench: no such file"),
+        "{stderr}"
+    );
+}
