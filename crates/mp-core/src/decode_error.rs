@@ -9,6 +9,8 @@
 use std::cell::RefCell;
 use std::fmt::Display;
 
+use crate::encode_cause::encode_failure_cause;
+
 thread_local! {
     static NOTE: RefCell<Option<String>> = const { RefCell::new(None) };
 }
@@ -33,6 +35,31 @@ pub(crate) fn describe<T>(error: impl Display) -> String {
         Some(note) => format!("{ty}: {error}: {note}"),
         None => format!("{ty}: {error}"),
     }
+}
+
+/// Describes an encode failure of `value`: its type, the codec's error, and why it failed —
+/// the note a handle left, or else the custom message its `Serialize` gave (found by
+/// [`encode_failure_cause`], since postcard drops it).
+pub(crate) fn describe_encode<T: serde::Serialize + ?Sized>(
+    value: &T,
+    error: impl Display,
+) -> String {
+    let ty = std::any::type_name::<T>();
+    let cause = NOTE
+        .with(|note| note.borrow_mut().take())
+        .or_else(|| encode_failure_cause(value));
+    match cause {
+        Some(cause) => format!("{ty}: {error}: {cause}"),
+        None => format!("{ty}: {error}"),
+    }
+}
+
+/// Encodes `value` with postcard, describing a failure as mp-core describes those of task
+/// arguments and results: the Rust type, postcard's error, and the cause (a handle's note,
+/// or the custom message of the `Serialize` that refused, which postcard itself drops).
+pub fn encode_described<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    clear();
+    postcard::to_allocvec(value).map_err(|e| describe_encode(value, e))
 }
 
 /// Decodes a postcard-encoded `T`, describing a failure as mp-core describes those of task

@@ -362,7 +362,7 @@ fn task_trampoline<M, F: Entry<M>>(input: &[u8]) -> Result<Vec<u8>, TaskFailure>
         .map_err(|e| TaskFailure::BadArguments(decode_error::describe::<F::Args>(e)))?;
     let output = catch_panic(|| F::recreate().call(args), true).map_err(TaskFailure::Panicked)?;
     postcard::to_allocvec(&output)
-        .map_err(|e| TaskFailure::BadResult(decode_error::describe::<F::Output>(e)))
+        .map_err(|e| TaskFailure::BadResult(decode_error::describe_encode(&output, e)))
 }
 
 thread_local! {
@@ -467,5 +467,29 @@ mod tests {
         // SAFETY: the id was made by of_task in this process.
         let result = unsafe { id.call_task(&[0xff, 0xff, 0xff]) };
         assert!(matches!(result, Err(TaskFailure::BadArguments(_))));
+    }
+
+    /// A result whose `Serialize` refuses with a message of its own.
+    #[derive(Debug, Deserialize)]
+    struct Unsendable;
+
+    impl Serialize for Unsendable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("this value stays in its process"))
+        }
+    }
+
+    #[test]
+    fn a_result_that_refuses_to_encode_names_its_type_and_says_why() {
+        let id = FunctionId::of_task(&|_: u8| Unsendable);
+        let input = postcard::to_allocvec(&0u8).unwrap();
+        // SAFETY: the id was made by of_task in this process.
+        match unsafe { id.call_task(&input) } {
+            Err(TaskFailure::BadResult(message)) => assert!(
+                message.contains("Unsendable") && message.contains("stays in its process"),
+                "{message}"
+            ),
+            other => panic!("expected BadResult, got {other:?}"),
+        }
     }
 }

@@ -43,6 +43,7 @@ compile_error!("mp-core supports Linux only for now (it relies on pidfds, memfds
 mod bootstrap;
 mod child;
 mod decode_error;
+mod encode_cause;
 mod error;
 mod fork;
 mod forkserver;
@@ -69,7 +70,8 @@ pub mod __fuzz {
 }
 
 pub use child::before_child_exit;
-pub use decode_error::{decode_described, note_decode_failure};
+pub use decode_error::{decode_described, encode_described, note_decode_failure};
+pub use encode_cause::encode_failure_cause;
 pub use error::ProcessError;
 pub use function::{
     Entry, ForgedFunctionId, FunctionId, RunKeyConflict, TaskFailure, adopt_run_key, run_key,
