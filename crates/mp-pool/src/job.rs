@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::PoolError;
 use crate::result::Completion;
+use crate::transport::ResultBytes;
 
 /// What became of one chunk of a job.
 pub(crate) struct ChunkOutcome {
@@ -23,7 +24,7 @@ pub(crate) struct ChunkOutcome {
     /// How many items it had.
     pub items: usize,
     /// The postcard-encoded `Vec` of results, with the pid of the worker that made it.
-    pub result: Result<(u32, Vec<u8>), PoolError>,
+    pub result: Result<(u32, ResultBytes), PoolError>,
 }
 
 /// A job as the scheduler sees it: a sink for chunk outcomes.
@@ -65,7 +66,7 @@ fn decode<R: DeserializeOwned>(outcome: ChunkOutcome) -> Result<Vec<R>, PoolErro
     // mp-core's decoder names the type and keeps the message a failing `Deserialize`
     // noted (postcard drops it).
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        mp_core::decode_described::<Vec<R>>(&bytes)
+        mp_core::decode_described::<Vec<R>>(bytes.as_bytes())
     }));
     let values: Vec<R> = match decoded {
         Ok(Ok(values)) => values,
@@ -339,7 +340,12 @@ mod tests {
         ChunkOutcome {
             index,
             items: values.len(),
-            result: Ok((1, postcard::to_allocvec(values).unwrap())),
+            result: Ok((
+                1,
+                ResultBytes::Inline(crate::transport::Bytes(
+                    postcard::to_allocvec(values).unwrap(),
+                )),
+            )),
         }
     }
 
@@ -379,7 +385,12 @@ mod tests {
         job.deliver(ChunkOutcome {
             index: 0,
             items: 3,
-            result: Ok((9, postcard::to_allocvec(&[1u32]).unwrap())),
+            result: Ok((
+                9,
+                ResultBytes::Inline(crate::transport::Bytes(
+                    postcard::to_allocvec(&[1u32]).unwrap(),
+                )),
+            )),
         });
         assert!(matches!(
             AsyncResult::new(completion).get(),

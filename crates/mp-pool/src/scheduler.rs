@@ -42,8 +42,8 @@ use mp_core::FunctionId;
 use crate::error::{PoolError, TaskTypes, describe_exit, status_of_exitcode};
 use crate::job::{ChunkOutcome, Job};
 use crate::transport::{
-    BATCH_BYTES, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, TaskChunk, TaskMessage,
-    TransportError, WorkerId,
+    BATCH_BYTES, ChunkPayload, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, TaskChunk,
+    TaskMessage, TransportError, WorkerId,
 };
 
 /// How much work (by the running average of chunk times) to keep queued on each worker.
@@ -448,7 +448,7 @@ impl Scheduler {
         let chunk = assigned.chunk;
         tracing::trace!(worker = %id, seq = assigned.seq, index = chunk.index, "chunk done");
         let result = match result.outcome {
-            Ok(bytes) => Ok((pid, bytes.0)),
+            Ok(bytes) => Ok((pid, bytes)),
             Err(failure) => Err(PoolError::from_task_failure(pid, failure, chunk.types)),
         };
         Some((
@@ -643,7 +643,7 @@ impl Scheduler {
                     group,
                     report_start: chunk.limits.any(),
                     function: chunk.function,
-                    payload: chunk.payload.clone(),
+                    payload: ChunkPayload::Inline(chunk.payload.clone()),
                 });
                 batch.push(Assigned { seq, chunk });
             }
@@ -861,7 +861,7 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
 mod miri_tests {
     mod proptests;
     use super::*;
-    use crate::transport::{Bytes, claim, revoke};
+    use crate::transport::{Bytes, ResultBytes, claim, revoke};
     use parking_lot::Mutex;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -977,7 +977,7 @@ mod miri_tests {
         ChunkResult {
             seq,
             elapsed_ns,
-            outcome: Ok(Bytes(Vec::new())),
+            outcome: Ok(ResultBytes::Inline(Bytes(Vec::new()))),
         }
     }
 
@@ -1558,7 +1558,7 @@ mod miri_tests {
         assert!(
             cancelled
                 .iter()
-                .all(|(_, o)| o.result == Err(PoolError::Cancelled))
+                .all(|(_, o)| matches!(o.result, Err(PoolError::Cancelled)))
         );
         f.scheduler
             .result(WorkerId(1), done(running, 1_000))

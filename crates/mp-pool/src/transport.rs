@@ -35,6 +35,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mp_core::{FunctionId, TaskFailure};
+use parking_lot::Mutex;
+
+use crate::bulk::{BulkRef, Inbox, Outbox, Staged};
 use mp_ipc::queue::{Queue, QueueError};
 use mp_ipc::shm::SharedMemory;
 use serde::de::{self, Visitor};
@@ -156,7 +159,41 @@ pub(crate) struct TaskChunk {
     /// The chunk trampoline to run.
     pub function: FunctionId,
     /// The postcard-encoded `Vec` of arguments.
-    pub payload: Payload,
+    pub payload: ChunkPayload,
+}
+
+/// Where a chunk's encoded arguments are.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ChunkPayload {
+    /// In the message.
+    Inline(Payload),
+    /// In the worker's argument region (see [`crate::bulk`]); the sender puts large
+    /// payloads there.
+    Bulk(BulkRef),
+}
+
+/// A chunk's encoded results, as they travel and as the pool hands them to the job.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ResultBytes {
+    /// In the message.
+    Inline(Bytes),
+    /// In the worker's result region (see [`crate::bulk`]).
+    Bulk(BulkRef),
+    /// In the worker's result region, mapped by the pool: freed for the worker when
+    /// dropped. Made by the result thread from `Bulk`; never sent.
+    #[serde(skip)]
+    Staged(Staged),
+}
+
+impl ResultBytes {
+    /// The encoded results (empty for an unresolved reference, which then fails to decode).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            ResultBytes::Inline(bytes) => &bytes.0,
+            ResultBytes::Bulk(_) => &[],
+            ResultBytes::Staged(staged) => staged.bytes(),
+        }
+    }
 }
 
 /// Parent → worker.
@@ -176,7 +213,7 @@ pub(crate) struct ChunkResult {
     /// How long the worker spent running it, in nanoseconds.
     pub elapsed_ns: u64,
     /// The postcard-encoded `Vec` of results, or why there is none.
-    pub outcome: Result<Bytes, TaskFailure>,
+    pub outcome: Result<ResultBytes, TaskFailure>,
 }
 
 /// Worker → parent, and the pool's own notices to its result thread.
@@ -319,8 +356,9 @@ pub(crate) enum TransportError {
     Queue(#[from] QueueError),
 }
 
-/// Parent side of a task link.
-pub(crate) struct TaskSender(Queue<TaskMessage>);
+/// Parent side of a task link: the queue, and the worker's argument region (large
+/// payloads, see [`crate::bulk`]).
+pub(crate) struct TaskSender(Queue<TaskMessage>, Mutex<Outbox>);
 
 /// Worker side of a task link.
 #[derive(Serialize, Deserialize)]
@@ -332,13 +370,58 @@ pub(crate) fn task_link() -> Result<(TaskSender, TaskReceiver), TransportError> 
         .capacity_bytes(TASK_RING_BYTES)
         .grow(false)
         .build()?;
-    Ok((TaskSender(queue.clone()), TaskReceiver(queue)))
+    Ok((
+        TaskSender(queue.clone(), Mutex::new(Outbox::default())),
+        TaskReceiver(queue),
+    ))
 }
 
 impl TaskSender {
-    /// Sends without waiting (see the module docs).
+    /// Sends without waiting (see the module docs). The first large inline payload of the
+    /// message goes through the argument region instead, if that is free.
     pub(crate) fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
-        match self.0.try_put(message) {
+        let mut outbox = self.1.lock();
+        let staged = match message {
+            TaskMessage::Run(chunks) => chunks.iter().position(|chunk| {
+                matches!(&chunk.payload, ChunkPayload::Inline(p) if p.len() >= crate::bulk::MIN_BYTES)
+            }),
+            TaskMessage::Stop => None,
+        }
+        .and_then(|index| {
+            let TaskMessage::Run(chunks) = message else {
+                return None;
+            };
+            let ChunkPayload::Inline(payload) = &chunks[index].payload else {
+                return None;
+            };
+            let bulk = outbox.stage(payload.as_bytes())?;
+            let mut bulk = Some(bulk);
+            let copy = chunks
+                .iter()
+                .enumerate()
+                .map(|(i, chunk)| TaskChunk {
+                    seq: chunk.seq,
+                    group: chunk.group,
+                    report_start: chunk.report_start,
+                    function: chunk.function,
+                    payload: match (&chunk.payload, i == index) {
+                        (_, true) => ChunkPayload::Bulk(bulk.take().expect("one staged chunk")),
+                        (ChunkPayload::Inline(payload), false) => {
+                            ChunkPayload::Inline(payload.clone())
+                        }
+                        // The pool sends only inline payloads; a reference stays what it is.
+                        (ChunkPayload::Bulk(bulk), false) => ChunkPayload::Bulk(BulkRef {
+                            len: bulk.len,
+                            region: None,
+                        }),
+                    },
+                })
+                .collect();
+            Some(TaskMessage::Run(copy))
+        });
+        let sent = self.0.try_put(staged.as_ref().unwrap_or(message));
+        outbox.sent(sent.is_ok());
+        match sent {
             Ok(()) => Ok(()),
             Err(QueueError::Full) => Err(TransportError::Full),
             Err(e) => Err(e.into()),
@@ -350,6 +433,37 @@ impl TaskReceiver {
     /// Waits for the next message; an error means the link is unusable.
     pub(crate) fn recv(&self) -> Result<TaskMessage, TransportError> {
         Ok(get_polling(&self.0)?)
+    }
+}
+
+/// In the worker: the arguments of a received chunk, readable in place.
+pub(crate) enum Arguments {
+    /// They came in the message.
+    Inline(Payload),
+    /// They are in the argument region (freed when this is dropped).
+    Staged(Staged),
+    /// The message named a region the worker does not have (a broken link).
+    Missing,
+}
+
+impl Arguments {
+    /// Resolves a chunk's payload, with the worker's view of its argument region.
+    pub(crate) fn open(payload: ChunkPayload, inbox: &mut Inbox) -> Arguments {
+        match payload {
+            ChunkPayload::Inline(payload) => Arguments::Inline(payload),
+            ChunkPayload::Bulk(bulk) => inbox
+                .open(bulk)
+                .map_or(Arguments::Missing, Arguments::Staged),
+        }
+    }
+
+    /// The encoded arguments (`None`: missing).
+    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Arguments::Inline(payload) => Some(payload.as_bytes()),
+            Arguments::Staged(staged) => Some(staged.bytes()),
+            Arguments::Missing => None,
+        }
     }
 }
 
@@ -443,7 +557,7 @@ mod tests {
             group: 0,
             report_start: false,
             function: FunctionId::of_task(&|x: u8| x),
-            payload: Payload::new(vec![7; bytes]),
+            payload: ChunkPayload::Inline(Payload::new(vec![7; bytes])),
         }])
     }
 

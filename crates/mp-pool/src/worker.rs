@@ -9,14 +9,14 @@
 
 use std::time::{Duration, Instant};
 
-#[cfg(test)]
-use mp_core::TaskFailure;
-use mp_core::{Child, Entry, FunctionId, Process, ProcessError, StartMethod};
+use mp_core::{Child, Entry, FunctionId, Process, ProcessError, StartMethod, TaskFailure};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::bulk::{Inbox, Outbox};
 use crate::transport::{
-    Bytes, ChunkResult, Claims, Report, ReportSender, TaskMessage, TaskReceiver, WorkerId,
+    Arguments, Bytes, ChunkResult, Claims, Report, ReportSender, ResultBytes, TaskMessage,
+    TaskReceiver, WorkerId,
 };
 
 /// Everything a worker process is started with (besides its initializer's arguments).
@@ -129,15 +129,22 @@ pub(crate) fn serve(args: WorkerArgs) {
         return;
     }
     tracing::debug!("pool worker ready");
-    let send = |results: &mut Vec<ChunkResult>| {
+    // Large payloads: arguments arrive in, results leave through, a reused region each.
+    let mut arguments_region = Inbox::default();
+    let mut results_region = Outbox::default();
+    let send = |results: &mut Vec<ChunkResult>, outbox: &mut Outbox| {
         let results = std::mem::take(results);
-        results.is_empty()
-            || reports
-                .send(Report::Results {
-                    worker: id,
-                    results,
-                })
-                .is_ok()
+        if results.is_empty() {
+            return true;
+        }
+        let sent = reports
+            .send(Report::Results {
+                worker: id,
+                results,
+            })
+            .is_ok();
+        outbox.sent(sent);
+        sent
     };
     let mut done = 0usize;
     while max_tasks.is_none_or(|max| done < max) {
@@ -154,6 +161,8 @@ pub(crate) fn serve(args: WorkerArgs) {
         let mut held = Vec::new();
         let (mut held_group, mut held_since, mut held_bytes) = (0, Instant::now(), 0);
         for chunk in batch {
+            // Opened before the claim, so that a skipped chunk frees its region too.
+            let arguments = Arguments::open(chunk.payload, &mut arguments_region);
             if !claims.claim(chunk.seq) {
                 skipped = Some(chunk.seq);
                 continue;
@@ -163,7 +172,7 @@ pub(crate) fn serve(args: WorkerArgs) {
                 && chunk.group == held_group
                 && held_bytes < HOLD_BYTES
                 && held_since.elapsed() < HOLD_TIME;
-            if !hold_on && !send(&mut held) {
+            if !hold_on && !send(&mut held, &mut results_region) {
                 return;
             }
             if chunk.report_start {
@@ -178,20 +187,29 @@ pub(crate) fn serve(args: WorkerArgs) {
             }
             let _chunk = tracing::trace_span!("chunk", seq = chunk.seq).entered();
             let started = Instant::now();
-            // SAFETY: the id was made by `FunctionId::of_task` (on a chunk trampoline) in the
-            // parent, which runs this same executable.
-            let outcome = unsafe { chunk.function.call_task(chunk.payload.as_bytes()) };
+            let outcome = match arguments.bytes() {
+                // SAFETY: the id was made by `FunctionId::of_task` (on a chunk trampoline) in
+                // the parent, which runs this same executable.
+                Some(bytes) => unsafe { chunk.function.call_task(bytes) },
+                None => Err(TaskFailure::BadArguments(
+                    "the chunk's arguments region is missing".into(),
+                )),
+            };
+            drop(arguments);
             let elapsed = started.elapsed();
             let may_hold = chunk.group != 0 && !chunk.report_start && outcome.is_ok();
             let bytes = outcome.as_ref().map_or(0, Vec::len);
             held.push(ChunkResult {
                 seq: chunk.seq,
                 elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
-                outcome: outcome.map(Bytes),
+                outcome: outcome.map(|bytes| match results_region.stage(&bytes) {
+                    Some(bulk) => ResultBytes::Bulk(bulk),
+                    None => ResultBytes::Inline(Bytes(bytes)),
+                }),
             });
             done += 1;
             if !may_hold {
-                if !send(&mut held) {
+                if !send(&mut held, &mut results_region) {
                     return;
                 }
             } else if held.len() == 1 {
@@ -200,7 +218,7 @@ pub(crate) fn serve(args: WorkerArgs) {
                 held_bytes += bytes;
             }
         }
-        if !send(&mut held) {
+        if !send(&mut held, &mut results_region) {
             return;
         }
         if let Some(last) = skipped {
