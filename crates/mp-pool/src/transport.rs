@@ -31,7 +31,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mp_core::{FunctionId, TaskFailure};
@@ -112,28 +112,100 @@ impl<'de> Deserialize<'de> for Bytes {
 /// The encoded arguments of one chunk. Shared, not copied, between the scheduler (which
 /// keeps it to re-queue the chunk if its worker dies) and the message that carries it.
 #[derive(Clone, Debug)]
-pub(crate) struct Payload(Arc<Vec<u8>>);
+pub(crate) struct Payload(Arc<Encoded>);
+
+/// The bytes of a [`Payload`]; a large buffer goes back to its pool's [`Spares`] when the
+/// chunk is done with it.
+#[derive(Debug)]
+struct Encoded {
+    bytes: Vec<u8>,
+    spares: Option<Arc<Spares>>,
+}
+
+impl Drop for Encoded {
+    fn drop(&mut self) {
+        if let Some(spares) = &self.spares {
+            spares.give(std::mem::take(&mut self.bytes));
+        }
+    }
+}
 
 impl Payload {
     /// Wraps encoded bytes.
     pub(crate) fn new(bytes: Vec<u8>) -> Payload {
-        Payload(Arc::new(bytes))
+        Payload(Arc::new(Encoded {
+            bytes,
+            spares: None,
+        }))
+    }
+
+    /// Wraps encoded bytes whose buffer, if large, is kept in `spares` once the chunk is
+    /// done with it.
+    pub(crate) fn recycled(bytes: Vec<u8>, spares: &Arc<Spares>) -> Payload {
+        let spares = (bytes.capacity() >= crate::bulk::MIN_BYTES).then(|| spares.clone());
+        Payload(Arc::new(Encoded { bytes, spares }))
     }
 
     /// The encoded bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.0.bytes
     }
 
     /// How many bytes it adds to a message.
     pub(crate) fn len(&self) -> usize {
-        self.0.len()
+        self.0.bytes.len()
+    }
+}
+
+/// Buffers of large encoded arguments, kept by a pool for the next large arguments.
+///
+/// A large fresh buffer costs a page fault per 4 KiB page the encoder writes (the
+/// allocator returns big freed blocks to the kernel), ~0.5 ms per MiB on this kind of
+/// machine: more than the copies of a whole round trip. So the pool keeps at most
+/// [`MAX_SPARES`] buffers of at most [`bulk::MAX_BYTES`](crate::bulk::MAX_BYTES) each while it
+/// lives, and encodes the next arguments into one of them when the previous arguments
+/// were large (after small ones, the plain encoder is quicker).
+#[derive(Debug, Default)]
+pub(crate) struct Spares {
+    buffers: Mutex<Vec<Vec<u8>>>,
+    /// The last arguments encoded were large: try a spare buffer for the next ones.
+    last_large: AtomicBool,
+}
+
+/// The most spare buffers a pool keeps.
+const MAX_SPARES: usize = 2;
+
+impl Spares {
+    /// A spare buffer, if the last arguments were large and one is kept.
+    pub(crate) fn take(&self) -> Option<Vec<u8>> {
+        if !self.last_large.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.buffers.lock().pop()
+    }
+
+    /// Notes whether the arguments just encoded were large.
+    pub(crate) fn note(&self, len: usize) {
+        self.last_large
+            .store(len >= crate::bulk::MIN_BYTES, Ordering::Relaxed);
+    }
+
+    /// Keeps `buffer` (emptied) if it is a large one and there is room.
+    pub(crate) fn give(&self, mut buffer: Vec<u8>) {
+        if !(crate::bulk::MIN_BYTES..=crate::bulk::MAX_BYTES).contains(&buffer.capacity()) {
+            return;
+        }
+        let mut buffers = self.buffers.lock();
+        if buffers.len() < MAX_SPARES {
+            buffer.clear();
+            buffers.push(buffer);
+        }
     }
 }
 
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
+        serializer.serialize_bytes(self.as_bytes())
     }
 }
 
