@@ -23,6 +23,8 @@ pub(crate) struct ChunkOutcome {
     pub index: usize,
     /// How many items it had.
     pub items: usize,
+    /// The position of its first item in the job's input.
+    pub first_item: usize,
     /// The postcard-encoded `Vec` of results, with the pid of the worker that made it.
     pub result: Result<(u32, ResultBytes), PoolError>,
 }
@@ -116,7 +118,10 @@ pub(crate) fn no_task_errors<R, E>(_: &[R]) -> Option<E> {
 }
 
 struct Collecting<R> {
-    chunks: Vec<Option<Vec<R>>>,
+    /// Each item's value, at its position in the input (one slot per item rather than a
+    /// `Vec` per chunk: with small chunks, the allocations and the final flattening were
+    /// a good part of the result thread's work).
+    slots: Vec<Option<R>>,
     received: usize,
     /// The number of chunks, once submission is over.
     expected: Option<usize>,
@@ -134,7 +139,7 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> CollectJob<
     ) -> Self {
         CollectJob {
             state: Mutex::new(Collecting {
-                chunks: Vec::new(),
+                slots: Vec::new(),
                 received: 0,
                 expected: None,
                 done: false,
@@ -158,10 +163,11 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> CollectJob<
             return;
         }
         state.done = true;
-        let chunks = std::mem::take(&mut state.chunks);
+        let slots = std::mem::take(&mut state.slots);
         drop(state);
-        let values: Vec<R> = chunks.into_iter().flatten().flatten().collect();
-        let outcome = (self.finish)(values).ok_or_else(|| {
+        // Every chunk arrived, so every slot is filled.
+        let values: Option<Vec<R>> = slots.into_iter().collect();
+        let outcome = values.and_then(self.finish).ok_or_else(|| {
             PoolError::BadResult {
                 pid: 0,
                 message: "the worker's results do not make up the expected value".into(),
@@ -177,7 +183,7 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for Col
         if self.is_cancelled() {
             return;
         }
-        let index = outcome.index;
+        let first = outcome.first_item;
         let checked =
             decode::<R>(outcome)
                 .map_err(E::from)
@@ -191,10 +197,13 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for Col
                 if state.done {
                     return;
                 }
-                if state.chunks.len() <= index {
-                    state.chunks.resize_with(index + 1, || None);
+                let end = first + values.len();
+                if state.slots.len() < end {
+                    state.slots.resize_with(end, || None);
                 }
-                state.chunks[index] = Some(values);
+                for (slot, value) in state.slots[first..end].iter_mut().zip(values) {
+                    *slot = Some(value);
+                }
                 state.received += 1;
                 self.finish_if_complete(state);
             }
@@ -203,7 +212,7 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for Col
                 if std::mem::replace(&mut state.done, true) {
                     return;
                 }
-                state.chunks = Vec::new();
+                state.slots = Vec::new();
                 drop(state);
                 self.cancel();
                 self.completion.complete(Err(error));
@@ -340,6 +349,7 @@ mod tests {
         ChunkOutcome {
             index,
             items: values.len(),
+            first_item: index * values.len(),
             result: Ok((
                 1,
                 ResultBytes::Inline(crate::transport::Bytes(
@@ -371,6 +381,7 @@ mod tests {
         job.deliver(ChunkOutcome {
             index: 1,
             items: 2,
+            first_item: 2,
             result: Err(PoolError::Terminated),
         });
         assert!(job.is_cancelled());
@@ -385,6 +396,7 @@ mod tests {
         job.deliver(ChunkOutcome {
             index: 0,
             items: 3,
+            first_item: 0,
             result: Ok((
                 9,
                 ResultBytes::Inline(crate::transport::Bytes(

@@ -456,6 +456,7 @@ impl Scheduler {
             ChunkOutcome {
                 index: chunk.index,
                 items: chunk.items,
+                first_item: chunk.first_item,
                 result,
             },
         ))
@@ -851,6 +852,7 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
         ChunkOutcome {
             index: chunk.index,
             items: chunk.items,
+            first_item: chunk.first_item,
             result: Err(error),
         },
     )
