@@ -352,7 +352,7 @@ mod tests {
             first_item: index * values.len(),
             result: Ok((
                 1,
-                ResultBytes::Inline(crate::transport::Bytes(
+                ResultBytes::Inline(crate::transport::Bytes::from_vec(
                     postcard::to_allocvec(values).unwrap(),
                 )),
             )),
@@ -399,7 +399,7 @@ mod tests {
             first_item: 0,
             result: Ok((
                 9,
-                ResultBytes::Inline(crate::transport::Bytes(
+                ResultBytes::Inline(crate::transport::Bytes::from_vec(
                     postcard::to_allocvec(&[1u32]).unwrap(),
                 )),
             )),

@@ -979,7 +979,7 @@ mod miri_tests {
         ChunkResult {
             seq,
             elapsed_ns,
-            outcome: Ok(ResultBytes::Inline(Bytes(Vec::new()))),
+            outcome: Ok(ResultBytes::Inline(Bytes::from_vec(Vec::new()))),
         }
     }
 

@@ -81,12 +81,61 @@ impl fmt::Display for WorkerId {
 }
 
 /// A byte buffer that serializes as one byte string (serde's `Vec<u8>` goes byte by byte).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Bytes(pub Vec<u8>);
+/// Short ones (most chunks of small tasks) are kept inline: receiving one allocates
+/// nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Bytes {
+    /// At most [`SMALL`] bytes, inline.
+    Small(Small),
+    /// Any length, on the heap.
+    Heap(Vec<u8>),
+}
+
+/// The longest byte string kept inline.
+pub(crate) const SMALL: usize = 30;
+
+/// A short byte string, inline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Small {
+    len: u8,
+    data: [u8; SMALL],
+}
+
+impl Small {
+    /// `bytes` inline, if it is short enough.
+    pub(crate) fn new(bytes: &[u8]) -> Option<Small> {
+        let mut data = [0; SMALL];
+        data.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(Small {
+            len: bytes.len() as u8,
+            data,
+        })
+    }
+
+    /// The bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.data[..usize::from(self.len)]
+    }
+}
+
+impl Bytes {
+    /// Takes a buffer (copying it inline if it is short).
+    pub(crate) fn from_vec(bytes: Vec<u8>) -> Bytes {
+        Small::new(&bytes).map_or(Bytes::Heap(bytes), Bytes::Small)
+    }
+
+    /// The bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Small(small) => small.as_slice(),
+            Bytes::Heap(bytes) => bytes,
+        }
+    }
+}
 
 impl Serialize for Bytes {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
+        serializer.serialize_bytes(self.as_slice())
     }
 }
 
@@ -99,10 +148,10 @@ impl<'de> Deserialize<'de> for Bytes {
                 f.write_str("a byte string")
             }
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-                Ok(Bytes(v.to_vec()))
+                Ok(Small::new(v).map_or_else(|| Bytes::Heap(v.to_vec()), Bytes::Small))
             }
             fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-                Ok(Bytes(v))
+                Ok(Bytes::from_vec(v))
             }
         }
         deserializer.deserialize_byte_buf(BytesVisitor)
@@ -110,14 +159,20 @@ impl<'de> Deserialize<'de> for Bytes {
 }
 
 /// The encoded arguments of one chunk. Shared, not copied, between the scheduler (which
-/// keeps it to re-queue the chunk if its worker dies) and the message that carries it.
+/// keeps it to re-queue the chunk if its worker dies) and the message that carries it;
+/// short ones are inline (copied, and allocating nothing).
 #[derive(Clone, Debug)]
-pub(crate) struct Payload(Arc<Encoded>);
+pub(crate) enum Payload {
+    /// At most [`SMALL`] bytes.
+    Small(Small),
+    /// Any length.
+    Shared(Arc<Encoded>),
+}
 
 /// The bytes of a [`Payload`]; a large buffer goes back to its pool's [`Spares`] when the
 /// chunk is done with it.
 #[derive(Debug)]
-struct Encoded {
+pub(crate) struct Encoded {
     bytes: Vec<u8>,
     spares: Option<Arc<Spares>>,
 }
@@ -133,27 +188,40 @@ impl Drop for Encoded {
 impl Payload {
     /// Wraps encoded bytes.
     pub(crate) fn new(bytes: Vec<u8>) -> Payload {
-        Payload(Arc::new(Encoded {
-            bytes,
-            spares: None,
-        }))
+        Small::new(&bytes).map_or_else(
+            || {
+                Payload::Shared(Arc::new(Encoded {
+                    bytes,
+                    spares: None,
+                }))
+            },
+            Payload::Small,
+        )
     }
 
     /// Wraps encoded bytes whose buffer, if large, is kept in `spares` once the chunk is
     /// done with it.
     pub(crate) fn recycled(bytes: Vec<u8>, spares: &Arc<Spares>) -> Payload {
-        let spares = (bytes.capacity() >= crate::bulk::MIN_BYTES).then(|| spares.clone());
-        Payload(Arc::new(Encoded { bytes, spares }))
+        if bytes.capacity() < crate::bulk::MIN_BYTES {
+            return Payload::new(bytes);
+        }
+        Payload::Shared(Arc::new(Encoded {
+            bytes,
+            spares: Some(spares.clone()),
+        }))
     }
 
     /// The encoded bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.0.bytes
+        match self {
+            Payload::Small(small) => small.as_slice(),
+            Payload::Shared(encoded) => &encoded.bytes,
+        }
     }
 
     /// How many bytes it adds to a message.
     pub(crate) fn len(&self) -> usize {
-        self.0.bytes.len()
+        self.as_bytes().len()
     }
 }
 
@@ -211,7 +279,10 @@ impl Serialize for Payload {
 
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Payload::new(Bytes::deserialize(deserializer)?.0))
+        Ok(match Bytes::deserialize(deserializer)? {
+            Bytes::Small(small) => Payload::Small(small),
+            Bytes::Heap(bytes) => Payload::new(bytes),
+        })
     }
 }
 
@@ -261,7 +332,7 @@ impl ResultBytes {
     /// The encoded results (empty for an unresolved reference, which then fails to decode).
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
-            ResultBytes::Inline(bytes) => &bytes.0,
+            ResultBytes::Inline(bytes) => bytes.as_slice(),
             ResultBytes::Bulk(_) => &[],
             ResultBytes::Staged(staged) => staged.bytes(),
         }
@@ -617,10 +688,20 @@ mod tests {
 
     #[test]
     fn bytes_serialize_as_one_byte_string() {
-        let bytes = Bytes(vec![1, 2, 3]);
+        let bytes = Bytes::from_vec(vec![1, 2, 3]);
         let encoded = postcard::to_allocvec(&bytes).unwrap();
         assert_eq!(encoded, [3, 1, 2, 3]);
         assert_eq!(postcard::from_bytes::<Bytes>(&encoded).unwrap(), bytes);
+        // Short ones are inline, longer ones on the heap; both travel the same way.
+        for len in [0, SMALL, SMALL + 1, 1000] {
+            let bytes = Bytes::from_vec(vec![7; len]);
+            assert_eq!(matches!(bytes, Bytes::Small(_)), len <= SMALL);
+            let encoded = postcard::to_allocvec(&bytes).unwrap();
+            let decoded = postcard::from_bytes::<Bytes>(&encoded).unwrap();
+            assert_eq!(decoded.as_slice(), &vec![7; len][..]);
+            let payload = postcard::from_bytes::<Payload>(&encoded).unwrap();
+            assert_eq!(payload.as_bytes(), &vec![7; len][..]);
+        }
     }
 
     fn batch(seq: u64, bytes: usize) -> TaskMessage {

@@ -219,7 +219,7 @@ pub(crate) fn serve(args: WorkerArgs) {
                 elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
                 outcome: outcome.map(|bytes| match results_region.stage(&bytes) {
                     Some(bulk) => ResultBytes::Bulk(bulk),
-                    None => ResultBytes::Inline(Bytes(bytes)),
+                    None => ResultBytes::Inline(Bytes::from_vec(bytes)),
                 }),
             });
             done += 1;
