@@ -286,8 +286,8 @@ impl<'de> Deserialize<'de> for Payload {
     }
 }
 
-/// One chunk of a job, as a worker receives it.
-#[derive(Debug, Serialize, Deserialize)]
+/// One chunk of a job, as a worker receives it (on the wire, see [`compact`]).
+#[derive(Debug)]
 pub(crate) struct TaskChunk {
     /// Its sequence number on this worker's link (0, 1, 2...): what the worker claims
     /// (see [`Claims`]) and what its result is matched by.
@@ -343,9 +343,84 @@ impl ResultBytes {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum TaskMessage {
     /// Run these chunks in order.
-    Run(Vec<TaskChunk>),
+    Run(#[serde(with = "compact")] Vec<TaskChunk>),
     /// Finish: no more tasks will come.
     Stop,
+}
+
+/// The wire form of a batch of chunks: what the previous chunk of the batch had is not
+/// repeated. A chunk is `(seq gap, report_start, group, function, payload)`, the gap being
+/// how many sequence numbers it skips after the previous chunk's (its own number for the
+/// first), `group` and `function` `None` when they are the previous chunk's. With small
+/// tasks most of a chunk's bytes were its group and function, and decoding a function
+/// checks its tag.
+mod compact {
+    use std::fmt;
+
+    use mp_core::FunctionId;
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::ser::SerializeSeq;
+    use serde::{Deserializer, Serializer};
+
+    use super::{ChunkPayload, TaskChunk};
+
+    pub(super) fn serialize<S: Serializer>(
+        chunks: &[TaskChunk],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(chunks.len()))?;
+        let mut previous: Option<&TaskChunk> = None;
+        for chunk in chunks {
+            let gap = previous.map_or(chunk.seq, |p| chunk.seq.wrapping_sub(p.seq + 1));
+            let group = previous
+                .is_none_or(|p| p.group != chunk.group)
+                .then_some(chunk.group);
+            let function = previous
+                .is_none_or(|p| p.function != chunk.function)
+                .then_some(chunk.function);
+            seq.serialize_element(&(gap, chunk.report_start, group, function, &chunk.payload))?;
+            previous = Some(chunk);
+        }
+        seq.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<TaskChunk>, D::Error> {
+        struct Chunks;
+        impl<'de> Visitor<'de> for Chunks {
+            type Value = Vec<TaskChunk>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a batch of chunks")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut chunks: Vec<TaskChunk> =
+                    Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                type Wire = (u64, bool, Option<u64>, Option<FunctionId>, ChunkPayload);
+                while let Some((gap, report_start, group, function, payload)) =
+                    seq.next_element::<Wire>()?
+                {
+                    let previous = chunks.last();
+                    let missing = || de::Error::custom("the first chunk of a batch names all");
+                    chunks.push(TaskChunk {
+                        seq: previous.map_or(gap, |p| (p.seq + 1).wrapping_add(gap)),
+                        group: match group {
+                            Some(group) => group,
+                            None => previous.ok_or_else(missing)?.group,
+                        },
+                        report_start,
+                        function: match function {
+                            Some(function) => function,
+                            None => previous.ok_or_else(missing)?.function,
+                        },
+                        payload,
+                    });
+                }
+                Ok(chunks)
+            }
+        }
+        deserializer.deserialize_seq(Chunks)
+    }
 }
 
 /// What became of one chunk.
@@ -712,6 +787,59 @@ mod tests {
             function: FunctionId::of_task(&|x: u8| x),
             payload: ChunkPayload::Inline(Payload::new(vec![7; bytes])),
         }])
+    }
+
+    #[test]
+    fn a_batch_travels_whole_without_repeating_what_chunks_share() {
+        let (f, g) = (
+            FunctionId::of_task(&|x: u8| x),
+            FunctionId::of_task(&|x: u16| x),
+        );
+        let chunk = |seq, group, report_start, function, byte| TaskChunk {
+            seq,
+            group,
+            report_start,
+            function,
+            payload: ChunkPayload::Inline(Payload::new(vec![byte; usize::from(byte)])),
+        };
+        let sent = TaskMessage::Run(vec![
+            chunk(7, 1, false, f, 1),
+            chunk(8, 1, false, f, 2),
+            chunk(10, 1, true, f, 40),
+            chunk(11, 2, false, f, 3),
+            chunk(12, 2, false, g, 4),
+            chunk(13, 0, false, f, 0),
+        ]);
+        let encoded = postcard::to_allocvec(&sent).unwrap();
+        let TaskMessage::Run(received) = postcard::from_bytes(&encoded).unwrap() else {
+            panic!("expected a batch");
+        };
+        let TaskMessage::Run(sent) = sent else {
+            unreachable!()
+        };
+        assert_eq!(received.len(), sent.len());
+        for (a, b) in sent.iter().zip(&received) {
+            assert_eq!(
+                (a.seq, a.group, a.report_start, a.function),
+                (b.seq, b.group, b.report_start, b.function)
+            );
+            let bytes = |c: &TaskChunk| match &c.payload {
+                ChunkPayload::Inline(p) => p.as_bytes().to_vec(),
+                ChunkPayload::Bulk(_) => panic!("inline expected"),
+            };
+            assert_eq!(bytes(a), bytes(b));
+        }
+        // A chunk of a run costs its payload and a few bytes.
+        let one = postcard::to_allocvec(&TaskMessage::Run(vec![chunk(0, 1 << 40, false, f, 1)]))
+            .unwrap()
+            .len();
+        let two = postcard::to_allocvec(&TaskMessage::Run(vec![
+            chunk(0, 1 << 40, false, f, 1),
+            chunk(1, 1 << 40, false, f, 1),
+        ]))
+        .unwrap()
+        .len();
+        assert!(two - one <= 8, "{one} then {two} bytes");
     }
 
     #[test]
