@@ -906,7 +906,7 @@ mod miri_tests {
         fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
             let seqs = match message {
                 TaskMessage::Run(chunks) => Some(chunks.iter().map(|c| c.seq).collect()),
-                TaskMessage::Stop => None,
+                TaskMessage::Setup { .. } | TaskMessage::Stop => None,
             };
             self.0.messages.lock().push(seqs);
             Ok(())

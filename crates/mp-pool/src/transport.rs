@@ -354,6 +354,16 @@ impl ResultBytes {
 /// Parent → worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum TaskMessage {
+    /// The first message on a link, put there before the worker starts: the rest of what
+    /// the worker needs. Its handles travel inside the message (one datagram beside the
+    /// ring) rather than as process arguments (a claim from the pool's courier each), which
+    /// makes a worker's start shorter.
+    Setup {
+        /// Where it sends its reports.
+        reports: ReportSender,
+        /// Where it claims each chunk before starting it.
+        claims: Claims,
+    },
     /// Run these chunks in order.
     Run(#[serde(with = "compact")] Vec<TaskChunk>),
     /// Finish: no more tasks will come.
@@ -499,7 +509,7 @@ pub(crate) enum Report {
 /// compare-and-swap on the same word, so exactly one side wins each chunk: a chunk either
 /// ran (or runs) on this worker, or it never will and can run elsewhere. After the worker's
 /// death the counter tells which of its chunks started (those below it) and which did not.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Claims(SharedMemory);
 
 impl Claims {
@@ -615,7 +625,7 @@ impl TaskSender {
             TaskMessage::Run(chunks) => chunks.iter().position(|chunk| {
                 matches!(&chunk.payload, ChunkPayload::Inline(p) if p.len() >= crate::bulk::MIN_BYTES)
             }),
-            TaskMessage::Stop => None,
+            TaskMessage::Setup { .. } | TaskMessage::Stop => None,
         }
         .and_then(|index| {
             let TaskMessage::Run(chunks) = message else {
@@ -698,7 +708,7 @@ impl Arguments {
 }
 
 /// Sending side of the report link (workers hold clones; so does the pool, for notices).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct ReportSender(Queue<Report>);
 
 /// The pool's side of the report link.
@@ -869,7 +879,7 @@ mod tests {
         for expected in 0..3 {
             match receiver.recv().unwrap() {
                 TaskMessage::Run(chunks) => assert_eq!(chunks[0].seq, expected),
-                TaskMessage::Stop => panic!("expected a batch"),
+                _ => panic!("expected a batch"),
             }
         }
     }

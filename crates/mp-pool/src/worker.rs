@@ -15,18 +15,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::bulk::{Inbox, Outbox};
 use crate::transport::{
-    Arguments, Bytes, ChunkResult, Claims, Report, ReportSender, ResultBytes, TaskMessage,
-    TaskReceiver, WorkerId,
+    Arguments, Bytes, ChunkResult, Report, ResultBytes, TaskMessage, TaskReceiver, WorkerId,
 };
 
 /// Everything a worker process is started with (besides its initializer's arguments).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct WorkerArgs {
     pub id: WorkerId,
+    /// Its task link, whose first message is [`TaskMessage::Setup`] (the report link and
+    /// its claim counter).
     pub tasks: TaskReceiver,
-    pub reports: ReportSender,
-    /// Where it claims each chunk before starting it.
-    pub claims: Claims,
     /// Chunks to run before exiting (`maxtasksperchild`); `None`: no limit.
     pub max_tasks: Option<usize>,
 }
@@ -120,13 +118,22 @@ pub(crate) fn serve(args: WorkerArgs) {
     let WorkerArgs {
         id,
         tasks,
-        reports,
-        claims,
         max_tasks,
     } = args;
     keep_freed_memory();
     let pid = std::process::id();
     let _span = tracing::debug_span!("pool_worker", worker = %id, pid).entered();
+    let (reports, claims) = match tasks.recv() {
+        Ok(TaskMessage::Setup { reports, claims }) => (reports, claims),
+        Ok(_) => {
+            tracing::error!("a pool worker's first message was not its setup; it exits");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%e, "pool gone before the worker's setup arrived; it exits");
+            return;
+        }
+    };
     if reports.send(Report::Ready { worker: id, pid }).is_err() {
         return;
     }
@@ -153,6 +160,10 @@ pub(crate) fn serve(args: WorkerArgs) {
         let batch = match tasks.recv() {
             Ok(TaskMessage::Run(batch)) => batch,
             Ok(TaskMessage::Stop) => break,
+            Ok(TaskMessage::Setup { .. }) => {
+                tracing::error!("a second setup on a pool worker's link; ignored");
+                continue;
+            }
             Err(e) => {
                 tracing::debug!(%e, "pool gone; pool worker exits");
                 return;
