@@ -219,7 +219,7 @@ pub(crate) struct Scheduler {
     starts_requested: usize,
     startup_failures: usize,
     /// Why the last worker start failed (and which worker it was), if the pool went on
-    /// without it; cleared when a worker started after it becomes ready.
+    /// without it; cleared when `processes` workers are ready again.
     start_error: Option<(WorkerId, PoolError)>,
     /// Running average of the time a worker spends on one chunk, in nanoseconds.
     chunk_ns: Option<f64>,
@@ -418,10 +418,11 @@ impl Scheduler {
             worker.pid = pid;
             worker.ready = true;
             self.startup_failures = 0;
-            if self
-                .start_error
-                .as_ref()
-                .is_some_and(|(failed, _)| *failed < id)
+            // Made up for only once the pool is whole again: a worker started at the same
+            // time as the failed one (or before it) becoming ready changes nothing, and
+            // `wait_ready` must not wait for a worker that will never come.
+            if self.start_error.is_some()
+                && self.workers.iter().filter(|w| w.ready).count() >= self.processes
             {
                 self.start_error = None;
             }
