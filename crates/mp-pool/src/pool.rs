@@ -804,7 +804,9 @@ fn encode_into<A: Serialize>(items: &[A], buffer: Vec<u8>) -> Option<Vec<u8>> {
     impl<A: Serialize> Serialize for OnTheSide<'_, A> {
         fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             let mut slot = self.1.borrow_mut();
-            let buffer = slot.take().unwrap_or_default();
+            let mut buffer = slot.take().unwrap_or_default();
+            // Whatever an earlier pass wrote (should `encode_item` ever make several).
+            buffer.clear();
             match postcard::to_io(self.0, buffer) {
                 Ok(buffer) => {
                     *slot = Some(buffer);
