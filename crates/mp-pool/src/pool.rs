@@ -1134,3 +1134,38 @@ impl<'pool> TaskOptions<'pool> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_into_a_kept_buffer_gives_the_plain_encoders_bytes() {
+        let big: Vec<String> = (0..20_000).map(|i| format!("item {i}")).collect();
+        let small = [1u64, 2, 3];
+        let stale = vec![0xee; 300_000];
+        let plain = mp_ipc::queue::encode_item(&big[..]).unwrap();
+        assert_eq!(encode_into(&big, stale.clone()).unwrap(), plain);
+        let plain = mp_ipc::queue::encode_item(&small[..]).unwrap();
+        assert_eq!(encode_into(&small, stale).unwrap(), plain);
+
+        // Through a pool's spares: large arguments leave their buffer for the next ones.
+        let spares = Arc::new(Spares::default());
+        let first = encode(&big, &spares).unwrap();
+        assert_eq!(
+            first.as_bytes(),
+            mp_ipc::queue::encode_item(&big[..]).unwrap()
+        );
+        drop(first);
+        let second = encode(&big, &spares).unwrap();
+        assert_eq!(
+            second.as_bytes(),
+            mp_ipc::queue::encode_item(&big[..]).unwrap()
+        );
+        let after = encode(&small, &spares).unwrap();
+        assert_eq!(
+            after.as_bytes(),
+            mp_ipc::queue::encode_item(&small[..]).unwrap()
+        );
+    }
+}
