@@ -620,47 +620,52 @@ impl TaskSender {
     /// Sends without waiting (see the module docs). The first large inline payload of the
     /// message goes through the argument region instead, if that is free.
     pub(crate) fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
-        let mut outbox = self.1.lock();
-        let staged = match message {
+        let large = match message {
             TaskMessage::Run(chunks) => chunks.iter().position(|chunk| {
                 matches!(&chunk.payload, ChunkPayload::Inline(p) if p.len() >= crate::bulk::MIN_BYTES)
             }),
             TaskMessage::Setup { .. } | TaskMessage::Stop => None,
-        }
-        .and_then(|index| {
-            let TaskMessage::Run(chunks) = message else {
-                return None;
-            };
-            let ChunkPayload::Inline(payload) = &chunks[index].payload else {
-                return None;
-            };
-            let bulk = outbox.stage(payload.as_bytes())?;
-            let mut bulk = Some(bulk);
-            let copy = chunks
-                .iter()
-                .enumerate()
-                .map(|(i, chunk)| TaskChunk {
-                    seq: chunk.seq,
-                    group: chunk.group,
-                    report_start: chunk.report_start,
-                    function: chunk.function,
-                    payload: match (&chunk.payload, i == index) {
-                        (_, true) => ChunkPayload::Bulk(bulk.take().expect("one staged chunk")),
-                        (ChunkPayload::Inline(payload), false) => {
-                            ChunkPayload::Inline(payload.clone())
-                        }
-                        // The pool sends only inline payloads; a reference stays what it is.
-                        (ChunkPayload::Bulk(bulk), false) => ChunkPayload::Bulk(BulkRef {
-                            len: bulk.len,
-                            region: None,
-                        }),
-                    },
-                })
-                .collect();
-            Some(TaskMessage::Run(copy))
-        });
+        };
+        let Some(large) = large else {
+            return Self::sent(self.0.try_put(message));
+        };
+        let mut outbox = self.1.lock();
+        let staged = match message {
+            TaskMessage::Run(chunks) => match &chunks[large].payload {
+                ChunkPayload::Inline(payload) => outbox.stage(payload.as_bytes()).map(|bulk| {
+                    let mut copy: Vec<TaskChunk> = chunks
+                        .iter()
+                        .map(|chunk| TaskChunk {
+                            seq: chunk.seq,
+                            group: chunk.group,
+                            report_start: chunk.report_start,
+                            function: chunk.function,
+                            payload: match &chunk.payload {
+                                ChunkPayload::Inline(payload) => {
+                                    ChunkPayload::Inline(payload.clone())
+                                }
+                                // The pool sends only inline payloads; a reference stays one.
+                                ChunkPayload::Bulk(bulk) => ChunkPayload::Bulk(BulkRef {
+                                    len: bulk.len,
+                                    region: None,
+                                }),
+                            },
+                        })
+                        .collect();
+                    copy[large].payload = ChunkPayload::Bulk(bulk);
+                    TaskMessage::Run(copy)
+                }),
+                ChunkPayload::Bulk(_) => None,
+            },
+            TaskMessage::Setup { .. } | TaskMessage::Stop => None,
+        };
         let sent = self.0.try_put(staged.as_ref().unwrap_or(message));
         outbox.sent(sent.is_ok());
+        Self::sent(sent)
+    }
+
+    /// What a `try_put` means for the scheduler.
+    fn sent(sent: Result<(), QueueError>) -> Result<(), TransportError> {
         match sent {
             Ok(()) => Ok(()),
             Err(QueueError::Full) => Err(TransportError::Full),
