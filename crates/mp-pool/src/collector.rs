@@ -2,11 +2,15 @@
 //! notices), updates the scheduler, and delivers outcomes to their
 //! jobs, running callbacks (as Python's result-handler thread does).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use mp_core::TaskFailure;
+
+use crate::bulk::Inbox;
 use crate::job::deliver;
 use crate::pool::Shared;
-use crate::transport::{Report, ReportReceiver};
+use crate::transport::{Report, ReportReceiver, ResultBytes, WorkerId};
 
 /// Receive errors in a row after which the link is considered gone.
 const MAX_CONSECUTIVE_ERRORS: usize = 100;
@@ -16,6 +20,8 @@ const MAX_REPORTS_PER_ROUND: usize = 256;
 /// The result thread's body; returns on [`Report::Shutdown`].
 pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
     let mut errors = 0;
+    // Each worker's result region (large results, see `bulk`), as far as it announced one.
+    let mut regions: HashMap<WorkerId, Inbox> = HashMap::new();
     loop {
         let report = match reports.recv() {
             Ok(report) => {
@@ -52,7 +58,20 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
             for report in batch {
                 match report {
                     Report::Results { worker, results } => {
-                        for result in results {
+                        for mut result in results {
+                            result.outcome = match result.outcome {
+                                Ok(ResultBytes::Bulk(bulk)) => regions
+                                    .entry(worker)
+                                    .or_default()
+                                    .open(bulk)
+                                    .map(ResultBytes::Staged)
+                                    .ok_or_else(|| {
+                                        TaskFailure::BadResult(
+                                            "the worker's result region is missing".into(),
+                                        )
+                                    }),
+                                other => other,
+                            };
                             deliveries.extend(scheduler.result(worker, result));
                         }
                     }
@@ -67,6 +86,7 @@ pub(crate) fn run(shared: Arc<Shared>, reports: ReportReceiver) {
                         exitcode,
                         failure,
                     } => {
+                        regions.remove(&worker);
                         deliveries.extend(scheduler.worker_exited(worker, exitcode, failure));
                         changed = true;
                     }

@@ -12,7 +12,6 @@ use crate::error::{PoolError, TaskTypes, TryError};
 use crate::job::{ChunkItems, Job, StreamJob, panic_message};
 use crate::pool::{Pool, encode};
 use crate::scheduler::{Chunk, Limits};
-use crate::transport::Payload;
 use crate::worker;
 
 /// Chunks kept in flight per worker process by default.
@@ -186,8 +185,8 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
                 self.input = None;
                 break;
             }
-            match encode(&items) {
-                Ok(bytes) => {
+            match encode(&items, &self.pool.shared.spares) {
+                Ok(payload) => {
                     items_read += items.len();
                     chunks.push(Chunk {
                         job: sink.clone(),
@@ -196,7 +195,7 @@ impl<'pool, M: 'static, F: Entry<M>, I: Iterator<Item = F::Args>> IMap<'pool, M,
                         items: items.len(),
                         function: self.function,
                         types: self.types,
-                        payload: Payload::new(bytes),
+                        payload,
                         limits: self.limits,
                     });
                 }

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::PoolError;
 use crate::result::Completion;
+use crate::transport::ResultBytes;
 
 /// What became of one chunk of a job.
 pub(crate) struct ChunkOutcome {
@@ -22,8 +23,10 @@ pub(crate) struct ChunkOutcome {
     pub index: usize,
     /// How many items it had.
     pub items: usize,
+    /// The position of its first item in the job's input.
+    pub first_item: usize,
     /// The postcard-encoded `Vec` of results, with the pid of the worker that made it.
-    pub result: Result<(u32, Vec<u8>), PoolError>,
+    pub result: Result<(u32, ResultBytes), PoolError>,
 }
 
 /// A job as the scheduler sees it: a sink for chunk outcomes.
@@ -65,7 +68,7 @@ fn decode<R: DeserializeOwned>(outcome: ChunkOutcome) -> Result<Vec<R>, PoolErro
     // mp-core's decoder names the type and keeps the message a failing `Deserialize`
     // noted (postcard drops it).
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        mp_core::decode_described::<Vec<R>>(&bytes)
+        mp_core::decode_described::<Vec<R>>(bytes.as_bytes())
     }));
     let values: Vec<R> = match decoded {
         Ok(Ok(values)) => values,
@@ -115,7 +118,10 @@ pub(crate) fn no_task_errors<R, E>(_: &[R]) -> Option<E> {
 }
 
 struct Collecting<R> {
-    chunks: Vec<Option<Vec<R>>>,
+    /// Each item's value, at its position in the input (one slot per item rather than a
+    /// `Vec` per chunk: with small chunks, the allocations and the final flattening were
+    /// a good part of the result thread's work).
+    slots: Vec<Option<R>>,
     received: usize,
     /// The number of chunks, once submission is over.
     expected: Option<usize>,
@@ -133,7 +139,7 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> CollectJob<
     ) -> Self {
         CollectJob {
             state: Mutex::new(Collecting {
-                chunks: Vec::new(),
+                slots: Vec::new(),
                 received: 0,
                 expected: None,
                 done: false,
@@ -157,10 +163,11 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> CollectJob<
             return;
         }
         state.done = true;
-        let chunks = std::mem::take(&mut state.chunks);
+        let slots = std::mem::take(&mut state.slots);
         drop(state);
-        let values: Vec<R> = chunks.into_iter().flatten().flatten().collect();
-        let outcome = (self.finish)(values).ok_or_else(|| {
+        // Every chunk arrived, so every slot is filled.
+        let values: Option<Vec<R>> = slots.into_iter().collect();
+        let outcome = values.and_then(self.finish).ok_or_else(|| {
             PoolError::BadResult {
                 pid: 0,
                 message: "the worker's results do not make up the expected value".into(),
@@ -176,7 +183,7 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for Col
         if self.is_cancelled() {
             return;
         }
-        let index = outcome.index;
+        let first = outcome.first_item;
         let checked =
             decode::<R>(outcome)
                 .map_err(E::from)
@@ -190,10 +197,13 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for Col
                 if state.done {
                     return;
                 }
-                if state.chunks.len() <= index {
-                    state.chunks.resize_with(index + 1, || None);
+                let end = first + values.len();
+                if state.slots.len() < end {
+                    state.slots.resize_with(end, || None);
                 }
-                state.chunks[index] = Some(values);
+                for (slot, value) in state.slots[first..end].iter_mut().zip(values) {
+                    *slot = Some(value);
+                }
                 state.received += 1;
                 self.finish_if_complete(state);
             }
@@ -202,7 +212,7 @@ impl<R: DeserializeOwned + Send, T: Send, E: From<PoolError> + Send> Job for Col
                 if std::mem::replace(&mut state.done, true) {
                     return;
                 }
-                state.chunks = Vec::new();
+                state.slots = Vec::new();
                 drop(state);
                 self.cancel();
                 self.completion.complete(Err(error));
@@ -339,7 +349,13 @@ mod tests {
         ChunkOutcome {
             index,
             items: values.len(),
-            result: Ok((1, postcard::to_allocvec(values).unwrap())),
+            first_item: index * values.len(),
+            result: Ok((
+                1,
+                ResultBytes::Inline(crate::transport::Bytes::from_vec(
+                    postcard::to_allocvec(values).unwrap(),
+                )),
+            )),
         }
     }
 
@@ -365,6 +381,7 @@ mod tests {
         job.deliver(ChunkOutcome {
             index: 1,
             items: 2,
+            first_item: 2,
             result: Err(PoolError::Terminated),
         });
         assert!(job.is_cancelled());
@@ -379,7 +396,13 @@ mod tests {
         job.deliver(ChunkOutcome {
             index: 0,
             items: 3,
-            result: Ok((9, postcard::to_allocvec(&[1u32]).unwrap())),
+            first_item: 0,
+            result: Ok((
+                9,
+                ResultBytes::Inline(crate::transport::Bytes::from_vec(
+                    postcard::to_allocvec(&[1u32]).unwrap(),
+                )),
+            )),
         });
         assert!(matches!(
             AsyncResult::new(completion).get(),

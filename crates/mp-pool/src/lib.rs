@@ -57,6 +57,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("mp-pool supports Linux only for now (it relies on pidfds and mp-core)");
 
+mod bulk;
 mod collector;
 mod error;
 mod imap;

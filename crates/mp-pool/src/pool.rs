@@ -16,7 +16,7 @@ use crate::job::{CollectJob, Job, deliver, no_task_errors, panic_message};
 use crate::result::{AsyncResult, Completion};
 use crate::scheduler::{Chunk, Limits, Mode, Scheduler, default_chunksize};
 use crate::supervisor::{self, Commands};
-use crate::transport::{Payload, Report, ReportSender, report_link};
+use crate::transport::{Payload, Report, ReportSender, Spares, report_link};
 use crate::worker::{self, Launcher};
 
 /// Submit chunks to the scheduler in groups of about this many encoded bytes...
@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub reports: ReportSender,
     pub config: WorkerConfig,
     pub next_worker: AtomicU64,
+    /// Buffers of large arguments, reused (see [`Spares`]).
+    pub spares: Arc<Spares>,
 }
 
 impl Shared {
@@ -194,6 +196,7 @@ impl PoolBuilder {
                 max_tasks: self.max_tasks,
             },
             next_worker: AtomicU64::new(1),
+            spares: Arc::default(),
         });
         let collector = {
             let shared = shared.clone();
@@ -265,7 +268,7 @@ impl PoolBuilder {
 /// tasks fail with [`PoolError::Terminated`] and the workers are killed. To let submitted
 /// tasks finish, [`close`](Pool::close) and [`join`](Pool::join) first.
 pub struct Pool {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     processes: usize,
     task_timeout: Option<Duration>,
     threads: Mutex<Option<Threads>>,
@@ -712,8 +715,8 @@ impl Pool {
             if chunk.is_empty() {
                 break;
             }
-            let encoded = encode(&chunk)?;
-            group_bytes += encoded.len();
+            let payload = encode(&chunk, &self.shared.spares)?;
+            group_bytes += payload.len();
             group.push(Chunk {
                 job: job.clone(),
                 index,
@@ -721,7 +724,7 @@ impl Pool {
                 items: chunk.len(),
                 function,
                 types,
-                payload: Payload::new(encoded),
+                payload,
                 limits,
             });
             index += 1;
@@ -748,10 +751,31 @@ impl Pool {
 /// A job's handle, and the job itself (to withdraw it).
 type Submitted<T, E> = (AsyncResult<T, E>, Arc<dyn Job>);
 
-/// Encodes a chunk's arguments.
+/// Encodes a chunk's arguments (into one of the pool's spare buffers after large
+/// arguments, see [`Spares`]).
 /// Handles inside task arguments are refused here, before their descriptors are taken:
 /// they travel to workers only as initializer arguments.
-pub(crate) fn encode<A: Serialize>(items: &[A]) -> Result<Vec<u8>, PoolError> {
+pub(crate) fn encode<A: Serialize>(
+    items: &[A],
+    spares: &Arc<Spares>,
+) -> Result<Payload, PoolError> {
+    if let Some(buffer) = spares.take() {
+        match encode_into(items, buffer) {
+            Some(bytes) if bytes.len() >= crate::bulk::MIN_BYTES => {
+                spares.note(bytes.len());
+                return Ok(Payload::recycled(bytes, spares));
+            }
+            Some(bytes) => {
+                // Small after all: an exact copy, and the buffer stays a spare.
+                let payload = Payload::new(bytes.clone());
+                spares.give(bytes);
+                spares.note(payload.len());
+                return Ok(payload);
+            }
+            // Failed: the plain encoder says why (and runs the `Serialize` again).
+            None => {}
+        }
+    }
     let failed = |message: String| {
         PoolError::EncodeArguments(format!(
             "encoding {}: {message}",
@@ -762,9 +786,43 @@ pub(crate) fn encode<A: Serialize>(items: &[A]) -> Result<Vec<u8>, PoolError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         mp_ipc::queue::encode_item(items)
     })) {
-        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Ok(bytes)) => {
+            spares.note(bytes.len());
+            Ok(Payload::recycled(bytes, spares))
+        }
         Ok(Err(e)) => Err(failed(e.to_string())),
         Err(panic) => Err(failed(format!("it panicked: {}", panic_message(&*panic)))),
+    }
+}
+
+/// Encodes `items` into `buffer` exactly as [`mp_ipc::queue::encode_item`] would, with
+/// its refusal of handles: the encoding runs inside `encode_item` (of a value that
+/// serializes as nothing and writes `items` into the buffer on the side). `None` if it
+/// failed or panicked.
+fn encode_into<A: Serialize>(items: &[A], buffer: Vec<u8>) -> Option<Vec<u8>> {
+    struct OnTheSide<'a, A>(&'a [A], std::cell::RefCell<Option<Vec<u8>>>);
+    impl<A: Serialize> Serialize for OnTheSide<'_, A> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut slot = self.1.borrow_mut();
+            let mut buffer = slot.take().unwrap_or_default();
+            // Whatever an earlier pass wrote (should `encode_item` ever make several).
+            buffer.clear();
+            match postcard::to_io(self.0, buffer) {
+                Ok(buffer) => {
+                    *slot = Some(buffer);
+                    serializer.serialize_unit()
+                }
+                Err(e) => Err(serde::ser::Error::custom(e)),
+            }
+        }
+    }
+    let side = OnTheSide(items, std::cell::RefCell::new(Some(buffer)));
+    let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        mp_ipc::queue::encode_item(&side)
+    }));
+    match encoded {
+        Ok(Ok(_)) => side.1.into_inner(),
+        _ => None,
     }
 }
 
@@ -1074,5 +1132,40 @@ impl<'pool> TaskOptions<'pool> {
             self.limits(),
             false,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_into_a_kept_buffer_gives_the_plain_encoders_bytes() {
+        let big: Vec<String> = (0..20_000).map(|i| format!("item {i}")).collect();
+        let small = [1u64, 2, 3];
+        let stale = vec![0xee; 300_000];
+        let plain = mp_ipc::queue::encode_item(&big[..]).unwrap();
+        assert_eq!(encode_into(&big, stale.clone()).unwrap(), plain);
+        let plain = mp_ipc::queue::encode_item(&small[..]).unwrap();
+        assert_eq!(encode_into(&small, stale).unwrap(), plain);
+
+        // Through a pool's spares: large arguments leave their buffer for the next ones.
+        let spares = Arc::new(Spares::default());
+        let first = encode(&big, &spares).unwrap();
+        assert_eq!(
+            first.as_bytes(),
+            mp_ipc::queue::encode_item(&big[..]).unwrap()
+        );
+        drop(first);
+        let second = encode(&big, &spares).unwrap();
+        assert_eq!(
+            second.as_bytes(),
+            mp_ipc::queue::encode_item(&big[..]).unwrap()
+        );
+        let after = encode(&small, &spares).unwrap();
+        assert_eq!(
+            after.as_bytes(),
+            mp_ipc::queue::encode_item(&small[..]).unwrap()
+        );
     }
 }

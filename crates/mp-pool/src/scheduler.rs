@@ -42,8 +42,8 @@ use mp_core::FunctionId;
 use crate::error::{PoolError, TaskTypes, describe_exit, status_of_exitcode};
 use crate::job::{ChunkOutcome, Job};
 use crate::transport::{
-    BATCH_BYTES, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, TaskChunk, TaskMessage,
-    TransportError, WorkerId,
+    BATCH_BYTES, ChunkPayload, ChunkResult, MAX_MESSAGES_IN_FLIGHT, Payload, TaskChunk,
+    TaskMessage, TransportError, WorkerId,
 };
 
 /// How much work (by the running average of chunk times) to keep queued on each worker.
@@ -219,7 +219,7 @@ pub(crate) struct Scheduler {
     starts_requested: usize,
     startup_failures: usize,
     /// Why the last worker start failed (and which worker it was), if the pool went on
-    /// without it; cleared when a worker started after it becomes ready.
+    /// without it; cleared when `processes` workers are ready again.
     start_error: Option<(WorkerId, PoolError)>,
     /// Running average of the time a worker spends on one chunk, in nanoseconds.
     chunk_ns: Option<f64>,
@@ -418,10 +418,11 @@ impl Scheduler {
             worker.pid = pid;
             worker.ready = true;
             self.startup_failures = 0;
-            if self
-                .start_error
-                .as_ref()
-                .is_some_and(|(failed, _)| *failed < id)
+            // Made up for only once the pool is whole again: a worker started at the same
+            // time as the failed one (or before it) becoming ready changes nothing, and
+            // `wait_ready` must not wait for a worker that will never come.
+            if self.start_error.is_some()
+                && self.workers.iter().filter(|w| w.ready).count() >= self.processes
             {
                 self.start_error = None;
             }
@@ -448,7 +449,7 @@ impl Scheduler {
         let chunk = assigned.chunk;
         tracing::trace!(worker = %id, seq = assigned.seq, index = chunk.index, "chunk done");
         let result = match result.outcome {
-            Ok(bytes) => Ok((pid, bytes.0)),
+            Ok(bytes) => Ok((pid, bytes)),
             Err(failure) => Err(PoolError::from_task_failure(pid, failure, chunk.types)),
         };
         Some((
@@ -456,6 +457,7 @@ impl Scheduler {
             ChunkOutcome {
                 index: chunk.index,
                 items: chunk.items,
+                first_item: chunk.first_item,
                 result,
             },
         ))
@@ -643,7 +645,7 @@ impl Scheduler {
                     group,
                     report_start: chunk.limits.any(),
                     function: chunk.function,
-                    payload: chunk.payload.clone(),
+                    payload: ChunkPayload::Inline(chunk.payload.clone()),
                 });
                 batch.push(Assigned { seq, chunk });
             }
@@ -851,6 +853,7 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
         ChunkOutcome {
             index: chunk.index,
             items: chunk.items,
+            first_item: chunk.first_item,
             result: Err(error),
         },
     )
@@ -861,7 +864,7 @@ fn fail(chunk: Chunk, error: PoolError) -> Delivery {
 mod miri_tests {
     mod proptests;
     use super::*;
-    use crate::transport::{Bytes, claim, revoke};
+    use crate::transport::{Bytes, ResultBytes, claim, revoke};
     use parking_lot::Mutex;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -904,7 +907,7 @@ mod miri_tests {
         fn send(&self, message: &TaskMessage) -> Result<(), TransportError> {
             let seqs = match message {
                 TaskMessage::Run(chunks) => Some(chunks.iter().map(|c| c.seq).collect()),
-                TaskMessage::Stop => None,
+                TaskMessage::Setup { .. } | TaskMessage::Stop => None,
             };
             self.0.messages.lock().push(seqs);
             Ok(())
@@ -977,7 +980,7 @@ mod miri_tests {
         ChunkResult {
             seq,
             elapsed_ns,
-            outcome: Ok(Bytes(Vec::new())),
+            outcome: Ok(ResultBytes::Inline(Bytes::from_vec(Vec::new()))),
         }
     }
 
@@ -1558,7 +1561,7 @@ mod miri_tests {
         assert!(
             cancelled
                 .iter()
-                .all(|(_, o)| o.result == Err(PoolError::Cancelled))
+                .all(|(_, o)| matches!(o.result, Err(PoolError::Cancelled)))
         );
         f.scheduler
             .result(WorkerId(1), done(running, 1_000))

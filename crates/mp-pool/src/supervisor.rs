@@ -23,7 +23,7 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use crate::job::{deliver, panic_message};
 use crate::pool::Shared;
 use crate::scheduler::Supervisor;
-use crate::transport::{Claims, Report, TaskLink, WorkerId, task_link};
+use crate::transport::{Claims, Report, TaskLink, TaskMessage, WorkerId, task_link};
 use crate::worker::WorkerArgs;
 
 /// The size of the deadline heap below which it is never pruned.
@@ -282,6 +282,16 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
         Ok(link) => link,
         Err(message) => return failed(false, message),
     };
+    // The worker's first message: the handles it needs besides its link (see
+    // `TaskMessage::Setup`). The ring is empty: it fits.
+    let setup = TaskMessage::Setup {
+        reports: shared.reports.clone(),
+        claims: claims.clone(),
+    };
+    if let Err(e) = catch_panic(|| sender.send(&setup).map_err(|e| e.to_string())) {
+        return failed(false, e);
+    }
+    drop(setup);
     if !shared.scheduler.lock().register_worker(
         id,
         Box::new(TaskLink {
@@ -294,8 +304,6 @@ fn start_worker(shared: &Shared) -> Option<(WorkerId, Child<()>)> {
     let args = WorkerArgs {
         id,
         tasks: receiver,
-        reports: shared.reports.clone(),
-        claims,
         max_tasks: shared.config.max_tasks,
     };
     let name = format!("{}-{}", shared.config.name_prefix, id.0);
