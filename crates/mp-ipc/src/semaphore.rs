@@ -30,8 +30,12 @@
 //! released when the thread exits or the cache evicts it), so the
 //! uncontended path only adds a thread-local look-up and two plain stores to
 //! a counter only that thread writes: no system call, no extra atomic
-//! read-modify-write (measured: acquire + release 1–4 % slower than without
-//! tracking, about 1 ns; the slot is looked up only when no permit is free).
+//! read-modify-write; the slot is looked up only when no permit is free.
+//! Everything but the compare-and-swap, the count and the release is out of
+//! line (waiting, recovery, warnings, the futex wake), so that acquire +
+//! release inline into the caller: 52 instructions against 41 without
+//! tracking (callgrind), the same time within noise (side-by-side runner,
+//! A/B against the code before tracking: 14.55 ns against 14.46 ns).
 //!
 //! Permits taken out of a guard with [`SemaphoreGuard::forget`] are no
 //! longer owned: any thread or process may [`release`](Semaphore::release)

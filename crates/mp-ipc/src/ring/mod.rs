@@ -823,6 +823,7 @@ impl Ring {
     /// Puts one item, waiting for the producer lock per `lock_wait` but for
     /// room only per `room_wait` ([`RingError::Full`] or `Timeout` then). For
     /// a growing queue, which moves on to a new segment instead.
+    #[inline]
     pub(crate) fn push_waiting(
         &self,
         item: &dyn Encode,
