@@ -17,7 +17,7 @@
 //! * **Encode** ([`encoding`], on the producer's thread, under the ring's
 //!   producer lock): while a message is encoded, a handle's `Serialize`
 //!   (through [`transport::lend`](crate::transport::lend)) duplicates its
-//!   descriptors into this thread's *parcel* and writes a [`Slot`] in their
+//!   descriptors into the encoding's *parcel* and writes a [`Slot`] in their
 //!   place: the parcel's [`Key`] and the handle's range in it. When the
 //!   encoding that will be published succeeds, the parcel is sent on the
 //!   parcel socket (`SCM_RIGHTS`, payload = key and count) *before* the
