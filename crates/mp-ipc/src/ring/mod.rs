@@ -816,6 +816,7 @@ impl Ring {
 
     /// Where the descriptors of handles inside items go: the ring's parcel
     /// socket (queues), if any.
+    #[inline]
     fn carrier(&self) -> Carrier<'_> {
         self.parcels.as_deref().map(|parcels| parcels.send.as_fd())
     }
