@@ -425,9 +425,8 @@ impl Connection {
         }
         // Handles inside the message send their descriptors on the writers'
         // presence socket (see `message_handles`).
-        message_handles::carrying(tx.presence.as_fd(), || {
-            tx.ring.push(message, Wait::Forever, Some(tx))
-        })?;
+        tx.ring
+            .push_carried(message, tx.presence.as_fd(), Wait::Forever, Some(tx))?;
         Ok(())
     }
 

@@ -17,12 +17,13 @@
 //! * **Encode** ([`encoding`], on the producer's thread, under the ring's
 //!   producer lock): while a message is encoded, a handle's `Serialize`
 //!   (through [`transport::lend`](crate::transport::lend)) duplicates its
-//!   descriptors into this thread's *parcel* and writes a [`Slot`] in their
+//!   descriptors into the encoding's *parcel* and writes a [`Slot`] in their
 //!   place: the parcel's [`Key`] and the handle's range in it. When the
 //!   encoding that will be published succeeds, the parcel is sent on the
 //!   parcel socket (`SCM_RIGHTS`, payload = key and count) *before* the
 //!   frame is published. A message without handles collects nothing: no
-//!   system call, no allocation (two thread-local stores).
+//!   system call, no allocation (a thread-local pointer set and
+//!   restored).
 //! * **Decode** ([`receiving`], on the consumer's thread, under the ring's
 //!   consumer lock): a slot's `Deserialize` takes its range from the parcel
 //!   whose key it names, received from the socket on first use.
@@ -49,7 +50,7 @@
 //! a handle is refused ([`RingError::HandleInItem`](crate::ring::RingError))
 //! before anything is duplicated.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -111,18 +112,12 @@ fn parcel_header(key: Key, count: usize) -> [u8; PARCEL_HEADER] {
     header
 }
 
-/// What this thread is encoding (a `Cell`: the fast path only swaps it).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Idle,
-    /// A size pass: slots are counted, nothing is duplicated or sent.
-    Measure,
-    /// An encoding whose bytes are published if it succeeds.
-    Publish,
-}
+/// Where the descriptors of handles inside an item or message go: the
+/// sending end of a parcel socket (`None`: nowhere; a handle is refused).
+pub(crate) type Carrier<'a> = Option<BorrowedFd<'a>>;
 
 /// What the handles of the current encoding collected: touched only when
-/// a handle is met (`COLLECTING` says whether it belongs to this encoding).
+/// a handle is met.
 #[derive(Default)]
 struct Collected {
     key: Option<Key>,
@@ -140,19 +135,40 @@ enum Failure {
     Io(io::Error),
 }
 
+/// One encoding in progress, on the stack of [`encoding`]; the thread's
+/// [`ENCODING`] points at the innermost one.
+struct Encoding {
+    /// Where the descriptors go (-1: nowhere, handles are refused).
+    carrier: RawFd,
+    /// The bytes will be published if the encoding succeeds (else it is a
+    /// size pass: slots are counted, nothing is duplicated or sent).
+    publishes: bool,
+    /// Allocated at the first handle met: a message without handles only
+    /// initialises and checks one word.
+    collected: Cell<Option<Box<Collected>>>,
+}
+
+/// One decoding in progress, on the stack of [`receiving`]; the thread's
+/// [`DECODING`] points at the innermost one.
+struct Decoding {
+    /// The receiving end of the parcel socket of the ring decoded from.
+    inbox: RawFd,
+    /// The message's parcel, once a handle asked for it; what no handle
+    /// took is closed with the `Decoding`.
+    parcel: Cell<Option<Box<Parcel>>>,
+}
+
+/// The descriptors of one message, as received, by key.
+type Parcel = (Key, Vec<Option<OwnedFd>>);
+
+// The fast path (a message without handles) costs one thread-local swap in and
+// one store out per encoding and per decoding: the context lives on the stack
+// and the thread-locals only point at it (a null pointer: none).
 thread_local! {
-    /// The parcel socket of the ring this thread puts into (-1: none).
-    static CARRIER: Cell<RawFd> = const { Cell::new(-1) };
-    static MODE: Cell<Mode> = const { Cell::new(Mode::Idle) };
-    /// Whether `COLLECTED` holds what the current encoding collected.
-    static COLLECTING: Cell<bool> = const { Cell::new(false) };
-    static COLLECTED: RefCell<Collected> = RefCell::new(Collected::default());
-    /// The receiving end of the parcel socket of the ring this thread takes
-    /// from (-1: none).
-    static INBOX: Cell<RawFd> = const { Cell::new(-1) };
-    /// Whether `PARCEL` holds the current decoding's parcel.
-    static HOLDING: Cell<bool> = const { Cell::new(false) };
-    static PARCEL: RefCell<Option<(Key, Vec<Option<OwnedFd>>)>> = const { RefCell::new(None) };
+    /// The innermost encoding of this thread (null: none).
+    static ENCODING: Cell<*const Encoding> = const { Cell::new(std::ptr::null()) };
+    /// The innermost decoding of this thread (null: none).
+    static DECODING: Cell<*const Decoding> = const { Cell::new(std::ptr::null()) };
 }
 
 /// A new parcel socket: `(send, receive)`, a `SOCK_SEQPACKET` pair
@@ -167,65 +183,49 @@ pub(crate) fn parcel_socket() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
-/// Runs `send` with `socket` (the sending end of a parcel socket) as where the
-/// descriptors of handles in the message go.
-pub(crate) fn carrying<R>(socket: BorrowedFd<'_>, send: impl FnOnce() -> R) -> R {
-    struct Restore(RawFd);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CARRIER.with(|carrier| carrier.set(self.0));
-        }
-    }
-    let _restore = Restore(CARRIER.with(|carrier| carrier.replace(socket.as_raw_fd())));
-    send()
-}
-
 /// Runs `encode` (of a queue item or a message) with the thread marked as
 /// doing so. `publishes`: the bytes will be published if this succeeds (a
 /// size pass does not publish). On success with handles, their parcel is
-/// sent. Without handles: four thread-local `Cell` swaps, nothing else.
+/// sent. Without handles: a thread-local pointer swapped in and restored,
+/// nothing else.
+#[inline]
 pub(crate) fn encoding<R>(
+    carrier: Carrier<'_>,
     publishes: bool,
     encode: impl FnOnce() -> postcard::Result<R>,
 ) -> Result<R, RingError> {
-    /// Restores the enclosing encoding's state (also on a panic).
-    struct Restore {
-        mode: Mode,
-        collecting: bool,
-        /// The enclosing encoding's collection, set aside (nested encodings
-        /// only: an item's `Serialize` putting into another queue).
-        outer: Option<Collected>,
-    }
+    /// Points the thread back at the enclosing encoding (also on a panic).
+    struct Restore(*const Encoding);
     impl Drop for Restore {
+        #[inline]
         fn drop(&mut self) {
-            MODE.with(|mode| mode.set(self.mode));
-            if COLLECTING.with(|collecting| collecting.replace(self.collecting)) {
-                drop(COLLECTED.with(RefCell::take));
-            }
-            if let Some(outer) = self.outer.take() {
-                COLLECTED.with(|collected| *collected.borrow_mut() = outer);
-            }
+            ENCODING.with(|current| current.set(self.0));
         }
     }
-    let mode = if publishes {
-        Mode::Publish
-    } else {
-        Mode::Measure
+    let this = Encoding {
+        carrier: carrier.map_or(-1, |fd| fd.as_raw_fd()),
+        publishes,
+        collected: Cell::new(None),
     };
-    let outer_collecting = COLLECTING.with(|collecting| collecting.replace(false));
-    let restore = Restore {
-        mode: MODE.with(|cell| cell.replace(mode)),
-        collecting: outer_collecting,
-        outer: outer_collecting.then(|| COLLECTED.with(RefCell::take)),
-    };
+    // Declared after `this`, so dropped before it: the pointer never outlives it.
+    let restore = Restore(ENCODING.with(|current| current.replace(&raw const this)));
     let result = encode();
-    let collected = COLLECTING
-        .with(|collecting| collecting.replace(false))
-        .then(|| COLLECTED.with(RefCell::take));
     drop(restore);
-    let Some(collected) = collected else {
-        return result.map_err(RingError::Encode);
-    };
+    match this.collected.into_inner() {
+        None => result.map_err(RingError::Encode),
+        Some(collected) => finish_encoding(carrier, publishes, result, *collected),
+    }
+}
+
+/// The end of an encoding that met a handle: the parcel is sent, or the
+/// failure reported.
+#[cold]
+fn finish_encoding<R>(
+    carrier: Carrier<'_>,
+    publishes: bool,
+    result: postcard::Result<R>,
+    collected: Collected,
+) -> Result<R, RingError> {
     let passing = |source| RingError::Io {
         op: "passing the descriptors of a handle in a message",
         source,
@@ -235,36 +235,34 @@ pub(crate) fn encoding<R>(
         (_, Some(Failure::Io(source))) => Err(passing(source)),
         (Err(error), None) => Err(RingError::Encode(error)),
         (Ok(value), None) => {
-            if let Some(key) = collected
+            if let Some((key, socket)) = collected
                 .key
+                .zip(carrier)
                 .filter(|_| publishes && !collected.fds.is_empty())
             {
-                send_parcel(key, &collected.fds).map_err(passing)?;
+                send_parcel(socket, key, &collected.fds).map_err(passing)?;
             }
             Ok(value)
         }
     }
 }
 
-/// The collection of the current encoding (started at its first handle).
-fn with_collected<R>(f: impl FnOnce(&mut Collected) -> R) -> R {
-    if !COLLECTING.with(|collecting| collecting.replace(true)) {
-        // Whatever a panicked encoding left is not ours.
-        drop(COLLECTED.with(RefCell::take));
-    }
-    COLLECTED.with(|collected| f(&mut collected.borrow_mut()))
-}
-
 /// For a handle's `Serialize` ([`transport::lend`](crate::transport::lend)):
 /// `None` when no item or message is being encoded; else the slot of `fds`
 /// in the message's parcel, or why they cannot travel.
 pub(crate) fn collect(fds: &[BorrowedFd<'_>]) -> Option<io::Result<Slot>> {
-    let mode = MODE.with(Cell::get);
-    if mode == Mode::Idle {
+    let current = ENCODING.with(Cell::get);
+    if current.is_null() {
         return None;
     }
-    let carried = CARRIER.with(Cell::get) >= 0;
-    Some(with_collected(|collected| {
+    // SAFETY: `ENCODING` points at the `Encoding` on the stack of the
+    // innermost `encoding` call of this thread, which restores the previous
+    // pointer before that value goes (also when unwinding); this runs inside
+    // that call (a handle's `Serialize` within `encode`).
+    let this = unsafe { &*current };
+    let carried = this.carrier >= 0;
+    let mut collected = this.collected.take().unwrap_or_default();
+    let slot = (|| {
         if !carried {
             collected.failure = Some(Failure::Refused);
             return Err(io::Error::other(
@@ -276,7 +274,7 @@ pub(crate) fn collect(fds: &[BorrowedFd<'_>]) -> Option<io::Result<Slot>> {
             collected.failure = Some(Failure::Io(io::Error::other(error.clone())));
             return Err(io::Error::other(error));
         }
-        if mode == Mode::Publish {
+        if this.publishes {
             for fd in fds {
                 match rustix::io::fcntl_dupfd_cloexec(fd, 0) {
                     Ok(copy) => collected.fds.push(copy),
@@ -294,15 +292,12 @@ pub(crate) fn collect(fds: &[BorrowedFd<'_>]) -> Option<io::Result<Slot>> {
             first,
             count: fds.len() as u32,
         })
-    }))
+    })();
+    this.collected.set(Some(collected));
+    Some(slot)
 }
 
-fn send_parcel(key: Key, fds: &[OwnedFd]) -> io::Result<()> {
-    let socket = CARRIER.with(Cell::get);
-    // SAFETY: `CARRIER` is set only by `carrying`, for the duration of the
-    // send that borrows the socket (the writer endpoint's presence), and this
-    // runs inside that send.
-    let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+fn send_parcel(socket: BorrowedFd<'_>, key: Key, fds: &[OwnedFd]) -> io::Result<()> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let mut space =
         vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
@@ -334,63 +329,58 @@ fn send_parcel(key: Key, fds: &[OwnedFd]) -> io::Result<()> {
 /// Runs `decode` (of a message received from a ring whose parcel socket's
 /// receiving end is `socket`) with the thread marked as doing so;
 /// descriptors of the message's parcel that no handle took are closed after.
-/// Without handles: two thread-local `Cell` swaps.
+/// Without handles: a thread-local pointer swapped in and restored.
+#[inline]
 pub(crate) fn receiving<R>(socket: BorrowedFd<'_>, decode: impl FnOnce() -> R) -> R {
-    /// Restores the enclosing decoding's state (also on a panic).
-    struct Restore {
-        inbox: RawFd,
-        holding: bool,
-        outer: Option<(Key, Vec<Option<OwnedFd>>)>,
-    }
+    /// Points the thread back at the enclosing decoding (also on a panic).
+    struct Restore(*const Decoding);
     impl Drop for Restore {
+        #[inline]
         fn drop(&mut self) {
-            INBOX.with(|inbox| inbox.set(self.inbox));
-            if HOLDING.with(|holding| holding.replace(self.holding)) {
-                drop(PARCEL.with(RefCell::take)); // what no handle took
-            }
-            if let Some(outer) = self.outer.take() {
-                PARCEL.with(|parcel| *parcel.borrow_mut() = Some(outer));
-            }
+            DECODING.with(|current| current.set(self.0));
         }
     }
-    let outer_holding = HOLDING.with(|holding| holding.replace(false));
-    let _restore = Restore {
-        inbox: INBOX.with(|inbox| inbox.replace(socket.as_raw_fd())),
-        holding: outer_holding,
-        outer: outer_holding.then(|| PARCEL.with(RefCell::take)).flatten(),
+    let this = Decoding {
+        inbox: socket.as_raw_fd(),
+        parcel: Cell::new(None),
     };
+    // Declared after `this`, so dropped before it: the pointer never outlives
+    // it; `this` then closes what no handle took.
+    let _restore = Restore(DECODING.with(|current| current.replace(&raw const this)));
     decode()
 }
 
 /// Whether the thread decodes a message (where a courier ticket cannot be).
 pub(crate) fn decoding_message() -> bool {
-    INBOX.with(Cell::get) >= 0
+    !DECODING.with(Cell::get).is_null()
 }
 
 /// For a handle's `Deserialize` ([`transport::claim`](crate::transport::claim)):
 /// the descriptors of `slot`.
 pub(crate) fn take(slot: Slot) -> io::Result<Vec<OwnedFd>> {
-    let socket = INBOX.with(Cell::get);
-    if socket < 0 {
+    let current = DECODING.with(Cell::get);
+    if current.is_null() {
         return Err(io::Error::other(
             "a handle sent inside a message must be received with `recv` or `get`",
         ));
     }
-    if !HOLDING.with(|holding| holding.replace(true)) {
-        drop(PARCEL.with(RefCell::take)); // left by a panicked decoding
-    }
-    PARCEL.with(|parcel| {
-        let mut parcel = parcel.borrow_mut();
-        if parcel.as_ref().map(|(key, _)| *key) != Some(slot.key) {
-            // SAFETY: `INBOX` is set only by `receiving`, for the duration of
-            // the receive that borrows the socket, and this runs inside it.
-            let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+    // SAFETY: `DECODING` points at the `Decoding` on the stack of the
+    // innermost `receiving` call of this thread, which restores the previous
+    // pointer before that value goes (also when unwinding); this runs inside
+    // that call (a handle's `Deserialize` within `decode`).
+    let this = unsafe { &*current };
+    let mut parcel = this.parcel.take();
+    let taken = (|| {
+        if parcel.as_ref().map(|p| p.0) != Some(slot.key) {
+            // SAFETY: `inbox` was borrowed by `receiving` for the duration of
+            // the receive, and this runs inside it.
+            let socket = unsafe { BorrowedFd::borrow_raw(this.inbox) };
             let fds = receive_parcel(socket, slot.key).inspect_err(|error| {
                 tracing::warn!(%error, "a handle inside a message could not be received");
             })?;
-            *parcel = Some((slot.key, fds.into_iter().map(Some).collect()));
+            parcel = Some(Box::new((slot.key, fds.into_iter().map(Some).collect())));
         }
-        let (_, fds) = parcel.as_mut().expect("just received");
+        let (_, fds) = &mut **parcel.as_mut().expect("just received");
         let range = slot.first as usize..slot.first as usize + slot.count as usize;
         fds.get_mut(range)
             .ok_or_else(|| io::Error::other("a handle's descriptors are not in its message"))?
@@ -398,7 +388,9 @@ pub(crate) fn take(slot: Slot) -> io::Result<Vec<OwnedFd>> {
             .map(Option::take)
             .collect::<Option<Vec<OwnedFd>>>()
             .ok_or_else(|| io::Error::other("a handle's descriptors were taken twice"))
-    })
+    })();
+    this.parcel.set(parcel);
+    taken
 }
 
 /// Receives the parcel `key` from `socket`, closing orphans before it.

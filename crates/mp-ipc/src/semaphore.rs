@@ -30,8 +30,12 @@
 //! released when the thread exits or the cache evicts it), so the
 //! uncontended path only adds a thread-local look-up and two plain stores to
 //! a counter only that thread writes: no system call, no extra atomic
-//! read-modify-write (measured: acquire + release 1–4 % slower than without
-//! tracking, about 1 ns; the slot is looked up only when no permit is free).
+//! read-modify-write; the slot is looked up only when no permit is free.
+//! Everything but the compare-and-swap, the count and the release is out of
+//! line (waiting, recovery, warnings, the futex wake), so that acquire +
+//! release inline into the caller: 52 instructions against 41 without
+//! tracking (callgrind), the same time within noise (side-by-side runner,
+//! A/B against the code before tracking: 14.55 ns against 14.46 ns).
 //!
 //! Permits taken out of a guard with [`SemaphoreGuard::forget`] are no
 //! longer owned: any thread or process may [`release`](Semaphore::release)
@@ -266,6 +270,7 @@ impl SemState {
     }
 
     /// Gives a permit back; `Err(bound)` if that would exceed the bound.
+    #[inline]
     pub(crate) fn release(&self) -> Result<(), u32> {
         let bound = self.bound;
         self.count
@@ -275,9 +280,17 @@ impl SemState {
             .map_err(|_| bound)?;
         fence(Ordering::SeqCst);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
-            futex::wake(&self.count, 1);
+            self.wake_one();
         }
         Ok(())
+    }
+
+    /// Wakes one thread sleeping on the count (out of line: the uncontended
+    /// release has nobody to wake).
+    #[cold]
+    #[inline(never)]
+    fn wake_one(&self) {
+        futex::wake(&self.count, 1);
     }
 
     pub(crate) fn value(&self) -> u32 {
@@ -548,18 +561,31 @@ impl Semaphore {
     /// but not owned: it is not recovered if this thread dies (logged as a
     /// warning). Use [`acquire_timeout`](Self::acquire_timeout) to get the
     /// error instead.
+    #[inline]
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
-        // The holder slots are looked up only when no permit is free.
-        if !self.state.try_acquire() {
-            // Without a deadline the wait only ends with a permit.
-            while !self.state.acquire(self.holders(), None) {}
+        // The fast path: a free permit, counted in this thread's cached
+        // holder slot; everything else is out of line.
+        if self.state.try_acquire() {
+            let guard = SemaphoreGuard::new(self);
+            if guard.tracked {
+                return guard;
+            }
+            warn_untracked();
+            return guard;
         }
+        self.acquire_slowly()
+    }
+
+    /// [`acquire`](Self::acquire) when no permit was free.
+    #[cold]
+    #[inline(never)]
+    fn acquire_slowly(&self) -> SemaphoreGuard<'_> {
+        // The holder slots are looked up only when no permit is free.
+        // Without a deadline the wait only ends with a permit.
+        while !self.state.acquire(self.holders(), None) {}
         let guard = SemaphoreGuard::new(self);
         if !guard.tracked {
-            tracing::warn!(
-                slots = HOLDER_SLOTS,
-                "semaphore: every holder slot is held by a live thread; this permit is not recovered if its thread dies"
-            );
+            warn_untracked();
         }
         guard
     }
@@ -651,10 +677,28 @@ impl Drop for SemaphoreGuard<'_> {
         }
         // Only a bounded semaphore released behind the guard's back (an
         // explicit release beyond its own acquisitions) can refuse this.
-        if let Err(error) = self.semaphore.release() {
-            tracing::warn!(%error, "semaphore guard could not give its permit back");
+        if let Err(bound) = self.semaphore.state.release() {
+            warn_over_release(bound);
         }
     }
+}
+
+/// The warning of a permit taken while every holder slot was held.
+#[cold]
+#[inline(never)]
+fn warn_untracked() {
+    tracing::warn!(
+        slots = HOLDER_SLOTS,
+        "semaphore: every holder slot is held by a live thread; this permit is not recovered if its thread dies"
+    );
+}
+
+/// The warning of a guard whose permit a bounded semaphore refused.
+#[cold]
+#[inline(never)]
+fn warn_over_release(bound: u32) {
+    let error = SemaphoreError::OverRelease { bound };
+    tracing::warn!(%error, "semaphore guard could not give its permit back");
 }
 
 impl fmt::Debug for SemaphoreGuard<'_> {

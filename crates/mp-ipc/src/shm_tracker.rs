@@ -22,11 +22,14 @@
 //!   once `send` returns, so a creator killed right after reporting loses
 //!   nothing (one killed in the middle of a record leaves a truncated last
 //!   record, which the tracker ignores).
-//! * a **doorbell** (an eventfd), rung by the creator only when the socket's
-//!   buffer is full (hundreds of records): the tracker then reads it. So a
+//! * a **doorbell** (an eventfd), rung by the creator every 64 reports, and
+//!   when the socket's buffer is full (a few hundred records; the creator
+//!   then waits for room): the tracker then reads what is queued. So a
 //!   report costs one `send` and wakes nobody; the tracker reads reports in
-//!   batches. (A `SOCK_SEQPACKET` pair would keep record boundaries, but
-//!   queues only `net.unix.max_dgram_qlen`, 10, records.)
+//!   batches, while the creator goes on (ringing only when the buffer was
+//!   full made a creator that kept creating and unlinking wait for the
+//!   tracker every ~140 rounds). (A `SOCK_SEQPACKET` pair would keep record
+//!   boundaries, but queues only `net.unix.max_dgram_qlen`, 10, records.)
 //!
 //! The tracker sleeps in `poll` on the pidfd and the doorbell (no timer, no
 //! polling). When the pidfd fires it reads what is still queued, unlinks every
@@ -41,7 +44,7 @@
 //!
 //! **Costs.** Reading and writing a segment costs nothing extra. `create`
 //! and `unlink` of a named segment send one record (no wake-up, except the
-//! doorbell once per full socket buffer); the first `create` of a process
+//! doorbell once per 64 records); the first `create` of a process
 //! also starts the tracker (a fork + exec, about what starting a `spawn`
 //! child costs). The creator keeps two descriptors (socket, doorbell). The tracker is in its own session,
 //! so a terminal's Ctrl-C, which kills the creator's process group, does not
@@ -93,6 +96,8 @@ const IGNORED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SI
 /// device, inode, name (at most 250 bytes).
 const REPORT_MAX: usize = 2 + 1 + 8 + 8 + 256;
 const ADD: u8 = b'+';
+/// Reports between two rings of the doorbell (see `Tracker::report`).
+const RING_EVERY: u32 = 64;
 const REMOVE: u8 = b'-';
 
 /// Which file a name referred to when it was created.
@@ -112,6 +117,8 @@ struct Tracker {
     process: std::process::Child,
     /// What the tracker was told is owned (to tell a new one, should it die).
     owned: HashMap<String, Identity>,
+    /// Reports sent since the doorbell was last rung.
+    unrung: u32,
 }
 
 static TRACKER: Mutex<Option<Tracker>> = Mutex::new(None);
@@ -185,7 +192,7 @@ fn reap(mut tracker: Tracker) -> HashMap<String, Identity> {
 impl Tracker {
     /// Queues a report; rings the doorbell (and then waits for room) only if
     /// the queue is full. An error means the tracker is gone.
-    fn report(&self, operation: u8, name: &str, identity: Identity) -> io::Result<()> {
+    fn report(&mut self, operation: u8, name: &str, identity: Identity) -> io::Result<()> {
         let mut record = Vec::with_capacity(REPORT_MAX);
         let length = (1 + 8 + 8 + name.len()) as u16; // names are at most 250 bytes
         record.extend_from_slice(&length.to_le_bytes());
@@ -207,6 +214,16 @@ impl Tracker {
                 }
                 Err(errno) => return Err(errno.into()),
             }
+        }
+        // Ring well before the queue is full (a few hundred records), so that
+        // the tracker drains it while the creator goes on, instead of the
+        // creator waiting for it with a full queue: one eventfd write per
+        // `RING_EVERY` reports. Best effort: the report is queued already,
+        // and a ring that failed only leaves the read to the full-queue ring.
+        self.unrung += 1;
+        if self.unrung >= RING_EVERY {
+            self.unrung = 0;
+            let _ = rustix::io::write(&self.doorbell, &1u64.to_ne_bytes());
         }
         Ok(())
     }
@@ -276,6 +293,7 @@ fn start(owned: HashMap<String, Identity>) -> io::Result<Tracker> {
         doorbell,
         process,
         owned: HashMap::new(),
+        unrung: 0,
     };
     for (name, identity) in &owned {
         if let Err(error) = tracker.report(ADD, name, *identity) {

@@ -161,7 +161,7 @@ pub enum QueueError {
 /// own shared-memory transport (mp-pool's task arguments).
 pub fn encode_item<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, QueueError> {
     use crate::ring::Encode;
-    Ok(crate::ring::Postcard(value).encoded()?.into_owned())
+    Ok(crate::ring::Postcard(value).encoded(None)?.into_owned())
 }
 
 impl From<RingError> for QueueError {

@@ -443,19 +443,37 @@ impl Segments {
 
     /// Puts one item: into the producer segment, growing when it is full
     /// (unbounded), or waiting for room (bounded).
+    ///
+    /// The fast path is one attempt at the producer segment that does not
+    /// wait for room; everything else (a full or sealed segment, waiting,
+    /// growing, abandonment) is [`put_slowly`](Self::put_slowly).
+    #[inline]
     pub(crate) fn put(&self, item: &dyn Encode, wait: Wait) -> Result<(), QueueError> {
+        let ring = self.load(&self.producer);
+        match ring.push_waiting(item, wait, Wait::Never, None) {
+            Ok(()) => Ok(()),
+            Err(error) => self.put_slowly(ring, error, item, wait),
+        }
+    }
+
+    /// The rest of [`put`](Self::put), after the attempt at `ring` failed with `error`.
+    #[cold]
+    fn put_slowly<'a>(
+        &'a self,
+        mut ring: &'a Ring,
+        mut error: RingError,
+        item: &dyn Encode,
+        wait: Wait,
+    ) -> Result<(), QueueError> {
         loop {
-            let ring = self.load(&self.producer);
             let alone = Abandonment::new(self);
-            let result = if self.grows {
-                match ring.push_waiting(item, wait, Wait::Never, None) {
-                    Err(RingError::Full) => self.push_with_grace(ring, item, wait),
-                    other => other,
-                }
-            } else {
-                ring.push(item, wait, alone.for_wait(wait))
+            let result = match error {
+                RingError::Full if self.grows => self.push_with_grace(ring, item, wait),
+                RingError::Full => ring.push(item, wait, alone.for_wait(wait)),
+                other => Err(other),
             };
             match result {
+                Ok(()) => return Ok(()),
                 Err(RingError::Closed) if ring.indices().is_open() => {
                     return Err(QueueError::Abandoned);
                 }
@@ -467,8 +485,13 @@ impl Segments {
                     }
                     self.use_for_puts(now)?;
                 }
-                other => return Ok(other?),
+                Err(other) => return Err(other.into()),
             }
+            ring = self.load(&self.producer);
+            error = match ring.push_waiting(item, wait, Wait::Never, None) {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
         }
     }
 
@@ -528,25 +551,47 @@ impl Segments {
     }
 
     /// Takes one item, moving on through sealed segments.
+    #[inline]
     pub(crate) fn get<R>(
         &self,
         wait: Wait,
         read: impl Fn(Payload<'_>) -> R + Copy,
     ) -> Result<R, QueueError> {
+        let ring = self.load(&self.consumer);
+        let alone = Abandonment::new(self);
+        match ring.pop(wait, alone.for_wait(wait), read) {
+            Ok(value) => Ok(value),
+            Err(error) => self.get_slowly(ring, error, wait, read),
+        }
+    }
+
+    /// The rest of [`get`](Self::get), after the attempt at `ring` failed with `error`.
+    #[cold]
+    fn get_slowly<'a, R>(
+        &'a self,
+        mut ring: &'a Ring,
+        mut error: RingError,
+        wait: Wait,
+        read: impl Fn(Payload<'_>) -> R + Copy,
+    ) -> Result<R, QueueError> {
         loop {
-            let ring = self.load(&self.consumer);
-            let alone = Abandonment::new(self);
-            match ring.pop(wait, alone.for_wait(wait), read) {
-                Err(RingError::Closed) if !ring.indices().is_closed() => {
+            match error {
+                RingError::Closed if !ring.indices().is_closed() => {
                     return Err(QueueError::Abandoned);
                 }
-                Err(RingError::Closed) => {
+                RingError::Closed => {
                     if !self.move_consumer_on(ring)? {
                         return Err(QueueError::Closed);
                     }
                 }
-                other => return Ok(other?),
+                other => return Err(other.into()),
             }
+            ring = self.load(&self.consumer);
+            let alone = Abandonment::new(self);
+            error = match ring.pop(wait, alone.for_wait(wait), read) {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
         }
     }
 

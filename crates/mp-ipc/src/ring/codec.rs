@@ -7,23 +7,26 @@ use std::io;
 
 use super::RingError;
 use super::memory::MemFile;
-use crate::message_handles::encoding;
+use crate::message_handles::{Carrier, encoding};
 
-/// Something a producer can write into the ring.
+/// Something a producer can write into the ring. `carrier` is where the
+/// descriptors of handles inside the item go (see
+/// [`message_handles`](crate::message_handles); `None`: handles are refused).
 pub(crate) trait Encode {
     /// Encodes into `buf`; `Ok(None)` when `buf` is too small.
-    fn encode_into(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError>;
+    fn encode_into(&self, buf: &mut [u8], carrier: Carrier<'_>)
+    -> Result<Option<usize>, RingError>;
     /// The exact encoded length.
-    fn encoded_len(&self) -> Result<usize, RingError>;
+    fn encoded_len(&self, carrier: Carrier<'_>) -> Result<usize, RingError>;
     /// The encoded bytes in one piece (for the out-of-band path).
-    fn encoded(&self) -> Result<Cow<'_, [u8]>, RingError>;
+    fn encoded(&self, carrier: Carrier<'_>) -> Result<Cow<'_, [u8]>, RingError>;
 }
 
 /// Raw bytes, written as they are.
 pub(crate) struct RawBytes<'a>(pub(crate) &'a [u8]);
 
 impl Encode for RawBytes<'_> {
-    fn encode_into(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
+    fn encode_into(&self, buf: &mut [u8], _: Carrier<'_>) -> Result<Option<usize>, RingError> {
         let Some(dst) = buf.get_mut(..self.0.len()) else {
             return Ok(None);
         };
@@ -31,11 +34,11 @@ impl Encode for RawBytes<'_> {
         Ok(Some(self.0.len()))
     }
 
-    fn encoded_len(&self) -> Result<usize, RingError> {
+    fn encoded_len(&self, _: Carrier<'_>) -> Result<usize, RingError> {
         Ok(self.0.len())
     }
 
-    fn encoded(&self) -> Result<Cow<'_, [u8]>, RingError> {
+    fn encoded(&self, _: Carrier<'_>) -> Result<Cow<'_, [u8]>, RingError> {
         Ok(Cow::Borrowed(self.0))
     }
 }
@@ -44,20 +47,27 @@ impl Encode for RawBytes<'_> {
 pub(crate) struct Postcard<'a, T: ?Sized>(pub(crate) &'a T);
 
 impl<T: serde::Serialize + ?Sized> Encode for Postcard<'_, T> {
-    fn encode_into(&self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
-        match encoding(true, || postcard::to_slice(self.0, buf)) {
+    #[inline]
+    fn encode_into(
+        &self,
+        buf: &mut [u8],
+        carrier: Carrier<'_>,
+    ) -> Result<Option<usize>, RingError> {
+        match encoding(carrier, true, || postcard::to_slice(self.0, buf)) {
             Ok(written) => Ok(Some(written.len())),
             Err(RingError::Encode(postcard::Error::SerializeBufferFull)) => Ok(None),
             Err(error) => Err(error),
         }
     }
 
-    fn encoded_len(&self) -> Result<usize, RingError> {
-        encoding(false, || postcard::experimental::serialized_size(self.0))
+    fn encoded_len(&self, carrier: Carrier<'_>) -> Result<usize, RingError> {
+        encoding(carrier, false, || {
+            postcard::experimental::serialized_size(self.0)
+        })
     }
 
-    fn encoded(&self) -> Result<Cow<'_, [u8]>, RingError> {
-        encoding(true, || postcard::to_stdvec(self.0)).map(Cow::Owned)
+    fn encoded(&self, carrier: Carrier<'_>) -> Result<Cow<'_, [u8]>, RingError> {
+        encoding(carrier, true, || postcard::to_stdvec(self.0)).map(Cow::Owned)
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 use super::frames::{FRAME_HEADER, KIND_OUT_OF_BAND, OUT_OF_BAND_DESCRIPTOR, frame_len};
 use super::{Encode, HEADER_LEN, Liveness, PAGE, Pos, Ring, RingError, Wait, io_error};
+use crate::message_handles::Carrier;
 
 /// Header of an out-of-band region: item id and length.
 pub(super) const REGION_HEADER: u64 = 16;
@@ -33,7 +34,7 @@ impl Ring {
     /// a small frame naming it into the ring.
     pub(super) fn push_out_of_band(
         &self,
-        item: &dyn Encode,
+        (item, carrier): (&dyn Encode, Carrier<'_>),
         len: usize,
         tail: Pos,
         mut head: Pos,
@@ -54,7 +55,7 @@ impl Ring {
             }
             head = self.wait_for_room(tail, frame, wait, liveness)?;
         }
-        let bytes = item.encoded()?;
+        let bytes = item.encoded(carrier)?;
         if bytes.len() != len {
             return Err(RingError::Corrupted(
                 "the item encoded to a different length twice".into(),

@@ -80,6 +80,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::time::{Duration, Instant};
 
+use crate::message_handles::Carrier;
 use crate::robust::{Acquired, LockFailed, RobustMutex};
 use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
 
@@ -797,12 +798,33 @@ impl Ring {
         wait: Wait,
         liveness: Option<&dyn Liveness>,
     ) -> Result<(), RingError> {
-        self.push_waiting(item, wait, wait, liveness)
+        self.push_frame(item, self.carrier(), wait, wait, liveness)
+    }
+
+    /// Puts one item whose handles' descriptors go to `carrier` (a
+    /// connection's writers' presence socket) instead of the ring's own
+    /// parcel socket.
+    pub(crate) fn push_carried(
+        &self,
+        item: &dyn Encode,
+        carrier: BorrowedFd<'_>,
+        wait: Wait,
+        liveness: Option<&dyn Liveness>,
+    ) -> Result<(), RingError> {
+        self.push_frame(item, Some(carrier), wait, wait, liveness)
+    }
+
+    /// Where the descriptors of handles inside items go: the ring's parcel
+    /// socket (queues), if any.
+    #[inline]
+    fn carrier(&self) -> Carrier<'_> {
+        self.parcels.as_deref().map(|parcels| parcels.send.as_fd())
     }
 
     /// Puts one item, waiting for the producer lock per `lock_wait` but for
     /// room only per `room_wait` ([`RingError::Full`] or `Timeout` then). For
     /// a growing queue, which moves on to a new segment instead.
+    #[inline]
     pub(crate) fn push_waiting(
         &self,
         item: &dyn Encode,
@@ -810,17 +832,13 @@ impl Ring {
         wait: Wait,
         liveness: Option<&dyn Liveness>,
     ) -> Result<(), RingError> {
-        match &self.parcels {
-            Some(parcels) => crate::message_handles::carrying(parcels.send.as_fd(), || {
-                self.push_frame(item, lock_wait, wait, liveness)
-            }),
-            None => self.push_frame(item, lock_wait, wait, liveness),
-        }
+        self.push_frame(item, self.carrier(), lock_wait, wait, liveness)
     }
 
     fn push_frame(
         &self,
         item: &dyn Encode,
+        carrier: Carrier<'_>,
         lock_wait: Wait,
         wait: Wait,
         liveness: Option<&dyn Liveness>,
@@ -850,17 +868,17 @@ impl Ring {
                 // SAFETY: we hold the producer lock and the window lies in
                 // the free space after `tail`.
                 let space = unsafe { self.free_space(payload_at, window as usize) };
-                if let Some(len) = item.encode_into(space)? {
+                if let Some(len) = item.encode_into(space, carrier)? {
                     self.publish_frame(tail, KIND_INLINE, len as u32);
                     return Ok(());
                 }
             }
             let len = match encoded_len {
                 Some(len) => len,
-                None => *encoded_len.insert(item.encoded_len()?),
+                None => *encoded_len.insert(item.encoded_len(carrier)?),
             };
             if frame_len(len as u64) > u64::from(self.max_inline_frame) {
-                return self.push_out_of_band(item, len, tail, head, wait, liveness);
+                return self.push_out_of_band((item, carrier), len, tail, head, wait, liveness);
             }
             let needed = frame_len(len as u64);
             head = self.wait_for_room(tail, needed, wait, liveness)?;
