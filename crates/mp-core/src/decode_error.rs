@@ -22,6 +22,12 @@ pub fn note_decode_failure(message: impl Display) {
     NOTE.with(|note| *note.borrow_mut() = Some(message.to_string()));
 }
 
+/// Takes the note [`note_decode_failure`] left on this thread, if any: for crates that report
+/// codec failures of their own (mp-ipc's queues and pipes) with the cause postcard dropped.
+pub fn take_failure_note() -> Option<String> {
+    NOTE.with(|note| note.borrow_mut().take())
+}
+
 /// Forgets any stale note, before a decode whose failure will be described.
 pub(crate) fn clear() {
     NOTE.with(|note| note.borrow_mut().take());

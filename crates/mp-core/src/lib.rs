@@ -70,7 +70,9 @@ pub mod __fuzz {
 }
 
 pub use child::before_child_exit;
-pub use decode_error::{decode_described, encode_described, note_decode_failure};
+pub use decode_error::{
+    decode_described, encode_described, note_decode_failure, take_failure_note,
+};
 pub use encode_cause::encode_failure_cause;
 pub use error::ProcessError;
 pub use function::{

@@ -98,6 +98,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::decode_error::CodecError;
 use crate::liveness::{Presence, Watch, presence_pipe, presence_socket};
 use crate::message_handles;
 use crate::ring::{
@@ -128,13 +129,14 @@ pub enum ConnectionError {
         /// The whole message.
         message: Vec<u8>,
     },
-    /// The value could not be encoded (nothing was sent).
+    /// The value could not be encoded (nothing was sent): its type, postcard's error and
+    /// the cause the value gave.
     #[error("could not encode the message: {0}")]
-    Encode(#[source] postcard::Error),
+    Encode(#[source] CodecError),
     /// The message could not be decoded as the requested type; it was
     /// consumed (later messages are unaffected).
     #[error("could not decode the message (it was consumed): {0}")]
-    Decode(#[source] postcard::Error),
+    Decode(#[source] CodecError),
     /// `recv`/`poll` on the write-only end of a simplex pipe.
     #[error("this end of the pipe is write-only")]
     NotReadable,
@@ -186,7 +188,7 @@ impl From<RingError> for ConnectionError {
             RingError::Closed => ConnectionError::Closed,
             // A connection never uses `try_` waits on the ring.
             RingError::Full | RingError::Empty | RingError::Timeout => ConnectionError::Timeout,
-            RingError::Encode(e) => ConnectionError::Encode(e),
+            RingError::Encode(e) => ConnectionError::Encode(CodecError::untyped(e)),
             RingError::Corrupted(what) => ConnectionError::Corrupted(what),
             RingError::Incompatible(what) => ConnectionError::Incompatible(what),
             RingError::Reentrant => ConnectionError::Reentrant,
@@ -410,7 +412,12 @@ impl Connection {
     /// message (see [`transport_design`](crate::transport_design)), and are
     /// closed by the kernel if the message is never received.
     pub fn send(&self, value: impl Serialize) -> Result<(), ConnectionError> {
-        self.send_encoded(&Postcard(&value))
+        match self.send_encoded(&Postcard(&value)) {
+            Err(ConnectionError::Encode(error)) => Err(ConnectionError::Encode(
+                CodecError::encoding(&value, error.into_postcard_error()),
+            )),
+            sent => sent,
+        }
     }
 
     /// Sends `bytes` as one message.
@@ -551,10 +558,10 @@ fn decode<T: DeserializeOwned>(payload: Payload<'_>) -> Result<T, ConnectionErro
         .map_err(io_error("reading a message"))?;
     match postcard::take_from_bytes::<T>(&bytes) {
         Ok((value, [])) => Ok(value),
-        Ok(_) => Err(ConnectionError::Decode(
+        Ok(_) => Err(ConnectionError::Decode(CodecError::decoding::<T>(
             postcard::Error::DeserializeBadEncoding,
-        )),
-        Err(error) => Err(ConnectionError::Decode(error)),
+        ))),
+        Err(error) => Err(ConnectionError::Decode(CodecError::decoding::<T>(error))),
     }
 }
 
@@ -813,6 +820,37 @@ impl<'de> Deserialize<'de> for Connection {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    /// A value whose `Serialize` refuses, with a message of its own.
+    struct Refuses;
+
+    impl Serialize for Refuses {
+        fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("this one stays here"))
+        }
+    }
+
+    #[test]
+    fn codec_failures_name_the_type_and_the_reason_and_the_pipe_goes_on() {
+        let (a, b) = Pipe::duplex().unwrap();
+        match a.send((1u8, Refuses)) {
+            Err(ConnectionError::Encode(error)) => {
+                assert!(error.type_name().contains("Refuses"), "{error}");
+                assert_eq!(error.cause(), Some("this one stays here"));
+            }
+            other => panic!("expected an encode error, got {other:?}"),
+        }
+        a.send(7u8).unwrap();
+        match b.recv::<bool>() {
+            Err(ConnectionError::Decode(error)) => {
+                assert_eq!(error.type_name(), "bool");
+                assert!(std::error::Error::source(&error).is_some());
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        a.send(7u8).unwrap();
+        assert_eq!(b.recv::<u8>().unwrap(), 7);
+    }
 
     #[test]
     fn the_descriptor_wakes_an_epoll_loop_for_a_message_and_for_the_end() {

@@ -144,5 +144,6 @@ pub mod __fuzz {
 }
 
 pub use connection::{Connection, ConnectionError, Pipe, Waitable};
+pub use decode_error::CodecError;
 pub use listener::{Client, Listener};
 pub use queue::{Bytes, JoinableQueue, Queue, QueueBuilder, QueueError, SimpleQueue};

@@ -81,6 +81,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::decode_error::CodecError;
 use crate::ring::{Payload, Postcard, Ring, RingError, Wait};
 use crate::shm::ShmError;
 use crate::transport::{self, Ticket};
@@ -114,13 +115,14 @@ pub enum QueueError {
     /// forever as Python's does. `try_` calls report `Empty`/`Full` instead.
     #[error("every other handle of the queue is gone: nothing can arrive or make room")]
     Abandoned,
-    /// The item could not be encoded (nothing was put).
+    /// The item could not be encoded (nothing was put): its type, postcard's error and the
+    /// cause the item gave.
     #[error("could not encode the item: {0}")]
-    Encode(#[source] postcard::Error),
+    Encode(#[source] CodecError),
     /// An item could not be decoded as the queue's type; it was removed from
     /// the queue (later items are unaffected).
     #[error("could not decode an item (it was removed from the queue): {0}")]
-    Decode(#[source] postcard::Error),
+    Decode(#[source] CodecError),
     /// The item contains a handle but is not being carried by a queue that
     /// can pass its descriptors (e.g. [`encode_item`], a handle nested in
     /// another transport); pass it as a process argument (nothing was put).
@@ -161,7 +163,23 @@ pub enum QueueError {
 /// own shared-memory transport (mp-pool's task arguments).
 pub fn encode_item<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, QueueError> {
     use crate::ring::Encode;
-    Ok(crate::ring::Postcard(value).encoded(None)?.into_owned())
+    match crate::ring::Postcard(value).encoded(None) {
+        Ok(bytes) => Ok(bytes.into_owned()),
+        Err(error) => Err(QueueError::from(error).naming(value)),
+    }
+}
+
+impl QueueError {
+    /// An encode failure of `item` names its type and cause (the ring knows only postcard's
+    /// error); any other error is returned as it is.
+    fn naming<T: Serialize + ?Sized>(self, item: &T) -> Self {
+        match self {
+            QueueError::Encode(error) => {
+                QueueError::Encode(CodecError::encoding(item, error.into_postcard_error()))
+            }
+            other => other,
+        }
+    }
 }
 
 impl From<RingError> for QueueError {
@@ -171,7 +189,7 @@ impl From<RingError> for QueueError {
             RingError::Full => QueueError::Full,
             RingError::Empty => QueueError::Empty,
             RingError::Timeout => QueueError::Timeout,
-            RingError::Encode(e) => QueueError::Encode(e),
+            RingError::Encode(e) => QueueError::Encode(CodecError::untyped(e)),
             RingError::Corrupted(what) => QueueError::Corrupted(what),
             RingError::Incompatible(what) => QueueError::Incompatible(what),
             RingError::Reentrant => QueueError::Reentrant,
@@ -327,7 +345,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     fn put_with(&self, item: &T, wait: Wait) -> Result<(), QueueError> {
         self.check_open()?;
-        self.segments.put(&Postcard(item), wait)
+        self.segments
+            .put(&Postcard(item), wait)
+            .map_err(|error| error.naming(item))
     }
 
     /// Takes the next item, waiting for one.
@@ -550,8 +570,10 @@ fn decode<T: DeserializeOwned>(payload: Payload<'_>) -> Result<T, QueueError> {
     })?;
     match postcard::take_from_bytes::<T>(&bytes) {
         Ok((value, [])) => Ok(value),
-        Ok(_) => Err(QueueError::Decode(postcard::Error::DeserializeBadEncoding)),
-        Err(error) => Err(QueueError::Decode(error)),
+        Ok(_) => Err(QueueError::Decode(CodecError::decoding::<T>(
+            postcard::Error::DeserializeBadEncoding,
+        ))),
+        Err(error) => Err(QueueError::Decode(CodecError::decoding::<T>(error))),
     }
 }
 
@@ -650,8 +672,48 @@ mod tests {
         queue.put("\u{ff}\u{ff}".to_owned()).unwrap();
         queue.put("ok".to_owned()).unwrap();
         let as_u16: Queue<u16> = Queue::from_segments(Arc::clone(&queue.segments));
-        assert!(matches!(as_u16.get(), Err(QueueError::Decode(_))));
+        match as_u16.get() {
+            Err(QueueError::Decode(error)) => {
+                assert_eq!(error.type_name(), "u16");
+                assert!(error.to_string().starts_with("u16: "), "{error}");
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
         assert_eq!(queue.get().unwrap(), "ok");
+    }
+
+    /// An item whose `Serialize` refuses, with a message of its own.
+    #[derive(Debug, Deserialize)]
+    struct Refuses;
+
+    impl Serialize for Refuses {
+        fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not while the lamp is lit"))
+        }
+    }
+
+    #[test]
+    fn an_item_that_refuses_to_encode_names_its_type_and_its_reason() {
+        let queue: Queue<Vec<Refuses>> = Queue::unbounded().unwrap();
+        for result in [queue.put(vec![Refuses]), queue.try_put(vec![Refuses])] {
+            match result {
+                Err(QueueError::Encode(error)) => {
+                    assert!(error.type_name().contains("Vec<"), "{error}");
+                    assert!(error.type_name().contains("Refuses"), "{error}");
+                    assert_eq!(error.cause(), Some("not while the lamp is lit"));
+                    let text = QueueError::Encode(error).to_string();
+                    assert!(text.contains("not while the lamp is lit"), "{text}");
+                }
+                other => panic!("expected an encode error, got {other:?}"),
+            }
+        }
+        assert_eq!(queue.len(), 0, "nothing was put");
+        match encode_item(&Refuses) {
+            Err(QueueError::Encode(error)) => {
+                assert_eq!(error.cause(), Some("not while the lamp is lit"))
+            }
+            other => panic!("expected an encode error, got {other:?}"),
+        }
     }
 
     #[test]
