@@ -26,6 +26,9 @@ fn bootstrap_before_main() {
     // Whatever the parent's stdio was, fds 0-2 refer to something before this process opens
     // a descriptor of its own, so none of its channels can become its stdout.
     sys::ensure_stdio_open();
+    // Before the child allocates anything large (its argument, its result).
+    #[cfg(target_env = "gnu")]
+    sys::tune_child_allocator();
     // With glibc, posix_spawn closed the rest before the exec; elsewhere, do it here.
     #[cfg(not(target_env = "gnu"))]
     sys::close_from(crate::protocol::FIRST_FREE_FD);

@@ -111,12 +111,17 @@ pub(crate) fn prepare_child_process(parent: u32) -> bool {
 
 /// Opens a one-shot rendezvous, tells the parent its name through [`HANDSHAKE_FD`], and waits
 /// for the parent to connect. Returns the channel and its first message.
+///
+/// Only for the bootstrap constructor, while the process has a single thread (it points
+/// `TMPDIR` at a memory file system for the rendezvous, see [`sys::with_memory_temp_dir`]).
 pub(crate) fn rendezvous<T>() -> Result<(IpcReceiver<T>, T), String>
 where
     T: for<'de> Deserialize<'de> + Serialize,
 {
-    let (server, name) =
-        IpcOneShotServer::<T>::new().map_err(|e| format!("cannot open a rendezvous: {e}"))?;
+    // SAFETY: called only by the bootstrap constructor (a spawned child, a fork server),
+    // before main, while this process has a single thread.
+    let (server, name) = unsafe { sys::with_memory_temp_dir(IpcOneShotServer::<T>::new) }
+        .map_err(|e| format!("cannot open a rendezvous: {e}"))?;
     // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with posix_spawn's
     // dup2 and nothing else in this process owns that descriptor.
     let handshake = unsafe { OwnedFd::from_raw_fd(HANDSHAKE_FD) };
