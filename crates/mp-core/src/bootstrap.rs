@@ -11,7 +11,7 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use crate::child;
-use crate::protocol::{EXIT_ORPHANED, MARKER, OUTCOME_BELL_FD, Role};
+use crate::protocol::{EXIT_ORPHANED, MARKER, OUTCOME_BELL_FD, Role, SIDECAR_FD};
 use crate::sys;
 
 #[ctor::ctor(unsafe)]
@@ -26,9 +26,6 @@ fn bootstrap_before_main() {
     // Whatever the parent's stdio was, fds 0-2 refer to something before this process opens
     // a descriptor of its own, so none of its channels can become its stdout.
     sys::ensure_stdio_open();
-    // Before the child allocates anything large (its argument, its result).
-    #[cfg(target_env = "gnu")]
-    sys::tune_child_allocator();
     // With glibc, posix_spawn closed the rest before the exec; elsewhere, do it here.
     #[cfg(not(target_env = "gnu"))]
     sys::close_from(crate::protocol::FIRST_FREE_FD);
@@ -47,8 +44,10 @@ fn serve_spawned(parent: u32) -> i32 {
     // SAFETY: the parent placed the write end of the outcome bell at OUTCOME_BELL_FD with
     // posix_spawn's dup2; nothing else in this process owns that descriptor.
     let bell = unsafe { OwnedFd::from_raw_fd(OUTCOME_BELL_FD) };
+    // SAFETY: likewise for the child's end of its sidecar, at SIDECAR_FD.
+    let sidecar = unsafe { OwnedFd::from_raw_fd(SIDECAR_FD) };
     match child::rendezvous() {
-        Ok((channel, header)) => child::serve(channel, header, bell),
+        Ok((channel, header)) => child::serve(channel, header, bell, sidecar),
         Err(message) => child::fail(&message),
     }
 }

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::decode_error;
 use crate::error::ProcessError;
 use crate::function::{Entry, assert_non_capturing, run_key};
-use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role};
+use crate::payload::{self, Packed};
+use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role, SIDECAR_FD};
 use crate::registry::{self, ExitWatch, Tracked};
 use crate::start_method::{StartMethod, fork_allowed, get_start_method};
 use crate::sys::{self, ExitStatus};
@@ -100,8 +101,10 @@ impl<M, F: Entry<M>> Process<M, F> {
         // No descriptor of ours may land on a closed stdio slot (a child would inherit it as
         // its stdout).
         sys::ensure_stdio_open();
-        let (outcome_tx, outcome_rx) =
-            ipc::channel::<Outcome<F::Output>>().map_err(ProcessError::io("creating a channel"))?;
+        let (outcome_tx, outcome_rx) = ipc::channel::<Outcome<Packed<F::Output>>>()
+            .map_err(ProcessError::io("creating a channel"))?;
+        let (sidecar, sidecar_for_child) =
+            payload::sidecar_pair().map_err(ProcessError::io("creating the sidecar"))?;
         let (bell, bell_for_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| ProcessError::io("creating the outcome bell")(e.into()))?;
         // Made before any fork: a forked child must not find it half-initialised.
@@ -110,8 +113,10 @@ impl<M, F: Entry<M>> Process<M, F> {
         // Only the creation runs on the launcher thread; the wait for a spawned child to
         // connect back runs here, so that children started from several threads start
         // in parallel.
-        let launched =
-            launcher::on_long_lived_thread(move || launch(method, bell_for_child))?.connect()?;
+        let launched = launcher::on_long_lived_thread(move || {
+            launch(method, bell_for_child, sidecar_for_child)
+        })?
+        .connect()?;
         let tracked = registry::track(
             launched.pid,
             name.clone(),
@@ -125,6 +130,7 @@ impl<M, F: Entry<M>> Process<M, F> {
                 receiver: outcome_rx,
                 bell,
             }),
+            sidecar,
         };
         let header = Header {
             entry: child::process_entry::<M, F>(),
@@ -137,8 +143,11 @@ impl<M, F: Entry<M>> Process<M, F> {
         };
         let channel = launched.channel.to_opaque();
         decode_error::clear();
-        let sent = transfer::send(&channel.clone().to::<Header>(), header)
-            .and_then(|()| transfer::send(&channel.to::<F::Args>(), args));
+        let sent = transfer::send(&channel.clone().to::<Header>(), header).and_then(|()| {
+            payload::with_sidecar(child.sidecar.as_fd(), || {
+                transfer::send(&channel.to::<Packed<F::Args>>(), Packed(args))
+            })
+        });
         if let Err(e) = sent {
             let _ = child.kill();
             child.tracked.wait_exit(Some(Duration::from_secs(5)));
@@ -197,16 +206,21 @@ impl Launching {
     }
 }
 
-fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launching, ProcessError> {
+fn launch(method: StartMethod, bell: OwnedFd, sidecar: OwnedFd) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {
             let parent = std::process::id();
-            let started =
-                spawn::start_self(Role::Child { parent }, &[(bell.as_fd(), OUTCOME_BELL_FD)])?;
+            let started = spawn::start_self(
+                Role::Child { parent },
+                &[
+                    (bell.as_fd(), OUTCOME_BELL_FD),
+                    (sidecar.as_fd(), SIDECAR_FD),
+                ],
+            )?;
             Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
-            let (pid, pidfd, channel) = fork::fork_child(bell)?;
+            let (pid, pidfd, channel) = fork::fork_child(bell, sidecar)?;
             Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
@@ -215,7 +229,7 @@ fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launching, ProcessError>
             }))
         }
         StartMethod::ForkServer => {
-            let child = forkserver::fork_child(bell)?;
+            let child = forkserver::fork_child(bell, sidecar)?;
             // A child that already ended cannot be opened; its sentinel is then simply ready.
             let pidfd = sys::pidfd_open(child.pid)
                 .or_else(|_| sys::always_ready_fd())
@@ -234,7 +248,7 @@ enum OutcomeState<R> {
     /// The child has not reported yet: its report will arrive on `receiver`, announced by a
     /// byte on `bell`.
     Waiting {
-        receiver: IpcReceiver<Outcome<R>>,
+        receiver: IpcReceiver<Outcome<Packed<R>>>,
         bell: OwnedFd,
     },
     /// The child reported this (a value, a panic...).
@@ -245,6 +259,16 @@ enum OutcomeState<R> {
     Taken,
 }
 
+/// The outcome as the child sent it, its value unwrapped.
+fn unpack<R>(outcome: Outcome<Packed<R>>) -> Outcome<R> {
+    match outcome {
+        Outcome::Returned(Packed(value)) => Outcome::Returned(value),
+        Outcome::Panicked(report) => Outcome::Panicked(report),
+        Outcome::BadArguments(message) => Outcome::BadArguments(message),
+        Outcome::BadResult(message) => Outcome::BadResult(message),
+    }
+}
+
 /// A running (or finished) child process, returned by [`Process::start`].
 ///
 /// Dropping a `Child` does not stop the process (as in Python); it is reaped later, and
@@ -252,6 +276,8 @@ enum OutcomeState<R> {
 pub struct Child<R> {
     tracked: Arc<Tracked>,
     outcome: Mutex<OutcomeState<R>>,
+    /// The parent's end of the child's sidecar, on which a large result arrives as a memfd.
+    sidecar: OwnedFd,
 }
 
 impl<R> fmt::Debug for Child<R> {
@@ -343,15 +369,22 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
             let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
                 .map_err(ProcessError::io("waiting for a child"))?;
             decode_error::clear();
-            let received = match ready {
-                None => return Err(ProcessError::Timeout { pid }),
+            let received = payload::with_sidecar(self.sidecar.as_fd(), || match ready {
+                None => None,
                 // The bell rang (or every copy of it closed): the report is on its way.
-                Some(0) => transfer::recv_sent(receiver, remaining(), self.tracked.pidfd.as_fd()),
+                Some(0) => Some(transfer::recv_sent(
+                    receiver,
+                    remaining(),
+                    self.tracked.pidfd.as_fd(),
+                )),
                 // Ended without ringing: whatever it sent is already buffered.
-                Some(_) => sys::without_signals(|| receiver.try_recv()),
+                Some(_) => Some(sys::without_signals(|| receiver.try_recv())),
+            });
+            let Some(received) = received else {
+                return Err(ProcessError::Timeout { pid });
             };
             *state = match received {
-                Ok(outcome) => OutcomeState::Received(outcome),
+                Ok(outcome) => OutcomeState::Received(unpack(outcome)),
                 Err(TryRecvError::Empty) if ready == Some(0) => {
                     return Err(ProcessError::Timeout { pid });
                 }

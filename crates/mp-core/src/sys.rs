@@ -307,24 +307,3 @@ pub(crate) unsafe fn with_memory_temp_dir<T>(f: impl FnOnce() -> T) -> T {
     }
     result
 }
-
-/// Tunes glibc's allocator in a fresh child to the thresholds its dynamic policy reaches on
-/// its own after the first large `free` (an `mmap` threshold of 32 MiB, a trim threshold of
-/// twice that), so that a child's first large buffers come from the heap and a freed one is
-/// reused instead of being unmapped and faulted in again.
-///
-/// A child's argument and result are large buffers made once each (the received message,
-/// the decoded value, the encoded result): with the default thresholds every one of them is
-/// a fresh `mmap` whose pages fault in one by one (about 1 ms per MiB on a VM) and are
-/// unmapped on `free`. Set at bootstrap, before the child allocates, so the receive buffer
-/// freed after decoding is the memory the result is encoded into.
-#[cfg(target_env = "gnu")]
-pub(crate) fn tune_child_allocator() {
-    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-    // SAFETY: mallopt only changes the allocator's parameters; it is called before main,
-    // while the process has a single thread.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD);
-    }
-}
