@@ -273,6 +273,7 @@ pub(crate) fn serve(parent: u32) -> i32 {
         Ok(pair) => pair,
         Err(e) => return child::fail(&format!("cannot watch SIGCHLD: {e}")),
     };
+    crate::function::warm_up_for_children();
     let me = std::process::id();
     let mut statuses: HashMap<i32, IpcSender<i32>> = HashMap::new();
     loop {
