@@ -140,7 +140,7 @@ where
 /// Runs the function a child was sent and returns its exit code.
 pub(crate) fn serve(
     channel: IpcReceiver<Header>,
-    header: Header,
+    mut header: Header,
     bell: OwnedFd,
     sidecar: OwnedFd,
 ) -> i32 {
@@ -163,7 +163,7 @@ pub(crate) fn serve(
     let trampoline: ProcessTrampoline =
         unsafe { std::mem::transmute(std::ptr::with_exposed_provenance::<()>(address)) };
     let code = trampoline(ChildLink {
-        args: channel.to_opaque(),
+        args: header.args.take().unwrap_or_else(|| channel.to_opaque()),
         outcome: header.outcome,
         bell,
         sidecar,

@@ -34,8 +34,25 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::decode_error;
 
 /// Encodings up to this size travel inline in the ipc-channel message; larger ones in a memfd
-/// (whose set-up costs about ten system calls, which only pays off for large values).
+/// (whose set-up costs about ten system calls, which only pays off for large values). Lower
+/// if the system's socket buffers are small: see [`spill_limit`].
 pub(crate) const SPILL: usize = 64 * 1024;
+
+/// The largest encoding that travels inline: [`SPILL`], or a quarter of a fresh socket's send
+/// buffer if that is less.
+///
+/// This bound is what lets a [`Packed`] message be sent before its receiver reads (the
+/// argument of a spawned child is sent while the child starts): a message this small is one
+/// ipc-channel fragment that fits in an empty socket's buffer, so the send never blocks.
+/// The sidecar is a socket pair of the same kind as ipc-channel's, with the same default
+/// buffer sizes.
+fn spill_limit(sidecar: BorrowedFd<'_>) -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        rustix::net::sockopt::socket_send_buffer_size(sidecar)
+            .map_or(4096, |size| (size / 4).clamp(4096, SPILL))
+    })
+}
 
 /// The seals a memfd must carry before the receiver maps it: nobody can shrink it under the
 /// mapping (which would make reading it fault) or change it while it is decoded.
@@ -119,7 +136,7 @@ impl<T: Serialize> Serialize for Packed<T> {
             file: None,
             len: 0,
             error: None,
-            may_spill: sidecar.is_some(),
+            limit: sidecar.map(spill_limit),
         };
         let encoded = postcard::serialize_with_flavor(&self.0, &mut spill);
         if let Some(error) = spill.error.take() {
@@ -176,7 +193,8 @@ struct Spill {
     len: u64,
     /// The I/O error that stopped the encoding (postcard's error type cannot carry it).
     error: Option<std::io::Error>,
-    may_spill: bool,
+    /// The size beyond which the encoding goes to a memfd; `None`: never (no sidecar).
+    limit: Option<usize>,
 }
 
 impl Spill {
@@ -188,7 +206,13 @@ impl Spill {
 
     fn extend(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.len += data.len() as u64;
-        if self.buffer.len() + data.len() <= SPILL || !self.may_spill {
+        let limit = self.limit.unwrap_or(usize::MAX);
+        if self.file.is_none() && self.buffer.len() + data.len() <= limit {
+            self.buffer.extend_from_slice(data);
+            return Ok(());
+        }
+        if self.file.is_some() && self.buffer.len() + data.len() <= SPILL {
+            // Staging: written to the memfd in blocks of up to SPILL bytes.
             self.buffer.extend_from_slice(data);
             return Ok(());
         }
@@ -365,7 +389,8 @@ mod tests {
             // postcard's variant index comes first: `Wire::Shared` is 1.
             let spilled = encoded[0] == 1;
             let plain = postcard::to_stdvec(&value).unwrap().len();
-            assert_eq!(spilled, plain > SPILL, "{plain} bytes: spilled {spilled}");
+            let limit = spill_limit(ours.as_fd());
+            assert_eq!(spilled, plain > limit, "{plain} bytes: spilled {spilled}");
         }
     }
 

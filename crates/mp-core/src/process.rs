@@ -113,10 +113,18 @@ impl<M, F: Entry<M>> Process<M, F> {
         // Only the creation runs on the launcher thread; the wait for a spawned child to
         // connect back runs here, so that children started from several threads start
         // in parallel.
-        let launched = launcher::on_long_lived_thread(move || {
+        let launching = launcher::on_long_lived_thread(move || {
             launch(method, bell_for_child, sidecar_for_child)
-        })?
-        .connect()?;
+        })?;
+        // A spawned child takes most of a millisecond to start: its argument is encoded and
+        // sent meanwhile, on a channel of its own that the header names, instead of after it
+        // connects. (The send cannot block: a large value goes to a memfd, and the message
+        // that stays inline is bounded well below the socket's buffer, see `payload`.)
+        decode_error::clear();
+        let mut args = Some(args);
+        let early = matches!(launching, Launching::Spawned(_))
+            .then(|| send_args_early(&mut args, sidecar.as_fd()));
+        let launched = launching.connect()?;
         let tracked = registry::track(
             launched.pid,
             name.clone(),
@@ -140,14 +148,24 @@ impl<M, F: Entry<M>> Process<M, F> {
             daemon: self.daemon,
             parent: registry::current_process(),
             outcome: outcome_tx.to_opaque(),
+            args: None,
         };
         let channel = launched.channel.to_opaque();
-        decode_error::clear();
-        let sent = transfer::send(&channel.clone().to::<Header>(), header).and_then(|()| {
-            payload::with_sidecar(child.sidecar.as_fd(), || {
-                transfer::send(&channel.to::<Packed<F::Args>>(), Packed(args))
+        let sent = early
+            .transpose()
+            .and_then(|args_channel| {
+                let header = Header {
+                    args: args_channel,
+                    ..header
+                };
+                transfer::send(&channel.clone().to::<Header>(), header)
             })
-        });
+            .and_then(|()| match args.take() {
+                Some(args) => payload::with_sidecar(child.sidecar.as_fd(), || {
+                    transfer::send(&channel.to::<Packed<F::Args>>(), Packed(args))
+                }),
+                None => Ok(()),
+            });
         if let Err(e) = sent {
             let _ = child.kill();
             child.tracked.wait_exit(Some(Duration::from_secs(5)));
@@ -161,6 +179,19 @@ impl<M, F: Entry<M>> Process<M, F> {
         tracing::debug!(pid = child.pid(), name = child.name(), %method, "process started");
         Ok(child)
     }
+}
+
+/// Sends `args` (taken out of the option) on a fresh channel, before the child can read it,
+/// and returns the channel's receiving end for the child's header.
+fn send_args_early<A: Serialize + for<'de> Deserialize<'de>>(
+    args: &mut Option<A>,
+    sidecar: BorrowedFd<'_>,
+) -> Result<ipc::OpaqueIpcReceiver, IpcError> {
+    let (sender, receiver) = ipc::channel::<Packed<A>>().map_err(IpcError::Io)?;
+    if let Some(args) = args.take() {
+        payload::with_sidecar(sidecar, || transfer::send(&sender, Packed(args)))?;
+    }
+    Ok(receiver.to_opaque())
 }
 
 /// Fails loudly if this process was started as a child but its bootstrap never ran (the

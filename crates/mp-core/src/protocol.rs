@@ -6,7 +6,7 @@
 //! `forkserver`, `process`), the child side (`child`, `bootstrap`) and the registry import it
 //! and never each other for it.
 
-use ipc_channel::ipc::OpaqueIpcSender;
+use ipc_channel::ipc::{OpaqueIpcReceiver, OpaqueIpcSender};
 use serde::{Deserialize, Serialize};
 
 /// Environment variable that turns a re-executed copy of the program into a child.
@@ -90,6 +90,9 @@ pub(crate) struct Header {
     pub daemon: bool,
     pub parent: ProcessInfo,
     pub outcome: OpaqueIpcSender,
+    /// The channel the argument was sent on before the child connected (spawn: the parent
+    /// sends it while the child starts); `None`: it follows this header on the same channel.
+    pub args: Option<OpaqueIpcReceiver>,
 }
 
 /// What a child sends back at the end of a process.
