@@ -177,12 +177,23 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
     let outcome = link.outcome.to::<Outcome<Packed<F::Output>>>();
     let sidecar = link.sidecar.as_fd();
     let send = |message: Outcome<Packed<F::Output>>| {
+        let returned = matches!(message, Outcome::Returned(_));
         // Ring first: the parent then waits for the message itself (a large one is only
         // sent as fast as the parent reads it). A write to a pipe of one byte cannot block.
         let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
-        // Only the signals with a handler are held back (they are what would interrupt the
-        // transfer); SIGTERM and the like still end the child while it waits for the parent.
-        sys::without_handled_signals(|| with_sidecar(sidecar, || outcome.send(message)))
+        let send = || with_sidecar(sidecar, || outcome.send(message));
+        if returned {
+            // A value's message is bounded (a large one travels as a memfd, see `payload`)
+            // so that it fits in the empty socket's buffer: the send never sleeps, so no
+            // signal can interrupt it, and nothing needs holding back (which costs a system
+            // call per signal number to find the handled ones).
+            send()
+        } else {
+            // A panic report or an error message is not bounded and may wait for the parent
+            // to read. Only the signals with a handler are held back (they are what would
+            // interrupt the transfer); SIGTERM and the like still end the child meanwhile.
+            sys::without_handled_signals(send)
+        }
     };
     decode_error::clear();
     let args = match sys::without_signals(|| with_sidecar(sidecar, || args.recv())) {
