@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::child;
 use crate::error::ProcessError;
+use crate::launcher::SendFirst;
 use crate::protocol::{DOORBELL_FD, EXIT_ORPHANED, Header, Role};
 use crate::spawn::{self, HANDSHAKE_TIMEOUT};
 use crate::transfer;
@@ -83,16 +84,25 @@ static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 
 /// Asks the fork server (started on first use) for a child. If the server has died (it can be
 /// killed like any process), a fresh one is started and asked once more.
-pub(crate) fn fork_child(bell: OwnedFd, sidecar: OwnedFd) -> Result<ServerChild, ProcessError> {
+///
+/// `first` (if any) sends the child's header and argument once the request is on its way,
+/// while the server forks.
+pub(crate) fn fork_child(
+    bell: OwnedFd,
+    sidecar: OwnedFd,
+    first: Option<SendFirst>,
+) -> Result<ServerChild, ProcessError> {
     let me = std::process::id();
     let mut server = SERVER.lock();
     let mut retried = false;
+    let had_first = first.is_some();
+    let mut first = first;
     loop {
         let client = match server.as_mut() {
             Some(client) if client.owner == me => client,
             _ => server.insert(start_server()?),
         };
-        match client.fork([bell.as_fd(), sidecar.as_fd()]) {
+        match client.fork([bell.as_fd(), sidecar.as_fd()], &mut first) {
             Ok(child) => return Ok(child),
             // The server is fine but could not fork (EAGAIN, ENOMEM): replacing it would kill
             // every child it is running.
@@ -101,7 +111,8 @@ pub(crate) fn fork_child(bell: OwnedFd, sidecar: OwnedFd) -> Result<ServerChild,
                 tracing::warn!(%error, "the fork server failed; starting a new one");
                 // Dropping the client kills and reaps the old server.
                 *server = None;
-                if retried {
+                // A header already sent went to a child that will not run: no second try.
+                if retried || (had_first && first.is_none()) {
                     return Err(error);
                 }
                 retried = true;
@@ -222,7 +233,11 @@ enum Failure {
 }
 
 impl Client {
-    fn fork(&mut self, fds: [BorrowedFd<'_>; 2]) -> Result<ServerChild, Failure> {
+    fn fork(
+        &mut self,
+        fds: [BorrowedFd<'_>; 2],
+        first: &mut Option<SendFirst>,
+    ) -> Result<ServerChild, Failure> {
         // A failure here is ours (e.g. EMFILE), not the server's.
         let local = |e| Failure::Refused(ProcessError::io("creating a channel")(e));
         let (channel, header) = ipc::channel::<Header>().map_err(local)?;
@@ -241,14 +256,22 @@ impl Client {
         )
         .map_err(|e| unreachable(&e))?;
         ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
-        match transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT)) {
-            Ok(Reply::Forked(pid)) => Ok(ServerChild {
+        // While the server forks. If this fails, the child finds its channel closed and
+        // exits; the reply is still read, to keep replies in step with requests.
+        let sent = first.take().map_or(Ok(()), |first| first(&channel));
+        let reply = transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT));
+        match (sent, reply) {
+            // The server is fine; what failed was ours (typically the argument's encoding).
+            (Err(error), Ok(_)) => Err(Failure::Refused(error)),
+            (Ok(()), Ok(Reply::Forked(pid))) => Ok(ServerChild {
                 pid,
                 channel,
                 status,
             }),
-            Ok(Reply::Failed(message)) => Err(Failure::Refused(ProcessError::StartFailed(message))),
-            Err(e) => Err(Failure::Unreachable(ProcessError::StartFailed(format!(
+            (_, Ok(Reply::Failed(message))) => {
+                Err(Failure::Refused(ProcessError::StartFailed(message)))
+            }
+            (_, Err(e)) => Err(Failure::Unreachable(ProcessError::StartFailed(format!(
                 "the fork server did not answer: {e:?}"
             )))),
         }

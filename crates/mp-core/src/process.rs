@@ -109,19 +109,46 @@ impl<M, F: Entry<M>> Process<M, F> {
             .map_err(|e| ProcessError::io("creating the outcome bell")(e.into()))?;
         // Made before any fork: a forked child must not find it half-initialised.
         let run_key = run_key();
+        let header = Header {
+            entry: child::process_entry::<M, F>(),
+            run_key,
+            identity,
+            name: name.clone(),
+            daemon: self.daemon,
+            parent: registry::current_process(),
+            outcome: outcome_tx.to_opaque(),
+            args: None,
+        };
+        let mut header = Some(header);
+        let mut args = Some(args);
+        // A forked child gets its header and argument sent before it runs (fork: before the
+        // fork; forkserver: while the server forks), so it need not wait for them. Only if
+        // the header is small (the name is the program's): like the argument's, its message
+        // must fit in the socket's buffer, as nobody reads it yet.
+        let first = match (method, &header) {
+            (StartMethod::Fork | StartMethod::ForkServer, Some(h)) if header_is_small(h) => {
+                let sidecar = sidecar
+                    .try_clone()
+                    .map_err(ProcessError::io("duplicating the sidecar"))?;
+                let (header, args) = (header.take(), args.take());
+                Some(Box::new(move |channel: &IpcSender<Header>| {
+                    send_header_and_args(channel, header, args, sidecar.as_fd())
+                }) as launcher::SendFirst)
+            }
+            _ => None,
+        };
 
         // Only the creation runs on the launcher thread; the wait for a spawned child to
         // connect back runs here, so that children started from several threads start
         // in parallel.
         let launching = launcher::on_long_lived_thread(move || {
-            launch(method, bell_for_child, sidecar_for_child)
+            launch(method, bell_for_child, sidecar_for_child, first)
         })?;
         // A spawned child takes most of a millisecond to start: its argument is encoded and
         // sent meanwhile, on a channel of its own that the header names, instead of after it
         // connects. (The send cannot block: a large value goes to a memfd, and the message
         // that stays inline is bounded well below the socket's buffer, see `payload`.)
         decode_error::clear();
-        let mut args = Some(args);
         let early = matches!(launching, Launching::Spawned(_))
             .then(|| send_args_early(&mut args, sidecar.as_fd()));
         let launched = launching.connect()?;
@@ -140,25 +167,19 @@ impl<M, F: Entry<M>> Process<M, F> {
             }),
             sidecar,
         };
-        let header = Header {
-            entry: child::process_entry::<M, F>(),
-            run_key,
-            identity,
-            name,
-            daemon: self.daemon,
-            parent: registry::current_process(),
-            outcome: outcome_tx.to_opaque(),
-            args: None,
-        };
         let channel = launched.channel.to_opaque();
         let sent = early
             .transpose()
-            .and_then(|args_channel| {
-                let header = Header {
-                    args: args_channel,
-                    ..header
-                };
-                transfer::send(&channel.clone().to::<Header>(), header)
+            .and_then(|args_channel| match header {
+                Some(header) => {
+                    let header = Header {
+                        args: args_channel,
+                        ..header
+                    };
+                    transfer::send(&channel.clone().to::<Header>(), header)
+                }
+                // Sent by the launcher already.
+                None => Ok(()),
             })
             .and_then(|()| match args.take() {
                 Some(args) => payload::with_sidecar(child.sidecar.as_fd(), || {
@@ -179,6 +200,36 @@ impl<M, F: Entry<M>> Process<M, F> {
         tracing::debug!(pid = child.pid(), name = child.name(), %method, "process started");
         Ok(child)
     }
+}
+
+/// Whether a header's message is certain to fit in an empty socket's buffer (its other
+/// fields are small and fixed).
+fn header_is_small(header: &Header) -> bool {
+    header.name.len() + header.parent.name.len() + 8 * header.identity.len() <= 4096
+}
+
+/// Sends a forked child's header and argument on its header channel (see
+/// [`launcher::SendFirst`]), describing a failure as [`Process::start`] does.
+fn send_header_and_args<A: Serialize + for<'de> Deserialize<'de>>(
+    channel: &IpcSender<Header>,
+    header: Option<Header>,
+    args: Option<A>,
+    sidecar: BorrowedFd<'_>,
+) -> Result<(), ProcessError> {
+    decode_error::clear();
+    let sent = header.map_or(Ok(()), |header| transfer::send(channel, header));
+    let sent = sent.and_then(|()| match args {
+        Some(args) => payload::with_sidecar(sidecar, || {
+            transfer::send(&channel.clone().to_opaque().to::<Packed<A>>(), Packed(args))
+        }),
+        None => Ok(()),
+    });
+    sent.map_err(|e| {
+        ProcessError::StartFailed(format!(
+            "could not send the function and its argument to the child: {}",
+            decode_error::describe::<A>(format!("{e:?}"))
+        ))
+    })
 }
 
 /// Sends `args` (taken out of the option) on a fresh channel, before the child can read it,
@@ -237,7 +288,12 @@ impl Launching {
     }
 }
 
-fn launch(method: StartMethod, bell: OwnedFd, sidecar: OwnedFd) -> Result<Launching, ProcessError> {
+fn launch(
+    method: StartMethod,
+    bell: OwnedFd,
+    sidecar: OwnedFd,
+    first: Option<launcher::SendFirst>,
+) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {
             let parent = std::process::id();
@@ -251,7 +307,7 @@ fn launch(method: StartMethod, bell: OwnedFd, sidecar: OwnedFd) -> Result<Launch
             Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
-            let (pid, pidfd, channel) = fork::fork_child(bell, sidecar)?;
+            let (pid, pidfd, channel) = fork::fork_child(bell, sidecar, first)?;
             Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
@@ -260,7 +316,7 @@ fn launch(method: StartMethod, bell: OwnedFd, sidecar: OwnedFd) -> Result<Launch
             }))
         }
         StartMethod::ForkServer => {
-            let child = forkserver::fork_child(bell, sidecar)?;
+            let child = forkserver::fork_child(bell, sidecar, first)?;
             // A child that already ended cannot be opened; its sentinel is then simply ready.
             let pidfd = sys::pidfd_open(child.pid)
                 .or_else(|_| sys::always_ready_fd())

@@ -516,6 +516,43 @@ fn decode_failures_keep_their_cause_across_processes() {
     }
 }
 
+/// An argument that refuses to be encoded.
+struct Unencodable;
+
+impl Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("refuses to be encoded"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Unencodable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <()>::deserialize(deserializer).map(|()| Unencodable)
+    }
+}
+
+/// An argument that cannot be encoded fails the start with a typed error naming its type,
+/// under every start method (forked children are sent theirs before they run), and leaves
+/// nothing behind: the start method works afterwards and no child is left running.
+#[test]
+fn an_argument_that_cannot_be_encoded_fails_the_start_and_leaves_nothing_behind() {
+    for method in StartMethod::ALL {
+        match Process::new(|_: Unencodable| 1u8)
+            .args(Unencodable)
+            .start_method(method)
+            .start()
+        {
+            Err(ProcessError::StartFailed(message)) => {
+                assert!(message.contains("Unencodable"), "{method}: {message}");
+            }
+            other => panic!("{method}: expected StartFailed, got {other:?}"),
+        }
+        let child = Process::new(|| 5u8).start_method(method).start().unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), 5, "{method}");
+    }
+    assert!(mp_core::active_children().is_empty());
+}
+
 /// Runs this test binary's test `name` in a new mount namespace with an empty tmpfs over
 /// /proc, and returns whether it passed; `None` (with a message) where that is not
 /// permitted here.
