@@ -11,7 +11,7 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use crate::child;
-use crate::protocol::{EXIT_ORPHANED, MARKER, OUTCOME_BELL_FD, Role};
+use crate::protocol::{EXIT_ORPHANED, MARKER, OUTCOME_BELL_FD, Role, SIDECAR_FD};
 use crate::sys;
 
 #[ctor::ctor(unsafe)]
@@ -44,8 +44,10 @@ fn serve_spawned(parent: u32) -> i32 {
     // SAFETY: the parent placed the write end of the outcome bell at OUTCOME_BELL_FD with
     // posix_spawn's dup2; nothing else in this process owns that descriptor.
     let bell = unsafe { OwnedFd::from_raw_fd(OUTCOME_BELL_FD) };
+    // SAFETY: likewise for the child's end of its sidecar, at SIDECAR_FD.
+    let sidecar = unsafe { OwnedFd::from_raw_fd(SIDECAR_FD) };
     match child::rendezvous() {
-        Ok((channel, header)) => child::serve(channel, header, bell),
+        Ok((channel, header)) => child::serve(channel, header, bell, sidecar),
         Err(message) => child::fail(&message),
     }
 }

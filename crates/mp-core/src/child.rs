@@ -8,7 +8,7 @@
 //! descriptor.
 
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
 use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, OpaqueIpcReceiver, OpaqueIpcSender};
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode_error;
 use crate::function::{self, Entry, IdKind, catch_panic};
+use crate::payload::{Packed, with_sidecar};
 use crate::protocol::{
     EXIT_BAD_DATA, EXIT_BOOTSTRAP_FAILED, EXIT_PANICKED, HANDSHAKE_FD, Header, Outcome,
     RawFunctionId,
@@ -24,11 +25,13 @@ use crate::registry;
 use crate::sys;
 
 /// What a process trampoline is handed: the channel its argument arrives on, the one its
-/// outcome goes to, and the bell it rings just before sending the outcome.
+/// outcome goes to, the bell it rings just before sending the outcome, and the sidecar on
+/// which a large argument or result travels (see `payload`).
 pub(crate) struct ChildLink {
     args: OpaqueIpcReceiver,
     outcome: OpaqueIpcSender,
     bell: OwnedFd,
+    sidecar: OwnedFd,
 }
 
 type ProcessTrampoline = fn(ChildLink) -> i32;
@@ -111,12 +114,17 @@ pub(crate) fn prepare_child_process(parent: u32) -> bool {
 
 /// Opens a one-shot rendezvous, tells the parent its name through [`HANDSHAKE_FD`], and waits
 /// for the parent to connect. Returns the channel and its first message.
+///
+/// Only for the bootstrap constructor, while the process has a single thread (it points
+/// `TMPDIR` at a memory file system for the rendezvous, see [`sys::with_memory_temp_dir`]).
 pub(crate) fn rendezvous<T>() -> Result<(IpcReceiver<T>, T), String>
 where
     T: for<'de> Deserialize<'de> + Serialize,
 {
-    let (server, name) =
-        IpcOneShotServer::<T>::new().map_err(|e| format!("cannot open a rendezvous: {e}"))?;
+    // SAFETY: called only by the bootstrap constructor (a spawned child, a fork server),
+    // before main, while this process has a single thread.
+    let (server, name) = unsafe { sys::with_memory_temp_dir(IpcOneShotServer::<T>::new) }
+        .map_err(|e| format!("cannot open a rendezvous: {e}"))?;
     // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with posix_spawn's
     // dup2 and nothing else in this process owns that descriptor.
     let handshake = unsafe { OwnedFd::from_raw_fd(HANDSHAKE_FD) };
@@ -130,7 +138,12 @@ where
 }
 
 /// Runs the function a child was sent and returns its exit code.
-pub(crate) fn serve(channel: IpcReceiver<Header>, header: Header, bell: OwnedFd) -> i32 {
+pub(crate) fn serve(
+    channel: IpcReceiver<Header>,
+    mut header: Header,
+    bell: OwnedFd,
+    sidecar: OwnedFd,
+) -> i32 {
     // SAFETY: the key comes from our parent, which runs this same executable, over a channel
     // only the two of us hold.
     if let Err(conflict) = unsafe { function::adopt_run_key(header.run_key.clone()) } {
@@ -150,35 +163,48 @@ pub(crate) fn serve(channel: IpcReceiver<Header>, header: Header, bell: OwnedFd)
     let trampoline: ProcessTrampoline =
         unsafe { std::mem::transmute(std::ptr::with_exposed_provenance::<()>(address)) };
     let code = trampoline(ChildLink {
-        args: channel.to_opaque(),
+        args: header.args.take().unwrap_or_else(|| channel.to_opaque()),
         outcome: header.outcome,
         bell,
+        sidecar,
     });
     run_exit_hooks();
     code
 }
 
 fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
-    let args = link.args.to::<F::Args>();
-    let outcome = link.outcome.to::<Outcome<F::Output>>();
-    let send = |message: Outcome<F::Output>| {
+    let args = link.args.to::<Packed<F::Args>>();
+    let outcome = link.outcome.to::<Outcome<Packed<F::Output>>>();
+    let sidecar = link.sidecar.as_fd();
+    let send = |message: Outcome<Packed<F::Output>>| {
+        let returned = matches!(message, Outcome::Returned(_));
         // Ring first: the parent then waits for the message itself (a large one is only
         // sent as fast as the parent reads it). A write to a pipe of one byte cannot block.
         let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
-        // Only the signals with a handler are held back (they are what would interrupt the
-        // transfer); SIGTERM and the like still end the child while it waits for the parent.
-        sys::without_handled_signals(|| outcome.send(message))
+        let send = || with_sidecar(sidecar, || outcome.send(message));
+        if returned {
+            // A value's message is bounded (a large one travels as a memfd, see `payload`)
+            // so that it fits in the empty socket's buffer: the send never sleeps, so no
+            // signal can interrupt it, and nothing needs holding back (which costs a system
+            // call per signal number to find the handled ones).
+            send()
+        } else {
+            // A panic report or an error message is not bounded and may wait for the parent
+            // to read. Only the signals with a handler are held back (they are what would
+            // interrupt the transfer); SIGTERM and the like still end the child meanwhile.
+            sys::without_handled_signals(send)
+        }
     };
     decode_error::clear();
-    let args = match sys::without_signals(|| args.recv()) {
-        Ok(args) => args,
+    let args = match sys::without_signals(|| with_sidecar(sidecar, || args.recv())) {
+        Ok(Packed(args)) => args,
         Err(e) => {
             let _ = send(Outcome::BadArguments(decode_error::describe::<F::Args>(e)));
             return EXIT_BAD_DATA;
         }
     };
     match catch_panic(|| F::recreate().call(args), false) {
-        Ok(value) => match send(Outcome::Returned(value)) {
+        Ok(value) => match send(Outcome::Returned(Packed(value))) {
             Ok(()) => 0,
             Err(e) => {
                 let _ = send(Outcome::BadResult(decode_error::describe::<F::Output>(e)));

@@ -17,14 +17,25 @@ use ipc_channel::ipc::{self, IpcSender};
 
 use crate::child;
 use crate::error::ProcessError;
+use crate::launcher::SendFirst;
 use crate::protocol::{EXIT_ORPHANED, Header};
 use crate::{forkserver, launcher, registry, sys, transfer};
 
-/// Forks a child that waits for its [`Header`] on the returned channel and rings `bell`
-/// before it sends its outcome.
-pub(crate) fn fork_child(bell: OwnedFd) -> Result<(u32, OwnedFd, IpcSender<Header>), ProcessError> {
+/// Forks a child that waits for its [`Header`] on the returned channel, rings `bell` before
+/// it sends its outcome, and exchanges large values on `sidecar`.
+///
+/// `first` (if any) sends the header and argument before the fork: the child then reads them
+/// at once, and a failure to send them starts no child at all.
+pub(crate) fn fork_child(
+    bell: OwnedFd,
+    sidecar: OwnedFd,
+    first: Option<SendFirst>,
+) -> Result<(u32, OwnedFd, IpcSender<Header>), ProcessError> {
     let (sender, receiver) =
         ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
+    if let Some(first) = first {
+        first(&sender)?;
+    }
     let parent = std::process::id();
     // Nothing mp-core locks may be copied held: take every lock of the library, in the one
     // order used everywhere (launcher, fork server, registry), across the fork.
@@ -46,7 +57,7 @@ pub(crate) fn fork_child(bell: OwnedFd) -> Result<(u32, OwnedFd, IpcSender<Heade
                 EXIT_ORPHANED
             } else {
                 match transfer::recv_timeout(&receiver, None) {
-                    Ok(header) => child::serve(receiver, header, bell),
+                    Ok(header) => child::serve(receiver, header, bell, sidecar),
                     Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                 }
             };
@@ -55,7 +66,7 @@ pub(crate) fn fork_child(bell: OwnedFd) -> Result<(u32, OwnedFd, IpcSender<Heade
         pid => {
             drop((launcher, server, registry));
             drop(receiver);
-            drop(bell);
+            drop((bell, sidecar));
             let pidfd = sys::pidfd_open(pid as u32).map_err(ProcessError::io("opening a pidfd"))?;
             Ok((pid as u32, pidfd, sender))
         }

@@ -5,8 +5,8 @@
 //!
 //! Requests travel over an ipc-channel (so they can carry the child's own channel); a
 //! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
-//! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell, which ipc-channel
-//! cannot carry. So the server's single thread sleeps in `poll` on the doorbell and a
+//! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its sidecar, which
+//! ipc-channel cannot carry. So the server's single thread sleeps in `poll` on the doorbell and a
 //! `signalfd` for SIGCHLD at once. Children of the fork server are not children of the
 //! parent, so the server reaps them and relays each exit status over a channel the parent
 //! handed it with the request.
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::child;
 use crate::error::ProcessError;
+use crate::launcher::SendFirst;
 use crate::protocol::{DOORBELL_FD, EXIT_ORPHANED, Header, Role};
 use crate::spawn::{self, HANDSHAKE_TIMEOUT};
 use crate::transfer;
@@ -83,16 +84,25 @@ static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 
 /// Asks the fork server (started on first use) for a child. If the server has died (it can be
 /// killed like any process), a fresh one is started and asked once more.
-pub(crate) fn fork_child(bell: OwnedFd) -> Result<ServerChild, ProcessError> {
+///
+/// `first` (if any) sends the child's header and argument once the request is on its way,
+/// while the server forks.
+pub(crate) fn fork_child(
+    bell: OwnedFd,
+    sidecar: OwnedFd,
+    first: Option<SendFirst>,
+) -> Result<ServerChild, ProcessError> {
     let me = std::process::id();
     let mut server = SERVER.lock();
     let mut retried = false;
+    let had_first = first.is_some();
+    let mut first = first;
     loop {
         let client = match server.as_mut() {
             Some(client) if client.owner == me => client,
             _ => server.insert(start_server()?),
         };
-        match client.fork(bell.as_fd()) {
+        match client.fork([bell.as_fd(), sidecar.as_fd()], &mut first) {
             Ok(child) => return Ok(child),
             // The server is fine but could not fork (EAGAIN, ENOMEM): replacing it would kill
             // every child it is running.
@@ -101,7 +111,8 @@ pub(crate) fn fork_child(bell: OwnedFd) -> Result<ServerChild, ProcessError> {
                 tracing::warn!(%error, "the fork server failed; starting a new one");
                 // Dropping the client kills and reaps the old server.
                 *server = None;
-                if retried {
+                // A header already sent went to a child that will not run: no second try.
+                if retried || (had_first && first.is_none()) {
                     return Err(error);
                 }
                 retried = true;
@@ -156,10 +167,10 @@ fn start_server() -> Result<Client, ProcessError> {
     Ok(client)
 }
 
-/// Rings the doorbell for one request, handing the server the child's outcome bell.
-fn ring(doorbell: BorrowedFd<'_>, bell: BorrowedFd<'_>) -> std::io::Result<()> {
-    let fds = [bell];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+/// Rings the doorbell for one request, handing the server the child's outcome bell and
+/// sidecar.
+fn ring(doorbell: BorrowedFd<'_>, fds: [BorrowedFd<'_>; 2]) -> std::io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(&fds));
     // A datagram is sent whole or not at all, so an interrupted send can simply be retried.
@@ -174,17 +185,17 @@ fn ring(doorbell: BorrowedFd<'_>, bell: BorrowedFd<'_>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What the doorbell said: a request is waiting (with the bell for its child, if one came),
-/// nothing more for now, or the parent is gone.
+/// What the doorbell said: a request is waiting (with the bell and the sidecar for its child,
+/// if they came), nothing more for now, or the parent is gone.
 enum Bell {
-    Request(Option<OwnedFd>),
+    Request(Option<(OwnedFd, OwnedFd)>),
     Quiet,
     Hangup,
 }
 
 fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = rustix::io::retry_on_intr(|| {
         rustix::net::recvmsg(
@@ -197,11 +208,16 @@ fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     match received {
         Ok(message) if message.bytes == 0 => Bell::Hangup,
         Ok(_) => {
-            let bell = control.drain().find_map(|message| match message {
-                RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-                _ => None,
-            });
-            Bell::Request(bell)
+            let mut fds: Vec<OwnedFd> = control
+                .drain()
+                .flat_map(|message| match message {
+                    RecvAncillaryMessage::ScmRights(fds) => fds.collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let sidecar = fds.pop();
+            let bell = fds.pop();
+            Bell::Request(bell.zip(sidecar))
         }
         Err(rustix::io::Errno::AGAIN) => Bell::Quiet,
         Err(_) => Bell::Hangup,
@@ -217,7 +233,11 @@ enum Failure {
 }
 
 impl Client {
-    fn fork(&mut self, bell: BorrowedFd<'_>) -> Result<ServerChild, Failure> {
+    fn fork(
+        &mut self,
+        fds: [BorrowedFd<'_>; 2],
+        first: &mut Option<SendFirst>,
+    ) -> Result<ServerChild, Failure> {
         // A failure here is ours (e.g. EMFILE), not the server's.
         let local = |e| Failure::Refused(ProcessError::io("creating a channel")(e));
         let (channel, header) = ipc::channel::<Header>().map_err(local)?;
@@ -235,15 +255,23 @@ impl Client {
             },
         )
         .map_err(|e| unreachable(&e))?;
-        ring(self.doorbell.as_fd(), bell).map_err(|e| unreachable(&e))?;
-        match transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT)) {
-            Ok(Reply::Forked(pid)) => Ok(ServerChild {
+        ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
+        // While the server forks. If this fails, the child finds its channel closed and
+        // exits; the reply is still read, to keep replies in step with requests.
+        let sent = first.take().map_or(Ok(()), |first| first(&channel));
+        let reply = transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT));
+        match (sent, reply) {
+            // The server is fine; what failed was ours (typically the argument's encoding).
+            (Err(error), Ok(_)) => Err(Failure::Refused(error)),
+            (Ok(()), Ok(Reply::Forked(pid))) => Ok(ServerChild {
                 pid,
                 channel,
                 status,
             }),
-            Ok(Reply::Failed(message)) => Err(Failure::Refused(ProcessError::StartFailed(message))),
-            Err(e) => Err(Failure::Unreachable(ProcessError::StartFailed(format!(
+            (_, Ok(Reply::Failed(message))) => {
+                Err(Failure::Refused(ProcessError::StartFailed(message)))
+            }
+            (_, Err(e)) => Err(Failure::Unreachable(ProcessError::StartFailed(format!(
                 "the fork server did not answer: {e:?}"
             )))),
         }
@@ -268,6 +296,7 @@ pub(crate) fn serve(parent: u32) -> i32 {
         Ok(pair) => pair,
         Err(e) => return child::fail(&format!("cannot watch SIGCHLD: {e}")),
     };
+    crate::function::warm_up_for_children();
     let me = std::process::id();
     let mut statuses: HashMap<i32, IpcSender<i32>> = HashMap::new();
     loop {
@@ -298,8 +327,10 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 Ok(Request::Hello { .. }) => continue,
                 Err(_) => return 0,
             };
-            let Some(bell) = bell else {
-                let _ = replies.send(Reply::Failed("the request came without its bell".into()));
+            let Some((bell, sidecar)) = bell else {
+                let _ = replies.send(Reply::Failed(
+                    "the request came without its bell and sidecar".into(),
+                ));
                 continue;
             };
             // SAFETY: the fork server is single-threaded (it runs before main, and never
@@ -316,14 +347,14 @@ pub(crate) fn serve(parent: u32) -> i32 {
                         EXIT_ORPHANED
                     } else {
                         match header.recv() {
-                            Ok(first) => child::serve(header, first, bell),
+                            Ok(first) => child::serve(header, first, bell, sidecar),
                             Err(e) => child::fail(&format!("no request from the parent: {e}")),
                         }
                     };
                     std::process::exit(code);
                 }
                 pid => {
-                    drop(bell);
+                    drop((bell, sidecar));
                     statuses.insert(pid, status);
                     if replies.send(Reply::Forked(pid as u32)).is_err() {
                         return 0;

@@ -215,6 +215,18 @@ pub(crate) fn tag_of(kind: IdKind, offset: i64) -> u64 {
     )
 }
 
+/// Does, once, in a fork server, the lazy set-up every forked child would otherwise repeat
+/// on its first id check and its first call: the SHA-256 implementation's CPU feature
+/// detection (CPUID, which a hypervisor traps: tens of microseconds per child on a VM) and
+/// the panic hook. Children inherit both.
+pub(crate) fn warm_up_for_children() {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(&[0; 32]).expect("HMAC takes any key length");
+    mac.update(&[0]);
+    std::hint::black_box(mac.finalize().into_bytes());
+    install_panic_hook();
+}
+
 thread_local! {
     /// The last id this thread checked: a pool decodes the same id for every task.
     static LAST_CHECKED: Cell<Option<RawFunctionId>> = const { Cell::new(None) };

@@ -19,6 +19,14 @@ use crate::sys;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Sends a forked child's header and argument on its header channel before the child runs
+/// (fork: before the `fork()`; forkserver: while the server forks), so the child finds them
+/// waiting instead of waiting for them.
+pub(crate) type SendFirst = Box<
+    dyn FnOnce(&ipc_channel::ipc::IpcSender<crate::protocol::Header>) -> Result<(), ProcessError>
+        + Send,
+>;
+
 struct Launcher {
     /// The process whose thread it is.
     owner: u32,

@@ -49,6 +49,7 @@ mod fork;
 mod forkserver;
 mod function;
 mod launcher;
+mod payload;
 mod process;
 mod protocol;
 mod registry;

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::decode_error;
 use crate::error::ProcessError;
 use crate::function::{Entry, assert_non_capturing, run_key};
-use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role};
+use crate::payload::{self, Packed};
+use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role, SIDECAR_FD};
 use crate::registry::{self, ExitWatch, Tracked};
 use crate::start_method::{StartMethod, fork_allowed, get_start_method};
 use crate::sys::{self, ExitStatus};
@@ -100,18 +101,57 @@ impl<M, F: Entry<M>> Process<M, F> {
         // No descriptor of ours may land on a closed stdio slot (a child would inherit it as
         // its stdout).
         sys::ensure_stdio_open();
-        let (outcome_tx, outcome_rx) =
-            ipc::channel::<Outcome<F::Output>>().map_err(ProcessError::io("creating a channel"))?;
+        let (outcome_tx, outcome_rx) = ipc::channel::<Outcome<Packed<F::Output>>>()
+            .map_err(ProcessError::io("creating a channel"))?;
+        let (sidecar, sidecar_for_child) =
+            payload::sidecar_pair().map_err(ProcessError::io("creating the sidecar"))?;
         let (bell, bell_for_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| ProcessError::io("creating the outcome bell")(e.into()))?;
         // Made before any fork: a forked child must not find it half-initialised.
         let run_key = run_key();
+        let header = Header {
+            entry: child::process_entry::<M, F>(),
+            run_key,
+            identity,
+            name: name.clone(),
+            daemon: self.daemon,
+            parent: registry::current_process(),
+            outcome: outcome_tx.to_opaque(),
+            args: None,
+        };
+        let mut header = Some(header);
+        let mut args = Some(args);
+        // A forked child gets its header and argument sent before it runs (fork: before the
+        // fork; forkserver: while the server forks), so it need not wait for them. Only if
+        // the header is small (the name is the program's): like the argument's, its message
+        // must fit in the socket's buffer, as nobody reads it yet.
+        let first = match (method, &header) {
+            (StartMethod::Fork | StartMethod::ForkServer, Some(h)) if header_is_small(h) => {
+                let sidecar = sidecar
+                    .try_clone()
+                    .map_err(ProcessError::io("duplicating the sidecar"))?;
+                let (header, args) = (header.take(), args.take());
+                Some(Box::new(move |channel: &IpcSender<Header>| {
+                    send_header_and_args(channel, header, args, sidecar.as_fd())
+                }) as launcher::SendFirst)
+            }
+            _ => None,
+        };
 
         // Only the creation runs on the launcher thread; the wait for a spawned child to
         // connect back runs here, so that children started from several threads start
         // in parallel.
-        let launched =
-            launcher::on_long_lived_thread(move || launch(method, bell_for_child))?.connect()?;
+        let launching = launcher::on_long_lived_thread(move || {
+            launch(method, bell_for_child, sidecar_for_child, first)
+        })?;
+        // A spawned child takes most of a millisecond to start: its argument is encoded and
+        // sent meanwhile, on a channel of its own that the header names, instead of after it
+        // connects. (The send cannot block: a large value goes to a memfd, and the message
+        // that stays inline is bounded well below the socket's buffer, see `payload`.)
+        decode_error::clear();
+        let early = matches!(launching, Launching::Spawned(_))
+            .then(|| send_args_early(&mut args, sidecar.as_fd()));
+        let launched = launching.connect()?;
         let tracked = registry::track(
             launched.pid,
             name.clone(),
@@ -125,20 +165,28 @@ impl<M, F: Entry<M>> Process<M, F> {
                 receiver: outcome_rx,
                 bell,
             }),
-        };
-        let header = Header {
-            entry: child::process_entry::<M, F>(),
-            run_key,
-            identity,
-            name,
-            daemon: self.daemon,
-            parent: registry::current_process(),
-            outcome: outcome_tx.to_opaque(),
+            sidecar,
         };
         let channel = launched.channel.to_opaque();
-        decode_error::clear();
-        let sent = transfer::send(&channel.clone().to::<Header>(), header)
-            .and_then(|()| transfer::send(&channel.to::<F::Args>(), args));
+        let sent = early
+            .transpose()
+            .and_then(|args_channel| match header {
+                Some(header) => {
+                    let header = Header {
+                        args: args_channel,
+                        ..header
+                    };
+                    transfer::send(&channel.clone().to::<Header>(), header)
+                }
+                // Sent by the launcher already.
+                None => Ok(()),
+            })
+            .and_then(|()| match args.take() {
+                Some(args) => payload::with_sidecar(child.sidecar.as_fd(), || {
+                    transfer::send(&channel.to::<Packed<F::Args>>(), Packed(args))
+                }),
+                None => Ok(()),
+            });
         if let Err(e) = sent {
             let _ = child.kill();
             child.tracked.wait_exit(Some(Duration::from_secs(5)));
@@ -152,6 +200,49 @@ impl<M, F: Entry<M>> Process<M, F> {
         tracing::debug!(pid = child.pid(), name = child.name(), %method, "process started");
         Ok(child)
     }
+}
+
+/// Whether a header's message is certain to fit in an empty socket's buffer (its other
+/// fields are small and fixed).
+fn header_is_small(header: &Header) -> bool {
+    header.name.len() + header.parent.name.len() + 8 * header.identity.len() <= 4096
+}
+
+/// Sends a forked child's header and argument on its header channel (see
+/// [`launcher::SendFirst`]), describing a failure as [`Process::start`] does.
+fn send_header_and_args<A: Serialize + for<'de> Deserialize<'de>>(
+    channel: &IpcSender<Header>,
+    header: Option<Header>,
+    args: Option<A>,
+    sidecar: BorrowedFd<'_>,
+) -> Result<(), ProcessError> {
+    decode_error::clear();
+    let sent = header.map_or(Ok(()), |header| transfer::send(channel, header));
+    let sent = sent.and_then(|()| match args {
+        Some(args) => payload::with_sidecar(sidecar, || {
+            transfer::send(&channel.clone().to_opaque().to::<Packed<A>>(), Packed(args))
+        }),
+        None => Ok(()),
+    });
+    sent.map_err(|e| {
+        ProcessError::StartFailed(format!(
+            "could not send the function and its argument to the child: {}",
+            decode_error::describe::<A>(format!("{e:?}"))
+        ))
+    })
+}
+
+/// Sends `args` (taken out of the option) on a fresh channel, before the child can read it,
+/// and returns the channel's receiving end for the child's header.
+fn send_args_early<A: Serialize + for<'de> Deserialize<'de>>(
+    args: &mut Option<A>,
+    sidecar: BorrowedFd<'_>,
+) -> Result<ipc::OpaqueIpcReceiver, IpcError> {
+    let (sender, receiver) = ipc::channel::<Packed<A>>().map_err(IpcError::Io)?;
+    if let Some(args) = args.take() {
+        payload::with_sidecar(sidecar, || transfer::send(&sender, Packed(args)))?;
+    }
+    Ok(receiver.to_opaque())
 }
 
 /// Fails loudly if this process was started as a child but its bootstrap never ran (the
@@ -197,16 +288,26 @@ impl Launching {
     }
 }
 
-fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launching, ProcessError> {
+fn launch(
+    method: StartMethod,
+    bell: OwnedFd,
+    sidecar: OwnedFd,
+    first: Option<launcher::SendFirst>,
+) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {
             let parent = std::process::id();
-            let started =
-                spawn::start_self(Role::Child { parent }, &[(bell.as_fd(), OUTCOME_BELL_FD)])?;
+            let started = spawn::start_self(
+                Role::Child { parent },
+                &[
+                    (bell.as_fd(), OUTCOME_BELL_FD),
+                    (sidecar.as_fd(), SIDECAR_FD),
+                ],
+            )?;
             Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
-            let (pid, pidfd, channel) = fork::fork_child(bell)?;
+            let (pid, pidfd, channel) = fork::fork_child(bell, sidecar, first)?;
             Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
@@ -215,7 +316,7 @@ fn launch(method: StartMethod, bell: OwnedFd) -> Result<Launching, ProcessError>
             }))
         }
         StartMethod::ForkServer => {
-            let child = forkserver::fork_child(bell)?;
+            let child = forkserver::fork_child(bell, sidecar, first)?;
             // A child that already ended cannot be opened; its sentinel is then simply ready.
             let pidfd = sys::pidfd_open(child.pid)
                 .or_else(|_| sys::always_ready_fd())
@@ -234,7 +335,7 @@ enum OutcomeState<R> {
     /// The child has not reported yet: its report will arrive on `receiver`, announced by a
     /// byte on `bell`.
     Waiting {
-        receiver: IpcReceiver<Outcome<R>>,
+        receiver: IpcReceiver<Outcome<Packed<R>>>,
         bell: OwnedFd,
     },
     /// The child reported this (a value, a panic...).
@@ -245,6 +346,16 @@ enum OutcomeState<R> {
     Taken,
 }
 
+/// The outcome as the child sent it, its value unwrapped.
+fn unpack<R>(outcome: Outcome<Packed<R>>) -> Outcome<R> {
+    match outcome {
+        Outcome::Returned(Packed(value)) => Outcome::Returned(value),
+        Outcome::Panicked(report) => Outcome::Panicked(report),
+        Outcome::BadArguments(message) => Outcome::BadArguments(message),
+        Outcome::BadResult(message) => Outcome::BadResult(message),
+    }
+}
+
 /// A running (or finished) child process, returned by [`Process::start`].
 ///
 /// Dropping a `Child` does not stop the process (as in Python); it is reaped later, and
@@ -252,6 +363,8 @@ enum OutcomeState<R> {
 pub struct Child<R> {
     tracked: Arc<Tracked>,
     outcome: Mutex<OutcomeState<R>>,
+    /// The parent's end of the child's sidecar, on which a large result arrives as a memfd.
+    sidecar: OwnedFd,
 }
 
 impl<R> fmt::Debug for Child<R> {
@@ -343,15 +456,22 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
             let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
                 .map_err(ProcessError::io("waiting for a child"))?;
             decode_error::clear();
-            let received = match ready {
-                None => return Err(ProcessError::Timeout { pid }),
+            let received = payload::with_sidecar(self.sidecar.as_fd(), || match ready {
+                None => None,
                 // The bell rang (or every copy of it closed): the report is on its way.
-                Some(0) => transfer::recv_sent(receiver, remaining(), self.tracked.pidfd.as_fd()),
+                Some(0) => Some(transfer::recv_sent(
+                    receiver,
+                    remaining(),
+                    self.tracked.pidfd.as_fd(),
+                )),
                 // Ended without ringing: whatever it sent is already buffered.
-                Some(_) => sys::without_signals(|| receiver.try_recv()),
+                Some(_) => Some(sys::without_signals(|| receiver.try_recv())),
+            });
+            let Some(received) = received else {
+                return Err(ProcessError::Timeout { pid });
             };
             *state = match received {
-                Ok(outcome) => OutcomeState::Received(outcome),
+                Ok(outcome) => OutcomeState::Received(unpack(outcome)),
                 Err(TryRecvError::Empty) if ready == Some(0) => {
                     return Err(ProcessError::Timeout { pid });
                 }

@@ -6,7 +6,7 @@
 //! `forkserver`, `process`), the child side (`child`, `bootstrap`) and the registry import it
 //! and never each other for it.
 
-use ipc_channel::ipc::OpaqueIpcSender;
+use ipc_channel::ipc::{OpaqueIpcReceiver, OpaqueIpcSender};
 use serde::{Deserialize, Serialize};
 
 /// Environment variable that turns a re-executed copy of the program into a child.
@@ -20,8 +20,11 @@ pub(crate) const DOORBELL_FD: i32 = 4;
 /// The descriptor a child writes one byte to just before it sends its [`Outcome`], so the
 /// parent's `join` can sleep in one `poll` on this bell and the child's pidfd.
 pub(crate) const OUTCOME_BELL_FD: i32 = 5;
+/// The descriptor of a spawned child's end of its sidecar, the socket on which large
+/// arguments and results travel as memfds (see `payload`).
+pub(crate) const SIDECAR_FD: i32 = 6;
 /// Every descriptor a spawned child is given is below this; the rest are closed at bootstrap.
-pub(crate) const FIRST_FREE_FD: u32 = 6;
+pub(crate) const FIRST_FREE_FD: u32 = 7;
 
 /// Exit code of a child whose bootstrap failed (BSD's EX_SOFTWARE).
 pub const EXIT_BOOTSTRAP_FAILED: i32 = 70;
@@ -87,6 +90,9 @@ pub(crate) struct Header {
     pub daemon: bool,
     pub parent: ProcessInfo,
     pub outcome: OpaqueIpcSender,
+    /// The channel the argument was sent on before the child connected (spawn: the parent
+    /// sends it while the child starts); `None`: it follows this header on the same channel.
+    pub args: Option<OpaqueIpcReceiver>,
 }
 
 /// What a child sends back at the end of a process.

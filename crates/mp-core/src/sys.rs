@@ -264,3 +264,46 @@ pub(crate) fn close_from(first: u32) {
     // in it owns a descriptor at or above `first`.
     unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
 }
+
+/// `statfs`'s magic number of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Where a spawned child opens its rendezvous socket: `/dev/shm` when it is a writable tmpfs.
+///
+/// ipc-channel puts a one-shot server's socket in a fresh directory under the temporary
+/// directory. On a disk file system (an ext4 `/tmp`) creating, binding and removing it costs
+/// about a fifth of a spawn's CPU (journalled inode allocation, and a synchronous discard when
+/// the directory is removed); on tmpfs it is a few microseconds. Nothing but the socket's path
+/// changes: the directory is private (random name) and removed as soon as the parent connects.
+fn memory_temp_dir() -> Option<&'static std::ffi::OsStr> {
+    const SHM: &str = "/dev/shm";
+    let statfs = rustix::fs::statfs(SHM).ok()?;
+    let writable = rustix::fs::access(SHM, rustix::fs::Access::WRITE_OK).is_ok();
+    (statfs.f_type as i64 == TMPFS_MAGIC && writable).then_some(std::ffi::OsStr::new(SHM))
+}
+
+/// Runs `f` with `TMPDIR` pointing at a memory file system ([`memory_temp_dir`]) when there is
+/// one, and restores the environment afterwards: the program's own `TMPDIR` is what its code
+/// sees.
+///
+/// # Safety
+///
+/// Only while the process has a single thread (the bootstrap constructor, before main): it
+/// changes the environment, which another thread could be reading.
+pub(crate) unsafe fn with_memory_temp_dir<T>(f: impl FnOnce() -> T) -> T {
+    let Some(dir) = memory_temp_dir() else {
+        return f();
+    };
+    let saved = std::env::var_os("TMPDIR");
+    // SAFETY: the caller guarantees that no other thread exists to read the environment.
+    unsafe { std::env::set_var("TMPDIR", dir) };
+    let result = f();
+    // SAFETY: as above.
+    unsafe {
+        match saved {
+            Some(saved) => std::env::set_var("TMPDIR", saved),
+            None => std::env::remove_var("TMPDIR"),
+        }
+    }
+    result
+}

@@ -226,6 +226,49 @@ fn large_results_do_not_deadlock_the_join() {
     assert!(value.iter().all(|&b| b == 7));
 }
 
+/// Arguments and results larger than a socket fragment travel as memfds (mp-core's payload
+/// path): values, the descriptors inside them, and decode failures come through as for small
+/// ones, under every start method.
+#[test]
+fn large_arguments_and_results_round_trip_with_their_descriptors() {
+    for method in StartMethod::ALL {
+        for len in [0usize, 1000, 64 << 10, (64 << 10) + 1, 3 << 20] {
+            let (tx, rx) = ipc::channel::<usize>().unwrap();
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let child = Process::new(|(tx, data): (IpcSender<usize>, Vec<u8>)| {
+                tx.send(data.len()).unwrap();
+                (data.iter().rev().copied().collect::<Vec<u8>>(), tx)
+            })
+            .args((tx, data.clone()))
+            .start_method(method)
+            .start()
+            .unwrap();
+            assert_eq!(rx.try_recv_timeout(BOUND).unwrap(), len, "{method} {len}");
+            let (back, tx) = child.join_timeout(BOUND).unwrap();
+            assert!(back.iter().eq(data.iter().rev()), "{method} {len}");
+            // The sender came back through the large result and still reaches `rx`.
+            tx.send(len + 1).unwrap();
+            assert_eq!(
+                rx.try_recv_timeout(BOUND).unwrap(),
+                len + 1,
+                "{method} {len}"
+            );
+        }
+        let child = Process::new(|(e, _pad): (EvenOnly, Vec<u8>)| e.0)
+            .args((EvenOnly(3), vec![0; 1 << 20]))
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert!(
+            matches!(
+                child.join_timeout(BOUND),
+                Err(ProcessError::BadArguments { .. })
+            ),
+            "{method}"
+        );
+    }
+}
+
 #[test]
 fn children_can_spawn_children_and_know_their_family() {
     for method in StartMethod::ALL {

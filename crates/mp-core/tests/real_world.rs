@@ -113,7 +113,8 @@ fn park_forever() {
 }
 
 /// Under a stream of handled signals, starts and joins 100 children per start method (half
-/// with SA_RESTART, half without; every tenth returns 1 MiB so the result spans fragments):
+/// with SA_RESTART, half without; every tenth returns 1 MiB and every tenth is given 1 MiB,
+/// so those travel as memfds):
 /// every start succeeds, every value and exit status is exact, and a bystander child started
 /// before the flood is still alive after it.
 #[test]
@@ -135,15 +136,22 @@ fn a_flood_of_handled_signals_breaks_no_start_and_no_join() {
         for method in StartMethod::ALL {
             for i in 0..50u64 {
                 let size = if i % 10 == 0 { 1 << 20 } else { 8 };
-                let child = Process::new(|(i, size): (u64, usize)| (i * 3, vec![i as u8; size]))
-                    .args((i, size))
-                    .start_method(method)
-                    .start()
-                    .unwrap_or_else(|e| panic!("{method} start {i} (restart={restart}): {e}"));
+                let given = vec![i as u8; if i % 10 == 5 { 1 << 20 } else { 3 }];
+                let child = Process::new(|(i, size, given): (u64, usize, Vec<u8>)| {
+                    let intact = given.iter().all(|&b| b == i as u8);
+                    (
+                        i * 3 + given.len() as u64 * u64::from(intact),
+                        vec![i as u8; size],
+                    )
+                })
+                .args((i, size, given.clone()))
+                .start_method(method)
+                .start()
+                .unwrap_or_else(|e| panic!("{method} start {i} (restart={restart}): {e}"));
                 let (value, bytes) = child
                     .join_timeout(BOUND)
                     .unwrap_or_else(|e| panic!("{method} join {i} (restart={restart}): {e}"));
-                assert_eq!(value, i * 3);
+                assert_eq!(value, i * 3 + given.len() as u64);
                 assert_eq!(bytes.len(), size);
                 assert!(bytes.iter().all(|&b| b == i as u8));
                 assert_eq!(child.exitcode(), Some(0), "{method} child {i}");
@@ -506,6 +514,43 @@ fn decode_failures_keep_their_cause_across_processes() {
             other => panic!("{method}: expected BadResult, got {other:?}"),
         }
     }
+}
+
+/// An argument that refuses to be encoded.
+struct Unencodable;
+
+impl Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("refuses to be encoded"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Unencodable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <()>::deserialize(deserializer).map(|()| Unencodable)
+    }
+}
+
+/// An argument that cannot be encoded fails the start with a typed error naming its type,
+/// under every start method (forked children are sent theirs before they run), and leaves
+/// nothing behind: the start method works afterwards and no child is left running.
+#[test]
+fn an_argument_that_cannot_be_encoded_fails_the_start_and_leaves_nothing_behind() {
+    for method in StartMethod::ALL {
+        match Process::new(|_: Unencodable| 1u8)
+            .args(Unencodable)
+            .start_method(method)
+            .start()
+        {
+            Err(ProcessError::StartFailed(message)) => {
+                assert!(message.contains("Unencodable"), "{method}: {message}");
+            }
+            other => panic!("{method}: expected StartFailed, got {other:?}"),
+        }
+        let child = Process::new(|| 5u8).start_method(method).start().unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), 5, "{method}");
+    }
+    assert!(mp_core::active_children().is_empty());
 }
 
 /// Runs this test binary's test `name` in a new mount namespace with an empty tmpfs over

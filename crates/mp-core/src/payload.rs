@@ -1,0 +1,416 @@
+//! Large arguments and results through a sealed memfd instead of socket fragments.
+//!
+//! ipc-channel encodes a message into one buffer, copies it into the socket in fragments, and
+//! the receiver allocates a second buffer of the message's size to gather them before
+//! decoding. For a 1 MiB argument that is two fresh 1 MiB buffers and two copies besides the
+//! decoded value, and in a freshly started child every page of a fresh buffer is a page
+//! fault (about 1 ms per MiB on a VM): most of the cost of sending 1 MiB to a new process.
+//!
+//! [`Packed`] wraps the argument and the result of a process. Its encoding is streamed (no
+//! intermediate buffer) into a memfd once it outgrows [`SPILL`]; the memfd is sealed and handed
+//! over on the process's *sidecar*, a socket pair the parent made for the child, and the
+//! message itself only says how long it is. The receiver maps the memfd (the sender's pages,
+//! already in memory: nothing to fault in but page table entries) and decodes straight from
+//! the mapping. Smaller values travel inline, as before, at the cost of one extra small copy.
+//!
+//! The value's own descriptors (queues, locks, shared memory handles...) still travel in the
+//! ipc-channel message: ipc-channel collects them in thread-local tables while the message is
+//! encoded and decoded, and the nested encoding here runs inside that, in the same order.
+
+use std::cell::Cell;
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::decode_error;
+
+/// Encodings up to this size travel inline in the ipc-channel message; larger ones in a memfd
+/// (whose set-up costs about ten system calls, which only pays off for large values). Lower
+/// if the system's socket buffers are small: see [`spill_limit`].
+pub(crate) const SPILL: usize = 64 * 1024;
+
+/// The largest encoding that travels inline: [`SPILL`], or a quarter of a fresh socket's send
+/// buffer if that is less.
+///
+/// This bound is what lets a [`Packed`] message be sent before its receiver reads (the
+/// argument of a spawned child is sent while the child starts): a message this small is one
+/// ipc-channel fragment that fits in an empty socket's buffer, so the send never blocks.
+/// The sidecar is a socket pair of the same kind as ipc-channel's, with the same default
+/// buffer sizes.
+fn spill_limit(sidecar: BorrowedFd<'_>) -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        rustix::net::sockopt::socket_send_buffer_size(sidecar)
+            .map_or(4096, |size| (size / 4).clamp(4096, SPILL))
+    })
+}
+
+/// The seals a memfd must carry before the receiver maps it: nobody can shrink it under the
+/// mapping (which would make reading it fault) or change it while it is decoded.
+const SEALS: SealFlags = SealFlags::SHRINK
+    .union(SealFlags::GROW)
+    .union(SealFlags::WRITE)
+    .union(SealFlags::SEAL);
+
+thread_local! {
+    /// The sidecar of the transfer running on this thread (see [`with_sidecar`]).
+    static SIDECAR: Cell<Option<RawFd>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (one ipc-channel send or receive of a [`Packed`] value) with `sidecar` as the
+/// socket that carries the memfd of a large value. Without one, values travel inline.
+pub(crate) fn with_sidecar<T>(sidecar: BorrowedFd<'_>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<RawFd>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SIDECAR.with(|slot| slot.set(self.0));
+        }
+    }
+    let _restore = Restore(SIDECAR.with(|slot| slot.replace(Some(sidecar.as_raw_fd()))));
+    f()
+}
+
+/// The sidecar set by [`with_sidecar`] on this thread.
+fn sidecar() -> Option<BorrowedFd<'static>> {
+    // SAFETY: the descriptor is borrowed for the duration of a `with_sidecar` call, which
+    // encloses every encode and decode that reads it (the slot is restored when it returns);
+    // the 'static lifetime never escapes the functions below.
+    SIDECAR
+        .with(Cell::get)
+        .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// A socket pair for the memfds of one process's argument and result: one end stays with
+/// the parent's [`Child`](crate::Child), the other goes to the child.
+pub(crate) fn sidecar_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// A process's argument or result, encoded with postcard: inline when small, in a memfd sent
+/// on the sidecar when large (see the module docs).
+pub(crate) struct Packed<T>(pub T);
+
+/// What the ipc-channel message carries for a [`Packed`] value.
+#[derive(Serialize, Deserialize)]
+enum Wire<'a> {
+    /// The postcard encoding of the value.
+    Inline(#[serde(borrow)] Bytes<'a>),
+    /// The encoding is in the memfd next in line on the sidecar, this many bytes long.
+    Shared(u64),
+}
+
+/// A byte slice encoded as bytes (serde encodes `&[u8]` as a sequence of `u8`s, one call each).
+struct Bytes<'a>(&'a [u8]);
+
+impl Serialize for Bytes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'de [u8]>::deserialize(deserializer).map(Bytes)
+    }
+}
+
+impl<T: Serialize> Serialize for Packed<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let sidecar = sidecar();
+        let mut spill = Spill {
+            buffer: Vec::new(),
+            file: None,
+            len: 0,
+            error: None,
+            limit: sidecar.map(spill_limit),
+        };
+        let encoded = postcard::serialize_with_flavor(&self.0, &mut spill);
+        if let Some(error) = spill.error.take() {
+            return Err(S::Error::custom(format!(
+                "cannot write a large value: {error}"
+            )));
+        }
+        encoded.map_err(S::Error::custom)?;
+        match (spill.file.take(), sidecar) {
+            (Some(file), Some(sidecar)) => {
+                spill
+                    .flush(&file)
+                    .and_then(|()| seal_and_send(sidecar, file))
+                    .map_err(|e| {
+                        S::Error::custom(format!("cannot hand over a large value: {e}"))
+                    })?;
+                Wire::Shared(spill.len).serialize(serializer)
+            }
+            _ => Wire::Inline(Bytes(&spill.buffer)).serialize(serializer),
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Packed<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Wire::deserialize(deserializer)? {
+            Wire::Inline(Bytes(bytes)) => postcard::from_bytes(bytes).map(Packed),
+            Wire::Shared(len) => {
+                let fail = |message: String| {
+                    decode_error::note_decode_failure(&message);
+                    D::Error::custom(message)
+                };
+                let sidecar = sidecar()
+                    .ok_or_else(|| fail("a large value came without its sidecar".into()))?;
+                let memfd = receive_memfd(sidecar)
+                    .map_err(|e| fail(format!("cannot receive a large value: {e}")))?;
+                let len =
+                    usize::try_from(len).map_err(|_| fail("a large value is too large".into()))?;
+                let mapping = Mapping::new(&memfd, len)
+                    .map_err(|e| fail(format!("cannot map a large value: {e}")))?;
+                postcard::from_bytes(mapping.bytes()).map(Packed)
+            }
+        }
+        .map_err(D::Error::custom)
+    }
+}
+
+/// A postcard flavor that keeps the encoding in memory up to [`SPILL`] bytes, then streams it
+/// into a memfd through a buffer of that size (a large byte string is written straight from
+/// the value).
+struct Spill {
+    buffer: Vec<u8>,
+    file: Option<std::fs::File>,
+    len: u64,
+    /// The I/O error that stopped the encoding (postcard's error type cannot carry it).
+    error: Option<std::io::Error>,
+    /// The size beyond which the encoding goes to a memfd; `None`: never (no sidecar).
+    limit: Option<usize>,
+}
+
+impl Spill {
+    fn flush(&mut self, file: &std::fs::File) -> std::io::Result<()> {
+        (&*file).write_all(&self.buffer)?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    fn extend(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.len += data.len() as u64;
+        let limit = self.limit.unwrap_or(usize::MAX);
+        if self.file.is_none() && self.buffer.len() + data.len() <= limit {
+            self.buffer.extend_from_slice(data);
+            return Ok(());
+        }
+        if self.file.is_some() && self.buffer.len() + data.len() <= SPILL {
+            // Staging: written to the memfd in blocks of up to SPILL bytes.
+            self.buffer.extend_from_slice(data);
+            return Ok(());
+        }
+        let file = match self.file.take() {
+            Some(file) => file,
+            None => std::fs::File::from(rustix::fs::memfd_create(
+                c"multiproc-payload",
+                MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+            )?),
+        };
+        let written = self.flush(&file).and_then(|()| {
+            if data.len() >= SPILL {
+                (&file).write_all(data)
+            } else {
+                self.buffer.extend_from_slice(data);
+                Ok(())
+            }
+        });
+        self.file = Some(file);
+        written
+    }
+}
+
+impl postcard::ser_flavors::Flavor for &mut Spill {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.extend(data).map_err(|e| {
+            self.error = Some(e);
+            postcard::Error::SerializeBufferFull
+        })
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Seals `file` and sends it on `sidecar` (one datagram: a byte and the descriptor).
+fn seal_and_send(sidecar: BorrowedFd<'_>, file: std::fs::File) -> std::io::Result<()> {
+    rustix::fs::fcntl_add_seals(&file, SEALS)?;
+    let fds = [file.as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    // A datagram is sent whole or not at all, so an interrupted send can simply be retried.
+    rustix::io::retry_on_intr(|| {
+        rustix::net::sendmsg(
+            sidecar,
+            &[IoSlice::new(&[1])],
+            &mut control,
+            SendFlags::empty(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Takes the memfd waiting on `sidecar` (sent before the message that announced it, so it is
+/// there already) and checks its seals.
+fn receive_memfd(sidecar: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::io::retry_on_intr(|| {
+        rustix::net::recvmsg(
+            sidecar,
+            &mut [IoSliceMut::new(&mut byte)],
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        )
+    })?;
+    let memfd = control
+        .drain()
+        .find_map(|message| match message {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .ok_or_else(|| std::io::Error::other("the sidecar message carried no memfd"))?;
+    if !rustix::fs::fcntl_get_seals(&memfd)?.contains(SEALS) {
+        return Err(std::io::Error::other(
+            "the memfd of a large value is not sealed",
+        ));
+    }
+    Ok(memfd)
+}
+
+/// A read-only private mapping of the first `len` bytes of a sealed memfd.
+struct Mapping {
+    address: *mut std::ffi::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(memfd: &OwnedFd, len: usize) -> std::io::Result<Mapping> {
+        let size = rustix::fs::fstat(memfd)?.st_size;
+        if !u64::try_from(size).is_ok_and(|size| size >= len as u64) {
+            return Err(std::io::Error::other(format!(
+                "the memfd holds {size} bytes, not the {len} announced"
+            )));
+        }
+        if len == 0 {
+            return Ok(Mapping {
+                address: std::ptr::NonNull::dangling().as_ptr(),
+                len,
+            });
+        }
+        // SAFETY: a fresh mapping at an address of the kernel's choosing (it aliases no Rust
+        // object), of a memfd sealed against shrinking and writing (checked in
+        // `receive_memfd`), at least `len` bytes long (checked above): every byte of the
+        // mapping stays readable and unchanged until it is unmapped in `drop`. POPULATE maps
+        // the pages (already in memory, written by the sender) in this one call.
+        let address = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::POPULATE,
+                memfd,
+                0,
+            )?
+        };
+        Ok(Mapping { address, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `address` is a live, readable mapping of `len` bytes (or a dangling,
+        // well-aligned pointer for zero bytes) that nothing writes to (see `new`); the slice
+        // borrows `self`, so it cannot outlive the mapping.
+        unsafe { std::slice::from_raw_parts(self.address.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping made in `new`; no slice of it outlives `self`.
+            let _ = unsafe { rustix::mm::munmap(self.address, self.len) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a sidecar, every value travels inline.
+    fn round_trip<T: Serialize + DeserializeOwned>(value: T) -> T {
+        let bytes = postcard::to_stdvec(&Packed(value)).unwrap();
+        postcard::from_bytes::<Packed<T>>(&bytes).unwrap().0
+    }
+
+    #[test]
+    fn small_and_large_values_round_trip_with_and_without_a_sidecar() {
+        // What is sent on one end of the pair is received on the other.
+        let (ours, theirs) = sidecar_pair().unwrap();
+        for len in [0, 1, SPILL - 8, SPILL, SPILL + 1, 3 * SPILL + 17, 1 << 20] {
+            let value: Vec<u32> = (0..len as u32 / 4).collect();
+            let text = "x".repeat(len);
+            assert_eq!(round_trip(value.clone()), value);
+            assert_eq!(round_trip((text.clone(), 7u8)), (text, 7u8));
+            let encoded = with_sidecar(ours.as_fd(), || {
+                postcard::to_stdvec(&Packed(&value)).unwrap()
+            });
+            let decoded: Vec<u32> = with_sidecar(theirs.as_fd(), || {
+                postcard::from_bytes::<Packed<Vec<u32>>>(&encoded)
+                    .unwrap()
+                    .0
+            });
+            assert_eq!(decoded, value);
+            // postcard's variant index comes first: `Wire::Shared` is 1.
+            let spilled = encoded[0] == 1;
+            let plain = postcard::to_stdvec(&value).unwrap().len();
+            let limit = spill_limit(ours.as_fd());
+            assert_eq!(spilled, plain > limit, "{plain} bytes: spilled {spilled}");
+        }
+    }
+
+    #[test]
+    fn a_large_value_without_its_memfd_is_a_typed_failure() {
+        let (ours, theirs) = sidecar_pair().unwrap();
+        let encoded = with_sidecar(ours.as_fd(), || {
+            postcard::to_stdvec(&Packed(vec![1u8; 2 * SPILL])).unwrap()
+        });
+        // Take the memfd away before decoding.
+        let _ = receive_memfd(theirs.as_fd()).unwrap();
+        decode_error::clear();
+        let result = with_sidecar(theirs.as_fd(), || {
+            postcard::from_bytes::<Packed<Vec<u8>>>(&encoded)
+        });
+        assert!(result.is_err());
+        let described = decode_error::describe::<Vec<u8>>("failed");
+        assert!(
+            described.contains("cannot receive a large value"),
+            "{described}"
+        );
+    }
+}
