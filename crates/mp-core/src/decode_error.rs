@@ -22,6 +22,13 @@ pub fn note_decode_failure(message: impl Display) {
     NOTE.with(|note| *note.borrow_mut() = Some(message.to_string()));
 }
 
+/// Notes `message` unless a more specific note (a handle's) is already there.
+pub(crate) fn note_if_none(message: String) {
+    NOTE.with(|note| {
+        note.borrow_mut().get_or_insert(message);
+    });
+}
+
 /// Takes the note [`note_decode_failure`] left on this thread, if any: for crates that report
 /// codec failures of their own (mp-ipc's queues and pipes) with the cause postcard dropped.
 pub fn take_failure_note() -> Option<String> {

@@ -6,7 +6,12 @@
 //! [`encode_failure_cause`] serializes the same value again into a serializer that writes
 //! nothing and keeps the custom message, so the error the caller sees can say what refused.
 //! This runs only on the failure path: a successful encode pays nothing.
+//!
+//! A handle's `Serialize` (mp-ipc's queues, pipes, shared memory) lends descriptors as a side
+//! effect; during the second pass it must not (nothing will ever claim them), and asks
+//! [`finding_encode_cause`] first.
 
+use std::cell::Cell;
 use std::fmt::{self, Display};
 
 use serde::Serialize;
@@ -16,10 +21,28 @@ use serde::ser;
 /// it gave one (a failure of the format itself, such as a sequence of unknown length, has
 /// none here: the format's own error says it).
 pub fn encode_failure_cause<T: Serialize + ?Sized>(value: &T) -> Option<String> {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FINDING.with(|finding| finding.set(self.0));
+        }
+    }
+    let _restore = Restore(FINDING.with(|finding| finding.replace(true)));
     value
         .serialize(CauseFinder)
         .err()
         .map(|Cause(message)| message)
+}
+
+thread_local! {
+    static FINDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is inside [`encode_failure_cause`]'s second pass: a `Serialize` with
+/// side effects (lending descriptors, counting handles) should then serialize a unit and do
+/// nothing else, since what it writes is thrown away.
+pub fn finding_encode_cause() -> bool {
+    FINDING.with(Cell::get)
 }
 
 /// The custom message a `Serialize` impl failed with.
@@ -256,6 +279,24 @@ mod tests {
             encode_failure_cause(&value).as_deref(),
             Some("the lock is poisoned")
         );
+    }
+
+    #[test]
+    fn the_second_pass_is_marked_for_serializers_with_side_effects() {
+        struct Observes(Cell<Option<bool>>);
+        impl Serialize for Observes {
+            fn serialize<S: ser::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                self.0.set(Some(finding_encode_cause()));
+                s.serialize_unit()
+            }
+        }
+        let seen = Observes(Cell::new(None));
+        assert_eq!(
+            encode_failure_cause(&(&seen, Refuses("x"))).as_deref(),
+            Some("x")
+        );
+        assert_eq!(seen.0.get(), Some(true));
+        assert!(!finding_encode_cause(), "the mark ends with the pass");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub use child::before_child_exit;
 pub use decode_error::{
     decode_described, encode_described, note_decode_failure, take_failure_note,
 };
-pub use encode_cause::encode_failure_cause;
+pub use encode_cause::{encode_failure_cause, finding_encode_cause};
 pub use error::ProcessError;
 pub use function::{
     Entry, ForgedFunctionId, FunctionId, RunKeyConflict, TaskFailure, adopt_run_key, run_key,

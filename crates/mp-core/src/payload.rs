@@ -144,7 +144,15 @@ impl<T: Serialize> Serialize for Packed<T> {
                 "cannot write a large value: {error}"
             )));
         }
-        encoded.map_err(S::Error::custom)?;
+        if let Err(error) = encoded {
+            // postcard dropped the custom message of whatever refused (and ipc-channel's
+            // postcard would drop ours): find it again and note it for the error report,
+            // unless a handle already noted its own reason.
+            if let Some(cause) = crate::encode_failure_cause(&self.0) {
+                decode_error::note_if_none(cause);
+            }
+            return Err(S::Error::custom(error));
+        }
         match (spill.file.take(), sidecar) {
             (Some(file), Some(sidecar)) => {
                 spill

@@ -544,8 +544,25 @@ fn an_argument_that_cannot_be_encoded_fails_the_start_and_leaves_nothing_behind(
         {
             Err(ProcessError::StartFailed(message)) => {
                 assert!(message.contains("Unencodable"), "{method}: {message}");
+                // The argument's own reason, which postcard drops, is found again.
+                assert!(
+                    message.contains("refuses to be encoded"),
+                    "{method}: {message}"
+                );
             }
             other => panic!("{method}: expected StartFailed, got {other:?}"),
+        }
+        // A result that refuses: the child's BadResult says why.
+        let child = Process::new(|| Unencodable)
+            .start_method(method)
+            .start()
+            .unwrap();
+        match child.join_timeout(BOUND) {
+            Err(ProcessError::BadResult { message, .. }) => assert!(
+                message.contains("Unencodable") && message.contains("refuses to be encoded"),
+                "{method}: {message}"
+            ),
+            other => panic!("{method}: expected BadResult, got {:?}", other.map(|_| ())),
         }
         let child = Process::new(|| 5u8).start_method(method).start().unwrap();
         assert_eq!(child.join_timeout(BOUND).unwrap(), 5, "{method}");
