@@ -12,9 +12,11 @@
 //! handed it with the request.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
 use parking_lot::{Mutex, MutexGuard};
@@ -36,11 +38,63 @@ enum Request {
     /// First message: where to send replies.
     Hello { replies: IpcSender<Reply> },
     /// Fork a child that will read its header from `header`; send its raw wait status on
-    /// `status` when it ends.
+    /// `status` when it ends. `surroundings`: the requester's working directory and
+    /// environment, when they differ from the server's.
     Fork {
         header: IpcReceiver<Header>,
         status: IpcSender<i32>,
+        surroundings: Option<Surroundings>,
     },
+}
+
+/// A process's working directory and environment.
+///
+/// The server is a snapshot of its parent at first use; a child forked from it would see the
+/// directory and environment of that moment, not the requester's (Python's forkserver has
+/// this flaw). So each request carries the requester's when they changed since the server
+/// started, and the child adopts them before it runs anything: a forkserver child starts in
+/// the same surroundings as a spawned one would.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Surroundings {
+    cwd: Option<PathBuf>,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Surroundings {
+    /// This process's, now.
+    fn current() -> Self {
+        Surroundings {
+            cwd: std::env::current_dir().ok(),
+            env: std::env::vars_os().collect(),
+        }
+    }
+
+    /// Makes them this process's.
+    ///
+    /// # Safety
+    ///
+    /// The process must have a single thread (changing the environment while another
+    /// thread reads it is undefined behaviour).
+    unsafe fn adopt(self) -> Result<(), String> {
+        if let Some(cwd) = &self.cwd {
+            std::env::set_current_dir(cwd)
+                .map_err(|e| format!("cannot enter the working directory {cwd:?}: {e}"))?;
+        }
+        let wanted: HashMap<OsString, OsString> = self.env.into_iter().collect();
+        for (key, _) in std::env::vars_os() {
+            if !wanted.contains_key(&key) {
+                // SAFETY: single-threaded, by this function's contract.
+                unsafe { std::env::remove_var(&key) };
+            }
+        }
+        for (key, value) in wanted {
+            if std::env::var_os(&key).as_ref() != Some(&value) {
+                // SAFETY: single-threaded, by this function's contract.
+                unsafe { std::env::set_var(&key, &value) };
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -60,6 +114,8 @@ pub(crate) struct ServerChild {
 pub(crate) struct Client {
     /// The process that started the server (a forked child inherits a copy it must not use).
     owner: u32,
+    /// The server's working directory and environment (its parent's when it started).
+    surroundings: Surroundings,
     requests: IpcSender<Request>,
     replies: IpcReceiver<Reply>,
     doorbell: OwnedFd,
@@ -133,6 +189,7 @@ pub(crate) fn reset_after_fork(mut held: MutexGuard<'static, Option<Client>>) {
 }
 
 fn start_server() -> Result<Client, ProcessError> {
+    let surroundings = Surroundings::current();
     let (doorbell_server, doorbell) = rustix::net::socketpair(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
@@ -151,6 +208,7 @@ fn start_server() -> Result<Client, ProcessError> {
         ipc::channel::<Reply>().map_err(ProcessError::io("creating a channel"))?;
     let client = Client {
         owner: std::process::id(),
+        surroundings,
         requests: spawned.channel,
         replies,
         doorbell,
@@ -252,6 +310,7 @@ impl Client {
             Request::Fork {
                 header,
                 status: status_tx,
+                surroundings: Some(Surroundings::current()).filter(|now| *now != self.surroundings),
             },
         )
         .map_err(|e| unreachable(&e))?;
@@ -322,8 +381,12 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 Bell::Quiet => break,
                 Bell::Hangup => return 0, // the parent is gone; our children die with us
             };
-            let (header, status) = match requests.recv() {
-                Ok(Request::Fork { header, status }) => (header, status),
+            let (header, status, surroundings) = match requests.recv() {
+                Ok(Request::Fork {
+                    header,
+                    status,
+                    surroundings,
+                }) => (header, status, surroundings),
                 Ok(Request::Hello { .. }) => continue,
                 Err(_) => return 0,
             };
@@ -343,8 +406,12 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 0 => {
                     drop((requests, replies, doorbell, statuses, status));
                     sigchld.close_in_child(&old_mask);
+                    // SAFETY: this child of the single-threaded server has one thread.
+                    let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
                     let code = if !child::prepare_child_process(me) {
                         EXIT_ORPHANED
+                    } else if let Err(message) = adopted {
+                        child::fail(&message)
                     } else {
                         match header.recv() {
                             Ok(first) => child::serve(header, first, bell, sidecar),

@@ -23,8 +23,10 @@
 //!
 //! * [`Process`] / [`Child`]: start, join (returning the function's value), join with a
 //!   timeout, `is_alive`, `exitcode` (Python's convention), terminate, kill, a pidfd sentinel.
-//! * [`StartMethod`]: spawn (default: a fresh copy of the executable, bootstrapped before
-//!   `main`, so tests and doc tests can spawn), forkserver, fork.
+//! * [`StartMethod`]: spawn (a fresh copy of the executable, bootstrapped before `main`, so
+//!   tests and doc tests can spawn), forkserver (the default, as in Python 3.14: children
+//!   forked by a clean server started by spawn, in the requester's directory and
+//!   environment), fork.
 //! * [`current_process`], [`parent_process`], [`active_children`], [`cpu_count`].
 //!
 //! Failures are typed ([`ProcessError`]) and bounded in time: a panic carries its message and

@@ -498,7 +498,12 @@ fn start_methods_parse_and_set_the_default() {
         assert_eq!(method.name().parse::<StartMethod>().unwrap(), method);
     }
     assert!("thread".parse::<StartMethod>().is_err());
+    // Python 3.14's default on Linux.
+    assert_eq!(mp_core::get_start_method(), StartMethod::ForkServer);
+    mp_core::set_start_method(StartMethod::Spawn);
     assert_eq!(mp_core::get_start_method(), StartMethod::Spawn);
+    mp_core::set_start_method(StartMethod::ForkServer);
+    assert_eq!(mp_core::get_start_method(), StartMethod::ForkServer);
 }
 
 /// The pids of this process's children, from every thread's `children` file.
