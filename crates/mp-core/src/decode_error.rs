@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::fmt::Display;
 
+use crate::decode_cause::decode_failure_cause;
 use crate::encode_cause::encode_failure_cause;
 
 thread_local! {
@@ -50,6 +51,23 @@ pub(crate) fn describe<T>(error: impl Display) -> String {
     }
 }
 
+/// Describes a failure to decode a `T` from `bytes`: its type, the codec's error, and why —
+/// the note a handle left, or else the custom message of the `Deserialize` that refused
+/// (found by [`decode_failure_cause`], since postcard drops it).
+pub(crate) fn describe_decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    error: impl Display,
+) -> String {
+    let ty = std::any::type_name::<T>();
+    let cause = NOTE
+        .with(|note| note.borrow_mut().take())
+        .or_else(|| decode_failure_cause::<T>(bytes));
+    match cause {
+        Some(cause) => format!("{ty}: {error}: {cause}"),
+        None => format!("{ty}: {error}"),
+    }
+}
+
 /// Describes an encode failure of `value`: its type, the codec's error, and why it failed —
 /// the note a handle left, or else the custom message its `Serialize` gave (found by
 /// [`encode_failure_cause`], since postcard drops it).
@@ -80,5 +98,5 @@ pub fn encode_described<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u
 /// `Deserialize` noted with [`note_decode_failure`] (which postcard itself drops).
 pub fn decode_described<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     clear();
-    postcard::from_bytes(bytes).map_err(describe::<T>)
+    postcard::from_bytes(bytes).map_err(|e| describe_decode::<T>(bytes, e))
 }

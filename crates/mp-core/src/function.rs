@@ -370,8 +370,9 @@ pub enum TaskFailure {
 
 fn task_trampoline<M, F: Entry<M>>(input: &[u8]) -> Result<Vec<u8>, TaskFailure> {
     decode_error::clear();
-    let args: F::Args = postcard::from_bytes(input)
-        .map_err(|e| TaskFailure::BadArguments(decode_error::describe::<F::Args>(e)))?;
+    let args: F::Args = postcard::from_bytes(input).map_err(|e| {
+        TaskFailure::BadArguments(decode_error::describe_decode::<F::Args>(input, e))
+    })?;
     let output = catch_panic(|| F::recreate().call(args), true).map_err(TaskFailure::Panicked)?;
     postcard::to_allocvec(&output)
         .map_err(|e| TaskFailure::BadResult(decode_error::describe_encode(&output, e)))
@@ -502,6 +503,34 @@ mod tests {
                 "{message}"
             ),
             other => panic!("expected BadResult, got {other:?}"),
+        }
+    }
+
+    /// An argument that refuses odd numbers in its own words.
+    #[derive(Debug, Serialize)]
+    struct Even(u32);
+
+    impl<'de> Deserialize<'de> for Even {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let n = u32::deserialize(deserializer)?;
+            if n % 2 == 1 {
+                return Err(serde::de::Error::custom(format!("{n} is odd")));
+            }
+            Ok(Even(n))
+        }
+    }
+
+    #[test]
+    fn an_argument_that_refuses_to_decode_names_its_type_and_says_why() {
+        let id = FunctionId::of_task(&|e: Even| e.0);
+        let input = postcard::to_allocvec(&Even(3)).unwrap();
+        // SAFETY: the id was made by of_task in this process.
+        match unsafe { id.call_task(&input) } {
+            Err(TaskFailure::BadArguments(message)) => assert!(
+                message.contains("Even") && message.contains("3 is odd"),
+                "{message}"
+            ),
+            other => panic!("expected BadArguments, got {other:?}"),
         }
     }
 }

@@ -44,6 +44,7 @@ compile_error!("mp-core supports Linux only for now (it relies on pidfds, memfds
 
 mod bootstrap;
 mod child;
+mod decode_cause;
 mod decode_error;
 mod encode_cause;
 mod error;
@@ -73,6 +74,7 @@ pub mod __fuzz {
 }
 
 pub use child::before_child_exit;
+pub use decode_cause::{abandon_replay, decode_failure_cause, replaying_decode};
 pub use decode_error::{
     decode_described, encode_described, note_decode_failure, take_failure_note,
 };

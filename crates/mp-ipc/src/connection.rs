@@ -559,9 +559,12 @@ fn decode<T: DeserializeOwned>(payload: Payload<'_>) -> Result<T, ConnectionErro
     match postcard::take_from_bytes::<T>(&bytes) {
         Ok((value, [])) => Ok(value),
         Ok(_) => Err(ConnectionError::Decode(CodecError::decoding::<T>(
+            &bytes,
             postcard::Error::DeserializeBadEncoding,
         ))),
-        Err(error) => Err(ConnectionError::Decode(CodecError::decoding::<T>(error))),
+        Err(error) => Err(ConnectionError::Decode(CodecError::decoding::<T>(
+            &bytes, error,
+        ))),
     }
 }
 
@@ -795,6 +798,10 @@ impl Serialize for Connection {
 
 impl<'de> Deserialize<'de> for Connection {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if mp_core::replaying_decode() {
+            // A second reading that only looks for why a decode failed: claim nothing.
+            return Err(mp_core::abandon_replay());
+        }
         let wire = Wire::deserialize(deserializer)?;
         let attach =
             |ticket: Option<Ticket>, side: Side| -> Result<Option<Endpoint>, ConnectionError> {

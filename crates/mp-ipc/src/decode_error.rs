@@ -37,13 +37,19 @@ impl CodecError {
         }
     }
 
-    /// A failure to decode a `T`, with the cause its `Deserialize` noted.
+    /// A failure to decode a `T` from `bytes`, with the cause its `Deserialize` noted or gave
+    /// (read again by [`mp_core::decode_failure_cause`], since postcard drops it).
     #[cold]
-    pub(crate) fn decoding<T: ?Sized>(source: postcard::Error) -> Self {
+    pub(crate) fn decoding<T: serde::de::DeserializeOwned>(
+        bytes: &[u8],
+        source: postcard::Error,
+    ) -> Self {
+        let cause =
+            mp_core::take_failure_note().or_else(|| mp_core::decode_failure_cause::<T>(bytes));
         CodecError {
             type_name: std::any::type_name::<T>(),
             source,
-            cause: mp_core::take_failure_note(),
+            cause,
         }
     }
 

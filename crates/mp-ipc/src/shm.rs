@@ -583,6 +583,10 @@ impl Serialize for SharedMemory {
 
 impl<'de> Deserialize<'de> for SharedMemory {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if mp_core::replaying_decode() {
+            // A second reading that only looks for why a decode failed: claim nothing.
+            return Err(mp_core::abandon_replay());
+        }
         match Wire::deserialize(deserializer)? {
             Wire::Anonymous(ticket) => {
                 let fds = transport::claim(ticket).map_err(|error| {

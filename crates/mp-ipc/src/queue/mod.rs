@@ -571,9 +571,10 @@ fn decode<T: DeserializeOwned>(payload: Payload<'_>) -> Result<T, QueueError> {
     match postcard::take_from_bytes::<T>(&bytes) {
         Ok((value, [])) => Ok(value),
         Ok(_) => Err(QueueError::Decode(CodecError::decoding::<T>(
+            &bytes,
             postcard::Error::DeserializeBadEncoding,
         ))),
-        Err(error) => Err(QueueError::Decode(CodecError::decoding::<T>(error))),
+        Err(error) => Err(QueueError::Decode(CodecError::decoding::<T>(&bytes, error))),
     }
 }
 
@@ -625,6 +626,10 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
 }
 
 fn attach<'de, D: Deserializer<'de>, T>(deserializer: D, tag: u64) -> Result<Queue<T>, D::Error> {
+    if mp_core::replaying_decode() {
+        // A second reading that only looks for why a decode failed: claim nothing.
+        return Err(mp_core::abandon_replay());
+    }
     let wire = Wire::deserialize(deserializer)?;
     let fds = transport::claim(wire.ring).map_err(|error| {
         tracing::warn!(%error, "a received queue could not take its descriptors");
@@ -694,6 +699,35 @@ mod tests {
         fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
             Err(serde::ser::Error::custom("not while the lamp is lit"))
         }
+    }
+
+    /// An even number, refusing odd ones in its own words.
+    #[derive(Debug, Serialize)]
+    struct Even(u32);
+
+    impl<'de> Deserialize<'de> for Even {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let n = u32::deserialize(deserializer)?;
+            if n % 2 == 1 {
+                return Err(serde::de::Error::custom(format!("{n} is odd")));
+            }
+            Ok(Even(n))
+        }
+    }
+
+    #[test]
+    fn an_item_that_refuses_to_decode_says_why_and_the_queue_goes_on() {
+        let queue: Queue<(u8, Even)> = Queue::unbounded().unwrap();
+        queue.put((1, Even(3))).unwrap();
+        queue.put((2, Even(4))).unwrap();
+        match queue.get() {
+            Err(QueueError::Decode(error)) => {
+                assert!(error.type_name().contains("Even"), "{error}");
+                assert_eq!(error.cause(), Some("3 is odd"));
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        assert_eq!(queue.get().unwrap().1.0, 4);
     }
 
     #[test]
