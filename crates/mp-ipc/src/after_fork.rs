@@ -68,6 +68,7 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    crate::shm_tracker::forget_in_child();
     if let Some((liveness, transport)) = HELD.with(|slot| slot.borrow_mut().take()) {
         transport.release_in_child();
         liveness.release_in_child();
