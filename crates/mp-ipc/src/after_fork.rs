@@ -1,6 +1,6 @@
 //! What a child forked from a process that uses mp-ipc inherits, made sound.
 //!
-//! `fork` copies only the calling thread. Three things of this crate would be
+//! `fork` copies only the calling thread. Four things of this crate would be
 //! copied broken:
 //!
 //! * **Locks held by other threads** (the courier's table, the liveness
@@ -23,6 +23,9 @@
 //!   its own presence; an inherited copy of a parent's connection can still
 //!   move bytes but no longer counts as a holder (a handle sent inside a
 //!   message through it fails with a typed error).
+//! * **The shared memory tracker's table** (see `shm_tracker.rs`): the child
+//!   handler marks the inherited state as the parent's, so that the child
+//!   never writes its parent's table and becomes a creator of its own.
 //!
 //! The handlers run for every `fork(3)` of the process (mp-core's fork start
 //! method, `libc::fork`); a raw `clone`/`vfork` skips them, and the pid checks
