@@ -100,6 +100,7 @@
 //! signal meant for the whole program reaches it, but it must outlive the
 //! creator to clean up after it, and it exits by itself right after.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -179,6 +180,34 @@ static INHERITED: AtomicBool = AtomicBool::new(false);
 /// store only (async-signal-safe).
 pub(crate) fn forget_in_child() {
     INHERITED.store(true, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// Whether this thread holds `STATE` while it forks to start a tracker:
+    /// the fork handler must not take it again.
+    static SPAWNING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `STATE`'s lock, taken by mp-ipc's `pthread_atfork` prepare handler (before
+/// the other locks of the crate: `start` forks while holding it), so that a
+/// child never inherits it held by a thread that is not there.
+pub(crate) struct HeldAcrossFork {
+    _guard: Option<MutexGuard<'static, Option<State>>>,
+}
+
+/// Takes `STATE`'s lock for a fork, unless this thread holds it already (it
+/// is then starting a tracker, whose child execs at once).
+pub(crate) fn hold_across_fork() -> HeldAcrossFork {
+    if SPAWNING.with(Cell::get) {
+        return HeldAcrossFork { _guard: None };
+    }
+    HeldAcrossFork {
+        _guard: Some(
+            STATE
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        ),
+    }
 }
 
 /// The creator's mapping of its table.
@@ -526,7 +555,12 @@ fn start(table: &Table, owned: &HashMap<String, Entry>) -> io::Result<Tracker> {
             Ok(())
         });
     }
-    let process = command.spawn()?;
+    // The fork runs mp-ipc's atfork handlers in this thread, which holds
+    // `STATE` already (see `hold_across_fork`).
+    SPAWNING.with(|spawning| spawning.set(true));
+    let spawned = command.spawn();
+    SPAWNING.with(|spawning| spawning.set(false));
+    let process = spawned?;
     drop((theirs, creator));
     let mut tracker = Tracker {
         socket: ours,
