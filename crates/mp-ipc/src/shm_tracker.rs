@@ -86,9 +86,11 @@
 //!
 //! **Fork.** A forked child is a new creator: it starts its own tracker (and
 //! table) at its own first `create`. It inherits its parent's mapping of the
-//! table but must never write it: mp-ipc's `pthread_atfork` child handler
-//! (see `after_fork.rs`, registered when the table is made) calls
-//! [`forget_in_child`], which marks the inherited state as the parent's, and
+//! table but must never write it: mp-ipc's `pthread_atfork` handlers (see
+//! `after_fork.rs`, registered when the table is made) take this module's
+//! lock before the fork (so that the child never inherits it held by a
+//! thread that is not there) and, in the child, call [`forget_in_child`],
+//! which marks the inherited state as the parent's (no `getpid` per call), and
 //! the next `create`, `unlink` or `persist` of the child drops it (closing
 //! its copies of the descriptors, unmapping its copy of the table) without
 //! writing anything. (A raw `clone` that skips `pthread_atfork` handlers is
@@ -446,6 +448,9 @@ impl State {
             tracing::warn!("the shared memory tracker died; starting another");
             let mut dead = self.tracker.take().expect("checked above");
             // Its end of the socket is closed: it is gone, or about to be.
+            // Killed all the same, so that the wait is bounded whatever made
+            // the send fail (the new one is told everything).
+            let _ = dead.process.kill();
             let _ = dead.process.wait();
         }
         // `owned` is up to date: the new tracker is told this report too.
