@@ -15,8 +15,9 @@
 //! * a **pidfd of the creator**, opened by the creator itself (so it cannot
 //!   name a recycled pid). It becomes readable when the creator has exited:
 //!   that is the death notice, from the kernel, for every way of dying.
-//! * the **table**: a memfd of [`SLOTS`] fixed-size slots, which the creator
-//!   maps read-write and the tracker read-only. A slot holds a state word,
+//! * the **table**: a memfd of [`SLOTS`] fixed-size slots (after the
+//!   tracker's lock, below), which both map; only the creator writes the
+//!   slots, only the tracker locks the lock. A slot holds a state word,
 //!   the device and inode of a segment and its name. Reporting a segment
 //!   created is writing a free slot (the creator's process-local mutex
 //!   serialises its threads) and then publishing it with a release store of
@@ -58,19 +59,26 @@
 //! unlinks segments that other processes still use).
 //!
 //! **Costs.** Reading and writing a segment costs nothing extra. `create` of
-//! a named segment costs an `fstat` (its identity) and a `waitpid(WNOHANG)`
-//! (is the tracker still alive? see below) plus a slot write; `unlink` and
-//! `persist` a store to the slot. The first `create` of a process also
+//! a named segment costs an `fstat` (its identity), a load (is the tracker
+//! still alive? see below) and a slot write; `unlink` and `persist` a store
+//! to the slot. The first `create` of a process also
 //! creates the table and starts the tracker (a fork + exec, about what
 //! starting a `spawn` child costs). The creator keeps three descriptors
 //! (table, socket, doorbell). The tracker is in its own session, so a
 //! terminal's Ctrl-C, which kills the creator's process group, does not kill
 //! the tracker first.
 //!
-//! **A killed tracker is replaced.** Each `create` asks the kernel whether
-//! the tracker (a child of the creator) has exited (`waitpid` with `WNOHANG`,
-//! which neither blocks nor reaps a live one; a socket report that fails
-//! with `EPIPE` tells the same). If it has, the creator starts a new one and
+//! **A killed tracker is replaced.** Each tracker, once started, takes a
+//! robust mutex at the head of the table (see `robust.rs`) and holds it
+//! until it exits; when it dies, however it dies, the kernel marks the mutex
+//! `OWNER_DIED` and clears its owner. So each `create` learns whether the
+//! tracker still runs from one load of the mutex word: owned by the
+//! tracker's pid (single-threaded, so its only thread's id) means alive.
+//! Otherwise (the tracker has not taken it yet, just after its start, or
+//! could not) the creator asks the kernel whether the tracker, its child, has
+//! exited (`waitpid` with `WNOHANG`, which neither blocks nor reaps a live
+//! one); a socket report that fails with `EPIPE` also tells that it died. If
+//! it has, the creator starts a new one and
 //! gives it the *same* table, so it learns every segment of the table at
 //! once; the segments reported on the socket are sent to it again. A creator
 //! that dies after its tracker and before its next `create` leaves its
@@ -116,6 +124,8 @@ use std::sync::{Mutex, MutexGuard};
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+
+use crate::robust::RobustMutex;
 
 /// The environment variable that makes a copy of the program a tracker.
 const MARKER: &str = "MP_IPC_SHM_TRACKER";
@@ -163,8 +173,12 @@ struct Slot {
     name: [u8; NAME_MAX],
 }
 
+/// Where the slots start in the table: after the tracker's lock (a
+/// `pthread_mutex_t`, 40 bytes), rounded up to a cache line.
+const SLOTS_AT: usize = 64;
+const _: () = assert!(size_of::<RobustMutex>() <= SLOTS_AT);
 /// The table's size in bytes.
-const TABLE_BYTES: usize = SLOTS * size_of::<Slot>();
+const TABLE_BYTES: usize = SLOTS_AT + SLOTS * size_of::<Slot>();
 
 /// Which file a name referred to when it was created.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -216,7 +230,8 @@ pub(crate) fn hold_across_fork() -> HeldAcrossFork {
 struct Table {
     /// Given to each tracker this process starts.
     fd: OwnedFd,
-    slots: NonNull<Slot>,
+    /// The start of the mapping: the tracker's lock.
+    base: NonNull<u8>,
 }
 
 // SAFETY: `Table` owns its mapping (like a `Box<[Slot]>` that lives in
@@ -240,21 +255,40 @@ impl Table {
                 0,
             )?
         };
-        let slots = NonNull::new(ptr.cast::<Slot>()).ok_or(io::ErrorKind::Other)?;
-        Ok(Self { fd, slots })
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(io::ErrorKind::Other)?;
+        let table = Self { fd, base };
+        // SAFETY: the start of the fresh, page-aligned mapping, which nobody
+        // else uses yet (no tracker was given the memfd).
+        unsafe { RobustMutex::init_at(table.base.as_ptr().cast(), false)? };
+        Ok(table)
+    }
+
+    /// The lock each tracker of this table holds while it runs.
+    fn tracker_lock(&self) -> &RobustMutex {
+        // SAFETY: initialised by `init_at` in `create`; lives as long as the
+        // mapping, which `self` owns.
+        unsafe { &*self.base.as_ptr().cast::<RobustMutex>() }
+    }
+
+    /// The slot `index` (`< SLOTS`).
+    fn slot(&self, index: usize) -> *mut Slot {
+        assert!(index < SLOTS);
+        // SAFETY: `SLOTS_AT + index * size_of::<Slot>()` is inside the
+        // mapping of `TABLE_BYTES` bytes, 8-aligned (page + 64 + k * 280).
+        unsafe { self.base.as_ptr().add(SLOTS_AT).cast::<Slot>().add(index) }
     }
 
     /// Writes `name` and `identity` into the `FREE` slot `index`, then
     /// publishes it.
     fn publish(&self, index: usize, name: &str, identity: Identity) {
-        assert!(index < SLOTS && name.len() <= NAME_MAX);
-        // SAFETY: `index` is in the mapping, which lives as long as `self`;
+        assert!(name.len() <= NAME_MAX);
+        let slot = self.slot(index);
+        // SAFETY: `slot` is in the mapping, which lives as long as `self`;
         // the slot is `FREE`, so the tracker does not read it, and this
         // process writes it only under `STATE`'s mutex (a forked child never
         // does: see `INHERITED`). Only raw pointers to its plain fields are
         // made; its state word is only reached through `&AtomicU32`.
         unsafe {
-            let slot = self.slots.as_ptr().add(index);
             (&raw mut (*slot).length).write(name.len() as u32);
             (&raw mut (*slot).device).write(identity.device);
             (&raw mut (*slot).inode).write(identity.inode);
@@ -269,14 +303,10 @@ impl Table {
 
     /// Marks the slot `index` `FREE`: its segment is no longer to be unlinked.
     fn free(&self, index: usize) {
-        assert!(index < SLOTS);
-        // SAFETY: `index` is in the mapping, which lives as long as `self`;
+        let slot = self.slot(index);
+        // SAFETY: `slot` is in the mapping, which lives as long as `self`;
         // the state word is an atomic.
-        unsafe {
-            (*self.slots.as_ptr().add(index))
-                .state
-                .store(FREE, Ordering::Release);
-        }
+        unsafe { (*slot).state.store(FREE, Ordering::Release) };
     }
 }
 
@@ -284,7 +314,7 @@ impl Drop for Table {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `create`, unmapped once, here; no
         // reference into it outlives the borrow of `self` it was made from.
-        let _ = unsafe { rustix::mm::munmap(self.slots.as_ptr().cast(), TABLE_BYTES) };
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), TABLE_BYTES) };
     }
 }
 
@@ -401,6 +431,14 @@ impl State {
     /// Starts a tracker if there is none or it has exited.
     fn ensure_tracker(&mut self) -> io::Result<()> {
         if let Some(current) = self.tracker.as_mut() {
+            // The tracker holds the table's robust lock while it runs; the
+            // kernel clears the owner when it dies. So this one load says
+            // "alive" without a system call; until the tracker has taken the
+            // lock (just after its start), or should it fail to, ask the
+            // kernel.
+            if self.table.tracker_lock().owner_tid() == Some(current.process.id()) {
+                return Ok(());
+            }
             match current.process.try_wait() {
                 Ok(None) => return Ok(()),
                 // Exited (and now reaped), or reaped by someone else.
@@ -612,12 +650,66 @@ fn serve_as_tracker_before_main() {
             OwnedFd::from_raw_fd(TABLE_FD),
         )
     };
-    std::process::exit(watch(&socket, &creator, &doorbell, &table));
+    let table = TrackerTable::map(&table);
+    std::process::exit(watch(&socket, &creator, &doorbell, table.as_ref()));
+}
+
+/// The tracker's mapping of the table.
+struct TrackerTable {
+    base: NonNull<u8>,
+}
+
+impl TrackerTable {
+    /// Maps the table and takes its lock, held until the tracker exits (the
+    /// creator's sign that this tracker runs). `None` if `fd` is not a table.
+    fn map(fd: &OwnedFd) -> Option<Self> {
+        // SAFETY: a fresh shared mapping at an address the kernel chooses; it
+        // aliases no Rust object.
+        let mapped = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                TABLE_BYTES,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )
+        };
+        let table = Self {
+            base: NonNull::new(mapped.ok()?.cast::<u8>())?,
+        };
+        // SAFETY: the creator initialised the lock before it gave the memfd
+        // to any tracker; the mapping lives (never unmapped) until exit.
+        let lock = unsafe { &*table.base.as_ptr().cast::<RobustMutex>() };
+        // Taken (whether its previous holder, a killed tracker, died with it
+        // or not) or not: without it, the creator asks the kernel instead.
+        if lock.is_intact(false) {
+            let _ = lock.try_lock();
+        }
+        Some(table)
+    }
+
+    /// The `LIVE` slots (read once the creator is dead).
+    fn live(&self) -> Vec<(Vec<u8>, Identity)> {
+        // SAFETY: the mapping holds SLOTS slots from SLOTS_AT, 8-aligned (any
+        // bytes are a valid `Slot`); nobody writes them any more: the creator
+        // is dead and its forked children never write them (see
+        // `INHERITED`).
+        let slots = unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(SLOTS_AT).cast::<Slot>(), SLOTS)
+        };
+        live_slots(slots)
+    }
 }
 
 /// The tracker: records reports until the creator exits, then unlinks what
 /// it still owns. Returns the exit code.
-fn watch(socket: &OwnedFd, creator: &OwnedFd, doorbell: &OwnedFd, table: &OwnedFd) -> i32 {
+fn watch(
+    socket: &OwnedFd,
+    creator: &OwnedFd,
+    doorbell: &OwnedFd,
+    table: Option<&TrackerTable>,
+) -> i32 {
     let mut owned: HashMap<Vec<u8>, Identity> = HashMap::new();
     // Bytes of a record not yet whole.
     let mut partial = Vec::new();
@@ -645,40 +737,12 @@ fn watch(socket: &OwnedFd, creator: &OwnedFd, doorbell: &OwnedFd, table: &OwnedF
             for (name, identity) in &owned {
                 unlink_if_same(name, *identity);
             }
-            for (name, identity) in live_in_table(table) {
+            for (name, identity) in table.map(TrackerTable::live).unwrap_or_default() {
                 unlink_if_same(&name, identity);
             }
             return 0;
         }
     }
-}
-
-/// The `LIVE` slots of the table behind `fd` (read once the creator is dead).
-fn live_in_table(fd: &OwnedFd) -> Vec<(Vec<u8>, Identity)> {
-    // SAFETY: a fresh read-only shared mapping of the table at an address the
-    // kernel chooses; it aliases no Rust object.
-    let mapped = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            TABLE_BYTES,
-            rustix::mm::ProtFlags::READ,
-            rustix::mm::MapFlags::SHARED,
-            fd,
-            0,
-        )
-    };
-    let Ok(ptr) = mapped else {
-        return Vec::new(); // not a table: nothing in it
-    };
-    // SAFETY: the mapping is TABLE_BYTES long, page-aligned, and holds
-    // SLOTS slots (any bytes are a valid `Slot`); nobody writes it any more:
-    // the creator is dead and its forked children never write it (see
-    // `INHERITED`).
-    let slots = unsafe { std::slice::from_raw_parts(ptr.cast::<Slot>(), SLOTS) };
-    let live = live_slots(slots);
-    // SAFETY: the mapping made above; `slots` is not used after this.
-    let _ = unsafe { rustix::mm::munmap(ptr, TABLE_BYTES) };
-    live
 }
 
 /// The names and identities of the `LIVE` slots among `slots`.
@@ -824,9 +888,13 @@ mod tests {
         table.publish(SLOTS - 1, "last-slot", identity);
         table.publish(0, "first", identity);
         table.free(0);
+        let tracker = TrackerTable::map(&table.fd).expect("a table");
+        assert_eq!(tracker.live(), vec![(b"last-slot".to_vec(), identity)]);
+        // The "tracker" (this thread) holds the lock the creator looks at.
         assert_eq!(
-            live_in_table(&table.fd),
-            vec![(b"last-slot".to_vec(), identity)]
+            table.tracker_lock().owner_tid(),
+            Some(rustix::thread::gettid().as_raw_nonzero().get() as u32)
         );
+        table.tracker_lock().unlock().unwrap();
     }
 }
