@@ -1,15 +1,15 @@
 //! What a child forked from a process that uses mp-ipc inherits, made sound.
 //!
-//! `fork` copies only the calling thread. Three things of this crate would be
+//! `fork` copies only the calling thread. Four things of this crate would be
 //! copied broken:
 //!
-//! * **Locks held by other threads** (the courier's table, the liveness
-//!   watcher's map, the registry of presences): a child that took one would
-//!   wait forever. A `pthread_atfork` handler, registered when the first of
-//!   these exists, takes every one of them before the fork (in the one order
-//!   every code path follows: liveness, then courier) and releases them in
-//!   the parent and in the child, so the child gets them unlocked and
-//!   consistent.
+//! * **Locks held by other threads** (the shm tracker's state, the courier's
+//!   table, the liveness watcher's map, the registry of presences): a child
+//!   that took one would wait forever. A `pthread_atfork` handler, registered
+//!   when the first of these exists, takes every one of them before the fork
+//!   (in the one order every code path follows: shm tracker, liveness, then
+//!   courier) and releases them in the parent and in the child, so the child
+//!   gets them unlocked and consistent.
 //! * **State that names the parent's threads** (the courier and watcher
 //!   threads do not exist in the child): forgotten in the child, which starts
 //!   its own on first use; the parent's lent descriptors copied into the
@@ -23,6 +23,11 @@
 //!   its own presence; an inherited copy of a parent's connection can still
 //!   move bytes but no longer counts as a holder (a handle sent inside a
 //!   message through it fails with a typed error).
+//! * **The shared memory tracker's table** (see `shm_tracker.rs`): the child
+//!   handler marks the inherited state as the parent's, so that the child
+//!   never writes its parent's table and becomes a creator of its own. Its
+//!   lock is taken first (a thread that starts a tracker forks while holding
+//!   it, and skips it then).
 //!
 //! The handlers run for every `fork(3)` of the process (mp-core's fork start
 //! method, `libc::fork`); a raw `clone`/`vfork` skips them, and the pid checks
@@ -35,12 +40,17 @@
 use std::cell::RefCell;
 use std::sync::Once;
 
-use crate::{liveness, transport};
+use crate::{liveness, shm_tracker, transport};
 
 thread_local! {
     /// The locks the forking thread holds between `prepare` and `parent`/`child`.
-    static HELD: RefCell<Option<(liveness::HeldAcrossFork, transport::HeldAcrossFork)>> =
-        const { RefCell::new(None) };
+    static HELD: RefCell<
+        Option<(
+            shm_tracker::HeldAcrossFork,
+            liveness::HeldAcrossFork,
+            transport::HeldAcrossFork,
+        )>,
+    > = const { RefCell::new(None) };
 }
 
 /// Registers the handlers (once per process; a forked child inherits them).
@@ -59,7 +69,11 @@ pub(crate) fn register() {
 }
 
 extern "C" fn prepare() {
-    let held = (liveness::hold_across_fork(), transport::hold_across_fork());
+    let held = (
+        shm_tracker::hold_across_fork(),
+        liveness::hold_across_fork(),
+        transport::hold_across_fork(),
+    );
     HELD.with(|slot| *slot.borrow_mut() = Some(held));
 }
 
@@ -68,9 +82,11 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
-    if let Some((liveness, transport)) = HELD.with(|slot| slot.borrow_mut().take()) {
+    shm_tracker::forget_in_child();
+    if let Some((tracker, liveness, transport)) = HELD.with(|slot| slot.borrow_mut().take()) {
         transport.release_in_child();
         liveness.release_in_child();
+        drop(tracker);
     }
 }
 
@@ -91,7 +107,11 @@ mod tests {
         drop(transport::lend(&[presence.as_fd()]).unwrap());
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let holder = std::thread::spawn(move || {
-            let held = (liveness::hold_across_fork(), transport::hold_across_fork());
+            let held = (
+                shm_tracker::hold_across_fork(),
+                liveness::hold_across_fork(),
+                transport::hold_across_fork(),
+            );
             held_tx.send(()).unwrap();
             // Not a synchronisation: how long the locks stay held, so that
             // the fork below very likely starts while they are.
@@ -112,6 +132,8 @@ mod tests {
             let watch = liveness::Watch::new(watch_end, || {}).unwrap();
             let lent = transport::lend(&[presence.as_fd()]).unwrap();
             drop((lent, watch, presence));
+            // Takes the tracker's lock (nothing to untrack).
+            shm_tracker::untrack("not-a-segment");
             let _ = rustix::io::write(&done_writer, b"y");
             // SAFETY: ends the child without running the parent's atexit
             // handlers or test harness.

@@ -311,3 +311,97 @@ fn many_reports_more_than_the_socket_queues_are_all_applied() {
     );
     assert_eq!(std::fs::read(path(&names[0])).unwrap(), b"someone else's");
 }
+
+/// The slots of a creator's table (`shm_tracker::SLOTS`): segments beyond
+/// these, at once, are reported on the socket.
+const TABLE_SLOTS: usize = 1024;
+
+#[test]
+fn beyond_a_full_table_reports_go_on_the_socket_and_a_replacement_tracker_gets_both() {
+    let prefix = unique("full");
+    let names: Vec<String> = (0..TABLE_SLOTS + 6)
+        .map(|i| format!("{prefix}-{i}"))
+        .collect();
+    let late = format!("{prefix}-late");
+    let mut everything = names.clone();
+    everything.push(late.clone());
+    let _cleanup = Cleanup(everything);
+    let child = Process::new(|(names, late): (Vec<String>, String)| {
+        // The table fills up; the last 6 go on the socket.
+        for name in &names {
+            SharedMemory::create(name, 4096).unwrap();
+        }
+        // Unlinked by the creator: one from the table, one from the socket.
+        SharedMemory::unlink_name(&names[3]).unwrap();
+        SharedMemory::unlink_name(&names[TABLE_SLOTS + 2]).unwrap();
+        // Persisted: one of each too.
+        SharedMemory::open(&names[4]).unwrap().persist().unwrap();
+        SharedMemory::open(&names[TABLE_SLOTS + 3])
+            .unwrap()
+            .persist()
+            .unwrap();
+        let tracker = tracker_of_this_process().expect("a tracker was started");
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(tracker, libc::SIGKILL) };
+        assert!(common::eventually(|| exited(tracker)), "the tracker died");
+        // Takes a freed slot; a replacement gets the same table and is sent
+        // the socket's part again.
+        SharedMemory::create(&late, 4096).unwrap();
+        assert_ne!(tracker_of_this_process(), Some(tracker));
+        die_by_sigkill()
+    })
+    .args((names.clone(), late.clone()))
+    .start()
+    .unwrap();
+    join_killed(child);
+    let kept = [&names[4], &names[TABLE_SLOTS + 3]];
+    assert!(
+        common::eventually(|| names
+            .iter()
+            .chain([&late])
+            .filter(|name| !kept.contains(name))
+            .all(|name| !path(name).exists())),
+        "every segment the creator still owned was unlinked, table and socket alike"
+    );
+    for name in kept {
+        assert!(path(name).exists(), "a persisted segment was unlinked");
+        SharedMemory::unlink_name(name).unwrap();
+    }
+}
+
+#[test]
+fn a_forked_child_does_not_touch_its_parents_table() {
+    let (parents, childs) = (unique("fork-parent"), unique("fork-child"));
+    let _cleanup = Cleanup(vec![parents.clone(), childs.clone()]);
+    let parent = Process::new(|(parents, childs): (String, String)| {
+        SharedMemory::create(&parents, 4096).unwrap();
+        // SAFETY: this child process runs no threads of its own besides
+        // mp-ipc's, whose locks are made safe across fork.
+        unsafe { mp_core::allow_fork() };
+        // The forked child inherits the parent's table and state: persisting
+        // the parent's segment there must not free the parent's slot, and
+        // its own segment goes to its own tracker.
+        let forked = Process::new(|(parents, childs): (String, String)| {
+            SharedMemory::open(&parents).unwrap().persist().unwrap();
+            SharedMemory::create(&childs, 4096).unwrap();
+        })
+        .args((parents, childs))
+        .start_method(mp_core::StartMethod::Fork)
+        .start()
+        .unwrap();
+        forked.join_timeout(BOUND).unwrap();
+        die_by_sigkill()
+    })
+    .args((parents.clone(), childs.clone()))
+    .start()
+    .unwrap();
+    join_killed(parent);
+    assert!(
+        common::eventually(|| !path(&childs).exists()),
+        "the forked child's own tracker unlinked its segment"
+    );
+    assert!(
+        common::eventually(|| !path(&parents).exists()),
+        "the parent's segment, persisted only by a forked child, was unlinked at the parent's death"
+    );
+}
