@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode_error;
 use crate::function::{self, Entry, IdKind, catch_panic};
-use crate::payload::{Packed, with_sidecar};
+use crate::payload::{self, Packed, with_sidecar};
 use crate::protocol::{
     EXIT_BAD_DATA, EXIT_BOOTSTRAP_FAILED, EXIT_PANICKED, HANDSHAKE_FD, Header, Outcome,
     RawFunctionId,
@@ -196,7 +196,8 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
         }
     };
     decode_error::clear();
-    let args = match sys::without_signals(|| with_sidecar(sidecar, || args.recv())) {
+    let receive = || payload::receiving_child_argument(|| args.recv());
+    let args = match sys::without_signals(|| with_sidecar(sidecar, receive)) {
         Ok(Packed(args)) => args,
         Err(e) => {
             let _ = send(Outcome::BadArguments(decode_error::describe::<F::Args>(e)));
