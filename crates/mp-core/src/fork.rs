@@ -61,7 +61,7 @@ pub(crate) fn fork_child(
                     Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                 }
             };
-            std::process::exit(code)
+            child::exit_forked(code)
         }
         pid => {
             drop((launcher, server, registry));

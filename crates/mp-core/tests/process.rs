@@ -571,3 +571,31 @@ fn allow_fork_in_these_tests() {
     // SAFETY: see above: nothing a forked child uses is held by another thread of this binary.
     unsafe { mp_core::allow_fork() };
 }
+
+/// A forked child ends with `_exit` (as CPython's do), after flushing what Rust and C
+/// buffered: output written without a newline, by `print!` and by C's `printf`, reaches the
+/// child's stdout under every start method that works in this (threaded) test process.
+#[test]
+fn buffered_output_of_a_child_is_flushed_when_it_exits() {
+    for method in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let path =
+            std::env::temp_dir().join(format!("mp-core-flush-{}-{method}.txt", std::process::id()));
+        let child = Process::new(|path: String| {
+            let file = std::fs::File::create(&path).unwrap();
+            // SAFETY: points this child's stdout (fd 1) at the file; `file` stays open
+            // until then and fd 1 is this process's to replace.
+            assert!(unsafe { libc::dup2(file.as_raw_fd(), 1) } == 1);
+            print!("rust ");
+            // SAFETY: a NUL-terminated format without conversions.
+            unsafe { libc::printf(c"and c".as_ptr()) };
+        })
+        .args(path.to_string_lossy().into_owned())
+        .start_method(method)
+        .start()
+        .unwrap();
+        child.join_timeout(BOUND).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(written, "rust and c", "{method}");
+    }
+}
