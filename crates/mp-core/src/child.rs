@@ -89,16 +89,22 @@ pub(crate) fn process_entry<M, F: Entry<M>>() -> RawFunctionId {
     )
 }
 
-/// Ends a forked child (fork or forkserver start method) with `code` as CPython ends one
-/// (`os._exit` after `multiprocessing`'s own clean-up): mp-core's clean-up at exit runs (its
+/// Ends a child of the fork server with `code` as CPython ends a forked child (`os._exit`
+/// after `multiprocessing`'s own clean-up): mp-core's clean-up at exit runs (its
 /// [`before_child_exit`] hooks ran already, after the function), Rust's and C's buffered
 /// output is flushed, and the process ends with `_exit`.
 ///
-/// Skipped: the other `atexit` handlers and shared-library destructors. Those of a forked
-/// child are its parent's (or the fork server's), registered for the parent's own exit;
-/// running them in every child is wrong (a handler that removes the parent's files) and
-/// slow (glibc's exit handlers touch pages the child never used: about a twentieth of a
-/// forkserver start+join here). Spawned children exit normally, as CPython's do.
+/// Skipped: the other `atexit` handlers and shared-library destructors, which are the fork
+/// server's (registered before it forked, for its own exit): running them in every child is
+/// slow (glibc's exit handlers touch pages the child never used: measured 52 -> 42 page
+/// faults per forkserver start+join) and may be wrong (a handler that removes the parent's
+/// files).
+///
+/// Only for children of the single-threaded fork server: the flush takes the stdout lock
+/// (std's exit only tries it), which in a child forked from a multi-threaded process may be
+/// held for ever by a thread that does not exist there. In a forkserver child it can only be
+/// held by a thread of the child's own function, which the flush then waits for. Spawned
+/// and fork-started children exit as before (`std::process::exit`).
 pub(crate) fn exit_forked(code: i32) -> ! {
     registry::clean_up_before_exit();
     let _ = std::io::stdout().lock().flush();

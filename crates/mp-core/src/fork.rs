@@ -61,7 +61,10 @@ pub(crate) fn fork_child(
                     Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                 }
             };
-            child::exit_forked(code)
+            // Not `child::exit_forked`: its flush of stdout takes the stdout lock, which a
+            // thread of a multi-threaded parent may have held at the fork (std's own exit
+            // only tries it).
+            std::process::exit(code)
         }
         pid => {
             drop((launcher, server, registry));

@@ -227,7 +227,7 @@ extern "C" fn clean_up_at_exit() {
 }
 
 /// What this process owes its children before it exits (daemons terminated, the others
-/// waited for): run by `atexit`, and by a forked child that ends with `_exit`
+/// waited for): run by `atexit`, and by a forkserver child that ends with `_exit`
 /// ([`child::exit_forked`](crate::child::exit_forked)). Running it twice does nothing more.
 pub(crate) fn clean_up_before_exit() {
     if OWNER.load(Ordering::Relaxed) != std::process::id() {

@@ -586,9 +586,10 @@ fn allow_fork_in_these_tests() {
     unsafe { mp_core::allow_fork() };
 }
 
-/// A forked child ends with `_exit` (as CPython's do), after flushing what Rust and C
-/// buffered: output written without a newline, by `print!` and by C's `printf`, reaches the
-/// child's stdout under every start method that works in this (threaded) test process.
+/// A forkserver child ends with `_exit` (as CPython's forked children do), after flushing
+/// what Rust and C buffered: output written without a newline, by `print!` and by C's
+/// `printf`, reaches the child's stdout, as it does from a spawned child. (Fork is refused in
+/// this threaded test process.)
 #[test]
 fn buffered_output_of_a_child_is_flushed_when_it_exits() {
     for method in [StartMethod::ForkServer, StartMethod::Spawn] {
