@@ -234,11 +234,7 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
     };
     match catch_panic(|| F::recreate().call(args), false) {
         Ok(value) => match send(Outcome::Returned(Packed(value))) {
-            Ok(()) => {
-                // While the parent decodes the result (see `receiving_child_argument`).
-                payload::release_argument();
-                0
-            }
+            Ok(()) => 0,
             Err(e) => {
                 let _ = send(Outcome::BadResult(decode_error::describe::<F::Output>(e)));
                 EXIT_BAD_DATA

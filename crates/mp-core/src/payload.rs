@@ -17,7 +17,7 @@
 //! ipc-channel message: ipc-channel collects them in thread-local tables while the message is
 //! encoded and decoded, and the nested encoding here runs inside that, in the same order.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io::{IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -67,29 +67,10 @@ thread_local! {
     /// Whether the receive running on this thread is a fresh child's argument (see
     /// [`receiving_child_argument`]).
     static CHILD_ARGUMENT: Cell<bool> = const { Cell::new(false) };
-    /// The mapped memfd of this child's argument, kept until [`release_argument`].
-    static KEPT: RefCell<Option<(Mapping, OwnedFd)>> = const { RefCell::new(None) };
 }
-
-/// Frees the memfd of this child's argument, if [`receiving_child_argument`] kept it.
-pub(crate) fn release_argument() {
-    drop(KEPT.with(RefCell::take));
-}
-
-/// The largest argument memfd a child keeps until its result is sent (see
-/// [`receiving_child_argument`]). The argument is held twice meanwhile (the memfd and the
-/// decoded value), for as long as the function runs: a long-lived child (a pool worker
-/// given large `initargs`) holds up to this much more memory for its life.
-const KEEP_LIMIT: usize = 4 << 20;
 
 /// Runs `f` (the receive of the argument of a child that mp-core started, in a process that
-/// runs one function) so that a large argument is decoded into populated memory, and its
-/// memfd is freed later.
-///
-/// The memfd is kept (up to [`KEEP_LIMIT`] bytes) until [`release_argument`], which the
-/// child calls once its result is sent: freeing its pages then runs while the parent
-/// decodes the result, instead of before the function (measured: 1 MiB echo through a new
-/// process 1.75 -> 1.61 ms, A/B medians of 7).
+/// runs one function) so that a large argument is decoded into populated memory.
 ///
 /// In a fresh process every page the decoded value occupies is a page fault (256 for a
 /// 1 MiB `Vec`, most of the faults of a 1 MiB echo through a new process). Before decoding
@@ -288,15 +269,10 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Packed<T> {
                     usize::try_from(len).map_err(|_| fail("a large value is too large".into()))?;
                 let mapping = Mapping::new(&memfd, len)
                     .map_err(|e| fail(format!("cannot map a large value: {e}")))?;
-                let child_argument = CHILD_ARGUMENT.with(Cell::get);
-                if child_argument {
+                if CHILD_ARGUMENT.with(Cell::get) {
                     prepare_heap(len);
                 }
-                let decoded = postcard::from_bytes(mapping.bytes()).map(Packed);
-                if child_argument && len <= KEEP_LIMIT {
-                    KEPT.with(|kept| *kept.borrow_mut() = Some((mapping, memfd)));
-                }
-                decoded
+                postcard::from_bytes(mapping.bytes()).map(Packed)
             }
         }
         .map_err(D::Error::custom)
