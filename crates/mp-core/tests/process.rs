@@ -241,8 +241,7 @@ fn large_results_do_not_deadlock_the_join() {
 
 /// Arguments and results larger than a socket fragment travel as memfds (mp-core's payload
 /// path): values, the descriptors inside them, and decode failures come through as for small
-/// ones, under every start method. (A child keeps an argument's memfd up to 4 MiB until its
-/// result is sent: 3 MiB is kept, 5 MiB is not.)
+/// ones, under every start method.
 #[test]
 fn large_arguments_and_results_round_trip_with_their_descriptors() {
     for method in StartMethod::ALL {
