@@ -61,6 +61,9 @@ pub(crate) fn fork_child(
                     Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                 }
             };
+            // Not `child::exit_forked`: its flush of stdout takes the stdout lock, which a
+            // thread of a multi-threaded parent may have held at the fork (std's own exit
+            // only tries it).
             std::process::exit(code)
         }
         pid => {

@@ -418,7 +418,7 @@ pub(crate) fn serve(parent: u32) -> i32 {
                             Err(e) => child::fail(&format!("no request from the parent: {e}")),
                         }
                     };
-                    std::process::exit(code);
+                    child::exit_forked(code);
                 }
                 pid => {
                     drop((bell, sidecar));

@@ -223,6 +223,13 @@ fn register_exit_handler() {
 const DAEMON_GRACE: Duration = Duration::from_secs(1);
 
 extern "C" fn clean_up_at_exit() {
+    clean_up_before_exit();
+}
+
+/// What this process owes its children before it exits (daemons terminated, the others
+/// waited for): run by `atexit`, and by a forkserver child that ends with `_exit`
+/// ([`child::exit_forked`](crate::child::exit_forked)). Running it twice does nothing more.
+pub(crate) fn clean_up_before_exit() {
     if OWNER.load(Ordering::Relaxed) != std::process::id() {
         return;
     }

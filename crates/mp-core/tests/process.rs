@@ -215,6 +215,19 @@ fn undecodable_arguments_and_results_are_errors() {
     }
 }
 
+/// A large argument whose decoded value is much larger than its encoding (small numbers,
+/// one byte each in postcard, eight in memory): a child prepares its heap for the encoding's
+/// size, and the rest is allocated as usual.
+#[test]
+fn a_large_argument_that_grows_when_decoded_round_trips() {
+    let data: Vec<u64> = (0..(1u64 << 18)).map(|i| i % 100).collect();
+    let child = Process::new(|data: Vec<u64>| data.iter().sum::<u64>())
+        .args(data.clone())
+        .start()
+        .unwrap();
+    assert_eq!(child.join_timeout(BOUND).unwrap(), data.iter().sum::<u64>());
+}
+
 #[test]
 fn large_results_do_not_deadlock_the_join() {
     let child = Process::new(|n: usize| vec![7u8; n])
@@ -232,7 +245,7 @@ fn large_results_do_not_deadlock_the_join() {
 #[test]
 fn large_arguments_and_results_round_trip_with_their_descriptors() {
     for method in StartMethod::ALL {
-        for len in [0usize, 1000, 64 << 10, (64 << 10) + 1, 3 << 20] {
+        for len in [0usize, 1000, 64 << 10, (64 << 10) + 1, 3 << 20, 5 << 20] {
             let (tx, rx) = ipc::channel::<usize>().unwrap();
             let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let child = Process::new(|(tx, data): (IpcSender<usize>, Vec<u8>)| {
@@ -570,4 +583,33 @@ fn a_killed_fork_server_is_replaced() {
 fn allow_fork_in_these_tests() {
     // SAFETY: see above: nothing a forked child uses is held by another thread of this binary.
     unsafe { mp_core::allow_fork() };
+}
+
+/// A forkserver child ends with `_exit` (as CPython's forked children do), after flushing
+/// what Rust and C buffered: output written without a newline, by `print!` and by C's
+/// `printf`, reaches the child's stdout, as it does from a spawned child. (Fork is refused in
+/// this threaded test process.)
+#[test]
+fn buffered_output_of_a_child_is_flushed_when_it_exits() {
+    for method in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let path =
+            std::env::temp_dir().join(format!("mp-core-flush-{}-{method}.txt", std::process::id()));
+        let child = Process::new(|path: String| {
+            let file = std::fs::File::create(&path).unwrap();
+            // SAFETY: points this child's stdout (fd 1) at the file; `file` stays open
+            // until then and fd 1 is this process's to replace.
+            assert!(unsafe { libc::dup2(file.as_raw_fd(), 1) } == 1);
+            print!("rust ");
+            // SAFETY: a NUL-terminated format without conversions.
+            unsafe { libc::printf(c"and c".as_ptr()) };
+        })
+        .args(path.to_string_lossy().into_owned())
+        .start_method(method)
+        .start()
+        .unwrap();
+        child.join_timeout(BOUND).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(written, "rust and c", "{method}");
+    }
 }
