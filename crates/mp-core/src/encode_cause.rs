@@ -178,11 +178,15 @@ impl ser::Serializer for CauseFinder {
 
 /// Every compound form serializes its parts into another `CauseFinder`.
 macro_rules! compound {
-    ($($trait:ident :: $method:ident;)*) => {
+    ($($trait:ident :: $method:ident ($($name:ty)?);)*) => {
         $(impl ser::$trait for CauseFinder {
             type Ok = ();
             type Error = Cause;
-            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Cause> {
+            fn $method<T: Serialize + ?Sized>(
+                &mut self,
+                $(_: $name,)?
+                value: &T,
+            ) -> Result<(), Cause> {
                 value.serialize(CauseFinder)
             }
             fn end(self) -> Result<(), Cause> {
@@ -193,10 +197,12 @@ macro_rules! compound {
 }
 
 compound! {
-    SerializeSeq::serialize_element;
-    SerializeTuple::serialize_element;
-    SerializeTupleStruct::serialize_field;
-    SerializeTupleVariant::serialize_field;
+    SerializeSeq::serialize_element();
+    SerializeTuple::serialize_element();
+    SerializeTupleStruct::serialize_field();
+    SerializeTupleVariant::serialize_field();
+    SerializeStruct::serialize_field(&'static str);
+    SerializeStructVariant::serialize_field(&'static str);
 }
 
 impl ser::SerializeMap for CauseFinder {
@@ -206,36 +212,6 @@ impl ser::SerializeMap for CauseFinder {
         key.serialize(CauseFinder)
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Cause> {
-        value.serialize(CauseFinder)
-    }
-    fn end(self) -> Result<(), Cause> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for CauseFinder {
-    type Ok = ();
-    type Error = Cause;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Cause> {
-        value.serialize(CauseFinder)
-    }
-    fn end(self) -> Result<(), Cause> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for CauseFinder {
-    type Ok = ();
-    type Error = Cause;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Cause> {
         value.serialize(CauseFinder)
     }
     fn end(self) -> Result<(), Cause> {

@@ -21,6 +21,17 @@ fn surroundings() -> (PathBuf, Option<OsString>) {
     )
 }
 
+/// Starts a child under every start method and checks what it sees.
+fn every_child_sees(expected: (PathBuf, Option<OsString>)) {
+    for method in StartMethod::ALL {
+        let child = Process::new(surroundings)
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), expected, "{method}");
+    }
+}
+
 #[test]
 fn children_see_the_requesters_current_directory_and_environment() {
     // SAFETY: this test binary has one test, and the only other threads are mp-core's, which
@@ -28,13 +39,7 @@ fn children_see_the_requesters_current_directory_and_environment() {
     unsafe { mp_core::allow_fork() };
     let start = std::env::current_dir().unwrap();
     // Start the fork server now, here, without the variable.
-    for method in StartMethod::ALL {
-        let child = Process::new(surroundings)
-            .start_method(method)
-            .start()
-            .unwrap();
-        assert_eq!(child.join_timeout(BOUND).unwrap(), (start.clone(), None));
-    }
+    every_child_sees((start.clone(), None));
 
     let elsewhere =
         std::env::temp_dir().join(format!("mp-core-surroundings-{}", std::process::id()));
@@ -43,32 +48,12 @@ fn children_see_the_requesters_current_directory_and_environment() {
     std::env::set_current_dir(&elsewhere).unwrap();
     // SAFETY: as above, no other thread reads the environment now.
     unsafe { std::env::set_var(VARIABLE, "after the server started") };
-    for method in StartMethod::ALL {
-        let child = Process::new(surroundings)
-            .start_method(method)
-            .start()
-            .unwrap();
-        assert_eq!(
-            child.join_timeout(BOUND).unwrap(),
-            (elsewhere.clone(), Some("after the server started".into())),
-            "{method}"
-        );
-    }
+    every_child_sees((elsewhere.clone(), Some("after the server started".into())));
 
     // And back: a variable removed is gone in the child too.
     std::env::set_current_dir(&start).unwrap();
     // SAFETY: as above.
     unsafe { std::env::remove_var(VARIABLE) };
     std::fs::remove_dir(&elsewhere).unwrap();
-    for method in StartMethod::ALL {
-        let child = Process::new(surroundings)
-            .start_method(method)
-            .start()
-            .unwrap();
-        assert_eq!(
-            child.join_timeout(BOUND).unwrap(),
-            (start.clone(), None),
-            "{method}"
-        );
-    }
+    every_child_sees((start, None));
 }
