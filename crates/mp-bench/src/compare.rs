@@ -1,5 +1,6 @@
 //! `compare`: every selected workload, its sides interleaved (multiproc,
-//! procspawn, CPython, floor, multiproc, procspawn, ...), each side run as a
+//! procspawn, CPython, floor, baseline, then procspawn, CPython, floor, baseline,
+//! multiproc: each repetition starts one side later), each side run as a
 //! bounded child process; the medians across repetitions make the row.
 
 use std::path::PathBuf;
@@ -221,8 +222,12 @@ pub fn run(
             Side::Floor,
             Side::Baseline,
         ];
-        for _ in 0..options.reps {
-            for (side, run) in order.into_iter().zip(sides.iter_mut()) {
+        for rep in 0..options.reps {
+            // Each repetition starts with the next side: a side's after-effects (CPython's
+            // pool workers still exiting, a warm or cold cache) then fall on every side in
+            // turn, not always on the one that follows it.
+            for i in rotated(order.len(), rep) {
+                let (side, run) = (order[i], &mut sides[i]);
                 if run.settled.is_some() {
                     continue;
                 }
@@ -252,6 +257,11 @@ pub fn run(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// `0..len`, starting at `rep % len` and wrapping around.
+fn rotated(len: usize, rep: usize) -> impl Iterator<Item = usize> {
+    (0..len).map(move |i| (i + rep) % len)
 }
 
 fn common_args(cmd: &mut Command, options: &Options) {
@@ -374,6 +384,12 @@ mod tests {
         assert!(
             matches!(run.finish(), Cell::Failed(m) if m.contains("expected a finite figure in us"))
         );
+    }
+
+    #[test]
+    fn each_repetition_starts_with_the_next_side() {
+        let orders: Vec<Vec<usize>> = (0..4).map(|rep| rotated(3, rep).collect()).collect();
+        assert_eq!(orders, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
     }
 
     #[test]
