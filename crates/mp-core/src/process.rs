@@ -451,7 +451,7 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         // First the report (it must be read while the child runs: a large one fills the
         // channel and the child cannot exit until it is drained), then the exit. One poll
-        // sleeps on both the bell the child rings before reporting and its pidfd.
+        // sleeps on both the bell the child rings when it reports and its pidfd.
         while let OutcomeState::Waiting { receiver, bell } = &*state {
             let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
                 .map_err(ProcessError::io("waiting for a child"))?;
