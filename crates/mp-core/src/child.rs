@@ -153,8 +153,8 @@ where
     // before main, while this process has a single thread.
     let (server, name) = unsafe { sys::with_memory_temp_dir(IpcOneShotServer::<T>::new) }
         .map_err(|e| format!("cannot open a rendezvous: {e}"))?;
-    // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with posix_spawn's
-    // dup2 and nothing else in this process owns that descriptor.
+    // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with dup2 before its
+    // exec and nothing else in this process owns that descriptor.
     let handshake = unsafe { OwnedFd::from_raw_fd(HANDSHAKE_FD) };
     let mut handshake = std::fs::File::from(handshake);
     handshake

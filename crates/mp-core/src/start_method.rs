@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// How a child process is created (Python's start methods).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum StartMethod {
-    /// Start a fresh copy of this executable (`posix_spawn` of `/proc/self/exe`, or where
+    /// Start a fresh copy of this executable (vfork + exec of `/proc/self/exe`, or where
     /// `/proc` is hidden, of the path the program was started from). The child
     /// shares nothing with the parent but what it is sent.
     Spawn,
