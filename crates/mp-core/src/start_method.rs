@@ -19,7 +19,7 @@ pub enum StartMethod {
     /// link the program statically, per binary:
     /// `cargo rustc --release --bin NAME -- -C target-feature=+crt-static` (glibc's
     /// static-pie; a program that needs `dlopen` or NSS lookups cannot). On the project's
-    /// 2-vCPU VM a start + join of a no-op took 0.93 ms dynamically linked and 0.65 ms
+    /// 2-vCPU VM a start + join of a no-op took 0.91 ms dynamically linked and 0.61 ms
     /// static, against 0.50 ms for a `posix_spawn` of `/bin/true` (mp-bench's README).
     Spawn,
     /// Ask a fork server — a fresh, single-threaded copy of this executable started on first
