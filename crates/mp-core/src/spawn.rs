@@ -243,10 +243,12 @@ pub fn executable() -> io::Result<&'static std::ffi::CStr> {
 /// This does what glibc's `posix_spawn` does (a `CLONE_VM | CLONE_VFORK` child on a stack of
 /// its own, which only duplicates, closes and execs; its cost does not grow with the parent's
 /// memory) except one step: before the exec, glibc's child queries and resets the disposition
-/// of every signal (126 `rt_sigaction` calls, 16-28 us on the project's VM, a twentieth of a
-/// spawn start+join), so that no handler of the parent can run in the child while the two
-/// share memory. Here the child runs with every blockable signal blocked instead, from before
-/// the `clone` to after the exec (the mask survives `execve`), so no handler can run in it;
+/// of every signal (126 `rt_sigaction` calls, 16-28 us on the project's VM, 2-4 % of a spawn
+/// start+join), so that no handler of the parent can run in the child while the two share
+/// memory. Here the child runs with every blockable signal blocked instead, from before the
+/// `clone` to after the exec (the mask survives `execve`), so no handler can run in it (glibc
+/// keeps its two internal signals unblockable, but only glibc sends them, to threads of this
+/// process by thread id, which the child is not);
 /// the exec itself resets the handlers to their defaults (ignored signals stay ignored, as
 /// with `posix_spawn`), and the child's bootstrap constructor then unblocks everything (the
 /// empty mask that `posix_spawn` was asked for), delivering any signal that arrived meanwhile.
