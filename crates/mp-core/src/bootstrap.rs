@@ -20,15 +20,16 @@ fn bootstrap_before_main() {
     let Some(marker) = std::env::var_os(MARKER) else {
         return;
     };
+    // The parent started this process with its signals blocked (see `spawn`): none can
+    // reach a handler of the parent's any more, so let them through (the mask a child
+    // starts with is empty).
+    sys::unblock_all_signals();
     // SAFETY: constructors run before main, while the process has a single thread, so no
     // other thread can be reading the environment.
     unsafe { std::env::remove_var(MARKER) };
     // Whatever the parent's stdio was, fds 0-2 refer to something before this process opens
     // a descriptor of its own, so none of its channels can become its stdout.
     sys::ensure_stdio_open();
-    // With glibc, posix_spawn closed the rest before the exec; elsewhere, do it here.
-    #[cfg(not(target_env = "gnu"))]
-    sys::close_from(crate::protocol::FIRST_FREE_FD);
     let code = match Role::parse(&marker.to_string_lossy()) {
         Ok(Role::Child { parent }) => serve_spawned(parent),
         Ok(Role::ForkServer { parent }) => crate::forkserver::serve(parent),
@@ -42,7 +43,7 @@ fn serve_spawned(parent: u32) -> i32 {
         return EXIT_ORPHANED;
     }
     // SAFETY: the parent placed the write end of the outcome bell at OUTCOME_BELL_FD with
-    // posix_spawn's dup2; nothing else in this process owns that descriptor.
+    // the dup2 before its exec; nothing else in this process owns that descriptor.
     let bell = unsafe { OwnedFd::from_raw_fd(OUTCOME_BELL_FD) };
     // SAFETY: likewise for the child's end of its sidecar, at SIDECAR_FD.
     let sidecar = unsafe { OwnedFd::from_raw_fd(SIDECAR_FD) };

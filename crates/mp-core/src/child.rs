@@ -2,10 +2,10 @@
 //! runs to receive its function, call it and report back.
 //!
 //! A child adopts its parent's run key first (so it can check ids), then resolves the process
-//! trampoline named in its [`Header`], receives the argument, calls the function, rings the
-//! outcome bell and sends the [`Outcome`]. The bell is what lets the parent's `join` sleep in
-//! one `poll` on the bell and the pidfd: ipc-channel does not expose its receiver's
-//! descriptor.
+//! trampoline named in its [`Header`], receives the argument, calls the function, sends the
+//! [`Outcome`] and rings the outcome bell (a panic or an error: rings first, see
+//! `run_process`). The bell is what lets the parent's `join` sleep in one `poll` on the bell
+//! and the pidfd: ipc-channel does not expose its receiver's descriptor.
 
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -153,8 +153,8 @@ where
     // before main, while this process has a single thread.
     let (server, name) = unsafe { sys::with_memory_temp_dir(IpcOneShotServer::<T>::new) }
         .map_err(|e| format!("cannot open a rendezvous: {e}"))?;
-    // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with posix_spawn's
-    // dup2 and nothing else in this process owns that descriptor.
+    // SAFETY: the parent placed the write end of a pipe at HANDSHAKE_FD with dup2 before its
+    // exec and nothing else in this process owns that descriptor.
     let handshake = unsafe { OwnedFd::from_raw_fd(HANDSHAKE_FD) };
     let mut handshake = std::fs::File::from(handshake);
     handshake
@@ -204,22 +204,29 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
     let args = link.args.to::<Packed<F::Args>>();
     let outcome = link.outcome.to::<Outcome<Packed<F::Output>>>();
     let sidecar = link.sidecar.as_fd();
+    // A write to a pipe of one byte cannot block.
+    let ring = || {
+        let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
+    };
     let send = |message: Outcome<Packed<F::Output>>| {
         let returned = matches!(message, Outcome::Returned(_));
-        // Ring first: the parent then waits for the message itself (a large one is only
-        // sent as fast as the parent reads it). A write to a pipe of one byte cannot block.
-        let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
         let send = || with_sidecar(sidecar, || outcome.send(message));
         if returned {
             // A value's message is bounded (a large one travels as a memfd, see `payload`)
             // so that it fits in the empty socket's buffer: the send never sleeps, so no
             // signal can interrupt it, and nothing needs holding back (which costs a system
-            // call per signal number to find the handled ones).
-            send()
+            // call per signal number to find the handled ones). Sent before the bell rings,
+            // so the parent wakes once, to a message that is already there (ringing first
+            // woke it to wait again for the message: a second wake-up on every join).
+            let sent = send();
+            ring();
+            sent
         } else {
             // A panic report or an error message is not bounded and may wait for the parent
-            // to read. Only the signals with a handler are held back (they are what would
-            // interrupt the transfer); SIGTERM and the like still end the child meanwhile.
+            // to read: ring first, so that the parent is reading while it is sent. Only the
+            // signals with a handler are held back (they are what would interrupt the
+            // transfer); SIGTERM and the like still end the child meanwhile.
+            ring();
             sys::without_handled_signals(send)
         }
     };

@@ -257,12 +257,15 @@ pub(crate) fn die_with_parent(expected_parent: u32) -> bool {
     rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(expected_parent)
 }
 
-/// Closes every descriptor from `first` up (`close_range`, Linux 5.9).
-#[cfg(not(target_env = "gnu"))]
-pub(crate) fn close_from(first: u32) {
-    // SAFETY: close_range only closes descriptors; this runs in a fresh child before anything
-    // in it owns a descriptor at or above `first`.
-    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+/// Sets the calling thread's signal mask to empty: a spawned child's first step (see `spawn`).
+pub(crate) fn unblock_all_signals() {
+    let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the local set; pthread_sigmask reads it and, with a
+    // null old-set pointer, writes nothing.
+    unsafe {
+        libc::sigemptyset(empty.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut());
+    }
 }
 
 /// `statfs`'s magic number of tmpfs.

@@ -272,6 +272,62 @@ fn inheritable_descriptors_do_not_reach_spawned_children() {
     }
 }
 
+/// The signal state a spawned child starts its function with: (the signals blocked on its
+/// thread, whether SIGTTIN is ignored, whether SIGUSR2 is at its default).
+fn signal_state() -> (Vec<i32>, bool, bool) {
+    // SAFETY: sigprocmask and sigaction with null new values only write into the live
+    // locals; sigismember reads the set they filled.
+    unsafe {
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        assert_eq!(
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask),
+            0
+        );
+        let blocked = (1..libc::SIGRTMIN())
+            .filter(|&signal| libc::sigismember(&mask, signal) == 1)
+            .collect();
+        let disposition = |signal| {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(signal, std::ptr::null(), &mut action), 0);
+            action.sa_sigaction
+        };
+        (
+            blocked,
+            disposition(libc::SIGTTIN) == libc::SIG_IGN,
+            disposition(libc::SIGUSR2) == libc::SIG_DFL,
+        )
+    }
+}
+
+/// A spawned child starts as one started by `posix_spawn` with an empty mask would: whatever
+/// the starting thread blocks, nothing is blocked in the child; a signal the parent ignores
+/// stays ignored; one it handles is back at its default.
+#[test]
+fn spawned_children_start_with_an_empty_mask_and_the_parents_ignored_signals() {
+    install_handler(libc::SIGUSR2, true);
+    // SAFETY: setting SIGTTIN's disposition to SIG_IGN has no memory-safety preconditions;
+    // pthread_sigmask reads the local set that sigaddset filled.
+    unsafe {
+        libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, libc::SIGTERM);
+        libc::sigaddset(&mut block, libc::SIGCHLD);
+        assert_eq!(
+            libc::pthread_sigmask(libc::SIG_BLOCK, &block, std::ptr::null_mut()),
+            0
+        );
+    }
+    let child = Process::new(signal_state)
+        .start_method(StartMethod::Spawn)
+        .start()
+        .unwrap();
+    let (blocked, ttin_ignored, usr2_default) = child.join_timeout(BOUND).unwrap();
+    assert_eq!(blocked, Vec::<i32>::new(), "blocked in the child");
+    assert!(ttin_ignored, "SIGTTIN is no longer ignored in the child");
+    assert!(usr2_default, "SIGUSR2's handler reached the child");
+}
+
 /// With fd 1 and 2 closed in the parent, a child's `println!`/`eprintln!` write to /dev/null,
 /// never into the library's channel: the join returns the value.
 #[test]
