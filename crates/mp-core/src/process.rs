@@ -317,14 +317,12 @@ fn launch(
         }
         StartMethod::ForkServer => {
             let child = forkserver::fork_child(bell, sidecar, first)?;
-            // A child that already ended cannot be opened; its sentinel is then simply ready.
-            let pidfd = sys::pidfd_open(child.pid)
-                .or_else(|_| sys::always_ready_fd())
-                .map_err(ProcessError::io("opening a pidfd"))?;
+            // Our child (the server forks it as its sibling): waited for like a forked one.
+            let pidfd = sys::pidfd_open(child.pid).map_err(ProcessError::io("opening a pidfd"))?;
             Ok(Launching::Connected(Launched {
                 pid: child.pid,
                 pidfd,
-                watch: ExitWatch::ForkServer(child.status),
+                watch: ExitWatch::Direct,
                 channel: child.channel,
             }))
         }
