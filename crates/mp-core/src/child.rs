@@ -72,6 +72,11 @@ pub fn before_child_exit(hook: fn()) -> bool {
     false
 }
 
+/// Whether any [`before_child_exit`] hook is registered.
+fn exit_hooks_registered() -> bool {
+    EXIT_HOOKS.iter().any(|slot| slot.get().is_some())
+}
+
 /// Runs the registered [`before_child_exit`] hooks; a panicking hook is logged, not fatal.
 fn run_exit_hooks() {
     for hook in EXIT_HOOKS.iter().filter_map(OnceLock::get) {
@@ -201,25 +206,58 @@ pub(crate) fn serve(
 }
 
 fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
-    let args = link.args.to::<Packed<F::Args>>();
-    let outcome = link.outcome.to::<Outcome<Packed<F::Output>>>();
-    let sidecar = link.sidecar.as_fd();
+    let ChildLink {
+        args,
+        outcome,
+        bell,
+        sidecar,
+    } = link;
+    let code = run_function::<M, F>(args, outcome, &bell, &sidecar);
+    // The bell stays open until this process exits (the kernel closes it then), so that
+    // when it was not rung, its end of file wakes the parent's join together with the exit,
+    // not once before it.
+    std::mem::forget(bell);
+    code
+}
+
+fn run_function<M, F: Entry<M>>(
+    args: OpaqueIpcReceiver,
+    outcome: OpaqueIpcSender,
+    bell: &OwnedFd,
+    sidecar: &OwnedFd,
+) -> i32 {
+    let args = args.to::<Packed<F::Args>>();
+    let outcome = outcome.to::<Outcome<Packed<F::Output>>>();
+    let sidecar = sidecar.as_fd();
     let send = |message: Outcome<Packed<F::Output>>| {
         let returned = matches!(message, Outcome::Returned(_));
-        // Ring first: the parent then waits for the message itself (a large one is only
-        // sent as fast as the parent reads it). A write to a pipe of one byte cannot block.
-        let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
+        // A write to a pipe of one byte cannot block.
+        let ring = || {
+            let _ = rustix::io::retry_on_intr(|| rustix::io::write(bell, &[1]));
+        };
         let send = || with_sidecar(sidecar, || outcome.send(message));
         if returned {
             // A value's message is bounded (a large one travels as a memfd, see `payload`)
             // so that it fits in the empty socket's buffer: the send never sleeps, so no
             // signal can interrupt it, and nothing needs holding back (which costs a system
             // call per signal number to find the handled ones).
-            send()
+            payload::take_spilled();
+            let sent = send();
+            // The parent's join wakes at this child's exit and finds the value buffered:
+            // one wake-up instead of two. Rung (after the value, which is there by then)
+            // only when the parent should read before this child exits: a large value,
+            // decoded while this child exits, or handles an exit hook waits for the parent
+            // to claim.
+            if sent.is_ok() && (payload::take_spilled() || exit_hooks_registered()) {
+                ring();
+            }
+            sent
         } else {
-            // A panic report or an error message is not bounded and may wait for the parent
-            // to read. Only the signals with a handler are held back (they are what would
-            // interrupt the transfer); SIGTERM and the like still end the child meanwhile.
+            // Ring first: the parent then waits for the message itself. A panic report or an
+            // error message is not bounded and may wait for the parent to read. Only the
+            // signals with a handler are held back (they are what would interrupt the
+            // transfer); SIGTERM and the like still end the child meanwhile.
+            ring();
             sys::without_handled_signals(send)
         }
     };

@@ -34,7 +34,7 @@ pub(crate) fn fork_child(
     let (sender, receiver) =
         ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
     if let Some(first) = first {
-        first(&sender)?;
+        transfer::holding_signals(|| first(&sender))?;
     }
     let parent = std::process::id();
     // Nothing mp-core locks may be copied held: take every lock of the library, in the one

@@ -305,18 +305,22 @@ impl Client {
                 "the fork server is unreachable: {e}"
             )))
         };
-        transfer::send(
-            &self.requests,
-            Request::Fork {
-                header,
-                surroundings: Some(Surroundings::current()).filter(|now| *now != self.surroundings),
-            },
-        )
-        .map_err(|e| unreachable(&e))?;
-        ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
-        // While the server forks. If this fails, the child finds its channel closed and
-        // exits; the reply is still read, to keep replies in step with requests.
-        let sent = first.take().map_or(Ok(()), |first| first(&channel));
+        let surroundings = Some(Surroundings::current()).filter(|now| *now != self.surroundings);
+        // The request, the bell and the child's first messages, with signals held back once.
+        let sent = transfer::holding_signals(|| {
+            transfer::send(
+                &self.requests,
+                Request::Fork {
+                    header,
+                    surroundings,
+                },
+            )
+            .map_err(|e| unreachable(&e))?;
+            ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
+            // While the server forks. If this fails, the child finds its channel closed and
+            // exits; the reply is still read, to keep replies in step with requests.
+            Ok(first.take().map_or(Ok(()), |first| first(&channel)))
+        })?;
         let reply = transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT));
         match (sent, reply) {
             // The server is fine; what failed was ours (typically the argument's encoding).
@@ -351,6 +355,8 @@ pub(crate) fn serve(parent: u32) -> i32 {
         Err(e) => return child::fail(&format!("cannot prepare to fork: {e}")),
     };
     crate::function::warm_up_for_children();
+    // The doorbell is a socket pair of the sidecars' kind: its buffer size is theirs.
+    crate::payload::warm_up(doorbell.as_fd());
     loop {
         let bell = match next_bell(doorbell.as_fd()) {
             Bell::Request(bell) => bell,

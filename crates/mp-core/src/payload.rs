@@ -144,6 +144,13 @@ fn give_back(memfd: OwnedFd) {
     }
 }
 
+/// Computes what the children of this process would each compute once (the spill limit,
+/// from `socket`, a fresh socket pair of the sidecars' kind), so that they inherit it: for
+/// a fork server, before it forks.
+pub(crate) fn warm_up(socket: BorrowedFd<'_>) {
+    spill_limit(socket);
+}
+
 /// The seals a memfd must carry before the receiver maps it: nobody can shrink it under the
 /// mapping (which would make reading it fault) or change it while it is decoded.
 const SEALS: SealFlags = SealFlags::SHRINK
@@ -157,6 +164,14 @@ thread_local! {
     /// Whether the receive running on this thread is a fresh child's argument (see
     /// [`receiving_child_argument`]).
     static CHILD_ARGUMENT: Cell<bool> = const { Cell::new(false) };
+    /// Whether an encoding on this thread handed a memfd over since [`take_spilled`] last
+    /// looked.
+    static SPILLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether an encoding on this thread handed a memfd over since the last call.
+pub(crate) fn take_spilled() -> bool {
+    SPILLED.with(|spilled| spilled.replace(false))
 }
 
 /// Runs `f` (the receive of the argument of a child that mp-core started, in a process that
@@ -336,6 +351,7 @@ impl<T: Serialize> Serialize for Packed<T> {
                     .map_err(|e| {
                         S::Error::custom(format!("cannot hand over a large value: {e}"))
                     })?;
+                SPILLED.with(|spilled| spilled.set(true));
                 Wire::Shared(spill.len).serialize(serializer)
             }
             _ => Wire::Inline(Bytes(&spill.buffer)).serialize(serializer),
