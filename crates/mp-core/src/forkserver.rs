@@ -142,13 +142,26 @@ impl Drop for Client {
         if self.owner != std::process::id() {
             return;
         }
-        let bound = Some(std::time::Duration::from_secs(5));
+        let bound = std::time::Duration::from_secs(5);
         let _ = crate::sys::send_signal(self.server.as_fd(), libc::SIGKILL);
-        let _ = crate::sys::wait_readable(self.server.as_fd(), bound);
+        let _ = crate::sys::wait_readable(self.server.as_fd(), Some(bound));
         let _ = crate::sys::try_reap(self.server.as_fd());
-        // A spare that was never used sees the server's end (its lifeline) and ends; one
-        // announced since the last request is in the doorbell's queue.
-        self.take_announcements();
+        // A spare that was never used sees the server's end (its lifeline) and ends. Every
+        // spare announces itself on the doorbell before anything else, and holds the
+        // server's end of it until it ends or takes a request: once that end is closed
+        // (end of file), every announcement is in.
+        let deadline = std::time::Instant::now() + bound;
+        loop {
+            let closed = self.take_announcements(None);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if closed
+                || left.is_zero()
+                || !crate::sys::wait_readable(self.doorbell.as_fd(), Some(left)).unwrap_or(false)
+            {
+                break;
+            }
+        }
+        let bound = Some(bound);
         for pid in std::mem::take(&mut self.spares) {
             if let Ok(pidfd) = crate::sys::pidfd_open(pid) {
                 let _ = crate::sys::wait_readable(pidfd.as_fd(), bound);
@@ -313,16 +326,24 @@ enum Failure {
 }
 
 impl Client {
-    /// Reads the server's announcements of its spares (their pids) waiting on the doorbell.
-    fn take_announcements(&mut self) {
+    /// Reads the spares' announcements (their pids) waiting on the doorbell: all of them, or
+    /// (`used`) until that spare's, which is not kept. True if the server's side has closed
+    /// the doorbell.
+    fn take_announcements(&mut self, used: Option<u32>) -> bool {
+        if let Some(index) = self.spares.iter().position(|&spare| Some(spare) == used) {
+            self.spares.swap_remove(index);
+            return false;
+        }
         loop {
             let mut pid = [0u8; 4];
             let received = rustix::io::retry_on_intr(|| {
                 rustix::net::recv(&self.doorbell, &mut pid, RecvFlags::DONTWAIT)
             });
             match received {
+                Ok((4, _)) if Some(u32::from_ne_bytes(pid)) == used => return false,
                 Ok((4, _)) => self.spares.push(u32::from_ne_bytes(pid)),
-                Ok((0, _)) | Err(_) => return,
+                Ok((0, _)) => return true,
+                Err(_) => return false,
                 Ok(_) => continue,
             }
         }
@@ -369,9 +390,9 @@ impl Client {
             // The server is fine; what failed was ours (typically the argument's encoding).
             (Err(error), Ok(_)) => Err(Failure::Refused(error)),
             (Ok(()), Ok(Reply::Forked(pid))) => {
-                // The server announced the spare that answered before it could take a request.
-                self.take_announcements();
-                self.spares.retain(|&spare| spare != pid);
+                // The server announced the spare that answered before it could take a
+                // request: it is a child now, not a spare.
+                let _ = self.take_announcements(Some(pid));
                 Ok(ServerChild { pid, channel })
             }
             (_, Ok(Reply::Failed(message))) => {
@@ -438,15 +459,9 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 drop((taken, lifeline));
                 child::exit_forked(spare(parent, channels, taken_by_spare));
             }
-            Ok(pid) => {
+            Ok(_) => {
                 drop(taken_by_spare);
-                // The requester reaps the spare if it ends unused (see `Client`'s drop); an
-                // announcement fails only if the requester is gone.
-                let pid = (pid as u32).to_ne_bytes();
-                let announced = rustix::io::retry_on_intr(|| {
-                    rustix::net::send(&channels.doorbell, &pid, SendFlags::empty())
-                });
-                if announced.is_err() || !wait_for_spare(taken.as_fd(), channels.doorbell.as_fd()) {
+                if !wait_for_spare(taken.as_fd(), channels.doorbell.as_fd()) {
                     return 0; // the parent is gone (and its children with it)
                 }
             }
@@ -560,6 +575,14 @@ fn spare(parent: u32, channels: Channels, taken: OwnedFd) -> i32 {
     // Its parent is the server's (the requester).
     if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
+    }
+    // The requester reaps it if it ends unused (see `Client`'s drop). This announcement
+    // comes before the reply to the request it takes, on the socket it takes it from.
+    let pid = std::process::id().to_ne_bytes();
+    if rustix::io::retry_on_intr(|| rustix::net::send(&channels.doorbell, &pid, SendFlags::empty()))
+        .is_err()
+    {
+        return 0; // the requester is gone
     }
     let Some((header, surroundings, bell, sidecar)) = take_request(&channels, true) else {
         return 0;
