@@ -2,10 +2,10 @@
 //! runs to receive its function, call it and report back.
 //!
 //! A child adopts its parent's run key first (so it can check ids), then resolves the process
-//! trampoline named in its [`Header`], receives the argument, calls the function, rings the
-//! outcome bell and sends the [`Outcome`]. The bell is what lets the parent's `join` sleep in
-//! one `poll` on the bell and the pidfd: ipc-channel does not expose its receiver's
-//! descriptor.
+//! trampoline named in its [`Header`], receives the argument, calls the function and sends
+//! the [`Outcome`], ringing the outcome bell when the parent should read it before the child
+//! exits (see `run_process`). The bell is what lets the parent's `join` sleep in one `poll`
+//! on the bell and the pidfd: ipc-channel does not expose its receiver's descriptor.
 
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
