@@ -544,27 +544,48 @@ fn wait_for_request(channels: &Channels) -> bool {
     }
 }
 
-/// In the server: sleeps until the spare took a request (a byte on `taken`) or ended without
-/// (end of file), and says whether to fork the next one: false if the parent is gone (its
-/// end of the doorbell closed).
+/// In the server: sleeps until it is time to fork the next spare, and says whether to
+/// (false: the parent is gone, its end of the doorbell closed).
+///
+/// That is when the spare ended unused (end of file on `taken`, before its byte), or, once
+/// it took a request (its byte on `taken`), when the child it became ends (end of file: it
+/// holds `taken` open until it exits) or another request rings first (a long-running child,
+/// such as a pool's worker). Not at once: a fork then would compete for the CPUs with the
+/// child just started and its parent; at the child's end, it overlaps with the parent's
+/// reaping and its next start's preparations instead.
 fn wait_for_spare(taken: BorrowedFd<'_>, doorbell: BorrowedFd<'_>) -> bool {
     use rustix::event::{PollFd, PollFlags};
+    let mut took = false;
     loop {
-        // Not the doorbell's POLLIN: its requests are the spare's to read.
+        // The doorbell's POLLIN only once the spare took its request: until then, requests
+        // are the spare's to read.
+        let ring = if took {
+            PollFlags::IN | PollFlags::RDHUP
+        } else {
+            PollFlags::RDHUP
+        };
         let mut fds = [
             PollFd::new(&taken, PollFlags::IN),
-            PollFd::new(&doorbell, PollFlags::RDHUP),
+            PollFd::new(&doorbell, ring),
         ];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(_) => return false,
         }
-        if !fds[1].revents().is_empty() {
+        let doorbell_events = fds[1].revents();
+        if doorbell_events.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
             return false;
         }
+        if !doorbell_events.is_empty() {
+            return true; // a request and no spare
+        }
         if !fds[0].revents().is_empty() {
-            return true;
+            let mut byte = [0u8; 1];
+            match rustix::io::retry_on_intr(|| rustix::io::read(taken, &mut byte)) {
+                Ok(1) if !took => took = true,
+                _ => return true, // end of file: the spare, or its child, ended
+            }
         }
     }
 }
@@ -588,9 +609,11 @@ fn spare(parent: u32, channels: Channels, taken: OwnedFd) -> i32 {
         return 0;
     };
     let replied = channels.replies.send(Reply::Forked(std::process::id()));
-    // The server forks the next spare while this one runs.
+    // Took it: the server forks the next spare when this child ends (or another request
+    // comes first). `taken` stays open until then; the kernel closes it at the exit.
     let _ = rustix::io::retry_on_intr(|| rustix::io::write(&taken, &[1]));
-    drop((channels, taken));
+    std::mem::forget(taken);
+    drop(channels);
     if replied.is_err() {
         return 0;
     }
