@@ -4,9 +4,10 @@
 //! memory.
 //!
 //! Requests travel over an ipc-channel (so they can carry the child's own channel); a
-//! datagram socket, the *doorbell*, tells the server's side that a request is waiting, one
-//! message per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its
-//! sidecar, which ipc-channel cannot carry.
+//! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
+//! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its sidecar, which
+//! ipc-channel cannot carry. The server's single thread sleeps in a blocking `recvmsg` on the
+//! doorbell.
 //!
 //! The server forks each child as a *sibling* (`clone` with `CLONE_PARENT`, see
 //! [`fork_sibling`]): the child's parent is the requester, as with the other start methods.
@@ -14,14 +15,6 @@
 //! the child dies with the requester (parent-death signal), and nothing about it goes
 //! through the server once it runs: no status relay (a wake-up of the server and one of the
 //! requester per child, on the path of every `join`), no `SIGCHLD` in the server.
-//!
-//! And it forks each child *before* it is asked for it: a *spare* waits for the next request
-//! itself, replies with its own pid and becomes the child; the server forks the next spare
-//! meanwhile (see [`serve`]). So a start costs the requester one wake-up of a waiting
-//! process, and no fork. The spare is a child of the requester too, from its fork on: the
-//! server announces its pid on the doorbell, and the requester reaps a spare that ended
-//! unused (when the server failed: a spare ends with its server, see [`Channels`]). One spare
-//! process waits per fork server, sleeping, while the program runs.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -129,45 +122,19 @@ pub(crate) struct Client {
     replies: IpcReceiver<Reply>,
     doorbell: OwnedFd,
     server: OwnedFd,
-    /// The spares the server announced (our children, see [`serve`]) that have not become
-    /// a requested child yet: at most one or two.
-    spares: Vec<u32>,
 }
 
 impl Drop for Client {
-    /// A client is dropped when its server failed: make sure it is gone, and reap it and its
-    /// spare (which ends when the server does). A forked child's copy only closes its
-    /// descriptors: the server is its parent's.
+    /// A client is dropped when its server failed: make sure it is gone, and reap it. A
+    /// forked child's copy only closes its descriptors: the server is its parent's.
     fn drop(&mut self) {
         if self.owner != std::process::id() {
             return;
         }
-        let bound = std::time::Duration::from_secs(5);
         let _ = crate::sys::send_signal(self.server.as_fd(), libc::SIGKILL);
-        let _ = crate::sys::wait_readable(self.server.as_fd(), Some(bound));
+        let _ =
+            crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::from_secs(5)));
         let _ = crate::sys::try_reap(self.server.as_fd());
-        // A spare that was never used sees the server's end (its lifeline) and ends. Every
-        // spare announces itself on the doorbell before anything else, and holds the
-        // server's end of it until it ends or takes a request: once that end is closed
-        // (end of file), every announcement is in.
-        let deadline = std::time::Instant::now() + bound;
-        loop {
-            let closed = self.take_announcements(None);
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if closed
-                || left.is_zero()
-                || !crate::sys::wait_readable(self.doorbell.as_fd(), Some(left)).unwrap_or(false)
-            {
-                break;
-            }
-        }
-        let bound = Some(bound);
-        for pid in std::mem::take(&mut self.spares) {
-            if let Ok(pidfd) = crate::sys::pidfd_open(pid) {
-                let _ = crate::sys::wait_readable(pidfd.as_fd(), bound);
-                let _ = crate::sys::try_reap(pidfd.as_fd());
-            }
-        }
     }
 }
 
@@ -248,7 +215,6 @@ fn start_server() -> Result<Client, ProcessError> {
         replies,
         doorbell,
         server: spawned.pidfd,
-        spares: Vec::new(),
     };
     transfer::send(
         &client.requests,
@@ -326,29 +292,6 @@ enum Failure {
 }
 
 impl Client {
-    /// Reads the spares' announcements (their pids) waiting on the doorbell: all of them, or
-    /// (`used`) until that spare's, which is not kept. True if the server's side has closed
-    /// the doorbell.
-    fn take_announcements(&mut self, used: Option<u32>) -> bool {
-        if let Some(index) = self.spares.iter().position(|&spare| Some(spare) == used) {
-            self.spares.swap_remove(index);
-            return false;
-        }
-        loop {
-            let mut pid = [0u8; 4];
-            let received = rustix::io::retry_on_intr(|| {
-                rustix::net::recv(&self.doorbell, &mut pid, RecvFlags::DONTWAIT)
-            });
-            match received {
-                Ok((4, _)) if Some(u32::from_ne_bytes(pid)) == used => return false,
-                Ok((4, _)) => self.spares.push(u32::from_ne_bytes(pid)),
-                Ok((0, _)) => return true,
-                Err(_) => return false,
-                Ok(_) => continue,
-            }
-        }
-    }
-
     fn fork(
         &mut self,
         fds: [BorrowedFd<'_>; 2],
@@ -362,13 +305,6 @@ impl Client {
                 "the fork server is unreachable: {e}"
             )))
         };
-        // A dead server's spare may still hold the server's ends of the channels for a moment
-        // (until it sees the server's end): ask a live one only, before anything is sent.
-        if crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::ZERO))
-            .unwrap_or(true)
-        {
-            return Err(unreachable(&"it has ended"));
-        }
         let surroundings = Some(Surroundings::current()).filter(|now| *now != self.surroundings);
         // The request, the bell and the child's first messages, with signals held back once.
         let sent = transfer::holding_signals(|| {
@@ -389,12 +325,7 @@ impl Client {
         match (sent, reply) {
             // The server is fine; what failed was ours (typically the argument's encoding).
             (Err(error), Ok(_)) => Err(Failure::Refused(error)),
-            (Ok(()), Ok(Reply::Forked(pid))) => {
-                // The server announced the spare that answered before it could take a
-                // request: it is a child now, not a spare.
-                let _ = self.take_announcements(Some(pid));
-                Ok(ServerChild { pid, channel })
-            }
+            (Ok(()), Ok(Reply::Forked(pid))) => Ok(ServerChild { pid, channel }),
             (_, Ok(Reply::Failed(message))) => {
                 Err(Failure::Refused(ProcessError::StartFailed(message)))
             }
@@ -407,14 +338,6 @@ impl Client {
 
 /// The fork server's main loop (runs in the re-executed server process, never returns to
 /// `main`). Returns its exit code.
-///
-/// The server forks each child *before* it is asked for it: a spare, which waits for the
-/// next request itself (it has copies of the server's channels) and tells the server when it
-/// took one, at which point the server forks the next spare, while the child runs. So the
-/// fork (about half of the server's work per child) is off the path from the request to the
-/// running child, which is one wake-up (the parent's doorbell wakes the spare) instead of
-/// two (the server, then the child it forks). Only one spare waits at a time, and only it
-/// reads requests; the server sleeps until it took one (or ended), or the parent is gone.
 pub(crate) fn serve(parent: u32) -> i32 {
     if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
@@ -434,196 +357,55 @@ pub(crate) fn serve(parent: u32) -> i32 {
     crate::function::warm_up_for_children();
     // The doorbell is a socket pair of the sidecars' kind: its buffer size is theirs.
     crate::payload::warm_up(doorbell.as_fd());
-    // Held by the server alone: its spares see its end (end of file) and end too.
-    let (lifeline, lifeline_for_spares) =
-        match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
-            Ok((read, write)) => (write, read),
-            Err(e) => return child::fail(&format!("cannot create a pipe: {e}")),
-        };
-    let channels = Channels {
-        requests,
-        replies,
-        doorbell,
-        lifeline: lifeline_for_spares,
-    };
     loop {
-        let (taken, taken_by_spare) =
-            match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
-                Ok(pipe) => pipe,
-                Err(e) => return child::fail(&format!("cannot create a pipe: {e}")),
-            };
-        // SAFETY: the fork server is single-threaded (it runs before main, and never starts
-        // a thread), and `thread` describes its one thread.
-        match unsafe { fork_sibling(&thread) } {
-            Ok(0) => {
-                drop((taken, lifeline));
-                child::exit_forked(spare(parent, channels, taken_by_spare));
-            }
-            Ok(_) => {
-                drop(taken_by_spare);
-                if !wait_for_spare(taken.as_fd(), channels.doorbell.as_fd()) {
-                    return 0; // the parent is gone (and its children with it)
-                }
-            }
-            Err(error) => {
-                // No spare: the next request is answered with the failure (the next fork may
-                // succeed).
-                if take_request(&channels, false).is_none() {
-                    return 0;
-                }
-                let message = format!("fork failed: {error}");
-                if channels.replies.send(Reply::Failed(message)).is_err() {
-                    return 0;
-                }
-            }
-        }
-    }
-}
-
-/// The fork server's ends of its channels, which its spares inherit.
-struct Channels {
-    requests: IpcReceiver<Request>,
-    replies: IpcSender<Reply>,
-    doorbell: OwnedFd,
-    /// Reaches end of file when the server ends.
-    lifeline: OwnedFd,
-}
-
-/// A request for a child: the receiving end of its header channel, the requester's
-/// surroundings when they differ from the server's, its outcome bell and its sidecar.
-type ChildRequest = (IpcReceiver<Header>, Option<Surroundings>, OwnedFd, OwnedFd);
-
-/// Waits for the next request on `channels` (a request that came without its bell and
-/// sidecar is answered with a failure). `None`: the parent is gone, or (`spare`) the server.
-fn take_request(channels: &Channels, spare: bool) -> Option<ChildRequest> {
-    loop {
-        if spare && !wait_for_request(channels) {
-            return None;
-        }
-        let bell = match next_bell(channels.doorbell.as_fd()) {
+        let bell = match next_bell(doorbell.as_fd()) {
             Bell::Request(bell) => bell,
-            Bell::Hangup => return None,
+            Bell::Hangup => return 0, // the parent is gone (and its children with it)
         };
-        let (header, surroundings) = match channels.requests.recv() {
+        let (header, surroundings) = match requests.recv() {
             Ok(Request::Fork {
                 header,
                 surroundings,
             }) => (header, surroundings),
             Ok(Request::Hello { .. }) => continue,
-            Err(_) => return None,
+            Err(_) => return 0,
         };
         let Some((bell, sidecar)) = bell else {
-            let _ = channels.replies.send(Reply::Failed(
+            let _ = replies.send(Reply::Failed(
                 "the request came without its bell and sidecar".into(),
             ));
             continue;
         };
-        return Some((header, surroundings, bell, sidecar));
-    }
-}
-
-/// In a spare: sleeps until a request rings (true) or the server ended (false).
-fn wait_for_request(channels: &Channels) -> bool {
-    use rustix::event::{PollFd, PollFlags};
-    loop {
-        let mut fds = [
-            PollFd::new(&channels.doorbell, PollFlags::IN),
-            PollFd::new(&channels.lifeline, PollFlags::IN),
-        ];
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return false,
-        }
-        if !fds[1].revents().is_empty() {
-            return false;
-        }
-        if !fds[0].revents().is_empty() {
-            return true;
-        }
-    }
-}
-
-/// In the server: sleeps until it is time to fork the next spare, and says whether to
-/// (false: the parent is gone, its end of the doorbell closed).
-///
-/// That is when the spare ended unused (end of file on `taken`, before its byte), or, once
-/// it took a request (its byte on `taken`), when the child it became ends (end of file: it
-/// holds `taken` open until it exits) or another request rings first (a long-running child,
-/// such as a pool's worker). Not at once: a fork then would compete for the CPUs with the
-/// child just started and its parent; at the child's end, it overlaps with the parent's
-/// reaping and its next start's preparations instead.
-fn wait_for_spare(taken: BorrowedFd<'_>, doorbell: BorrowedFd<'_>) -> bool {
-    use rustix::event::{PollFd, PollFlags};
-    let mut took = false;
-    loop {
-        // The doorbell's POLLIN only once the spare took its request: until then, requests
-        // are the spare's to read.
-        let ring = if took {
-            PollFlags::IN | PollFlags::RDHUP
-        } else {
-            PollFlags::RDHUP
-        };
-        let mut fds = [
-            PollFd::new(&taken, PollFlags::IN),
-            PollFd::new(&doorbell, ring),
-        ];
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return false,
-        }
-        let doorbell_events = fds[1].revents();
-        if doorbell_events.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
-            return false;
-        }
-        if !doorbell_events.is_empty() {
-            return true; // a request and no spare
-        }
-        if !fds[0].revents().is_empty() {
-            let mut byte = [0u8; 1];
-            match rustix::io::retry_on_intr(|| rustix::io::read(taken, &mut byte)) {
-                Ok(1) if !took => took = true,
-                _ => return true, // end of file: the spare, or its child, ended
+        // SAFETY: the fork server is single-threaded (it runs before main, and never starts
+        // a thread), and `thread` describes its one thread.
+        match unsafe { fork_sibling(&thread) } {
+            Err(error) => {
+                let _ = replies.send(Reply::Failed(format!("fork failed: {error}")));
+            }
+            Ok(0) => {
+                drop((requests, replies, doorbell));
+                // SAFETY: this child of the single-threaded server has one thread.
+                let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
+                // Its parent is the server's (the requester).
+                let code = if !child::prepare_child_process(parent) {
+                    EXIT_ORPHANED
+                } else if let Err(message) = adopted {
+                    child::fail(&message)
+                } else {
+                    match header.recv() {
+                        Ok(first) => child::serve(header, first, bell, sidecar),
+                        Err(e) => child::fail(&format!("no request from the parent: {e}")),
+                    }
+                };
+                child::exit_forked(code);
+            }
+            Ok(pid) => {
+                drop((bell, sidecar));
+                if replies.send(Reply::Forked(pid as u32)).is_err() {
+                    return 0;
+                }
             }
         }
-    }
-}
-
-/// A spare (see [`serve`]): waits for a request, tells the server it took it, answers the
-/// parent with its own pid, and becomes the requested child. Returns its exit code.
-fn spare(parent: u32, channels: Channels, taken: OwnedFd) -> i32 {
-    // Its parent is the server's (the requester).
-    if !child::prepare_child_process(parent) {
-        return EXIT_ORPHANED;
-    }
-    // The requester reaps it if it ends unused (see `Client`'s drop). This announcement
-    // comes before the reply to the request it takes, on the socket it takes it from.
-    let pid = std::process::id().to_ne_bytes();
-    if rustix::io::retry_on_intr(|| rustix::net::send(&channels.doorbell, &pid, SendFlags::empty()))
-        .is_err()
-    {
-        return 0; // the requester is gone
-    }
-    let Some((header, surroundings, bell, sidecar)) = take_request(&channels, true) else {
-        return 0;
-    };
-    let replied = channels.replies.send(Reply::Forked(std::process::id()));
-    // Took it: the server forks the next spare when this child ends (or another request
-    // comes first). `taken` stays open until then; the kernel closes it at the exit.
-    let _ = rustix::io::retry_on_intr(|| rustix::io::write(&taken, &[1]));
-    std::mem::forget(taken);
-    drop(channels);
-    if replied.is_err() {
-        return 0;
-    }
-    // SAFETY: this child of the single-threaded server has one thread.
-    if let Err(message) = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() }) {
-        return child::fail(&message);
-    }
-    match header.recv() {
-        Ok(first) => child::serve(header, first, bell, sidecar),
-        Err(e) => child::fail(&format!("no request from the parent: {e}")),
     }
 }
 
