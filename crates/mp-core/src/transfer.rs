@@ -89,6 +89,13 @@ pub(crate) fn recv_sent<T>(
 where
     T: for<'de> Deserialize<'de> + Serialize,
 {
+    // Usually it is there already (a child rings after a value, or ends without ringing):
+    // one non-blocking receive, without a poll first.
+    match sys::without_signals(|| receiver.try_recv()) {
+        Err(TryRecvError::Empty) => {}
+        Err(error) if interrupted(&error) => {}
+        other => return other,
+    }
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
