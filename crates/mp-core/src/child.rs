@@ -25,8 +25,8 @@ use crate::registry;
 use crate::sys;
 
 /// What a process trampoline is handed: the channel its argument arrives on, the one its
-/// outcome goes to, the bell it rings just before sending the outcome, and the sidecar on
-/// which a large argument or result travels (see `payload`).
+/// outcome goes to, the bell it rings when the parent should read the outcome before the
+/// child exits, and the sidecar on which a large argument or result travels (see `payload`).
 pub(crate) struct ChildLink {
     args: OpaqueIpcReceiver,
     outcome: OpaqueIpcSender,

@@ -21,8 +21,8 @@ use crate::launcher::SendFirst;
 use crate::protocol::{EXIT_ORPHANED, Header};
 use crate::{forkserver, launcher, payload, registry, sys, transfer};
 
-/// Forks a child that waits for its [`Header`] on the returned channel, rings `bell` before
-/// it sends its outcome, and exchanges large values on `sidecar`.
+/// Forks a child that waits for its [`Header`] on the returned channel, rings `bell` when its
+/// outcome should be read before it exits, and exchanges large values on `sidecar`.
 ///
 /// `first` (if any) sends the header and argument before the fork: the child then reads them
 /// at once, and a failure to send them starts no child at all.
