@@ -2,10 +2,10 @@
 //! runs to receive its function, call it and report back.
 //!
 //! A child adopts its parent's run key first (so it can check ids), then resolves the process
-//! trampoline named in its [`Header`], receives the argument, calls the function, sends the
-//! [`Outcome`] and rings the outcome bell (a panic or an error: rings first, see
-//! `run_process`). The bell is what lets the parent's `join` sleep in one `poll` on the bell
-//! and the pidfd: ipc-channel does not expose its receiver's descriptor.
+//! trampoline named in its [`Header`], receives the argument, calls the function and sends
+//! the [`Outcome`], ringing the outcome bell when the parent should read it before the child
+//! exits (see `run_process`). The bell is what lets the parent's `join` sleep in one `poll`
+//! on the bell and the pidfd: ipc-channel does not expose its receiver's descriptor.
 
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -25,8 +25,8 @@ use crate::registry;
 use crate::sys;
 
 /// What a process trampoline is handed: the channel its argument arrives on, the one its
-/// outcome goes to, the bell it rings just before sending the outcome, and the sidecar on
-/// which a large argument or result travels (see `payload`).
+/// outcome goes to, the bell it rings when the parent should read the outcome before the
+/// child exits, and the sidecar on which a large argument or result travels (see `payload`).
 pub(crate) struct ChildLink {
     args: OpaqueIpcReceiver,
     outcome: OpaqueIpcSender,
@@ -70,6 +70,11 @@ pub fn before_child_exit(hook: fn()) -> bool {
         }
     }
     false
+}
+
+/// Whether any [`before_child_exit`] hook is registered.
+fn exit_hooks_registered() -> bool {
+    EXIT_HOOKS.iter().any(|slot| slot.get().is_some())
 }
 
 /// Runs the registered [`before_child_exit`] hooks; a panicking hook is logged, not fatal.
@@ -201,29 +206,55 @@ pub(crate) fn serve(
 }
 
 fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
-    let args = link.args.to::<Packed<F::Args>>();
-    let outcome = link.outcome.to::<Outcome<Packed<F::Output>>>();
-    let sidecar = link.sidecar.as_fd();
-    // A write to a pipe of one byte cannot block.
-    let ring = || {
-        let _ = rustix::io::retry_on_intr(|| rustix::io::write(&link.bell, &[1]));
-    };
+    let ChildLink {
+        args,
+        outcome,
+        bell,
+        sidecar,
+    } = link;
+    let code = run_function::<M, F>(args, outcome, &bell, &sidecar);
+    // The bell stays open until this process exits (the kernel closes it then), so that
+    // when it was not rung, its end of file wakes the parent's join together with the exit,
+    // not once before it.
+    std::mem::forget(bell);
+    code
+}
+
+fn run_function<M, F: Entry<M>>(
+    args: OpaqueIpcReceiver,
+    outcome: OpaqueIpcSender,
+    bell: &OwnedFd,
+    sidecar: &OwnedFd,
+) -> i32 {
+    let args = args.to::<Packed<F::Args>>();
+    let outcome = outcome.to::<Outcome<Packed<F::Output>>>();
+    let sidecar = sidecar.as_fd();
     let send = |message: Outcome<Packed<F::Output>>| {
         let returned = matches!(message, Outcome::Returned(_));
+        // A write to a pipe of one byte cannot block.
+        let ring = || {
+            let _ = rustix::io::retry_on_intr(|| rustix::io::write(bell, &[1]));
+        };
         let send = || with_sidecar(sidecar, || outcome.send(message));
         if returned {
             // A value's message is bounded (a large one travels as a memfd, see `payload`)
             // so that it fits in the empty socket's buffer: the send never sleeps, so no
             // signal can interrupt it, and nothing needs holding back (which costs a system
-            // call per signal number to find the handled ones). Sent before the bell rings,
-            // so the parent wakes once, to a message that is already there (ringing first
-            // woke it to wait again for the message: a second wake-up on every join).
+            // call per signal number to find the handled ones).
+            payload::take_spilled();
             let sent = send();
-            ring();
+            // The parent's join wakes at this child's exit and finds the value buffered:
+            // one wake-up instead of two. Rung (after the value, which is there by then)
+            // only when the parent should read before this child exits: a large value,
+            // decoded while this child exits, or handles an exit hook waits for the parent
+            // to claim.
+            if sent.is_ok() && (payload::take_spilled() || exit_hooks_registered()) {
+                ring();
+            }
             sent
         } else {
-            // A panic report or an error message is not bounded and may wait for the parent
-            // to read: ring first, so that the parent is reading while it is sent. Only the
+            // Ring first: the parent then waits for the message itself. A panic report or an
+            // error message is not bounded and may wait for the parent to read. Only the
             // signals with a handler are held back (they are what would interrupt the
             // transfer); SIGTERM and the like still end the child meanwhile.
             ring();

@@ -19,10 +19,10 @@ use crate::child;
 use crate::error::ProcessError;
 use crate::launcher::SendFirst;
 use crate::protocol::{EXIT_ORPHANED, Header};
-use crate::{forkserver, launcher, registry, sys, transfer};
+use crate::{forkserver, launcher, payload, registry, sys, transfer};
 
-/// Forks a child that waits for its [`Header`] on the returned channel, rings `bell` before
-/// it sends its outcome, and exchanges large values on `sidecar`.
+/// Forks a child that waits for its [`Header`] on the returned channel, rings `bell` when its
+/// outcome should be read before it exits, and exchanges large values on `sidecar`.
 ///
 /// `first` (if any) sends the header and argument before the fork: the child then reads them
 /// at once, and a failure to send them starts no child at all.
@@ -34,14 +34,16 @@ pub(crate) fn fork_child(
     let (sender, receiver) =
         ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
     if let Some(first) = first {
-        first(&sender)?;
+        transfer::holding_signals(|| first(&sender))?;
     }
     let parent = std::process::id();
     // Nothing mp-core locks may be copied held: take every lock of the library, in the one
-    // order used everywhere (launcher, fork server, registry), across the fork.
+    // order used everywhere (launcher, fork server, registry), across the fork; the memfd
+    // pool's lock is never held with another.
     let launcher = launcher::hold_across_fork();
     let server = forkserver::hold_across_fork();
     let registry = registry::hold_across_fork();
+    let pool = payload::hold_across_fork();
     // SAFETY: fork has no memory-safety preconditions of its own. The child only runs code
     // that is sound after fork: this thread holds every mp-core lock (released below by the
     // same thread), and the state naming the parent's threads and processes is reset before
@@ -52,7 +54,7 @@ pub(crate) fn fork_child(
         0 => {
             drop(sender);
             forkserver::reset_after_fork(server);
-            drop((launcher, registry));
+            drop((launcher, registry, pool));
             let code = if !child::prepare_child_process(parent) {
                 EXIT_ORPHANED
             } else {
@@ -67,7 +69,7 @@ pub(crate) fn fork_child(
             std::process::exit(code)
         }
         pid => {
-            drop((launcher, server, registry));
+            drop((launcher, server, registry, pool));
             drop(receiver);
             drop((bell, sidecar));
             let pidfd = sys::pidfd_open(pid as u32).map_err(ProcessError::io("opening a pidfd"))?;

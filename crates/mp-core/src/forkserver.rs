@@ -6,10 +6,15 @@
 //! Requests travel over an ipc-channel (so they can carry the child's own channel); a
 //! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
 //! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its sidecar, which
-//! ipc-channel cannot carry. So the server's single thread sleeps in `poll` on the doorbell and a
-//! `signalfd` for SIGCHLD at once. Children of the fork server are not children of the
-//! parent, so the server reaps them and relays each exit status over a channel the parent
-//! handed it with the request.
+//! ipc-channel cannot carry. The server's single thread sleeps in a blocking `recvmsg` on the
+//! doorbell.
+//!
+//! The server forks each child as a *sibling* (`clone` with `CLONE_PARENT`, see
+//! [`fork_sibling`]): the child's parent is the requester, as with the other start methods.
+//! So the requester waits for it, reaps it and reads its exact exit status from its pidfd,
+//! the child dies with the requester (parent-death signal), and nothing about it goes
+//! through the server once it runs: no status relay (a wake-up of the server and one of the
+//! requester per child, on the path of every `join`), no `SIGCHLD` in the server.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -37,12 +42,11 @@ use crate::transfer;
 enum Request {
     /// First message: where to send replies.
     Hello { replies: IpcSender<Reply> },
-    /// Fork a child that will read its header from `header`; send its raw wait status on
-    /// `status` when it ends. `surroundings`: the requester's working directory and
-    /// environment, when they differ from the server's.
+    /// Fork a child (the requester's) that will read its header from `header`.
+    /// `surroundings`: the requester's working directory and environment, when they differ
+    /// from the server's.
     Fork {
         header: IpcReceiver<Header>,
-        status: IpcSender<i32>,
         surroundings: Option<Surroundings>,
     },
 }
@@ -103,12 +107,10 @@ enum Reply {
     Failed(String),
 }
 
-/// A child forked by the fork server.
+/// A child forked by the fork server (a child of this process, see the module docs).
 pub(crate) struct ServerChild {
     pub pid: u32,
     pub channel: IpcSender<Header>,
-    /// Receives the child's raw wait status when the server reaps it.
-    pub status: IpcReceiver<i32>,
 }
 
 pub(crate) struct Client {
@@ -160,8 +162,8 @@ pub(crate) fn fork_child(
         };
         match client.fork([bell.as_fd(), sidecar.as_fd()], &mut first) {
             Ok(child) => return Ok(child),
-            // The server is fine but could not fork (EAGAIN, ENOMEM): replacing it would kill
-            // every child it is running.
+            // The server is fine but could not fork (EAGAIN, ENOMEM): replacing it would not
+            // help.
             Err(Failure::Refused(error)) => return Err(error),
             Err(Failure::Unreachable(error)) => {
                 tracing::warn!(%error, "the fork server failed; starting a new one");
@@ -244,13 +246,13 @@ fn ring(doorbell: BorrowedFd<'_>, fds: [BorrowedFd<'_>; 2]) -> std::io::Result<(
 }
 
 /// What the doorbell said: a request is waiting (with the bell and the sidecar for its child,
-/// if they came), nothing more for now, or the parent is gone.
+/// if they came), or the parent is gone.
 enum Bell {
     Request(Option<(OwnedFd, OwnedFd)>),
-    Quiet,
     Hangup,
 }
 
+/// Waits for the next ring of the doorbell.
 fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
@@ -260,7 +262,7 @@ fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
             doorbell,
             &mut [IoSliceMut::new(&mut byte)],
             &mut control,
-            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+            RecvFlags::CMSG_CLOEXEC,
         )
     });
     match received {
@@ -277,7 +279,6 @@ fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
             let bell = fds.pop();
             Bell::Request(bell.zip(sidecar))
         }
-        Err(rustix::io::Errno::AGAIN) => Bell::Quiet,
         Err(_) => Bell::Hangup,
     }
 }
@@ -299,34 +300,32 @@ impl Client {
         // A failure here is ours (e.g. EMFILE), not the server's.
         let local = |e| Failure::Refused(ProcessError::io("creating a channel")(e));
         let (channel, header) = ipc::channel::<Header>().map_err(local)?;
-        let (status_tx, status) = ipc::channel::<i32>().map_err(local)?;
         let unreachable = |e: &dyn std::fmt::Display| {
             Failure::Unreachable(ProcessError::StartFailed(format!(
                 "the fork server is unreachable: {e}"
             )))
         };
-        transfer::send(
-            &self.requests,
-            Request::Fork {
-                header,
-                status: status_tx,
-                surroundings: Some(Surroundings::current()).filter(|now| *now != self.surroundings),
-            },
-        )
-        .map_err(|e| unreachable(&e))?;
-        ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
-        // While the server forks. If this fails, the child finds its channel closed and
-        // exits; the reply is still read, to keep replies in step with requests.
-        let sent = first.take().map_or(Ok(()), |first| first(&channel));
+        let surroundings = Some(Surroundings::current()).filter(|now| *now != self.surroundings);
+        // The request, the bell and the child's first messages, with signals held back once.
+        let sent = transfer::holding_signals(|| {
+            transfer::send(
+                &self.requests,
+                Request::Fork {
+                    header,
+                    surroundings,
+                },
+            )
+            .map_err(|e| unreachable(&e))?;
+            ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
+            // While the server forks. If this fails, the child finds its channel closed and
+            // exits; the reply is still read, to keep replies in step with requests.
+            Ok(first.take().map_or(Ok(()), |first| first(&channel)))
+        })?;
         let reply = transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT));
         match (sent, reply) {
             // The server is fine; what failed was ours (typically the argument's encoding).
             (Err(error), Ok(_)) => Err(Failure::Refused(error)),
-            (Ok(()), Ok(Reply::Forked(pid))) => Ok(ServerChild {
-                pid,
-                channel,
-                status,
-            }),
+            (Ok(()), Ok(Reply::Forked(pid))) => Ok(ServerChild { pid, channel }),
             (_, Ok(Reply::Failed(message))) => {
                 Err(Failure::Refused(ProcessError::StartFailed(message)))
             }
@@ -351,141 +350,220 @@ pub(crate) fn serve(parent: u32) -> i32 {
     // SAFETY: the parent placed its end of the doorbell socket pair at DOORBELL_FD with
     // posix_spawn's dup2; nothing else in this process owns it.
     let doorbell = unsafe { OwnedFd::from_raw_fd(DOORBELL_FD) };
-    let (sigchld, old_mask) = match SigchldFd::new() {
-        Ok(pair) => pair,
-        Err(e) => return child::fail(&format!("cannot watch SIGCHLD: {e}")),
+    let thread = match MainThread::current() {
+        Ok(thread) => thread,
+        Err(e) => return child::fail(&format!("cannot prepare to fork: {e}")),
     };
     crate::function::warm_up_for_children();
-    let me = std::process::id();
-    let mut statuses: HashMap<i32, IpcSender<i32>> = HashMap::new();
+    // The doorbell is a socket pair of the sidecars' kind: its buffer size is theirs.
+    crate::payload::warm_up(doorbell.as_fd());
     loop {
-        let mut fds = [
-            rustix::event::PollFd::new(&doorbell, rustix::event::PollFlags::IN),
-            rustix::event::PollFd::new(&sigchld.fd, rustix::event::PollFlags::IN),
-        ];
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return child::fail(&format!("fork server poll failed: {e}")),
-        }
-        let (rings, reaps) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
-        if reaps {
-            sigchld.drain();
-            reap_children(&mut statuses);
-        }
-        if !rings {
+        let bell = match next_bell(doorbell.as_fd()) {
+            Bell::Request(bell) => bell,
+            Bell::Hangup => return 0, // the parent is gone (and its children with it)
+        };
+        let (header, surroundings) = match requests.recv() {
+            Ok(Request::Fork {
+                header,
+                surroundings,
+            }) => (header, surroundings),
+            Ok(Request::Hello { .. }) => continue,
+            Err(_) => return 0,
+        };
+        let Some((bell, sidecar)) = bell else {
+            let _ = replies.send(Reply::Failed(
+                "the request came without its bell and sidecar".into(),
+            ));
             continue;
-        }
-        loop {
-            let bell = match next_bell(doorbell.as_fd()) {
-                Bell::Request(bell) => bell,
-                Bell::Quiet => break,
-                Bell::Hangup => return 0, // the parent is gone; our children die with us
-            };
-            let (header, status, surroundings) = match requests.recv() {
-                Ok(Request::Fork {
-                    header,
-                    status,
-                    surroundings,
-                }) => (header, status, surroundings),
-                Ok(Request::Hello { .. }) => continue,
-                Err(_) => return 0,
-            };
-            let Some((bell, sidecar)) = bell else {
-                let _ = replies.send(Reply::Failed(
-                    "the request came without its bell and sidecar".into(),
-                ));
-                continue;
-            };
-            // SAFETY: the fork server is single-threaded (it runs before main, and never
-            // starts a thread), so the child is a complete copy of it.
-            match unsafe { libc::fork() } {
-                -1 => {
-                    let error = std::io::Error::last_os_error();
-                    let _ = replies.send(Reply::Failed(format!("fork failed: {error}")));
-                }
-                0 => {
-                    drop((requests, replies, doorbell, statuses, status));
-                    sigchld.close_in_child(&old_mask);
-                    // SAFETY: this child of the single-threaded server has one thread.
-                    let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
-                    let code = if !child::prepare_child_process(me) {
-                        EXIT_ORPHANED
-                    } else if let Err(message) = adopted {
-                        child::fail(&message)
-                    } else {
-                        match header.recv() {
-                            Ok(first) => child::serve(header, first, bell, sidecar),
-                            Err(e) => child::fail(&format!("no request from the parent: {e}")),
-                        }
-                    };
-                    child::exit_forked(code);
-                }
-                pid => {
-                    drop((bell, sidecar));
-                    statuses.insert(pid, status);
-                    if replies.send(Reply::Forked(pid as u32)).is_err() {
-                        return 0;
+        };
+        // SAFETY: the fork server is single-threaded (it runs before main, and never starts
+        // a thread), and `thread` describes its one thread.
+        match unsafe { fork_sibling(&thread) } {
+            Err(error) => {
+                let _ = replies.send(Reply::Failed(format!("fork failed: {error}")));
+            }
+            Ok(0) => {
+                drop((requests, replies, doorbell));
+                // SAFETY: this child of the single-threaded server has one thread.
+                let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
+                // Its parent is the server's (the requester).
+                let code = if !child::prepare_child_process(parent) {
+                    EXIT_ORPHANED
+                } else if let Err(message) = adopted {
+                    child::fail(&message)
+                } else {
+                    match header.recv() {
+                        Ok(first) => child::serve(header, first, bell, sidecar),
+                        Err(e) => child::fail(&format!("no request from the parent: {e}")),
                     }
+                };
+                child::exit_forked(code);
+            }
+            Ok(pid) => {
+                drop((bell, sidecar));
+                if replies.send(Reply::Forked(pid as u32)).is_err() {
+                    return 0;
                 }
             }
         }
     }
 }
 
-fn reap_children(statuses: &mut HashMap<i32, IpcSender<i32>>) {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes the status into a live local.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return;
+/// `PR_GET_TID_ADDRESS` (not in the libc crate for Linux): the address the kernel clears
+/// when the calling thread exits, which glibc sets to its thread descriptor's `tid` field.
+const PR_GET_TID_ADDRESS: libc::c_int = 40;
+
+/// What a child cloned without glibc's `fork` needs set up as `fork` would (see
+/// [`fork_sibling`]): where glibc keeps the thread's id, and its robust mutex list.
+struct MainThread {
+    /// glibc's `tid` field of this thread's descriptor (the kernel writes the child's tid
+    /// there, `CLONE_CHILD_SETTID`, as glibc's `fork` asks it to).
+    tid: *mut libc::pid_t,
+    /// The thread's robust mutex list head and its size, registered again in the child
+    /// (the kernel does not copy the registration).
+    robust_head: *mut libc::c_void,
+    robust_len: usize,
+}
+
+impl MainThread {
+    fn current() -> std::io::Result<MainThread> {
+        let mut tid: *mut libc::pid_t = std::ptr::null_mut();
+        // SAFETY: PR_GET_TID_ADDRESS writes one pointer into the local `tid`.
+        if unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::pid_t) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        if let Some(sender) = statuses.remove(&pid) {
-            let _ = sender.send(status);
+        let mut robust_head: *mut libc::c_void = std::ptr::null_mut();
+        let mut robust_len: usize = 0;
+        // SAFETY: get_robust_list(0, ...) writes the calling thread's list head and its
+        // length into the two locals.
+        if unsafe {
+            libc::syscall(
+                libc::SYS_get_robust_list,
+                0,
+                &mut robust_head as *mut *mut libc::c_void,
+                &mut robust_len as *mut usize,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
         }
+        if tid.is_null() || robust_head.is_null() {
+            return Err(std::io::Error::other(
+                "the thread's id or robust list address is unknown",
+            ));
+        }
+        Ok(MainThread {
+            tid,
+            robust_head,
+            robust_len,
+        })
     }
 }
 
-/// A signalfd receiving SIGCHLD, which is blocked for normal delivery while it exists.
-struct SigchldFd {
-    fd: OwnedFd,
+/// `struct clone_args` of `clone3` (its first version, 64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
 }
 
-impl SigchldFd {
-    fn new() -> std::io::Result<(SigchldFd, libc::sigset_t)> {
-        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: sigemptyset/sigaddset initialise the local set; sigprocmask reads it and
-        // writes the previous mask into the local `old`; signalfd creates a new descriptor
-        // that we own from here on.
+/// `fork()`, except that the child is this process's *sibling*: a child of this process's
+/// parent (`CLONE_PARENT`), which gets its `SIGCHLD` and reaps it. Returns 0 in the child
+/// and the child's pid in the server.
+///
+/// glibc's `fork` cannot ask for that flag, so this clones by hand and then does in the
+/// child what glibc's `_Fork` (the `fork` without `atfork` handlers) does: the kernel
+/// writes the child's thread id into glibc's thread descriptor (`CLONE_CHILD_SETTID` at the
+/// address glibc registered, read back with `PR_GET_TID_ADDRESS`), and the child registers
+/// the robust mutex list again (the kernel does not copy the registration; the list is
+/// empty, as the server holds no robust mutex). The `atfork` handlers are skipped, as
+/// `_Fork` and the `exit` of forkserver children skip them: the server has run nothing but
+/// mp-core since it started, so there is no state of other code in it to fix up.
+///
+/// # Safety
+///
+/// The process must be single-threaded, and `thread` must describe its thread.
+unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<libc::pid_t> {
+    let flags = (libc::CLONE_PARENT | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
+    let args = CloneArgs {
+        flags,
+        child_tid: thread.tid as u64,
+        // With CLONE_PARENT, the child's exit signal is the server's own (SIGCHLD); clone3
+        // requires 0 here.
+        exit_signal: 0,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 reads `args` (64 bytes, the size given); without CLONE_VM the child
+    // runs in a copy of this address space, on a copy of this stack, like a forked child,
+    // and this process has a single thread (this function's contract), so the copy is
+    // complete. The kernel writes the child's tid to `thread.tid`, a field of glibc's
+    // descriptor of this thread, in the child's copy only.
+    let mut pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // clone3 is refused by some seccomp filters (older container runtimes): the classic
+        // clone, whose argument order differs between architectures.
+        // SAFETY: as above; no new stack (0: the child continues on a copy of this one).
+        pid = unsafe { legacy_clone(flags, thread.tid) };
+    }
+    if pid == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: registers the robust list head glibc registered for this thread (read
+        // back in `MainThread::current`), which the child has a copy of at the same address.
         unsafe {
-            libc::sigemptyset(set.as_mut_ptr());
-            libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
-            if libc::sigprocmask(libc::SIG_BLOCK, set.as_ptr(), old.as_mut_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = libc::signalfd(-1, set.as_ptr(), libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok((
-                SigchldFd {
-                    fd: OwnedFd::from_raw_fd(fd),
-                },
-                old.assume_init(),
-            ))
-        }
+            libc::syscall(
+                libc::SYS_set_robust_list,
+                thread.robust_head,
+                thread.robust_len,
+            )
+        };
     }
+    Ok(pid as libc::pid_t)
+}
 
-    fn drain(&self) {
-        let mut buf = [0u8; std::mem::size_of::<libc::signalfd_siginfo>() * 8];
-        while rustix::io::read(&self.fd, &mut buf).is_ok_and(|n| n > 0) {}
-    }
+/// `clone(flags, 0, NULL, ctid)` in this architecture's argument order.
+///
+/// # Safety
+///
+/// As `fork_sibling`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn legacy_clone(flags: u64, ctid: *mut libc::pid_t) -> libc::c_long {
+    // SAFETY: x86-64's order: flags, stack, parent tid, child tid, tls.
+    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, ctid, 0usize) }
+}
 
-    /// In a freshly forked child: restore the signal mask and close the signalfd.
-    fn close_in_child(self, old_mask: &libc::sigset_t) {
-        // SAFETY: sigprocmask only reads the given, initialised mask.
-        unsafe { libc::sigprocmask(libc::SIG_SETMASK, old_mask, std::ptr::null_mut()) };
-        drop(self);
-    }
+/// `clone(flags, 0, NULL, ctid)` in this architecture's argument order.
+///
+/// # Safety
+///
+/// As `fork_sibling`.
+#[cfg(target_arch = "aarch64")]
+unsafe fn legacy_clone(flags: u64, ctid: *mut libc::pid_t) -> libc::c_long {
+    // SAFETY: aarch64's order: flags, stack, parent tid, tls, child tid.
+    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, ctid) }
+}
+
+/// Without `clone3`, no sibling on this architecture (its `clone` order is not spelled out
+/// here): the error stays `ENOSYS`.
+///
+/// # Safety
+///
+/// None needed; unsafe only to match the other architectures'.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+unsafe fn legacy_clone(_flags: u64, _ctid: *mut libc::pid_t) -> libc::c_long {
+    -1
 }

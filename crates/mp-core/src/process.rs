@@ -321,14 +321,12 @@ fn launch(
         }
         StartMethod::ForkServer => {
             let child = forkserver::fork_child(bell, sidecar, first)?;
-            // A child that already ended cannot be opened; its sentinel is then simply ready.
-            let pidfd = sys::pidfd_open(child.pid)
-                .or_else(|_| sys::always_ready_fd())
-                .map_err(ProcessError::io("opening a pidfd"))?;
+            // Our child (the server forks it as its sibling): waited for like a forked one.
+            let pidfd = sys::pidfd_open(child.pid).map_err(ProcessError::io("opening a pidfd"))?;
             Ok(Launching::Connected(Launched {
                 pid: child.pid,
                 pidfd,
-                watch: ExitWatch::ForkServer(child.status),
+                watch: ExitWatch::Direct,
                 channel: child.channel,
             }))
         }
@@ -337,7 +335,7 @@ fn launch(
 
 enum OutcomeState<R> {
     /// The child has not reported yet: its report will arrive on `receiver`, announced by a
-    /// byte on `bell`.
+    /// byte on `bell` or, for a small value, by the bell's end of file when the child exits.
     Waiting {
         receiver: IpcReceiver<Outcome<Packed<R>>>,
         bell: OwnedFd,
@@ -455,14 +453,18 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         // First the report (it must be read while the child runs: a large one fills the
         // channel and the child cannot exit until it is drained), then the exit. One poll
-        // sleeps on both the bell the child rings when it reports and its pidfd.
+        // sleeps on both the bell and the pidfd. The child rings before a report that may be
+        // large, and after a value that the parent should read before the child exits (see
+        // `child::run_process`); a small value is simply buffered when the bell's end of file
+        // (the child keeps it open until it exits) or the pidfd wakes this poll.
         while let OutcomeState::Waiting { receiver, bell } = &*state {
             let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
                 .map_err(ProcessError::io("waiting for a child"))?;
             decode_error::clear();
             let received = payload::with_sidecar(self.sidecar.as_fd(), || match ready {
                 None => None,
-                // The bell rang (or every copy of it closed): the report is on its way.
+                // The bell rang (or every copy of it closed): the report is on its way, or
+                // buffered.
                 Some(0) => Some(transfer::recv_sent(
                     receiver,
                     remaining(),

@@ -17,7 +17,8 @@ pub(crate) const HANDSHAKE_FD: i32 = 3;
 /// The descriptor on which a fork server is told that requests are waiting (a socket that
 /// also carries each child's [`OUTCOME_BELL_FD`]).
 pub(crate) const DOORBELL_FD: i32 = 4;
-/// The descriptor a child writes one byte to just before it sends its [`Outcome`], so the
+/// The descriptor a child writes one byte to when the parent should read its [`Outcome`]
+/// before the child exits (else its end of file at the exit wakes the parent), so the
 /// parent's `join` can sleep in one `poll` on this bell and the child's pidfd.
 pub(crate) const OUTCOME_BELL_FD: i32 = 5;
 /// The descriptor of a spawned child's end of its sidecar, the socket on which large

@@ -7,13 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use ipc_channel::TryRecvError;
-use ipc_channel::ipc::IpcReceiver;
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::protocol::{Header, ProcessInfo};
 use crate::sys::{self, ExitStatus};
-use crate::transfer;
 
 pub(crate) struct Identity {
     /// Position in the process tree: `[]` for the main process, `[1, 2]` for `Process-1:2`.
@@ -115,8 +112,6 @@ pub fn cpu_count() -> usize {
 pub(crate) enum ExitWatch {
     /// Our own child: `waitid` on its pidfd.
     Direct,
-    /// A child of the fork server, which relays the raw wait status.
-    ForkServer(IpcReceiver<i32>),
     /// It ended like this (and was reaped).
     Ended(ExitStatus),
 }
@@ -146,9 +141,7 @@ impl Tracked {
 
     /// Waits at most `timeout` (`None`: without limit) for the child to end, and reaps it.
     pub(crate) fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
-        // A poll of a running child answers from its pidfd alone, without the lock (which a
-        // join holds while it waits for a fork server's relay; once the child has exited
-        // that relay is imminent).
+        // A poll of a running child answers from its pidfd alone, without the lock.
         let polling = timeout.is_some_and(|t| t.is_zero());
         if polling && !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
             return None;
@@ -168,17 +161,6 @@ impl Tracked {
                     _ => sys::try_reap(self.pidfd.as_fd()).ok().flatten(),
                 }
             }
-            // The server reaps it and relays the status: wait for that directly (one wake-up,
-            // not the pidfd's and then the relay's).
-            ExitWatch::ForkServer(statuses) => match transfer::recv_timeout(statuses, timeout) {
-                Ok(raw) => Some(ExitStatus::from_wait_status(raw)),
-                Err(TryRecvError::Empty) => None,
-                // The fork server is gone without relaying it: its children are killed with it
-                // (parent-death signal).
-                Err(TryRecvError::IpcError(_)) => sys::wait_readable(self.pidfd.as_fd(), timeout)
-                    .unwrap_or(false)
-                    .then_some(ExitStatus::Signal(libc::SIGKILL)),
-            },
         };
         if let Some(status) = ended {
             tracing::debug!(pid = self.pid, name = %self.name, ?status, "process ended");

@@ -28,10 +28,11 @@ pub enum StartMethod {
     ///
     /// The child starts in the requester's current working directory and environment, as a
     /// spawned child would (Python's forkserver children see the server's, from the moment
-    /// it started, instead). What differs from spawn: the child's parent process is the
-    /// server (mp-core relays its exit status, so `join`, `exitcode` and the sentinel behave
-    /// the same), and the program's executable is the one that was running when the server
-    /// started (a binary replaced on disk since is not picked up).
+    /// it started, instead). The child is the requester's own child, as with spawn (the
+    /// server forks it as its sibling, `CLONE_PARENT`): the requester reaps it and reads its
+    /// exact exit status, and it dies with the requester. What differs from spawn: the
+    /// program's executable is the one that was running when the server started (a binary
+    /// replaced on disk since is not picked up).
     #[default]
     ForkServer,
     /// `fork()` this process. Fastest, and the child sees a copy of everything.

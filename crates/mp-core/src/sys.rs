@@ -31,15 +31,6 @@ impl ExitStatus {
             ExitStatus::Signal(signal) => -signal,
         }
     }
-
-    /// Decodes a raw `waitpid` status.
-    pub(crate) fn from_wait_status(status: i32) -> Self {
-        if libc::WIFSIGNALED(status) {
-            ExitStatus::Signal(libc::WTERMSIG(status))
-        } else {
-            ExitStatus::Code(libc::WEXITSTATUS(status))
-        }
-    }
 }
 
 pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -232,14 +223,6 @@ pub fn signal_name(signal: i32) -> &'static str {
         libc::SIGSYS => "SIGSYS",
         _ => "SIG?",
     }
-}
-
-/// A descriptor that always polls readable: the sentinel of a process that was already gone
-/// when we tried to open its pidfd.
-pub(crate) fn always_ready_fd() -> io::Result<OwnedFd> {
-    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    drop(write);
-    Ok(read)
 }
 
 /// Whether the calling thread is the process's main thread (the thread whose exit, unlike any

@@ -6,6 +6,7 @@
 //! a transfer that may span fragments runs with the thread's signals held back, and only once
 //! the peer is known to be sending ([`recv_sent`]) or reading ([`send`]).
 
+use std::cell::Cell;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,32 @@ fn interrupted(error: &TryRecvError) -> bool {
     matches!(error, TryRecvError::IpcError(IpcError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted)
 }
 
+thread_local! {
+    /// Whether this thread runs inside [`holding_signals`].
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (several transfers in a row, e.g. a request and the messages that follow it) with
+/// signals held back once for all of them: each [`send`] inside skips its own masking (two
+/// system calls).
+pub(crate) fn holding_signals<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HOLDING.with(|holding| holding.set(self.0));
+        }
+    }
+    sys::without_signals(|| {
+        let _restore = Restore(HOLDING.with(|holding| holding.replace(true)));
+        f()
+    })
+}
+
 /// Sends `message` to a peer that is reading (a child right after its start, a fork server).
 pub(crate) fn send<T: Serialize>(sender: &IpcSender<T>, message: T) -> Result<(), IpcError> {
+    if HOLDING.with(Cell::get) {
+        return sender.send(message);
+    }
     sys::without_signals(|| sender.send(message))
 }
 
@@ -64,6 +89,13 @@ pub(crate) fn recv_sent<T>(
 where
     T: for<'de> Deserialize<'de> + Serialize,
 {
+    // Usually it is there already (a child rings after a value, or ends without ringing):
+    // one non-blocking receive, without a poll first.
+    match sys::without_signals(|| receiver.try_recv()) {
+        Err(TryRecvError::Empty) => {}
+        Err(error) if interrupted(&error) => {}
+        other => return other,
+    }
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));

@@ -613,3 +613,46 @@ fn buffered_output_of_a_child_is_flushed_when_it_exits() {
         assert_eq!(written, "rust and c", "{method}");
     }
 }
+
+/// What a child finds about its own process: its parent's pid, whether glibc's descriptor of
+/// its thread holds its thread id, and whether its robust mutex list is registered with the
+/// kernel (a forkserver child is cloned by hand, not by glibc's `fork`, which sets up both).
+fn own_process() -> (u32, bool, bool) {
+    const PR_GET_TID_ADDRESS: libc::c_int = 40;
+    let mut tid: *mut libc::pid_t = std::ptr::null_mut();
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer into `tid`; gettid has no preconditions.
+    let tid_known = unsafe { libc::prctl(PR_GET_TID_ADDRESS, &mut tid as *mut *mut libc::pid_t) }
+        == 0
+        && !tid.is_null()
+        // SAFETY: the address glibc registered for this thread: its descriptor's tid field,
+        // live as long as the thread.
+        && unsafe { tid.read() } == unsafe { libc::gettid() };
+    let mut head: *mut libc::c_void = std::ptr::null_mut();
+    let mut len = 0usize;
+    // SAFETY: get_robust_list(0, ...) writes this thread's list head and size into the locals.
+    let robust = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut *mut libc::c_void,
+            &mut len as *mut usize,
+        )
+    } == 0
+        && !head.is_null();
+    (std::os::unix::process::parent_id(), tid_known, robust)
+}
+
+#[test]
+fn every_child_is_the_starters_own_with_its_thread_set_up_as_by_fork() {
+    for method in StartMethod::ALL {
+        let child = Process::new(own_process)
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert_eq!(
+            child.join_timeout(BOUND).unwrap(),
+            (std::process::id(), true, true),
+            "{method}"
+        );
+    }
+}
