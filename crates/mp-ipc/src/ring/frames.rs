@@ -1,5 +1,9 @@
 //! The frame layout: an 8-byte header (payload length, kind), then the
 //! payload padded to 8 bytes; and how a consumer takes a frame.
+//!
+//! A *skip* frame ([`KIND_SKIP`]) carries no item: its "payload" is the rest
+//! of the ring's lap, which a producer wrapping early (see `ring/wrap.rs`)
+//! leaves unused. It counts no item, and a consumer just steps over it.
 
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -10,6 +14,8 @@ use super::{Payload, Pos, Ring, RingError, io_error};
 pub(super) const FRAME_HEADER: u32 = 8;
 pub(super) const KIND_INLINE: u32 = 1;
 pub(super) const KIND_OUT_OF_BAND: u32 = 2;
+/// A frame that holds no item: the unused end of a lap (see `ring/wrap.rs`).
+pub(super) const KIND_SKIP: u32 = 3;
 /// Payload of an out-of-band frame: region offset, length, item id.
 pub(super) const OUT_OF_BAND_DESCRIPTOR: u32 = 24;
 
@@ -19,6 +25,16 @@ pub(super) fn frame_len(len: u64) -> u64 {
 }
 
 impl Ring {
+    /// Writes, at `tail`, a skip frame `len` bytes long (header included)
+    /// over the rest of the lap; published with the frame after it.
+    pub(super) fn write_skip_frame(&self, tail: Pos, len: u32) {
+        debug_assert!(len >= FRAME_HEADER && len % 8 == 0);
+        let word = (u64::from(KIND_SKIP) << 32) | u64::from(len - FRAME_HEADER);
+        // SAFETY: the header slot is free space at the tail (we hold the
+        // producer lock), 8-aligned since frames are.
+        unsafe { self.data_ptr(tail).cast::<u64>().write(word) };
+    }
+
     /// Writes a frame header for `len` payload bytes at `tail` and
     /// publishes it.
     pub(super) fn publish_frame(&self, tail: Pos, kind: u32, len: u32) {
@@ -33,8 +49,9 @@ impl Ring {
     }
 
     /// Reads the frame at `head` (with `used` bytes published) and
-    /// consumes it. `Ok(None)`: it named an out-of-band item that a dead
-    /// consumer had already taken; it was skipped.
+    /// consumes it. `Ok(None)`: it held no item to deliver (a skip frame, or
+    /// an out-of-band item that a dead consumer had already taken); it was
+    /// stepped over.
     pub(super) fn take_frame<R>(
         &self,
         head: Pos,
@@ -53,6 +70,12 @@ impl Ring {
             return Err(RingError::Corrupted(format!(
                 "frame of {len} bytes, {used} published"
             )));
+        }
+        if kind == KIND_SKIP {
+            // The end of a lap a producer wrapped early from: no item.
+            self.indices()
+                .release(head.advance(frame as u32, 0), self.capacity);
+            return Ok(None);
         }
         let next = head.advance(frame as u32, 1);
         let payload_at = head.advance(FRAME_HEADER, 0);

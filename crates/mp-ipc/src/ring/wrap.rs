@@ -1,0 +1,107 @@
+//! Early wrap: a producer putting large items starts the next lap of the
+//! ring after the first [`SOFT_WINDOW`] bytes instead of at its end, when
+//! the consumer keeps up, so that a stream of large items cycles through
+//! 1 MiB of the ring rather than all of it.
+//!
+//! # Why
+//!
+//! A ring is 8 MiB by default (so that items up to 2 MiB travel inline), and
+//! frames follow each other through all of it. For 64 KiB items passed from
+//! one CPU to the other (`queue_1to1_64k`), every lap then touches 2,048
+//! pages (4 KiB: shared memory gets no transparent huge pages here) and 8 MiB
+//! of lines on each side, four times the 2 MiB L2 of a core. Measured on the
+//! 2-vCPU Zen 5 KVM guest this project benchmarks on, with producer and
+//! consumer on different vCPUs, that ran at one of two speeds, ~20 or ~60
+//! GB/s, from one measurement process to the next; a ring whose frames stay
+//! in its first 1 MiB ran at 55-57 GB/s in the same rounds (and a plain C
+//! model of the ring: 8 MiB ~35, 2 MiB ~43, 1 MiB ~47, 512 KiB ~50 GB/s).
+//! A smaller ring would do the same, but it would send items over a quarter
+//! of it out of band, and it stops a fast producer early: with a 1 MiB
+//! first segment `queue_1to1_8b` fell from 12.8 to 9.9 M items/s, since its
+//! producer then waits for room in lockstep with the consumer.
+//!
+//! # How
+//!
+//! Only for frames of [`MIN_WRAP_FRAME`] to [`MAX_WRAP_FRAME`] bytes, in rings
+//! of at least [`MIN_WRAP_CAPACITY`], and predicted from the last frame this
+//! process put (the size is known only once encoded): when the next frame
+//! would end beyond [`SOFT_WINDOW`] into the lap, the producer writes a skip
+//! frame (`frames::KIND_SKIP`, no item) over the rest of the lap and the
+//! item at the start of the next lap, and publishes both with one store of
+//! `tail`. That needs the rest of the lap *and* the frame free, i.e. the
+//! consumer past the first frame of the current lap. If the room is not
+//! there, the producer waits for it only briefly (one adaptive spin, see
+//! [`Spinner`](super::Spinner), never a sleep, never for `try_` puts) and
+//! only when a frame or two of gets would make it; otherwise it puts the
+//! item where it always did, right after `tail`. So the early wrap never
+//! makes a put wait for room the ring has, and a consumer that falls behind
+//! still gets the whole ring; the producer returns to the first 1 MiB at a
+//! later put, once the consumer has caught up.
+//!
+//! The index protocol is unchanged: a skip frame is published and released
+//! like any frame (it advances the byte position, not the item count), so
+//! the loom models of `indices.rs` cover it.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{Pos, Ring, Wait};
+
+/// Bytes at the start of each lap that a stream of large frames stays in.
+pub(super) const SOFT_WINDOW: u32 = 1 << 20;
+/// Smallest frame that wraps early: below it, a frame costs its producer
+/// and consumer little bandwidth, and waiting for the consumer (to free the
+/// start of the lap) could cost more than the footprint saves.
+pub(super) const MIN_WRAP_FRAME: u32 = 16 << 10;
+/// Largest frame that wraps early (a quarter of the window).
+pub(super) const MAX_WRAP_FRAME: u32 = SOFT_WINDOW / 4;
+/// Smallest ring that wraps early.
+pub(super) const MIN_WRAP_CAPACITY: u32 = 4 * SOFT_WINDOW;
+
+impl Ring {
+    /// Whether the producer, whose next frame would start at `tail`, should
+    /// start it at the next lap instead: then the bytes from `tail` to the
+    /// end of the lap (the skip frame's length).
+    pub(super) fn early_wrap(&self, tail: Pos) -> Option<u32> {
+        if self.capacity < MIN_WRAP_CAPACITY {
+            return None;
+        }
+        let predicted = self.last_frame.load(Relaxed);
+        if !(MIN_WRAP_FRAME..=MAX_WRAP_FRAME).contains(&predicted) {
+            return None;
+        }
+        let offset = tail.bytes() & (self.capacity - 1);
+        if offset == 0 || offset + predicted <= SOFT_WINDOW {
+            return None;
+        }
+        Some(self.capacity - offset)
+    }
+
+    /// A head that shows room for `skip` bytes after `tail` and then a frame
+    /// of the predicted size, waiting for it as the module docs say; `None`
+    /// when the room is not there (then the item goes right after `tail`).
+    pub(super) fn room_to_wrap(&self, tail: Pos, head: Pos, skip: u32, wait: Wait) -> Option<Pos> {
+        let indices = self.indices();
+        let producer = &self.header().producer.0;
+        let needed = u64::from(skip) + u64::from(self.last_frame.load(Relaxed));
+        let free = |head: Pos| u64::from(self.capacity.saturating_sub(head.used_bytes(tail)));
+        if free(head) >= needed {
+            return Some(head);
+        }
+        let head = indices.head();
+        producer.cached_head.store(head.0, Relaxed);
+        let missing = needed.saturating_sub(free(head));
+        if missing == 0 {
+            return Some(head);
+        }
+        let predicted = u64::from(self.last_frame.load(Relaxed));
+        if matches!(wait, Wait::Never) || missing > 2 * predicted {
+            return None;
+        }
+        if !self.spinner.spin(|| free(indices.head()) >= needed) {
+            return None;
+        }
+        let head = indices.head();
+        producer.cached_head.store(head.0, Relaxed);
+        (free(head) >= needed).then_some(head)
+    }
+}
