@@ -24,6 +24,15 @@ pub(super) fn frame_len(len: u64) -> u64 {
     u64::from(FRAME_HEADER) + len.next_multiple_of(8)
 }
 
+/// Where the payload of a frame being consumed lies (positions, not
+/// references: see [`Ring::consume`]).
+pub(super) enum PayloadAt {
+    /// `len` bytes in the ring at `at`.
+    Inline { at: Pos, len: usize },
+    /// `len` bytes of the memfd at `offset`.
+    OutOfBand { offset: u64, len: usize },
+}
+
 impl Ring {
     /// Writes, at `tail`, a skip frame `len` bytes long (header included)
     /// over the rest of the lap; published with the frame after it.
@@ -83,7 +92,10 @@ impl Ring {
         let payload = unsafe { self.published(payload_at, len as usize) };
         match kind {
             KIND_INLINE => Ok(Some(self.consume(
-                Payload::Inline(payload),
+                PayloadAt::Inline {
+                    at: payload_at,
+                    len: len as usize,
+                },
                 read,
                 None,
                 next,
@@ -123,8 +135,7 @@ impl Ring {
                         ))
                     })?;
                 let region = (offset, REGION_HEADER + item_len);
-                let payload = Payload::OutOfBand {
-                    file: &self.file,
+                let payload = PayloadAt::OutOfBand {
                     offset: offset + REGION_HEADER,
                     len,
                 };
@@ -139,15 +150,33 @@ impl Ring {
     /// Calls `read` on `payload`, frees the out-of-band `region` if any,
     /// then advances the head to `next` — also if `read` panics (the
     /// item is dropped, as a normal return would have consumed it).
+    ///
+    /// The payload is lent to `read` only for that call: no reference to
+    /// the frame's bytes is alive when the head moves past them (a
+    /// producer may write there from then on; Miri checks it).
     pub(super) fn consume<R>(
         &self,
-        payload: Payload<'_>,
+        payload: PayloadAt,
         read: &mut Option<impl FnOnce(Payload<'_>) -> R>,
         region: Option<(u64, u64)>,
         next: Pos,
     ) -> R {
         let read = read.take().expect("one frame is delivered per pop");
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(payload)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read(match payload {
+                // SAFETY: `len` published bytes at `at` (checked by
+                // `take_frame`), ours under the consumer lock until the
+                // release below, which follows this call.
+                PayloadAt::Inline { at, len } => {
+                    Payload::Inline(unsafe { self.published(at, len) })
+                }
+                PayloadAt::OutOfBand { offset, len } => Payload::OutOfBand {
+                    file: &self.file,
+                    offset,
+                    len,
+                },
+            })
+        }));
         // Punch before advancing: a region is never in use once its frame
         // is behind the head (the heap restarts on an empty ring).
         if let Some((offset, len)) = region {

@@ -77,8 +77,8 @@ use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
 
 use crate::message_handles::Carrier;
@@ -887,8 +887,7 @@ impl Ring {
                 if let Some(len) = item.encode_into(space, carrier)? {
                     self.write_skip_frame(tail, skip);
                     self.publish_frame(start, KIND_INLINE, len as u32);
-                    self.last_frame
-                        .store(frame_len(len as u64) as u32, Relaxed);
+                    self.last_frame.store(frame_len(len as u64) as u32, Relaxed);
                     return Ok(());
                 }
                 // Larger than predicted: put where it always goes.
@@ -904,8 +903,7 @@ impl Ring {
                 let space = unsafe { self.free_space(payload_at, window as usize) };
                 if let Some(len) = item.encode_into(space, carrier)? {
                     self.publish_frame(tail, KIND_INLINE, len as u32);
-                    self.last_frame
-                        .store(frame_len(len as u64) as u32, Relaxed);
+                    self.last_frame.store(frame_len(len as u64) as u32, Relaxed);
                     return Ok(());
                 }
             }

@@ -105,3 +105,155 @@ impl Ring {
         (free(head) >= needed).then_some(head)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ring::{RawBytes, RingConfig, RingError};
+
+    const CAPACITY: usize = 8 << 20;
+    const ITEM: usize = 64 << 10;
+
+    fn ring() -> Arc<Ring> {
+        Arc::new(
+            Ring::create(RingConfig {
+                capacity: CAPACITY,
+                max_items: None,
+                type_tag: 7,
+                doorbell: false,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn item(seq: u32, len: usize) -> Vec<u8> {
+        let mut item: Vec<u8> = (0..len).map(|i| (i as u32 ^ seq) as u8).collect();
+        item[..4].copy_from_slice(&seq.to_le_bytes());
+        item
+    }
+
+    fn put(ring: &Ring, bytes: &[u8]) {
+        ring.push(&RawBytes(bytes), Wait::Never, None).unwrap();
+    }
+
+    fn get(ring: &Ring) -> Vec<u8> {
+        ring.pop(Wait::Never, None, |p| p.to_vec().unwrap())
+            .unwrap()
+    }
+
+    fn tail_offset(ring: &Ring) -> u32 {
+        ring.indices().tail().bytes() & (ring.capacity - 1)
+    }
+
+    #[test]
+    fn large_items_stay_at_the_start_of_the_lap_while_the_consumer_keeps_up() {
+        let ring = ring();
+        let frame = 8 + ITEM as u32;
+        for seq in 0..600 {
+            // Two laps' worth of the whole ring, one window's worth ahead.
+            put(&ring, &item(seq, ITEM));
+            if seq >= 8 {
+                assert_eq!(get(&ring), item(seq - 8, ITEM));
+            }
+            assert!(
+                tail_offset(&ring) <= SOFT_WINDOW + frame,
+                "{}",
+                tail_offset(&ring)
+            );
+        }
+        for seq in 592..600 {
+            assert_eq!(get(&ring), item(seq, ITEM));
+        }
+        assert_eq!(ring.len(), 0);
+        assert!(matches!(
+            ring.pop(Wait::Never, None, |_| ()),
+            Err(RingError::Empty)
+        ));
+    }
+
+    #[test]
+    fn a_consumer_that_falls_behind_still_gets_the_whole_ring_without_waits() {
+        let ring = ring();
+        // 120 items of 64 KiB: most of the ring, far beyond the window;
+        // every put succeeds at once (`Wait::Never`).
+        for seq in 0..120 {
+            put(&ring, &item(seq, ITEM));
+        }
+        assert!(tail_offset(&ring) > 7 << 20);
+        for seq in 0..120 {
+            assert_eq!(get(&ring), item(seq, ITEM));
+        }
+        // Caught up: the next large put starts the next lap.
+        put(&ring, &item(120, ITEM));
+        assert_eq!(tail_offset(&ring), 8 + ITEM as u32);
+        assert_eq!(ring.len(), 1, "a skip frame counts no item");
+        assert_eq!(get(&ring), item(120, ITEM));
+        assert_eq!(ring.len(), 0);
+    }
+
+    #[test]
+    fn items_of_every_size_around_the_prediction_keep_their_order() {
+        let ring = ring();
+        let sizes = [
+            ITEM,
+            ITEM,
+            3,
+            MAX_WRAP_FRAME as usize - 8,
+            MAX_WRAP_FRAME as usize + 1000,
+            (MIN_WRAP_FRAME as usize) - 100,
+            ITEM,
+            200 << 10,
+            0,
+            ITEM,
+        ];
+        let mut expected = std::collections::VecDeque::new();
+        for seq in 0..2_000u32 {
+            let len = sizes[seq as usize % sizes.len()].max(4);
+            let bytes = item(seq, len);
+            put(&ring, &bytes);
+            expected.push_back(bytes);
+            // The consumer lags by a varying number of items.
+            while expected.len() > (seq as usize % 7) {
+                assert_eq!(get(&ring), expected.pop_front().unwrap());
+            }
+        }
+        while let Some(bytes) = expected.pop_front() {
+            assert_eq!(get(&ring), bytes);
+        }
+        assert_eq!(ring.len(), 0);
+    }
+
+    #[test]
+    fn threads_passing_large_items_lose_and_reorder_nothing() {
+        let ring = ring();
+        const ITEMS: u32 = 3_000;
+        let producer = {
+            let ring = Arc::clone(&ring);
+            std::thread::spawn(move || {
+                for seq in 0..ITEMS {
+                    let len = [ITEM, 20 << 10, ITEM + 8, 100, 150 << 10][seq as usize % 5];
+                    ring.push(
+                        &RawBytes(&item(seq, len)),
+                        Wait::timeout(Duration::from_secs(20)),
+                        None,
+                    )
+                    .unwrap();
+                }
+            })
+        };
+        for seq in 0..ITEMS {
+            let len = [ITEM, 20 << 10, ITEM + 8, 100, 150 << 10][seq as usize % 5];
+            let got = ring
+                .pop(Wait::timeout(Duration::from_secs(20)), None, |p| {
+                    p.to_vec().unwrap()
+                })
+                .unwrap();
+            assert!(got == item(seq, len), "item {seq} differs");
+        }
+        producer.join().unwrap();
+        assert_eq!(ring.len(), 0);
+    }
+}
