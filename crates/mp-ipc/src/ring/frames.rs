@@ -37,7 +37,7 @@ impl Ring {
     /// Writes, at `tail`, a skip frame `len` bytes long (header included)
     /// over the rest of the lap; published with the frame after it.
     pub(super) fn write_skip_frame(&self, tail: Pos, len: u32) {
-        debug_assert!(len >= FRAME_HEADER && len % 8 == 0);
+        debug_assert!(len >= FRAME_HEADER && len.is_multiple_of(8));
         let word = (u64::from(KIND_SKIP) << 32) | u64::from(len - FRAME_HEADER);
         // SAFETY: the header slot is free space at the tail (we hold the
         // producer lock), 8-aligned since frames are.
@@ -164,10 +164,10 @@ impl Ring {
         let read = read.take().expect("one frame is delivered per pop");
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             read(match payload {
-                // SAFETY: `len` published bytes at `at` (checked by
-                // `take_frame`), ours under the consumer lock until the
-                // release below, which follows this call.
                 PayloadAt::Inline { at, len } => {
+                    // SAFETY: `len` published bytes at `at` (checked by
+                    // `take_frame`), ours under the consumer lock until the
+                    // release below, which follows this call.
                     Payload::Inline(unsafe { self.published(at, len) })
                 }
                 PayloadAt::OutOfBand { offset, len } => Payload::OutOfBand {

@@ -49,6 +49,11 @@
 //!   writing a region leaves a record that the next producer uses to punch it.
 //!   No descriptor is passed per item, so any number of consumer processes can
 //!   take out-of-band items.
+//! * Large items (16-256 KiB frames) *wrap early* while the consumer keeps
+//!   up: past the first 1 MiB of a lap, the producer publishes a skip frame
+//!   over the rest of the lap together with the item at the start of the next
+//!   one, so that a stream of them cycles through 1 MiB of the ring instead
+//!   of all of it (`wrap.rs` says why and when).
 
 mod codec;
 mod frames;
