@@ -94,8 +94,9 @@ use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
 pub(crate) const HEADER_LEN: usize = 4096;
 /// Page size the ring and the out-of-band regions are aligned to.
 const PAGE: u64 = 4096;
-/// "mp-ring2" in ASCII: identifies an initialised ring header.
-const MAGIC: u64 = u64::from_le_bytes(*b"mp-ring2");
+/// "mp-ring3" in ASCII: identifies an initialised ring header (3: frames
+/// may be skip frames, see `wrap.rs`).
+const MAGIC: u64 = u64::from_le_bytes(*b"mp-ring3");
 /// Smallest and largest ring.
 pub(crate) const MIN_CAPACITY: usize = 4096;
 pub(crate) const MAX_CAPACITY: usize = 1 << 31;

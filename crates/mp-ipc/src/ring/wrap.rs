@@ -6,19 +6,27 @@
 //! # Why
 //!
 //! A ring is 8 MiB by default (so that items up to 2 MiB travel inline), and
-//! frames follow each other through all of it. For 64 KiB items passed from
-//! one CPU to the other (`queue_1to1_64k`), every lap then touches 2,048
-//! pages (4 KiB: shared memory gets no transparent huge pages here) and 8 MiB
-//! of lines on each side, four times the 2 MiB L2 of a core. Measured on the
-//! 2-vCPU Zen 5 KVM guest this project benchmarks on, with producer and
-//! consumer on different vCPUs, that ran at one of two speeds, ~20 or ~60
-//! GB/s, from one measurement process to the next; a ring whose frames stay
-//! in its first 1 MiB ran at 55-57 GB/s in the same rounds (and a plain C
-//! model of the ring: 8 MiB ~35, 2 MiB ~43, 1 MiB ~47, 512 KiB ~50 GB/s).
-//! A smaller ring would do the same, but it would send items over a quarter
-//! of it out of band, and it stops a fast producer early: with a 1 MiB
-//! first segment `queue_1to1_8b` fell from 12.8 to 9.9 M items/s, since its
-//! producer then waits for room in lockstep with the consumer.
+//! frames follow each other through all of it: for 64 KiB items every lap
+//! touches 2,048 pages (4 KiB: shared memory gets no transparent huge pages
+//! on the machine measured) and 8 MiB of cache lines on each side, four times
+//! a core's 2 MiB L2. On the 2-vCPU Zen 5 KVM guest this project benchmarks
+//! on, `queue_1to1_64k` then ran at ~20, ~35 or ~60 GB/s from one measurement
+//! process to the next; with the early wrap it runs at 55-58 GB/s in the same
+//! interleaved rounds (11 rounds of `mp-bench measure`, each started on an
+//! idle machine: 36.5 against 57.7 GB/s median, 9 of 11 runs at 55 or more
+//! against 3 of 11; the other two read ~35, as do both builds whenever other
+//! work holds a vCPU).
+//! A C model of the ring (two processes, a memfd, spinning indices) read
+//! ~35 GB/s with an 8 MiB ring, ~40 with 2 MiB, ~47 with 1 MiB and ~50 with
+//! 512 KiB; the window of 512 KiB measured the same as 1 MiB in the
+//! benchmark. That the cost is the footprint (TLB reach under nested paging,
+//! and lines coming from L3 or memory rather than the other core's L2) is
+//! our reading, not a measurement: the VM exposes no performance counters.
+//!
+//! A smaller ring would do the same, but it sends items over a quarter of it
+//! out of band, and it stops a fast producer early: with a 1 MiB first
+//! segment `queue_1to1_8b` fell from 12.8 to 9.9 M items/s, its producer then
+//! waiting for room in lockstep with the consumer.
 //!
 //! # How
 //!
@@ -33,8 +41,8 @@
 //! there, the producer waits for it only briefly (one adaptive spin, see
 //! [`Spinner`](super::Spinner), never a sleep, never for `try_` puts) and
 //! only when a frame or two of gets would make it; otherwise it puts the
-//! item where it always did, right after `tail`. So the early wrap never
-//! makes a put wait for room the ring has, and a consumer that falls behind
+//! item where it always did, right after `tail`. So when the ring has room a
+//! put waits at most one short spin, and a consumer that falls behind
 //! still gets the whole ring; the producer returns to the first 1 MiB at a
 //! later put, once the consumer has caught up.
 //!
