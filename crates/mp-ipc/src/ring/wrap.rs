@@ -39,8 +39,11 @@
 //! `tail`. That needs the rest of the lap *and* the frame free, i.e. the
 //! consumer past the first frame of the current lap. If the room is not
 //! there, the producer waits for it only briefly (one adaptive spin, see
-//! [`Spinner`](super::Spinner), never a sleep, never for `try_` puts) and
-//! only when a frame or two of gets would make it; otherwise it puts the
+//! [`Spinner`](super::Spinner), never a sleep) and only when a frame or two
+//! of gets would make it, and not at all when its caller does not wait for
+//! room: `try_` puts, and the first attempt of every queue put
+//! (`queue/segments.rs`), which so wraps early only when the room is there
+//! already (as it is for `queue_1to1_64k`'s consumer); otherwise it puts the
 //! item where it always did, right after `tail`. So when the ring has room a
 //! put waits at most one short spin, and a consumer that falls behind
 //! still gets the whole ring; the producer returns to the first 1 MiB at a
