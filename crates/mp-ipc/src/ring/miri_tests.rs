@@ -201,3 +201,46 @@ fn miri_ring_close_wakes_a_blocked_put_and_a_blocked_get() {
         Err(RingError::Closed)
     ));
 }
+
+/// Large items wrap early (`wrap.rs`): skip frames at the end of the first
+/// 1 MiB of each lap, published with the item after them and stepped over
+/// by the consumer; first in one thread (where the wraps are certain), then
+/// with a consumer racing the producer.
+#[test]
+fn miri_ring_large_items_wrap_early_across_threads() {
+    let ring = heap_ring(wrap::MIN_WRAP_CAPACITY as usize, None);
+    let len = wrap::MIN_WRAP_FRAME as usize;
+    let window_end = wrap::SOFT_WINDOW + frame_len(len as u64) as u32;
+    // A lap's first 1 MiB holds ~64 items: 140 make two early wraps.
+    for seq in 0..140u32 {
+        push_bytes(&ring, &vec![seq as u8; len], Wait::Never).unwrap();
+        if seq >= 2 {
+            assert_eq!(
+                pop_bytes(&ring, Wait::Never).unwrap(),
+                vec![(seq - 2) as u8; len]
+            );
+        }
+        assert!(ring.indices().tail().bytes() & (ring.capacity - 1) <= window_end);
+    }
+    for seq in 138..140u32 {
+        assert_eq!(pop_bytes(&ring, Wait::Never).unwrap(), vec![seq as u8; len]);
+    }
+    let items: u32 = if cfg!(miri) { 140 } else { 2_000 };
+    let producer = {
+        let ring = Arc::clone(&ring);
+        std::thread::spawn(move || {
+            for seq in 0..items {
+                push_bytes(&ring, &vec![seq as u8; len], patient()).unwrap();
+            }
+        })
+    };
+    for seq in 0..items {
+        let got = pop_bytes(&ring, patient()).unwrap();
+        assert!(
+            got.len() == len && got.iter().all(|&b| b == seq as u8),
+            "item {seq}"
+        );
+    }
+    producer.join().unwrap();
+    assert_eq!(ring.len(), 0);
+}

@@ -49,6 +49,11 @@
 //!   writing a region leaves a record that the next producer uses to punch it.
 //!   No descriptor is passed per item, so any number of consumer processes can
 //!   take out-of-band items.
+//! * Large items (16-256 KiB frames) *wrap early* while the consumer keeps
+//!   up: past the first 1 MiB of a lap, the producer publishes a skip frame
+//!   over the rest of the lap together with the item at the start of the next
+//!   one, so that a stream of them cycles through 1 MiB of the ring instead
+//!   of all of it (`wrap.rs` says why and when).
 
 mod codec;
 mod frames;
@@ -62,6 +67,7 @@ mod miri_tests;
 #[cfg(all(test, not(loom)))]
 mod proptests;
 mod spinner;
+mod wrap;
 
 /// 16 random bytes (the listener's challenges use it too).
 pub(crate) use crate::transport::random_bytes as random_token;
@@ -76,8 +82,8 @@ use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
 
 use crate::message_handles::Carrier;
@@ -88,8 +94,9 @@ use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
 pub(crate) const HEADER_LEN: usize = 4096;
 /// Page size the ring and the out-of-band regions are aligned to.
 const PAGE: u64 = 4096;
-/// "mp-ring2" in ASCII: identifies an initialised ring header.
-const MAGIC: u64 = u64::from_le_bytes(*b"mp-ring2");
+/// "mp-ring3" in ASCII: identifies an initialised ring header (3: frames
+/// may be skip frames, see `wrap.rs`).
+const MAGIC: u64 = u64::from_le_bytes(*b"mp-ring3");
 /// Smallest and largest ring.
 pub(crate) const MIN_CAPACITY: usize = 4096;
 pub(crate) const MAX_CAPACITY: usize = 1 << 31;
@@ -288,6 +295,9 @@ pub(crate) struct Ring {
     max_items: u32,
     max_inline_frame: u32,
     spinner: Spinner,
+    /// Bytes of the last inline frame this process put: what the next is
+    /// expected to be, for the early wrap (`wrap.rs`).
+    last_frame: AtomicU32,
 }
 
 /// The two ends of a ring's `SOCK_SEQPACKET` socket pair for the
@@ -417,6 +427,7 @@ impl Ring {
             max_items: 0,
             max_inline_frame: 0,
             spinner: Spinner::new(),
+            last_frame: AtomicU32::new(0),
         };
         ring.initialise(config)
     }
@@ -593,6 +604,7 @@ impl Ring {
                 max_items: 0,
                 max_inline_frame: 0,
                 spinner: Spinner::new(),
+                last_frame: AtomicU32::new(0),
             })
         }
     }
@@ -849,6 +861,7 @@ impl Ring {
         let tail = Pos(indices.tail.0.load(Relaxed));
         let mut head = Pos(producer.cached_head.load(Relaxed));
         let mut encoded_len = None;
+        let mut wrap = self.early_wrap(tail);
         loop {
             if !indices.is_open() {
                 return Err(RingError::Closed);
@@ -860,6 +873,32 @@ impl Ring {
             }
             let free = self.capacity - used;
             let slot_free = self.max_items == 0 || head.used_items(tail) < self.max_items;
+            // Large items start the next lap early when the consumer keeps
+            // up (`wrap.rs`); tried once, before the usual place.
+            if let Some(skip) = wrap.take()
+                && slot_free
+                && let Some(seen) = self.room_to_wrap(tail, head, skip, wait)
+            {
+                head = seen;
+                // `room_to_wrap` saw `skip` + one predicted frame (at least
+                // `MIN_WRAP_FRAME`, far more than a header) free.
+                let free = self.capacity - head.used_bytes(tail) - skip;
+                let start = tail.advance(skip, 0);
+                let window = free.min(self.max_inline_frame) - FRAME_HEADER;
+                // SAFETY: we hold the producer lock, and the window lies in
+                // the free space after `tail` + `skip` (the start of the
+                // next lap), which `room_to_wrap` saw free.
+                let space =
+                    unsafe { self.free_space(start.advance(FRAME_HEADER, 0), window as usize) };
+                if let Some(len) = item.encode_into(space, carrier)? {
+                    self.write_skip_frame(tail, skip);
+                    self.publish_frame(start, KIND_INLINE, len as u32);
+                    self.last_frame.store(frame_len(len as u64) as u32, Relaxed);
+                    return Ok(());
+                }
+                // Larger than predicted: put where it always goes.
+                continue;
+            }
             // `>=`: with exactly a header of room an empty item still fits
             // (the wait for room below agrees, so `>` spun forever there).
             if slot_free && free >= FRAME_HEADER {
@@ -870,6 +909,7 @@ impl Ring {
                 let space = unsafe { self.free_space(payload_at, window as usize) };
                 if let Some(len) = item.encode_into(space, carrier)? {
                     self.publish_frame(tail, KIND_INLINE, len as u32);
+                    self.last_frame.store(frame_len(len as u64) as u32, Relaxed);
                     return Ok(());
                 }
             }
