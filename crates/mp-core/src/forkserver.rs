@@ -386,8 +386,9 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 drop((requests, replies, doorbell));
                 // SAFETY: this child of the single-threaded server has one thread.
                 let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
-                // Its parent is the server's (the requester).
-                let code = if !child::prepare_child_process(parent) {
+                // Its parent is the server's (the requester). SIGPIPE is ignored already:
+                // the disposition the server set is inherited.
+                let code = if !crate::sys::die_with_parent(parent) {
                     EXIT_ORPHANED
                 } else if let Err(message) = adopted {
                     child::fail(&message)
