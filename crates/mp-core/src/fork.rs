@@ -59,7 +59,7 @@ pub(crate) fn fork_child(
                 EXIT_ORPHANED
             } else {
                 match transfer::recv_timeout(&receiver, None) {
-                    Ok(header) => child::serve(receiver, header, bell, sidecar),
+                    Ok(header) => child::serve(Some(receiver), header, bell, sidecar),
                     Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                 }
             };

@@ -88,6 +88,9 @@ impl<M, F: Entry<M>> Process<M, F> {
     /// function and argument.
     pub fn start(self) -> Result<Child<F::Output>, ProcessError> {
         refuse_if_bootstrap_did_not_run()?;
+        // A function of no argument: its child makes the argument itself (`()`), so none is
+        // sent (see `Header::default_args`).
+        let default_args = self.args.is_none();
         let args = self
             .args
             .or_else(F::default_args)
@@ -113,13 +116,14 @@ impl<M, F: Entry<M>> Process<M, F> {
         let header_name = name.clone();
         let make_header = move |outcome: OpaqueIpcSender| Header {
             entry: child::process_entry::<M, F>(),
-            run_key,
-            identity,
-            name: header_name,
+            run_key: run_key.clone(),
+            identity: identity.clone(),
+            name: header_name.clone(),
             daemon,
-            parent,
+            parent: parent.clone(),
             outcome,
             args: None,
+            default_args,
         };
         let new_outcome_channel = || {
             ipc::channel::<Outcome<Packed<F::Output>>>()
@@ -127,7 +131,7 @@ impl<M, F: Entry<M>> Process<M, F> {
         };
         // The receiving end of the child's outcome channel, once made.
         let outcome_slot: Arc<Mutex<Option<OpaqueIpcReceiver>>> = Arc::default();
-        let mut args = Some(args);
+        let mut args = (!default_args).then_some(args);
         // A forked child gets its header and argument sent before it runs (fork: before the
         // fork; forkserver: while the server forks), so it need not wait for them. Only if
         // the header is small (the name is the program's): like the argument's, its message
@@ -136,6 +140,15 @@ impl<M, F: Entry<M>> Process<M, F> {
         // while the server wakes up and forks, not before the request (a socket pair costs
         // about 8 us to create on the project's VM).
         let (header, first) = match method {
+            // A forkserver child of a function of no argument needs nothing but its header:
+            // it travels in the request to the server, and the child finds it in the memory
+            // it copies from the server (no channel of its own, see `forkserver::First`).
+            StartMethod::ForkServer if small && default_args => {
+                let (outcome_tx, outcome_rx) = new_outcome_channel()?;
+                *outcome_slot.lock() = Some(outcome_rx.to_opaque());
+                let make = move || make_header(outcome_tx.clone().to_opaque());
+                (None, Some(forkserver::First::Inline(Box::new(make))))
+            }
             StartMethod::Fork | StartMethod::ForkServer if small => {
                 let sidecar = sidecar
                     .try_clone()
@@ -148,7 +161,7 @@ impl<M, F: Entry<M>> Process<M, F> {
                     let header = make_header(outcome_tx.to_opaque());
                     send_header_and_args(channel, Some(header), args, sidecar.as_fd())
                 }) as launcher::SendFirst;
-                (None, Some(first))
+                (None, Some(forkserver::First::Send(first)))
             }
             _ => {
                 let (outcome_tx, outcome_rx) = new_outcome_channel()?;
@@ -196,11 +209,13 @@ impl<M, F: Entry<M>> Process<M, F> {
             }),
             sidecar,
         };
-        let channel = launched.channel.to_opaque();
+        // `None`: the header travelled in the fork server's request, and there is no argument.
+        let channel = launched.channel.map(IpcSender::to_opaque);
+        debug_assert!(channel.is_some() || (header.is_none() && args.is_none()));
         let sent = early
             .transpose()
-            .and_then(|args_channel| match header {
-                Some(header) => {
+            .and_then(|args_channel| match (header, &channel) {
+                (Some(header), Some(channel)) => {
                     let header = Header {
                         args: args_channel,
                         ..header
@@ -208,13 +223,13 @@ impl<M, F: Entry<M>> Process<M, F> {
                     transfer::send(&channel.clone().to::<Header>(), header)
                 }
                 // Sent by the launcher already.
-                None => Ok(()),
+                _ => Ok(()),
             })
-            .and_then(|()| match args.take() {
-                Some(args) => payload::with_sidecar(child.sidecar.as_fd(), || {
+            .and_then(|()| match (args.take(), channel) {
+                (Some(args), Some(channel)) => payload::with_sidecar(child.sidecar.as_fd(), || {
                     transfer::send(&channel.to::<Packed<F::Args>>(), Packed(args))
                 }),
-                None => Ok(()),
+                _ => Ok(()),
             });
         if let Err(e) = sent {
             let _ = child.kill();
@@ -290,7 +305,8 @@ struct Launched {
     pid: u32,
     pidfd: std::os::fd::OwnedFd,
     watch: ExitWatch,
-    channel: IpcSender<Header>,
+    /// The child's header channel (`None`: see [`forkserver::First::Inline`]).
+    channel: Option<IpcSender<Header>>,
 }
 
 /// A child created on the launcher thread: connected already, or (spawned) still to be
@@ -310,7 +326,7 @@ impl Launching {
                     pid: spawned.pid,
                     pidfd: spawned.pidfd,
                     watch: ExitWatch::Direct,
-                    channel: spawned.channel,
+                    channel: Some(spawned.channel),
                 })
             }
         }
@@ -321,7 +337,7 @@ fn launch(
     method: StartMethod,
     bell: OwnedFd,
     sidecar: OwnedFd,
-    first: Option<launcher::SendFirst>,
+    first: Option<forkserver::First>,
 ) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {
@@ -336,12 +352,25 @@ fn launch(
             Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
+            let first = first.map(|first| match first {
+                forkserver::First::Send(first) => first,
+                // Only made for the fork server; sent on the channel here.
+                forkserver::First::Inline(mut make) => {
+                    Box::new(move |channel: &IpcSender<Header>| {
+                        transfer::send(channel, make()).map_err(|e| {
+                            ProcessError::StartFailed(format!(
+                                "could not send the header to the child: {e:?}"
+                            ))
+                        })
+                    }) as launcher::SendFirst
+                }
+            });
             let (pid, pidfd, channel) = fork::fork_child(bell, sidecar, first)?;
             Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
                 watch: ExitWatch::Direct,
-                channel,
+                channel: Some(channel),
             }))
         }
         StartMethod::ForkServer => {

@@ -94,6 +94,9 @@ pub(crate) struct Header {
     /// The channel the argument was sent on before the child connected (spawn: the parent
     /// sends it while the child starts); `None`: it follows this header on the same channel.
     pub args: Option<OpaqueIpcReceiver>,
+    /// The function takes no argument and is called with its default (`()`): no argument
+    /// is sent, and `args` is `None`.
+    pub default_args: bool,
 }
 
 /// What a child sends back at the end of a process.
