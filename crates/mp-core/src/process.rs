@@ -140,10 +140,11 @@ impl<M, F: Entry<M>> Process<M, F> {
         // while the server wakes up and forks, not before the request (a socket pair costs
         // about 8 us to create on the project's VM).
         let (header, first) = match method {
-            // A forkserver child of a function of no argument needs nothing but its header:
-            // it travels in the request to the server, and the child finds it in the memory
-            // it copies from the server (no channel of its own, see `forkserver::First`).
-            StartMethod::ForkServer if small && default_args => {
+            // A forked child of a function of no argument needs nothing but its header: it
+            // finds it in the memory it copies (fork: this process's; forkserver: the
+            // server's, which got it in the request), with no channel of its own (see
+            // `forkserver::First`).
+            StartMethod::Fork | StartMethod::ForkServer if small && default_args => {
                 let (outcome_tx, outcome_rx) = new_outcome_channel()?;
                 *outcome_slot.lock() = Some(outcome_rx.to_opaque());
                 let make = move || make_header(outcome_tx.clone().to_opaque());
@@ -352,25 +353,12 @@ fn launch(
             Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
-            let first = first.map(|first| match first {
-                forkserver::First::Send(first) => first,
-                // Only made for the fork server; sent on the channel here.
-                forkserver::First::Inline(mut make) => {
-                    Box::new(move |channel: &IpcSender<Header>| {
-                        transfer::send(channel, make()).map_err(|e| {
-                            ProcessError::StartFailed(format!(
-                                "could not send the header to the child: {e:?}"
-                            ))
-                        })
-                    }) as launcher::SendFirst
-                }
-            });
             let (pid, pidfd, channel) = fork::fork_child(bell, sidecar, first)?;
             Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
                 watch: ExitWatch::Direct,
-                channel: Some(channel),
+                channel,
             }))
         }
         StartMethod::ForkServer => {
