@@ -3,7 +3,9 @@
 //! fork's speed from a small, clean process, without inheriting the parent's threads, locks or
 //! memory.
 //!
-//! Requests travel over an ipc-channel (so they can carry the child's own channel); a
+//! Requests travel over an ipc-channel (so they can carry the child's own channel, or, for a
+//! function of no argument, the child's whole header, which the child then finds in the
+//! memory it copies from the server: see [`First`]); a
 //! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
 //! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its sidecar, which
 //! ipc-channel cannot carry. The server's single thread sleeps in a blocking `recvmsg` on the

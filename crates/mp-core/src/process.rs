@@ -181,9 +181,9 @@ impl<M, F: Entry<M>> Process<M, F> {
         // sent meanwhile, on a channel of its own that the header names, instead of after it
         // connects. (The send cannot block: a large value goes to a memfd, and the message
         // that stays inline is bounded well below the socket's buffer, see `payload`.) A
-        // zero-sized argument (a function without one) has nothing to encode: it follows the
-        // header, which saves that channel (a socket pair: 14 us to create and close on the
-        // project's VM, and a descriptor passed and received).
+        // function of no argument has nothing to send: its child makes the `()` itself (see
+        // `Header::default_args`), which saves that channel (a socket pair: 14 us to create
+        // and close on the project's VM, and a descriptor passed and received).
         decode_error::clear();
         let early = (matches!(launching, Launching::Spawned(_))
             && std::mem::size_of::<F::Args>() != 0)

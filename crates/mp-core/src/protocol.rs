@@ -78,7 +78,8 @@ pub struct ProcessInfo {
 }
 
 /// The first message a child receives: what to run and who it is. The function's argument
-/// follows on the same channel as a second message, typed by the function's trampoline.
+/// follows on the same channel as a second message, typed by the function's trampoline
+/// (unless the function takes none: [`Header::default_args`]).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Header {
     /// The process trampoline to run. Raw, because the child can only check ids once it has
