@@ -48,7 +48,7 @@ fn serve_spawned(parent: u32) -> i32 {
     // SAFETY: likewise for the child's end of its sidecar, at SIDECAR_FD.
     let sidecar = unsafe { OwnedFd::from_raw_fd(SIDECAR_FD) };
     match child::rendezvous() {
-        Ok((channel, header)) => child::serve(channel, header, bell, sidecar),
+        Ok((channel, header)) => child::serve(Some(channel), header, bell, sidecar),
         Err(message) => child::fail(&message),
     }
 }

@@ -28,7 +28,8 @@ use crate::sys;
 /// outcome goes to, the bell it rings when the parent should read the outcome before the
 /// child exits, and the sidecar on which a large argument or result travels (see `payload`).
 pub(crate) struct ChildLink {
-    args: OpaqueIpcReceiver,
+    /// `None`: the function takes no argument (see [`Header::default_args`]).
+    args: Option<OpaqueIpcReceiver>,
     outcome: OpaqueIpcSender,
     bell: OwnedFd,
     sidecar: OwnedFd,
@@ -172,7 +173,7 @@ where
 
 /// Runs the function a child was sent and returns its exit code.
 pub(crate) fn serve(
-    channel: IpcReceiver<Header>,
+    channel: Option<IpcReceiver<Header>>,
     mut header: Header,
     bell: OwnedFd,
     sidecar: OwnedFd,
@@ -195,8 +196,14 @@ pub(crate) fn serve(
     // provenance the parent's `as usize` cast exposed (same image, same layout).
     let trampoline: ProcessTrampoline =
         unsafe { std::mem::transmute(std::ptr::with_exposed_provenance::<()>(address)) };
+    let args = match (header.default_args, header.args.take(), channel) {
+        (true, _, _) => None,
+        (false, Some(args), _) => Some(args),
+        (false, None, Some(channel)) => Some(channel.to_opaque()),
+        (false, None, None) => return fail("the header names no channel for the argument"),
+    };
     let code = trampoline(ChildLink {
-        args: header.args.take().unwrap_or_else(|| channel.to_opaque()),
+        args,
         outcome: header.outcome,
         bell,
         sidecar,
@@ -221,12 +228,11 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
 }
 
 fn run_function<M, F: Entry<M>>(
-    args: OpaqueIpcReceiver,
+    args: Option<OpaqueIpcReceiver>,
     outcome: OpaqueIpcSender,
     bell: &OwnedFd,
     sidecar: &OwnedFd,
 ) -> i32 {
-    let args = args.to::<Packed<F::Args>>();
     let outcome = outcome.to::<Outcome<Packed<F::Output>>>();
     let sidecar = sidecar.as_fd();
     let send = |message: Outcome<Packed<F::Output>>| {
@@ -262,12 +268,26 @@ fn run_function<M, F: Entry<M>>(
         }
     };
     decode_error::clear();
-    let receive = || payload::receiving_child_argument(|| args.recv());
-    let args = match sys::without_signals(|| with_sidecar(sidecar, receive)) {
-        Ok(Packed(args)) => args,
-        Err(e) => {
-            let _ = send(Outcome::BadArguments(decode_error::describe::<F::Args>(e)));
-            return EXIT_BAD_DATA;
+    let args = match args {
+        // A function of no argument: its default, made here, as the parent did.
+        None => match F::default_args() {
+            Some(args) => args,
+            None => {
+                let message = "no argument was sent to a function that takes one";
+                let _ = send(Outcome::BadArguments(message.into()));
+                return EXIT_BAD_DATA;
+            }
+        },
+        Some(receiver) => {
+            let receiver = receiver.to::<Packed<F::Args>>();
+            let receive = || payload::receiving_child_argument(|| receiver.recv());
+            match sys::without_signals(|| with_sidecar(sidecar, receive)) {
+                Ok(Packed(args)) => args,
+                Err(e) => {
+                    let _ = send(Outcome::BadArguments(decode_error::describe::<F::Args>(e)));
+                    return EXIT_BAD_DATA;
+                }
+            }
         }
     };
     match catch_panic(|| F::recreate().call(args), false) {

@@ -17,7 +17,7 @@ use ipc_channel::ipc::{self, IpcSender};
 
 use crate::child;
 use crate::error::ProcessError;
-use crate::launcher::SendFirst;
+use crate::forkserver::First;
 use crate::protocol::{EXIT_ORPHANED, Header};
 use crate::{forkserver, launcher, payload, registry, sys, transfer};
 
@@ -26,16 +26,26 @@ use crate::{forkserver, launcher, payload, registry, sys, transfer};
 ///
 /// `first` (if any) sends the header and argument before the fork: the child then reads them
 /// at once, and a failure to send them starts no child at all.
+///
+/// A [`First::Inline`] header (a function of no argument) is made before the fork and the
+/// child finds it in its copy of this process's memory: no channel at all (`None` is
+/// returned for it).
 pub(crate) fn fork_child(
     bell: OwnedFd,
     sidecar: OwnedFd,
-    first: Option<SendFirst>,
-) -> Result<(u32, OwnedFd, IpcSender<Header>), ProcessError> {
-    let (sender, receiver) =
-        ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
-    if let Some(first) = first {
-        transfer::holding_signals(|| first(&sender))?;
-    }
+    first: Option<First>,
+) -> Result<(u32, OwnedFd, Option<IpcSender<Header>>), ProcessError> {
+    let (channel, inline) = match first {
+        Some(First::Inline(mut make)) => (None, Some(make())),
+        first => {
+            let (sender, receiver) =
+                ipc::channel::<Header>().map_err(ProcessError::io("creating a channel"))?;
+            if let Some(First::Send(first)) = first {
+                transfer::holding_signals(|| first(&sender))?;
+            }
+            (Some((sender, receiver)), None)
+        }
+    };
     let parent = std::process::id();
     // Nothing mp-core locks may be copied held: take every lock of the library, in the one
     // order used everywhere (launcher, fork server, registry), across the fork; the memfd
@@ -52,15 +62,21 @@ pub(crate) fn fork_child(
     match pid {
         -1 => Err(ProcessError::io("fork")(std::io::Error::last_os_error())),
         0 => {
-            drop(sender);
             forkserver::reset_after_fork(server);
             drop((launcher, registry, pool));
             let code = if !child::prepare_child_process(parent) {
                 EXIT_ORPHANED
             } else {
-                match transfer::recv_timeout(&receiver, None) {
-                    Ok(header) => child::serve(receiver, header, bell, sidecar),
-                    Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
+                match (inline, channel) {
+                    (Some(header), _) => child::serve(None, header, bell, sidecar),
+                    (None, Some((sender, receiver))) => {
+                        drop(sender);
+                        match transfer::recv_timeout(&receiver, None) {
+                            Ok(header) => child::serve(Some(receiver), header, bell, sidecar),
+                            Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
+                        }
+                    }
+                    (None, None) => child::fail("no header and no channel"),
                 }
             };
             // Not `child::exit_forked`: its flush of stdout takes the stdout lock, which a
@@ -70,8 +86,12 @@ pub(crate) fn fork_child(
         }
         pid => {
             drop((launcher, server, registry, pool));
-            drop(receiver);
-            drop((bell, sidecar));
+            // The child's copies (of an inline header's outcome channel too) are its own.
+            drop((bell, sidecar, inline));
+            let sender = channel.map(|(sender, receiver)| {
+                drop(receiver);
+                sender
+            });
             let pidfd = sys::pidfd_open(pid as u32).map_err(ProcessError::io("opening a pidfd"))?;
             Ok((pid as u32, pidfd, sender))
         }

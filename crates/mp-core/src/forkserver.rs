@@ -3,7 +3,9 @@
 //! fork's speed from a small, clean process, without inheriting the parent's threads, locks or
 //! memory.
 //!
-//! Requests travel over an ipc-channel (so they can carry the child's own channel); a
+//! Requests travel over an ipc-channel (so they can carry the child's own channel, or, for a
+//! function of no argument, the child's whole header, which the child then finds in the
+//! memory it copies from the server: see [`First`]); a
 //! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
 //! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its sidecar, which
 //! ipc-channel cannot carry. The server's single thread sleeps in a blocking `recvmsg` on the
@@ -46,9 +48,30 @@ enum Request {
     /// `surroundings`: the requester's working directory and environment, when they differ
     /// from the server's.
     Fork {
-        header: IpcReceiver<Header>,
+        header: HeaderRoute,
         surroundings: Option<Surroundings>,
     },
+}
+
+/// How a forkserver child gets its [`Header`].
+#[derive(Serialize, Deserialize)]
+enum HeaderRoute {
+    /// On a channel of its own, followed by its argument.
+    Channel(IpcReceiver<Header>),
+    /// In the request: the child finds it in the memory it copies from the server. For a
+    /// function of no argument, whose child needs nothing else from its parent: no channel
+    /// (a socket pair, about 7 us to create and close on the project's VM), no message to
+    /// send and receive, no descriptor passed.
+    Inline(Header),
+}
+
+/// What a requester gives its forkserver child first (see [`fork_child`]).
+pub(crate) enum First {
+    /// Sends the header and argument on the child's channel while the server forks.
+    Send(SendFirst),
+    /// The header, to travel in the request (a function of no argument). Made on demand,
+    /// as often as the request is sent (once more if the server had died).
+    Inline(Box<dyn FnMut() -> Header + Send>),
 }
 
 /// A process's working directory and environment.
@@ -110,7 +133,8 @@ enum Reply {
 /// A child forked by the fork server (a child of this process, see the module docs).
 pub(crate) struct ServerChild {
     pub pid: u32,
-    pub channel: IpcSender<Header>,
+    /// The child's header channel (`None`: the header travelled in the request).
+    pub channel: Option<IpcSender<Header>>,
 }
 
 pub(crate) struct Client {
@@ -148,12 +172,12 @@ static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 pub(crate) fn fork_child(
     bell: OwnedFd,
     sidecar: OwnedFd,
-    first: Option<SendFirst>,
+    first: Option<First>,
 ) -> Result<ServerChild, ProcessError> {
     let me = std::process::id();
     let mut server = SERVER.lock();
     let mut retried = false;
-    let had_first = first.is_some();
+    let had_first = matches!(first, Some(First::Send(_)));
     let mut first = first;
     loop {
         let client = match server.as_mut() {
@@ -295,11 +319,17 @@ impl Client {
     fn fork(
         &mut self,
         fds: [BorrowedFd<'_>; 2],
-        first: &mut Option<SendFirst>,
+        first: &mut Option<First>,
     ) -> Result<ServerChild, Failure> {
         // A failure here is ours (e.g. EMFILE), not the server's.
         let local = |e| Failure::Refused(ProcessError::io("creating a channel")(e));
-        let (channel, header) = ipc::channel::<Header>().map_err(local)?;
+        let (channel, header) = match first {
+            Some(First::Inline(make)) => (None, HeaderRoute::Inline(make())),
+            _ => {
+                let (channel, header) = ipc::channel::<Header>().map_err(local)?;
+                (Some(channel), HeaderRoute::Channel(header))
+            }
+        };
         let unreachable = |e: &dyn std::fmt::Display| {
             Failure::Unreachable(ProcessError::StartFailed(format!(
                 "the fork server is unreachable: {e}"
@@ -319,7 +349,14 @@ impl Client {
             ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
             // While the server forks. If this fails, the child finds its channel closed and
             // exits; the reply is still read, to keep replies in step with requests.
-            Ok(first.take().map_or(Ok(()), |first| first(&channel)))
+            Ok(match (&channel, first.take()) {
+                (Some(channel), Some(First::Send(first))) => first(channel),
+                (_, inline) => {
+                    // Kept for a second request, if the server turns out to be gone.
+                    *first = inline;
+                    Ok(())
+                }
+            })
         })?;
         let reply = transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT));
         match (sent, reply) {
@@ -362,7 +399,7 @@ pub(crate) fn serve(parent: u32) -> i32 {
             Bell::Request(bell) => bell,
             Bell::Hangup => return 0, // the parent is gone (and its children with it)
         };
-        let (header, surroundings) = match requests.recv() {
+        let (route, surroundings) = match requests.recv() {
             Ok(Request::Fork {
                 header,
                 surroundings,
@@ -386,21 +423,26 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 drop((requests, replies, doorbell));
                 // SAFETY: this child of the single-threaded server has one thread.
                 let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
-                // Its parent is the server's (the requester).
-                let code = if !child::prepare_child_process(parent) {
+                // Its parent is the server's (the requester). SIGPIPE is ignored already:
+                // the disposition the server set is inherited.
+                let code = if !crate::sys::die_with_parent(parent) {
                     EXIT_ORPHANED
                 } else if let Err(message) = adopted {
                     child::fail(&message)
                 } else {
-                    match header.recv() {
-                        Ok(first) => child::serve(header, first, bell, sidecar),
-                        Err(e) => child::fail(&format!("no request from the parent: {e}")),
+                    match route {
+                        HeaderRoute::Inline(header) => child::serve(None, header, bell, sidecar),
+                        HeaderRoute::Channel(channel) => match channel.recv() {
+                            Ok(header) => child::serve(Some(channel), header, bell, sidecar),
+                            Err(e) => child::fail(&format!("no request from the parent: {e}")),
+                        },
                     }
                 };
                 child::exit_forked(code);
             }
             Ok(pid) => {
-                drop((bell, sidecar));
+                // The child's copies (of an inline header's outcome channel too) are its own.
+                drop((bell, sidecar, route));
                 if replies.send(Reply::Forked(pid as u32)).is_err() {
                     return 0;
                 }

@@ -225,6 +225,12 @@ pub(crate) fn warm_up_for_children() {
     mac.update(&[0]);
     std::hint::black_box(mac.finalize().into_bytes());
     install_panic_hook();
+    // The thread-locals with a destructor that a child touches: the first touch registers
+    // the destructor with glibc (`__cxa_thread_atexit_impl`, which locks the dynamic
+    // loader's state), a few copy-on-write page faults in every child that the server's
+    // touch saves them.
+    LAST_PANIC.with(|last| drop(last.borrow_mut().take()));
+    crate::decode_error::clear();
 }
 
 thread_local! {

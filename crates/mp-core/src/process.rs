@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
+use ipc_channel::ipc::{self, IpcReceiver, IpcSender, OpaqueIpcReceiver, OpaqueIpcSender};
 use ipc_channel::{IpcError, TryRecvError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use crate::decode_error;
 use crate::error::ProcessError;
 use crate::function::{Entry, assert_non_capturing, run_key};
 use crate::payload::{self, Packed};
-use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, Role, SIDECAR_FD};
+use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, ProcessInfo, Role, SIDECAR_FD};
 use crate::registry::{self, ExitWatch, Tracked};
 use crate::start_method::{StartMethod, fork_allowed, get_start_method};
 use crate::sys::{self, ExitStatus};
@@ -88,6 +88,9 @@ impl<M, F: Entry<M>> Process<M, F> {
     /// function and argument.
     pub fn start(self) -> Result<Child<F::Output>, ProcessError> {
         refuse_if_bootstrap_did_not_run()?;
+        // A function of no argument: its child makes the argument itself (`()`), so none is
+        // sent (see `Header::default_args`).
+        let default_args = self.args.is_none();
         let args = self
             .args
             .or_else(F::default_args)
@@ -101,41 +104,71 @@ impl<M, F: Entry<M>> Process<M, F> {
         // No descriptor of ours may land on a closed stdio slot (a child would inherit it as
         // its stdout).
         sys::ensure_stdio_open();
-        let (outcome_tx, outcome_rx) = ipc::channel::<Outcome<Packed<F::Output>>>()
-            .map_err(ProcessError::io("creating a channel"))?;
         let (sidecar, sidecar_for_child) =
             payload::sidecar_pair().map_err(ProcessError::io("creating the sidecar"))?;
         let (bell, bell_for_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| ProcessError::io("creating the outcome bell")(e.into()))?;
         // Made before any fork: a forked child must not find it half-initialised.
         let run_key = run_key();
-        let header = Header {
+        let parent = registry::current_process();
+        let small = header_is_small(&name, &parent, &identity);
+        let daemon = self.daemon;
+        let header_name = name.clone();
+        let make_header = move |outcome: OpaqueIpcSender| Header {
             entry: child::process_entry::<M, F>(),
-            run_key,
-            identity,
-            name: name.clone(),
-            daemon: self.daemon,
-            parent: registry::current_process(),
-            outcome: outcome_tx.to_opaque(),
+            run_key: run_key.clone(),
+            identity: identity.clone(),
+            name: header_name.clone(),
+            daemon,
+            parent: parent.clone(),
+            outcome,
             args: None,
+            default_args,
         };
-        let mut header = Some(header);
-        let mut args = Some(args);
+        let new_outcome_channel = || {
+            ipc::channel::<Outcome<Packed<F::Output>>>()
+                .map_err(ProcessError::io("creating a channel"))
+        };
+        // The receiving end of the child's outcome channel, once made.
+        let outcome_slot: Arc<Mutex<Option<OpaqueIpcReceiver>>> = Arc::default();
+        let mut args = (!default_args).then_some(args);
         // A forked child gets its header and argument sent before it runs (fork: before the
         // fork; forkserver: while the server forks), so it need not wait for them. Only if
         // the header is small (the name is the program's): like the argument's, its message
-        // must fit in the socket's buffer, as nobody reads it yet.
-        let first = match (method, &header) {
-            (StartMethod::Fork | StartMethod::ForkServer, Some(h)) if header_is_small(h) => {
+        // must fit in the socket's buffer, as nobody reads it yet. The outcome channel that
+        // the header names is made then too: under forkserver, its socket pair is created
+        // while the server wakes up and forks, not before the request (a socket pair costs
+        // about 8 us to create on the project's VM).
+        let (header, first) = match method {
+            // A forked child of a function of no argument needs nothing but its header: it
+            // finds it in the memory it copies (fork: this process's; forkserver: the
+            // server's, which got it in the request), with no channel of its own (see
+            // `forkserver::First`).
+            StartMethod::Fork | StartMethod::ForkServer if small && default_args => {
+                let (outcome_tx, outcome_rx) = new_outcome_channel()?;
+                *outcome_slot.lock() = Some(outcome_rx.to_opaque());
+                let make = move || make_header(outcome_tx.clone().to_opaque());
+                (None, Some(forkserver::First::Inline(Box::new(make))))
+            }
+            StartMethod::Fork | StartMethod::ForkServer if small => {
                 let sidecar = sidecar
                     .try_clone()
                     .map_err(ProcessError::io("duplicating the sidecar"))?;
-                let (header, args) = (header.take(), args.take());
-                Some(Box::new(move |channel: &IpcSender<Header>| {
-                    send_header_and_args(channel, header, args, sidecar.as_fd())
-                }) as launcher::SendFirst)
+                let args = args.take();
+                let slot = Arc::clone(&outcome_slot);
+                let first = Box::new(move |channel: &IpcSender<Header>| {
+                    let (outcome_tx, outcome_rx) = new_outcome_channel()?;
+                    *slot.lock() = Some(outcome_rx.to_opaque());
+                    let header = make_header(outcome_tx.to_opaque());
+                    send_header_and_args(channel, Some(header), args, sidecar.as_fd())
+                }) as launcher::SendFirst;
+                (None, Some(forkserver::First::Send(first)))
             }
-            _ => None,
+            _ => {
+                let (outcome_tx, outcome_rx) = new_outcome_channel()?;
+                *outcome_slot.lock() = Some(outcome_rx.to_opaque());
+                (Some(make_header(outcome_tx.to_opaque())), None)
+            }
         };
 
         // Only the creation runs on the launcher thread; the wait for a spawned child to
@@ -148,14 +181,20 @@ impl<M, F: Entry<M>> Process<M, F> {
         // sent meanwhile, on a channel of its own that the header names, instead of after it
         // connects. (The send cannot block: a large value goes to a memfd, and the message
         // that stays inline is bounded well below the socket's buffer, see `payload`.) A
-        // zero-sized argument (a function without one) has nothing to encode: it follows the
-        // header, which saves that channel (a socket pair: 14 us to create and close on the
-        // project's VM, and a descriptor passed and received).
+        // function of no argument has nothing to send: its child makes the `()` itself (see
+        // `Header::default_args`), which saves that channel (a socket pair: 14 us to create
+        // and close on the project's VM, and a descriptor passed and received).
         decode_error::clear();
         let early = (matches!(launching, Launching::Spawned(_))
             && std::mem::size_of::<F::Args>() != 0)
             .then(|| send_args_early(&mut args, sidecar.as_fd()));
         let launched = launching.connect()?;
+        // Made above, or by `first` (which a child that started has always run).
+        let outcome_rx = outcome_slot
+            .lock()
+            .take()
+            .ok_or_else(|| ProcessError::StartFailed("the outcome channel was not made".into()))?
+            .to::<Outcome<Packed<F::Output>>>();
         let tracked = registry::track(
             launched.pid,
             name.clone(),
@@ -171,11 +210,13 @@ impl<M, F: Entry<M>> Process<M, F> {
             }),
             sidecar,
         };
-        let channel = launched.channel.to_opaque();
+        // `None`: the header travelled in the fork server's request, and there is no argument.
+        let channel = launched.channel.map(IpcSender::to_opaque);
+        debug_assert!(channel.is_some() || (header.is_none() && args.is_none()));
         let sent = early
             .transpose()
-            .and_then(|args_channel| match header {
-                Some(header) => {
+            .and_then(|args_channel| match (header, &channel) {
+                (Some(header), Some(channel)) => {
                     let header = Header {
                         args: args_channel,
                         ..header
@@ -183,13 +224,13 @@ impl<M, F: Entry<M>> Process<M, F> {
                     transfer::send(&channel.clone().to::<Header>(), header)
                 }
                 // Sent by the launcher already.
-                None => Ok(()),
+                _ => Ok(()),
             })
-            .and_then(|()| match args.take() {
-                Some(args) => payload::with_sidecar(child.sidecar.as_fd(), || {
+            .and_then(|()| match (args.take(), channel) {
+                (Some(args), Some(channel)) => payload::with_sidecar(child.sidecar.as_fd(), || {
                     transfer::send(&channel.to::<Packed<F::Args>>(), Packed(args))
                 }),
-                None => Ok(()),
+                _ => Ok(()),
             });
         if let Err(e) = sent {
             let _ = child.kill();
@@ -208,8 +249,8 @@ impl<M, F: Entry<M>> Process<M, F> {
 
 /// Whether a header's message is certain to fit in an empty socket's buffer (its other
 /// fields are small and fixed).
-fn header_is_small(header: &Header) -> bool {
-    header.name.len() + header.parent.name.len() + 8 * header.identity.len() <= 4096
+fn header_is_small(name: &str, parent: &ProcessInfo, identity: &[u32]) -> bool {
+    name.len() + parent.name.len() + 8 * identity.len() <= 4096
 }
 
 /// Sends a forked child's header and argument on its header channel (see
@@ -265,7 +306,8 @@ struct Launched {
     pid: u32,
     pidfd: std::os::fd::OwnedFd,
     watch: ExitWatch,
-    channel: IpcSender<Header>,
+    /// The child's header channel (`None`: see [`forkserver::First::Inline`]).
+    channel: Option<IpcSender<Header>>,
 }
 
 /// A child created on the launcher thread: connected already, or (spawned) still to be
@@ -285,7 +327,7 @@ impl Launching {
                     pid: spawned.pid,
                     pidfd: spawned.pidfd,
                     watch: ExitWatch::Direct,
-                    channel: spawned.channel,
+                    channel: Some(spawned.channel),
                 })
             }
         }
@@ -296,7 +338,7 @@ fn launch(
     method: StartMethod,
     bell: OwnedFd,
     sidecar: OwnedFd,
-    first: Option<launcher::SendFirst>,
+    first: Option<forkserver::First>,
 ) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {

@@ -78,7 +78,8 @@ pub struct ProcessInfo {
 }
 
 /// The first message a child receives: what to run and who it is. The function's argument
-/// follows on the same channel as a second message, typed by the function's trampoline.
+/// follows on the same channel as a second message, typed by the function's trampoline
+/// (unless the function takes none: [`Header::default_args`]).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Header {
     /// The process trampoline to run. Raw, because the child can only check ids once it has
@@ -94,6 +95,9 @@ pub(crate) struct Header {
     /// The channel the argument was sent on before the child connected (spawn: the parent
     /// sends it while the child starts); `None`: it follows this header on the same channel.
     pub args: Option<OpaqueIpcReceiver>,
+    /// The function takes no argument and is called with its default (`()`): no argument
+    /// is sent, and `args` is `None`.
+    pub default_args: bool,
 }
 
 /// What a child sends back at the end of a process.

@@ -143,8 +143,15 @@ impl Tracked {
     pub(crate) fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitStatus> {
         // A poll of a running child answers from its pidfd alone, without the lock.
         let polling = timeout.is_some_and(|t| t.is_zero());
-        if polling && !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
-            return None;
+        if polling {
+            // A child known to have ended (joined) answers without a system call: `track`
+            // polls the previous children at every start.
+            if let Some(ExitWatch::Ended(status)) = self.watch.try_lock().as_deref() {
+                return Some(*status);
+            }
+            if !sys::wait_readable(self.pidfd.as_fd(), timeout).unwrap_or(false) {
+                return None;
+            }
         }
         let mut watch = self.watch.lock();
         let ended = match &*watch {

@@ -56,6 +56,24 @@ fn returns_the_functions_value_under_every_start_method() {
 
 #[test]
 fn functions_without_arguments_and_with_tuples() {
+    // A function of no argument gets no argument message (and, forked, no header channel).
+    for method in [
+        StartMethod::Fork,
+        StartMethod::ForkServer,
+        StartMethod::Spawn,
+    ] {
+        let child = Process::new(|| String::from("hello"))
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), "hello", "{method}");
+        let child = Process::new(|| ())
+            .name("n".repeat(5000))
+            .start_method(method)
+            .start()
+            .unwrap();
+        child.join_timeout(BOUND).unwrap();
+    }
     let child = Process::new(|| String::from("hello")).start().unwrap();
     assert_eq!(child.join_timeout(BOUND).unwrap(), "hello");
     let child = Process::new(|(a, b): (String, Vec<u8>)| format!("{a}{}", b.len()))
@@ -574,6 +592,34 @@ fn a_killed_fork_server_is_replaced() {
         "the dead server was not reaped: {now:?}"
     );
     assert_eq!(now.len(), 1, "one new fork server: {now:?}");
+
+    // Again with a function of no argument, whose header travels inside the request: it is
+    // made once more for the replacement server.
+    kill_and_wait(now[0]);
+    let third = Process::new(|| 7u8)
+        .start_method(StartMethod::ForkServer)
+        .start()
+        .unwrap();
+    assert_eq!(third.join_timeout(BOUND).unwrap(), 7);
+}
+
+/// SIGKILLs `pid` (a child of this process) and waits until it has ended.
+fn kill_and_wait(pid: u32) {
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).unwrap();
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 10,
+        tv_nsec: 0,
+    };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&timeout)).unwrap(), 1);
 }
 
 /// The tests of this binary fork from libtest's threads. SAFETY (of the `allow_fork` below):
