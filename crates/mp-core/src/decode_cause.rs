@@ -102,7 +102,7 @@ impl<'de> Replay<'de> {
         Ok(self.take(1)?[0])
     }
 
-    /// An unsigned LEB128 varint of at most `bits` bits (checked by [`unsigned`]).
+    /// An unsigned LEB128 varint of at most `bits` bits (checked by [`Self::unsigned`]).
     fn varint(&mut self, bits: u32) -> Result<u128, Cause> {
         let mut value: u128 = 0;
         for i in 0..bits.div_ceil(7) {

@@ -89,6 +89,7 @@ use std::time::{Duration, Instant};
 use crate::message_handles::Carrier;
 use crate::robust::{Acquired, LockFailed, RobustMutex};
 use frames::{FRAME_HEADER, KIND_INLINE, frame_len};
+use wrap::EarlyWrap;
 
 /// Bytes of the header page at the start of the file.
 pub(crate) const HEADER_LEN: usize = 4096;
@@ -874,30 +875,19 @@ impl Ring {
             let free = self.capacity - used;
             let slot_free = self.max_items == 0 || head.used_items(tail) < self.max_items;
             // Large items start the next lap early when the consumer keeps
-            // up (`wrap.rs`); tried once, before the usual place.
+            // up (`wrap.rs`); tried once, before the usual place, out of line.
             if let Some(skip) = wrap.take()
                 && slot_free
-                && let Some(seen) = self.room_to_wrap(tail, head, skip, wait)
             {
-                head = seen;
-                // `room_to_wrap` saw `skip` + one predicted frame (at least
-                // `MIN_WRAP_FRAME`, far more than a header) free.
-                let free = self.capacity - head.used_bytes(tail) - skip;
-                let start = tail.advance(skip, 0);
-                let window = free.min(self.max_inline_frame) - FRAME_HEADER;
-                // SAFETY: we hold the producer lock, and the window lies in
-                // the free space after `tail` + `skip` (the start of the
-                // next lap), which `room_to_wrap` saw free.
-                let space =
-                    unsafe { self.free_space(start.advance(FRAME_HEADER, 0), window as usize) };
-                if let Some(len) = item.encode_into(space, carrier)? {
-                    self.write_skip_frame(tail, skip);
-                    self.publish_frame(start, KIND_INLINE, len as u32);
-                    self.last_frame.store(frame_len(len as u64) as u32, Relaxed);
-                    return Ok(());
+                match self.put_after_skip(item, carrier, tail, head, skip, wait)? {
+                    EarlyWrap::Put => return Ok(()),
+                    EarlyWrap::Larger { seen } => {
+                        // Larger than predicted: put where it always goes.
+                        head = seen;
+                        continue;
+                    }
+                    EarlyWrap::NoRoom => {}
                 }
-                // Larger than predicted: put where it always goes.
-                continue;
             }
             // `>=`: with exactly a header of room an empty item still fits
             // (the wait for room below agrees, so `>` spun forever there).

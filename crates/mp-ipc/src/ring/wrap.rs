@@ -55,7 +55,10 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{Pos, Ring, Wait};
+use super::codec::Encode;
+use super::frames::{FRAME_HEADER, KIND_INLINE, frame_len};
+use super::{Pos, Ring, RingError, Wait};
+use crate::message_handles::Carrier;
 
 /// Bytes at the start of each lap that a stream of large frames stays in.
 pub(super) const SOFT_WINDOW: u32 = 1 << 20;
@@ -72,6 +75,7 @@ impl Ring {
     /// Whether the producer, whose next frame would start at `tail`, should
     /// start it at the next lap instead: then the bytes from `tail` to the
     /// end of the lap (the skip frame's length).
+    #[inline]
     pub(super) fn early_wrap(&self, tail: Pos) -> Option<u32> {
         if self.capacity < MIN_WRAP_CAPACITY {
             return None;
@@ -114,6 +118,54 @@ impl Ring {
         let head = indices.head();
         producer.cached_head.store(head.0, Relaxed);
         (free(head) >= needed).then_some(head)
+    }
+}
+
+/// What became of an item tried at the start of the next lap.
+pub(super) enum EarlyWrap {
+    /// It was put there, after a skip frame.
+    Put,
+    /// It is larger than predicted and did not fit: put it where it always
+    /// goes (`seen` is the head the attempt saw).
+    Larger { seen: Pos },
+    /// The room was not there: put it where it always goes.
+    NoRoom,
+}
+
+impl Ring {
+    /// Tries to put `item` at the start of the next lap, after a skip frame
+    /// of `skip` bytes at `tail` (from [`Ring::early_wrap`]), as one
+    /// publication. Out of line: the put of a small item, which never gets
+    /// here, stays short.
+    #[inline(never)]
+    pub(super) fn put_after_skip(
+        &self,
+        item: &dyn Encode,
+        carrier: Carrier<'_>,
+        tail: Pos,
+        head: Pos,
+        skip: u32,
+        wait: Wait,
+    ) -> Result<EarlyWrap, RingError> {
+        let Some(head) = self.room_to_wrap(tail, head, skip, wait) else {
+            return Ok(EarlyWrap::NoRoom);
+        };
+        // `room_to_wrap` saw `skip` + one predicted frame (at least
+        // `MIN_WRAP_FRAME`, far more than a header) free.
+        let free = self.capacity - head.used_bytes(tail) - skip;
+        let start = tail.advance(skip, 0);
+        let window = free.min(self.max_inline_frame) - FRAME_HEADER;
+        // SAFETY: the caller holds the producer lock, and the window lies in
+        // the free space after `tail` + `skip` (the start of the next lap),
+        // which `room_to_wrap` saw free.
+        let space = unsafe { self.free_space(start.advance(FRAME_HEADER, 0), window as usize) };
+        let Some(len) = item.encode_into(space, carrier)? else {
+            return Ok(EarlyWrap::Larger { seen: head });
+        };
+        self.write_skip_frame(tail, skip);
+        self.publish_frame(start, KIND_INLINE, len as u32);
+        self.last_frame.store(frame_len(len as u64) as u32, Relaxed);
+        Ok(EarlyWrap::Put)
     }
 }
 
