@@ -564,21 +564,7 @@ fn a_killed_fork_server_is_replaced() {
     let servers = child_pids();
     assert_eq!(servers.len(), 1, "{servers:?}");
     let server = servers[0];
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(server as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).unwrap();
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let timeout = rustix::event::Timespec {
-        tv_sec: 10,
-        tv_nsec: 0,
-    };
-    assert_eq!(rustix::event::poll(&mut fds, Some(&timeout)).unwrap(), 1);
+    kill_and_wait(server);
 
     let second = Process::new(square)
         .args(3)
