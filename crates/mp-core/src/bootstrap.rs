@@ -11,7 +11,7 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use crate::child;
-use crate::protocol::{EXIT_ORPHANED, MARKER, OUTCOME_BELL_FD, Role, SIDECAR_FD};
+use crate::protocol::{EXIT_ORPHANED, MARKER, Role, SIDECAR_FD};
 use crate::sys;
 
 #[ctor::ctor(unsafe)]
@@ -42,13 +42,11 @@ fn serve_spawned(parent: u32) -> i32 {
     if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
     }
-    // SAFETY: the parent placed the write end of the outcome bell at OUTCOME_BELL_FD with
-    // the dup2 before its exec; nothing else in this process owns that descriptor.
-    let bell = unsafe { OwnedFd::from_raw_fd(OUTCOME_BELL_FD) };
-    // SAFETY: likewise for the child's end of its sidecar, at SIDECAR_FD.
+    // SAFETY: the parent placed the child's end of its sidecar at SIDECAR_FD with the dup2
+    // before its exec; nothing else in this process owns that descriptor.
     let sidecar = unsafe { OwnedFd::from_raw_fd(SIDECAR_FD) };
     match child::rendezvous() {
-        Ok((channel, header)) => child::serve(Some(channel), header, bell, sidecar),
+        Ok((channel, header)) => child::serve(Some(channel), header, sidecar),
         Err(message) => child::fail(&message),
     }
 }

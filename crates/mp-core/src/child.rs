@@ -3,9 +3,10 @@
 //!
 //! A child adopts its parent's run key first (so it can check ids), then resolves the process
 //! trampoline named in its [`Header`], receives the argument, calls the function and sends
-//! the [`Outcome`], ringing the outcome bell when the parent should read it before the child
-//! exits (see `run_process`). The bell is what lets the parent's `join` sleep in one `poll`
-//! on the bell and the pidfd: ipc-channel does not expose its receiver's descriptor.
+//! the [`Outcome`], ringing its sidecar (the outcome bell, see `protocol::SIDECAR_FD`) when
+//! the parent should read it before the child exits (see `run_process`). The bell is what
+//! lets the parent's `join` sleep in one `poll` on the sidecar and the pidfd: ipc-channel does
+//! not expose its receiver's descriptor.
 
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -25,13 +26,13 @@ use crate::registry;
 use crate::sys;
 
 /// What a process trampoline is handed: the channel its argument arrives on, the one its
-/// outcome goes to, the bell it rings when the parent should read the outcome before the
-/// child exits, and the sidecar on which a large argument or result travels (see `payload`).
+/// outcome goes to, and the sidecar, on which a large argument or result travels (see
+/// `payload`) and which the child rings when the parent should read the outcome before the
+/// child exits.
 pub(crate) struct ChildLink {
     /// `None`: the function takes no argument (see [`Header::default_args`]).
     args: Option<OpaqueIpcReceiver>,
     outcome: OpaqueIpcSender,
-    bell: OwnedFd,
     sidecar: OwnedFd,
 }
 
@@ -175,7 +176,6 @@ where
 pub(crate) fn serve(
     channel: Option<IpcReceiver<Header>>,
     mut header: Header,
-    bell: OwnedFd,
     sidecar: OwnedFd,
 ) -> i32 {
     // SAFETY: the key comes from our parent, which runs this same executable, over a channel
@@ -205,7 +205,6 @@ pub(crate) fn serve(
     let code = trampoline(ChildLink {
         args,
         outcome: header.outcome,
-        bell,
         sidecar,
     });
     run_exit_hooks();
@@ -216,31 +215,26 @@ fn run_process<M, F: Entry<M>>(link: ChildLink) -> i32 {
     let ChildLink {
         args,
         outcome,
-        bell,
         sidecar,
     } = link;
-    let code = run_function::<M, F>(args, outcome, &bell, &sidecar);
-    // The bell stays open until this process exits (the kernel closes it then), so that
+    let code = run_function::<M, F>(args, outcome, &sidecar);
+    // The sidecar stays open until this process exits (the kernel closes it then), so that
     // when it was not rung, its end of file wakes the parent's join together with the exit,
     // not once before it.
-    std::mem::forget(bell);
+    std::mem::forget(sidecar);
     code
 }
 
 fn run_function<M, F: Entry<M>>(
     args: Option<OpaqueIpcReceiver>,
     outcome: OpaqueIpcSender,
-    bell: &OwnedFd,
     sidecar: &OwnedFd,
 ) -> i32 {
     let outcome = outcome.to::<Outcome<Packed<F::Output>>>();
     let sidecar = sidecar.as_fd();
     let send = |message: Outcome<Packed<F::Output>>| {
         let returned = matches!(message, Outcome::Returned(_));
-        // A write to a pipe of one byte cannot block.
-        let ring = || {
-            let _ = rustix::io::retry_on_intr(|| rustix::io::write(bell, &[1]));
-        };
+        let ring = || payload::ring(sidecar);
         let send = || with_sidecar(sidecar, || outcome.send(message));
         if returned {
             // A value's message is bounded (a large one travels as a memfd, see `payload`)
@@ -251,10 +245,11 @@ fn run_function<M, F: Entry<M>>(
             let sent = send();
             // The parent's join wakes at this child's exit and finds the value buffered:
             // one wake-up instead of two. Rung (after the value, which is there by then)
-            // only when the parent should read before this child exits: a large value,
-            // decoded while this child exits, or handles an exit hook waits for the parent
-            // to claim.
-            if sent.is_ok() && (payload::take_spilled() || exit_hooks_registered()) {
+            // only when the parent should read before this child exits: handles an exit
+            // hook waits for the parent to claim. (A large value rang already: its memfd's
+            // datagram on the sidecar wakes the parent, which decodes it while this child
+            // exits.)
+            if sent.is_ok() && !payload::take_spilled() && exit_hooks_registered() {
                 ring();
             }
             sent

@@ -21,8 +21,8 @@ use crate::forkserver::First;
 use crate::protocol::{EXIT_ORPHANED, Header};
 use crate::{forkserver, launcher, payload, registry, sys, transfer};
 
-/// Forks a child that waits for its [`Header`] on the returned channel, rings `bell` when its
-/// outcome should be read before it exits, and exchanges large values on `sidecar`.
+/// Forks a child that waits for its [`Header`] on the returned channel, exchanges large
+/// values on `sidecar` and rings it when its outcome should be read before it exits.
 ///
 /// `first` (if any) sends the header and argument before the fork: the child then reads them
 /// at once, and a failure to send them starts no child at all.
@@ -31,7 +31,6 @@ use crate::{forkserver, launcher, payload, registry, sys, transfer};
 /// child finds it in its copy of this process's memory: no channel at all (`None` is
 /// returned for it).
 pub(crate) fn fork_child(
-    bell: OwnedFd,
     sidecar: OwnedFd,
     first: Option<First>,
 ) -> Result<(u32, OwnedFd, Option<IpcSender<Header>>), ProcessError> {
@@ -68,11 +67,11 @@ pub(crate) fn fork_child(
                 EXIT_ORPHANED
             } else {
                 match (inline, channel) {
-                    (Some(header), _) => child::serve(None, header, bell, sidecar),
+                    (Some(header), _) => child::serve(None, header, sidecar),
                     (None, Some((sender, receiver))) => {
                         drop(sender);
                         match transfer::recv_timeout(&receiver, None) {
-                            Ok(header) => child::serve(Some(receiver), header, bell, sidecar),
+                            Ok(header) => child::serve(Some(receiver), header, sidecar),
                             Err(e) => child::fail(&format!("no request from the parent: {e:?}")),
                         }
                     }
@@ -87,7 +86,7 @@ pub(crate) fn fork_child(
         pid => {
             drop((launcher, server, registry, pool));
             // The child's copies (of an inline header's outcome channel too) are its own.
-            drop((bell, sidecar, inline));
+            drop((sidecar, inline));
             let sender = channel.map(|(sender, receiver)| {
                 drop(receiver);
                 sender

@@ -7,7 +7,7 @@
 //! function of no argument, the child's whole header, which the child then finds in the
 //! memory it copies from the server: see [`First`]); a
 //! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
-//! per request, each carrying (`SCM_RIGHTS`) the child's outcome bell and its sidecar, which
+//! per request, each carrying (`SCM_RIGHTS`) the child's sidecar (its outcome bell too), which
 //! ipc-channel cannot carry. The server's single thread sleeps in a blocking `recvmsg` on the
 //! doorbell.
 //!
@@ -170,7 +170,6 @@ static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 /// `first` (if any) sends the child's header and argument once the request is on its way,
 /// while the server forks.
 pub(crate) fn fork_child(
-    bell: OwnedFd,
     sidecar: OwnedFd,
     first: Option<First>,
 ) -> Result<ServerChild, ProcessError> {
@@ -184,7 +183,7 @@ pub(crate) fn fork_child(
             Some(client) if client.owner == me => client,
             _ => server.insert(start_server()?),
         };
-        match client.fork([bell.as_fd(), sidecar.as_fd()], &mut first) {
+        match client.fork(sidecar.as_fd(), &mut first) {
             Ok(child) => return Ok(child),
             // The server is fine but could not fork (EAGAIN, ENOMEM): replacing it would not
             // help.
@@ -251,10 +250,10 @@ fn start_server() -> Result<Client, ProcessError> {
     Ok(client)
 }
 
-/// Rings the doorbell for one request, handing the server the child's outcome bell and
-/// sidecar.
-fn ring(doorbell: BorrowedFd<'_>, fds: [BorrowedFd<'_>; 2]) -> std::io::Result<()> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+/// Rings the doorbell for one request, handing the server the child's sidecar.
+fn ring(doorbell: BorrowedFd<'_>, sidecar: BorrowedFd<'_>) -> std::io::Result<()> {
+    let fds = [sidecar];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(&fds));
     // A datagram is sent whole or not at all, so an interrupted send can simply be retried.
@@ -269,17 +268,17 @@ fn ring(doorbell: BorrowedFd<'_>, fds: [BorrowedFd<'_>; 2]) -> std::io::Result<(
     Ok(())
 }
 
-/// What the doorbell said: a request is waiting (with the bell and the sidecar for its child,
-/// if they came), or the parent is gone.
+/// What the doorbell said: a request is waiting (with the sidecar for its child, if it
+/// came), or the parent is gone.
 enum Bell {
-    Request(Option<(OwnedFd, OwnedFd)>),
+    Request(Option<OwnedFd>),
     Hangup,
 }
 
 /// Waits for the next ring of the doorbell.
 fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = rustix::io::retry_on_intr(|| {
         rustix::net::recvmsg(
@@ -291,18 +290,10 @@ fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     });
     match received {
         Ok(message) if message.bytes == 0 => Bell::Hangup,
-        Ok(_) => {
-            let mut fds: Vec<OwnedFd> = control
-                .drain()
-                .flat_map(|message| match message {
-                    RecvAncillaryMessage::ScmRights(fds) => fds.collect(),
-                    _ => Vec::new(),
-                })
-                .collect();
-            let sidecar = fds.pop();
-            let bell = fds.pop();
-            Bell::Request(bell.zip(sidecar))
-        }
+        Ok(_) => Bell::Request(control.drain().find_map(|message| match message {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })),
         Err(_) => Bell::Hangup,
     }
 }
@@ -318,7 +309,7 @@ enum Failure {
 impl Client {
     fn fork(
         &mut self,
-        fds: [BorrowedFd<'_>; 2],
+        sidecar: BorrowedFd<'_>,
         first: &mut Option<First>,
     ) -> Result<ServerChild, Failure> {
         // A failure here is ours (e.g. EMFILE), not the server's.
@@ -336,7 +327,8 @@ impl Client {
             )))
         };
         let surroundings = Some(Surroundings::current()).filter(|now| *now != self.surroundings);
-        // The request, the bell and the child's first messages, with signals held back once.
+        // The request, the doorbell's ring and the child's first messages, with signals held
+        // back once.
         let sent = transfer::holding_signals(|| {
             transfer::send(
                 &self.requests,
@@ -346,7 +338,7 @@ impl Client {
                 },
             )
             .map_err(|e| unreachable(&e))?;
-            ring(self.doorbell.as_fd(), fds).map_err(|e| unreachable(&e))?;
+            ring(self.doorbell.as_fd(), sidecar).map_err(|e| unreachable(&e))?;
             // While the server forks. If this fails, the child finds its channel closed and
             // exits; the reply is still read, to keep replies in step with requests.
             Ok(match (&channel, first.take()) {
@@ -407,10 +399,8 @@ pub(crate) fn serve(parent: u32) -> i32 {
             Ok(Request::Hello { .. }) => continue,
             Err(_) => return 0,
         };
-        let Some((bell, sidecar)) = bell else {
-            let _ = replies.send(Reply::Failed(
-                "the request came without its bell and sidecar".into(),
-            ));
+        let Some(sidecar) = bell else {
+            let _ = replies.send(Reply::Failed("the request came without its sidecar".into()));
             continue;
         };
         // SAFETY: the fork server is single-threaded (it runs before main, and never starts
@@ -431,9 +421,9 @@ pub(crate) fn serve(parent: u32) -> i32 {
                     child::fail(&message)
                 } else {
                     match route {
-                        HeaderRoute::Inline(header) => child::serve(None, header, bell, sidecar),
+                        HeaderRoute::Inline(header) => child::serve(None, header, sidecar),
                         HeaderRoute::Channel(channel) => match channel.recv() {
-                            Ok(header) => child::serve(Some(channel), header, bell, sidecar),
+                            Ok(header) => child::serve(Some(channel), header, sidecar),
                             Err(e) => child::fail(&format!("no request from the parent: {e}")),
                         },
                     }
@@ -442,7 +432,7 @@ pub(crate) fn serve(parent: u32) -> i32 {
             }
             Ok(pid) => {
                 // The child's copies (of an inline header's outcome channel too) are its own.
-                drop((bell, sidecar, route));
+                drop((sidecar, route));
                 if replies.send(Reply::Forked(pid as u32)).is_err() {
                     return 0;
                 }

@@ -496,30 +496,53 @@ fn hand_over(sidecar: BorrowedFd<'_>, file: std::fs::File, seal: bool) -> std::i
     Ok(())
 }
 
+/// Rings a child's outcome bell, its end of the sidecar (see `protocol::SIDECAR_FD`): one
+/// datagram without a descriptor, which wakes the parent's `join`. Never blocks: a sidecar
+/// too full to take it is readable already.
+pub(crate) fn ring(sidecar: BorrowedFd<'_>) {
+    let _ = rustix::io::retry_on_intr(|| rustix::net::send(sidecar, &[0], SendFlags::DONTWAIT));
+}
+
 /// Takes the memfd waiting on `sidecar` (sent before the message that announced it, so it is
 /// there already), and whether it carries [`SEALS`] (otherwise it is a reused memfd, see the
-/// module docs).
+/// module docs). A ring of the outcome bell before it (a datagram without a descriptor, see
+/// [`ring`]) is passed over.
 fn receive_memfd(sidecar: BorrowedFd<'_>) -> std::io::Result<(OwnedFd, bool)> {
-    let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    rustix::io::retry_on_intr(|| {
-        rustix::net::recvmsg(
-            sidecar,
-            &mut [IoSliceMut::new(&mut byte)],
-            &mut control,
-            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
-        )
-    })?;
-    let memfd = control
-        .drain()
-        .find_map(|message| match message {
+    loop {
+        let mut byte = [0u8; 1];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = rustix::io::retry_on_intr(|| {
+            rustix::net::recvmsg(
+                sidecar,
+                &mut [IoSliceMut::new(&mut byte)],
+                &mut control,
+                RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+            )
+        })?;
+        if received.bytes == 0 {
+            return Err(std::io::Error::other(
+                "the sidecar closed before the memfd came",
+            ));
+        }
+        let memfd = control.drain().find_map(|message| match message {
             RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
             _ => None,
-        })
-        .ok_or_else(|| std::io::Error::other("the sidecar message carried no memfd"))?;
-    let sealed = rustix::fs::fcntl_get_seals(&memfd)?.contains(SEALS);
-    Ok((memfd, sealed))
+        });
+        match memfd {
+            Some(memfd) => {
+                let sealed = rustix::fs::fcntl_get_seals(&memfd)?.contains(SEALS);
+                return Ok((memfd, sealed));
+            }
+            // A ring: the memfd is behind it.
+            None if byte == [0] => continue,
+            None => {
+                return Err(std::io::Error::other(
+                    "the sidecar message carried no memfd",
+                ));
+            }
+        }
+    }
 }
 
 /// A read-only private mapping of the first `len` bytes of a sealed memfd.

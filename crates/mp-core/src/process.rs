@@ -15,7 +15,7 @@ use crate::decode_error;
 use crate::error::ProcessError;
 use crate::function::{Entry, assert_non_capturing, run_key};
 use crate::payload::{self, Packed};
-use crate::protocol::{Header, MARKER, OUTCOME_BELL_FD, Outcome, ProcessInfo, Role, SIDECAR_FD};
+use crate::protocol::{Header, MARKER, Outcome, ProcessInfo, Role, SIDECAR_FD};
 use crate::registry::{self, ExitWatch, Tracked};
 use crate::start_method::{StartMethod, fork_allowed, get_start_method};
 use crate::sys::{self, ExitStatus};
@@ -104,10 +104,10 @@ impl<M, F: Entry<M>> Process<M, F> {
         // No descriptor of ours may land on a closed stdio slot (a child would inherit it as
         // its stdout).
         sys::ensure_stdio_open();
+        // The sidecar: large values travel on it, and it is the child's outcome bell (see
+        // `protocol::SIDECAR_FD`).
         let (sidecar, sidecar_for_child) =
             payload::sidecar_pair().map_err(ProcessError::io("creating the sidecar"))?;
-        let (bell, bell_for_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| ProcessError::io("creating the outcome bell")(e.into()))?;
         // Made before any fork: a forked child must not find it half-initialised.
         let run_key = run_key();
         let parent = registry::current_process();
@@ -174,9 +174,8 @@ impl<M, F: Entry<M>> Process<M, F> {
         // Only the creation runs on the launcher thread; the wait for a spawned child to
         // connect back runs here, so that children started from several threads start
         // in parallel.
-        let launching = launcher::on_long_lived_thread(move || {
-            launch(method, bell_for_child, sidecar_for_child, first)
-        })?;
+        let launching =
+            launcher::on_long_lived_thread(move || launch(method, sidecar_for_child, first))?;
         // A spawned child takes most of a millisecond to start: its argument is encoded and
         // sent meanwhile, on a channel of its own that the header names, instead of after it
         // connects. (The send cannot block: a large value goes to a memfd, and the message
@@ -206,7 +205,6 @@ impl<M, F: Entry<M>> Process<M, F> {
             tracked,
             outcome: Mutex::new(OutcomeState::Waiting {
                 receiver: outcome_rx,
-                bell,
             }),
             sidecar,
         };
@@ -336,24 +334,18 @@ impl Launching {
 
 fn launch(
     method: StartMethod,
-    bell: OwnedFd,
     sidecar: OwnedFd,
     first: Option<forkserver::First>,
 ) -> Result<Launching, ProcessError> {
     match method {
         StartMethod::Spawn => {
             let parent = std::process::id();
-            let started = spawn::start_self(
-                Role::Child { parent },
-                &[
-                    (bell.as_fd(), OUTCOME_BELL_FD),
-                    (sidecar.as_fd(), SIDECAR_FD),
-                ],
-            )?;
+            let started =
+                spawn::start_self(Role::Child { parent }, &[(sidecar.as_fd(), SIDECAR_FD)])?;
             Ok(Launching::Spawned(started))
         }
         StartMethod::Fork => {
-            let (pid, pidfd, channel) = fork::fork_child(bell, sidecar, first)?;
+            let (pid, pidfd, channel) = fork::fork_child(sidecar, first)?;
             Ok(Launching::Connected(Launched {
                 pid,
                 pidfd,
@@ -362,7 +354,7 @@ fn launch(
             }))
         }
         StartMethod::ForkServer => {
-            let child = forkserver::fork_child(bell, sidecar, first)?;
+            let child = forkserver::fork_child(sidecar, first)?;
             // Our child (the server forks it as its sibling): waited for like a forked one.
             let pidfd = sys::pidfd_open(child.pid).map_err(ProcessError::io("opening a pidfd"))?;
             Ok(Launching::Connected(Launched {
@@ -377,10 +369,10 @@ fn launch(
 
 enum OutcomeState<R> {
     /// The child has not reported yet: its report will arrive on `receiver`, announced by a
-    /// byte on `bell` or, for a small value, by the bell's end of file when the child exits.
+    /// datagram on the child's sidecar or, for a small value, by the sidecar's end of file
+    /// when the child exits (see `protocol::SIDECAR_FD`).
     Waiting {
         receiver: IpcReceiver<Outcome<Packed<R>>>,
-        bell: OwnedFd,
     },
     /// The child reported this (a value, a panic...).
     Received(Outcome<R>),
@@ -495,12 +487,14 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         // First the report (it must be read while the child runs: a large one fills the
         // channel and the child cannot exit until it is drained), then the exit. One poll
-        // sleeps on both the bell and the pidfd. The child rings before a report that may be
-        // large, and after a value that the parent should read before the child exits (see
-        // `child::run_process`); a small value is simply buffered when the bell's end of file
-        // (the child keeps it open until it exits) or the pidfd wakes this poll.
-        while let OutcomeState::Waiting { receiver, bell } = &*state {
-            let ready = sys::wait_any(&[bell.as_fd(), self.tracked.pidfd.as_fd()], remaining())
+        // sleeps on both the bell (the sidecar) and the pidfd. The child rings before a
+        // report that may be large, and after a value that the parent should read before the
+        // child exits (a large value's memfd on the sidecar rings too, see
+        // `child::run_process`); a small value is simply buffered when the sidecar's end of
+        // file (the child keeps it open until it exits) or the pidfd wakes this poll.
+        while let OutcomeState::Waiting { receiver } = &*state {
+            let bell = self.sidecar.as_fd();
+            let ready = sys::wait_any(&[bell, self.tracked.pidfd.as_fd()], remaining())
                 .map_err(ProcessError::io("waiting for a child"))?;
             decode_error::clear();
             let received = payload::with_sidecar(self.sidecar.as_fd(), || match ready {

@@ -15,17 +15,17 @@ pub(crate) const MARKER: &str = "MULTIPROC_BOOTSTRAP";
 /// The descriptor a spawned child writes its rendezvous name to.
 pub(crate) const HANDSHAKE_FD: i32 = 3;
 /// The descriptor on which a fork server is told that requests are waiting (a socket that
-/// also carries each child's [`OUTCOME_BELL_FD`]).
+/// also carries each child's sidecar, and on which the server answers with the child's pid).
 pub(crate) const DOORBELL_FD: i32 = 4;
-/// The descriptor a child writes one byte to when the parent should read its [`Outcome`]
-/// before the child exits (else its end of file at the exit wakes the parent), so the
-/// parent's `join` can sleep in one `poll` on this bell and the child's pidfd.
-pub(crate) const OUTCOME_BELL_FD: i32 = 5;
-/// The descriptor of a spawned child's end of its sidecar, the socket on which large
-/// arguments and results travel as memfds (see `payload`).
-pub(crate) const SIDECAR_FD: i32 = 6;
+/// The descriptor of a spawned child's end of its *sidecar*, a socket pair per child with
+/// two jobs. Large arguments and results travel on it as memfds (see `payload`). And it is
+/// the child's outcome bell: the child sends a datagram on it when the parent should read
+/// its [`Outcome`] before the child exits (a memfd is one too), and otherwise its end of
+/// file at the child's exit wakes the parent, so the parent's `join` sleeps in one `poll` on
+/// the sidecar and the child's pidfd (ipc-channel does not expose its receiver's descriptor).
+pub(crate) const SIDECAR_FD: i32 = 5;
 /// Every descriptor a spawned child is given is below this; the rest are closed at bootstrap.
-pub(crate) const FIRST_FREE_FD: u32 = 7;
+pub(crate) const FIRST_FREE_FD: u32 = 6;
 
 /// Exit code of a child whose bootstrap failed (BSD's EX_SOFTWARE).
 pub const EXIT_BOOTSTRAP_FAILED: i32 = 70;
