@@ -42,8 +42,8 @@ use crate::transfer;
 
 #[derive(Serialize, Deserialize)]
 enum Request {
-    /// First message: where to send replies.
-    Hello { replies: IpcSender<Reply> },
+    /// First message (the rendezvous needs one).
+    Hello,
     /// Fork a child (the requester's) that will read its header from `header`.
     /// `surroundings`: the requester's working directory and environment, when they differ
     /// from the server's.
@@ -124,10 +124,69 @@ impl Surroundings {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// The server's answer to a request: one datagram on the doorbell (the requester's pid
+/// reply costs no channel and no allocation on either side, and the server sends it while its
+/// new child waits for the CPU).
+#[derive(Debug, PartialEq, Eq)]
 enum Reply {
     Forked(u32),
     Failed(String),
+}
+
+impl Reply {
+    /// The longest reply read: a failure's message is cut beyond it.
+    const MAX: usize = 1024;
+
+    /// Sends the reply (on the server's side of `doorbell`). A child's pid is sent from the
+    /// stack: the server has just forked, and each page it writes now is a copy-on-write
+    /// fault.
+    fn send(&self, doorbell: BorrowedFd<'_>) -> std::io::Result<()> {
+        let mut forked = [0u8; 5];
+        let mut failed = Vec::new();
+        let message: &[u8] = match self {
+            Reply::Forked(pid) => {
+                forked[1..].copy_from_slice(&pid.to_le_bytes());
+                &forked
+            }
+            Reply::Failed(reason) => {
+                failed.push(1);
+                failed.extend_from_slice(reason.as_bytes());
+                failed.truncate(Self::MAX);
+                &failed
+            }
+        };
+        // A datagram is sent whole or not at all, so an interrupted send can simply be
+        // retried.
+        rustix::io::retry_on_intr(|| rustix::net::send(doorbell, message, SendFlags::empty()))?;
+        Ok(())
+    }
+
+    /// Waits at most `timeout` for the server's reply on `doorbell`.
+    fn receive(doorbell: BorrowedFd<'_>, timeout: std::time::Duration) -> std::io::Result<Reply> {
+        if !crate::sys::wait_readable(doorbell, Some(timeout))? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no reply in {timeout:?}"),
+            ));
+        }
+        let mut message = [0u8; Self::MAX];
+        let received = rustix::io::retry_on_intr(|| {
+            rustix::net::recv(doorbell, &mut message, RecvFlags::DONTWAIT)
+        })?;
+        match &message[..received.0.min(Self::MAX)] {
+            [] => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the fork server hung up",
+            )),
+            [0, pid @ ..] => <[u8; 4]>::try_from(pid)
+                .map(|pid| Reply::Forked(u32::from_le_bytes(pid)))
+                .map_err(|_| std::io::Error::other("a malformed reply from the fork server")),
+            [1, reason @ ..] => Ok(Reply::Failed(String::from_utf8_lossy(reason).into_owned())),
+            _ => Err(std::io::Error::other(
+                "a malformed reply from the fork server",
+            )),
+        }
+    }
 }
 
 /// A child forked by the fork server (a child of this process, see the module docs).
@@ -143,7 +202,7 @@ pub(crate) struct Client {
     /// The server's working directory and environment (its parent's when it started).
     surroundings: Surroundings,
     requests: IpcSender<Request>,
-    replies: IpcReceiver<Reply>,
+    /// Rung once per request (carrying the child's sidecar); the server replies on it.
     doorbell: OwnedFd,
     server: OwnedFd,
 }
@@ -229,23 +288,15 @@ fn start_server() -> Result<Client, ProcessError> {
         &[(doorbell_server.as_fd(), DOORBELL_FD)],
     )?;
     drop(doorbell_server);
-    let (replies_tx, replies) =
-        ipc::channel::<Reply>().map_err(ProcessError::io("creating a channel"))?;
     let client = Client {
         owner: std::process::id(),
         surroundings,
         requests: spawned.channel,
-        replies,
         doorbell,
         server: spawned.pidfd,
     };
-    transfer::send(
-        &client.requests,
-        Request::Hello {
-            replies: replies_tx,
-        },
-    )
-    .map_err(|e| ProcessError::StartFailed(format!("fork server unreachable: {e}")))?;
+    transfer::send(&client.requests, Request::Hello)
+        .map_err(|e| ProcessError::StartFailed(format!("fork server unreachable: {e}")))?;
     tracing::debug!(pid = spawned.pid, "fork server started");
     Ok(client)
 }
@@ -350,7 +401,7 @@ impl Client {
                 }
             })
         })?;
-        let reply = transfer::recv_timeout(&self.replies, Some(HANDSHAKE_TIMEOUT));
+        let reply = Reply::receive(self.doorbell.as_fd(), HANDSHAKE_TIMEOUT);
         match (sent, reply) {
             // The server is fine; what failed was ours (typically the argument's encoding).
             (Err(error), Ok(_)) => Err(Failure::Refused(error)),
@@ -371,8 +422,8 @@ pub(crate) fn serve(parent: u32) -> i32 {
     if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
     }
-    let (requests, replies) = match child::rendezvous::<Request>() {
-        Ok((requests, Request::Hello { replies })) => (requests, replies),
+    let requests = match child::rendezvous::<Request>() {
+        Ok((requests, Request::Hello)) => requests,
         Ok(_) => return child::fail("the fork server was not greeted"),
         Err(message) => return child::fail(&message),
     };
@@ -396,21 +447,22 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 header,
                 surroundings,
             }) => (header, surroundings),
-            Ok(Request::Hello { .. }) => continue,
+            Ok(Request::Hello) => continue,
             Err(_) => return 0,
         };
         let Some(sidecar) = bell else {
-            let _ = replies.send(Reply::Failed("the request came without its sidecar".into()));
+            let _ =
+                Reply::Failed("the request came without its sidecar".into()).send(doorbell.as_fd());
             continue;
         };
         // SAFETY: the fork server is single-threaded (it runs before main, and never starts
         // a thread), and `thread` describes its one thread.
         match unsafe { fork_sibling(&thread) } {
             Err(error) => {
-                let _ = replies.send(Reply::Failed(format!("fork failed: {error}")));
+                let _ = Reply::Failed(format!("fork failed: {error}")).send(doorbell.as_fd());
             }
             Ok(0) => {
-                drop((requests, replies, doorbell));
+                drop((requests, doorbell));
                 // SAFETY: this child of the single-threaded server has one thread.
                 let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
                 // Its parent is the server's (the requester). SIGPIPE is ignored already:
@@ -431,9 +483,11 @@ pub(crate) fn serve(parent: u32) -> i32 {
                 child::exit_forked(code);
             }
             Ok(pid) => {
+                // The reply first: the requester waits for it, and the child for this CPU.
+                let replied = Reply::Forked(pid as u32).send(doorbell.as_fd());
                 // The child's copies (of an inline header's outcome channel too) are its own.
                 drop((sidecar, route));
-                if replies.send(Reply::Forked(pid as u32)).is_err() {
+                if replied.is_err() {
                     return 0;
                 }
             }
@@ -598,4 +652,54 @@ unsafe fn legacy_clone(flags: u64, ctid: *mut libc::pid_t) -> libc::c_long {
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 unsafe fn legacy_clone(_flags: u64, _ctid: *mut libc::pid_t) -> libc::c_long {
     -1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn doorbell() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn replies_cross_the_doorbell_whole() {
+        let (server, client) = doorbell();
+        let long = "x".repeat(3 * Reply::MAX);
+        for reply in [
+            Reply::Forked(0),
+            Reply::Forked(u32::MAX),
+            Reply::Failed("fork failed: EAGAIN".into()),
+            Reply::Failed(long.clone()),
+        ] {
+            reply.send(server.as_fd()).unwrap();
+            let received = Reply::receive(client.as_fd(), Duration::from_secs(5)).unwrap();
+            match (&reply, received) {
+                (Reply::Failed(sent), Reply::Failed(got)) if sent.len() > Reply::MAX => {
+                    assert_eq!(got, sent[..Reply::MAX - 1]);
+                }
+                (_, received) => assert_eq!(received, reply),
+            }
+        }
+    }
+
+    #[test]
+    fn a_malformed_late_or_missing_reply_is_an_error() {
+        let (server, client) = doorbell();
+        rustix::net::send(&server, &[0, 1, 2], SendFlags::empty()).unwrap();
+        let malformed = Reply::receive(client.as_fd(), Duration::from_secs(5)).unwrap_err();
+        assert!(malformed.to_string().contains("malformed"), "{malformed}");
+        let late = Reply::receive(client.as_fd(), Duration::from_millis(1)).unwrap_err();
+        assert_eq!(late.kind(), std::io::ErrorKind::TimedOut);
+        drop(server);
+        let gone = Reply::receive(client.as_fd(), Duration::from_secs(5)).unwrap_err();
+        assert_eq!(gone.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 }

@@ -621,6 +621,28 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_before_a_memfd_is_passed_over_and_a_closed_sidecar_is_an_error() {
+        let (ours, theirs) = sidecar_pair().unwrap();
+        let value: Vec<u32> = (0..(SPILL as u32)).collect();
+        ring(ours.as_fd());
+        let encoded = with_sidecar(ours.as_fd(), || {
+            postcard::to_stdvec(&Packed(&value)).unwrap()
+        });
+        ring(ours.as_fd());
+        let decode = || {
+            with_sidecar(theirs.as_fd(), || {
+                postcard::from_bytes::<Packed<Vec<u32>>>(&encoded).map(|packed| packed.0)
+            })
+        };
+        assert_eq!(decode().unwrap(), value);
+        // Only the second ring is left; then the child's end closes.
+        drop(ours);
+        decode_error::clear();
+        let error = decode_error::describe::<Vec<u32>>(decode().unwrap_err());
+        assert!(error.contains("closed before the memfd"), "{error}");
+    }
+
+    #[test]
     fn small_and_large_values_round_trip_with_and_without_a_sidecar() {
         // What is sent on one end of the pair is received on the other.
         let (ours, theirs) = sidecar_pair().unwrap();
