@@ -3,21 +3,39 @@
 //! fork's speed from a small, clean process, without inheriting the parent's threads, locks or
 //! memory.
 //!
-//! Requests travel over an ipc-channel (so they can carry the child's own channel, or, for a
-//! function of no argument, the child's whole header, which the child then finds in the
-//! memory it copies from the server: see [`First`]); a
-//! datagram socket, the *doorbell*, tells the server that a request is waiting, one message
-//! per request, each carrying (`SCM_RIGHTS`) the child's sidecar (its outcome bell too), which
-//! ipc-channel cannot carry. The server's single thread sleeps in a blocking `recvmsg` on the
-//! doorbell.
+//! ## Spares: the fork happens before the request
 //!
-//! The server forks each child as a *sibling* (`clone` with `CLONE_PARENT`, see
+//! The server keeps one child forked ahead, a *spare*, and tells the requester its pid (an
+//! *announcement*, one datagram on the doorbell, below). The spare waits for a request
+//! itself: a request goes straight to it, and it becomes the requested child at once. The
+//! server learns that its spare was taken (or died) when the spare's end of a pipe closes,
+//! and forks the next one while the child runs. So a start costs the requester one message
+//! and one wake-up of the spare, not a wake-up of the server, a fork, a reply and a wake-up
+//! of the requester in turn (measured on the project's VM: most of a forkserver start's
+//! time beyond the fork floor's, see `crates/mp-bench/README.md`). Android's zygote keeps
+//! such a pool of unspecialized processes for the same reason.
+//!
+//! A request names the spare it is for: a spare that died before reading it (killed while
+//! idle) leaves it to the next spare, which passes it over; the requester then finds its
+//! child dead, as it would any killed child. While its spare waits, nothing of it reaches the
+//! requester's children list: it is an ordinary child of the requester's once handed out.
+//!
+//! ## Channels
+//!
+//! Requests travel over an ipc-channel (so they can carry the child's own channel, or, for a
+//! function of no argument, the child's whole header, which the child then finds in its
+//! memory: see [`First`]); a datagram socket, the *doorbell*, tells the spare that a request
+//! is waiting, one message per request, each carrying (`SCM_RIGHTS`) the child's sidecar (its
+//! outcome bell too), which ipc-channel cannot carry. The server sends its announcements on
+//! the doorbell's other direction. Only one process reads the doorbell's requests at a time:
+//! the spare while there is one, the server only while it has none (after a failed fork).
+//!
+//! The server forks each spare as a *sibling* (`clone` with `CLONE_PARENT`, see
 //! [`fork_sibling`]): the child's parent is the requester, as with the other start methods.
 //! So the requester waits for it, reaps it and reads its exact exit status from its pidfd,
-//! the child dies with the requester (parent-death signal), and nothing about it goes
-//! through the server once it runs: no status relay (a wake-up of the server and one of the
-//! requester per child, on the path of every `join`), no `SIGCHLD` in the server.
-
+//! the child dies with the requester (parent-death signal, set by the spare before it
+//! waits), and nothing about it goes through the server once it runs: no status relay, no
+//! `SIGCHLD` in the server.
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
@@ -27,6 +45,7 @@ use std::path::PathBuf;
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
 use parking_lot::{Mutex, MutexGuard};
+use rustix::event::{PollFd, PollFlags};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
@@ -40,20 +59,25 @@ use crate::protocol::{DOORBELL_FD, EXIT_ORPHANED, Header, Role};
 use crate::spawn::{self, HANDSHAKE_TIMEOUT};
 use crate::transfer;
 
+// A request lives briefly on the stack of its sender and receiver; boxing its large variant
+// would cost an allocation per start.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize)]
 enum Request {
     /// First message (the rendezvous needs one).
     Hello,
-    /// Fork a child (the requester's) that will read its header from `header`.
-    /// `surroundings`: the requester's working directory and environment, when they differ
-    /// from the server's.
+    /// Become a child (the requester's) that reads its header from `header`: for the spare
+    /// whose pid is `spare` (another spare passes it over). `seq` pairs it with its ring of
+    /// the doorbell (see [`request_for`]). `surroundings`: the requester's working directory
+    /// and environment, when they differ from the server's.
     Fork {
+        seq: u64,
+        spare: u32,
         header: HeaderRoute,
         surroundings: Option<Surroundings>,
     },
 }
 
-/// How a forkserver child gets its [`Header`].
 #[derive(Serialize, Deserialize)]
 enum HeaderRoute {
     /// On a channel of its own, followed by its argument.
@@ -124,31 +148,34 @@ impl Surroundings {
     }
 }
 
-/// The server's answer to a request: one datagram on the doorbell (the requester's pid
-/// reply costs no channel and no allocation on either side, and the server sends it while its
-/// new child waits for the CPU).
+/// What the server tells the requester on the doorbell, one datagram each: the pid of its
+/// next spare, or why it has none. (A datagram costs no channel and no allocation on either
+/// side.)
 #[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Forked(u32),
+enum Announcement {
+    /// The spare that takes the next request (a child of the requester's, see the module
+    /// docs).
+    Spare(u32),
+    /// The server could not fork a spare; it tries again when the requester rings (see
+    /// [`ring_retry`]).
     Failed(String),
 }
 
-impl Reply {
-    /// The longest reply read: a failure's message is cut beyond it.
+impl Announcement {
+    /// The longest announcement read: a failure's message is cut beyond it.
     const MAX: usize = 1024;
 
-    /// Sends the reply (on the server's side of `doorbell`). A child's pid is sent from the
-    /// stack: the server has just forked, and each page it writes now is a copy-on-write
-    /// fault.
+    /// Sends it (on the server's side of `doorbell`). A spare's pid is sent from the stack:
+    /// the server has just forked, and each page it writes now is a copy-on-write fault.
     fn send(&self, doorbell: BorrowedFd<'_>) -> std::io::Result<()> {
-        let mut forked = [0u8; 5];
+        let mut spare = [0u8; 5];
         let mut failed = Vec::new();
         let message: &[u8] = match self {
-            Reply::Forked(pid) => {
-                forked[1..].copy_from_slice(&pid.to_le_bytes());
-                &forked
+            Announcement::Spare(pid) => {
+                spare[1..].copy_from_slice(&pid.to_le_bytes());
+                &spare
             }
-            Reply::Failed(reason) => {
+            Announcement::Failed(reason) => {
                 failed.push(1);
                 failed.extend_from_slice(reason.as_bytes());
                 failed.truncate(Self::MAX);
@@ -161,29 +188,56 @@ impl Reply {
         Ok(())
     }
 
-    /// Waits at most `timeout` for the server's reply on `doorbell`.
-    fn receive(doorbell: BorrowedFd<'_>, timeout: std::time::Duration) -> std::io::Result<Reply> {
-        if !crate::sys::wait_readable(doorbell, Some(timeout))? {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no reply in {timeout:?}"),
-            ));
-        }
+    /// Waits at most `timeout` for the next announcement on `doorbell`, or until `server`
+    /// (its pidfd) has ended without one.
+    fn receive(
+        doorbell: BorrowedFd<'_>,
+        server: BorrowedFd<'_>,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<Announcement> {
         let mut message = [0u8; Self::MAX];
-        let received = rustix::io::retry_on_intr(|| {
+        let received = match rustix::io::retry_on_intr(|| {
             rustix::net::recv(doorbell, &mut message, RecvFlags::DONTWAIT)
-        })?;
-        match &message[..received.0.min(Self::MAX)] {
+        }) {
+            Ok(received) => received.0,
+            Err(rustix::io::Errno::AGAIN) => {
+                // Not announced yet (the server is still forking), or the server is gone.
+                if crate::sys::wait_any(&[doorbell, server], Some(timeout))?.is_none() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no spare announced in {timeout:?}"),
+                    ));
+                }
+                match rustix::io::retry_on_intr(|| {
+                    rustix::net::recv(doorbell, &mut message, RecvFlags::DONTWAIT)
+                }) {
+                    Ok(received) => received.0,
+                    Err(rustix::io::Errno::AGAIN) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the fork server ended",
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match &message[..received.min(Self::MAX)] {
             [] => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the fork server hung up",
             )),
             [0, pid @ ..] => <[u8; 4]>::try_from(pid)
-                .map(|pid| Reply::Forked(u32::from_le_bytes(pid)))
-                .map_err(|_| std::io::Error::other("a malformed reply from the fork server")),
-            [1, reason @ ..] => Ok(Reply::Failed(String::from_utf8_lossy(reason).into_owned())),
+                .map(|pid| Announcement::Spare(u32::from_le_bytes(pid)))
+                .map_err(|_| {
+                    std::io::Error::other("a malformed announcement from the fork server")
+                }),
+            [1, reason @ ..] => Ok(Announcement::Failed(
+                String::from_utf8_lossy(reason).into_owned(),
+            )),
             _ => Err(std::io::Error::other(
-                "a malformed reply from the fork server",
+                "a malformed announcement from the fork server",
             )),
         }
     }
@@ -192,6 +246,7 @@ impl Reply {
 /// A child forked by the fork server (a child of this process, see the module docs).
 pub(crate) struct ServerChild {
     pub pid: u32,
+    pub pidfd: OwnedFd,
     /// The child's header channel (`None`: the header travelled in the request).
     pub channel: Option<IpcSender<Header>>,
 }
@@ -202,14 +257,20 @@ pub(crate) struct Client {
     /// The server's working directory and environment (its parent's when it started).
     surroundings: Surroundings,
     requests: IpcSender<Request>,
-    /// Rung once per request (carrying the child's sidecar); the server replies on it.
+    /// Rung once per request (carrying the child's sidecar); the server announces its spares
+    /// on it.
     doorbell: OwnedFd,
     server: OwnedFd,
+    /// The last announcement was a failure: the server waits for a ring to try again.
+    retry: bool,
+    /// The number of the next request (see [`request_for`]).
+    seq: u64,
 }
 
 impl Drop for Client {
-    /// A client is dropped when its server failed: make sure it is gone, and reap it. A
-    /// forked child's copy only closes its descriptors: the server is its parent's.
+    /// A client is dropped when its server failed: make sure it is gone, and reap it, and the
+    /// spares it announced that were not handed out. A forked child's copy only closes its
+    /// descriptors: the server and the spares are its parent's.
     fn drop(&mut self) {
         if self.owner != std::process::id() {
             return;
@@ -218,6 +279,28 @@ impl Drop for Client {
         let _ =
             crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::from_secs(5)));
         let _ = crate::sys::try_reap(self.server.as_fd());
+        let mut message = [0u8; Announcement::MAX];
+        while let Ok((received, _)) =
+            rustix::net::recv(&self.doorbell, &mut message, RecvFlags::DONTWAIT)
+        {
+            if let [0, pid @ ..] = &message[..received.min(Announcement::MAX)]
+                && let Ok(pid) = <[u8; 4]>::try_from(pid)
+            {
+                kill_and_reap(u32::from_le_bytes(pid));
+            }
+            if received == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Ends a spare of ours that will not be used, and reaps it.
+fn kill_and_reap(pid: u32) {
+    if let Ok(pidfd) = crate::sys::pidfd_open(pid) {
+        let _ = crate::sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::from_secs(5)));
+        let _ = crate::sys::try_reap(pidfd.as_fd());
     }
 }
 
@@ -226,8 +309,7 @@ static SERVER: Mutex<Option<Client>> = Mutex::new(None);
 /// Asks the fork server (started on first use) for a child. If the server has died (it can be
 /// killed like any process), a fresh one is started and asked once more.
 ///
-/// `first` (if any) sends the child's header and argument once the request is on its way,
-/// while the server forks.
+/// `first` (if any) sends the child's header and argument once the request is on its way.
 pub(crate) fn fork_child(
     sidecar: OwnedFd,
     first: Option<First>,
@@ -294,6 +376,8 @@ fn start_server() -> Result<Client, ProcessError> {
         requests: spawned.channel,
         doorbell,
         server: spawned.pidfd,
+        retry: false,
+        seq: 0,
     };
     transfer::send(&client.requests, Request::Hello)
         .map_err(|e| ProcessError::StartFailed(format!("fork server unreachable: {e}")))?;
@@ -301,8 +385,8 @@ fn start_server() -> Result<Client, ProcessError> {
     Ok(client)
 }
 
-/// Rings the doorbell for one request, handing the server the child's sidecar.
-fn ring(doorbell: BorrowedFd<'_>, sidecar: BorrowedFd<'_>) -> std::io::Result<()> {
+/// Rings the doorbell for request number `seq`, handing the spare the child's sidecar.
+fn ring(doorbell: BorrowedFd<'_>, seq: u64, sidecar: BorrowedFd<'_>) -> std::io::Result<()> {
     let fds = [sidecar];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -311,7 +395,7 @@ fn ring(doorbell: BorrowedFd<'_>, sidecar: BorrowedFd<'_>) -> std::io::Result<()
     rustix::io::retry_on_intr(|| {
         rustix::net::sendmsg(
             doorbell,
-            &[IoSlice::new(&[1])],
+            &[IoSlice::new(&seq.to_le_bytes())],
             &mut control,
             SendFlags::empty(),
         )
@@ -319,33 +403,61 @@ fn ring(doorbell: BorrowedFd<'_>, sidecar: BorrowedFd<'_>) -> std::io::Result<()
     Ok(())
 }
 
-/// What the doorbell said: a request is waiting (with the sidecar for its child, if it
-/// came), or the parent is gone.
+/// Rings the doorbell without a request (no descriptor): after a failed fork, the server
+/// waits for this to try again. A spare passes it over.
+fn ring_retry(doorbell: BorrowedFd<'_>) -> std::io::Result<()> {
+    rustix::io::retry_on_intr(|| rustix::net::send(doorbell, &[2], SendFlags::empty()))?;
+    Ok(())
+}
+
+/// What the doorbell said: request number `seq` is waiting (with the sidecar for its child),
+/// a ring to try a failed fork again (no descriptor), or the parent is gone.
 enum Bell {
-    Request(Option<OwnedFd>),
+    Request { seq: u64, sidecar: OwnedFd },
+    Retry,
     Hangup,
 }
 
 /// Waits for the next ring of the doorbell.
 fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
-    let mut byte = [0u8; 1];
+    let mut seq = [0u8; 8];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = rustix::io::retry_on_intr(|| {
         rustix::net::recvmsg(
             doorbell,
-            &mut [IoSliceMut::new(&mut byte)],
+            &mut [IoSliceMut::new(&mut seq)],
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
         )
     });
     match received {
         Ok(message) if message.bytes == 0 => Bell::Hangup,
-        Ok(_) => Bell::Request(control.drain().find_map(|message| match message {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        })),
+        Ok(_) => control
+            .drain()
+            .find_map(|message| match message {
+                RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+                _ => None,
+            })
+            .map_or(Bell::Retry, |sidecar| Bell::Request {
+                seq: u64::from_le_bytes(seq),
+                sidecar,
+            }),
         Err(_) => Bell::Hangup,
+    }
+}
+
+/// The request that rang as number `seq`, read after its ring: the requests before it on the
+/// channel are passed over (their rings were read by a spare that died before it read them).
+/// `None` if the channel closed (the parent is gone).
+fn request_for(requests: &IpcReceiver<Request>, seq: u64) -> Option<Request> {
+    loop {
+        match requests.recv() {
+            Ok(Request::Fork { seq: earlier, .. }) if earlier < seq => continue,
+            Ok(Request::Hello) => continue,
+            Ok(request) => return Some(request),
+            Err(_) => return None,
+        }
     }
 }
 
@@ -363,61 +475,126 @@ impl Client {
         sidecar: BorrowedFd<'_>,
         first: &mut Option<First>,
     ) -> Result<ServerChild, Failure> {
-        // A failure here is ours (e.g. EMFILE), not the server's.
-        let local = |e| Failure::Refused(ProcessError::io("creating a channel")(e));
-        let (channel, header) = match first {
-            Some(First::Inline(make)) => (None, HeaderRoute::Inline(make())),
-            _ => {
-                let (channel, header) = ipc::channel::<Header>().map_err(local)?;
-                (Some(channel), HeaderRoute::Channel(header))
-            }
-        };
         let unreachable = |e: &dyn std::fmt::Display| {
             Failure::Unreachable(ProcessError::StartFailed(format!(
                 "the fork server is unreachable: {e}"
             )))
         };
+        let (pid, pidfd) = self.next_spare().map_err(|e| match e {
+            SpareError::Failed(reason) => Failure::Refused(ProcessError::StartFailed(reason)),
+            SpareError::Io(e) => unreachable(&e),
+        })?;
+        // From here on, a failure leaves a spare that will never run: ended and reaped.
+        let give_up = |failure: Failure| {
+            let _ = crate::sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
+            let _ =
+                crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::from_secs(5)));
+            let _ = crate::sys::try_reap(pidfd.as_fd());
+            failure
+        };
+        // A failure here is ours (e.g. EMFILE), not the server's.
+        let (channel, header) = match first {
+            Some(First::Inline(make)) => (None, HeaderRoute::Inline(make())),
+            _ => match ipc::channel::<Header>() {
+                Ok((channel, header)) => (Some(channel), HeaderRoute::Channel(header)),
+                Err(e) => {
+                    return Err(give_up(Failure::Refused(ProcessError::io(
+                        "creating a channel",
+                    )(e))));
+                }
+            },
+        };
         let surroundings = Some(Surroundings::current()).filter(|now| *now != self.surroundings);
+        let seq = self.seq;
+        self.seq += 1;
         // The request, the doorbell's ring and the child's first messages, with signals held
         // back once.
         let sent = transfer::holding_signals(|| {
             transfer::send(
                 &self.requests,
                 Request::Fork {
+                    seq,
+                    spare: pid,
                     header,
                     surroundings,
                 },
             )
             .map_err(|e| unreachable(&e))?;
-            ring(self.doorbell.as_fd(), sidecar).map_err(|e| unreachable(&e))?;
-            // While the server forks. If this fails, the child finds its channel closed and
-            // exits; the reply is still read, to keep replies in step with requests.
-            Ok(match (&channel, first.take()) {
-                (Some(channel), Some(First::Send(first))) => first(channel),
+            ring(self.doorbell.as_fd(), seq, sidecar).map_err(|e| unreachable(&e))?;
+            match (&channel, first.take()) {
+                (Some(channel), Some(First::Send(first))) => {
+                    first(channel).map_err(Failure::Refused)
+                }
                 (_, inline) => {
                     // Kept for a second request, if the server turns out to be gone.
                     *first = inline;
                     Ok(())
                 }
-            })
-        })?;
-        let reply = Reply::receive(self.doorbell.as_fd(), HANDSHAKE_TIMEOUT);
-        match (sent, reply) {
-            // The server is fine; what failed was ours (typically the argument's encoding).
-            (Err(error), Ok(_)) => Err(Failure::Refused(error)),
-            (Ok(()), Ok(Reply::Forked(pid))) => Ok(ServerChild { pid, channel }),
-            (_, Ok(Reply::Failed(message))) => {
-                Err(Failure::Refused(ProcessError::StartFailed(message)))
             }
-            (_, Err(e)) => Err(Failure::Unreachable(ProcessError::StartFailed(format!(
-                "the fork server did not answer: {e:?}"
-            )))),
+        });
+        match sent {
+            Ok(()) => Ok(ServerChild {
+                pid,
+                pidfd,
+                channel,
+            }),
+            Err(failure) => Err(give_up(failure)),
         }
+    }
+
+    /// The next spare announced (waiting for the server to fork it if need be), with a pidfd
+    /// that names it for good (it is our child: its pid cannot be reused before we reap it).
+    /// A spare that died while it waited (killed) is reaped and passed over.
+    fn next_spare(&mut self) -> Result<(u32, OwnedFd), SpareError> {
+        if std::mem::take(&mut self.retry) {
+            ring_retry(self.doorbell.as_fd())?;
+        }
+        loop {
+            let announced = Announcement::receive(
+                self.doorbell.as_fd(),
+                self.server.as_fd(),
+                HANDSHAKE_TIMEOUT,
+            )?;
+            match announced {
+                Announcement::Spare(pid) => {
+                    let pidfd = crate::sys::pidfd_open(pid)?;
+                    if crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::ZERO))? {
+                        let _ = crate::sys::try_reap(pidfd.as_fd());
+                        continue;
+                    }
+                    return Ok((pid, pidfd));
+                }
+                Announcement::Failed(reason) => {
+                    self.retry = true;
+                    return Err(SpareError::Failed(reason));
+                }
+            }
+        }
+    }
+}
+
+/// Why [`Client::next_spare`] has none.
+enum SpareError {
+    /// The server could not fork one.
+    Failed(String),
+    /// The server is gone, did not answer, or the pidfd could not be opened.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for SpareError {
+    fn from(error: std::io::Error) -> Self {
+        SpareError::Io(error)
     }
 }
 
 /// The fork server's main loop (runs in the re-executed server process, never returns to
 /// `main`). Returns its exit code.
+///
+/// It keeps one spare ahead: it forks a spare, announces it, and sleeps until the spare has
+/// taken its request or died, then forks the next one, in parallel with the child the
+/// previous spare became. A taken spare tells it on an eventfd (its wake-up lets the
+/// scheduler put the server on an idle CPU; a pipe's or a socket's would ask for the
+/// spare's own, where the child is about to run); a spare's death closes its end of a pipe.
 pub(crate) fn serve(parent: u32) -> i32 {
     if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
@@ -434,64 +611,148 @@ pub(crate) fn serve(parent: u32) -> i32 {
         Ok(thread) => thread,
         Err(e) => return child::fail(&format!("cannot prepare to fork: {e}")),
     };
+    let taken = match rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    ) {
+        Ok(taken) => taken,
+        Err(e) => return child::fail(&format!("cannot create an eventfd: {e}")),
+    };
     crate::function::warm_up_for_children();
     // The doorbell is a socket pair of the sidecars' kind: its buffer size is theirs.
     crate::payload::warm_up(doorbell.as_fd());
     loop {
-        let bell = match next_bell(doorbell.as_fd()) {
-            Bell::Request(bell) => bell,
-            Bell::Hangup => return 0, // the parent is gone (and its children with it)
-        };
-        let (route, surroundings) = match requests.recv() {
-            Ok(Request::Fork {
-                header,
-                surroundings,
-            }) => (header, surroundings),
-            Ok(Request::Hello) => continue,
-            Err(_) => return 0,
-        };
-        let Some(sidecar) = bell else {
-            let _ =
-                Reply::Failed("the request came without its sidecar".into()).send(doorbell.as_fd());
-            continue;
+        // The spare holds the write end: it closes when the spare ends.
+        let (alive, spare_end) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+            Ok(pipe) => pipe,
+            Err(e) => match fork_failed(&doorbell, &requests, format!("pipe: {e}")) {
+                true => continue,
+                false => return 0,
+            },
         };
         // SAFETY: the fork server is single-threaded (it runs before main, and never starts
         // a thread), and `thread` describes its one thread.
         match unsafe { fork_sibling(&thread) } {
             Err(error) => {
-                let _ = Reply::Failed(format!("fork failed: {error}")).send(doorbell.as_fd());
+                drop((alive, spare_end));
+                if !fork_failed(&doorbell, &requests, format!("fork failed: {error}")) {
+                    return 0;
+                }
             }
             Ok(0) => {
-                drop((requests, doorbell));
-                // SAFETY: this child of the single-threaded server has one thread.
-                let adopted = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() });
-                // Its parent is the server's (the requester). SIGPIPE is ignored already:
-                // the disposition the server set is inherited.
-                let code = if !crate::sys::die_with_parent(parent) {
-                    EXIT_ORPHANED
-                } else if let Err(message) = adopted {
-                    child::fail(&message)
-                } else {
-                    match route {
-                        HeaderRoute::Inline(header) => child::serve(None, header, sidecar),
-                        HeaderRoute::Channel(channel) => match channel.recv() {
-                            Ok(header) => child::serve(Some(channel), header, sidecar),
-                            Err(e) => child::fail(&format!("no request from the parent: {e}")),
-                        },
-                    }
-                };
-                child::exit_forked(code);
+                drop(alive);
+                child::exit_forked(spare(parent, requests, doorbell, taken, spare_end));
             }
             Ok(pid) => {
-                // The reply first: the requester waits for it, and the child for this CPU.
-                let replied = Reply::Forked(pid as u32).send(doorbell.as_fd());
-                // The child's copies (of an inline header's outcome channel too) are its own.
-                drop((sidecar, route));
-                if replied.is_err() {
+                drop(spare_end);
+                if Announcement::Spare(pid as u32)
+                    .send(doorbell.as_fd())
+                    .is_err()
+                {
+                    return 0; // the parent is gone
+                }
+                if !wait_until_taken(doorbell.as_fd(), taken.as_fd(), alive.as_fd()) {
                     return 0;
                 }
             }
         }
+    }
+}
+
+/// Sleeps until the spare has taken a request (`taken` counts it) or ended (its end of
+/// `alive` closed). False if the parent is gone (the doorbell hung up).
+fn wait_until_taken(
+    doorbell: BorrowedFd<'_>,
+    taken: BorrowedFd<'_>,
+    alive: BorrowedFd<'_>,
+) -> bool {
+    let mut polled = [
+        PollFd::new(&taken, PollFlags::IN),
+        PollFd::new(&alive, PollFlags::IN),
+        // Watched for its hangup only: its requests are the spare's to read.
+        PollFd::new(&doorbell, PollFlags::empty()),
+    ];
+    loop {
+        match rustix::event::poll(&mut polled, None) {
+            Ok(_) if !polled[2].revents().is_empty() => return false,
+            Ok(_) if !polled[0].revents().is_empty() || !polled[1].revents().is_empty() => {
+                // Reset for the next spare (non-blocking: a dead spare wrote nothing).
+                let _ = rustix::io::read(taken, &mut [0u8; 8]);
+                return true;
+            }
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// After the server failed to fork a spare (there is none then): announces why, and waits
+/// for the requester's ring to try again. A request that comes instead (for a spare that
+/// died before reading it) is passed over, and also means trying again. False if the parent
+/// is gone.
+fn fork_failed(doorbell: &OwnedFd, requests: &IpcReceiver<Request>, reason: String) -> bool {
+    if Announcement::Failed(reason).send(doorbell.as_fd()).is_err() {
+        return false;
+    }
+    match next_bell(doorbell.as_fd()) {
+        Bell::Hangup => false,
+        Bell::Retry => true,
+        Bell::Request { seq, sidecar } => {
+            drop(sidecar);
+            request_for(requests, seq).is_some()
+        }
+    }
+}
+
+/// A spare's life (see the module docs): it waits for the request addressed to it, tells
+/// the server it was taken, and becomes the requested child. Returns its exit code.
+fn spare(
+    parent: u32,
+    requests: IpcReceiver<Request>,
+    doorbell: OwnedFd,
+    taken: OwnedFd,
+    alive: OwnedFd,
+) -> i32 {
+    // Its parent is the server's (the requester), and it dies with it from now on, idle or
+    // not. SIGPIPE is ignored already: the disposition the server set is inherited.
+    if !crate::sys::die_with_parent(parent) {
+        return EXIT_ORPHANED;
+    }
+    let me = std::process::id();
+    let (route, surroundings, sidecar) = loop {
+        let (seq, sidecar) = match next_bell(doorbell.as_fd()) {
+            Bell::Request { seq, sidecar } => (seq, sidecar),
+            // For a server without a spare, and the server has this one.
+            Bell::Retry => continue,
+            Bell::Hangup => return 0, // the parent is gone
+        };
+        match request_for(&requests, seq) {
+            Some(Request::Fork {
+                seq: this,
+                spare,
+                header,
+                surroundings,
+            }) if this == seq && spare == me => break (header, surroundings, sidecar),
+            // For a spare that died before it read it (its requester finds it dead).
+            Some(_) => continue,
+            None => return 0,
+        }
+    };
+    // Taken: the server forks the next spare while this one runs. (An eventfd's counter
+    // cannot overflow from one write of 1 per spare; a failed write leaves the server to
+    // learn it from `alive` when this child ends.)
+    let _ = rustix::io::write(&taken, &1u64.to_ne_bytes());
+    drop((taken, alive, requests, doorbell));
+    // SAFETY: this child of the single-threaded server has one thread.
+    if let Err(message) = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() }) {
+        return child::fail(&message);
+    }
+    match route {
+        HeaderRoute::Inline(header) => child::serve(None, header, sidecar),
+        HeaderRoute::Channel(channel) => match channel.recv() {
+            Ok(header) => child::serve(Some(channel), header, sidecar),
+            Err(e) => child::fail(&format!("no request from the parent: {e}")),
+        },
     }
 }
 
@@ -669,37 +930,67 @@ mod tests {
         .unwrap()
     }
 
+    /// A pidfd that does not become readable while the test runs (this process's own).
+    fn live_server() -> OwnedFd {
+        crate::sys::pidfd_open(std::process::id()).unwrap()
+    }
+
     #[test]
-    fn replies_cross_the_doorbell_whole() {
+    fn announcements_cross_the_doorbell_whole() {
         let (server, client) = doorbell();
-        let long = "x".repeat(3 * Reply::MAX);
-        for reply in [
-            Reply::Forked(0),
-            Reply::Forked(u32::MAX),
-            Reply::Failed("fork failed: EAGAIN".into()),
-            Reply::Failed(long.clone()),
+        let alive = live_server();
+        let long = "x".repeat(3 * Announcement::MAX);
+        for announcement in [
+            Announcement::Spare(0),
+            Announcement::Spare(u32::MAX),
+            Announcement::Failed("fork failed: EAGAIN".into()),
+            Announcement::Failed(long.clone()),
         ] {
-            reply.send(server.as_fd()).unwrap();
-            let received = Reply::receive(client.as_fd(), Duration::from_secs(5)).unwrap();
-            match (&reply, received) {
-                (Reply::Failed(sent), Reply::Failed(got)) if sent.len() > Reply::MAX => {
-                    assert_eq!(got, sent[..Reply::MAX - 1]);
+            announcement.send(server.as_fd()).unwrap();
+            let received =
+                Announcement::receive(client.as_fd(), alive.as_fd(), Duration::from_secs(5))
+                    .unwrap();
+            match (&announcement, received) {
+                (Announcement::Failed(sent), Announcement::Failed(got))
+                    if sent.len() > Announcement::MAX =>
+                {
+                    assert_eq!(got, sent[..Announcement::MAX - 1]);
                 }
-                (_, received) => assert_eq!(received, reply),
+                (_, received) => assert_eq!(received, announcement),
             }
         }
     }
 
     #[test]
-    fn a_malformed_late_or_missing_reply_is_an_error() {
+    fn a_malformed_late_or_missing_announcement_is_an_error() {
         let (server, client) = doorbell();
+        let alive = live_server();
         rustix::net::send(&server, &[0, 1, 2], SendFlags::empty()).unwrap();
-        let malformed = Reply::receive(client.as_fd(), Duration::from_secs(5)).unwrap_err();
+        let malformed =
+            Announcement::receive(client.as_fd(), alive.as_fd(), Duration::from_secs(5))
+                .unwrap_err();
         assert!(malformed.to_string().contains("malformed"), "{malformed}");
-        let late = Reply::receive(client.as_fd(), Duration::from_millis(1)).unwrap_err();
+        let late = Announcement::receive(client.as_fd(), alive.as_fd(), Duration::from_millis(1))
+            .unwrap_err();
         assert_eq!(late.kind(), std::io::ErrorKind::TimedOut);
         drop(server);
-        let gone = Reply::receive(client.as_fd(), Duration::from_secs(5)).unwrap_err();
+        let gone = Announcement::receive(client.as_fd(), alive.as_fd(), Duration::from_secs(5))
+            .unwrap_err();
         assert_eq!(gone.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn rings_say_whether_they_carry_a_request() {
+        let (server, client) = doorbell();
+        let (sidecar, _) = doorbell();
+        ring(client.as_fd(), 7, sidecar.as_fd()).unwrap();
+        ring_retry(client.as_fd()).unwrap();
+        assert!(matches!(
+            next_bell(server.as_fd()),
+            Bell::Request { seq: 7, .. }
+        ));
+        assert!(matches!(next_bell(server.as_fd()), Bell::Retry));
+        drop(client);
+        assert!(matches!(next_bell(server.as_fd()), Bell::Hangup));
     }
 }

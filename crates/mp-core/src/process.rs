@@ -354,12 +354,11 @@ fn launch(
             }))
         }
         StartMethod::ForkServer => {
-            let child = forkserver::fork_child(sidecar, first)?;
             // Our child (the server forks it as its sibling): waited for like a forked one.
-            let pidfd = sys::pidfd_open(child.pid).map_err(ProcessError::io("opening a pidfd"))?;
+            let child = forkserver::fork_child(sidecar, first)?;
             Ok(Launching::Connected(Launched {
                 pid: child.pid,
-                pidfd,
+                pidfd: child.pidfd,
                 watch: ExitWatch::Direct,
                 channel: child.channel,
             }))

@@ -552,6 +552,27 @@ fn child_pids() -> Vec<u32> {
     pids
 }
 
+/// The fork server and its spare, our children left once the others are joined: the server
+/// started first (the spare is forked from it). The server forks the next spare while the
+/// previous one runs, so it may not be there yet: looked for again until it is (bounded).
+fn server_and_spare() -> (u32, u32) {
+    let started = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Field 22 (start time), counted after the command's closing parenthesis.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split_whitespace().nth(19).unwrap().parse().unwrap()
+    };
+    let deadline = Instant::now() + BOUND;
+    let mut children = child_pids();
+    while children.len() < 2 && Instant::now() < deadline {
+        std::thread::yield_now();
+        children = child_pids();
+    }
+    assert_eq!(children.len(), 2, "the server and its spare: {children:?}");
+    children.sort_by_key(|&pid| (started(pid), pid));
+    (children[0], children[1])
+}
+
 #[test]
 fn a_killed_fork_server_is_replaced() {
     let first = Process::new(square)
@@ -560,33 +581,69 @@ fn a_killed_fork_server_is_replaced() {
         .start()
         .unwrap();
     assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
-    // The fork server is our only child left.
-    let servers = child_pids();
-    assert_eq!(servers.len(), 1, "{servers:?}");
-    let server = servers[0];
+    let (server, _) = server_and_spare();
     kill_and_wait(server);
 
-    let second = Process::new(square)
+    // The spare it left serves one more start; the next finds the server dead and starts a
+    // new one.
+    for n in [3u64, 4] {
+        let child = Process::new(square)
+            .args(n)
+            .start_method(StartMethod::ForkServer)
+            .start()
+            .unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
+    }
+    let (new_server, _) = server_and_spare();
+    assert_ne!(new_server, server, "the dead server was not reaped");
+
+    // Again with a function of no argument, whose header travels inside the request: it is
+    // made once more for the replacement server.
+    kill_and_wait(new_server);
+    for _ in 0..2 {
+        let child = Process::new(|| 7u8)
+            .start_method(StartMethod::ForkServer)
+            .start()
+            .unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), 7);
+    }
+}
+
+/// A spare killed while it waits costs nothing but itself: the request addressed to it is
+/// passed over, the start that took it finds its child killed, and the next start gets a
+/// fresh spare.
+#[test]
+fn a_killed_spare_is_replaced() {
+    let first = Process::new(square)
+        .args(2)
+        .start_method(StartMethod::ForkServer)
+        .start()
+        .unwrap();
+    assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
+    let (server, spare) = server_and_spare();
+    kill_and_wait(spare);
+    // The announcement of the killed spare may still be unread: that start's child is the
+    // killed spare (reported killed), or a fresh one (if the spare's death was seen first).
+    let taken = Process::new(square)
         .args(3)
         .start_method(StartMethod::ForkServer)
         .start()
         .unwrap();
-    assert_eq!(second.join_timeout(BOUND).unwrap(), 9);
-    let now = child_pids();
-    assert!(
-        !now.contains(&server),
-        "the dead server was not reaped: {now:?}"
-    );
-    assert_eq!(now.len(), 1, "one new fork server: {now:?}");
-
-    // Again with a function of no argument, whose header travels inside the request: it is
-    // made once more for the replacement server.
-    kill_and_wait(now[0]);
-    let third = Process::new(|| 7u8)
-        .start_method(StartMethod::ForkServer)
-        .start()
-        .unwrap();
-    assert_eq!(third.join_timeout(BOUND).unwrap(), 7);
+    match taken.join_timeout(BOUND) {
+        Ok(9) => {}
+        Err(ProcessError::Signaled { signal, .. }) => assert_eq!(signal, libc::SIGKILL),
+        other => panic!("expected 9 or a killed child, got {other:?}"),
+    }
+    for n in [4u64, 5] {
+        let child = Process::new(square)
+            .args(n)
+            .start_method(StartMethod::ForkServer)
+            .start()
+            .unwrap();
+        assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
+    }
+    let (still, _) = server_and_spare();
+    assert_eq!(still, server, "the server itself was not replaced");
 }
 
 /// SIGKILLs `pid` (a child of this process) and waits until it has ended.
