@@ -18,13 +18,20 @@ pub enum StartMethod {
     /// libgcc_s, whose constructor probes the CPU) in every child. Where spawn speed matters,
     /// link the program statically, per binary:
     /// `cargo rustc --release --bin NAME -- -C target-feature=+crt-static` (glibc's
-    /// static-pie; a program that needs `dlopen` or NSS lookups cannot). On the project's
-    /// 2-vCPU VM a start + join of a no-op took 0.91 ms dynamically linked and 0.61 ms
-    /// static, against 0.50 ms for a `posix_spawn` of `/bin/true` (mp-bench's README).
+    /// static-pie; a program that needs `dlopen` or NSS lookups cannot), adding
+    /// `-C relocation-model=static` for an image at a fixed address, which has no
+    /// relocations to apply at start (and no address randomisation). On the project's 2-vCPU
+    /// VM a start + join of a no-op took 0.91 ms dynamically linked, 0.61 ms static-pie and
+    /// 0.56 ms static at a fixed address, against 0.50 ms for a `posix_spawn` of `/bin/true`
+    /// (mp-bench's README).
     Spawn,
     /// Ask a fork server — a fresh, single-threaded copy of this executable started on first
-    /// use — to fork the child: fork's speed (a third of spawn's cost), spawn's isolation. The
-    /// default, as in Python 3.14 on Linux.
+    /// use — to fork the child: fork's speed (a third of spawn's cost or less), spawn's
+    /// isolation. The default, as in Python 3.14 on Linux.
+    ///
+    /// The server keeps one child forked ahead (a *spare*, one idle process besides the
+    /// server while the program uses this start method): a start hands its request straight
+    /// to the spare, and the server forks the next one while the child runs.
     ///
     /// The child starts in the requester's current working directory and environment, as a
     /// spawned child would (Python's forkserver children see the server's, from the moment
