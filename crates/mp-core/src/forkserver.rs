@@ -148,14 +148,15 @@ impl Surroundings {
     }
 }
 
-/// What the server tells the requester on the doorbell, one datagram each: the pid of its
-/// next spare, or why it has none. (A datagram costs no channel and no allocation on either
-/// side.)
-#[derive(Debug, PartialEq, Eq)]
+/// What the server tells the requester on the doorbell, one datagram each: its next spare,
+/// or why it has none. (A datagram costs no channel and no allocation on either side.)
+#[derive(Debug)]
 enum Announcement {
     /// The spare that takes the next request (a child of the requester's, see the module
-    /// docs).
-    Spare(u32),
+    /// docs): its pid, and a pidfd for it from the server's `clone` (`CLONE_PIDFD`), passed
+    /// along, so that the requester never names the spare by pid (a pid can be reused if the
+    /// program lets the kernel reap its children, `SIGCHLD` ignored).
+    Spare { pid: u32, pidfd: OwnedFd },
     /// The server could not fork a spare; it tries again when the requester rings (see
     /// [`ring_retry`]).
     Failed(String),
@@ -165,14 +166,19 @@ impl Announcement {
     /// The longest announcement read: a failure's message is cut beyond it.
     const MAX: usize = 1024;
 
-    /// Sends it (on the server's side of `doorbell`). A spare's pid is sent from the stack:
-    /// the server has just forked, and each page it writes now is a copy-on-write fault.
+    /// Sends it (on the server's side of `doorbell`). A spare's is sent from the stack: the
+    /// server has just forked, and each page it writes now is a copy-on-write fault.
     fn send(&self, doorbell: BorrowedFd<'_>) -> std::io::Result<()> {
         let mut spare = [0u8; 5];
         let mut failed = Vec::new();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds;
         let message: &[u8] = match self {
-            Announcement::Spare(pid) => {
+            Announcement::Spare { pid, pidfd } => {
                 spare[1..].copy_from_slice(&pid.to_le_bytes());
+                fds = [pidfd.as_fd()];
+                control.push(SendAncillaryMessage::ScmRights(&fds));
                 &spare
             }
             Announcement::Failed(reason) => {
@@ -184,8 +190,67 @@ impl Announcement {
         };
         // A datagram is sent whole or not at all, so an interrupted send can simply be
         // retried.
-        rustix::io::retry_on_intr(|| rustix::net::send(doorbell, message, SendFlags::empty()))?;
+        rustix::io::retry_on_intr(|| {
+            rustix::net::sendmsg(
+                doorbell,
+                &[IoSlice::new(message)],
+                &mut control,
+                SendFlags::empty(),
+            )
+        })?;
         Ok(())
+    }
+
+    /// Takes the next announcement from `doorbell` if one is there (`Ok(None)` if not).
+    fn try_receive(doorbell: BorrowedFd<'_>) -> std::io::Result<Option<Announcement>> {
+        let mut message = [0u8; Self::MAX];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = match rustix::io::retry_on_intr(|| {
+            rustix::net::recvmsg(
+                doorbell,
+                &mut [IoSliceMut::new(&mut message)],
+                &mut control,
+                RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+            )
+        }) {
+            Ok(received) => received.bytes,
+            Err(rustix::io::Errno::AGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let pidfd = control.drain().find_map(|message| match message {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        });
+        let malformed = || std::io::Error::other("a malformed announcement from the fork server");
+        match (&message[..received.min(Self::MAX)], pidfd) {
+            ([], _) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the fork server hung up",
+            )),
+            ([0, pid @ ..], Some(pidfd)) => <[u8; 4]>::try_from(pid)
+                .map(|pid| {
+                    Some(Announcement::Spare {
+                        pid: u32::from_le_bytes(pid),
+                        pidfd,
+                    })
+                })
+                .map_err(|_| malformed()),
+            ([0, pid @ ..], None) => {
+                // Its pidfd was dropped on the way (this process is out of descriptors): the
+                // spare cannot be used; it is ended (the server then forks the next).
+                if let Ok(pid) = <[u8; 4]>::try_from(pid) {
+                    end_by_pid(u32::from_le_bytes(pid));
+                }
+                Err(std::io::Error::other(
+                    "the spare's pidfd did not come through (out of descriptors?)",
+                ))
+            }
+            ([1, reason @ ..], None) => Ok(Some(Announcement::Failed(
+                String::from_utf8_lossy(reason).into_owned(),
+            ))),
+            _ => Err(malformed()),
+        }
     }
 
     /// Waits at most `timeout` for the next announcement on `doorbell`, or until `server`
@@ -195,51 +260,19 @@ impl Announcement {
         server: BorrowedFd<'_>,
         timeout: std::time::Duration,
     ) -> std::io::Result<Announcement> {
-        let mut message = [0u8; Self::MAX];
-        let received = match rustix::io::retry_on_intr(|| {
-            rustix::net::recv(doorbell, &mut message, RecvFlags::DONTWAIT)
-        }) {
-            Ok(received) => received.0,
-            Err(rustix::io::Errno::AGAIN) => {
-                // Not announced yet (the server is still forking), or the server is gone.
-                if crate::sys::wait_any(&[doorbell, server], Some(timeout))?.is_none() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no spare announced in {timeout:?}"),
-                    ));
-                }
-                match rustix::io::retry_on_intr(|| {
-                    rustix::net::recv(doorbell, &mut message, RecvFlags::DONTWAIT)
-                }) {
-                    Ok(received) => received.0,
-                    Err(rustix::io::Errno::AGAIN) => {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the fork server ended",
-                        ));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match &message[..received.min(Self::MAX)] {
-            [] => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the fork server hung up",
-            )),
-            [0, pid @ ..] => <[u8; 4]>::try_from(pid)
-                .map(|pid| Announcement::Spare(u32::from_le_bytes(pid)))
-                .map_err(|_| {
-                    std::io::Error::other("a malformed announcement from the fork server")
-                }),
-            [1, reason @ ..] => Ok(Announcement::Failed(
-                String::from_utf8_lossy(reason).into_owned(),
-            )),
-            _ => Err(std::io::Error::other(
-                "a malformed announcement from the fork server",
-            )),
+        if let Some(announcement) = Self::try_receive(doorbell)? {
+            return Ok(announcement);
         }
+        // Not announced yet (the server is still forking), or the server is gone.
+        if crate::sys::wait_any(&[doorbell, server], Some(timeout))?.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no spare announced in {timeout:?}"),
+            ));
+        }
+        Self::try_receive(doorbell)?.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the fork server ended")
+        })
     }
 }
 
@@ -279,28 +312,16 @@ impl Drop for Client {
         let _ =
             crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::from_secs(5)));
         let _ = crate::sys::try_reap(self.server.as_fd());
-        let mut message = [0u8; Announcement::MAX];
-        while let Ok((received, _)) =
-            rustix::net::recv(&self.doorbell, &mut message, RecvFlags::DONTWAIT)
-        {
-            if let [0, pid @ ..] = &message[..received.min(Announcement::MAX)]
-                && let Ok(pid) = <[u8; 4]>::try_from(pid)
-            {
-                kill_and_reap(u32::from_le_bytes(pid));
-            }
-            if received == 0 {
-                break;
+        while let Ok(Some(announcement)) = Announcement::try_receive(self.doorbell.as_fd()) {
+            if let Announcement::Spare { pidfd, .. } = announcement {
+                let _ = crate::sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
+                let _ = crate::sys::wait_readable(
+                    pidfd.as_fd(),
+                    Some(std::time::Duration::from_secs(5)),
+                );
+                let _ = crate::sys::try_reap(pidfd.as_fd());
             }
         }
-    }
-}
-
-/// Ends a spare of ours that will not be used, and reaps it.
-fn kill_and_reap(pid: u32) {
-    if let Ok(pidfd) = crate::sys::pidfd_open(pid) {
-        let _ = crate::sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
-        let _ = crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::from_secs(5)));
-        let _ = crate::sys::try_reap(pidfd.as_fd());
     }
 }
 
@@ -556,9 +577,11 @@ impl Client {
                 HANDSHAKE_TIMEOUT,
             )?;
             match announced {
-                Announcement::Spare(pid) => {
-                    let pidfd = crate::sys::pidfd_open(pid)?;
-                    if crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::ZERO))? {
+                Announcement::Spare { pid, pidfd } => {
+                    // A spare that died while it waited (killed) is passed over.
+                    if crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::ZERO))
+                        .unwrap_or(false)
+                    {
                         let _ = crate::sys::try_reap(pidfd.as_fd());
                         continue;
                     }
@@ -573,11 +596,27 @@ impl Client {
     }
 }
 
+/// Ends and reaps spare `pid`, a child of ours that was announced but cannot be used, without
+/// its pidfd (it did not come through). Its pid names no other process meanwhile: it is our
+/// child, not reaped before this (unless the program ignores `SIGCHLD`, and the spare died on
+/// its own in the moment since it was announced).
+fn end_by_pid(pid: u32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: kill and waitpid on a child of this process that nothing else reaps (see
+    // above); waitpid writes nothing (null status).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        while libc::waitpid(pid, std::ptr::null_mut(), 0) == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
+    }
+}
+
 /// Why [`Client::next_spare`] has none.
 enum SpareError {
     /// The server could not fork one.
     Failed(String),
-    /// The server is gone, did not answer, or the pidfd could not be opened.
+    /// The server is gone, did not answer, or its announcement could not be taken.
     Io(std::io::Error),
 }
 
@@ -639,18 +678,17 @@ pub(crate) fn serve(parent: u32) -> i32 {
                     return 0;
                 }
             }
-            Ok(0) => {
+            Ok(None) => {
                 drop(alive);
                 child::exit_forked(spare(parent, requests, doorbell, taken, spare_end));
             }
-            Ok(pid) => {
+            Ok(Some((pid, pidfd))) => {
                 drop(spare_end);
-                if Announcement::Spare(pid as u32)
-                    .send(doorbell.as_fd())
-                    .is_err()
-                {
+                let announcement = Announcement::Spare { pid, pidfd };
+                if announcement.send(doorbell.as_fd()).is_err() {
                     return 0; // the parent is gone
                 }
+                drop(announcement);
                 if !wait_until_taken(doorbell.as_fd(), taken.as_fd(), alive.as_fd()) {
                     return 0;
                 }
@@ -822,8 +860,9 @@ struct CloneArgs {
 }
 
 /// `fork()`, except that the child is this process's *sibling*: a child of this process's
-/// parent (`CLONE_PARENT`), which gets its `SIGCHLD` and reaps it. Returns 0 in the child
-/// and the child's pid in the server.
+/// parent (`CLONE_PARENT`), which gets its `SIGCHLD` and reaps it. Returns `None` in the child
+/// and, in the server, the child's pid and a pidfd for it (`CLONE_PIDFD`), which the server
+/// passes to the parent.
 ///
 /// glibc's `fork` cannot ask for that flag, so this clones by hand and then does in the
 /// child what glibc's `_Fork` (the `fork` without `atfork` handlers) does: the kernel
@@ -837,10 +876,15 @@ struct CloneArgs {
 /// # Safety
 ///
 /// The process must be single-threaded, and `thread` must describe its thread.
-unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<libc::pid_t> {
-    let flags = (libc::CLONE_PARENT | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
+unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<Option<(u32, OwnedFd)>> {
+    let flags = (libc::CLONE_PARENT
+        | libc::CLONE_CHILD_SETTID
+        | libc::CLONE_CHILD_CLEARTID
+        | libc::CLONE_PIDFD) as u64;
+    let mut pidfd: libc::c_int = -1;
     let args = CloneArgs {
         flags,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
         child_tid: thread.tid as u64,
         // With CLONE_PARENT, the child's exit signal is the server's own (SIGCHLD); clone3
         // requires 0 here.
@@ -851,7 +895,8 @@ unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<libc::pid_t> {
     // runs in a copy of this address space, on a copy of this stack, like a forked child,
     // and this process has a single thread (this function's contract), so the copy is
     // complete. The kernel writes the child's tid to `thread.tid`, a field of glibc's
-    // descriptor of this thread, in the child's copy only.
+    // descriptor of this thread, in the child's copy only, and the pidfd's number to the
+    // local `pidfd`, in the server.
     let mut pid = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -863,7 +908,7 @@ unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<libc::pid_t> {
         // clone3 is refused by some seccomp filters (older container runtimes): the classic
         // clone, whose argument order differs between architectures.
         // SAFETY: as above; no new stack (0: the child continues on a copy of this one).
-        pid = unsafe { legacy_clone(flags, thread.tid) };
+        pid = unsafe { legacy_clone(flags, &mut pidfd, thread.tid) };
     }
     if pid == -1 {
         return Err(std::io::Error::last_os_error());
@@ -878,30 +923,43 @@ unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<libc::pid_t> {
                 thread.robust_len,
             )
         };
+        return Ok(None);
     }
-    Ok(pid as libc::pid_t)
+    // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor in `pidfd`, owned by
+    // nothing else.
+    Ok(Some((pid as u32, unsafe { OwnedFd::from_raw_fd(pidfd) })))
 }
 
-/// `clone(flags, 0, NULL, ctid)` in this architecture's argument order.
+/// `clone(flags, 0, pidfd, ctid)` in this architecture's argument order (with
+/// `CLONE_PIDFD`, the parent-tid argument is where the pidfd is stored).
 ///
 /// # Safety
 ///
 /// As `fork_sibling`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn legacy_clone(flags: u64, ctid: *mut libc::pid_t) -> libc::c_long {
-    // SAFETY: x86-64's order: flags, stack, parent tid, child tid, tls.
-    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, ctid, 0usize) }
+unsafe fn legacy_clone(
+    flags: u64,
+    pidfd: *mut libc::c_int,
+    ctid: *mut libc::pid_t,
+) -> libc::c_long {
+    // SAFETY: x86-64's order: flags, stack, parent tid (the pidfd), child tid, tls.
+    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, pidfd, ctid, 0usize) }
 }
 
-/// `clone(flags, 0, NULL, ctid)` in this architecture's argument order.
+/// `clone(flags, 0, pidfd, ctid)` in this architecture's argument order (with
+/// `CLONE_PIDFD`, the parent-tid argument is where the pidfd is stored).
 ///
 /// # Safety
 ///
 /// As `fork_sibling`.
 #[cfg(target_arch = "aarch64")]
-unsafe fn legacy_clone(flags: u64, ctid: *mut libc::pid_t) -> libc::c_long {
-    // SAFETY: aarch64's order: flags, stack, parent tid, tls, child tid.
-    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, ctid) }
+unsafe fn legacy_clone(
+    flags: u64,
+    pidfd: *mut libc::c_int,
+    ctid: *mut libc::pid_t,
+) -> libc::c_long {
+    // SAFETY: aarch64's order: flags, stack, parent tid (the pidfd), tls, child tid.
+    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, pidfd, 0usize, ctid) }
 }
 
 /// Without `clone3`, no sibling on this architecture (its `clone` order is not spelled out
@@ -911,7 +969,11 @@ unsafe fn legacy_clone(flags: u64, ctid: *mut libc::pid_t) -> libc::c_long {
 ///
 /// None needed; unsafe only to match the other architectures'.
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-unsafe fn legacy_clone(_flags: u64, _ctid: *mut libc::pid_t) -> libc::c_long {
+unsafe fn legacy_clone(
+    _flags: u64,
+    _pidfd: *mut libc::c_int,
+    _ctid: *mut libc::pid_t,
+) -> libc::c_long {
     -1
 }
 
@@ -940,9 +1002,12 @@ mod tests {
         let (server, client) = doorbell();
         let alive = live_server();
         let long = "x".repeat(3 * Announcement::MAX);
+        let me = std::process::id();
         for announcement in [
-            Announcement::Spare(0),
-            Announcement::Spare(u32::MAX),
+            Announcement::Spare {
+                pid: me,
+                pidfd: live_server(),
+            },
             Announcement::Failed("fork failed: EAGAIN".into()),
             Announcement::Failed(long.clone()),
         ] {
@@ -951,12 +1016,20 @@ mod tests {
                 Announcement::receive(client.as_fd(), alive.as_fd(), Duration::from_secs(5))
                     .unwrap();
             match (&announcement, received) {
+                (Announcement::Spare { .. }, Announcement::Spare { pid, pidfd }) => {
+                    assert_eq!(pid, me);
+                    // A pidfd of this (living) process came through: not readable.
+                    assert!(
+                        !crate::sys::wait_readable(pidfd.as_fd(), Some(Duration::ZERO)).unwrap()
+                    );
+                }
                 (Announcement::Failed(sent), Announcement::Failed(got))
                     if sent.len() > Announcement::MAX =>
                 {
                     assert_eq!(got, sent[..Announcement::MAX - 1]);
                 }
-                (_, received) => assert_eq!(received, announcement),
+                (Announcement::Failed(sent), Announcement::Failed(got)) => assert_eq!(&got, sent),
+                (sent, got) => panic!("sent {sent:?}, received {got:?}"),
             }
         }
     }
@@ -965,7 +1038,7 @@ mod tests {
     fn a_malformed_late_or_missing_announcement_is_an_error() {
         let (server, client) = doorbell();
         let alive = live_server();
-        rustix::net::send(&server, &[0, 1, 2], SendFlags::empty()).unwrap();
+        rustix::net::send(&server, &[7, 1, 2], SendFlags::empty()).unwrap();
         let malformed =
             Announcement::receive(client.as_fd(), alive.as_fd(), Duration::from_secs(5))
                 .unwrap_err();
