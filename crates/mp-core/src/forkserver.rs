@@ -36,15 +36,15 @@
 //! the child dies with the requester (parent-death signal, set by the spare before it
 //! waits), and nothing about it goes through the server once it runs: no status relay, no
 //! `SIGCHLD` in the server.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
-use parking_lot::{Mutex, MutexGuard};
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -336,7 +336,7 @@ pub(crate) fn fork_child(
     first: Option<First>,
 ) -> Result<ServerChild, ProcessError> {
     let me = std::process::id();
-    let mut server = SERVER.lock();
+    let mut server = crate::fork_lock::lock(&SERVER);
     let mut retried = false;
     let had_first = matches!(first, Some(First::Send(_)));
     let mut first = first;
@@ -366,7 +366,7 @@ pub(crate) fn fork_child(
 
 /// Taken by the forking thread across `fork()`, so the child never inherits the lock held.
 pub(crate) fn hold_across_fork() -> MutexGuard<'static, Option<Client>> {
-    SERVER.lock()
+    crate::fork_lock::lock(&SERVER)
 }
 
 /// In a forked child: closes the inherited client's descriptors (without touching the
@@ -626,14 +626,19 @@ impl From<std::io::Error> for SpareError {
     }
 }
 
+/// How many spares the server keeps forked ahead. Two: while the first waits for a request,
+/// the second waits for the first to be taken, so a start never waits for a fork even when
+/// the starts follow each other faster than the server can fork (each child then runs
+/// while the server forks its replacement).
+const SPARES: usize = 2;
+
 /// The fork server's main loop (runs in the re-executed server process, never returns to
 /// `main`). Returns its exit code.
 ///
-/// It keeps one spare ahead: it forks a spare, announces it, and sleeps until the spare has
-/// taken its request or died, then forks the next one, in parallel with the child the
-/// previous spare became. A taken spare tells it on an eventfd (its wake-up lets the
-/// scheduler put the server on an idle CPU; a pipe's or a socket's would ask for the
-/// spare's own, where the child is about to run); a spare's death closes its end of a pipe.
+/// It keeps [`SPARES`] spares forked and announced, in a line: only the first reads the
+/// doorbell; each next one waits for the one before it to be taken (or to die: either way
+/// that spare's end of a pipe, its *gate*, closes). The server watches the first spare's
+/// gate too, and forks a replacement at the end of the line when it closes.
 pub(crate) fn serve(parent: u32) -> i32 {
     if !child::prepare_child_process(parent) {
         return EXIT_ORPHANED;
@@ -650,84 +655,84 @@ pub(crate) fn serve(parent: u32) -> i32 {
         Ok(thread) => thread,
         Err(e) => return child::fail(&format!("cannot prepare to fork: {e}")),
     };
-    let taken = match rustix::event::eventfd(
-        0,
-        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-    ) {
-        Ok(taken) => taken,
-        Err(e) => return child::fail(&format!("cannot create an eventfd: {e}")),
-    };
     crate::function::warm_up_for_children();
     // The doorbell is a socket pair of the sidecars' kind: its buffer size is theirs.
     crate::payload::warm_up(doorbell.as_fd());
+    // The read ends of the waiting spares' gates, first in line first.
+    let mut line: VecDeque<OwnedFd> = VecDeque::with_capacity(SPARES);
     loop {
-        // The spare holds the write end: it closes when the spare ends.
-        let (alive, spare_end) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
-            Ok(pipe) => pipe,
-            Err(e) => match fork_failed(&doorbell, &requests, format!("pipe: {e}")) {
-                true => continue,
-                false => return 0,
-            },
-        };
-        // SAFETY: the fork server is single-threaded (it runs before main, and never starts
-        // a thread), and `thread` describes its one thread.
-        match unsafe { fork_sibling(&thread) } {
-            Err(error) => {
-                drop((alive, spare_end));
-                if !fork_failed(&doorbell, &requests, format!("fork failed: {error}")) {
-                    return 0;
+        while line.len() < SPARES {
+            let forked = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(std::io::Error::from)
+                // SAFETY: the fork server is single-threaded (it runs before main, and never
+                // starts a thread), and `thread` describes its one thread.
+                .and_then(|gate| Ok((gate, unsafe { fork_sibling(&thread) }?)));
+            match forked {
+                Ok(((gate, spare_gate), None)) => {
+                    // The spare: it waits for the one before it, if any.
+                    let previous = line.pop_back();
+                    drop((gate, line));
+                    child::exit_forked(spare(parent, requests, doorbell, previous, spare_gate));
                 }
-            }
-            Ok(None) => {
-                drop(alive);
-                child::exit_forked(spare(parent, requests, doorbell, taken, spare_end));
-            }
-            Ok(Some((pid, pidfd))) => {
-                drop(spare_end);
-                let announcement = Announcement::Spare { pid, pidfd };
-                if announcement.send(doorbell.as_fd()).is_err() {
-                    return 0; // the parent is gone
+                Ok(((gate, spare_gate), Some((pid, pidfd)))) => {
+                    drop(spare_gate);
+                    let announcement = Announcement::Spare { pid, pidfd };
+                    if announcement.send(doorbell.as_fd()).is_err() {
+                        return 0; // the parent is gone
+                    }
+                    drop(announcement);
+                    line.push_back(gate);
                 }
-                drop(announcement);
-                if !wait_until_taken(doorbell.as_fd(), taken.as_fd(), alive.as_fd()) {
-                    return 0;
+                // With a spare still in line, forking again once it is taken may work.
+                Err(_) if !line.is_empty() => break,
+                Err(error) => {
+                    if !fork_failed(&doorbell, &requests, format!("fork failed: {error}")) {
+                        return 0;
+                    }
                 }
             }
         }
+        // Until the first spare is taken or dead (its gate closes), or the parent is gone.
+        let Some(first) = line.front() else { continue };
+        if wait(&[(first.as_fd(), PollFlags::IN)]).is_none() {
+            return 0;
+        }
+        line.pop_front();
     }
 }
 
-/// Sleeps until the spare has taken a request (`taken` counts it) or ended (its end of
-/// `alive` closed). False if the parent is gone (the doorbell hung up).
-fn wait_until_taken(
-    doorbell: BorrowedFd<'_>,
-    taken: BorrowedFd<'_>,
-    alive: BorrowedFd<'_>,
-) -> bool {
-    let mut polled = [
-        PollFd::new(&taken, PollFlags::IN),
-        PollFd::new(&alive, PollFlags::IN),
-        // Watched for its hangup only: its requests are the spare's to read.
-        PollFd::new(&doorbell, PollFlags::empty()),
-    ];
+/// Waits until one of `fds` is ready for its events (or hung up), or the doorbell hangs up
+/// (the parent is gone: `None`).
+fn wait(fds: &[(BorrowedFd<'_>, PollFlags)]) -> Option<usize> {
+    // SAFETY: DOORBELL_FD is the doorbell for the whole life of the server, and of a spare
+    // until it is taken (it calls this before).
+    let doorbell = unsafe { BorrowedFd::borrow_raw(DOORBELL_FD) };
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, flags)| PollFd::new(fd, *flags))
+        // Watched for its hangup only: its requests are the first spare's to read.
+        .chain(std::iter::once(PollFd::new(&doorbell, PollFlags::empty())))
+        .collect();
     loop {
         match rustix::event::poll(&mut polled, None) {
-            Ok(_) if !polled[2].revents().is_empty() => return false,
-            Ok(_) if !polled[0].revents().is_empty() || !polled[1].revents().is_empty() => {
-                // Reset for the next spare (non-blocking: a dead spare wrote nothing).
-                let _ = rustix::io::read(taken, &mut [0u8; 8]);
-                return true;
+            Ok(_) => {
+                if !polled.last()?.revents().is_empty() {
+                    return None;
+                }
+                if let Some(ready) = polled.iter().position(|p| !p.revents().is_empty()) {
+                    return Some(ready);
+                }
             }
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return false,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return None,
         }
     }
 }
 
-/// After the server failed to fork a spare (there is none then): announces why, and waits
-/// for the requester's ring to try again. A request that comes instead (for a spare that
-/// died before reading it) is passed over, and also means trying again. False if the parent
-/// is gone.
+/// After the server failed to fork a spare, with none in line: announces why, and waits for
+/// the requester's ring to try again. A request that comes instead (for a spare that died
+/// before reading it) is passed over, and also means trying again. False if the parent is
+/// gone.
 fn fork_failed(doorbell: &OwnedFd, requests: &IpcReceiver<Request>, reason: String) -> bool {
     if Announcement::Failed(reason).send(doorbell.as_fd()).is_err() {
         return false;
@@ -742,19 +747,25 @@ fn fork_failed(doorbell: &OwnedFd, requests: &IpcReceiver<Request>, reason: Stri
     }
 }
 
-/// A spare's life (see the module docs): it waits for the request addressed to it, tells
-/// the server it was taken, and becomes the requested child. Returns its exit code.
+/// A spare's life (see the module docs): it waits for the spare before it in line (its gate
+/// closes when it is taken or dies), then for the request addressed to it, opens its own
+/// gate, and becomes the requested child. Returns its exit code.
 fn spare(
     parent: u32,
     requests: IpcReceiver<Request>,
     doorbell: OwnedFd,
-    taken: OwnedFd,
-    alive: OwnedFd,
+    previous: Option<OwnedFd>,
+    gate: OwnedFd,
 ) -> i32 {
     // Its parent is the server's (the requester), and it dies with it from now on, idle or
     // not. SIGPIPE is ignored already: the disposition the server set is inherited.
     if !crate::sys::die_with_parent(parent) {
         return EXIT_ORPHANED;
+    }
+    if let Some(previous) = previous
+        && wait(&[(previous.as_fd(), PollFlags::IN)]).is_none()
+    {
+        return 0;
     }
     let me = std::process::id();
     let (route, surroundings, sidecar) = loop {
@@ -776,11 +787,8 @@ fn spare(
             None => return 0,
         }
     };
-    // Taken: the server forks the next spare while this one runs. (An eventfd's counter
-    // cannot overflow from one write of 1 per spare; a failed write leaves the server to
-    // learn it from `alive` when this child ends.)
-    let _ = rustix::io::write(&taken, &1u64.to_ne_bytes());
-    drop((taken, alive, requests, doorbell));
+    // Taken: the next spare in line may read the doorbell, and the server forks another.
+    drop((gate, requests, doorbell));
     // SAFETY: this child of the single-threaded server has one thread.
     if let Err(message) = surroundings.map_or(Ok(()), |s| unsafe { s.adopt() }) {
         return child::fail(&message);

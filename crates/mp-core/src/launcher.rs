@@ -12,7 +12,7 @@
 
 use std::sync::mpsc;
 
-use parking_lot::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::ProcessError;
 use crate::sys;
@@ -57,7 +57,7 @@ pub(crate) fn on_long_lived_thread<T: Send + 'static>(
 /// The job queue of this process's launcher thread, started on first use.
 fn launcher_jobs() -> Result<mpsc::Sender<Job>, ProcessError> {
     let me = std::process::id();
-    let mut launcher = LAUNCHER.lock();
+    let mut launcher = crate::fork_lock::lock(&LAUNCHER);
     if let Some(current) = launcher.as_ref().filter(|l| l.owner == me) {
         return Ok(current.jobs.clone());
     }
@@ -84,5 +84,5 @@ fn launcher_jobs() -> Result<mpsc::Sender<Job>, ProcessError> {
 /// Taken by the forking thread across `fork()`, so the child never inherits the lock held
 /// (the stale launcher it inherits is replaced on first use, by its owner pid).
 pub(crate) fn hold_across_fork() -> MutexGuard<'static, impl Sized> {
-    LAUNCHER.lock()
+    crate::fork_lock::lock(&LAUNCHER)
 }

@@ -49,6 +49,7 @@ mod decode_error;
 mod encode_cause;
 mod error;
 mod fork;
+mod fork_lock;
 mod forkserver;
 mod function;
 mod launcher;

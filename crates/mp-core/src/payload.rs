@@ -58,8 +58,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, MutexGuard};
 
-use parking_lot::{Mutex, MutexGuard};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -111,14 +111,14 @@ static POOL: Mutex<Vec<(u32, OwnedFd)>> = Mutex::new(Vec::new());
 /// Taken by the forking thread across `fork()`, so the child never inherits the pool's lock
 /// held.
 pub(crate) fn hold_across_fork() -> MutexGuard<'static, impl Sized> {
-    POOL.lock()
+    crate::fork_lock::lock(&POOL)
 }
 
 /// This process's pool, without the entries a fork copied from another process's (closed
 /// here: only their owner may write into them).
 fn pool() -> MutexGuard<'static, Vec<(u32, OwnedFd)>> {
     let me = std::process::id();
-    let mut pool = POOL.lock();
+    let mut pool = crate::fork_lock::lock(&POOL);
     pool.retain(|(pid, _)| *pid == me);
     pool
 }
@@ -742,7 +742,7 @@ mod tests {
         assert_eq!(send_and_receive(&value, &ours, &theirs), value);
         let inherited = pooled_inode().unwrap();
         // As a forked copy would find it: the entry names its parent.
-        for entry in POOL.lock().iter_mut() {
+        for entry in crate::fork_lock::lock(&POOL).iter_mut() {
             entry.0 = std::process::id() + 1;
         }
         assert_eq!(pool().len(), 0, "the inherited entry is discarded");

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
+use parking_lot::Mutex as WatchLock;
+
+use crate::fork_lock;
 use crate::protocol::{Header, ProcessInfo};
 use crate::sys::{self, ExitStatus};
 
@@ -32,12 +35,12 @@ pub(crate) fn hold_across_fork() -> (
     MutexGuard<'static, Vec<Arc<Tracked>>>,
     RwLockReadGuard<'static, Option<Identity>>,
 ) {
-    (CHILDREN.lock(), IDENTITY.read())
+    (fork_lock::lock(&CHILDREN), fork_lock::read(&IDENTITY))
 }
 
 /// Records who this process is, first thing in a child.
 pub(crate) fn become_child(header: &Header) {
-    *IDENTITY.write() = Some(Identity {
+    *fork_lock::write(&IDENTITY) = Some(Identity {
         path: header.identity.clone(),
         name: header.name.clone(),
         daemon: header.daemon,
@@ -46,13 +49,12 @@ pub(crate) fn become_child(header: &Header) {
     CHILD_COUNTER.store(0, Ordering::Relaxed);
     OWNER.store(std::process::id(), Ordering::Relaxed);
     // A forked child inherits its parent's list; those are not its children.
-    std::mem::take(&mut *CHILDREN.lock());
+    std::mem::take(&mut *fork_lock::lock(&CHILDREN));
 }
 
 /// The tree position and default name of the next child.
 pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
-    let mut path = IDENTITY
-        .read()
+    let mut path = fork_lock::read(&IDENTITY)
         .as_ref()
         .map(|i| i.path.clone())
         .unwrap_or_default();
@@ -69,7 +71,7 @@ pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
 
 /// This process: pid, name and daemon flag (Python's `current_process()`).
 pub fn current_process() -> ProcessInfo {
-    let identity = IDENTITY.read();
+    let identity = fork_lock::read(&IDENTITY);
     match identity.as_ref() {
         Some(i) => ProcessInfo {
             pid: std::process::id(),
@@ -87,13 +89,15 @@ pub fn current_process() -> ProcessInfo {
 /// The process that started this one, or `None` in the main process (Python's
 /// `parent_process()`).
 pub fn parent_process() -> Option<ProcessInfo> {
-    IDENTITY.read().as_ref().and_then(|i| i.parent.clone())
+    fork_lock::read(&IDENTITY)
+        .as_ref()
+        .and_then(|i| i.parent.clone())
 }
 
 /// The children of this process that are still running (Python's `active_children()`).
 /// Finished children are reaped on the way, as in Python.
 pub fn active_children() -> Vec<ProcessInfo> {
-    let mut children = CHILDREN.lock();
+    let mut children = fork_lock::lock(&CHILDREN);
     children.retain(|c| c.poll_exit().is_none());
     children.iter().map(|c| c.info()).collect()
 }
@@ -122,7 +126,7 @@ pub(crate) struct Tracked {
     pub name: String,
     pub daemon: bool,
     pub pidfd: OwnedFd,
-    watch: Mutex<ExitWatch>,
+    watch: WatchLock<ExitWatch>,
 }
 
 impl Tracked {
@@ -191,9 +195,9 @@ pub(crate) fn track(
         name,
         daemon,
         pidfd,
-        watch: Mutex::new(watch),
+        watch: WatchLock::new(watch),
     });
-    let mut children = CHILDREN.lock();
+    let mut children = fork_lock::lock(&CHILDREN);
     children.retain(|c| Arc::strong_count(c) > 1 || c.poll_exit().is_none());
     children.push(tracked.clone());
     tracked
@@ -222,7 +226,7 @@ pub(crate) fn clean_up_before_exit() {
     if OWNER.load(Ordering::Relaxed) != std::process::id() {
         return;
     }
-    let children = std::mem::take(&mut *CHILDREN.lock());
+    let children = std::mem::take(&mut *fork_lock::lock(&CHILDREN));
     let (daemons, others): (Vec<_>, Vec<_>) = children.into_iter().partition(|c| c.daemon);
     for child in &daemons {
         let _ = sys::send_signal(child.pidfd.as_fd(), libc::SIGTERM);

@@ -552,10 +552,11 @@ fn child_pids() -> Vec<u32> {
     pids
 }
 
-/// The fork server and its spare, our children left once the others are joined: the server
-/// started first (the spare is forked from it). The server forks the next spare while the
-/// previous one runs, so it may not be there yet: looked for again until it is (bounded).
-fn server_and_spare() -> (u32, u32) {
+/// The fork server and its two spares, our children left once the others are joined: the
+/// server started first (the spares are forked from it), then the spare first in line. The
+/// server forks a replacement spare while a child runs, so it may not be there yet: looked
+/// for again until it is (bounded).
+fn server_and_spares() -> (u32, [u32; 2]) {
     let started = |pid: u32| -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         // Field 22 (start time), counted after the command's closing parenthesis.
@@ -564,13 +565,13 @@ fn server_and_spare() -> (u32, u32) {
     };
     let deadline = Instant::now() + BOUND;
     let mut children = child_pids();
-    while children.len() < 2 && Instant::now() < deadline {
+    while children.len() < 3 && Instant::now() < deadline {
         std::thread::yield_now();
         children = child_pids();
     }
-    assert_eq!(children.len(), 2, "the server and its spare: {children:?}");
+    assert_eq!(children.len(), 3, "the server and its spares: {children:?}");
     children.sort_by_key(|&pid| (started(pid), pid));
-    (children[0], children[1])
+    (children[0], [children[1], children[2]])
 }
 
 #[test]
@@ -581,12 +582,12 @@ fn a_killed_fork_server_is_replaced() {
         .start()
         .unwrap();
     assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
-    let (server, _) = server_and_spare();
+    let (server, _) = server_and_spares();
     kill_and_wait(server);
 
-    // The spare it left serves one more start; the next finds the server dead and starts a
+    // The spares it left serve two more starts; the next finds the server dead and starts a
     // new one.
-    for n in [3u64, 4] {
+    for n in [3u64, 4, 5] {
         let child = Process::new(square)
             .args(n)
             .start_method(StartMethod::ForkServer)
@@ -594,13 +595,13 @@ fn a_killed_fork_server_is_replaced() {
             .unwrap();
         assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
     }
-    let (new_server, _) = server_and_spare();
+    let (new_server, _) = server_and_spares();
     assert_ne!(new_server, server, "the dead server was not reaped");
 
     // Again with a function of no argument, whose header travels inside the request: it is
     // made once more for the replacement server.
     kill_and_wait(new_server);
-    for _ in 0..2 {
+    for _ in 0..3 {
         let child = Process::new(|| 7u8)
             .start_method(StartMethod::ForkServer)
             .start()
@@ -620,7 +621,7 @@ fn a_killed_spare_is_replaced() {
         .start()
         .unwrap();
     assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
-    let (server, spare) = server_and_spare();
+    let (server, [spare, _]) = server_and_spares();
     kill_and_wait(spare);
     // The announcement of the killed spare may still be unread: that start's child is the
     // killed spare (reported killed), or a fresh one (if the spare's death was seen first).
@@ -642,7 +643,7 @@ fn a_killed_spare_is_replaced() {
             .unwrap();
         assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
     }
-    let (still, _) = server_and_spare();
+    let (still, _) = server_and_spares();
     assert_eq!(still, server, "the server itself was not replaced");
 }
 
