@@ -5,20 +5,27 @@
 //!
 //! ## Spares: the fork happens before the request
 //!
-//! The server keeps one child forked ahead, a *spare*, and tells the requester its pid (an
-//! *announcement*, one datagram on the doorbell, below). The spare waits for a request
-//! itself: a request goes straight to it, and it becomes the requested child at once. The
-//! server learns that its spare was taken (or died) when the spare's end of a pipe closes,
-//! and forks the next one while the child runs. So a start costs the requester one message
-//! and one wake-up of the spare, not a wake-up of the server, a fork, a reply and a wake-up
-//! of the requester in turn (measured on the project's VM: most of a forkserver start's
-//! time beyond the fork floor's, see `crates/mp-bench/README.md`). Android's zygote keeps
-//! such a pool of unspecialized processes for the same reason.
+//! The server keeps children forked ahead, *spares*, and tells the requester each one's pid
+//! and a pidfd for it (an *announcement*, one datagram on the doorbell, below). A spare waits
+//! for a request itself: a request goes straight to it, and it becomes the requested child at
+//! once. So a start costs the requester one message and one wake-up of the spare, not a
+//! wake-up of the server, a fork, a reply and a wake-up of the requester in turn (most of a
+//! forkserver start's time beyond the fork floor's on the project's VM: start + join of a
+//! no-op went from 2.0-2.2x that floor to 1.5-1.6x, `crates/mp-bench/README.md`). Android's
+//! zygote keeps such a pool of unspecialized processes for the same reason.
 //!
-//! A request names the spare it is for: a spare that died before reading it (killed while
-//! idle) leaves it to the next spare, which passes it over; the requester then finds its
-//! child dead, as it would any killed child. While its spare waits, nothing of it reaches the
-//! requester's children list: it is an ordinary child of the requester's once handed out.
+//! The spares stand in a line of [`SPARES`]: only the first reads the doorbell; the next
+//! waits for it to be taken (or to die), which closes the first one's end of a pipe, its
+//! *gate*. The server watches the first gate too, and forks a replacement at the end of the
+//! line while the child runs; a start does not wait for that fork even when starts follow
+//! each other closely.
+//!
+//! A request names the spare it is for, and carries a sequence number that pairs it with its
+//! ring of the doorbell: a spare that died before reading its request (killed while idle)
+//! leaves it to the next one, which passes it over; the requester then finds its child dead,
+//! as it would any killed child. While a spare waits, nothing of it reaches the requester's
+//! children list: it is an ordinary child of the requester's once handed out. The spares
+//! cost two idle processes besides the server while a program uses this start method.
 //!
 //! ## Channels
 //!
@@ -28,7 +35,7 @@
 //! is waiting, one message per request, each carrying (`SCM_RIGHTS`) the child's sidecar (its
 //! outcome bell too), which ipc-channel cannot carry. The server sends its announcements on
 //! the doorbell's other direction. Only one process reads the doorbell's requests at a time:
-//! the spare while there is one, the server only while it has none (after a failed fork).
+//! the first spare in line, or the server while it has none (after a failed fork).
 //!
 //! The server forks each spare as a *sibling* (`clone` with `CLONE_PARENT`, see
 //! [`fork_sibling`]): the child's parent is the requester, as with the other start methods.
@@ -36,6 +43,7 @@
 //! the child dies with the requester (parent-death signal, set by the spare before it
 //! waits), and nothing about it goes through the server once it runs: no status relay, no
 //! `SIGCHLD` in the server.
+
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};

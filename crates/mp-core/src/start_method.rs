@@ -29,9 +29,9 @@ pub enum StartMethod {
     /// use — to fork the child: fork's speed (a third of spawn's cost or less), spawn's
     /// isolation. The default, as in Python 3.14 on Linux.
     ///
-    /// The server keeps one child forked ahead (a *spare*, one idle process besides the
+    /// The server keeps two children forked ahead (*spares*: two idle processes besides the
     /// server while the program uses this start method): a start hands its request straight
-    /// to the spare, and the server forks the next one while the child runs.
+    /// to the first, and the server forks a replacement while the child runs.
     ///
     /// The child starts in the requester's current working directory and environment, as a
     /// spawned child would (Python's forkserver children see the server's, from the moment
