@@ -588,12 +588,7 @@ fn a_killed_fork_server_is_replaced() {
     // The spares it left serve two more starts; the next finds the server dead and starts a
     // new one.
     for n in [3u64, 4, 5] {
-        let child = Process::new(square)
-            .args(n)
-            .start_method(StartMethod::ForkServer)
-            .start()
-            .unwrap();
-        assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
+        assert_squares_under_forkserver(n);
     }
     let (new_server, _) = server_and_spares();
     assert_ne!(new_server, server, "the dead server was not reaped");
@@ -608,6 +603,16 @@ fn a_killed_fork_server_is_replaced() {
             .unwrap();
         assert_eq!(child.join_timeout(BOUND).unwrap(), 7);
     }
+}
+
+/// Starts `square(n)` under forkserver and checks what it returns.
+fn assert_squares_under_forkserver(n: u64) {
+    let child = Process::new(square)
+        .args(n)
+        .start_method(StartMethod::ForkServer)
+        .start()
+        .unwrap();
+    assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
 }
 
 /// A spare killed while it waits costs nothing but itself: the request addressed to it is
@@ -636,12 +641,7 @@ fn a_killed_spare_is_replaced() {
         other => panic!("expected 9 or a killed child, got {other:?}"),
     }
     for n in [4u64, 5] {
-        let child = Process::new(square)
-            .args(n)
-            .start_method(StartMethod::ForkServer)
-            .start()
-            .unwrap();
-        assert_eq!(child.join_timeout(BOUND).unwrap(), n * n);
+        assert_squares_under_forkserver(n);
     }
     let (still, _) = server_and_spares();
     assert_eq!(still, server, "the server itself was not replaced");
