@@ -576,12 +576,7 @@ fn server_and_spares() -> (u32, [u32; 2]) {
 
 #[test]
 fn a_killed_fork_server_is_replaced() {
-    let first = Process::new(square)
-        .args(2)
-        .start_method(StartMethod::ForkServer)
-        .start()
-        .unwrap();
-    assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
+    assert_squares_under_forkserver(2);
     let (server, _) = server_and_spares();
     kill_and_wait(server);
 
@@ -620,12 +615,7 @@ fn assert_squares_under_forkserver(n: u64) {
 /// fresh spare.
 #[test]
 fn a_killed_spare_is_replaced() {
-    let first = Process::new(square)
-        .args(2)
-        .start_method(StartMethod::ForkServer)
-        .start()
-        .unwrap();
-    assert_eq!(first.join_timeout(BOUND).unwrap(), 4);
+    assert_squares_under_forkserver(2);
     let (server, [spare, _]) = server_and_spares();
     kill_and_wait(spare);
     // The announcement of the killed spare may still be unread: that start's child is the
