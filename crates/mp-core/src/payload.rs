@@ -54,17 +54,12 @@
 //! encoded and decoded, and the nested encoding here runs inside that, in the same order.
 
 use std::cell::Cell;
-use std::io::{IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard};
 
 use rustix::fs::{MemfdFlags, SealFlags};
-use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
-};
+use rustix::net::{RecvFlags, SendFlags};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -480,27 +475,14 @@ fn hand_over(sidecar: BorrowedFd<'_>, file: std::fs::File, seal: bool) -> std::i
     if seal {
         rustix::fs::fcntl_add_seals(&file, SEALS)?;
     }
-    let fds = [file.as_fd()];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
-    // A datagram is sent whole or not at all, so an interrupted send can simply be retried.
-    rustix::io::retry_on_intr(|| {
-        rustix::net::sendmsg(
-            sidecar,
-            &[IoSlice::new(&[1])],
-            &mut control,
-            SendFlags::empty(),
-        )
-    })?;
-    Ok(())
+    crate::sys::send_datagram(sidecar, &[1], Some(file.as_fd()), SendFlags::empty())
 }
 
 /// Rings a child's outcome bell, its end of the sidecar (see `protocol::SIDECAR_FD`): one
 /// datagram without a descriptor, which wakes the parent's `join`. Never blocks: a sidecar
 /// too full to take it is readable already.
 pub(crate) fn ring(sidecar: BorrowedFd<'_>) {
-    let _ = rustix::io::retry_on_intr(|| rustix::net::send(sidecar, &[0], SendFlags::DONTWAIT));
+    let _ = crate::sys::send_datagram(sidecar, &[0], None, SendFlags::DONTWAIT);
 }
 
 /// Takes the memfd waiting on `sidecar` (sent before the message that announced it, so it is
@@ -510,25 +492,12 @@ pub(crate) fn ring(sidecar: BorrowedFd<'_>) {
 fn receive_memfd(sidecar: BorrowedFd<'_>) -> std::io::Result<(OwnedFd, bool)> {
     loop {
         let mut byte = [0u8; 1];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let received = rustix::io::retry_on_intr(|| {
-            rustix::net::recvmsg(
-                sidecar,
-                &mut [IoSliceMut::new(&mut byte)],
-                &mut control,
-                RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
-            )
-        })?;
-        if received.bytes == 0 {
+        let (received, memfd) = crate::sys::recv_datagram(sidecar, &mut byte, RecvFlags::DONTWAIT)?;
+        if received == 0 {
             return Err(std::io::Error::other(
                 "the sidecar closed before the memfd came",
             ));
         }
-        let memfd = control.drain().find_map(|message| match message {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        });
         match memfd {
             Some(memfd) => {
                 let sealed = rustix::fs::fcntl_get_seals(&memfd)?.contains(SEALS);

@@ -1,5 +1,5 @@
 //! Thin, safe wrappers over the process syscalls mp-core needs (pidfds, waitid, poll, signal
-//! masks, stdio).
+//! masks, stdio, datagrams that carry a descriptor).
 //!
 //! Every blocking call here retries on EINTR with the time that remains. ipc-channel's own
 //! transfers do not: an EINTR in the middle of a fragmented message loses the message (or
@@ -7,12 +7,62 @@
 //! [`without_handled_signals`] and does its waiting beforehand, in `poll`, where a signal is
 //! harmless.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+
+/// Sends `bytes` as one datagram on `socket`, with `fd` attached if given (`SCM_RIGHTS`). A
+/// datagram is sent whole or not at all, so an interrupted send is simply retried.
+pub(crate) fn send_datagram(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    flags: SendFlags,
+) -> io::Result<()> {
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    rustix::io::retry_on_intr(|| {
+        rustix::net::sendmsg(socket, &[IoSlice::new(bytes)], &mut control, flags)
+    })?;
+    Ok(())
+}
+
+/// Receives one datagram from `socket` into `buf` (cut to its length), with the descriptor it
+/// carries, if any (close-on-exec). Returns the bytes received: 0 when the peer has closed.
+/// Retried on EINTR.
+pub(crate) fn recv_datagram(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: RecvFlags,
+) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::io::retry_on_intr(|| {
+        rustix::net::recvmsg(
+            socket,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            flags | RecvFlags::CMSG_CLOEXEC,
+        )
+    })?;
+    let fd = control.drain().find_map(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+        _ => None,
+    });
+    Ok((received.bytes, fd))
+}
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

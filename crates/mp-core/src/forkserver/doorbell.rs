@@ -3,15 +3,12 @@
 //! the child's sidecar; or a ring to try a failed fork again), and the server's
 //! announcements of its spares.
 
-use std::io::{IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use ipc_channel::ipc::IpcReceiver;
-use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
-};
+use rustix::net::{RecvFlags, SendFlags};
+
+use crate::sys::{recv_datagram, send_datagram};
 
 use super::Request;
 use super::client::end_by_pid;
@@ -37,59 +34,29 @@ impl Announcement {
     /// Sends it (on the server's side of `doorbell`). A spare's is sent from the stack: the
     /// server has just forked, and each page it writes now is a copy-on-write fault.
     pub(super) fn send(&self, doorbell: BorrowedFd<'_>) -> std::io::Result<()> {
-        let mut spare = [0u8; 5];
-        let mut failed = Vec::new();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        let fds;
-        let message: &[u8] = match self {
+        match self {
             Announcement::Spare { pid, pidfd } => {
+                let mut spare = [0u8; 5];
                 spare[1..].copy_from_slice(&pid.to_le_bytes());
-                fds = [pidfd.as_fd()];
-                control.push(SendAncillaryMessage::ScmRights(&fds));
-                &spare
+                send_datagram(doorbell, &spare, Some(pidfd.as_fd()), SendFlags::empty())
             }
             Announcement::Failed(reason) => {
-                failed.push(1);
+                let mut failed = vec![1];
                 failed.extend_from_slice(reason.as_bytes());
                 failed.truncate(Self::MAX);
-                &failed
+                send_datagram(doorbell, &failed, None, SendFlags::empty())
             }
-        };
-        // A datagram is sent whole or not at all, so an interrupted send can simply be
-        // retried.
-        rustix::io::retry_on_intr(|| {
-            rustix::net::sendmsg(
-                doorbell,
-                &[IoSlice::new(message)],
-                &mut control,
-                SendFlags::empty(),
-            )
-        })?;
-        Ok(())
+        }
     }
 
     /// Takes the next announcement from `doorbell` if one is there (`Ok(None)` if not).
     pub(super) fn try_receive(doorbell: BorrowedFd<'_>) -> std::io::Result<Option<Announcement>> {
         let mut message = [0u8; Self::MAX];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let received = match rustix::io::retry_on_intr(|| {
-            rustix::net::recvmsg(
-                doorbell,
-                &mut [IoSliceMut::new(&mut message)],
-                &mut control,
-                RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
-            )
-        }) {
-            Ok(received) => received.bytes,
-            Err(rustix::io::Errno::AGAIN) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let (received, pidfd) = match recv_datagram(doorbell, &mut message, RecvFlags::DONTWAIT) {
+            Ok(received) => received,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let pidfd = control.drain().find_map(|message| match message {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        });
         let malformed = || std::io::Error::other("a malformed announcement from the fork server");
         match (&message[..received.min(Self::MAX)], pidfd) {
             ([], _) => Err(std::io::Error::new(
@@ -150,27 +117,18 @@ pub(super) fn ring(
     seq: u64,
     sidecar: BorrowedFd<'_>,
 ) -> std::io::Result<()> {
-    let fds = [sidecar];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
-    // A datagram is sent whole or not at all, so an interrupted send can simply be retried.
-    rustix::io::retry_on_intr(|| {
-        rustix::net::sendmsg(
-            doorbell,
-            &[IoSlice::new(&seq.to_le_bytes())],
-            &mut control,
-            SendFlags::empty(),
-        )
-    })?;
-    Ok(())
+    send_datagram(
+        doorbell,
+        &seq.to_le_bytes(),
+        Some(sidecar),
+        SendFlags::empty(),
+    )
 }
 
 /// Rings the doorbell without a request (no descriptor): after a failed fork, the server
 /// waits for this to try again. A spare passes it over.
 pub(super) fn ring_retry(doorbell: BorrowedFd<'_>) -> std::io::Result<()> {
-    rustix::io::retry_on_intr(|| rustix::net::send(doorbell, &[2], SendFlags::empty()))?;
-    Ok(())
+    send_datagram(doorbell, &[2], None, SendFlags::empty())
 }
 
 /// What the doorbell said: request number `seq` is waiting (with the sidecar for its child),
@@ -184,29 +142,13 @@ pub(super) enum Bell {
 /// Waits for the next ring of the doorbell.
 pub(super) fn next_bell(doorbell: BorrowedFd<'_>) -> Bell {
     let mut seq = [0u8; 8];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = rustix::io::retry_on_intr(|| {
-        rustix::net::recvmsg(
-            doorbell,
-            &mut [IoSliceMut::new(&mut seq)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        )
-    });
-    match received {
-        Ok(message) if message.bytes == 0 => Bell::Hangup,
-        Ok(_) => control
-            .drain()
-            .find_map(|message| match message {
-                RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-                _ => None,
-            })
-            .map_or(Bell::Retry, |sidecar| Bell::Request {
-                seq: u64::from_le_bytes(seq),
-                sidecar,
-            }),
-        Err(_) => Bell::Hangup,
+    match recv_datagram(doorbell, &mut seq, RecvFlags::empty()) {
+        Ok((0, _)) | Err(_) => Bell::Hangup,
+        Ok((_, None)) => Bell::Retry,
+        Ok((_, Some(sidecar))) => Bell::Request {
+            seq: u64::from_le_bytes(seq),
+            sidecar,
+        },
     }
 }
 
