@@ -537,7 +537,9 @@ fn start_methods_parse_and_set_the_default() {
     assert_eq!(mp_core::get_start_method(), StartMethod::ForkServer);
 }
 
-/// The pids of this process's children, from every thread's `children` file.
+/// The pids of this process's living children, from every thread's `children` file. Not the
+/// zombies: a server killed between forking a spare and announcing it leaves that spare
+/// unknown to us, and it stays a zombie once it ends (see `forkserver::client`).
 fn child_pids() -> Vec<u32> {
     let mut pids = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
@@ -549,6 +551,10 @@ fn child_pids() -> Vec<u32> {
             );
         }
     }
+    pids.retain(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat[stat.rfind(')').unwrap() + 1..].starts_with(" Z"))
+    });
     pids
 }
 

@@ -42,6 +42,10 @@ impl Drop for Client {
     /// A client is dropped when its server failed: make sure it is gone, and reap it, and the
     /// spares it announced that were not handed out. A forked child's copy only closes its
     /// descriptors: the server and the spares are its parent's.
+    ///
+    /// A spare the server forked but had not announced when it died (a kill in the few
+    /// microseconds between the two) is unknown here: it exits when it finds the doorbell
+    /// hung up, and stays a zombie until this process exits.
     fn drop(&mut self) {
         if self.owner != std::process::id() {
             return;
