@@ -27,10 +27,13 @@ pub(crate) fn send_datagram(
     fd: Option<BorrowedFd<'_>>,
     flags: SendFlags,
 ) -> io::Result<()> {
-    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    // On the stack: the fork server sends right after a fork, when each page it writes is a
+    // copy-on-write fault.
+    let fds: [BorrowedFd<'_>; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() {
+    if let Some(fd) = fd {
+        fds = [fd];
         control.push(SendAncillaryMessage::ScmRights(&fds));
     }
     rustix::io::retry_on_intr(|| {
