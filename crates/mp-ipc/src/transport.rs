@@ -173,9 +173,13 @@ fn courier() -> io::Result<(Table, mpsc::Sender<Register>)> {
     let pending: Pending = Box::leak(Box::new(Mutex::new(Vec::new())));
     let mut set = IpcReceiverSet::new()?;
     let control = set.add(wakes)?;
+    // Made now, while lending can still fail with a typed error: a delivery
+    // must not need a new descriptor, or a lender whose table is full when a
+    // claim arrives would leave its claimant waiting out its patience.
+    let outbox = datagram_socket()?;
     std::thread::Builder::new()
         .name("mp-ipc courier".into())
-        .spawn(move || serve(set, control, table, pending))?;
+        .spawn(move || serve(set, control, table, pending, outbox))?;
     let (register, to_forward) = mpsc::channel::<Register>();
     std::thread::Builder::new()
         .name("mp-ipc registrar".into())
@@ -232,8 +236,9 @@ fn wait_until_claimed() {
     }
 }
 
-/// The courier thread: registers tickets, answers claims, drops what expired.
-fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) {
+/// The courier thread: registers tickets, answers claims (through `outbox`,
+/// an unbound datagram socket), drops what expired.
+fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending, outbox: OwnedFd) {
     // The receiver-set id of each watched ticket → its table id.
     let mut tickets: HashMap<u64, u64> = HashMap::new();
     loop {
@@ -278,7 +283,7 @@ fn serve(mut set: IpcReceiverSet, control: u64, table: Table, pending: Pending) 
                     };
                     match message.to::<Claim>() {
                         Ok(claim) => {
-                            if let Err(error) = deliver(&claim, id, &fds) {
+                            if let Err(error) = deliver(outbox.as_fd(), &claim, id, &fds) {
                                 tracing::warn!(%error, id, "could not hand descriptors to a claimant");
                             }
                         }
@@ -351,9 +356,8 @@ fn datagram_socket() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Sends `fds` to the claimant's socket.
-fn deliver(claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
-    let socket = datagram_socket()?;
+/// Sends `fds` from `outbox` to the claimant's socket.
+fn deliver(outbox: BorrowedFd<'_>, claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
     let address = SocketAddrUnix::new_abstract_name(&claim.reply_to)?;
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
@@ -364,7 +368,7 @@ fn deliver(claim: &Claim, id: u64, fds: &[OwnedFd]) -> io::Result<()> {
     let header = delivery_header(id, claim.nonce);
     retry_eintr(|| {
         rustix::net::sendmsg_addr(
-            &socket,
+            outbox,
             &address,
             &[io::IoSlice::new(&header)],
             &mut control,

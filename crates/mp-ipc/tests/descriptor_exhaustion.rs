@@ -90,6 +90,43 @@ fn a_handle_argument_that_cannot_be_lent_says_why_in_the_start_error() {
 }
 
 #[test]
+fn a_lender_with_no_descriptor_left_still_hands_over_what_it_lent() {
+    // In a child (the limit is its own): lend a queue to a running grandchild
+    // through ipc-channel, then use up the descriptor table before the
+    // grandchild claims it. The claim needs nothing new from the lender.
+    let child = Process::new(|()| {
+        let queue = Queue::<u8>::unbounded().unwrap();
+        let (go_reader, go) = Pipe::simplex().unwrap();
+        let (handles, handles_receiver) = ipc_channel::ipc::channel::<Queue<u8>>().unwrap();
+        let grandchild = Process::new(
+            |(go, handles): (Connection, ipc_channel::ipc::IpcReceiver<Queue<u8>>)| {
+                go.recv_timeout::<()>(PATIENCE).unwrap();
+                let queue = handles.recv().map_err(|e| format!("{e:?}"))?;
+                queue.put(7).map_err(|e| e.to_string())
+            },
+        )
+        .args((go_reader, handles_receiver))
+        .start()
+        .unwrap();
+        handles.send(queue.clone()).unwrap();
+        leave_spare_descriptors(0);
+        let exhausted = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0).is_err();
+        go.send(()).unwrap();
+        let put = grandchild.join_timeout(PATIENCE).map_err(|e| e.to_string());
+        restore_descriptor_limit();
+        let got = queue.get_timeout(PATIENCE).map_err(|e| e.to_string());
+        (exhausted, put, got)
+    })
+    .args(())
+    .start()
+    .unwrap();
+    let (exhausted, put, got) = child.join_timeout(PATIENCE).unwrap();
+    assert!(exhausted, "the lender's descriptor table was not full");
+    assert_eq!(put, Ok(Ok(())));
+    assert_eq!(got, Ok(7));
+}
+
+#[test]
 fn receiving_a_handle_with_no_descriptor_left_is_an_error() {
     let (reader, writer) = Pipe::simplex().unwrap();
     let (report, report_writer) = Pipe::simplex().unwrap();
