@@ -18,6 +18,7 @@ one batch lasts about a fifth of the budget.
 """
 
 import json
+import os
 import multiprocessing as mp
 import statistics
 import sys
@@ -165,6 +166,23 @@ def process_start(method, budget):
         return (time.perf_counter() - t0) * 1e3
 
     one()  # forkserver: starts the server; all: warms imports
+    return "ms", sample_for(budget, one)
+
+
+def program_exec(budget):
+    """The reference row of spawn: posix_spawn + waitpid of this interpreter running
+    `-c pass` (with site, as a spawned child's interpreter starts), no multiprocessing."""
+    argv = [sys.executable, "-c", "pass"]
+
+    def one():
+        t0 = time.perf_counter()
+        pid = os.posix_spawn(sys.executable, argv, os.environ)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{sys.executable} -c pass exited with {status:#x}")
+        return (time.perf_counter() - t0) * 1e3
+
+    one()
     return "ms", sample_for(budget, one)
 
 
@@ -462,6 +480,7 @@ WORKLOADS = {
     "process_start_fork": lambda b: process_start("fork", b),
     "process_start_forkserver": lambda b: process_start("forkserver", b),
     "process_start_spawn": lambda b: process_start("spawn", b),
+    "program_exec": program_exec,
     "pipe_roundtrip": pipe_roundtrip,
     "pipe_1mib": pipe_throughput,
     "queue_1to1_8b": lambda b: queue_throughput(1, 1, SMALL_MSG, b),

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::hint::black_box;
+use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -132,8 +133,22 @@ fn fork_exit_wait(k: u64) -> BenchResult<Duration> {
 }
 
 fn posix_spawn_true(params: &Params) -> BenchResult<Vec<f64>> {
-    let path = CString::new("/bin/true")?;
-    let argv = [path.as_ptr().cast_mut(), ptr::null_mut()];
+    posix_spawn_wait(params, Path::new("/bin/true"), &[])
+}
+
+/// Milliseconds per `posix_spawn` of `program` with `args` and `waitpid` (which must see
+/// it exit 0). The child gets this process's environment, as a real spawn does.
+pub fn posix_spawn_wait(params: &Params, program: &Path, args: &[&str]) -> BenchResult<Vec<f64>> {
+    let path = CString::new(program.as_os_str().as_encoded_bytes())?;
+    let args = args
+        .iter()
+        .map(|arg| CString::new(*arg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut argv: Vec<*mut libc::c_char> = std::iter::once(&path)
+        .chain(&args)
+        .map(|arg| arg.as_ptr().cast_mut())
+        .collect();
+    argv.push(ptr::null_mut());
     // Match a real spawn: the child gets an environment.
     let env: Vec<CString> = std::env::vars_os()
         .filter_map(|(k, v)| {
@@ -164,7 +179,8 @@ fn posix_spawn_true(params: &Params) -> BenchResult<Vec<f64>> {
                 };
                 if rc != 0 {
                     return Err(format!(
-                        "posix_spawn /bin/true: {}",
+                        "posix_spawn {}: {}",
+                        program.display(),
                         std::io::Error::from_raw_os_error(rc)
                     )
                     .into());

@@ -32,6 +32,14 @@ pub fn process_start_spawn(params: &Params) -> BenchResult<Vec<f64>> {
     process_start(params, StartMethod::Spawn)
 }
 
+/// The reference row of spawn: milliseconds per `posix_spawn` + `waitpid` of this program
+/// itself, which exits at the top of `main` ([`crate::EXIT_AT_ONCE`]). No library code
+/// runs but its constructor's check; what is left is what every spawned child pays for
+/// the program's image: the kernel's exec, the dynamic loader and libraries of its link.
+pub fn program_exec(params: &Params) -> BenchResult<Vec<f64>> {
+    crate::floor::posix_spawn_wait(params, &std::env::current_exe()?, &[crate::EXIT_AT_ONCE])
+}
+
 /// Milliseconds per start + join of a child running [`no_op`].
 fn process_start(params: &Params, method: StartMethod) -> BenchResult<Vec<f64>> {
     let one = || -> BenchResult<f64> {

@@ -98,6 +98,15 @@ pub const WORKLOADS: &[Workload] = &[
         procspawn: Some(ps::process_start_spawn),
     },
     Workload {
+        name: "program_exec",
+        what: "Reference for spawn, no library code: this program exec'd, exiting at once",
+        unit: "ms",
+        better: Better::Lower,
+        floor: Some(Floor::PosixSpawnTrue),
+        multiproc: mp::program_exec,
+        procspawn: None,
+    },
+    Workload {
         name: "pipe_roundtrip",
         what: "Pipe round trip of a small message (send + recv, echoed by a child)",
         unit: "us",
