@@ -1,5 +1,5 @@
-//! Start + join of a child running a no-op function, and a 1 MiB buffer echoed through a new
-//! child, per start method.
+//! Start + join of a child running a no-op function, and of one squaring its argument; a
+//! 1 MiB buffer echoed through a new child; per start method.
 //!
 //! ```text
 //! cargo bench --bench process
@@ -69,6 +69,34 @@ fn start_and_join(c: &mut Criterion) {
     group.finish();
 }
 
+/// A function with an argument and a result: what most children run. Its argument travels
+/// differently from a no-op's (under fork and forkserver a no-op needs no channel at all).
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn start_and_join_with_an_argument(c: &mut Criterion) {
+    allow_fork();
+    let mut group = c.benchmark_group("process_start_join_square");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for method in StartMethod::ALL {
+        group.bench_function(method.name(), |b| {
+            b.iter(|| {
+                let child = Process::new(square)
+                    .args(7)
+                    .start_method(method)
+                    .start()
+                    .unwrap();
+                assert_eq!(child.join().unwrap(), 49);
+            })
+        });
+    }
+    group.finish();
+}
+
 fn echo_one_mib(c: &mut Criterion) {
     allow_fork();
     const SIZE: usize = 1 << 20;
@@ -98,5 +126,10 @@ fn echo_one_mib(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, start_and_join, echo_one_mib);
+criterion_group!(
+    benches,
+    start_and_join,
+    start_and_join_with_an_argument,
+    echo_one_mib
+);
 criterion_main!(benches);
