@@ -51,22 +51,25 @@ fn allow_fork() {
     unsafe { multiproc::allow_fork() };
 }
 
-fn start_and_join(c: &mut Criterion) {
+/// One bench of `start_join` per start method, in the group `name`.
+fn per_start_method(c: &mut Criterion, name: &str, start_join: impl Fn(StartMethod)) {
     allow_fork();
-    let mut group = c.benchmark_group("process_start_join");
+    let mut group = c.benchmark_group(name);
     group
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
     for method in StartMethod::ALL {
-        group.bench_function(method.name(), |b| {
-            b.iter(|| {
-                let child = Process::new(no_op).start_method(method).start().unwrap();
-                child.join().unwrap();
-            })
-        });
+        group.bench_function(method.name(), |b| b.iter(|| start_join(method)));
     }
     group.finish();
+}
+
+fn start_and_join(c: &mut Criterion) {
+    per_start_method(c, "process_start_join", |method| {
+        let child = Process::new(no_op).start_method(method).start().unwrap();
+        child.join().unwrap();
+    });
 }
 
 /// A function with an argument and a result: what most children run. Its argument travels
@@ -76,25 +79,14 @@ fn square(x: u64) -> u64 {
 }
 
 fn start_and_join_with_an_argument(c: &mut Criterion) {
-    allow_fork();
-    let mut group = c.benchmark_group("process_start_join_square");
-    group
-        .sample_size(30)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4));
-    for method in StartMethod::ALL {
-        group.bench_function(method.name(), |b| {
-            b.iter(|| {
-                let child = Process::new(square)
-                    .args(7)
-                    .start_method(method)
-                    .start()
-                    .unwrap();
-                assert_eq!(child.join().unwrap(), 49);
-            })
-        });
-    }
-    group.finish();
+    per_start_method(c, "process_start_join_square", |method| {
+        let child = Process::new(square)
+            .args(7)
+            .start_method(method)
+            .start()
+            .unwrap();
+        assert_eq!(child.join().unwrap(), 49);
+    });
 }
 
 fn echo_one_mib(c: &mut Criterion) {
