@@ -53,6 +53,17 @@ pub enum ProcessError {
     /// The process could not be started, or died before it connected back.
     #[error("could not start the process: {0}")]
     StartFailed(String),
+    /// The child ended without returning a value, and how it ended is unknown: its status
+    /// went elsewhere (see [`ExitStatus::Unknown`](crate::ExitStatus::Unknown)). A child
+    /// that returned a value still gives it to `join`.
+    #[error(
+        "process {pid} ended without returning a value, and its exit status was collected \
+         elsewhere (this program ignores SIGCHLD, or a waitpid(-1) reaped it)"
+    )]
+    StatusLost {
+        /// The child's pid.
+        pid: u32,
+    },
     /// `join_timeout` ran out; the child is still running and can be joined again.
     #[error("timed out waiting for process {pid}")]
     Timeout {

@@ -435,9 +435,11 @@ impl<R> Child<R> {
     }
 
     /// Python's `exitcode`: `None` while running, then the exit code (0 after a normal
-    /// return), or minus the number of the signal that killed it.
+    /// return), or minus the number of the signal that killed it. Stays `None` after the
+    /// end of a child whose status this process could not collect, as Python's does (see
+    /// [`ExitStatus::Unknown`]; [`is_alive`](Self::is_alive) tells the two apart).
     pub fn exitcode(&self) -> Option<i32> {
-        self.tracked.poll_exit().map(ExitStatus::exitcode)
+        self.tracked.poll_exit().and_then(ExitStatus::exitcode)
     }
 
     /// Sends SIGTERM (Python's `terminate`). Does nothing if the child already ended.
@@ -541,6 +543,7 @@ impl<R: for<'de> Deserialize<'de> + Serialize> Child<R> {
             OutcomeState::Silent => Err(match status {
                 ExitStatus::Code(code) => ProcessError::Exited { pid, code },
                 ExitStatus::Signal(signal) => ProcessError::Signaled { pid, signal },
+                ExitStatus::Unknown => ProcessError::StatusLost { pid },
             }),
             OutcomeState::Taken => Err(ProcessError::AlreadyJoined { pid }),
             OutcomeState::Waiting { .. } => unreachable!("left the loop above"),

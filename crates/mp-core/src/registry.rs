@@ -169,7 +169,15 @@ impl Tracked {
                 watch = self.watch.lock();
                 match &*watch {
                     ExitWatch::Ended(status) => return Some(*status),
-                    _ => sys::try_reap(self.pidfd.as_fd()).ok().flatten(),
+                    _ => match sys::try_reap(self.pidfd.as_fd()) {
+                        Ok(status) => status,
+                        // It has ended (its pidfd is readable), yet there is nothing to
+                        // reap: its status went elsewhere (see `ExitStatus::Unknown`).
+                        Err(error) if error.raw_os_error() == Some(libc::ECHILD) => {
+                            Some(ExitStatus::Unknown)
+                        }
+                        Err(_) => None,
+                    },
                 }
             }
         };

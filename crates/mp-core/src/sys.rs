@@ -74,14 +74,19 @@ pub enum ExitStatus {
     Code(i32),
     /// It was killed by this signal.
     Signal(i32),
+    /// It ended, but its status went to someone else: the kernel, when this program ignores
+    /// `SIGCHLD` (or set `SA_NOCLDWAIT`), or a `waitpid(-1)` elsewhere in it.
+    Unknown,
 }
 
 impl ExitStatus {
-    /// Python's `exitcode`: the exit code, or minus the signal number.
-    pub fn exitcode(self) -> i32 {
+    /// Python's `exitcode`: the exit code, or minus the signal number; `None` when the
+    /// status is [`Unknown`](ExitStatus::Unknown) (Python's `exitcode` stays `None` then).
+    pub fn exitcode(self) -> Option<i32> {
         match self {
-            ExitStatus::Code(code) => code,
-            ExitStatus::Signal(signal) => -signal,
+            ExitStatus::Code(code) => Some(code),
+            ExitStatus::Signal(signal) => Some(-signal),
+            ExitStatus::Unknown => None,
         }
     }
 }

@@ -257,6 +257,7 @@ pub(crate) fn describe_exit(status: ExitStatus) -> String {
             format!("was killed by signal {signal} ({})", signal_name(signal))
         }
         ExitStatus::Code(code) => format!("exited with code {code}"),
+        ExitStatus::Unknown => "ended (its exit status was collected elsewhere)".to_owned(),
     }
 }
 
