@@ -126,9 +126,7 @@ where
         }),
         Err(reason) => {
             // Never leave a half-started child behind (it would wait in accept forever).
-            let _ = sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
-            let _ = sys::wait_readable(pidfd.as_fd(), Some(Duration::from_secs(5)));
-            let status = sys::try_reap(pidfd.as_fd()).ok().flatten();
+            let status = sys::kill_and_reap(pidfd.as_fd());
             Err(ProcessError::StartFailed(match status {
                 Some(status) => format!("{reason} (child {pid} ended with {status:?})"),
                 None => format!("{reason} (child {pid})"),

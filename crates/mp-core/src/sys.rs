@@ -259,6 +259,15 @@ pub(crate) fn send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> 
     }
 }
 
+/// Ends the child behind `pidfd` (SIGKILL) and reaps it, waiting at most 5 s for it to go
+/// (a process in uninterruptible sleep can outlast that; it is then left unreaped). Returns
+/// how it ended, if it was reaped here.
+pub(crate) fn kill_and_reap(pidfd: BorrowedFd<'_>) -> Option<ExitStatus> {
+    let _ = send_signal(pidfd, libc::SIGKILL);
+    let _ = wait_readable(pidfd, Some(Duration::from_secs(5)));
+    try_reap(pidfd).ok().flatten()
+}
+
 /// The conventional name of a signal (`"SIGKILL"`), or `"SIG?"`.
 pub fn signal_name(signal: i32) -> &'static str {
     match signal {

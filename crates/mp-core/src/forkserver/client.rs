@@ -12,7 +12,7 @@ use super::{First, HeaderRoute, Request, Surroundings};
 use crate::error::ProcessError;
 use crate::protocol::{DOORBELL_FD, Header, Role};
 use crate::spawn::{self, HANDSHAKE_TIMEOUT};
-use crate::transfer;
+use crate::{sys, transfer};
 
 /// A child forked by the fork server (a child of this process, see the module docs).
 pub(crate) struct ServerChild {
@@ -50,18 +50,10 @@ impl Drop for Client {
         if self.owner != std::process::id() {
             return;
         }
-        let _ = crate::sys::send_signal(self.server.as_fd(), libc::SIGKILL);
-        let _ =
-            crate::sys::wait_readable(self.server.as_fd(), Some(std::time::Duration::from_secs(5)));
-        let _ = crate::sys::try_reap(self.server.as_fd());
+        sys::kill_and_reap(self.server.as_fd());
         while let Ok(Some(announcement)) = Announcement::try_receive(self.doorbell.as_fd()) {
             if let Announcement::Spare { pidfd, .. } = announcement {
-                let _ = crate::sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
-                let _ = crate::sys::wait_readable(
-                    pidfd.as_fd(),
-                    Some(std::time::Duration::from_secs(5)),
-                );
-                let _ = crate::sys::try_reap(pidfd.as_fd());
+                sys::kill_and_reap(pidfd.as_fd());
             }
         }
     }
@@ -173,10 +165,7 @@ impl Client {
         })?;
         // From here on, a failure leaves a spare that will never run: ended and reaped.
         let give_up = |failure: Failure| {
-            let _ = crate::sys::send_signal(pidfd.as_fd(), libc::SIGKILL);
-            let _ =
-                crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::from_secs(5)));
-            let _ = crate::sys::try_reap(pidfd.as_fd());
+            sys::kill_and_reap(pidfd.as_fd());
             failure
         };
         // A failure here is ours (e.g. EMFILE), not the server's.
@@ -245,10 +234,10 @@ impl Client {
             match announced {
                 Announcement::Spare { pid, pidfd } => {
                     // A spare that died while it waited (killed) is passed over.
-                    if crate::sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::ZERO))
+                    if sys::wait_readable(pidfd.as_fd(), Some(std::time::Duration::ZERO))
                         .unwrap_or(false)
                     {
-                        let _ = crate::sys::try_reap(pidfd.as_fd());
+                        let _ = sys::try_reap(pidfd.as_fd());
                         continue;
                     }
                     return Ok((pid, pidfd));
