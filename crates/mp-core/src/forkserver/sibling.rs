@@ -140,48 +140,29 @@ pub(super) unsafe fn fork_sibling(thread: &MainThread) -> std::io::Result<Option
 }
 
 /// `clone(flags, 0, pidfd, ctid)` in this architecture's argument order (with
-/// `CLONE_PIDFD`, the parent-tid argument is where the pidfd is stored).
+/// `CLONE_PIDFD`, the parent-tid argument is where the pidfd is stored): flags, stack, parent
+/// tid, then child tid and tls on x86-64, tls and child tid on aarch64. Elsewhere the order
+/// is not spelled out here: -1, and the error stays `ENOSYS`.
 ///
 /// # Safety
 ///
 /// As `fork_sibling`.
-#[cfg(target_arch = "x86_64")]
 unsafe fn legacy_clone(
     flags: u64,
     pidfd: *mut libc::c_int,
     ctid: *mut libc::pid_t,
 ) -> libc::c_long {
-    // SAFETY: x86-64's order: flags, stack, parent tid (the pidfd), child tid, tls.
-    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, pidfd, ctid, 0usize) }
-}
-
-/// `clone(flags, 0, pidfd, ctid)` in this architecture's argument order (with
-/// `CLONE_PIDFD`, the parent-tid argument is where the pidfd is stored).
-///
-/// # Safety
-///
-/// As `fork_sibling`.
-#[cfg(target_arch = "aarch64")]
-unsafe fn legacy_clone(
-    flags: u64,
-    pidfd: *mut libc::c_int,
-    ctid: *mut libc::pid_t,
-) -> libc::c_long {
-    // SAFETY: aarch64's order: flags, stack, parent tid (the pidfd), tls, child tid.
-    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, pidfd, 0usize, ctid) }
-}
-
-/// Without `clone3`, no sibling on this architecture (its `clone` order is not spelled out
-/// here): the error stays `ENOSYS`.
-///
-/// # Safety
-///
-/// None needed; unsafe only to match the other architectures'.
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-unsafe fn legacy_clone(
-    _flags: u64,
-    _pidfd: *mut libc::c_int,
-    _ctid: *mut libc::pid_t,
-) -> libc::c_long {
-    -1
+    #[cfg(target_arch = "x86_64")]
+    let (fourth, fifth) = (ctid as usize, 0usize);
+    #[cfg(target_arch = "aarch64")]
+    let (fourth, fifth) = (0usize, ctid as usize);
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    // SAFETY: the arguments in this architecture's order (above); no new stack (0); the
+    // caller upholds `fork_sibling`'s contract.
+    return unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, pidfd, fourth, fifth) };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (flags, pidfd, ctid);
+        -1
+    }
 }
